@@ -1,0 +1,181 @@
+"""The `siteagent` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from agent.config import ConfigError, load_config
+
+log = logging.getLogger("siteagent")
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _version() -> str:
+    try:
+        return version("siteagent")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _setup_logging(level: str) -> None:
+    # One line per event, no timestamps: journald adds its own.
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a config file; exit 2 listing every problem."""
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"{e.source}: {len(e.problems)} problem(s):", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"{args.config}: ok (site {cfg.site.name!r}, cap {cfg.site.cap_w:.0f} W, "
+        f"{len(cfg.domains)} domain(s), {len(cfg.inventory.miners)} listed miner(s), "
+        f"{len(cfg.inventory.scan)} scan range(s))"
+    )
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the simulated-site demo."""
+    from agent.demo import run_demo, summary
+
+    out = sys.stdout
+    report = asyncio.run(run_demo(args.miners, base=args.base, time_scale=args.time_scale, out=out))
+    print(summary(report), file=out)
+    if args.report == "json":
+        print(json.dumps(report), file=out)
+    return EXIT_OK if report["seconds_over_cap"] == 0 else EXIT_FAIL
+
+
+async def _run_agent(config_path: str) -> int:
+    from agent.inventory import build_trackers
+    from agent.loop import Agent
+
+    cfg = load_config(config_path)
+    trackers = await build_trackers(cfg)
+    log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
+    agent = Agent(cfg, trackers)
+    await agent.sweep()
+    agent.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing the tick in flight, leaving devices where they are")
+    await agent.stop()
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the agent until SIGTERM."""
+    try:
+        return asyncio.run(_run_agent(args.config))
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+
+
+async def _plan_once(config_path: str) -> int:
+    from agent.inventory import build_trackers
+    from agent.loop import Agent
+    from policies.capping import plan as capping_plan
+
+    cfg = load_config(config_path)
+    agent = Agent(cfg, await build_trackers(cfg))
+    await agent.sweep()
+    snap, limits = agent.snapshot(), agent.limits()
+    plan = capping_plan(snap, limits, agent.params, None)
+    print(
+        f"effective cap {limits.effective_cap_w:.0f} W (from {limits.cap_source}); "
+        f"worst case now {snap.budget_w + limits.overhead_w:.0f} W"
+    )
+    print(f"plan: {plan.mode}: {plan.reason}; planned {plan.planned_w:.0f} W")
+    for sp in plan.setpoints:
+        print(f"  {sp.device_id}: {sp.reason}")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Read the site once and print the plan without sending anything."""
+    if not args.dry_run:
+        print("siteagent plan: only --dry-run is supported (nothing is ever sent)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(_plan_once(args.config))
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    """Run a simulated site until stopped."""
+    from sim.serve import main as sim_main
+
+    return sim_main(args.sim_args)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line grammar."""
+    p = argparse.ArgumentParser(
+        prog="siteagent",
+        description="Moves power between Bitcoin mining and AI inference under a site cap.",
+    )
+    p.add_argument("--version", action="version", version=f"siteagent {_version()}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="run the agent (as systemd does)")
+    s.add_argument("--config", "-c", default="/etc/siteagent/siteagent.toml")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="run the agent on a simulated site and report")
+    s.add_argument("--miners", type=int, default=50)
+    s.add_argument("--base", default="127.1.0.1", help="first simulated miner's address")
+    s.add_argument("--report", choices=["text", "json"], default="text")
+    s.add_argument(
+        "--time-scale", type=float, default=1.0, help="stretch (>1) or shrink each demo phase"
+    )
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("check-config", help="validate a config file")
+    s.add_argument("config", type=Path)
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("plan", help="read the site and print the plan")
+    s.add_argument("--config", "-c", default="/etc/siteagent/siteagent.toml")
+    s.add_argument("--dry-run", action="store_true", help="print only; send nothing")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("sim", help="run a simulated site (see `siteagent sim -- --help`)")
+    s.add_argument("sim_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_sim)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

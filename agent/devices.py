@@ -1,0 +1,276 @@
+"""What the agent knows about each device between ticks.
+
+A tracker keeps the last good reading and its age, the last error, what the
+agent last commanded and any change not yet confirmed, and from these
+computes the device's worst-case power (DESIGN.md invariant 1). It logs a
+line when a device fails and one when it recovers, never one per failed read,
+and backs off exponentially while a device keeps failing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from domain import (
+    DeviceError,
+    DeviceFaulted,
+    DeviceKind,
+    DeviceReading,
+    DeviceState,
+    DeviceStatus,
+    MinerCapabilities,
+    MinerIdentity,
+)
+
+log = logging.getLogger("siteagent.devices")
+
+# A lowered miner is confirmed once it reads no more than this above its new level.
+CONFIRM_SLACK_FRAC = 0.02
+CONFIRM_SLACK_W = 20.0
+# A measured draw this far above what was commanded means the device is not obeying.
+DISOBEY_SLACK_FRAC = 0.05
+DISOBEY_SLACK_W = 50.0
+
+
+class MinerDriver(Protocol):
+    """What the agent needs of a miner driver (drivers.asic.AsicDriver provides it)."""
+
+    @property
+    def identity(self) -> MinerIdentity | None: ...
+
+    async def read(self) -> DeviceReading: ...
+
+    async def set_power_target(self, power_w: float) -> float: ...
+
+    async def sleep(self) -> None: ...
+
+    async def wake(self) -> None: ...
+
+
+Connector = Callable[[], Awaitable[MinerDriver]]
+
+
+@dataclass(slots=True)
+class Pending:
+    """A change sent but not yet seen in a reading."""
+
+    kind: str
+    old_w: float
+    new_w: float
+    issued_s: float
+    target_w: float | None
+
+
+class DeviceTracker:
+    """The agent's memory of one device."""
+
+    def __init__(
+        self,
+        device_id: str,
+        *,
+        address: str,
+        domain: str,
+        nameplate_power_w: float,
+        nameplate_hashrate_ths: float,
+        sleep_power_w: float,
+        connect: Connector,
+        kind: DeviceKind = DeviceKind.MINER,
+    ) -> None:
+        self.device_id = device_id
+        self.address = address
+        self.kind = kind
+        self.domain = domain
+        self.nameplate_power_w = nameplate_power_w
+        self.nameplate_hashrate_ths = nameplate_hashrate_ths
+        self.sleep_power_w = sleep_power_w
+        self.connect = connect
+        self.driver: MinerDriver | None = None
+        self.capabilities = MinerCapabilities(power_target=False)
+        self.last_good: DeviceReading | None = None
+        self.last_ok_s: float | None = None
+        self.state = DeviceState.UNKNOWN
+        self.failures = 0
+        self.last_error: str | None = None
+        self.next_read_s = 0.0
+        self.awake: bool | None = None
+        self.power_target_w: float | None = None
+        self.last_transition_s: float | None = None
+        self.pending: Pending | None = None
+
+    # -- telemetry -------------------------------------------------------------
+
+    def attach(self, driver: MinerDriver) -> None:
+        """Use a connected driver; adopt what it identified (nameplate, capabilities)."""
+        self.driver = driver
+        ident = driver.identity
+        if ident is not None:
+            self.capabilities = ident.capabilities
+            if ident.nameplate_power_w:
+                self.nameplate_power_w = max(self.nameplate_power_w, ident.nameplate_power_w)
+            if ident.nameplate_hashrate_ths and self.nameplate_hashrate_ths <= 0:
+                self.nameplate_hashrate_ths = ident.nameplate_hashrate_ths
+
+    def record_reading(
+        self, reading: DeviceReading, now_s: float, confirm_timeout_s: float
+    ) -> None:
+        """Take a good reading: confirm or expire pending changes, adopt the device's state."""
+        if self.state in (DeviceState.UNREACHABLE, DeviceState.FAULTED):
+            log.info(
+                "%s (%s): recovered, %s after %d failed read(s)",
+                self.device_id,
+                self.address,
+                reading.state,
+                self.failures,
+            )
+        self.last_good = reading
+        self.last_ok_s = now_s
+        self.state = reading.state
+        self.failures = 0
+        self.last_error = None
+        p = self.pending
+        if p is not None:
+            if _confirms(p, reading, self.sleep_power_w):
+                self.pending = None
+            elif now_s - p.issued_s > confirm_timeout_s:
+                log.warning(
+                    "%s: %s to %.0f W not confirmed after %.0f s; trusting its readings again",
+                    self.device_id,
+                    p.kind,
+                    p.new_w,
+                    now_s - p.issued_s,
+                )
+                self.pending = None
+        if self.pending is None:
+            # No command in flight: the device's own word is the truth, so a
+            # change made behind our back (or one that did not take) is seen.
+            self.awake = reading.state is not DeviceState.SLEEPING
+            if reading.power_target_w is not None:
+                self.power_target_w = reading.power_target_w
+
+    def record_failure(
+        self, error: Exception, now_s: float, interval_s: float, max_backoff_s: float
+    ) -> None:
+        """Take a failed read: mark the device, log once on the change, back off."""
+        new_state = (
+            DeviceState.FAULTED if isinstance(error, DeviceFaulted) else DeviceState.UNREACHABLE
+        )
+        if not isinstance(error, DeviceError):
+            new_state = DeviceState.FAULTED
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        if new_state is not self.state:
+            log.warning("%s (%s): %s (%s)", self.device_id, self.address, new_state, text)
+        self.state = new_state
+        self.last_error = text
+        self.failures += 1
+        self.next_read_s = now_s + min(interval_s * 2 ** (self.failures - 1), max_backoff_s)
+
+    def record_command(
+        self, kind: str, old_w: float, new_w: float, target_w: float | None, now_s: float
+    ) -> None:
+        """Remember a change the device accepted; it counts at its worst case until confirmed."""
+        if kind in ("sleep", "wake"):
+            self.awake = kind == "wake"
+            self.last_transition_s = now_s
+        if target_w is not None:
+            self.power_target_w = target_w
+        self.pending = Pending(kind, old_w, new_w, now_s, target_w)
+
+    # -- accounting --------------------------------------------------------------
+
+    def fresh(self, now_s: float, stale_after_s: float) -> bool:
+        """Whether the last good reading is recent and the device is answering."""
+        return (
+            self.last_ok_s is not None
+            and now_s - self.last_ok_s <= stale_after_s
+            and self.state
+            not in (DeviceState.UNREACHABLE, DeviceState.FAULTED, DeviceState.UNKNOWN)
+        )
+
+    def commanded_w(self) -> float:
+        """The level (W) the device was last told to run at."""
+        if self.awake is False:
+            return self.sleep_power_w
+        if self.awake and self.power_target_w is not None:
+            return self.power_target_w
+        return self.nameplate_power_w
+
+    def _measured_w(self) -> float:
+        r = self.last_good
+        if r is None or r.power_w is None:
+            return 0.0
+        return r.power_w
+
+    def known_asleep(self) -> bool:
+        """Asleep by our command and by its last reading, with nothing in flight."""
+        return (
+            self.awake is False
+            and self.pending is None
+            and self.last_good is not None
+            and self.last_good.state is DeviceState.SLEEPING
+        )
+
+    def budget_w(self, now_s: float, stale_after_s: float) -> float:
+        """Worst-case power (W) to count for this device now."""
+        if not self.fresh(now_s, stale_after_s):
+            if self.known_asleep():
+                return self.sleep_power_w
+            return max(self.nameplate_power_w, self.commanded_w(), self._measured_w())
+        w = max(self.commanded_w(), self._measured_w())
+        if self.pending is not None and self.pending.kind in ("sleep", "lower"):
+            w = max(w, self.pending.old_w)
+        return w
+
+    def expected_w(self, now_s: float, stale_after_s: float) -> float:
+        """Power (W) the device settles at once the changes already sent take effect."""
+        if not self.fresh(now_s, stale_after_s):
+            return self.budget_w(now_s, stale_after_s)
+        cmd = self.commanded_w()
+        measured = self._measured_w()
+        if self.pending is None and measured > cmd * (1 + DISOBEY_SLACK_FRAC) + DISOBEY_SLACK_W:
+            return measured
+        return cmd
+
+    def status(self, now_s: float, stale_after_s: float) -> DeviceStatus:
+        """Freeze the tracker into the snapshot's view of this device."""
+        fresh = self.fresh(now_s, stale_after_s)
+        state = self.state
+        if not fresh and state not in (DeviceState.UNREACHABLE, DeviceState.FAULTED):
+            state = DeviceState.UNKNOWN if self.last_ok_s is None else DeviceState.UNREACHABLE
+        return DeviceStatus(
+            device_id=self.device_id,
+            kind=self.kind,
+            domain=self.domain,
+            state=state,
+            nameplate_power_w=self.nameplate_power_w,
+            nameplate_hashrate_ths=self.nameplate_hashrate_ths,
+            sleep_power_w=self.sleep_power_w,
+            capabilities=self.capabilities,
+            budget_w=self.budget_w(now_s, stale_after_s),
+            expected_w=self.expected_w(now_s, stale_after_s),
+            controllable=fresh and self.driver is not None,
+            reading=self.last_good,
+            reading_age_s=None if self.last_ok_s is None else now_s - self.last_ok_s,
+            power_target_w=self.power_target_w,
+            awake=self.awake,
+            last_transition_s=self.last_transition_s,
+            last_error=self.last_error,
+        )
+
+
+def _confirms(p: Pending, r: DeviceReading, sleep_power_w: float) -> bool:
+    power = r.power_w
+    if p.kind == "sleep":
+        return r.state is DeviceState.SLEEPING and (
+            power is None or power <= 2 * sleep_power_w + CONFIRM_SLACK_W
+        )
+    if p.kind == "lower":
+        return power is not None and power <= p.new_w * (1 + CONFIRM_SLACK_FRAC) + CONFIRM_SLACK_W
+    if p.kind == "wake":
+        return r.state is DeviceState.MINING
+    # raise: the device took the new target.
+    return p.target_w is None or (
+        r.power_target_w is not None and abs(r.power_target_w - p.target_w) < 1.0
+    )

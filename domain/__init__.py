@@ -1,0 +1,48 @@
+"""Shared vocabulary of siteagent: readings, snapshots, limits, plans and errors.
+
+This package imports nothing else of the project. ``drivers/`` and ``policies/``
+both build on it and never on each other; ``agent/`` ties them together.
+All quantities carry their unit in the field name (W, TH/s, s, degC).
+"""
+
+from domain.errors import (
+    DeviceError,
+    DeviceFaulted,
+    DeviceLost,
+    DevicePermissionError,
+    DeviceRefused,
+    DeviceUnreachable,
+)
+from domain.types import (
+    DeviceKind,
+    DeviceReading,
+    DeviceState,
+    DeviceStatus,
+    DomainLimit,
+    Limits,
+    MinerCapabilities,
+    MinerIdentity,
+    Plan,
+    Setpoint,
+    Snapshot,
+)
+
+__all__ = [
+    "DeviceError",
+    "DeviceFaulted",
+    "DeviceKind",
+    "DeviceLost",
+    "DevicePermissionError",
+    "DeviceReading",
+    "DeviceRefused",
+    "DeviceState",
+    "DeviceStatus",
+    "DeviceUnreachable",
+    "DomainLimit",
+    "Limits",
+    "MinerCapabilities",
+    "MinerIdentity",
+    "Plan",
+    "Setpoint",
+    "Snapshot",
+]

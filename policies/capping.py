@@ -1,0 +1,274 @@
+"""Efficiency capping: keep the site under its cap, shedding the least efficient miners first.
+
+A pure function of (snapshot, limits, params, previous plan). Dynamo-style three
+bands on every domain, as fractions of its limit:
+
+- above the *capping threshold* anywhere: re-plan down to the *capping target*;
+- below the *uncapping threshold* at the site: re-plan up to the capping target;
+- in between: hold the previous plan, so noise never moves a miner.
+
+A re-plan fills the budget in merit order. Every miner that may sleep starts
+asleep; miners are woken at their minimum power target best-first (lowest J/TH)
+while every domain above them has room; then awake miners are raised towards
+their maximum best-first. So a shrinking budget first lowers the targets of the
+least efficient miners, then sleeps them; a growing one wakes the most
+efficient first. Devices the agent cannot control count at their worst case.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, Snapshot
+
+SITE = "site"
+
+
+@dataclass(frozen=True, slots=True)
+class CappingParams:
+    """Band fractions of each limit, and the minimum time a slept miner stays asleep (s)."""
+
+    capping_threshold: float = 1.0
+    capping_target: float = 0.97
+    uncapping_threshold: float = 0.92
+    min_off_s: float = 300.0
+
+
+class DomainTree:
+    """The power-delivery tree: each domain's limit (W) and its ancestors up to the site."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limit_w: dict[str, float] = {SITE: limits.effective_cap_w}
+        self._parent: dict[str, str] = {}
+        for d in limits.domains:
+            self.limit_w[d.domain_id] = d.limit_w
+            self._parent[d.domain_id] = d.parent or SITE
+        self._chains: dict[str, tuple[str, ...]] = {}
+
+    def chain(self, domain: str) -> tuple[str, ...]:
+        """The domain and all above it, the site last; unknown domains sit under the site."""
+        cached = self._chains.get(domain)
+        if cached is not None:
+            return cached
+        out: list[str] = []
+        node: str | None = domain if domain in self.limit_w else SITE
+        while node is not None and node not in out:
+            out.append(node)
+            node = self._parent.get(node) if node != SITE else None
+        if out[-1] != SITE:
+            out.append(SITE)
+        self._chains[domain] = tuple(out)
+        return self._chains[domain]
+
+
+def min_level_w(d: DeviceStatus) -> float:
+    """Lowest power (W) the miner can mine at."""
+    caps = d.capabilities
+    if caps.power_target and caps.power_target_min_w is not None:
+        return caps.power_target_min_w
+    return d.nameplate_power_w
+
+
+def max_level_w(d: DeviceStatus) -> float:
+    """Highest power (W) the miner may be set to."""
+    caps = d.capabilities
+    if caps.power_target and caps.power_target_max_w is not None:
+        return caps.power_target_max_w
+    return d.nameplate_power_w
+
+
+def domain_loads_w(
+    tree: DomainTree, items: Iterable[tuple[DeviceStatus, float]], overhead_w: float
+) -> dict[str, float]:
+    """Sum per-device power (W) into every domain above each device; overhead goes to the site."""
+    load: dict[str, float] = defaultdict(float)
+    load[SITE] += overhead_w
+    for d, w in items:
+        for node in tree.chain(d.domain):
+            load[node] += w
+    return load
+
+
+def plan(
+    snapshot: Snapshot, limits: Limits, params: CappingParams, previous: Plan | None = None
+) -> Plan:
+    """Plan setpoints (W) for every controllable miner, keeping each domain under its cap."""
+    tree = DomainTree(limits)
+    movable = [d for d in snapshot.devices if d.kind is DeviceKind.MINER and d.controllable]
+    fixed = [d for d in snapshot.devices if not (d.kind is DeviceKind.MINER and d.controllable)]
+    prev = {sp.device_id: sp for sp in previous.setpoints} if previous is not None else {}
+
+    def heading_w(d: DeviceStatus) -> float:
+        sp = prev.get(d.device_id)
+        return max(d.expected_w, sp.planned_w) if sp is not None else d.expected_w
+
+    load = domain_loads_w(
+        tree,
+        [(d, d.budget_w) for d in fixed] + [(d, heading_w(d)) for d in movable],
+        limits.overhead_w,
+    )
+    over = [
+        node
+        for node, limit in tree.limit_w.items()
+        if load[node] > params.capping_threshold * limit
+    ]
+    site_cap = limits.effective_cap_w
+    if over:
+        worst = max(over, key=lambda n: load[n] / tree.limit_w[n])
+        why = (
+            f"{worst} heading for {load[worst]:.0f} W, above its capping threshold "
+            f"{params.capping_threshold * tree.limit_w[worst]:.0f} W"
+        )
+        return _fill(snapshot, limits, params, tree, movable, fixed, "cap", why)
+    if load[SITE] < params.uncapping_threshold * site_cap:
+        why = (
+            f"site heading for {load[SITE]:.0f} W, below its uncapping threshold "
+            f"{params.uncapping_threshold * site_cap:.0f} W"
+        )
+        filled = _fill(snapshot, limits, params, tree, movable, fixed, "restore", why)
+        held = _hold(snapshot, limits, movable, fixed, prev, load[SITE], why)
+        if _same_setpoints(filled.setpoints, held.setpoints):
+            return Plan(
+                held.time_s,
+                "hold",
+                held.effective_cap_w,
+                held.planned_w,
+                why + "; nothing more can be restored",
+                held.setpoints,
+            )
+        return filled
+    why = (
+        f"site heading for {load[SITE]:.0f} W, inside the band "
+        f"[{params.uncapping_threshold * site_cap:.0f}, "
+        f"{params.capping_threshold * site_cap:.0f}] W"
+    )
+    return _hold(snapshot, limits, movable, fixed, prev, load[SITE], why)
+
+
+def _same_setpoints(a: Iterable[Setpoint], b: Iterable[Setpoint]) -> bool:
+    key = {(s.device_id, s.awake, s.power_target_w) for s in a}
+    return key == {(s.device_id, s.awake, s.power_target_w) for s in b}
+
+
+def _hold(
+    snapshot: Snapshot,
+    limits: Limits,
+    movable: list[DeviceStatus],
+    fixed: list[DeviceStatus],
+    prev: Mapping[str, Setpoint],
+    heading_w: float,
+    why: str,
+) -> Plan:
+    setpoints = []
+    for d in sorted(movable, key=_merit):
+        sp = prev.get(d.device_id)
+        if sp is None:
+            # Not planned before: leave it where it is.
+            awake = d.awake if d.awake is not None else True
+            target = d.power_target_w
+            level = (target or max_level_w(d)) if awake else d.sleep_power_w
+            sp = Setpoint(d.device_id, awake, target, level, "hold: left as found")
+        setpoints.append(sp)
+    return Plan(snapshot.time_s, "hold", limits.effective_cap_w, heading_w, why, tuple(setpoints))
+
+
+def _merit(d: DeviceStatus) -> tuple[float, str]:
+    # Nameplate J/TH, not measured: measured efficiency moves with the target and
+    # with noise, and a ranking that moves would churn miners for nothing.
+    return (d.efficiency_j_per_th, d.device_id)
+
+
+def _fill(
+    snapshot: Snapshot,
+    limits: Limits,
+    params: CappingParams,
+    tree: DomainTree,
+    movable: list[DeviceStatus],
+    fixed: list[DeviceStatus],
+    mode: str,
+    why: str,
+) -> Plan:
+    frac = params.capping_target
+    avail = {node: frac * limit for node, limit in tree.limit_w.items()}
+    for node, w in domain_loads_w(
+        tree, [(d, d.budget_w) for d in fixed], limits.overhead_w
+    ).items():
+        avail[node] -= w
+
+    def take(d: DeviceStatus, w: float) -> None:
+        for node in tree.chain(d.domain):
+            avail[node] -= w
+
+    def room(d: DeviceStatus) -> tuple[float, str]:
+        return min((avail[n], n) for n in tree.chain(d.domain))
+
+    order = sorted(movable, key=_merit)
+    rank = {d.device_id: i + 1 for i, d in enumerate(order)}
+    n = len(order)
+    awake: dict[str, bool] = {}
+    level: dict[str, float] = {}
+    reason: dict[str, str] = {}
+
+    # Start from the floor: asleep where possible, else at the minimum level.
+    for d in order:
+        if d.capabilities.can_sleep:
+            awake[d.device_id], level[d.device_id] = False, d.sleep_power_w
+        else:
+            awake[d.device_id], level[d.device_id] = True, min_level_w(d)
+            reason[d.device_id] = "cannot sleep, kept at its minimum"
+        take(d, level[d.device_id])
+
+    # Wake best-first at the minimum level while every domain above has room.
+    for d in order:
+        if awake[d.device_id]:
+            continue
+        since = d.last_transition_s
+        if d.awake is False and since is not None and snapshot.time_s - since < params.min_off_s:
+            left = params.min_off_s - (snapshot.time_s - since)
+            reason[d.device_id] = f"kept asleep: minimum off time, {left:.0f} s left"
+            continue
+        cost = min_level_w(d) - d.sleep_power_w
+        free, node = room(d)
+        if cost <= free:
+            awake[d.device_id], level[d.device_id] = True, min_level_w(d)
+            take(d, cost)
+        else:
+            reason[d.device_id] = f"asleep: {node} budget has {max(free, 0):.0f} W left"
+
+    # Raise awake miners best-first towards their maximum.
+    for d in order:
+        if not awake[d.device_id]:
+            continue
+        if not d.capabilities.power_target:
+            reason.setdefault(d.device_id, "on/off only")
+            continue
+        lo, hi = min_level_w(d), max_level_w(d)
+        free, node = room(d)
+        wanted = d.capabilities.clamp_power_target_w(lo + min(max(free, 0.0), hi - lo))
+        take(d, wanted - lo)
+        level[d.device_id] = wanted
+        if wanted >= hi:
+            reason[d.device_id] = "at its maximum"
+        else:
+            reason[d.device_id] = f"bound by {node} budget"
+
+    setpoints = []
+    for d in order:
+        on = awake[d.device_id]
+        target = level[d.device_id] if on and d.capabilities.power_target else d.power_target_w
+        doing = f"mining at {level[d.device_id]:.0f} W" if on else "asleep"
+        setpoints.append(
+            Setpoint(
+                d.device_id,
+                on,
+                target,
+                level[d.device_id],
+                f"{mode}: {doing} (rank {rank[d.device_id]}/{n} at "
+                f"{d.efficiency_j_per_th:.1f} J/TH; "
+                f"{reason.get(d.device_id, '')})",
+            )
+        )
+    planned = limits.overhead_w + sum(d.budget_w for d in fixed) + sum(level.values())
+    return Plan(snapshot.time_s, mode, limits.effective_cap_w, planned, why, tuple(setpoints))
