@@ -1,0 +1,1 @@
+"""Drivers: the only code that touches hardware (and the only code importing vendor libraries)."""

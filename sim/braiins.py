@@ -1,0 +1,815 @@
+"""A simulated Braiins OS (BOSer) miner that speaks the real protocols on loopback.
+
+Each miner owns one loopback address and serves, on it:
+
+- HTTP on port 80: a page naming "Braiins OS" (what pyasic's web probe looks for);
+- the CGMiner-style JSON API on TCP 4028: one JSON reply, then close;
+  ``+``-joined multi-commands answered as an object keyed by command;
+- gRPC on port 50051 (``braiins.bos.v1``) through grpclib.
+
+The gRPC message and service classes come from pyasic's generated betterproto
+package. They are used here only as the wire schema (the ``.proto`` contract a
+real BOSer server is generated from), never as client code: nothing else of
+pyasic is imported, and nothing of the agent, drivers or policies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpclib.const
+import grpclib.server
+from grpclib import GRPCError, Status
+
+# Wire schema only (see module docstring).
+from pyasic.web.braiins_os.proto.braiins.bos import ApiVersion, ApiVersionServiceBase
+from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
+
+from sim.power import MinerPowerModel, PowerTiming, SimModel
+
+HTTP_PORT = 80
+RPC_PORT = 4028
+GRPC_PORT = 50051
+
+# A real BOSer login token lives an hour and is refreshed on use.
+TOKEN_TIMEOUT_S = 3600
+BOS_VERSION = "2024-09-03-0-d4b1b5b4-24.09-plus"
+
+
+class Fault(enum.StrEnum):
+    """What can be wrong with a simulated miner, settable at runtime."""
+
+    NONE = "none"
+    NO_ANSWER = "no_answer"  # accept every connection, never answer (all ports)
+    REFUSE = "refuse"  # listeners closed: connection refused
+    SLOW = "slow"  # answer after ``delay_s`` seconds
+    GARBAGE = "garbage"  # answer bytes that are neither JSON, HTTP/2 nor protobuf
+    REFUSE_COMMANDS = "refuse_commands"  # reads work, control calls fail (gRPC error)
+    MISREPORT_POWER = "misreport_power"  # reported power is true power x ``factor``
+
+
+DEFAULT_SLOW_DELAY_S = 2.0
+DEFAULT_MISREPORT_FACTOR = 0.8
+# ASCII on the JSON and HTTP ports: pyasic's identification probe decodes the
+# reply as UTF-8 without a guard, and a non-UTF-8 reply escapes get_miner() as a
+# UnicodeDecodeError from a task nobody awaits. On the gRPC port anything goes.
+GARBAGE_BYTES = b"~~ garbage: not json, not http {{{ ]]] \t\x01\x02 ~~"
+GARBAGE_GRPC_BYTES = b"\x8b\x00\xff\xfe garbage \x13\x37 no http/2 frame \x00\x01\x02"
+
+
+@dataclass(frozen=True, slots=True)
+class FaultState:
+    """The active fault and its parameters."""
+
+    fault: Fault = Fault.NONE
+    delay_s: float = DEFAULT_SLOW_DELAY_S
+    factor: float = DEFAULT_MISREPORT_FACTOR
+
+
+class SimBraiinsMiner:
+    """One simulated BOSer miner: power model, fault state and its three listeners."""
+
+    def __init__(
+        self,
+        address: str,
+        model: SimModel,
+        timing: PowerTiming,
+        *,
+        index: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        password: str = "root",
+    ) -> None:
+        self.address = address
+        self.model = model
+        self.clock = clock
+        self.power = MinerPowerModel(model, timing, clock())
+        self.faults = FaultState()
+        self.password = password
+        self.mac = "02:42:AC:" + ":".join(f"{(index >> s) & 0xFF:02X}" for s in (16, 8, 0))
+        self.serial = f"SIMBOS{index:08d}"
+        self.hostname = f"sim-bos-{index:04d}"
+        self.uid = f"sim-{index:08d}"
+        self.token = f"simtoken{index:06d}x"
+        self._http: asyncio.Server | None = None
+        self._rpc: asyncio.Server | None = None
+        self._grpc: grpclib.server.Server | None = None
+        self._raw_grpc: asyncio.Server | None = None
+        self._released = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._pending: asyncio.Task[None] | None = None
+        self._socks: dict[int, socket.socket] = {}
+
+    # -- identity and ground truth ---------------------------------------------------
+
+    @property
+    def nameplate_power_w(self) -> float:
+        """Stock power (W) of this miner's model."""
+        return self.model.nameplate_power_w
+
+    @property
+    def nameplate_hashrate_ths(self) -> float:
+        """Stock hashrate (TH/s) of this miner's model."""
+        return self.model.nameplate_hashrate_ths
+
+    def power_w(self, now_s: float | None = None) -> float:
+        """True wall power (W) at ``now_s`` (default: the miner's clock)."""
+        return self.power.power_w(self.clock() if now_s is None else now_s)
+
+    def reported_power_w(self, now_s: float) -> float:
+        """Power (W) as the firmware reports it (a fault may skew it)."""
+        p = self.power.power_w(now_s)
+        if self.faults.fault is Fault.MISREPORT_POWER:
+            p *= self.faults.factor
+        return p
+
+    # -- lifecycle -------------------------------------------------------------------
+    # Each port has one listening socket that this object owns; the asyncio or
+    # grpclib server on it gets a dup of the descriptor. Swapping servers (a
+    # fault that needs raw bytes on the gRPC port) then never closes the port:
+    # connections arriving in between wait in the backlog instead of being
+    # refused. Binding and closing are synchronous, so ``set_fault`` takes
+    # effect on the wire at once; only attaching the new server is async.
+
+    async def start(self) -> None:
+        """Open the listeners the current fault calls for."""
+        self._bind_all()
+        async with self._lock:
+            await self._attach_servers()
+
+    async def stop(self) -> None:
+        """Close every listener and release hung connections."""
+        if self._pending is not None:
+            with contextlib.suppress(Exception):
+                await self._pending
+        self._released.set()
+        async with self._lock:
+            await self._detach(GRPC_PORT, HTTP_PORT, RPC_PORT)
+        self._unbind_all()
+
+    def set_fault(self, fault: str | Fault, **kw: float) -> None:
+        """Switch fault now (``delay_s`` for slow, ``factor`` for misreport_power)."""
+        f = Fault(fault)
+        self.faults = FaultState(
+            fault=f,
+            delay_s=float(kw.get("delay_s", DEFAULT_SLOW_DELAY_S)),
+            factor=float(kw.get("factor", DEFAULT_MISREPORT_FACTOR)),
+        )
+        # Wake connections held by no_answer/slow so they see the new state.
+        self._released.set()
+        self._released = asyncio.Event()
+        if f is Fault.REFUSE:
+            self._close_servers_now()
+            self._unbind_all()
+        else:
+            self._bind_all()
+        prev = self._pending
+
+        async def reconfigure() -> None:
+            if prev is not None:
+                with contextlib.suppress(Exception):
+                    await prev
+            async with self._lock:
+                await self._attach_servers()
+
+        self._pending = asyncio.get_running_loop().create_task(reconfigure())
+
+    async def ready(self) -> None:
+        """Wait until the servers match the last fault set (the ports already do)."""
+        if self._pending is not None:
+            await self._pending
+
+    def _bind_all(self) -> None:
+        for port in (HTTP_PORT, RPC_PORT, GRPC_PORT):
+            if port not in self._socks:
+                # proto must say TCP: asyncio only sets TCP_NODELAY on accepted
+                # sockets whose proto is IPPROTO_TCP, and without it Nagle plus
+                # delayed ACKs add ~40 ms to every HTTP/2 exchange.
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((self.address, port))
+                    sock.listen(128)
+                except OSError:
+                    sock.close()
+                    raise
+                sock.setblocking(False)
+                self._socks[port] = sock
+
+    def _unbind_all(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+
+    def _close_servers_now(self) -> None:
+        for srv in (self._http, self._rpc, self._raw_grpc):
+            if srv is not None:
+                srv.close()
+        if self._grpc is not None:
+            self._grpc.close()
+
+    async def _detach(self, *ports: int) -> None:
+        """Close the servers on ``ports`` (their sockets stay bound)."""
+        closing: list[Awaitable[None]] = []
+        if HTTP_PORT in ports and self._http is not None:
+            self._http.close()
+            closing.append(self._http.wait_closed())
+            self._http = None
+        if RPC_PORT in ports and self._rpc is not None:
+            self._rpc.close()
+            closing.append(self._rpc.wait_closed())
+            self._rpc = None
+        if GRPC_PORT in ports and self._raw_grpc is not None:
+            self._raw_grpc.close()
+            closing.append(self._raw_grpc.wait_closed())
+            self._raw_grpc = None
+        if GRPC_PORT in ports and self._grpc is not None:
+            self._grpc.close()
+            closing.append(self._grpc.wait_closed())
+            self._grpc = None
+        for c in closing:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(c, 1.0)
+
+    async def _attach_servers(self) -> None:
+        if self.faults.fault is Fault.REFUSE or not self._socks:
+            await self._detach(GRPC_PORT, HTTP_PORT, RPC_PORT)
+            return
+        if self._http is None or not self._http.is_serving():
+            self._http = await asyncio.start_server(
+                self._serve_http, sock=self._socks[HTTP_PORT].dup()
+            )
+        if self._rpc is None or not self._rpc.is_serving():
+            self._rpc = await asyncio.start_server(
+                self._serve_rpc, sock=self._socks[RPC_PORT].dup()
+            )
+        # gRPC port: grpclib speaks HTTP/2 unless the fault needs raw bytes on it.
+        want_raw = self.faults.fault in (Fault.NO_ANSWER, Fault.GARBAGE)
+        if want_raw and (self._raw_grpc is None or not self._raw_grpc.is_serving()):
+            await self._detach(GRPC_PORT)
+            self._raw_grpc = await asyncio.start_server(
+                self._serve_raw_grpc, sock=self._socks[GRPC_PORT].dup()
+            )
+        elif not want_raw and self._grpc is None:
+            await self._detach(GRPC_PORT)
+            server = grpclib.server.Server(_services(self))
+            await server.start(sock=self._socks[GRPC_PORT].dup())
+            self._grpc = server
+
+    # -- fault behaviour shared by the protocols -------------------------------------
+
+    async def _hang(self) -> None:
+        """Hold a connection open without answering until released or stopped."""
+        await self._released.wait()
+
+    async def _delay(self) -> bool:
+        """Apply no_answer / slow before answering; False if the caller must not answer."""
+        f = self.faults
+        if f.fault is Fault.NO_ANSWER:
+            await self._hang()
+            return False
+        if f.fault is Fault.SLOW:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(f.delay_s):
+                    await self._released.wait()
+        return True
+
+    # -- HTTP (port 80) --------------------------------------------------------------
+
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await reader.readuntil(b"\r\n\r\n")
+            if not await self._delay():
+                return
+            if self.faults.fault is Fault.GARBAGE:
+                writer.write(GARBAGE_BYTES)
+            else:
+                body = (
+                    "<!DOCTYPE html><html><head><title>Braiins OS</title></head>"
+                    f"<body>Braiins OS {BOS_VERSION} (simulated)</body></html>"
+                ).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+                    + f"Content-Length: {len(body)}\r\n".encode()
+                    + b"Connection: close\r\n\r\n"
+                    + body
+                )
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    # -- CGMiner-style JSON API (port 4028) ------------------------------------------
+
+    async def _serve_rpc(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            raw = b""
+            # Clients send one JSON object and wait; read until it parses.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    while True:
+                        chunk = await reader.read(4096)
+                        if not chunk:
+                            break
+                        raw += chunk
+                        try:
+                            json.loads(raw)
+                            break
+                        except ValueError:
+                            continue
+            if not await self._delay():
+                return
+            if self.faults.fault is Fault.GARBAGE:
+                writer.write(GARBAGE_BYTES)
+            else:
+                writer.write(json.dumps(self.rpc_reply(raw)).encode() + b"\x00")
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def rpc_reply(self, raw: bytes) -> dict[str, Any]:
+        """The JSON reply to one request on port 4028."""
+        try:
+            req = json.loads(raw)
+            command = str(req["command"])
+        except (ValueError, KeyError, TypeError):
+            return _rpc_status("E", 23, "Invalid JSON")
+        now = self.clock()
+        cmds = command.split("+")
+        if len(cmds) == 1:
+            return self._rpc_one(cmds[0], now)
+        return {c: [self._rpc_one(c, now)] for c in cmds}
+
+    def _rpc_one(self, cmd: str, now_s: float) -> dict[str, Any]:
+        m, pw = self.model, self.power
+        hr_ths = pw.hashrate_ths(now_s)
+        mhs = hr_ths * 1e6
+        per_board_mhs = mhs / m.hashboards
+        elapsed = int(now_s - pw.started_s)
+        if cmd == "version":
+            out = _rpc_status("S", 22, "BOSer versions", f"BOSer boser-buildroot {BOS_VERSION}")
+            out["VERSION"] = [{"BOSer": BOS_VERSION, "API": "3.7"}]
+            return out
+        if cmd == "devdetails":
+            out = _rpc_status("S", 69, "Device Details")
+            out["DEVDETAILS"] = [
+                {
+                    "DEVDETAILS": i,
+                    "Name": "",
+                    "ID": i,
+                    "Driver": "",
+                    "Kernel": "",
+                    "Model": m.devdetails_model,
+                    "Device Path": "",
+                    "Chips": m.chips_per_board,
+                    "Frequency": 0.0,
+                    "Voltage": 0.0,
+                }
+                for i in range(m.hashboards)
+            ]
+            return out
+        if cmd == "summary":
+            out = _rpc_status("S", 11, "Summary")
+            out["SUMMARY"] = [
+                {
+                    "Elapsed": elapsed,
+                    "MHS av": mhs,
+                    "MHS 5s": mhs,
+                    "MHS 1m": mhs,
+                    "MHS 5m": mhs,
+                    "MHS 15m": mhs,
+                    "Accepted": 0,
+                    "Rejected": 0,
+                    "Hardware Errors": 0,
+                }
+            ]
+            return out
+        if cmd in ("devs", "edevs"):
+            out = _rpc_status("S", 9, f"{m.hashboards} ASC(s)")
+            out["DEVS"] = [
+                {
+                    "ASC": i,
+                    "Name": "",
+                    "ID": i,
+                    "Enabled": "Y",
+                    "Status": "Alive",
+                    "Temperature": round(pw.chip_temp_c(now_s) - 10, 1),
+                    "MHS av": per_board_mhs,
+                    "MHS 5s": per_board_mhs,
+                    "MHS 1m": per_board_mhs,
+                    "MHS 5m": per_board_mhs,
+                    "MHS 15m": per_board_mhs,
+                    "Nominal MHS": m.nameplate_hashrate_ths * 1e6 / m.hashboards,
+                }
+                for i in range(m.hashboards)
+            ]
+            return out
+        if cmd == "temps":
+            out = _rpc_status("S", 201, f"{m.hashboards} Temp(s)")
+            chip = round(pw.chip_temp_c(now_s), 1)
+            out["TEMPS"] = [
+                {"TEMPS": i, "ID": i, "Board": round(chip - 10, 1), "Chip": chip}
+                for i in range(m.hashboards)
+            ]
+            return out
+        if cmd == "fans":
+            out = _rpc_status("S", 202, f"{m.fans} Fan(s)")
+            rpm = self._fan_rpm(now_s)
+            out["FANS"] = [
+                {"FANS": i, "ID": i, "RPM": rpm, "Speed": rpm * 100 // 6000} for i in range(m.fans)
+            ]
+            return out
+        if cmd == "pools":
+            out = _rpc_status("S", 7, "1 Pool(s)")
+            out["POOLS"] = [
+                {
+                    "POOL": 0,
+                    "URL": "stratum+tcp://pool.invalid:3333",
+                    "Status": "Alive",
+                    "Stratum Active": True,
+                    "User": "sim.worker",
+                    "Accepted": 0,
+                    "Rejected": 0,
+                    "Get Failures": 0,
+                    "Remote Failures": 0,
+                }
+            ]
+            return out
+        if cmd == "tunerstatus":
+            out = _rpc_status("S", 100, "Tuner Status")
+            target = int(pw.target_w)
+            reported = int(self.reported_power_w(now_s))
+            out["TUNERSTATUS"] = [
+                {
+                    "TUNERSTATUS": 0,
+                    "PowerLimit": target,
+                    "DynamicPowerScaling": "Disabled",
+                    "ApproximateMinerPowerConsumption": reported,
+                    "ApproximateChainPowerConsumption": max(0, reported - 150),
+                    "TunerChainStatus": [
+                        {
+                            "HashchainIndex": i,
+                            "PowerLimitWatt": target // m.hashboards,
+                            "ApproximatePowerConsumptionWatt": reported // m.hashboards,
+                            "Status": "Paused" if pw.paused else "Stable",
+                        }
+                        for i in range(m.hashboards)
+                    ],
+                }
+            ]
+            return out
+        return _rpc_status("E", 14, f"Invalid command: {cmd}")
+
+    def _fan_rpm(self, now_s: float) -> int:
+        return int(2000 + 3000 * self.power.power_w(now_s) / self.model.nameplate_power_w)
+
+    # -- raw bytes on the gRPC port (no_answer, garbage) -----------------------------
+
+    async def _serve_raw_grpc(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            if self.faults.fault is Fault.GARBAGE:
+                # Answer the HTTP/2 preface with bytes that are no HTTP/2 frame.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await reader.read(24)
+                writer.write(GARBAGE_GRPC_BYTES * 4)
+                await writer.drain()
+            else:
+                await self._hang()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    # -- gRPC request checks ---------------------------------------------------------
+
+    async def grpc_guard(self, path: str, stream: grpclib.server.Stream[Any, Any]) -> None:
+        """Faults and authentication before any gRPC handler runs."""
+        await self._delay()
+        if path.endswith("/Login") or path.endswith("/GetApiVersion"):
+            return
+        # BOSer wants the token from Login in the ``authorization`` metadata.
+        if stream.metadata is None or stream.metadata.get("authorization") != self.token:
+            raise GRPCError(Status.UNAUTHENTICATED, "missing or invalid authorization token")
+
+    def check_control(self, what: str) -> None:
+        """Raise the gRPC error a control call gets under refuse_commands."""
+        if self.faults.fault is Fault.REFUSE_COMMANDS:
+            raise GRPCError(
+                Status.FAILED_PRECONDITION,
+                f"{what} rejected: miner is not accepting control commands (simulated)",
+            )
+
+
+def _rpc_status(code: str, num: int, msg: str, desc: str = "") -> dict[str, Any]:
+    return {
+        "STATUS": [
+            {"STATUS": code, "When": int(time.time()), "Code": num, "Msg": msg, "Description": desc}
+        ],
+        "id": 1,
+    }
+
+
+# --- gRPC services ------------------------------------------------------------------
+# The ServiceBase classes are pyasic's generated betterproto code (untyped for
+# mypy), hence the ignores on the class lines.
+
+
+def _power(watt: float) -> bos.Power:
+    return bos.Power(watt=max(0, round(watt)))
+
+
+def _ghs(ths: float) -> bos.GigaHashrate:
+    return bos.GigaHashrate(gigahash_per_second=ths * 1000.0)
+
+
+class _Miner(bos.MinerServiceBase):  # type: ignore[misc]  # pyasic is untyped
+    def __init__(self, m: SimBraiinsMiner) -> None:
+        self.m = m
+
+    async def get_miner_details(
+        self, get_miner_details_request: bos.GetMinerDetailsRequest
+    ) -> bos.GetMinerDetailsResponse:
+        m = self.m
+        now = m.clock()
+        return bos.GetMinerDetailsResponse(
+            uid=m.uid,
+            miner_identity=bos.MinerIdentity(
+                brand=bos.MinerBrand.ANTMINER,
+                name=m.model.devdetails_model.replace("Bitmain ", ""),
+                miner_model=m.model.devdetails_model.replace("Bitmain ", ""),
+            ),
+            platform=bos.Platform.AM3_AML,
+            bos_mode=bos.BosMode.NAND,
+            bos_version=bos.BosVersion(current=BOS_VERSION, major="24.09", bos_plus=True),
+            hostname=m.hostname,
+            mac_address=m.mac,
+            sticker_hashrate=_ghs(m.model.nameplate_hashrate_ths),
+            bosminer_uptime_s=int(now - m.power.started_s),
+            system_uptime_s=int(now - m.power.started_s) + 60,
+            status=bos.MinerStatus.PAUSED if m.power.paused else bos.MinerStatus.NORMAL,
+            serial_number=m.serial,
+        )
+
+    async def get_miner_status(self, get_miner_status_request: bos.GetMinerStatusRequest) -> Any:
+        # Server-streaming in the .proto; BOSer sends the current status first.
+        yield bos.GetMinerStatusResponse(
+            status=bos.MinerStatus.PAUSED if self.m.power.paused else bos.MinerStatus.NORMAL
+        )
+
+    async def get_miner_stats(
+        self, get_miner_stats_request: bos.GetMinerStatsRequest
+    ) -> bos.GetMinerStatsResponse:
+        m = self.m
+        now = m.clock()
+        ths = m.power.hashrate_ths(now)
+        hr = _ghs(ths)
+        reported = m.reported_power_w(now)
+        return bos.GetMinerStatsResponse(
+            pool_stats=bos.PoolStats(accepted_shares=0),
+            miner_stats=bos.WorkSolverStats(
+                real_hashrate=bos.RealHashrate(
+                    last_5_s=hr, last_15_s=hr, last_30_s=hr, last_1_m=hr, last_5_m=hr
+                ),
+                nominal_hashrate=_ghs(m.model.nameplate_hashrate_ths),
+            ),
+            power_stats=bos.MinerPowerStats(
+                approximated_consumption=_power(reported),
+                efficiency=bos.PowerEfficiency(
+                    joule_per_terahash=reported / ths if ths > 0 else 0.0
+                ),
+            ),
+        )
+
+    async def get_hashboards(
+        self, get_hashboards_request: bos.GetHashboardsRequest
+    ) -> bos.GetHashboardsResponse:
+        m = self.m
+        now = m.clock()
+        chip = m.power.chip_temp_c(now)
+        per_board = m.power.hashrate_ths(now) / m.model.hashboards
+        return bos.GetHashboardsResponse(
+            hashboards=[
+                bos.Hashboard(
+                    id=str(i + 1),
+                    enabled=True,
+                    chips_count=m.model.chips_per_board,
+                    highest_chip_temp=bos.TemperatureSensor(
+                        temperature=bos.Temperature(degree_c=chip)
+                    ),
+                    board_temp=bos.Temperature(degree_c=chip - 10.0),
+                    stats=bos.WorkSolverStats(
+                        real_hashrate=bos.RealHashrate(last_5_s=_ghs(per_board))
+                    ),
+                    serial_number=f"{m.serial}-HB{i}",
+                )
+                for i in range(m.model.hashboards)
+            ]
+        )
+
+
+class _Performance(bos.PerformanceServiceBase):  # type: ignore[misc]  # pyasic is untyped
+    def __init__(self, m: SimBraiinsMiner) -> None:
+        self.m = m
+
+    def _mode(self) -> bos.PerformanceMode:
+        return bos.PerformanceMode(
+            tuner_mode=bos.TunerPerformanceMode(
+                power_target=bos.PowerTargetMode(power_target=_power(self.m.power.target_w))
+            )
+        )
+
+    async def get_active_performance_mode(
+        self, get_performance_mode_request: bos.GetPerformanceModeRequest
+    ) -> bos.PerformanceMode:
+        return self._mode()
+
+    async def set_power_target(
+        self, set_power_target_request: bos.SetPowerTargetRequest
+    ) -> bos.SetPowerTargetResponse:
+        m = self.m
+        m.check_control("SetPowerTarget")
+        watt = set_power_target_request.power_target.watt
+        lo, hi = m.model.power_target_min_w, m.model.power_target_max_w
+        if not lo <= watt <= hi:
+            # BOSer answers a value outside GetConstraints with a precondition
+            # error (its REST mapping is 412) naming the allowed range.
+            raise GRPCError(
+                Status.FAILED_PRECONDITION,
+                f"Power target {watt} W is out of range: allowed {lo:.0f}-{hi:.0f} W",
+            )
+        m.power.set_target(float(watt), m.clock())
+        return bos.SetPowerTargetResponse(power_target=_power(watt))
+
+
+class _Actions(bos.ActionsServiceBase):  # type: ignore[misc]  # pyasic is untyped
+    def __init__(self, m: SimBraiinsMiner) -> None:
+        self.m = m
+
+    async def pause_mining(
+        self, pause_mining_request: bos.PauseMiningRequest
+    ) -> bos.PauseMiningResponse:
+        self.m.check_control("PauseMining")
+        # Idempotent, as BOSer's .proto says: a second pause reports already_paused.
+        return bos.PauseMiningResponse(already_paused=self.m.power.pause(self.m.clock()))
+
+    async def resume_mining(
+        self, resume_mining_request: bos.ResumeMiningRequest
+    ) -> bos.ResumeMiningResponse:
+        self.m.check_control("ResumeMining")
+        return bos.ResumeMiningResponse(already_mining=self.m.power.resume(self.m.clock()))
+
+    async def get_locate_device_status(
+        self, get_locate_device_status_request: bos.GetLocateDeviceStatusRequest
+    ) -> bos.LocateDeviceStatusResponse:
+        return bos.LocateDeviceStatusResponse(enabled=False)
+
+
+class _Configuration(bos.ConfigurationServiceBase):  # type: ignore[misc]  # pyasic is untyped
+    def __init__(self, m: SimBraiinsMiner) -> None:
+        self.m = m
+
+    async def get_constraints(
+        self, get_constraints_request: bos.GetConstraintsRequest
+    ) -> bos.GetConstraintsResponse:
+        mdl = self.m.model
+        return bos.GetConstraintsResponse(
+            tuner_constraints=bos.TunerConstraints(
+                power_target=bos.PowerConstraints(
+                    default=_power(mdl.power_target_default_w),
+                    min=_power(mdl.power_target_min_w),
+                    max=_power(mdl.power_target_max_w),
+                ),
+                enabled=bos.BooleanConstraint(default=True),
+                default_mode=bos.TunerMode.POWER_TARGET,
+            )
+        )
+
+    async def get_miner_configuration(
+        self, get_miner_configuration_request: bos.GetMinerConfigurationRequest
+    ) -> bos.GetMinerConfigurationResponse:
+        return bos.GetMinerConfigurationResponse(
+            tuner=bos.TunerConfiguration(
+                enabled=True,
+                tuner_mode=bos.TunerMode.POWER_TARGET,
+                power_target=_power(self.m.power.target_w),
+            )
+        )
+
+
+class _Cooling(bos.CoolingServiceBase):  # type: ignore[misc]  # pyasic is untyped
+    def __init__(self, m: SimBraiinsMiner) -> None:
+        self.m = m
+
+    async def get_cooling_state(
+        self, get_cooling_state_request: bos.GetCoolingStateRequest
+    ) -> bos.GetCoolingStateResponse:
+        now = self.m.clock()
+        rpm = self.m._fan_rpm(now)
+        return bos.GetCoolingStateResponse(
+            fans=[bos.FanState(position=i, rpm=rpm) for i in range(self.m.model.fans)],
+            highest_temperature=bos.TemperatureSensor(
+                temperature=bos.Temperature(degree_c=self.m.power.chip_temp_c(now))
+            ),
+        )
+
+
+class _Pools(bos.PoolServiceBase):  # type: ignore[misc]  # pyasic is untyped
+    async def get_pool_groups(
+        self, get_pool_groups_request: bos.GetPoolGroupsRequest
+    ) -> bos.GetPoolGroupsResponse:
+        return bos.GetPoolGroupsResponse(
+            pool_groups=[
+                bos.PoolGroup(
+                    name="default",
+                    pools=[
+                        bos.Pool(
+                            uid="0",
+                            url="stratum+tcp://pool.invalid:3333",
+                            user="sim.worker",
+                            enabled=True,
+                            alive=True,
+                            active=True,
+                            stats=bos.PoolStats(accepted_shares=0),
+                        )
+                    ],
+                )
+            ]
+        )
+
+
+class _ApiVersion(ApiVersionServiceBase):  # type: ignore[misc]  # pyasic is untyped
+    async def get_api_version(self, api_version_request: Any) -> ApiVersion:
+        return ApiVersion(major=1, minor=3, patch=0)
+
+
+class _Auth(bos.AuthenticationServiceBase):  # type: ignore[misc]  # pyasic is untyped
+    def __init__(self, m: SimBraiinsMiner) -> None:
+        self.m = m
+
+    async def login_stream(
+        self, stream: grpclib.server.Stream[bos.LoginRequest, bos.LoginResponse]
+    ) -> None:
+        """Login: the token travels in the reply's initial metadata, as on BOSer."""
+        req = await stream.recv_message()
+        if req is None or req.username != "root" or req.password != self.m.password:
+            raise GRPCError(Status.UNAUTHENTICATED, "invalid username or password")
+        await stream.send_initial_metadata(metadata={"authorization": self.m.token})
+        await stream.send_message(bos.LoginResponse(token=self.m.token, timeout_s=TOKEN_TIMEOUT_S))
+
+
+Handler = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
+
+
+class _Guarded:
+    """All services of one miner, each handler wrapped in the miner's fault/auth guard."""
+
+    def __init__(self, m: SimBraiinsMiner) -> None:
+        self.m = m
+        auth = _Auth(m)
+        self.handlers: dict[str, grpclib.const.Handler] = {}
+        for svc in (
+            _Miner(m),
+            _Performance(m),
+            _Actions(m),
+            _Configuration(m),
+            _Cooling(m),
+            _Pools(),
+            _ApiVersion(),
+            auth,
+        ):
+            for path, h in svc.__mapping__().items():
+                func: Handler = h.func
+                if path.endswith("/Login"):
+                    func = auth.login_stream
+                self.handlers[path] = grpclib.const.Handler(
+                    self._wrap(path, func), h.cardinality, h.request_type, h.reply_type
+                )
+
+    def _wrap(self, path: str, func: Handler) -> Handler:
+        async def guarded(stream: grpclib.server.Stream[Any, Any]) -> None:
+            await self.m.grpc_guard(path, stream)
+            await func(stream)
+
+        return guarded
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return self.handlers
+
+
+def _services(m: SimBraiinsMiner) -> list[Any]:
+    return [_Guarded(m)]

@@ -1,0 +1,96 @@
+"""A simulated site: N Braiins OS miners on consecutive loopback addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from sim.braiins import Fault, SimBraiinsMiner
+from sim.power import SIM_MODELS, PowerTiming
+
+DEFAULT_MODEL_MIX = ("S19 XP", "S21", "S19j Pro")
+
+
+class SimSite:
+    """Starts and stops simulated miners; answers ground-truth power questions."""
+
+    def __init__(
+        self,
+        n_miners: int = 3,
+        *,
+        base_address: str = "127.1.0.1",
+        models: Sequence[str] = DEFAULT_MODEL_MIX,
+        settle_s: float = 20.0,
+        pause_s: float = 3.0,
+        wake_s: float = 10.0,
+        sleep_power_w: float = 20.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        base = ipaddress.IPv4Address(base_address)
+        if not base.is_loopback:
+            raise ValueError(f"simulated miners live on loopback only, not {base_address}")
+        unknown = [m for m in models if m not in SIM_MODELS]
+        if unknown or not models:
+            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(SIM_MODELS)}")
+        last = base + max(0, n_miners - 1)
+        if not last.is_loopback:
+            raise ValueError(f"{n_miners} miners from {base_address} leave 127.0.0.0/8")
+        timing = PowerTiming(
+            settle_s=settle_s, pause_s=pause_s, wake_s=wake_s, sleep_power_w=sleep_power_w
+        )
+        self.clock = clock
+        self.miners: list[SimBraiinsMiner] = [
+            SimBraiinsMiner(
+                str(base + i),
+                SIM_MODELS[models[i % len(models)]],
+                timing,
+                index=int(base) - int(ipaddress.IPv4Address("127.0.0.0")) + i,
+                clock=clock,
+            )
+            for i in range(n_miners)
+        ]
+        self._by_address = {m.address: m for m in self.miners}
+
+    async def start(self) -> None:
+        """Open every miner's listeners."""
+        try:
+            await asyncio.gather(*(m.start() for m in self.miners))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Close every miner's listeners."""
+        await asyncio.gather(*(m.stop() for m in self.miners), return_exceptions=True)
+
+    async def __aenter__(self) -> SimSite:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def miner(self, address: str) -> SimBraiinsMiner:
+        """The simulated miner at ``address``."""
+        return self._by_address[address]
+
+    def total_power_w(self, now_s: float | None = None) -> float:
+        """True site power (W), summed over miners, at ``now_s`` (default: now)."""
+        t = self.clock() if now_s is None else now_s
+        return sum(m.power_w(t) for m in self.miners)
+
+    def set_fault(self, address: str, fault: str | Fault, **kw: float) -> None:
+        """Inject a fault on one miner (``delay_s`` for slow, ``factor`` for misreport)."""
+        self.miner(address).set_fault(fault, **kw)
+
+    async def ready(self) -> None:
+        """Wait until every miner's listeners match its last fault."""
+        await asyncio.gather(*(m.ready() for m in self.miners))
