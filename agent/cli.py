@@ -27,6 +27,8 @@ def _version() -> str:
 
 def _setup_logging(level: str) -> None:
     # One line per event, no timestamps: journald adds its own.
+    # APScheduler warns on every coalesced run; sweep and tick durations tell the same story.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(levelname)s %(name)s: %(message)s",

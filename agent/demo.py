@@ -42,8 +42,8 @@ class Phase:
 
 PHASES = (
     Phase("initial cap", 0.80, 30.0),
-    Phase("cap lowered", 0.55, 30.0),
-    Phase("cap raised", 0.75, 30.0),
+    Phase("cap lowered", 0.40, 30.0),
+    Phase("cap raised", 0.70, 30.0),
 )
 
 

@@ -1,0 +1,100 @@
+"""Time one capping plan and its safe ordering for a large site, against sorting alone.
+
+Run: .venv/bin/python bench/bench_plan.py [--miners 45000]
+Prints the median of several runs of each, and the ratio to the baseline of
+merely sorting the devices by merit (which any plan must at least do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+from agent.safety import order_changes
+from domain import (
+    DeviceKind,
+    DeviceState,
+    DeviceStatus,
+    DomainLimit,
+    Limits,
+    MinerCapabilities,
+    Snapshot,
+)
+from policies.capping import CappingParams, plan
+
+
+def site(n: int, seed: int = 1) -> tuple[Snapshot, Limits]:
+    """A site of n miners under feeders (10) and racks (40 miners each)."""
+    rng = random.Random(seed)
+    feeders = [DomainLimit(f"feeder-{i}", 1e12) for i in range(10)]
+    racks = [
+        DomainLimit(f"rack-{i}", 40 * 3300.0, parent=f"feeder-{i % 10}")
+        for i in range((n + 39) // 40)
+    ]
+    devices = []
+    for i in range(n):
+        nameplate = rng.choice([3010.0, 3068.0, 3500.0, 3510.0])
+        caps = MinerCapabilities(
+            power_target=True,
+            power_target_min_w=nameplate * 0.5,
+            power_target_max_w=nameplate,
+            can_sleep=True,
+        )
+        devices.append(
+            DeviceStatus(
+                device_id=f"m{i:06d}",
+                kind=DeviceKind.MINER,
+                domain=f"rack-{i // 40}",
+                state=DeviceState.MINING,
+                nameplate_power_w=nameplate,
+                nameplate_hashrate_ths=rng.choice([104.0, 140.0, 200.0, 234.0]),
+                sleep_power_w=25.0,
+                capabilities=caps,
+                budget_w=nameplate,
+                expected_w=nameplate,
+                controllable=True,
+                power_target_w=nameplate,
+                awake=True,
+            )
+        )
+    full = sum(d.nameplate_power_w for d in devices)
+    limits = Limits(full, 0.6 * full, "bench", domains=tuple(feeders + racks))
+    return Snapshot(0.0, tuple(devices)), limits
+
+
+def median_s(fn: Callable[[], object], runs: int) -> float:
+    """Median wall time (s) of fn over runs."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    """Print plan time, ordering time and their ratios to a sort."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--miners", type=int, default=45_000)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    snap, limits = site(args.miners)
+    params = CappingParams()
+    base = median_s(
+        lambda: sorted(snap.devices, key=lambda d: (d.efficiency_j_per_th, d.device_id)), args.runs
+    )
+    p = plan(snap, limits, params)
+    t_plan = median_s(lambda: plan(snap, limits, params), args.runs)
+    t_order = median_s(lambda: order_changes(p, snap, limits, max_increase_w=1e9), args.runs)
+    n_changes = len(order_changes(p, snap, limits, max_increase_w=1e9).now)
+    print(f"miners: {args.miners}, plan mode: {p.mode}, changes: {n_changes}")
+    print(f"baseline sort by merit: {base * 1000:8.1f} ms")
+    print(f"capping plan:           {t_plan * 1000:8.1f} ms  ({t_plan / base:5.1f}x sort)")
+    print(f"safe ordering:          {t_order * 1000:8.1f} ms  ({t_order / base:5.1f}x sort)")
+
+
+if __name__ == "__main__":
+    main()
