@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,6 +24,8 @@ from pydantic import (
 )
 
 PositiveW = Annotated[float, Field(gt=0)]
+# The root of the domain tree; a domain of this name would replace the site cap.
+SITE_DOMAIN_ID = "site"
 NonNegW = Annotated[float, Field(ge=0)]
 PositiveS = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -72,23 +75,22 @@ class MinerConfig(_Strict):
         return value
 
 
+def _address_range(text: str) -> str:
+    parse_address_range(text)  # raises ValueError naming the item
+    return text
+
+
 class InventoryConfig(_Strict):
     """Which miners the agent drives: a static list and ranges to discover."""
 
     miners: list[MinerConfig] = []
-    scan: list[str] = []
+    # Validated item by item, so each bad range is reported at its own index.
+    scan: list[Annotated[str, AfterValidator(_address_range)]] = []
     scan_domain: str | None = None
     default_nameplate_power_w: PositiveW = 3500.0
     default_nameplate_hashrate_ths: PositiveW = 100.0
     sleep_power_w: NonNegW = 25.0
     discovery_concurrency: Annotated[int, Field(ge=1, le=2000)] = 100
-
-    @field_validator("scan")
-    @classmethod
-    def _ranges_parse(cls, value: list[str]) -> list[str]:
-        for item in value:
-            parse_address_range(item)  # raises ValueError naming the item
-        return value
 
 
 class PricesConfig(_Strict):
@@ -165,57 +167,107 @@ class Config(_Strict):
     state: StateConfig = StateConfig()
 
 
-def _cross_check(cfg: Config) -> list[ConfigProblem]:
-    """Checks that span sections: references resolve, ids unique, margins sane."""
+def _table(data: object, key: str) -> Mapping[str, Any]:
+    value = data.get(key) if isinstance(data, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
+def _rows(data: object, key: str) -> list[tuple[int, Mapping[str, Any]]]:
+    value = data.get(key) if isinstance(data, Mapping) else None
+    if not isinstance(value, list):
+        return []
+    return [(i, row) for i, row in enumerate(value) if isinstance(row, Mapping)]
+
+
+def _text(row: Mapping[str, Any], key: str) -> str | None:
+    value = row.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _number(row: Mapping[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:
+    """Checks that span sections: references resolve, ids unique, margins sane.
+
+    They read the raw document, skipping whatever the schema already rejects,
+    so they are reported together with the schema's problems in one pass.
+    """
     problems: list[ConfigProblem] = []
-    ids = [d.id for d in cfg.domains]
+    domains = [(i, _text(d, "id"), _text(d, "parent")) for i, d in _rows(data, "domains")]
+    ids = [d_id for _, d_id, _ in domains if d_id is not None]
     known = set(ids)
     choices = f"one of {sorted(known)}" if known else "no domain (none are defined)"
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         problems.append(ConfigProblem("domains", f"id {dup!r} twice", "unique domain ids"))
-    for i, d in enumerate(cfg.domains):
-        if d.parent is not None and d.parent not in known:
+    for i, d_id, parent in domains:
+        if d_id == SITE_DOMAIN_ID:
+            problems.append(
+                ConfigProblem(
+                    f"domains[{i}].id",
+                    repr(d_id),
+                    f"a name other than {SITE_DOMAIN_ID!r} (the whole site is called that)",
+                )
+            )
+        if parent is not None and parent not in known:
             problems.append(
                 ConfigProblem(
                     f"domains[{i}].parent",
-                    repr(d.parent),
+                    repr(parent),
                     f"{choices}, or no parent (directly under the site)",
                 )
             )
-    problems.extend(_domain_cycles(cfg.domains))
+    problems.extend(_domain_cycles(domains))
+    inventory = _table(data, "inventory")
     addresses: set[str] = set()
-    for i, m in enumerate(cfg.inventory.miners):
-        if m.domain is not None and m.domain not in known:
-            problems.append(ConfigProblem(f"inventory.miners[{i}].domain", repr(m.domain), choices))
-        if m.address in addresses:
+    miner_ids: set[str] = set()
+    for i, m in _rows(inventory, "miners"):
+        domain = _text(m, "domain")
+        if domain is not None and domain not in known:
+            problems.append(ConfigProblem(f"inventory.miners[{i}].domain", repr(domain), choices))
+        address = _text(m, "address")
+        if address is not None and address in addresses:
             problems.append(
                 ConfigProblem(
                     f"inventory.miners[{i}].address",
-                    f"{m.address} listed a second time",
+                    f"{address} listed a second time",
                     "each miner listed once",
                 )
             )
-        addresses.add(m.address)
-    scan_domain = cfg.inventory.scan_domain
+        if address is not None:
+            addresses.add(address)
+        # Two miners under one id would leave one of them unmanaged and uncounted.
+        miner_id = _text(m, "id")
+        if miner_id is not None and miner_id in miner_ids:
+            problems.append(
+                ConfigProblem(
+                    f"inventory.miners[{i}].id", f"{miner_id!r} a second time", "unique miner ids"
+                )
+            )
+        if miner_id is not None:
+            miner_ids.add(miner_id)
+    scan_domain = _text(inventory, "scan_domain")
     if scan_domain is not None and scan_domain not in known:
         problems.append(ConfigProblem("inventory.scan_domain", repr(scan_domain), choices))
-    if cfg.site.safety_margin_w >= cfg.site.cap_w:
+    site = _table(data, "site")
+    cap_w, margin_w = _number(site, "cap_w"), _number(site, "safety_margin_w")
+    if cap_w is not None and cap_w > 0 and margin_w is not None and margin_w >= cap_w:
         problems.append(
-            ConfigProblem(
-                "site.safety_margin_w",
-                str(cfg.site.safety_margin_w),
-                f"less than site.cap_w ({cfg.site.cap_w})",
-            )
+            ConfigProblem("site.safety_margin_w", str(margin_w), f"less than site.cap_w ({cap_w})")
         )
     return problems
 
 
-def _domain_cycles(domains: list[DomainConfig]) -> list[ConfigProblem]:
-    parent = {d.id: d.parent for d in domains}
+def _domain_cycles(domains: list[tuple[int, str | None, str | None]]) -> list[ConfigProblem]:
+    parent = {d_id: p for _, d_id, p in domains if d_id is not None}
     problems = []
-    for i, d in enumerate(domains):
-        seen = {d.id}
-        node = d.parent
+    for i, d_id, first in domains:
+        seen = {d_id}
+        node = first
         while node is not None and node in parent:
             if node in seen:
                 problems.append(
@@ -324,12 +376,14 @@ def _lower_first(text: str) -> str:
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    cfg: Config | None = None
+    problems: list[ConfigProblem] = []
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(source, list(_problems(e))) from None
-    problems = _cross_check(cfg)
-    if problems:
+        problems.extend(_problems(e))
+    problems.extend(_cross_check(data))
+    if problems or cfg is None:
         raise ConfigError(source, problems)
     return cfg
 

@@ -205,11 +205,15 @@ class DeviceTracker:
 
     def known_asleep(self) -> bool:
         """Asleep by our command and by its last reading, with nothing in flight."""
+        r = self.last_good
+        # The draw must agree with the state: a miner that says "sleeping" while still
+        # drawing (its sleep timed out unconfirmed) is not known to be off.
         return (
             self.awake is False
             and self.pending is None
-            and self.last_good is not None
-            and self.last_good.state is DeviceState.SLEEPING
+            and r is not None
+            and r.state is DeviceState.SLEEPING
+            and _sleep_draw(r.power_w, self.sleep_power_w)
         )
 
     def budget_w(self, now_s: float, stale_after_s: float) -> float:
@@ -219,7 +223,9 @@ class DeviceTracker:
                 return self.sleep_power_w
             return max(self.nameplate_power_w, self.commanded_w(), self._measured_w())
         w = max(self.commanded_w(), self._measured_w())
-        if self.pending is not None and self.pending.kind in ("sleep", "lower"):
+        if self.pending is not None:
+            # Until confirmed, a change counts at its old level too; for a raise that
+            # replaced an unconfirmed decrease, that old level is the one still unproven.
             w = max(w, self.pending.old_w)
         return w
 
@@ -260,17 +266,34 @@ class DeviceTracker:
         )
 
 
+def _sleep_draw(power_w: float | None, sleep_power_w: float) -> bool:
+    """Whether a reading's draw (W) is that of a sleeping miner; no draw reported counts as yes."""
+    return power_w is None or power_w <= 2 * sleep_power_w + CONFIRM_SLACK_W
+
+
 def _confirms(p: Pending, r: DeviceReading, sleep_power_w: float) -> bool:
     power = r.power_w
     if p.kind == "sleep":
-        return r.state is DeviceState.SLEEPING and (
-            power is None or power <= 2 * sleep_power_w + CONFIRM_SLACK_W
-        )
+        return r.state is DeviceState.SLEEPING and _sleep_draw(power, sleep_power_w)
     if p.kind == "lower":
-        return power is not None and power <= p.new_w * (1 + CONFIRM_SLACK_FRAC) + CONFIRM_SLACK_W
+        # Low draw alone proves nothing if the miner is still asleep from before (a wake
+        # in flight) or has not yet taken the new target (a raise still queued ahead).
+        return (
+            r.state is DeviceState.MINING
+            and _took_target(p, r)
+            and power is not None
+            and power <= p.new_w * (1 + CONFIRM_SLACK_FRAC) + CONFIRM_SLACK_W
+        )
     if p.kind == "wake":
         return r.state is DeviceState.MINING
     # raise: the device took the new target.
     return p.target_w is None or (
         r.power_target_w is not None and abs(r.power_target_w - p.target_w) < 1.0
     )
+
+
+def _took_target(p: Pending, r: DeviceReading) -> bool:
+    """Whether the reading shows the commanded target, where both are known."""
+    if p.target_w is None or r.power_target_w is None:
+        return True
+    return abs(r.power_target_w - p.target_w) < 1.0

@@ -15,12 +15,14 @@ class DeviceKind(enum.StrEnum):
 
     MINER = "miner"
     GPU = "gpu"
+    AUX = "aux"  # a fixed load the agent only counts: a GPU node's CPUs and fans
 
 
 class DeviceState(enum.StrEnum):
     """Operating state as the agent knows it."""
 
     MINING = "mining"
+    RUNNING = "running"  # a GPU (or fixed load) that is up; GPUs never sleep
     SLEEPING = "sleeping"
     UNREACHABLE = "unreachable"
     FAULTED = "faulted"
@@ -29,7 +31,7 @@ class DeviceState(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class MinerCapabilities:
-    """What a miner's firmware lets us control, in watts."""
+    """What a device lets us control, in watts: a miner's power target or a GPU's power limit."""
 
     power_target: bool
     power_target_min_w: float | None = None
@@ -77,6 +79,7 @@ class DeviceReading:
     temperature_c: float | None = None
     power_target_w: float | None = None
     power_estimated: bool = False
+    utilization_frac: float | None = None
     errors: tuple[str, ...] = ()
 
 

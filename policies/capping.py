@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, Snapshot
 
 SITE = "site"
+MOVABLE_KINDS = frozenset({DeviceKind.MINER, DeviceKind.GPU})
+# Shedding order between kinds: the lower the rank, the later its power is taken.
+# A kilowatt of inference earns an order of magnitude more than one of hashing
+# (DOMAIN_FACTS.md: about $1.6/kWh against about $0.1/kWh), so mining goes first.
+KIND_RANK = {DeviceKind.GPU: 0, DeviceKind.MINER: 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +99,10 @@ def domain_loads_w(
 def plan(
     snapshot: Snapshot, limits: Limits, params: CappingParams, previous: Plan | None = None
 ) -> Plan:
-    """Plan setpoints (W) for every controllable miner, keeping each domain under its cap."""
+    """Plan setpoints (W) for controllable miners and GPUs, keeping each domain under its cap."""
     tree = DomainTree(limits)
-    movable = [d for d in snapshot.devices if d.kind is DeviceKind.MINER and d.controllable]
-    fixed = [d for d in snapshot.devices if not (d.kind is DeviceKind.MINER and d.controllable)]
+    movable = [d for d in snapshot.devices if d.kind in MOVABLE_KINDS and d.controllable]
+    fixed = [d for d in snapshot.devices if not (d.kind in MOVABLE_KINDS and d.controllable)]
     prev = {sp.device_id: sp for sp in previous.setpoints} if previous is not None else {}
 
     def heading_w(d: DeviceStatus) -> float:
@@ -174,10 +179,10 @@ def _hold(
     return Plan(snapshot.time_s, "hold", limits.effective_cap_w, heading_w, why, tuple(setpoints))
 
 
-def _merit(d: DeviceStatus) -> tuple[float, str]:
+def _merit(d: DeviceStatus) -> tuple[int, float, str]:
     # Nameplate J/TH, not measured: measured efficiency moves with the target and
     # with noise, and a ranking that moves would churn miners for nothing.
-    return (d.efficiency_j_per_th, d.device_id)
+    return (KIND_RANK.get(d.kind, 2), d.efficiency_j_per_th, d.device_id)
 
 
 def _fill(
@@ -220,53 +225,66 @@ def _fill(
             reason[d.device_id] = "cannot sleep, kept at its minimum"
         take(d, level[d.device_id])
 
-    # Wake best-first at the minimum level while every domain above has room.
-    for d in order:
-        if awake[d.device_id]:
-            continue
-        since = d.last_transition_s
-        if d.awake is False and since is not None and snapshot.time_s - since < params.min_off_s:
-            left = params.min_off_s - (snapshot.time_s - since)
-            reason[d.device_id] = f"kept asleep: minimum off time, {left:.0f} s left"
-            continue
-        cost = min_level_w(d) - d.sleep_power_w
-        free, node = room(d)
-        if cost <= free:
-            awake[d.device_id], level[d.device_id] = True, min_level_w(d)
-            take(d, cost)
-        else:
-            reason[d.device_id] = f"asleep: {node} budget has {max(free, 0):.0f} W left"
+    # Kind by kind (GPUs, then miners), wake best-first at the minimum level while
+    # every domain above has room, then raise awake devices best-first.
+    for kind_rank in sorted({KIND_RANK.get(d.kind, 2) for d in order}):
+        group = [d for d in order if KIND_RANK.get(d.kind, 2) == kind_rank]
+        # Wake best-first at the minimum level while every domain above has room.
+        for d in group:
+            if awake[d.device_id]:
+                continue
+            since = d.last_transition_s
+            if (
+                d.awake is False
+                and since is not None
+                and snapshot.time_s - since < params.min_off_s
+            ):
+                left = params.min_off_s - (snapshot.time_s - since)
+                reason[d.device_id] = f"kept asleep: minimum off time, {left:.0f} s left"
+                continue
+            cost = min_level_w(d) - d.sleep_power_w
+            free, node = room(d)
+            if cost <= free:
+                awake[d.device_id], level[d.device_id] = True, min_level_w(d)
+                take(d, cost)
+            else:
+                reason[d.device_id] = f"asleep: {node} budget has {max(free, 0):.0f} W left"
 
-    # Raise awake miners best-first towards their maximum.
-    for d in order:
-        if not awake[d.device_id]:
-            continue
-        if not d.capabilities.power_target:
-            reason.setdefault(d.device_id, "on/off only")
-            continue
-        lo, hi = min_level_w(d), max_level_w(d)
-        free, node = room(d)
-        wanted = d.capabilities.clamp_power_target_w(lo + min(max(free, 0.0), hi - lo))
-        take(d, wanted - lo)
-        level[d.device_id] = wanted
-        if wanted >= hi:
-            reason[d.device_id] = "at its maximum"
-        else:
-            reason[d.device_id] = f"bound by {node} budget"
+        # Raise awake devices best-first towards their maximum.
+        for d in group:
+            if not awake[d.device_id]:
+                continue
+            if not d.capabilities.power_target:
+                reason.setdefault(d.device_id, "on/off only")
+                continue
+            lo, hi = min_level_w(d), max_level_w(d)
+            free, node = room(d)
+            wanted = d.capabilities.clamp_power_target_w(lo + min(max(free, 0.0), hi - lo))
+            take(d, wanted - lo)
+            level[d.device_id] = wanted
+            if wanted >= hi:
+                reason[d.device_id] = "at its maximum"
+            else:
+                reason[d.device_id] = f"bound by {node} budget"
 
     setpoints = []
     for d in order:
         on = awake[d.device_id]
         target = level[d.device_id] if on and d.capabilities.power_target else d.power_target_w
-        doing = f"mining at {level[d.device_id]:.0f} W" if on else "asleep"
+        verb = "mining" if d.kind is DeviceKind.MINER else "serving"
+        doing = f"{verb} at {level[d.device_id]:.0f} W" if on else "asleep"
+        merit = (
+            f"{d.efficiency_j_per_th:.1f} J/TH"
+            if d.kind is DeviceKind.MINER
+            else "AI inference, shed after mining"
+        )
         setpoints.append(
             Setpoint(
                 d.device_id,
                 on,
                 target,
                 level[d.device_id],
-                f"{mode}: {doing} (rank {rank[d.device_id]}/{n} at "
-                f"{d.efficiency_j_per_th:.1f} J/TH; "
+                f"{mode}: {doing} (rank {rank[d.device_id]}/{n}, {merit}; "
                 f"{reason.get(d.device_id, '')})",
             )
         )
