@@ -146,6 +146,33 @@ class ListenConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)]
 
 
+class GpuNodeConfig(_Strict):
+    """A GPU node: the agent's own host through NVML (``host = "local"``) or one over SSH."""
+
+    id: Annotated[str, Field(min_length=1)]
+    gpus: Annotated[int, Field(ge=1, le=64)]
+    gpu_max_power_w: PositiveW = 700.0
+    host: str = "local"
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    username: str = "siteagent"
+    client_key: str | None = None
+    known_hosts: str = "/etc/siteagent/known_hosts"
+    domain: str | None = None
+    overhead_w: NonNegW = 0.0
+    drain_command: str | None = None
+    undrain_command: str | None = None
+    restore_limits_on_exit: bool = False
+
+    @model_validator(mode="after")
+    def _ssh_needs_a_key(self) -> GpuNodeConfig:
+        if self.host != "local" and not self.client_key:
+            raise ValueError(
+                f"found host {self.host!r} without client_key, expected client_key = the path "
+                "of the SSH private key (e.g. /run/credentials/siteagent.service/ssh-key)"
+            )
+        return self
+
+
 class StateConfig(_Strict):
     """Where state lives."""
 
@@ -158,6 +185,7 @@ class Config(_Strict):
     site: SiteConfig
     domains: list[DomainConfig] = []
     inventory: InventoryConfig = InventoryConfig()
+    gpu_nodes: list[GpuNodeConfig] = []
     prices: PricesConfig = PricesConfig()
     policy: PolicyConfig = PolicyConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -250,6 +278,18 @@ def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:
             )
         if miner_id is not None:
             miner_ids.add(miner_id)
+    node_ids: set[str] = set()
+    for i, n in _rows(data, "gpu_nodes"):
+        domain = _text(n, "domain")
+        if domain is not None and domain not in known:
+            problems.append(ConfigProblem(f"gpu_nodes[{i}].domain", repr(domain), choices))
+        node_id = _text(n, "id")
+        if node_id is not None and node_id in node_ids:
+            problems.append(
+                ConfigProblem(f"gpu_nodes[{i}].id", f"{node_id!r} a second time", "unique node ids")
+            )
+        if node_id is not None:
+            node_ids.add(node_id)
     scan_domain = _text(inventory, "scan_domain")
     if scan_domain is not None and scan_domain not in known:
         problems.append(ConfigProblem("inventory.scan_domain", repr(scan_domain), choices))

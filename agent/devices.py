@@ -27,6 +27,8 @@ from domain import (
 
 log = logging.getLogger("siteagent.devices")
 
+# States in which a device draws its working power.
+ACTIVE_STATES = frozenset({DeviceState.MINING, DeviceState.RUNNING})
 # A lowered miner is confirmed once it reads no more than this above its new level.
 CONFIRM_SLACK_FRAC = 0.02
 CONFIRM_SLACK_W = 20.0
@@ -256,7 +258,9 @@ class DeviceTracker:
             capabilities=self.capabilities,
             budget_w=self.budget_w(now_s, stale_after_s),
             expected_w=self.expected_w(now_s, stale_after_s),
-            controllable=fresh and self.driver is not None,
+            controllable=fresh
+            and self.driver is not None
+            and (self.capabilities.power_target or self.capabilities.can_sleep),
             reading=self.last_good,
             reading_age_s=None if self.last_ok_s is None else now_s - self.last_ok_s,
             power_target_w=self.power_target_w,
@@ -279,13 +283,13 @@ def _confirms(p: Pending, r: DeviceReading, sleep_power_w: float) -> bool:
         # Low draw alone proves nothing if the miner is still asleep from before (a wake
         # in flight) or has not yet taken the new target (a raise still queued ahead).
         return (
-            r.state is DeviceState.MINING
+            r.state in ACTIVE_STATES
             and _took_target(p, r)
             and power is not None
             and power <= p.new_w * (1 + CONFIRM_SLACK_FRAC) + CONFIRM_SLACK_W
         )
     if p.kind == "wake":
-        return r.state is DeviceState.MINING
+        return r.state in ACTIVE_STATES
     # raise: the device took the new target.
     return p.target_w is None or (
         r.power_target_w is not None and abs(r.power_target_w - p.target_w) < 1.0

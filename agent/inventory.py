@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from agent.config import Config, MinerConfig, parse_address_range
+from agent.config import Config, GpuNodeConfig, MinerConfig, parse_address_range
 from agent.devices import Connector, DeviceTracker, MinerDriver
+from agent.gpus import FixedLoad, GpuDevice, GpuNode
+from domain import DeviceKind
 from drivers.asic import AsicDriver, discover
+from drivers.gpu import GpuNodeDriver
+from drivers.nvml import NvmlNodeDriver
+from drivers.ssh import SshNodeDriver
 
 log = logging.getLogger("siteagent.inventory")
 
@@ -62,4 +67,81 @@ async def build_trackers(cfg: Config) -> list[DeviceTracker]:
                 nameplate_hashrate_ths=ident.nameplate_hashrate_ths,
             )
             trackers.append(tracker_for(cfg, m))
+    for n in cfg.gpu_nodes:
+        trackers.extend(gpu_trackers(cfg, n, node_driver(cfg, n)))
     return trackers
+
+
+def node_driver(cfg: Config, n: GpuNodeConfig) -> GpuNodeDriver:
+    """The driver for one configured GPU node: NVML for this host, SSH for the others."""
+    if n.host == "local":
+        return NvmlNodeDriver(
+            n.id,
+            timeout_s=cfg.telemetry.timeout_s,
+            restore_on_close=n.restore_limits_on_exit,
+            drain_command=n.drain_command,
+            undrain_command=n.undrain_command,
+        )
+    assert n.client_key is not None  # the config requires it for SSH nodes
+    return SshNodeDriver(
+        n.id,
+        n.host,
+        port=n.port,
+        username=n.username,
+        client_keys=[n.client_key],
+        known_hosts=n.known_hosts,
+        command_timeout_s=cfg.telemetry.timeout_s,
+        connect_timeout_s=cfg.telemetry.timeout_s,
+        drain_command=n.drain_command,
+        undrain_command=n.undrain_command,
+    )
+
+
+def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[DeviceTracker]:
+    """One tracker per GPU of a node (connected on first read), plus its fixed overhead."""
+    node = GpuNode(driver, max_age_s=min(0.5, cfg.telemetry.interval_s / 2))
+    domain = n.domain or SITE_DOMAIN
+
+    def gpu_connector(device_id: str, index: int) -> Connector:
+        async def connect() -> MinerDriver:
+            await node.connect()
+            return GpuDevice(device_id, node, index)
+
+        return connect
+
+    def fixed_connector(device_id: str) -> Connector:
+        async def connect() -> MinerDriver:
+            return FixedLoad(device_id, n.overhead_w)
+
+        return connect
+
+    out = []
+    for i in range(n.gpus):
+        device_id = f"{n.id}/gpu{i}"
+        out.append(
+            DeviceTracker(
+                device_id,
+                address=n.host,
+                domain=domain,
+                nameplate_power_w=n.gpu_max_power_w,
+                nameplate_hashrate_ths=0.0,
+                sleep_power_w=0.0,
+                connect=gpu_connector(device_id, i),
+                kind=DeviceKind.GPU,
+            )
+        )
+    if n.overhead_w > 0:
+        device_id = f"{n.id}/overhead"
+        out.append(
+            DeviceTracker(
+                device_id,
+                address=n.host,
+                domain=domain,
+                nameplate_power_w=n.overhead_w,
+                nameplate_hashrate_ths=0.0,
+                sleep_power_w=n.overhead_w,
+                connect=fixed_connector(device_id),
+                kind=DeviceKind.AUX,
+            )
+        )
+    return out

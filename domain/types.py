@@ -128,6 +128,19 @@ class DomainLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class Pin:
+    """An operator's pin: hold one device at a level (W; 0 puts a miner to sleep), or exclude it.
+
+    An excluded device is left alone and counted at its worst case.
+    """
+
+    device_id: str
+    power_w: float | None
+    exclude: bool = False
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Every limit the plan must respect, already combined.
 
@@ -140,6 +153,18 @@ class Limits:
     cap_source: str
     overhead_w: float = 0.0
     domains: tuple[DomainLimit, ...] = ()
+    pins: tuple[Pin, ...] = ()
+    mining_off: bool = False
+    ai_min: bool = False
+
+    @property
+    def directives_key(self) -> str:
+        """A fingerprint of the operator's directives; a change forces a re-plan."""
+        pins = ",".join(
+            f"{p.device_id}={'x' if p.exclude else p.power_w}"
+            for p in sorted(self.pins, key=lambda p: p.device_id)
+        )
+        return f"mining_off={self.mining_off};ai_min={self.ai_min};pins={pins}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +215,7 @@ class Plan:
     planned_w: float
     reason: str
     setpoints: tuple[Setpoint, ...] = field(default=())
+    directives_key: str = ""
 
     def setpoint_for(self, device_id: str) -> Setpoint | None:
         """The setpoint for one device, or None if the plan leaves it alone."""

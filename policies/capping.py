@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, Snapshot
+from domain import DeviceKind, DeviceStatus, Limits, Pin, Plan, Setpoint, Snapshot
 
 SITE = "site"
 MOVABLE_KINDS = frozenset({DeviceKind.MINER, DeviceKind.GPU})
@@ -101,9 +101,20 @@ def plan(
 ) -> Plan:
     """Plan setpoints (W) for controllable miners and GPUs, keeping each domain under its cap."""
     tree = DomainTree(limits)
-    movable = [d for d in snapshot.devices if d.kind in MOVABLE_KINDS and d.controllable]
-    fixed = [d for d in snapshot.devices if not (d.kind in MOVABLE_KINDS and d.controllable)]
+    pins = {p.device_id: p for p in limits.pins}
+    controllable = [d for d in snapshot.devices if d.kind in MOVABLE_KINDS and d.controllable]
+    pinned = [
+        _pinned(d, pins[d.device_id])
+        for d in controllable
+        if d.device_id in pins and not pins[d.device_id].exclude
+    ]
+    movable = [d for d in controllable if d.device_id not in pins]
+    planned_ids = {d.device_id for d in movable} | {d.device_id for d, _ in pinned}
+    # Everything not planned (uncontrollable, excluded) counts at its worst case.
+    fixed = [d for d in snapshot.devices if d.device_id not in planned_ids]
     prev = {sp.device_id: sp for sp in previous.setpoints} if previous is not None else {}
+    key = limits.directives_key
+    ctx = _Ctx(snapshot, limits, params, tree, movable, fixed, pinned, key)
 
     def heading_w(d: DeviceStatus) -> float:
         sp = prev.get(d.device_id)
@@ -111,7 +122,9 @@ def plan(
 
     load = domain_loads_w(
         tree,
-        [(d, d.budget_w) for d in fixed] + [(d, heading_w(d)) for d in movable],
+        [(d, d.budget_w) for d in fixed]
+        + [(d, max(sp.planned_w, d.expected_w)) for d, sp in pinned]
+        + [(d, heading_w(d)) for d in movable],
         limits.overhead_w,
     )
     over = [
@@ -126,14 +139,16 @@ def plan(
             f"{worst} heading for {load[worst]:.0f} W, above its capping threshold "
             f"{params.capping_threshold * tree.limit_w[worst]:.0f} W"
         )
-        return _fill(snapshot, limits, params, tree, movable, fixed, "cap", why)
+        return _fill(ctx, "cap", why)
+    if previous is not None and previous.directives_key != key:
+        return _fill(ctx, "override", f"operator directives changed ({key})")
     if load[SITE] < params.uncapping_threshold * site_cap:
         why = (
             f"site heading for {load[SITE]:.0f} W, below its uncapping threshold "
             f"{params.uncapping_threshold * site_cap:.0f} W"
         )
-        filled = _fill(snapshot, limits, params, tree, movable, fixed, "restore", why)
-        held = _hold(snapshot, limits, movable, fixed, prev, load[SITE], why)
+        filled = _fill(ctx, "restore", why)
+        held = _hold(ctx, prev, load[SITE], why)
         if _same_setpoints(filled.setpoints, held.setpoints):
             return Plan(
                 held.time_s,
@@ -142,6 +157,7 @@ def plan(
                 held.planned_w,
                 why + "; nothing more can be restored",
                 held.setpoints,
+                key,
             )
         return filled
     why = (
@@ -149,7 +165,34 @@ def plan(
         f"[{params.uncapping_threshold * site_cap:.0f}, "
         f"{params.capping_threshold * site_cap:.0f}] W"
     )
-    return _hold(snapshot, limits, movable, fixed, prev, load[SITE], why)
+    return _hold(ctx, prev, load[SITE], why)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ctx:
+    snapshot: Snapshot
+    limits: Limits
+    params: CappingParams
+    tree: DomainTree
+    movable: list[DeviceStatus]
+    fixed: list[DeviceStatus]
+    pinned: list[tuple[DeviceStatus, Setpoint]]
+    key: str
+
+
+def _pinned(d: DeviceStatus, pin: Pin) -> tuple[DeviceStatus, Setpoint]:
+    """The setpoint an operator's pin asks for, clamped to what the device can do."""
+    w = pin.power_w if pin.power_w is not None else max_level_w(d)
+    why = f"pinned by {pin.source or 'an override'} at {w:.0f} W"
+    if w <= 0 and d.capabilities.can_sleep:
+        return d, Setpoint(d.device_id, False, d.power_target_w, d.sleep_power_w, why)
+    level = (
+        d.capabilities.clamp_power_target_w(max(w, min_level_w(d)))
+        if d.capabilities.power_target
+        else max_level_w(d)
+    )
+    target = level if d.capabilities.power_target else d.power_target_w
+    return d, Setpoint(d.device_id, True, target, level, why)
 
 
 def _same_setpoints(a: Iterable[Setpoint], b: Iterable[Setpoint]) -> bool:
@@ -157,17 +200,9 @@ def _same_setpoints(a: Iterable[Setpoint], b: Iterable[Setpoint]) -> bool:
     return key == {(s.device_id, s.awake, s.power_target_w) for s in b}
 
 
-def _hold(
-    snapshot: Snapshot,
-    limits: Limits,
-    movable: list[DeviceStatus],
-    fixed: list[DeviceStatus],
-    prev: Mapping[str, Setpoint],
-    heading_w: float,
-    why: str,
-) -> Plan:
-    setpoints = []
-    for d in sorted(movable, key=_merit):
+def _hold(ctx: _Ctx, prev: Mapping[str, Setpoint], heading_w: float, why: str) -> Plan:
+    setpoints = [sp for _, sp in ctx.pinned]
+    for d in sorted(ctx.movable, key=_merit):
         sp = prev.get(d.device_id)
         if sp is None:
             # Not planned before: leave it where it is.
@@ -176,7 +211,15 @@ def _hold(
             level = (target or max_level_w(d)) if awake else d.sleep_power_w
             sp = Setpoint(d.device_id, awake, target, level, "hold: left as found")
         setpoints.append(sp)
-    return Plan(snapshot.time_s, "hold", limits.effective_cap_w, heading_w, why, tuple(setpoints))
+    return Plan(
+        ctx.snapshot.time_s,
+        "hold",
+        ctx.limits.effective_cap_w,
+        heading_w,
+        why,
+        tuple(setpoints),
+        ctx.key,
+    )
 
 
 def _merit(d: DeviceStatus) -> tuple[int, float, str]:
@@ -185,22 +228,17 @@ def _merit(d: DeviceStatus) -> tuple[int, float, str]:
     return (KIND_RANK.get(d.kind, 2), d.efficiency_j_per_th, d.device_id)
 
 
-def _fill(
-    snapshot: Snapshot,
-    limits: Limits,
-    params: CappingParams,
-    tree: DomainTree,
-    movable: list[DeviceStatus],
-    fixed: list[DeviceStatus],
-    mode: str,
-    why: str,
-) -> Plan:
+def _fill(ctx: _Ctx, mode: str, why: str) -> Plan:
+    snapshot, limits, params, tree = ctx.snapshot, ctx.limits, ctx.params, ctx.tree
     frac = params.capping_target
     avail = {node: frac * limit for node, limit in tree.limit_w.items()}
-    for node, w in domain_loads_w(
-        tree, [(d, d.budget_w) for d in fixed], limits.overhead_w
-    ).items():
+    counted = [(d, d.budget_w) for d in ctx.fixed] + [(d, sp.planned_w) for d, sp in ctx.pinned]
+    for node, w in domain_loads_w(tree, counted, limits.overhead_w).items():
         avail[node] -= w
+    # Operator modes: no miner wakes or rises with mining off; no GPU rises with AI at minimum.
+    held_down = {DeviceKind.MINER} if limits.mining_off else set()
+    if limits.ai_min:
+        held_down.add(DeviceKind.GPU)
 
     def take(d: DeviceStatus, w: float) -> None:
         for node in tree.chain(d.domain):
@@ -209,7 +247,7 @@ def _fill(
     def room(d: DeviceStatus) -> tuple[float, str]:
         return min((avail[n], n) for n in tree.chain(d.domain))
 
-    order = sorted(movable, key=_merit)
+    order = sorted(ctx.movable, key=_merit)
     rank = {d.device_id: i + 1 for i, d in enumerate(order)}
     n = len(order)
     awake: dict[str, bool] = {}
@@ -232,6 +270,9 @@ def _fill(
         # Wake best-first at the minimum level while every domain above has room.
         for d in group:
             if awake[d.device_id]:
+                continue
+            if d.kind in held_down:
+                reason[d.device_id] = "asleep: mining is off by override"
                 continue
             since = d.last_transition_s
             if (
@@ -256,6 +297,9 @@ def _fill(
                 continue
             if not d.capabilities.power_target:
                 reason.setdefault(d.device_id, "on/off only")
+                continue
+            if d.kind in held_down:
+                reason[d.device_id] = "held at its minimum by override"
                 continue
             lo, hi = min_level_w(d), max_level_w(d)
             free, node = room(d)
@@ -288,5 +332,13 @@ def _fill(
                 f"{reason.get(d.device_id, '')})",
             )
         )
-    planned = limits.overhead_w + sum(d.budget_w for d in fixed) + sum(level.values())
-    return Plan(snapshot.time_s, mode, limits.effective_cap_w, planned, why, tuple(setpoints))
+    planned = limits.overhead_w + sum(w for _, w in counted) + sum(level.values())
+    return Plan(
+        snapshot.time_s,
+        mode,
+        limits.effective_cap_w,
+        planned,
+        why,
+        tuple(sp for _, sp in ctx.pinned) + tuple(setpoints),
+        ctx.key,
+    )

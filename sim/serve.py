@@ -9,6 +9,13 @@ control channel (JSON lines over TCP on loopback) that answers:
   processes of the machine share)
 - ``{"cmd": "fault", "address": ..., "fault": ..., ...}`` -> ``{"ok": true}``
 - ``{"cmd": "stop"}`` -> ``{"ok": true}``, then the process exits.
+
+With ``--gpu-nodes N`` the inventory also lists ``gpu_nodes`` (simulated GPU
+nodes, SSH servers on loopback: ``address``, ``port``, ``username``,
+``client_key`` path, ``host_key`` line, ``known_hosts`` path, ``gpus``,
+``overhead_w``); ``site_power_w`` then includes their power (overheads
+included), ``power`` also answers ``gpu_power_w`` and ``gpu_throughput_tps``,
+and ``fault`` accepts a GPU node's address with the faults of ``sim.gpu``.
 """
 
 from __future__ import annotations
@@ -22,14 +29,16 @@ import sys
 import time
 from typing import Any
 
+from sim.gpu import SimGpuSite
 from sim.site import SimSite
 
 
 class SimServer:
     """A SimSite plus its sampler and control channel."""
 
-    def __init__(self, site: SimSite, sample_s: float) -> None:
+    def __init__(self, site: SimSite, sample_s: float, gpu_site: SimGpuSite | None = None) -> None:
         self.site = site
+        self.gpu_site = gpu_site
         self.sample_s = sample_s
         self.samples: list[tuple[float, float]] = []
         self.stopped = asyncio.Event()
@@ -38,15 +47,37 @@ class SimServer:
         """Record the site's true power (W) every sample_s seconds."""
         while True:
             now = time.monotonic()
-            self.samples.append((round(now, 3), round(self.site.total_power_w(now), 1)))
+            self.samples.append((round(now, 3), round(self.total_power_w(now), 1)))
             await asyncio.sleep(self.sample_s)
+
+    def total_power_w(self, now: float) -> float:
+        """True power (W) of miners and GPU nodes."""
+        gpu_w = self.gpu_site.total_power_w(now) if self.gpu_site is not None else 0.0
+        return self.site.total_power_w(now) + gpu_w
+
+    async def answer_async(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One control request to its reply; GPU-node faults need the event loop."""
+        gpu = self.gpu_site
+        if gpu is not None and req.get("cmd") == "fault":
+            address = str(req.get("address"))
+            if any(n.address == address for n in gpu.nodes):
+                extra = {k: v for k, v in req.items() if k not in ("cmd", "address", "fault")}
+                await gpu.set_fault(address, str(req["fault"]), **extra)
+                if req["fault"] == "host_key_changed":
+                    return {"ok": True, "host_key": gpu.node(address).host_key_line}
+                return {"ok": True}
+        return self.answer(req)
 
     def answer(self, req: dict[str, Any]) -> dict[str, Any]:
         """One control request to its reply."""
         cmd = req.get("cmd")
         if cmd == "power":
             now = time.monotonic()
-            return {"t_s": now, "site_power_w": self.site.total_power_w(now)}
+            reply: dict[str, Any] = {"t_s": now, "site_power_w": self.total_power_w(now)}
+            if self.gpu_site is not None:
+                reply["gpu_power_w"] = self.gpu_site.total_power_w(now)
+                reply["gpu_throughput_tps"] = self.gpu_site.total_throughput_tps(now)
+            return reply
         if cmd == "samples":
             return {"samples": self.samples}
         if cmd == "fault":
@@ -63,7 +94,7 @@ class SimServer:
         try:
             while line := await reader.readline():
                 try:
-                    reply = self.answer(json.loads(line))
+                    reply = await self.answer_async(json.loads(line))
                 except (ValueError, KeyError, TypeError) as e:
                     reply = {"error": f"bad request: {e}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
@@ -84,7 +115,17 @@ async def serve(args: argparse.Namespace) -> None:
         wake_s=args.wake_s,
     )
     await site.start()
-    server = SimServer(site, args.sample_s)
+    gpu_site: SimGpuSite | None = None
+    if args.gpu_nodes > 0:
+        gpu_site = SimGpuSite(
+            args.gpu_nodes,
+            args.gpus_per_node,
+            base_address=args.gpu_base,
+            port=args.gpu_port,
+            seed=args.seed,
+        )
+        await gpu_site.start()
+    server = SimServer(site, args.sample_s, gpu_site)
     control = await asyncio.start_server(server.handle, "127.0.0.1", args.control_port)
     port = control.sockets[0].getsockname()[1]
     inventory = {
@@ -100,6 +141,8 @@ async def serve(args: argparse.Namespace) -> None:
             for m in site.miners
         ],
     }
+    if gpu_site is not None:
+        inventory["gpu_nodes"] = gpu_site.inventory()
     print(json.dumps(inventory), flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,6 +156,8 @@ async def serve(args: argparse.Namespace) -> None:
             await sampler
         control.close()
         await site.stop()
+        if gpu_site is not None:
+            await gpu_site.stop()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -125,6 +170,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wake-s", type=float, default=10.0, help="time to wake (s)")
     p.add_argument("--sample-s", type=float, default=0.25, help="ground-truth sampling (s)")
     p.add_argument("--control-port", type=int, default=0, help="control channel port (0: any)")
+    p.add_argument("--gpu-nodes", type=int, default=0, help="number of simulated GPU nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per simulated node")
+    p.add_argument("--gpu-base", default="127.2.0.1", help="first GPU node's loopback address")
+    p.add_argument("--gpu-port", type=int, default=2222, help="GPU nodes' SSH port (0: any)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the GPU demand model")
     return p
 
 
@@ -133,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.base.startswith("127."):
         print("siteagent sim: --base must be a loopback address (127.x.y.z)", file=sys.stderr)
+        return 2
+    if not args.gpu_base.startswith("127."):
+        print("siteagent sim: --gpu-base must be a loopback address (127.x.y.z)", file=sys.stderr)
         return 2
     asyncio.run(serve(args))
     return 0

@@ -1,0 +1,180 @@
+"""GPU nodes as devices of the control loop.
+
+A node driver reads all of a node's GPUs in one command, but the loop tracks
+each GPU as its own device (each has its own power limit). ``GpuNode`` shares
+one read among the node's GPUs (single flight: whoever asks while a read is in
+flight waits for it), and ``GpuDevice`` presents one GPU with the interface the
+trackers use. A node's fixed overhead (CPUs, fans) is a ``FixedLoad`` device:
+always counted, never controlled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from domain import (
+    DeviceFaulted,
+    DeviceLost,
+    DeviceReading,
+    DeviceRefused,
+    DeviceState,
+    MinerCapabilities,
+    MinerIdentity,
+)
+from drivers.gpu import GpuInfo, GpuNodeDriver, GpuReading
+
+
+class GpuNode:
+    """One GPU node driver, connected once and read once per sweep for all its GPUs."""
+
+    def __init__(
+        self,
+        driver: GpuNodeDriver,
+        *,
+        max_age_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.driver = driver
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.infos: dict[int, GpuInfo] | None = None
+        self._connecting: asyncio.Task[dict[int, GpuInfo]] | None = None
+        self._reading: asyncio.Task[dict[int, GpuReading]] | None = None
+        self._last: tuple[float, dict[int, GpuReading]] | None = None
+
+    async def connect(self) -> dict[int, GpuInfo]:
+        """Enumerate the node's GPUs (once; concurrent callers share the attempt)."""
+        if self.infos is not None:
+            return self.infos
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.create_task(self._connect())
+        return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> dict[int, GpuInfo]:
+        infos = {g.index: g for g in await self.driver.connect()}
+        self.infos = infos
+        return infos
+
+    async def readings(self) -> dict[int, GpuReading]:
+        """All GPUs' latest readings: a fresh one, or the one a concurrent caller is taking."""
+        last = self._last
+        if last is not None and self.clock() - last[0] <= self.max_age_s:
+            return last[1]
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.create_task(self._read())
+        return await asyncio.shield(self._reading)
+
+    async def _read(self) -> dict[int, GpuReading]:
+        result = {r.index: r for r in await self.driver.read()}
+        self._last = (self.clock(), result)
+        return result
+
+
+class GpuDevice:
+    """One GPU of a node, as the trackers see a device."""
+
+    def __init__(self, device_id: str, node: GpuNode, index: int) -> None:
+        self.device_id = device_id
+        self.node = node
+        self.index = index
+
+    @property
+    def info(self) -> GpuInfo:
+        """The GPU's enumerated identity and constraints."""
+        infos = self.node.infos
+        if infos is None or self.index not in infos:
+            raise DeviceLost(f"{self.node.driver.node_id}: GPU {self.index} is not enumerated")
+        return infos[self.index]
+
+    @property
+    def identity(self) -> MinerIdentity:
+        """Identity and control range; read-only nodes offer no control."""
+        info = self.info
+        return MinerIdentity(
+            make="NVIDIA",
+            model=info.name,
+            firmware="",
+            mac=None,
+            serial=info.uuid,
+            capabilities=MinerCapabilities(
+                power_target=not self.node.driver.read_only,
+                power_target_min_w=info.power_limit_min_w,
+                power_target_max_w=info.power_limit_max_w,
+                power_target_default_w=info.power_limit_default_w,
+                can_sleep=False,
+            ),
+            nameplate_power_w=info.power_limit_max_w,
+            nameplate_hashrate_ths=0.0,
+        )
+
+    async def read(self) -> DeviceReading:
+        """This GPU's share of the node's read, as a device reading."""
+        r = (await self.node.readings()).get(self.index)
+        if r is None:
+            raise DeviceLost(f"{self.node.driver.node_id}: GPU {self.index} missing from the read")
+        if r.power_w is None:
+            raise DeviceFaulted(f"{self.node.driver.node_id}: GPU {self.index} reported no power")
+        limit = r.power_limit_w
+        if r.enforced_power_limit_w is not None:
+            # The limit in force is what bounds the draw (a BMC can hold it lower).
+            limit = (
+                r.enforced_power_limit_w if limit is None else min(limit, r.enforced_power_limit_w)
+            )
+        return DeviceReading(
+            device_id=self.device_id,
+            timestamp_s=r.timestamp_s,
+            power_w=r.power_w,
+            state=DeviceState.RUNNING,
+            temperature_c=r.temperature_c,
+            power_target_w=limit,
+            utilization_frac=r.utilization_frac,
+        )
+
+    async def set_power_target(self, power_w: float) -> float:
+        """Set this GPU's power limit (W); returns what was applied."""
+        return await self.node.driver.set_power_limit(self.index, power_w)
+
+    async def sleep(self) -> None:
+        """GPUs do not sleep; the policy never asks."""
+        raise DeviceRefused("a GPU cannot sleep; lower its power limit instead")
+
+    async def wake(self) -> None:
+        """GPUs do not sleep; the policy never asks."""
+        raise DeviceRefused("a GPU cannot sleep or wake")
+
+
+class FixedLoad:
+    """A constant load (W) that is always counted: a GPU node's CPUs, fans and NICs."""
+
+    def __init__(self, device_id: str, power_w: float) -> None:
+        self.device_id = device_id
+        self.power_w = power_w
+
+    @property
+    def identity(self) -> MinerIdentity | None:
+        """Nothing to identify."""
+        return None
+
+    async def read(self) -> DeviceReading:
+        """The configured draw, marked as an estimate."""
+        return DeviceReading(
+            device_id=self.device_id,
+            timestamp_s=time.monotonic(),
+            power_w=self.power_w,
+            state=DeviceState.RUNNING,
+            power_estimated=True,
+        )
+
+    async def set_power_target(self, power_w: float) -> float:
+        """Not controllable."""
+        raise DeviceRefused("a fixed load cannot be controlled")
+
+    async def sleep(self) -> None:
+        """Not controllable."""
+        raise DeviceRefused("a fixed load cannot be controlled")
+
+    async def wake(self) -> None:
+        """Not controllable."""
+        raise DeviceRefused("a fixed load cannot be controlled")
