@@ -34,6 +34,9 @@ def _setup_logging(level: str) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # pyasic sets the root logger to WARNING when imported (after this runs); our own
+    # loggers carry the level themselves so info lines still reach journald.
+    logging.getLogger("siteagent").setLevel(getattr(logging, level.upper()))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -58,7 +61,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo, summary
 
     out = sys.stdout
-    report = asyncio.run(run_demo(args.miners, base=args.base, time_scale=args.time_scale, out=out))
+    report = asyncio.run(
+        run_demo(
+            args.miners,
+            gpu_nodes=args.gpu_nodes,
+            gpus_per_node=args.gpus_per_node,
+            base=args.base,
+            time_scale=args.time_scale,
+            out=out,
+        )
+    )
     print(summary(report), file=out)
     if args.report == "json":
         print(json.dumps(report), file=out)
@@ -68,20 +80,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 async def _run_agent(config_path: str) -> int:
     from agent.inventory import build_trackers
     from agent.loop import Agent
+    from agent.metrics import loop_healthy, serve_metrics, site_summary
+    from agent.sdnotify import Notifier, supervise, watchdog_period_s
 
     cfg = load_config(config_path)
+    notifier = Notifier.from_env()
     trackers = await build_trackers(cfg)
     log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
     agent = Agent(cfg, trackers)
+    metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
+    log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
     await agent.sweep()
     agent.start()
+    started_s = agent.clock()
+    notifier.ready(site_summary(agent))
+    watchdog_s = watchdog_period_s()
+    supervisor = asyncio.get_running_loop().create_task(
+        supervise(
+            notifier,
+            healthy=lambda: loop_healthy(agent, started_s),
+            status=lambda: site_summary(agent),
+            period_s=watchdog_s or cfg.control.interval_s,
+            watchdog=watchdog_s is not None,
+        )
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: finishing the tick in flight, leaving devices where they are")
+    notifier.stopping("stopping: finishing the tick in flight, leaving devices where they are")
+    supervisor.cancel()
     await agent.stop()
+    metrics.close()
     return EXIT_OK
 
 
@@ -149,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the agent on a simulated site and report")
     s.add_argument("--miners", type=int, default=50)
+    s.add_argument("--gpu-nodes", type=int, default=4)
+    s.add_argument("--gpus-per-node", type=int, default=8)
     s.add_argument("--base", default="127.1.0.1", help="first simulated miner's address")
     s.add_argument("--report", choices=["text", "json"], default="text")
     s.add_argument(

@@ -14,19 +14,45 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.config import Config
 from agent.devices import DeviceTracker
+from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from agent.safety import Change, Ordered, order_changes
-from domain import DeviceError, DeviceUnreachable, DomainLimit, Limits, Plan, Snapshot
-from policies.capping import CappingParams
+from domain import (
+    DeviceError,
+    DeviceRefused,
+    DeviceUnreachable,
+    DomainLimit,
+    Limits,
+    Pin,
+    Plan,
+    Snapshot,
+)
+from policies.capping import CappingParams, DomainTree, domain_loads_w
 from policies.capping import plan as capping_plan
 
 log = logging.getLogger("siteagent.loop")
 
 SITE_CAP_SOURCE = "site"
+MONITOR_ONLY, MINING_OFF, AI_MIN = "monitor-only", "mining-off", "ai-min"
+MODES = frozenset({MONITOR_ONLY, MINING_OFF, AI_MIN})
+
+V = TypeVar("V")
+
+
+class OverrideRefused(Exception):
+    """An override the agent will not apply; the message says why."""
+
+
+def _put(table: dict[str, V], key: str, value: V | None) -> None:
+    if value is None:
+        table.pop(key, None)
+    else:
+        table[key] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +91,9 @@ class Agent:
             min_off_s=config.policy.min_off_s,
         )
         self._caps: dict[str, float] = {SITE_CAP_SOURCE: config.site.cap_w}
-        self._domains = tuple(DomainLimit(d.id, d.limit_w, d.parent) for d in config.domains)
+        self._domain_caps: dict[str, dict[str, float]] = {d.id: {} for d in config.domains}
+        self._modes: dict[str, str] = {}
+        self._pins: dict[str, Pin] = {}
         self._tick_lock = asyncio.Lock()
         self._tick_waiting = False
         self._sweep_lock = asyncio.Lock()
@@ -78,33 +106,124 @@ class Agent:
         self.actuation_errors: Counter[str] = Counter()
         self.sweeps = 0
         self.ticks = 0
+        self.sweep_durations = Durations(SWEEP_BUCKETS_S)
+        self.tick_durations = Durations(TICK_BUCKETS_S)
+        self.last_sweep_s: float | None = None
 
     # -- limits ------------------------------------------------------------------
 
     def set_cap(self, source: str, cap_w: float | None) -> None:
         """Add, change or (with None) drop one cap constraint (W); a drop ticks at once."""
-        before = self.limits().effective_cap_w
-        if cap_w is None:
-            if source == SITE_CAP_SOURCE:
-                raise ValueError("the site's own cap cannot be removed")
-            self._caps.pop(source, None)
-        else:
-            self._caps[source] = cap_w
-        after = self.limits().effective_cap_w
-        log.info("cap from %s now %s; effective cap %.0f W -> %.0f W", source, cap_w, before, after)
-        if after < before:
+        if cap_w is None and source == SITE_CAP_SOURCE:
+            raise ValueError("the site's own cap cannot be removed")
+        self._changing(lambda: _put(self._caps, source, cap_w), f"site cap from {source}")
+
+    def set_domain_cap(self, domain_id: str, source: str, cap_w: float | None) -> None:
+        """Add, change or drop one cap (W) on a domain; KeyError for an unknown domain."""
+        if domain_id not in self._domain_caps:
+            raise KeyError(domain_id)
+        caps = self._domain_caps[domain_id]
+        self._changing(lambda: _put(caps, source, cap_w), f"{domain_id} cap from {source}")
+
+    def set_mode(self, source: str, mode: str | None) -> None:
+        """Set (or with None clear) an operator mode: monitor-only, mining-off or ai-min."""
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+        self._changing(lambda: _put(self._modes, source, mode), f"mode from {source}")
+
+    def set_pin(
+        self, source: str, device_id: str, power_w: float | None, *, exclude: bool = False
+    ) -> None:
+        """Pin a device at a level (W; 0 sleeps a miner) or exclude it; None clears the pin.
+
+        A pin that would take any domain's worst case over its limit is refused.
+        """
+        if power_w is None and not exclude:
+            self._changing(lambda: self._pins.pop(source, None), f"pin from {source}")
+            return
+        t = self.trackers.get(device_id)
+        if t is None:
+            raise OverrideRefused(f"unknown device {device_id!r}")
+        if not exclude:
+            assert power_w is not None
+            if power_w < 0:
+                raise OverrideRefused(f"a pin needs a power of 0 W or more, not {power_w}")
+            self._check_pin_fits(t, power_w)
+        pin = Pin(device_id, power_w, exclude, source)
+        self._changing(lambda: _put(self._pins, source, pin), f"pin from {source}")
+
+    def clear_source(self, source: str) -> None:
+        """Drop every cap, mode and pin set under one source (an override's id)."""
+
+        def drop() -> None:
+            if source != SITE_CAP_SOURCE:
+                self._caps.pop(source, None)
+            for caps in self._domain_caps.values():
+                caps.pop(source, None)
+            self._modes.pop(source, None)
+            self._pins.pop(source, None)
+
+        self._changing(drop, f"everything from {source}")
+
+    def _check_pin_fits(self, t: DeviceTracker, power_w: float) -> None:
+        now = self.clock()
+        stale = self.config.telemetry.stale_after_s
+        current = t.budget_w(now, stale)
+        level = t.sleep_power_w if power_w == 0 else power_w
+        delta = level - current
+        if delta <= 0:
+            return  # a pin that lowers a device never breaks a cap
+        limits = self.limits()
+        snap = self.snapshot()
+        tree = DomainTree(limits)
+        load = domain_loads_w(tree, [(d, d.budget_w) for d in snap.devices], limits.overhead_w)
+        for node in tree.chain(t.domain):
+            if load[node] + delta > tree.limit_w[node]:
+                raise OverrideRefused(
+                    f"pinning {t.device_id} at {power_w:.0f} W would take {node} to "
+                    f"{load[node] + delta:.0f} W (worst case), over its limit "
+                    f"{tree.limit_w[node]:.0f} W"
+                )
+
+    def _changing(self, change: Callable[[], object], what: str) -> None:
+        before = self.limits()
+        change()
+        after = self.limits()
+        log.info(
+            "%s changed; effective cap %.0f W -> %.0f W",
+            what,
+            before.effective_cap_w,
+            after.effective_cap_w,
+        )
+        lowered = after.effective_cap_w < before.effective_cap_w or any(
+            a.limit_w < b.limit_w for a, b in zip(after.domains, before.domains, strict=True)
+        )
+        if lowered or after.directives_key != before.directives_key:
             self.request_tick()
+
+    @property
+    def monitor_only(self) -> bool:
+        """Whether an operator asked for no actuation at all."""
+        return MONITOR_ONLY in self._modes.values()
 
     def limits(self) -> Limits:
         """Every limit in force now, combined into the effective cap."""
         source, cap = min(self._caps.items(), key=lambda kv: (kv[1], kv[0]))
         effective = max(0.0, cap - self.config.site.safety_margin_w)
+        domains = tuple(
+            DomainLimit(d.id, min([d.limit_w, *self._domain_caps[d.id].values()]), d.parent)
+            for d in self.config.domains
+        )
+        modes = set(self._modes.values())
         return Limits(
             site_cap_w=self.config.site.cap_w,
             effective_cap_w=effective,
             cap_source=source,
             overhead_w=self.config.site.overhead_w,
-            domains=self._domains,
+            domains=domains,
+            pins=tuple(self._pins.values()),
+            mining_off=MINING_OFF in modes,
+            ai_min=AI_MIN in modes,
         )
 
     # -- telemetry ---------------------------------------------------------------
@@ -112,11 +231,14 @@ class Agent:
     async def sweep(self) -> None:
         """Read every device concurrently, each under its own timeout."""
         async with self._sweep_lock:
+            started = time.perf_counter()
             now = self.clock()
             sem = asyncio.Semaphore(self.config.telemetry.concurrency)
             due = [t for t in self.trackers.values() if t.next_read_s <= now]
             await asyncio.gather(*(self._read_one(t, sem) for t in due))
             self.sweeps += 1
+            self.last_sweep_s = self.clock()
+            self.sweep_durations.observe(time.perf_counter() - started)
 
     async def _read_one(self, t: DeviceTracker, sem: asyncio.Semaphore) -> None:
         tcfg = self.config.telemetry
@@ -178,6 +300,9 @@ class Agent:
         ordered = order_changes(
             plan, snap, limits, max_increase_w=self._ramp_allowance(snap.time_s)
         )
+        if self.monitor_only:
+            held = tuple((c, "monitor-only override: nothing is sent") for c in ordered.now)
+            ordered = Ordered((), held + ordered.deferred)
         plan_duration = time.perf_counter() - started
         results = await asyncio.gather(*(self._apply(c) for c in ordered.now))
         applied = tuple(c.device_id for c, ok in zip(ordered.now, results, strict=True) if ok)
@@ -199,6 +324,7 @@ class Agent:
             snap.time_s, snap, limits, plan, ordered, applied, failed, plan_duration
         )
         self.last_tick = record
+        self.tick_durations.observe(time.perf_counter() - started)
         if self.on_tick is not None:
             self.on_tick(record)
         return record
@@ -226,11 +352,20 @@ class Agent:
                         c = Change(c.device_id, c.kind, c.setpoint, c.old_w, c.new_w, applied)
                     if c.kind == "wake":
                         await driver.wake()
+        except DeviceRefused as e:
+            # Refused outright: nothing changed on the device.
+            self.actuation_errors[c.kind] += 1
+            log.warning("%s: %s refused: %s", c.device_id, c.kind, e)
+            t.next_read_s = 0.0
+            return False
         except (TimeoutError, DeviceError) as e:
             self.actuation_errors[c.kind] += 1
             log.warning("%s: %s failed: %s", c.device_id, c.kind, e or type(e).__name__)
-            # We do not know what the device did: count it at its old level and
-            # trust only a fresh reading before trying again (no idempotency key).
+            # We do not know what the device did. Count both outcomes: recorded as
+            # sent but unconfirmed, it counts at the higher of its old and new level
+            # until a fresh reading says which; no retry before that reading
+            # (these APIs have no idempotency key).
+            t.record_command(c.kind, c.old_w, c.new_w, c.set_target_w, self.clock())
             t.next_read_s = 0.0
             return False
         if c.kind in ("sleep", "wake"):

@@ -1,0 +1,656 @@
+"""Prometheus metrics, systemd status lines and loop health, read from the agent's last tick.
+
+A custom collector on a private registry renders the latest immutable
+``TickRecord`` on each scrape: no IO, no awaits, and no lock but the one that
+copies a duration histogram. Devices that disappear from the snapshot drop
+out of the exposition by themselves. The scrape runs on prometheus-client's
+HTTP thread; it only reads attributes the loop replaces whole.
+
+Every quantity is one line in a table of small frozen descriptions
+(``SITE_METRICS``, ``DEVICE_METRICS``, ``DOMAIN_METRICS``) rendered by one code
+path. Names follow Prometheus conventions: the ``siteagent_`` prefix, base
+units (watts, seconds, hashes per second, degrees Celsius) and ``_total`` on
+counters. Label values are bounded; see systemd/README.md for the table.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from domain import DeviceKind, DeviceState, DeviceStatus, Setpoint
+from policies.capping import DomainTree, domain_loads_w
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse
+    from wsgiref.types import WSGIApplication as WSGIApp
+
+    from agent.loop import Agent, TickRecord
+
+PREFIX = "siteagent_"
+HASHES_PER_TH = 1e12
+PLAN_MODES = ("cap", "restore", "hold")
+# Kinds are preset so rate() sees a zero before the first event, not a new series.
+ACTUATION_KINDS = ("set_power_target", "sleep", "wake")
+ACTUATION_ERROR_KINDS = ("lower", "raise", "sleep", "wake")
+# A sweep waits on up to `telemetry.concurrency` reads, each bounded by its timeout.
+SWEEP_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
+# A tick is planning (milliseconds) plus actuations (bounded by their timeout).
+TICK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Durations:
+    """A thread-safe duration histogram (s) the loop observes into and a scrape copies."""
+
+    def __init__(self, buckets_s: Sequence[float]) -> None:
+        self.buckets_s = tuple(sorted(buckets_s))
+        self._counts = [0] * (len(self.buckets_s) + 1)
+        self._sum_s = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        """Record one duration (s)."""
+        i = next((i for i, b in enumerate(self.buckets_s) if seconds <= b), len(self.buckets_s))
+        with self._lock:
+            self._counts[i] += 1
+            self._sum_s += seconds
+
+    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative ``(le, count)`` buckets ending with ``+Inf``, and the sum (s)."""
+        with self._lock:
+            counts, total_s = list(self._counts), self._sum_s
+        out: list[tuple[str, float]] = []
+        running = 0
+        for le, n in zip((*map(repr, self.buckets_s), "+Inf"), counts, strict=True):
+            running += n
+            out.append((le, float(running)))
+        return out, total_s
+
+    @property
+    def count(self) -> int:
+        """How many durations were observed."""
+        with self._lock:
+            return sum(self._counts)
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """One scrape's frozen view: the last tick, and what is derived from it once per scrape."""
+
+    record: TickRecord
+    now_s: float
+    setpoints: Mapping[str, Setpoint]
+    domain_measured_w: Mapping[str, float]
+    domain_worst_case_w: Mapping[str, float]
+
+    @property
+    def lag_s(self) -> float:
+        """How long ago (s) the snapshot was taken."""
+        return max(0.0, self.now_s - self.record.snapshot.time_s)
+
+    @property
+    def site_power_w(self) -> float:
+        """Site power (W): the meter when there is one, else device readings plus overhead."""
+        meter = self.record.snapshot.meter_power_w
+        if meter is not None:
+            return meter
+        return self.record.snapshot.measured_w + self.record.limits.overhead_w
+
+    @property
+    def worst_case_w(self) -> float:
+        """Worst-case site power (W) as the planner accounts it."""
+        return self.record.snapshot.budget_w + self.record.limits.overhead_w
+
+    def age_s(self, d: DeviceStatus) -> float | None:
+        """Age (s) of a device's last good reading, at scrape time."""
+        return None if d.reading_age_s is None else d.reading_age_s + self.lag_s
+
+
+def make_view(record: TickRecord, now_s: float) -> View:
+    """Derive one scrape's view of a tick record; pure."""
+    snap, limits = record.snapshot, record.limits
+    tree = DomainTree(limits)
+    measured = domain_loads_w(
+        tree,
+        ((d, _reading_w(d) or 0.0) for d in snap.devices),
+        limits.overhead_w,
+    )
+    worst = domain_loads_w(tree, ((d, d.budget_w) for d in snap.devices), limits.overhead_w)
+    return View(
+        record=record,
+        now_s=now_s,
+        setpoints={sp.device_id: sp for sp in record.plan.setpoints},
+        domain_measured_w=measured,
+        domain_worst_case_w=worst,
+    )
+
+
+def _reading_w(d: DeviceStatus) -> float | None:
+    return None if d.reading is None else d.reading.power_w
+
+
+def _planned_target_w(v: View, d: DeviceStatus) -> float | None:
+    sp = v.setpoints.get(d.device_id)
+    return None if sp is None or not sp.awake else sp.power_target_w
+
+
+def _planned_awake(v: View, d: DeviceStatus) -> float | None:
+    sp = v.setpoints.get(d.device_id)
+    return None if sp is None else float(sp.awake)
+
+
+def _hashrate_hps(d: DeviceStatus) -> float | None:
+    r = d.reading
+    return None if r is None or r.hashrate_ths is None else r.hashrate_ths * HASHES_PER_TH
+
+
+def _temperature_c(d: DeviceStatus) -> float | None:
+    return None if d.reading is None else d.reading.temperature_c
+
+
+def _measured_label(d: DeviceStatus) -> tuple[str, ...]:
+    estimated = d.reading is not None and d.reading.power_estimated
+    return ("false",) if estimated else ("true",)
+
+
+@dataclass(frozen=True, slots=True)
+class SiteMetric:
+    """A site-wide gauge: one sample, or none while its value is unknown (None)."""
+
+    name: str
+    help: str
+    value: Callable[[View], float | None]
+    label_names: tuple[str, ...] = ()
+    label_values: Callable[[View], tuple[str, ...]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMetric:
+    """A per-device gauge labelled ``device``; devices whose value is None are left out."""
+
+    name: str
+    help: str
+    value: Callable[[View, DeviceStatus], float | None]
+    extra_labels: tuple[str, ...] = ()
+    extra_values: Callable[[DeviceStatus], tuple[str, ...]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainMetric:
+    """A per-domain gauge labelled ``domain``, over the configured domains."""
+
+    name: str
+    help: str
+    value: Callable[[View, str, float], float | None]
+
+
+SITE_METRICS: tuple[SiteMetric, ...] = (
+    SiteMetric(
+        "site_power_watts",
+        "Site power: the meter when present, else device readings plus configured overhead.",
+        lambda v: v.site_power_w,
+    ),
+    SiteMetric(
+        "meter_power_watts",
+        "Site power read from the meter (absent without one).",
+        lambda v: v.record.snapshot.meter_power_w,
+    ),
+    SiteMetric(
+        "site_worst_case_power_watts",
+        "Worst-case site power the planner accounts (unconfirmed and unreachable at maximum).",
+        lambda v: v.worst_case_w,
+    ),
+    SiteMetric("site_cap_watts", "Hard site power cap.", lambda v: v.record.limits.site_cap_w),
+    SiteMetric(
+        "effective_cap_watts",
+        "Effective cap: the lowest cap in force minus the safety margin; source names it.",
+        lambda v: v.record.limits.effective_cap_w,
+        ("source",),
+        lambda v: (v.record.limits.cap_source,),
+    ),
+    SiteMetric(
+        "headroom_watts",
+        "Effective cap minus worst-case site power (negative when over).",
+        lambda v: v.record.limits.effective_cap_w - v.worst_case_w,
+    ),
+    SiteMetric(
+        "overhead_power_watts",
+        "Configured non-device site load (cooling, auxiliaries).",
+        lambda v: v.record.limits.overhead_w,
+    ),
+    SiteMetric(
+        "plan_power_watts",
+        "Site power the current plan settles at.",
+        lambda v: v.record.plan.planned_w,
+    ),
+    SiteMetric(
+        "plan_duration_seconds",
+        "Time the last tick spent planning and ordering (no IO).",
+        lambda v: v.record.plan_duration_s,
+    ),
+    SiteMetric(
+        "last_tick_age_seconds", "Time since the last successful control tick.", lambda v: v.lag_s
+    ),
+    SiteMetric(
+        "deferred_changes",
+        "Changes the last tick held back (shed before restore, budget, ramp).",
+        lambda v: float(len(v.record.ordered.deferred)),
+    ),
+    SiteMetric(
+        "failed_changes",
+        "Changes the last tick sent that failed.",
+        lambda v: float(len(v.record.failed)),
+    ),
+    SiteMetric(
+        "telemetry_max_age_seconds",
+        "Age of the oldest last-good device reading (absent with no readings).",
+        lambda v: max(
+            (a for d in v.record.snapshot.devices if (a := v.age_s(d)) is not None), default=None
+        ),
+    ),
+)
+
+DEVICE_METRICS: tuple[DeviceMetric, ...] = (
+    DeviceMetric(
+        "device_power_watts",
+        "Device power as last read; measured=false where the driver estimated it.",
+        lambda v, d: _reading_w(d),
+        ("measured",),
+        _measured_label,
+    ),
+    DeviceMetric(
+        "device_worst_case_power_watts",
+        "Device power the planner counts now (invariant 1).",
+        lambda v, d: d.budget_w,
+    ),
+    DeviceMetric(
+        "device_nameplate_power_watts", "Device nameplate power.", lambda v, d: d.nameplate_power_w
+    ),
+    DeviceMetric(
+        "device_hashrate_hashes_per_second",
+        "Miner hashrate as last read.",
+        lambda v, d: _hashrate_hps(d),
+    ),
+    DeviceMetric(
+        "device_temperature_celsius",
+        "Hottest temperature the device reported.",
+        lambda v, d: _temperature_c(d),
+    ),
+    DeviceMetric(
+        "device_power_target_watts",
+        "Power target applied (last commanded or reported).",
+        lambda v, d: d.power_target_w,
+    ),
+    DeviceMetric(
+        "device_planned_power_target_watts",
+        "Power target of the current plan (absent when the plan sleeps it).",
+        _planned_target_w,
+    ),
+    DeviceMetric(
+        "device_planned_awake",
+        "1 if the current plan keeps the device mining, 0 if it sleeps it.",
+        _planned_awake,
+    ),
+    DeviceMetric(
+        "device_utilization_ratio",
+        "GPU utilization as last read, 0 to 1.",
+        lambda v, d: d.reading.utilization_frac if d.reading else None,
+    ),
+    DeviceMetric(
+        "device_telemetry_age_seconds",
+        "Age of the device's last good reading.",
+        lambda v, d: v.age_s(d),
+    ),
+)
+
+DOMAIN_METRICS: tuple[DomainMetric, ...] = (
+    DomainMetric(
+        "domain_power_watts",
+        "Measured device power summed over the domain.",
+        lambda v, dom, limit: v.domain_measured_w.get(dom, 0.0),
+    ),
+    DomainMetric(
+        "domain_worst_case_power_watts",
+        "Worst-case device power summed over the domain.",
+        lambda v, dom, limit: v.domain_worst_case_w.get(dom, 0.0),
+    ),
+    DomainMetric("domain_limit_watts", "Power limit of the domain.", lambda v, dom, limit: limit),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family, ready to render: label names, and (label values, value) samples."""
+
+    name: str
+    type: str
+    help: str
+    label_names: tuple[str, ...]
+    samples: Sequence[tuple[tuple[str, ...], float]]
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramFamily:
+    """A duration histogram: cumulative ``(le, count)`` buckets and the sum (s)."""
+
+    name: str
+    help: str
+    buckets: list[tuple[str, float]]
+    sum_s: float
+
+
+def _one(name: str, type_: str, help_text: str, value: float) -> Family:
+    return Family(PREFIX + name, type_, help_text, (), [((), value)])
+
+
+def families(agent: Agent, *, version: str = "unknown") -> Iterator[Family | HistogramFamily]:
+    """Every metric family of the agent now, from immutable state; no IO."""
+    record = agent.last_tick
+    now_s = agent.clock()
+    yield Family(
+        PREFIX + "build_info", "gauge", "Version of the agent.", ("version",), [((version,), 1.0)]
+    )
+    yield _one("ticks_total", "counter", "Control ticks completed.", float(agent.ticks))
+    yield _one("sweeps_total", "counter", "Telemetry sweeps completed.", float(agent.sweeps))
+    for name, help_text, counts, preset in (
+        (
+            "actuations_total",
+            "Commands devices accepted, by kind.",
+            agent.actuations,
+            ACTUATION_KINDS,
+        ),
+        (
+            "actuation_errors_total",
+            "Commands that failed or timed out, by kind of change.",
+            agent.actuation_errors,
+            ACTUATION_ERROR_KINDS,
+        ),
+    ):
+        # One C-level copy: the loop thread may add a key while we render.
+        seen = dict.fromkeys(preset, 0) | dict(counts)
+        by_kind = [((kind,), float(n)) for kind, n in sorted(seen.items())]
+        yield Family(PREFIX + name, "counter", help_text, ("kind",), by_kind)
+    for name, help_text, durations in (
+        ("tick_duration_seconds", "Wall time of control ticks.", agent.tick_durations),
+        ("sweep_duration_seconds", "Wall time of telemetry sweeps.", agent.sweep_durations),
+    ):
+        buckets, sum_s = durations.cumulative()
+        yield HistogramFamily(PREFIX + name, help_text, buckets, sum_s)
+    if agent.last_sweep_s is not None:
+        age_s = max(0.0, now_s - agent.last_sweep_s)
+        yield _one("last_sweep_age_seconds", "gauge", "Time since the last telemetry sweep.", age_s)
+    if record is None:
+        return
+    v = make_view(record, now_s)
+    for m in SITE_METRICS:
+        value = m.value(v)
+        if value is not None:
+            labels = () if m.label_values is None else m.label_values(v)
+            yield Family(PREFIX + m.name, "gauge", m.help, m.label_names, [(labels, value)])
+    mode = record.plan.mode
+    yield Family(
+        PREFIX + "plan_mode",
+        "gauge",
+        "1 for the current plan mode (cap, restore, hold), 0 for the others.",
+        ("mode",),
+        [((name,), float(name == mode)) for name in sorted({*PLAN_MODES, mode})],
+    )
+    devices = record.snapshot.devices
+    by_state = {(k.value, s.value): 0 for k in DeviceKind for s in DeviceState}
+    for d in devices:
+        by_state[(d.kind.value, d.state.value)] += 1
+    yield Family(
+        PREFIX + "devices",
+        "gauge",
+        "Devices by kind and state.",
+        ("kind", "state"),
+        [(key, float(n)) for key, n in sorted(by_state.items())],
+    )
+    yield _one(
+        "devices_controllable",
+        "gauge",
+        "Devices fresh enough to be commanded.",
+        float(sum(d.controllable for d in devices)),
+    )
+    yield Family(
+        PREFIX + "device_info",
+        "gauge",
+        "Always 1: a device's kind and power domain.",
+        ("device", "kind", "domain"),
+        [((d.device_id, d.kind.value, d.domain), 1.0) for d in devices],
+    )
+    yield Family(
+        PREFIX + "device_state",
+        "gauge",
+        "Always 1, labelled with the device's current state.",
+        ("device", "state"),
+        [((d.device_id, d.state.value), 1.0) for d in devices],
+    )
+    for dm in DEVICE_METRICS:
+        samples: list[tuple[tuple[str, ...], float]] = []
+        extra = dm.extra_values
+        for d in devices:
+            value = dm.value(v, d)
+            if value is not None:
+                ids = (d.device_id,) if extra is None else (d.device_id, *extra(d))
+                samples.append((ids, value))
+        if samples:
+            yield Family(PREFIX + dm.name, "gauge", dm.help, ("device", *dm.extra_labels), samples)
+    domains = record.limits.domains
+    if domains:
+        for dom_m in DOMAIN_METRICS:
+            dom_samples: list[tuple[tuple[str, ...], float]] = []
+            for dom in domains:
+                value = dom_m.value(v, dom.domain_id, dom.limit_w)
+                if value is not None:
+                    dom_samples.append(((dom.domain_id,), value))
+            yield Family(PREFIX + dom_m.name, "gauge", dom_m.help, ("domain",), dom_samples)
+
+
+# -- rendering ----------------------------------------------------------------------------
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", '"': '\\"'})
+
+
+def _value_text(value: float) -> str:
+    if math.isfinite(value):
+        return repr(float(value))
+    return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+
+
+def render_text(fams: Iterable[Family | HistogramFamily]) -> bytes:
+    """The Prometheus text format (0.0.4) of the families.
+
+    prometheus-client's ``generate_latest`` validates and escapes every label
+    name on every sample, about 5 us a sample; a 10,000-miner site has over
+    100,000, so the scrape renders here with each label value escaped once.
+    """
+    out: list[str] = []
+    escaped: dict[str, str] = {}
+
+    def esc(text: str) -> str:
+        e = escaped.get(text)
+        if e is None:
+            e = escaped[text] = text.translate(_ESCAPES)
+        return e
+
+    for fam in fams:
+        help_text = fam.help.replace("\\", "\\\\").replace("\n", "\\n")
+        if isinstance(fam, HistogramFamily):
+            out.append(f"# HELP {fam.name} {help_text}\n# TYPE {fam.name} histogram\n")
+            for le, n in fam.buckets:
+                out.append(f'{fam.name}_bucket{{le="{le}"}} {_value_text(n)}\n')
+            count = fam.buckets[-1][1] if fam.buckets else 0.0
+            out.append(f"{fam.name}_count {_value_text(count)}\n")
+            out.append(f"{fam.name}_sum {_value_text(fam.sum_s)}\n")
+            continue
+        out.append(f"# HELP {fam.name} {help_text}\n# TYPE {fam.name} {fam.type}\n")
+        names = fam.label_names
+        if not names:
+            out.extend(f"{fam.name} {_value_text(value)}\n" for _, value in fam.samples)
+        elif len(names) == 1:
+            head = f'{fam.name}{{{names[0]}="'
+            out.extend(f'{head}{esc(lv[0])}"}} {_value_text(value)}\n' for lv, value in fam.samples)
+        else:
+            heads = [f'{n}="' for n in names]
+            for lv, value in fam.samples:
+                labels = '",'.join(h + esc(x) for h, x in zip(heads, lv, strict=True))
+                out.append(f'{fam.name}{{{labels}"}} {_value_text(value)}\n')
+    return "".join(out).encode()
+
+
+def _to_client(fam: Family | HistogramFamily) -> Metric:
+    if isinstance(fam, HistogramFamily):
+        return HistogramMetricFamily(fam.name, fam.help, buckets=fam.buckets, sum_value=fam.sum_s)
+    if fam.type == "counter":
+        c = CounterMetricFamily(fam.name, fam.help, labels=list(fam.label_names))
+        for lv, value in fam.samples:
+            c.add_metric(list(lv), value)
+        return c
+    g = GaugeMetricFamily(fam.name, fam.help, labels=list(fam.label_names))
+    for lv, value in fam.samples:
+        g.add_metric(list(lv), value)
+    return g
+
+
+class SiteCollector(Collector):
+    """The same families as prometheus-client metrics, for its registry and exposition."""
+
+    def __init__(self, agent: Agent, *, version: str = "unknown") -> None:
+        self.agent = agent
+        self.version = version
+
+    def describe(self) -> Iterable[Metric]:
+        # Registering must not collect (nothing to render before the first tick); an
+        # empty describe tells the registry to skip its duplicate-name check.
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield every metric family from immutable state; no IO."""
+        for fam in families(self.agent, version=self.version):
+            yield _to_client(fam)
+
+
+def build_registry(agent: Agent, *, version: str = "unknown") -> CollectorRegistry:
+    """A private registry holding only the site collector (no process or platform metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SiteCollector(agent, version=version))
+    return registry
+
+
+def metrics_app(agent: Agent, *, version: str = "unknown") -> WSGIApp:
+    """A WSGI app answering every GET with the text exposition (gzipped when accepted)."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b""]
+        body = render_text(families(agent, version=version))
+        headers = [("Content-Type", CONTENT_TYPE)]
+        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+            # Level 1: a few times smaller at a fraction of the cost of the default level.
+            body = gzip.compress(body, compresslevel=1)
+            headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(len(body))))
+        start_response("200 OK", headers)
+        return [body]
+
+    return app
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        # One line per scrape would drown the journal.
+        pass
+
+
+@dataclass(slots=True)
+class MetricsServer:
+    """The metrics HTTP server on its own thread; serves any path, /metrics included."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (useful after asking for port 0)."""
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        """Stop serving and release the socket."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5.0)
+
+
+def serve_metrics(agent: Agent, host: str, port: int, *, version: str = "unknown") -> MetricsServer:
+    """Serve the agent's metrics over HTTP on host:port (0 picks a free port)."""
+    server_class: type[WSGIServer] = _ThreadingWSGIServer
+    if ":" in host:
+        server_class = type(
+            "_ThreadingWSGIServer6", (_ThreadingWSGIServer,), {"address_family": socket.AF_INET6}
+        )
+    server = make_server(
+        host, port, metrics_app(agent, version=version), server_class, _QuietHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return MetricsServer(server, thread)
+
+
+# -- systemd status and health ---------------------------------------------------------
+
+
+def site_summary(agent: Agent) -> str:
+    """One line for systemd's STATUS: plan mode, site power against the cap, device states."""
+    record = agent.last_tick
+    n = len(agent.trackers)
+    if record is None:
+        return f"{n} device(s), {agent.sweeps} sweep(s); waiting for the first control tick"
+    v = make_view(record, agent.clock())
+    limits = record.limits
+    states: dict[str, int] = {}
+    for d in record.snapshot.devices:
+        states[d.state.value] = states.get(d.state.value, 0) + 1
+    by_state = ", ".join(f"{k} {states[k]}" for k in sorted(states)) or "no devices"
+    return (
+        f"{record.plan.mode}: site {v.site_power_w / 1000:.1f} kW "
+        f"(worst case {v.worst_case_w / 1000:.1f} kW) of effective cap "
+        f"{limits.effective_cap_w / 1000:.1f} kW from {limits.cap_source}; "
+        f"{n} device(s): {by_state}"
+    )
+
+
+def stale_tick_s(agent: Agent) -> float:
+    """How long (s) without a successful tick before the loop counts as stalled."""
+    control = agent.config.control
+    # A healthy tick may wait out one interval plus its slowest actuation; allow three.
+    return 3 * control.interval_s + control.actuation_timeout_s
+
+
+def loop_healthy(agent: Agent, started_s: float) -> bool:
+    """Whether a control tick succeeded recently (or the agent started recently)."""
+    record = agent.last_tick
+    last_s = started_s if record is None else max(record.time_s, started_s)
+    return agent.clock() - last_s <= stale_tick_s(agent)

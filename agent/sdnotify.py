@@ -1,0 +1,125 @@
+"""The systemd notification protocol (sd_notify(3)), without libsystemd.
+
+A notification is one datagram of newline-separated ``KEY=value`` fields sent
+to the AF_UNIX socket named by ``$NOTIFY_SOCKET``; a name starting with ``@``
+is in the abstract namespace. Outside systemd the variable is unset and every
+call is a no-op. The watchdog wants ``WATCHDOG=1`` within ``$WATCHDOG_USEC``;
+we ping at half that, and only while the caller says the loop is healthy, so a
+stalled loop is restarted by systemd rather than kept alive by a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+
+log = logging.getLogger("siteagent.sdnotify")
+
+
+class Notifier:
+    """Sends notifications to systemd; does nothing when not started by it."""
+
+    def __init__(self, socket_path: str | None) -> None:
+        self.socket_path = socket_path or None
+        self._failed = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
+        """A notifier for ``$NOTIFY_SOCKET`` (none set: a no-op notifier)."""
+        env = os.environ if env is None else env
+        return cls(env.get("NOTIFY_SOCKET"))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is a socket to notify."""
+        return self.socket_path is not None
+
+    def notify(self, *fields: str) -> bool:
+        """Send ``KEY=value`` fields in one datagram; True if it was sent."""
+        if self.socket_path is None:
+            return False
+        address = self.socket_path
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        payload = "\n".join(f.replace("\n", " ") for f in fields).encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.sendto(payload, address)
+        except OSError as e:
+            # Log the first failure and the recovery only: a watchdog ping fails every period.
+            if not self._failed:
+                log.warning("cannot notify systemd at %s: %s", self.socket_path, e)
+            self._failed = True
+            return False
+        if self._failed:
+            log.info("notifying systemd at %s again", self.socket_path)
+            self._failed = False
+        return True
+
+    def ready(self, status: str | None = None) -> bool:
+        """Startup finished (READY=1), with an optional status line."""
+        return self.notify("READY=1", *([] if status is None else [f"STATUS={status}"]))
+
+    def status(self, text: str) -> bool:
+        """A free-form status line for ``systemctl status``."""
+        return self.notify(f"STATUS={text}")
+
+    def watchdog(self) -> bool:
+        """Keep-alive ping (WATCHDOG=1)."""
+        return self.notify("WATCHDOG=1")
+
+    def stopping(self, status: str | None = None) -> bool:
+        """Shutdown has begun (STOPPING=1)."""
+        return self.notify("STOPPING=1", *([] if status is None else [f"STATUS={status}"]))
+
+
+def watchdog_period_s(env: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:
+    """Seconds between watchdog pings (half of ``$WATCHDOG_USEC``), or None if not asked for.
+
+    ``$WATCHDOG_PID``, when set, must be our pid: the variables may have been
+    inherited from a parent the watchdog is really meant for.
+    """
+    env = os.environ if env is None else env
+    usec_text = env.get("WATCHDOG_USEC")
+    if not usec_text:
+        return None
+    pid_text = env.get("WATCHDOG_PID")
+    if pid_text and pid_text.strip() != str(os.getpid() if pid is None else pid):
+        return None
+    try:
+        usec = int(usec_text)
+    except ValueError:
+        return None
+    if usec <= 0:
+        return None
+    return usec / 1e6 / 2
+
+
+async def supervise(
+    notifier: Notifier,
+    *,
+    healthy: Callable[[], bool],
+    status: Callable[[], str],
+    period_s: float,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    watchdog: bool = True,
+) -> None:
+    """Each period (s): a STATUS line, and WATCHDOG=1 only while ``healthy()``; until cancelled."""
+    was_healthy = True
+    while True:
+        ok = healthy()
+        if ok != was_healthy:
+            if ok:
+                log.info("control loop healthy again; watchdog pings resume")
+            else:
+                log.error("control loop stalled; withholding watchdog pings")
+            was_healthy = ok
+        line = status() if ok else f"stalled: no successful control tick recently; {status()}"
+        if ok and watchdog:
+            notifier.notify("WATCHDOG=1", f"STATUS={line}")
+        else:
+            notifier.status(line)
+        await sleep(period_s)

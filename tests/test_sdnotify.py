@@ -1,0 +1,183 @@
+"""The sd_notify protocol against a real AF_UNIX datagram socket, as systemd listens."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.sdnotify import Notifier, supervise, watchdog_period_s
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket bound in a temp dir, as systemd's notify socket is."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.settimeout(2.0)
+        yield s, str(path)
+
+
+def received(s: socket.socket) -> list[str]:
+    return s.recv(4096).decode().split("\n")
+
+
+def nothing_waiting(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        s.recv(4096)
+    except BlockingIOError:
+        return True
+    finally:
+        s.settimeout(2.0)
+    return False
+
+
+def test_ready_status_watchdog_stopping(listener: tuple[socket.socket, str]) -> None:
+    s, path = listener
+    n = Notifier.from_env({"NOTIFY_SOCKET": path})
+    assert n.enabled
+    assert n.ready("hold: site 1.0 kW")
+    assert received(s) == ["READY=1", "STATUS=hold: site 1.0 kW"]
+    assert n.status("two\nlines")
+    # A newline would split the field into a second, bogus assignment.
+    assert received(s) == ["STATUS=two lines"]
+    assert n.watchdog()
+    assert received(s) == ["WATCHDOG=1"]
+    assert n.stopping()
+    assert received(s) == ["STOPPING=1"]
+    assert nothing_waiting(s)
+
+
+def test_abstract_namespace_socket() -> None:
+    name = f"siteagent-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)
+        s.settimeout(2.0)
+        assert Notifier(f"@{name}").ready()
+        assert received(s) == ["READY=1"]
+
+
+def test_without_systemd_nothing_is_sent() -> None:
+    n = Notifier.from_env({})
+    assert not n.enabled
+    assert not n.ready()
+    assert not n.watchdog()
+
+
+def test_a_missing_socket_is_reported_not_raised(tmp_path: Path) -> None:
+    n = Notifier(str(tmp_path / "gone.sock"))
+    assert not n.watchdog()
+    assert not n.watchdog()
+
+
+@pytest.mark.parametrize(
+    ("env", "period"),
+    [
+        ({"WATCHDOG_USEC": "60000000"}, 30.0),
+        ({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": str(os.getpid())}, 30.0),
+        ({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_watchdog_period_is_half_the_timeout(env: dict[str, str], period: float | None) -> None:
+    assert watchdog_period_s(env) == period
+
+
+async def test_supervise_pings_only_while_healthy(listener: tuple[socket.socket, str]) -> None:
+    s, path = listener
+    health = iter([True, False, True])
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await supervise(
+            Notifier(path),
+            healthy=lambda: next(health),
+            status=lambda: "hold: site 1.0 kW",
+            period_s=30.0,
+            sleep=fake_sleep,
+        )
+    assert slept == [30.0, 30.0, 30.0]
+    assert received(s) == ["WATCHDOG=1", "STATUS=hold: site 1.0 kW"]
+    stalled = received(s)
+    assert stalled[0].startswith("STATUS=stalled")
+    assert not any(f.startswith("WATCHDOG") for f in stalled)
+    assert received(s) == ["WATCHDOG=1", "STATUS=hold: site 1.0 kW"]
+    assert nothing_waiting(s)
+
+
+async def test_supervise_without_watchdog_sends_status_only(
+    listener: tuple[socket.socket, str],
+) -> None:
+    s, path = listener
+
+    async def stop(seconds: float) -> None:
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await supervise(
+            Notifier(path),
+            healthy=lambda: True,
+            status=lambda: "ok",
+            period_s=5.0,
+            sleep=stop,
+            watchdog=False,
+        )
+    assert received(s) == ["STATUS=ok"]
+
+
+def test_siteagent_run_talks_to_systemd_and_stops_on_sigterm(
+    listener: tuple[socket.socket, str], tmp_path: Path
+) -> None:
+    """The real daemon, no devices: READY after the first sweep, pings, STOPPING, exit 0."""
+    s, path = listener
+    s.settimeout(20.0)
+    cfg = tmp_path / "siteagent.toml"
+    cfg.write_text(
+        "[site]\ncap_w = 10000\n[control]\ninterval_s = 0.5\n[telemetry]\ninterval_s = 0.5\n"
+        '[metrics]\nhost = "127.0.0.1"\nport = 0\n'
+    )
+    env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready = received(s)
+        assert ready[0] == "READY=1", ready
+        assert ready[1].startswith("STATUS="), ready
+        s.settimeout(5.0)
+        fields: list[str] = []
+        while not any(f.startswith("STATUS=hold") for f in fields):
+            fields = received(s)
+        assert fields[0] == "WATCHDOG=1", fields
+        proc.send_signal(signal.SIGTERM)
+        while fields[0] != "STOPPING=1":
+            fields = received(s)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        assert proc.stderr is not None
+        log = proc.stderr.read()
+    assert "metrics on http://127.0.0.1:" in log, log
