@@ -23,7 +23,7 @@ from typing import Any
 from agent.config import Config, load_config
 from agent.inventory import build_trackers
 from agent.loop import Agent, TickRecord
-from domain import DeviceState
+from domain import DeviceKind, DeviceState
 
 log = logging.getLogger("siteagent.demo")
 
@@ -114,6 +114,19 @@ def demo_config(base: Config, sim_inventory: dict[str, Any], hard_cap_w: float) 
     data["site"]["cap_w"] = hard_cap_w
     data["inventory"]["scan"] = [f"{addresses[0]}-{addresses[-1]}"]
     data["inventory"]["miners"] = []
+    data["gpu_nodes"] = [
+        {
+            "id": f"gpu-node-{i + 1}",
+            "host": n["address"],
+            "port": n["port"],
+            "username": n["username"],
+            "client_key": n["client_key"],
+            "known_hosts": n["known_hosts"],
+            "gpus": n["gpus"],
+            "overhead_w": n["overhead_w"],
+        }
+        for i, n in enumerate(sim_inventory.get("gpu_nodes", []))
+    ]
     return Config.model_validate(data)
 
 
@@ -142,7 +155,10 @@ def over_cap(
 async def run_demo(
     miners: int = 50,
     *,
+    gpu_nodes: int = 4,
+    gpus_per_node: int = 8,
     base: str = "127.1.0.1",
+    gpu_base: str = "127.2.0.1",
     config_path: Path = DEMO_CONFIG,
     time_scale: float = 1.0,
     out: Any = sys.stdout,
@@ -152,7 +168,11 @@ async def run_demo(
     sim = await SimClient.start(
         miners,
         base,
-        ["--settle-s", "4", "--pause-s", "2", "--wake-s", "5", "--sample-s", "0.25"],
+        [
+            *("--settle-s", "4", "--pause-s", "2", "--wake-s", "5", "--sample-s", "0.25"),
+            *("--gpu-nodes", str(gpu_nodes), "--gpus-per-node", str(gpus_per_node)),
+            *("--gpu-base", gpu_base, "--gpu-port", "0"),
+        ],
     )
     try:
         return await _run(sim, cfg0, miners, time_scale, out)
@@ -163,12 +183,17 @@ async def run_demo(
 async def _run(
     sim: SimClient, cfg0: Config, miners: int, time_scale: float, out: Any
 ) -> dict[str, Any]:
-    full_w = sum(float(m["nameplate_power_w"]) for m in sim.inventory["miners"])
+    mining_w = sum(float(m["nameplate_power_w"]) for m in sim.inventory["miners"])
+    nodes = sim.inventory.get("gpu_nodes", [])
+    gpu_full_w = sum(700.0 * n["gpus"] + float(n["overhead_w"]) for n in nodes)
+    full_w = mining_w + gpu_full_w
     cfg = demo_config(cfg0, sim.inventory, hard_cap_w=full_w)
     trackers = await build_trackers(cfg)
+    found = sum(1 for t in trackers if t.kind is DeviceKind.MINER)
     print(
-        f"demo: {len(trackers)} of {miners} simulated Braiins OS miners found by pyasic; "
-        f"full power {full_w / 1000:.1f} kW",
+        f"demo: {found} of {miners} simulated Braiins OS miners found by pyasic, "
+        f"{len(nodes)} GPU node(s) over SSH; full power {full_w / 1000:.1f} kW "
+        f"({mining_w / 1000:.1f} kW mining, {gpu_full_w / 1000:.1f} kW AI)",
         file=out,
         flush=True,
     )
@@ -178,13 +203,19 @@ async def _run(
 
     def status(rec: TickRecord) -> None:
         snap = rec.snapshot
-        mining = sum(1 for d in snap.devices if d.state is DeviceState.MINING)
-        asleep = sum(1 for d in snap.devices if d.state is DeviceState.SLEEPING)
-        other = len(snap.devices) - mining - asleep
+        miners_ = [d for d in snap.devices if d.kind is DeviceKind.MINER]
+        mining = sum(1 for d in miners_ if d.state is DeviceState.MINING)
+        asleep = sum(1 for d in miners_ if d.state is DeviceState.SLEEPING)
+        other = len(miners_) - mining - asleep
+        ai_w = sum(
+            d.reading.power_w or 0.0
+            for d in snap.devices
+            if d.kind is not DeviceKind.MINER and d.reading is not None
+        )
         print(
             f"t={rec.time_s - t0:5.1f}s  site {snap.measured_w / 1000:6.1f} kW "
             f"(sim {sim_power['w'] / 1000:6.1f})  cap {cap_now['w'] / 1000:6.1f} kW  "
-            f"effective {rec.limits.effective_cap_w / 1000:6.1f} kW  "
+            f"effective {rec.limits.effective_cap_w / 1000:6.1f} kW  AI {ai_w / 1000:5.1f} kW  "
             f"mining {mining:3d}  asleep {asleep:3d}  other {other:2d}  "
             f"{rec.plan.mode:7s} sent {len(rec.applied):2d} "
             f"deferred {len(rec.ordered.deferred):2d}",
@@ -227,8 +258,11 @@ async def _run(
         return [c for s, c in caps if s <= t][-1] if t >= caps[0][0] else caps[0][1]
 
     final = agent.snapshot()
+    gpus = [d for d in final.devices if d.kind is DeviceKind.GPU]
     report = {
-        "miners": len(trackers),
+        "miners": found,
+        "gpu_nodes": len(nodes),
+        "gpus": len(gpus),
         "duration_s": round(ended - started, 1),
         "cap_changes": len(caps) - 1,
         "caps": [{"t_s": round(s - started, 2), "cap_w": c} for s, c in caps],
@@ -246,6 +280,7 @@ async def _run(
         "final": {
             "mining": sum(1 for d in final.devices if d.state is DeviceState.MINING),
             "asleep": sum(1 for d in final.devices if d.state is DeviceState.SLEEPING),
+            "gpu_power_limits_w": sorted({d.power_target_w or 0.0 for d in gpus}),
             "site_power_w": round(samples[-1][1], 1) if samples else None,
         },
     }
@@ -260,7 +295,8 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(
         [
             "demo summary",
-            f"  miners driven through pyasic: {report['miners']}",
+            f"  miners driven through pyasic: {report['miners']}; GPUs over SSH: "
+            f"{report['gpus']} on {report['gpu_nodes']} node(s)",
             f"  duration: {report['duration_s']} s, {report['ticks']} ticks, "
             f"{report['sweeps']} sweeps",
             f"  cap changes: {report['cap_changes']} ({caps})",

@@ -32,8 +32,17 @@ def test_over_cap_ignores_the_correction_window_after_drops_only() -> None:
 @pytest.mark.slow
 async def test_demo_keeps_the_simulated_site_under_its_cap() -> None:
     out = io.StringIO()
-    report = await run_demo(10, base="127.1.40.1", time_scale=0.6, out=out)
+    report = await run_demo(
+        10,
+        gpu_nodes=1,
+        gpus_per_node=4,
+        base="127.1.40.1",
+        gpu_base="127.2.40.1",
+        time_scale=0.6,
+        out=out,
+    )
     assert report["miners"] == 10
+    assert report["gpus"] == 4
     assert report["cap_changes"] == 2
     assert report["seconds_over_cap"] == 0, out.getvalue()
     assert (
