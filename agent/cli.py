@@ -78,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def _run_agent(config_path: str) -> int:
-    from agent.inventory import build_trackers
+    from agent.inventory import build_trackers, close_drivers
     from agent.loop import Agent
     from agent.metrics import loop_healthy, serve_metrics, site_summary
     from agent.sdnotify import Notifier, supervise, watchdog_period_s
@@ -113,6 +113,7 @@ async def _run_agent(config_path: str) -> int:
     notifier.stopping("stopping: finishing the tick in flight, leaving devices where they are")
     supervisor.cancel()
     await agent.stop()
+    await close_drivers(trackers)
     metrics.close()
     return EXIT_OK
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config, load_config
-from agent.inventory import build_trackers
+from agent.inventory import build_trackers, close_drivers
 from agent.loop import Agent, TickRecord
 from domain import DeviceKind, DeviceState
 
@@ -246,6 +246,7 @@ async def _run(
             await asyncio.sleep(phase.duration_s * time_scale)
     finally:
         await agent.stop()
+        await close_drivers(trackers)
         poller.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await poller

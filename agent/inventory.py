@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from agent.config import Config, GpuNodeConfig, MinerConfig, parse_address_range
@@ -145,3 +146,14 @@ def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[D
             )
         )
     return out
+
+
+async def close_drivers(trackers: list[DeviceTracker]) -> None:
+    """Close every GPU node once (SSH sessions; NVML limits restored where configured)."""
+    nodes = {id(t.driver.node): t.driver.node for t in trackers if isinstance(t.driver, GpuDevice)}
+    results = await asyncio.gather(
+        *(n.driver.close() for n in nodes.values()), return_exceptions=True
+    )
+    for node, result in zip(nodes.values(), results, strict=True):
+        if isinstance(result, BaseException):
+            log.warning("%s: close failed: %s", node.driver.node_id, result)

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent.config import parse_config
-from agent.inventory import build_trackers
+from agent.gpus import GpuDevice
+from agent.inventory import build_trackers, close_drivers
 from agent.loop import Agent
 from domain import DeviceKind, DeviceState
+from drivers.ssh import SshNodeDriver
 from sim.gpu import SimGpuSite
 from sim.site import SimSite
 
@@ -96,3 +98,9 @@ async def test_mining_is_shed_before_any_gpu_and_gpus_only_below_that(
     assert min(limits_after) >= 200.0 and limits_after == sorted(limits_after, reverse=True)
     now = time.monotonic()
     assert miners.total_power_w(now) + gpus.total_power_w(now) <= cap
+    # Shutdown closes each node's SSH session once.
+    device = agent.trackers[gpu_ids[0]].driver
+    assert isinstance(device, GpuDevice) and isinstance(device.node.driver, SshNodeDriver)
+    assert device.node.driver.link._conn is not None
+    await close_drivers(list(agent.trackers.values()))
+    assert device.node.driver.link._conn is None
