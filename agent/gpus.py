@@ -43,6 +43,8 @@ class GpuNode:
         self._connecting: asyncio.Task[dict[int, GpuInfo]] | None = None
         self._reading: asyncio.Task[dict[int, GpuReading]] | None = None
         self._last: tuple[float, dict[int, GpuReading]] | None = None
+        self._limits_w: dict[int, float] = {}
+        self.drained = False
 
     async def connect(self) -> dict[int, GpuInfo]:
         """Enumerate the node's GPUs (once; concurrent callers share the attempt)."""
@@ -69,7 +71,33 @@ class GpuNode:
     async def _read(self) -> dict[int, GpuReading]:
         result = {r.index: r for r in await self.driver.read()}
         self._last = (self.clock(), result)
+        for r in result.values():
+            if r.power_limit_w is not None:
+                self._limits_w.setdefault(r.index, r.power_limit_w)
         return result
+
+    def _all_at_minimum(self, limits_w: dict[int, float]) -> bool:
+        infos = self.infos or {}
+        return bool(infos) and all(
+            limits_w.get(i, g.power_limit_max_w) <= g.power_limit_min_w for i, g in infos.items()
+        )
+
+    async def set_limit(self, index: int, power_w: float) -> float:
+        """Set one GPU's limit (W), draining the node first when this takes every GPU to
+        its minimum and undraining it once one comes back above."""
+        # Record the intent before any await: the loop sets a node's GPUs concurrently,
+        # and the last of them to go down is the one that must drain first.
+        self._limits_w[index] = power_w
+        if not self.drained and self._all_at_minimum(self._limits_w):
+            # Move the customers' requests elsewhere before the node can no longer serve them.
+            self.drained = True
+            await self.driver.drain()
+        applied = await self.driver.set_power_limit(index, power_w)
+        self._limits_w[index] = applied
+        if self.drained and not self._all_at_minimum(self._limits_w):
+            self.drained = False
+            await self.driver.undrain()
+        return applied
 
 
 class GpuDevice:
@@ -134,7 +162,7 @@ class GpuDevice:
 
     async def set_power_target(self, power_w: float) -> float:
         """Set this GPU's power limit (W); returns what was applied."""
-        return await self.node.driver.set_power_limit(self.index, power_w)
+        return await self.node.set_limit(self.index, power_w)
 
     async def sleep(self) -> None:
         """GPUs do not sleep; the policy never asks."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ async def sites() -> AsyncIterator[tuple[SimSite, SimGpuSite]]:
         await miners.stop()
 
 
-async def make_agent(miners: SimSite, gpus: SimGpuSite) -> Agent:
+async def make_agent(miners: SimSite, gpus: SimGpuSite, **node_extra: Any) -> Agent:
     node = gpus.inventory()[0]
     cfg = parse_config(
         {
@@ -50,6 +51,7 @@ async def make_agent(miners: SimSite, gpus: SimGpuSite) -> Agent:
                     "known_hosts": node["known_hosts"],
                     "gpus": node["gpus"],
                     "overhead_w": node["overhead_w"],
+                    **node_extra,
                 }
             ],
             "policy": {"min_off_s": 0, "restore_ramp_w_per_s": 1_000_000},
@@ -104,3 +106,28 @@ async def test_mining_is_shed_before_any_gpu_and_gpus_only_below_that(
     assert device.node.driver.link._conn is not None
     await close_drivers(list(agent.trackers.values()))
     assert device.node.driver.link._conn is None
+
+
+async def test_ai_at_minimum_drains_the_node_and_resuming_undrains_it(
+    sites: tuple[SimSite, SimGpuSite],
+) -> None:
+    miners, gpus = sites
+    agent = await make_agent(
+        miners,
+        gpus,
+        drain_command="sudo -n systemctl stop inference",
+        undrain_command="sudo -n systemctl start inference",
+    )
+    node = gpus.nodes[0]
+    assert not node.drained
+    agent.set_mode("ovr-ai", "ai-min")
+    await settle(agent, 4)
+    gpu_limits = [t.power_target_w for t in agent.trackers.values() if t.kind is DeviceKind.GPU]
+    assert gpu_limits == [200.0] * 4
+    assert node.drained
+    agent.clear_source("ovr-ai")
+    await settle(agent, 4)
+    assert not node.drained
+    assert all(
+        t.power_target_w == 700.0 for t in agent.trackers.values() if t.kind is DeviceKind.GPU
+    )
