@@ -166,6 +166,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return sim_main(args.sim_args)
 
 
+def _cmd_backtest(args: argparse.Namespace) -> int:
+    from agent.backtest import cmd_backtest
+
+    return cmd_backtest(args)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line grammar."""
     p = argparse.ArgumentParser(
@@ -199,6 +205,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", default="/etc/siteagent/siteagent.toml")
     s.add_argument("--dry-run", action="store_true", help="print only; send nothing")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("backtest", help="replay a price series under each policy vs an LP optimum")
+    s.add_argument("--config", "-c", default=None, help="site config (default: a synthetic site)")
+    s.add_argument("--prices", required=True, help="price series (.csv or .json)")
+    s.add_argument("--miners", type=int, default=60, help="synthetic site: miners")
+    s.add_argument("--gpus", type=int, default=16, help="synthetic site: GPUs (8 to a node)")
+    s.add_argument("--days", type=float, default=None, help="replay only the first N days")
+    s.add_argument("--plot", default=None, help="write a PNG of power and prices here")
+    s.add_argument("--report", choices=["text", "json"], default="text")
+    s.set_defaults(func=_cmd_backtest)
 
     s = sub.add_parser("sim", help="run a simulated site (see `siteagent sim -- --help`)")
     s.add_argument("sim_args", nargs=argparse.REMAINDER)

@@ -94,21 +94,32 @@ class InventoryConfig(_Strict):
 
 
 class PricesConfig(_Strict):
-    """Static prices; live feeds come with the economic policy."""
+    """Prices: static values, or a series from a file or an HTTP feed, with stale fallbacks."""
 
     hashprice_usd_per_th_day: NonNegW = 0.05
     electricity_usd_per_kwh: NonNegW = 0.05
+    ai_usd_per_gpu_hour: NonNegW = 2.0
+    source: Literal["static", "file", "http"] = "static"
+    path: str | None = None
+    url: str | None = None
+    poll_interval_s: PositiveS = 300.0
+    stale_after_s: PositiveS = 900.0
+    # What a stale electricity price is taken to be: high, so the planner sheds rather than loses.
+    fallback_electricity_usd_per_kwh: NonNegW = 0.25
 
 
 class PolicyConfig(_Strict):
     """The capping policy and its hysteresis band, as fractions of the effective cap."""
 
-    name: Literal["efficiency-capping"] = "efficiency-capping"
+    name: Literal["efficiency-capping", "economic"] = "efficiency-capping"
     capping_threshold: Fraction = 1.0
     capping_target: Fraction = 0.97
     uncapping_threshold: Fraction = 0.92
     min_off_s: NonNegW = 300.0
     restore_ramp_w_per_s: PositiveW = 10_000.0
+    # Economic policy only (policies/economic.py).
+    default_utilization_frac: Fraction = 0.6
+    keep_margin_usd_per_kwh: NonNegW = 0.01
 
     @model_validator(mode="after")
     def _band_ordered(self) -> PolicyConfig:
@@ -160,6 +171,8 @@ class GpuNodeConfig(_Strict):
     domain: str | None = None
     overhead_w: NonNegW = 0.0
     drain_command: str | None = None
+    # GPU power (W, whole node) kept for a customer; the economic policy never plans below it.
+    contract_floor_w: NonNegW = 0.0
     undrain_command: str | None = None
     restore_limits_on_exit: bool = False
 

@@ -21,6 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from agent.config import Config
 from agent.devices import DeviceTracker
 from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
+from agent.prices import economic_params, static_prices
 from agent.safety import Change, Ordered, order_changes
 from domain import (
     DeviceError,
@@ -34,6 +35,8 @@ from domain import (
 )
 from policies.capping import CappingParams, DomainTree, domain_loads_w
 from policies.capping import plan as capping_plan
+from policies.economic import plan as economic_plan
+from policies.prices import Prices
 
 log = logging.getLogger("siteagent.loop")
 
@@ -90,6 +93,9 @@ class Agent:
             uncapping_threshold=config.policy.uncapping_threshold,
             min_off_s=config.policy.min_off_s,
         )
+        # Prices for the economic policy: static by default; a feed replaces this callable.
+        self.prices: Callable[[], Prices] = lambda: static_prices(config)
+        self.economic_params = economic_params(config)
         self._caps: dict[str, float] = {SITE_CAP_SOURCE: config.site.cap_w}
         self._domain_caps: dict[str, dict[str, float]] = {d.id: {} for d in config.domains}
         self._modes: dict[str, str] = {}
@@ -296,7 +302,7 @@ class Agent:
         started = time.perf_counter()
         snap = self.snapshot()
         limits = self.limits()
-        plan = capping_plan(snap, limits, self.params, self.last_plan)
+        plan = self.plan(snap, limits)
         ordered = order_changes(
             plan, snap, limits, max_increase_w=self._ramp_allowance(snap.time_s)
         )
@@ -328,6 +334,12 @@ class Agent:
         if self.on_tick is not None:
             self.on_tick(record)
         return record
+
+    def plan(self, snap: Snapshot, limits: Limits) -> Plan:
+        """The configured policy's plan for this snapshot (capping unless `economic`)."""
+        if self.config.policy.name == "economic":
+            return economic_plan(snap, limits, self.prices(), self.economic_params, self.last_plan)
+        return capping_plan(snap, limits, self.params, self.last_plan)
 
     def _ramp_allowance(self, now_s: float) -> float:
         # Increases are rate-limited: what one step may add is the ramp rate over

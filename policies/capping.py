@@ -104,7 +104,7 @@ def plan(
     pins = {p.device_id: p for p in limits.pins}
     controllable = [d for d in snapshot.devices if d.kind in MOVABLE_KINDS and d.controllable]
     pinned = [
-        _pinned(d, pins[d.device_id])
+        pinned_setpoint(d, pins[d.device_id])
         for d in controllable
         if d.device_id in pins and not pins[d.device_id].exclude
     ]
@@ -180,7 +180,7 @@ class _Ctx:
     key: str
 
 
-def _pinned(d: DeviceStatus, pin: Pin) -> tuple[DeviceStatus, Setpoint]:
+def pinned_setpoint(d: DeviceStatus, pin: Pin) -> tuple[DeviceStatus, Setpoint]:
     """The setpoint an operator's pin asks for, clamped to what the device can do."""
     w = pin.power_w if pin.power_w is not None else max_level_w(d)
     why = f"pinned by {pin.source or 'an override'} at {w:.0f} W"

@@ -1,0 +1,137 @@
+"""Price inputs with IO: a CSV or JSON file, or an HTTP endpoint polled on a schedule.
+
+The pure part (lookup, staleness, fallbacks) is ``policies/prices.py``. A file or
+feed that cannot be read leaves the last good series in place; the policy then
+sees the prices go stale and uses the stated fallbacks.
+
+CSV columns (header row required): ``timestamp_unix_s, hashprice_usd_per_th_day,
+electricity_usd_per_kwh, ai_usd_per_gpu_hour`` and optionally ``ai_demand_frac``.
+JSON: a list of objects with the same keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.config import Config
+from policies.capping import CappingParams
+from policies.economic import EconomicParams
+from policies.prices import PriceFallback, PricePoint, Prices, PriceSeries
+
+COLUMNS = (
+    "timestamp_unix_s",
+    "hashprice_usd_per_th_day",
+    "electricity_usd_per_kwh",
+    "ai_usd_per_gpu_hour",
+    "ai_demand_frac",
+)
+
+
+class PriceFormatError(ValueError):
+    """A price file or feed that cannot be parsed; the message names the row."""
+
+
+def _point(row: Mapping[str, Any], where: str) -> PricePoint:
+    try:
+        demand = row.get("ai_demand_frac")
+        return PricePoint(
+            float(row["timestamp_unix_s"]),
+            float(row["hashprice_usd_per_th_day"]),
+            float(row["electricity_usd_per_kwh"]),
+            float(row["ai_usd_per_gpu_hour"]),
+            None if demand in (None, "") else float(demand),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise PriceFormatError(f"{where}: {e!r}; expected the columns {COLUMNS}") from None
+
+
+def parse_csv(text: str) -> PriceSeries:
+    """A price series from CSV text."""
+    reader = csv.DictReader(io.StringIO(text))
+    return PriceSeries(_point(row, f"row {i + 2}") for i, row in enumerate(reader))
+
+
+def parse_json(text: str) -> PriceSeries:
+    """A price series from JSON text (a list of objects)."""
+    data = json.loads(text)
+    if not isinstance(data, list):
+        raise PriceFormatError("expected a JSON list of price objects")
+    return PriceSeries(_point(row, f"item {i}") for i, row in enumerate(data))
+
+
+def load_series(path: str | Path) -> PriceSeries:
+    """Read a price series from a .csv or .json file."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    return parse_json(text) if p.suffix.lower() == ".json" else parse_csv(text)
+
+
+def write_csv(points: Iterable[PricePoint], path: str | Path) -> None:
+    """Write a price series as CSV (the format ``load_series`` reads)."""
+    with Path(path).open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for p in points:
+            w.writerow(
+                [
+                    f"{p.timestamp_unix_s:.0f}",
+                    f"{p.hashprice_usd_per_th_day:.5f}",
+                    f"{p.electricity_usd_per_kwh:.5f}",
+                    f"{p.ai_usd_per_gpu_hour:.3f}",
+                    "" if p.ai_demand_frac is None else f"{p.ai_demand_frac:.3f}",
+                ]
+            )
+
+
+async def fetch_http(url: str, timeout_s: float = 5.0) -> PriceSeries:
+    """Poll an HTTP endpoint serving CSV or JSON prices (blocking IO in a thread)."""
+
+    def get() -> tuple[str, str]:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.headers.get_content_type(), r.read().decode("utf-8")
+
+    kind, text = await asyncio.to_thread(get)
+    return parse_json(text) if "json" in kind else parse_csv(text)
+
+
+def static_prices(cfg: Config) -> Prices:
+    """The configured static prices."""
+    p = cfg.prices
+    return Prices(p.hashprice_usd_per_th_day, p.electricity_usd_per_kwh, p.ai_usd_per_gpu_hour)
+
+
+def fallback(cfg: Config) -> PriceFallback:
+    """What each stale input is taken to be: the configured high electricity price."""
+    p = cfg.prices
+    return PriceFallback(
+        p.stale_after_s,
+        p.fallback_electricity_usd_per_kwh,
+        p.hashprice_usd_per_th_day,
+        p.ai_usd_per_gpu_hour,
+    )
+
+
+def economic_params(cfg: Config) -> EconomicParams:
+    """The economic policy's parameters from the config, contract floors split per GPU."""
+    pol = cfg.policy
+    floors = {
+        f"{n.id}/gpu{i}": n.contract_floor_w / n.gpus
+        for n in cfg.gpu_nodes
+        if n.contract_floor_w > 0
+        for i in range(n.gpus)
+    }
+    return EconomicParams(
+        capping=CappingParams(
+            pol.capping_threshold, pol.capping_target, pol.uncapping_threshold, pol.min_off_s
+        ),
+        default_utilization_frac=pol.default_utilization_frac,
+        keep_margin_usd_per_kwh=pol.keep_margin_usd_per_kwh,
+        contract_floor_w=floors,
+    )

@@ -1,0 +1,144 @@
+"""Time one economic plan for a large mixed site, against merely sorting the devices by value.
+
+Run: .venv/bin/python bench/bench_economic_plan.py [--miners 45000 --gpus 5000]
+The site has three levels below the site cap: 10 feeders, racks of 40 devices
+under them. Prints the median of several runs and the ratio to the baseline of
+sorting every device by its net value per kWh (which any merit order must do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+from domain import (
+    DeviceKind,
+    DeviceReading,
+    DeviceState,
+    DeviceStatus,
+    DomainLimit,
+    Limits,
+    MinerCapabilities,
+    Snapshot,
+)
+from policies.economic import EconomicParams, miner_revenue_usd_per_h, plan
+from policies.prices import Prices
+
+PRICES = Prices(0.05, 0.06, 2.0)
+
+
+def site(miners: int, gpus: int, seed: int = 1) -> tuple[Snapshot, Limits]:
+    """Miners then GPUs, 40 to a rack, racks round-robin under 10 feeders."""
+    rng = random.Random(seed)
+    devices = []
+    for i in range(miners + gpus):
+        rack = f"rack-{i // 40}"
+        if i < miners:
+            nameplate = rng.choice([3010.0, 3068.0, 3500.0, 3510.0])
+            caps = MinerCapabilities(
+                power_target=True,
+                power_target_min_w=nameplate * 0.5,
+                power_target_max_w=nameplate,
+                can_sleep=True,
+            )
+            devices.append(
+                DeviceStatus(
+                    device_id=f"m{i:06d}",
+                    kind=DeviceKind.MINER,
+                    domain=rack,
+                    state=DeviceState.MINING,
+                    nameplate_power_w=nameplate,
+                    nameplate_hashrate_ths=rng.choice([104.0, 140.0, 200.0, 234.0]),
+                    sleep_power_w=25.0,
+                    capabilities=caps,
+                    budget_w=nameplate,
+                    expected_w=nameplate,
+                    controllable=True,
+                    power_target_w=nameplate,
+                    awake=True,
+                )
+            )
+        else:
+            caps = MinerCapabilities(
+                power_target=True, power_target_min_w=200.0, power_target_max_w=700.0
+            )
+            util = rng.uniform(0.2, 1.0)
+            devices.append(
+                DeviceStatus(
+                    device_id=f"g{i:06d}",
+                    kind=DeviceKind.GPU,
+                    domain=rack,
+                    state=DeviceState.RUNNING,
+                    nameplate_power_w=700.0,
+                    nameplate_hashrate_ths=0.0,
+                    sleep_power_w=0.0,
+                    capabilities=caps,
+                    budget_w=700.0,
+                    expected_w=700.0,
+                    controllable=True,
+                    reading=DeviceReading(
+                        f"g{i:06d}", 0.0, 500.0, DeviceState.RUNNING, utilization_frac=util
+                    ),
+                    reading_age_s=1.0,
+                    power_target_w=700.0,
+                    awake=True,
+                )
+            )
+    n_racks = (miners + gpus + 39) // 40
+    feeders = [DomainLimit(f"feeder-{i}", 1e12) for i in range(10)]
+    racks = [
+        DomainLimit(f"rack-{i}", 40 * 3300.0, parent=f"feeder-{i % 10}") for i in range(n_racks)
+    ]
+    full = sum(d.nameplate_power_w for d in devices)
+    limits = Limits(full, 0.6 * full, "bench", domains=tuple(feeders + racks))
+    return Snapshot(0.0, tuple(devices)), limits
+
+
+def median_s(fn: Callable[[], object], runs: int) -> float:
+    """Median wall time (s) of fn over runs."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def value_usd_per_kwh(d: DeviceStatus) -> float:
+    """Net value per kWh at full power: the baseline's sort key."""
+    if d.kind is DeviceKind.GPU:
+        return PRICES.ai_usd_per_gpu_hour / 0.7 - PRICES.electricity_usd_per_kwh
+    rev = miner_revenue_usd_per_h(d, d.nameplate_power_w, PRICES.hashprice_usd_per_th_day)
+    return rev / (d.nameplate_power_w / 1000.0) - PRICES.electricity_usd_per_kwh
+
+
+def main() -> None:
+    """Print the economic plan's time and its ratio to a sort by value."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--miners", type=int, default=45_000)
+    ap.add_argument("--gpus", type=int, default=5_000)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    snap, limits = site(args.miners, args.gpus)
+    params = EconomicParams()
+    base = median_s(
+        lambda: sorted(snap.devices, key=lambda d: (-value_usd_per_kwh(d), d.device_id)),
+        args.runs,
+    )
+    p = plan(snap, limits, PRICES, params)
+    t_plan = median_s(lambda: plan(snap, limits, PRICES, params), args.runs)
+    awake = sum(1 for sp in p.setpoints if sp.awake)
+    print(
+        f"devices: {len(snap.devices)} ({args.miners} miners, {args.gpus} GPUs), "
+        f"plan mode: {p.mode}, awake: {awake}, planned {p.planned_w / 1e6:.2f} MW "
+        f"of {limits.effective_cap_w / 1e6:.2f} MW"
+    )
+    print(f"baseline sort by value: {base * 1000:8.1f} ms")
+    print(f"economic plan:          {t_plan * 1000:8.1f} ms  ({t_plan / base:5.1f}x sort)")
+
+
+if __name__ == "__main__":
+    main()
