@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
-from collections.abc import Callable
+
+from benchlib import median_s, mining_status
 
 from domain import (
     DeviceKind,
@@ -37,30 +36,7 @@ def site(miners: int, gpus: int, seed: int = 1) -> tuple[Snapshot, Limits]:
     for i in range(miners + gpus):
         rack = f"rack-{i // 40}"
         if i < miners:
-            nameplate = rng.choice([3010.0, 3068.0, 3500.0, 3510.0])
-            caps = MinerCapabilities(
-                power_target=True,
-                power_target_min_w=nameplate * 0.5,
-                power_target_max_w=nameplate,
-                can_sleep=True,
-            )
-            devices.append(
-                DeviceStatus(
-                    device_id=f"m{i:06d}",
-                    kind=DeviceKind.MINER,
-                    domain=rack,
-                    state=DeviceState.MINING,
-                    nameplate_power_w=nameplate,
-                    nameplate_hashrate_ths=rng.choice([104.0, 140.0, 200.0, 234.0]),
-                    sleep_power_w=25.0,
-                    capabilities=caps,
-                    budget_w=nameplate,
-                    expected_w=nameplate,
-                    controllable=True,
-                    power_target_w=nameplate,
-                    awake=True,
-                )
-            )
+            devices.append(mining_status(f"m{i:06d}", rack, rng))
         else:
             caps = MinerCapabilities(
                 power_target=True, power_target_min_w=200.0, power_target_max_w=700.0
@@ -95,16 +71,6 @@ def site(miners: int, gpus: int, seed: int = 1) -> tuple[Snapshot, Limits]:
     full = sum(d.nameplate_power_w for d in devices)
     limits = Limits(full, 0.6 * full, "bench", domains=tuple(feeders + racks))
     return Snapshot(0.0, tuple(devices)), limits
-
-
-def median_s(fn: Callable[[], object], runs: int) -> float:
-    """Median wall time (s) of fn over runs."""
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def value_usd_per_kwh(d: DeviceStatus) -> float:

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
-from collections.abc import Callable
+
+from benchlib import median_s, mining_status
 
 from agent.safety import order_changes
 from domain import (
-    DeviceKind,
-    DeviceState,
-    DeviceStatus,
     DomainLimit,
     Limits,
-    MinerCapabilities,
     Snapshot,
 )
 from policies.capping import CappingParams, plan
@@ -34,45 +29,10 @@ def site(n: int, seed: int = 1) -> tuple[Snapshot, Limits]:
         DomainLimit(f"rack-{i}", 40 * 3300.0, parent=f"feeder-{i % 10}")
         for i in range((n + 39) // 40)
     ]
-    devices = []
-    for i in range(n):
-        nameplate = rng.choice([3010.0, 3068.0, 3500.0, 3510.0])
-        caps = MinerCapabilities(
-            power_target=True,
-            power_target_min_w=nameplate * 0.5,
-            power_target_max_w=nameplate,
-            can_sleep=True,
-        )
-        devices.append(
-            DeviceStatus(
-                device_id=f"m{i:06d}",
-                kind=DeviceKind.MINER,
-                domain=f"rack-{i // 40}",
-                state=DeviceState.MINING,
-                nameplate_power_w=nameplate,
-                nameplate_hashrate_ths=rng.choice([104.0, 140.0, 200.0, 234.0]),
-                sleep_power_w=25.0,
-                capabilities=caps,
-                budget_w=nameplate,
-                expected_w=nameplate,
-                controllable=True,
-                power_target_w=nameplate,
-                awake=True,
-            )
-        )
+    devices = [mining_status(f"m{i:06d}", f"rack-{i // 40}", rng) for i in range(n)]
     full = sum(d.nameplate_power_w for d in devices)
     limits = Limits(full, 0.6 * full, "bench", domains=tuple(feeders + racks))
     return Snapshot(0.0, tuple(devices)), limits
-
-
-def median_s(fn: Callable[[], object], runs: int) -> float:
-    """Median wall time (s) of fn over runs."""
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
 import time
-from collections.abc import Callable
 
+from benchlib import median_s
 from prometheus_client import generate_latest
 
 from agent.config import parse_config
@@ -106,16 +105,6 @@ def build_agent(n: int, seed: int = 1) -> Agent:
         t.record_reading(reading, clock_s, 120.0)
         trackers.append(t)
     return Agent(cfg, trackers, clock=lambda: clock_s)
-
-
-def median_s(fn: Callable[[], object], runs: int) -> float:
-    """Median wall time (s) of fn over runs."""
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
