@@ -54,6 +54,7 @@ class Fault(enum.StrEnum):
     GARBAGE = "garbage"  # answer bytes that are neither JSON, HTTP/2 nor protobuf
     REFUSE_COMMANDS = "refuse_commands"  # reads work, control calls fail (gRPC error)
     MISREPORT_POWER = "misreport_power"  # reported power is true power x ``factor``
+    REBOOT = "reboot"  # spontaneous reboot: gone for ``down_s``, back mining, uptime reset
 
 
 DEFAULT_SLOW_DELAY_S = 2.0
@@ -157,6 +158,13 @@ class SimBraiinsMiner:
     def set_fault(self, fault: str | Fault, **kw: float) -> None:
         """Switch fault now (``delay_s`` for slow, ``factor`` for misreport_power)."""
         f = Fault(fault)
+        if f is Fault.REBOOT:
+            down_s = float(kw.get("down_s", 5.0))
+            self.set_fault(Fault.REFUSE)
+            # Controller boot: ~60 W until the mining service is back.
+            self.power.restart(self.clock(), down_s, 60.0)
+            asyncio.get_running_loop().call_later(down_s, self.set_fault, Fault.NONE)
+            return
         self.faults = FaultState(
             fault=f,
             delay_s=float(kw.get("delay_s", DEFAULT_SLOW_DELAY_S)),

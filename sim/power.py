@@ -54,6 +54,9 @@ SIM_MODELS: dict[str, SimModel] = {
         _model("S19 XP", "Bitmain Antminer S19 XP", 3010.0, 140.0, 110),
         _model("S21", "Bitmain Antminer S21", 3500.0, 200.0, 108),
         _model("S19j Pro", "Bitmain Antminer S19j Pro", 3068.0, 104.0, 126),
+        _model("M50S", "M50S_VH51", 3276.0, 126.0, 105),
+        _model("M60S", "M60S_VK31", 3441.0, 186.0, 111),
+        _model("M30S++", "M30S++_VH41", 3472.0, 112.0, 111),
     )
 }
 
@@ -66,6 +69,8 @@ class PowerTiming:
     pause_s: float = 3.0
     wake_s: float = 10.0
     sleep_power_w: float = 20.0
+    # Whatsminer: a power-limit change restarts the mining service for this long.
+    restart_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +102,8 @@ class MinerPowerModel:
         self.paused = False
         self._ramp = Ramp(self.target_w, self.target_w, now_s, 0.0)
         self.started_s = now_s
+        # Until this time the mining service is down (restart or reboot): no hashing.
+        self.down_until_s = now_s
 
     def power_w(self, now_s: float) -> float:
         """True wall power (W) at ``now_s``."""
@@ -108,7 +115,7 @@ class MinerPowerModel:
 
     def hashrate_ths(self, now_s: float) -> float:
         """Hashrate (TH/s) at ``now_s``: zero while paused, else follows power."""
-        if self.paused:
+        if self.paused or now_s < self.down_until_s:
             return 0.0
         p = self.power_w(now_s)
         if p <= self.timing.sleep_power_w:
@@ -141,6 +148,25 @@ class MinerPowerModel:
         self.paused = False
         self._move(self.target_w, self.timing.wake_s, now_s)
         return False
+
+    def restart(
+        self, now_s: float, down_s: float, idle_w: float, target_w: float | None = None
+    ) -> None:
+        """Mining service (or the whole miner) restarts: ``idle_w`` for ``down_s``, then ramps.
+
+        Used for a Whatsminer power-limit change (the service restarts) and a
+        spontaneous reboot. The miner comes back mining, at ``target_w`` if given.
+        """
+        if target_w is not None:
+            self.target_w = target_w
+        self.paused = False
+        self.down_until_s = now_s + down_s
+        self.started_s = now_s + down_s
+        self._ramp = Ramp(idle_w, self.target_w, now_s + down_s, self.timing.wake_s)
+
+    def down(self, now_s: float) -> bool:
+        """Whether the mining service is restarting at ``now_s``."""
+        return now_s < self.down_until_s
 
     def _move(self, end_w: float, full_s: float, now_s: float) -> None:
         # Starting from the power of this instant (not the old end point) keeps a

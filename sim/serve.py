@@ -113,6 +113,8 @@ async def serve(args: argparse.Namespace) -> None:
         settle_s=args.settle_s,
         pause_s=args.pause_s,
         wake_s=args.wake_s,
+        backends=[b.strip() for b in args.mix.split(",") if b.strip()],
+        restart_s=args.restart_s,
     )
     await site.start()
     gpu_site: SimGpuSite | None = None
@@ -133,7 +135,7 @@ async def serve(args: argparse.Namespace) -> None:
         "miners": [
             {
                 "address": m.address,
-                "backend": "braiins",
+                "backend": site.backend_of(m),
                 "model": m.model.key,
                 "nameplate_power_w": m.nameplate_power_w,
                 "nameplate_hashrate_ths": m.nameplate_hashrate_ths,
@@ -168,6 +170,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--settle-s", type=float, default=20.0, help="power-target settle time (s)")
     p.add_argument("--pause-s", type=float, default=3.0, help="time to fall asleep (s)")
     p.add_argument("--wake-s", type=float, default=10.0, help="time to wake (s)")
+    p.add_argument(
+        "--mix",
+        default="braiins",
+        help="comma-separated firmwares, assigned round-robin (braiins, whatsminer)",
+    )
+    p.add_argument(
+        "--restart-s", type=float, default=5.0, help="Whatsminer service restart on a limit (s)"
+    )
     p.add_argument("--sample-s", type=float, default=0.25, help="ground-truth sampling (s)")
     p.add_argument("--control-port", type=int, default=0, help="control channel port (0: any)")
     p.add_argument("--gpu-nodes", type=int, default=0, help="number of simulated GPU nodes")

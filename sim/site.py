@@ -1,4 +1,4 @@
-"""A simulated site: N Braiins OS miners on consecutive loopback addresses."""
+"""A simulated site: N miners of a firmware mix on consecutive loopback addresses."""
 
 from __future__ import annotations
 
@@ -8,10 +8,23 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
+from sim.base import SimMinerBase
 from sim.braiins import Fault, SimBraiinsMiner
+from sim.luxos import SimLuxOS
 from sim.power import SIM_MODELS, PowerTiming
+from sim.whatsminer import SimWhatsminer
 
 DEFAULT_MODEL_MIX = ("S19 XP", "S21", "S19j Pro")
+WHATSMINER_MODELS = ("M50S", "M60S", "M30S++")
+
+SimMiner = SimBraiinsMiner | SimMinerBase
+
+# Backend name -> (miner class, models it runs when ``models`` names Antminers).
+BACKEND_CLASSES: dict[str, type[SimMinerBase]] = {
+    "whatsminer": SimWhatsminer,
+    "luxos": SimLuxOS,
+}
+BACKEND_NAMES = ("braiins", *BACKEND_CLASSES)
 
 
 class SimSite:
@@ -28,6 +41,8 @@ class SimSite:
         wake_s: float = 10.0,
         sleep_power_w: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
+        backends: Sequence[str] = ("braiins",),
+        restart_s: float = 5.0,
     ) -> None:
         base = ipaddress.IPv4Address(base_address)
         if not base.is_loopback:
@@ -38,20 +53,39 @@ class SimSite:
         last = base + max(0, n_miners - 1)
         if not last.is_loopback:
             raise ValueError(f"{n_miners} miners from {base_address} leave 127.0.0.0/8")
+        bad = [b for b in backends if b not in BACKEND_NAMES]
+        if bad or not backends:
+            raise ValueError(f"unknown backend(s) {bad}; known: {list(BACKEND_NAMES)}")
         timing = PowerTiming(
-            settle_s=settle_s, pause_s=pause_s, wake_s=wake_s, sleep_power_w=sleep_power_w
+            settle_s=settle_s,
+            pause_s=pause_s,
+            wake_s=wake_s,
+            sleep_power_w=sleep_power_w,
+            restart_s=restart_s,
         )
         self.clock = clock
-        self.miners: list[SimBraiinsMiner] = [
-            SimBraiinsMiner(
-                str(base + i),
-                SIM_MODELS[models[i % len(models)]],
-                timing,
-                index=int(base) - int(ipaddress.IPv4Address("127.0.0.0")) + i,
-                clock=clock,
+        self.miners: list[SimMiner] = []
+        first = int(base) - int(ipaddress.IPv4Address("127.0.0.0"))
+        for i in range(n_miners):
+            backend = backends[i % len(backends)]
+            k = i // len(backends)
+            address, index = str(base + i), first + i
+            if backend == "braiins":
+                self.miners.append(
+                    SimBraiinsMiner(
+                        address,
+                        SIM_MODELS[models[k % len(models)]],
+                        timing,
+                        index=index,
+                        clock=clock,
+                    )
+                )
+                continue
+            cls = BACKEND_CLASSES[backend]
+            mix = WHATSMINER_MODELS if backend == "whatsminer" else tuple(models)
+            self.miners.append(
+                cls(address, SIM_MODELS[mix[k % len(mix)]], timing, index=index, clock=clock)
             )
-            for i in range(n_miners)
-        ]
         self._by_address = {m.address: m for m in self.miners}
 
     async def start(self) -> None:
@@ -78,7 +112,12 @@ class SimSite:
     ) -> None:
         await self.stop()
 
-    def miner(self, address: str) -> SimBraiinsMiner:
+    @staticmethod
+    def backend_of(m: SimMiner) -> str:
+        """The firmware a simulated miner runs ("braiins", "whatsminer", ...)."""
+        return "braiins" if isinstance(m, SimBraiinsMiner) else m.BACKEND
+
+    def miner(self, address: str) -> SimMiner:
         """The simulated miner at ``address``."""
         return self._by_address[address]
 

@@ -1,0 +1,196 @@
+"""The miner inventory, kept by identity (MAC, else serial) in SQLite in the state directory.
+
+A miner that answers at a new address after DHCP moved it is the same miner,
+not a second one: it is keyed by MAC (or serial when the firmware gives no MAC;
+by address only when it gives neither). Each scan reports what is new, what
+moved and what went missing (scanned, not found).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from domain.types import MinerIdentity
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS miners (
+    key TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    mac TEXT,
+    serial TEXT,
+    backend TEXT NOT NULL,
+    make TEXT NOT NULL,
+    model TEXT NOT NULL,
+    firmware TEXT NOT NULL,
+    nameplate_power_w REAL,
+    nameplate_hashrate_ths REAL,
+    first_seen_unix_s REAL NOT NULL,
+    last_seen_unix_s REAL NOT NULL,
+    missing INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS miners_address ON miners(address);
+"""
+
+_FIRMWARE_BACKENDS = (
+    ("Braiins OS", "braiins"),
+    ("Whatsminer", "whatsminer"),
+    ("LuxOS", "luxos"),
+    ("VNish", "vnish"),
+    ("Antminer", "antminer"),
+)
+
+
+def backend_of(identity: MinerIdentity) -> str:
+    """Backend name from the driver's firmware string ("Braiins OS 24.09" -> "braiins")."""
+    for prefix, name in _FIRMWARE_BACKENDS:
+        if identity.firmware.startswith(prefix):
+            return name
+    return "unknown"
+
+
+def identity_key(identity: MinerIdentity, address: str) -> str:
+    """The miner's lasting key: MAC, else serial, else (weakest) its address."""
+    if identity.mac:
+        return "mac:" + identity.mac.upper()
+    if identity.serial:
+        return "serial:" + identity.serial
+    return "address:" + address
+
+
+@dataclass(frozen=True, slots=True)
+class KnownMiner:
+    """One miner the inventory knows."""
+
+    key: str
+    address: str
+    mac: str | None
+    serial: str | None
+    backend: str
+    make: str
+    model: str
+    firmware: str
+    nameplate_power_w: float | None
+    nameplate_hashrate_ths: float | None
+    first_seen_unix_s: float
+    last_seen_unix_s: float
+    missing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A known miner found at another address."""
+
+    miner: KnownMiner
+    old_address: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScanReport:
+    """What one scan changed."""
+
+    new: tuple[KnownMiner, ...] = ()
+    moved: tuple[Moved, ...] = ()
+    missing: tuple[KnownMiner, ...] = ()
+    seen: int = 0
+
+
+class InventoryStore:
+    """SQLite-backed inventory (WAL; survives restarts)."""
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path))
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._clock = clock
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    def miners(self, *, include_missing: bool = True) -> list[KnownMiner]:
+        """Every known miner, by address."""
+        q = "SELECT * FROM miners" + ("" if include_missing else " WHERE missing = 0")
+        return [self._row(r) for r in self._db.execute(q + " ORDER BY address")]
+
+    def get(self, key: str) -> KnownMiner | None:
+        """The miner with ``key``, if known."""
+        r = self._db.execute("SELECT * FROM miners WHERE key = ?", (key,)).fetchone()
+        return self._row(r) if r else None
+
+    def record_scan(
+        self, found: Iterable[tuple[str, MinerIdentity]], scanned: Iterable[str]
+    ) -> ScanReport:
+        """Merge one scan (``found`` among the ``scanned`` addresses); report the changes."""
+        now = self._clock()
+        new: list[KnownMiner] = []
+        moved: list[Moved] = []
+        seen_keys: set[str] = set()
+        with self._db:
+            for address, ident in found:
+                key = identity_key(ident, address)
+                seen_keys.add(key)
+                old = self.get(key)
+                self._db.execute(
+                    """INSERT INTO miners VALUES (?,?,?,?,?,?,?,?,?,?,?,?,0)
+                    ON CONFLICT(key) DO UPDATE SET address=excluded.address,
+                      mac=excluded.mac, serial=excluded.serial, backend=excluded.backend,
+                      make=excluded.make, model=excluded.model, firmware=excluded.firmware,
+                      nameplate_power_w=excluded.nameplate_power_w,
+                      nameplate_hashrate_ths=excluded.nameplate_hashrate_ths,
+                      last_seen_unix_s=excluded.last_seen_unix_s, missing=0""",
+                    (
+                        key,
+                        address,
+                        ident.mac,
+                        ident.serial,
+                        backend_of(ident),
+                        ident.make,
+                        ident.model,
+                        ident.firmware,
+                        ident.nameplate_power_w,
+                        ident.nameplate_hashrate_ths,
+                        now,
+                        now,
+                    ),
+                )
+                cur = self.get(key)
+                assert cur is not None
+                if old is None:
+                    new.append(cur)
+                elif old.address != address:
+                    moved.append(Moved(cur, old.address))
+            scanned_set = set(scanned)
+            missing: list[KnownMiner] = []
+            for m in self.miners():
+                if m.key in seen_keys or m.missing or m.address not in scanned_set:
+                    continue
+                self._db.execute("UPDATE miners SET missing = 1 WHERE key = ?", (m.key,))
+                missing.append(m)
+        return ScanReport(tuple(new), tuple(moved), tuple(missing), seen=len(seen_keys))
+
+    @staticmethod
+    def _row(r: tuple[object, ...]) -> KnownMiner:
+        def opt_f(v: object) -> float | None:
+            return float(v) if isinstance(v, int | float) else None
+
+        return KnownMiner(
+            key=str(r[0]),
+            address=str(r[1]),
+            mac=str(r[2]) if r[2] is not None else None,
+            serial=str(r[3]) if r[3] is not None else None,
+            backend=str(r[4]),
+            make=str(r[5]),
+            model=str(r[6]),
+            firmware=str(r[7]),
+            nameplate_power_w=opt_f(r[8]),
+            nameplate_hashrate_ths=opt_f(r[9]),
+            first_seen_unix_s=float(str(r[10])),
+            last_seen_unix_s=float(str(r[11])),
+            missing=bool(r[12]),
+        )

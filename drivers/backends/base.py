@@ -1,0 +1,107 @@
+"""What every firmware adapter provides, and the error mapping they share.
+
+An adapter (one module per firmware) is the thin vendor level of STYLE.md: it
+calls pyasic, names quantities, converts units and says what the device can
+do. ``drivers.asic.AsicDriver`` is the level above: deadlines, clamping,
+write-only-on-change and the re-read-before-retry rule, the same for all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from pyasic.errors import APIError
+
+from domain.errors import (
+    DeviceError,
+    DeviceFaulted,
+    DevicePermissionError,
+    DeviceRefused,
+    DeviceUnreachable,
+)
+from domain.types import DeviceState, MinerIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One reading as an adapter returns it (SI units), before the driver stamps it."""
+
+    power_w: float | None
+    state: DeviceState
+    hashrate_ths: float | None = None
+    temperature_c: float | None = None
+    power_target_w: float | None = None
+    power_estimated: bool = False
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    """How a firmware reacts to control, for the agent's settle accounting (s)."""
+
+    # A power-target change restarts the mining service (hashrate drops to zero
+    # for ``restart_s`` before ramping to the new level).
+    target_change_restarts: bool = False
+    restart_s: float = 0.0
+    settle_s: float = 20.0
+    wake_s: float = 10.0
+
+
+class Backend(Protocol):
+    """One firmware's adapter for one miner."""
+
+    name: str
+    behaviour: Behaviour
+
+    async def identify(self) -> MinerIdentity: ...
+
+    async def read(self) -> Sample: ...
+
+    async def set_power_target(self, watt: int) -> float: ...
+
+    async def sleep(self) -> None: ...
+
+    async def wake(self) -> None: ...
+
+    def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError: ...
+
+
+def translate_rpc(address: str, what: str, e: BaseException, *, control: bool) -> DeviceError:
+    """Map an error of pyasic's socket / HTTP clients to one of ours (not raised here).
+
+    pyasic's RPC clients raise ``APIError`` both for an answer that is not JSON
+    ("Decode Error ...") and for a well-formed error status (``STATUS: E``). The
+    first is a broken device; the second is the firmware declining: a refusal
+    for a control call, a fault for a read (a read that is declined is useless).
+    """
+    cause: BaseException = e.__cause__ if isinstance(e, APIError) and e.__cause__ else e
+    msg = f"{address}: {what}: {type(cause).__name__}: {cause}"
+    if isinstance(cause, TimeoutError):
+        return DeviceUnreachable(f"{address}: {what}: no answer in time")
+    if isinstance(cause, ConnectionRefusedError):
+        return DeviceUnreachable(msg)
+    if isinstance(cause, ConnectionError):
+        return DeviceFaulted(msg)
+    if isinstance(cause, OSError):
+        return DeviceUnreachable(msg)
+    if isinstance(cause, APIError):
+        text = str(cause)
+        if "Decode Error" in text or "decode error" in text:
+            return DeviceFaulted(msg)
+        if "No data" in text or "Connection refused" in text:
+            return DeviceUnreachable(msg)
+        low = text.lower()
+        # Whatsminer: wrong admin password ("check token err") or write API
+        # disabled ("can't access write cmd"); LuxOS / VNish: bad session.
+        if any(w in low for w in ("token", "write cmd", "unauthor", "session", "password")):
+            return DevicePermissionError(msg)
+        return DeviceRefused(msg) if control else DeviceFaulted(msg)
+    if isinstance(cause, (LookupError, TypeError, ValueError, AttributeError)):
+        return DeviceFaulted(f"{address}: {what}: missing or malformed field: {cause!r}")
+    return DeviceFaulted(msg)
+
+
+def no_answer(address: str, what: str) -> DeviceUnreachable:
+    """pyasic's socket client returns ``{}`` when the connection is refused."""
+    return DeviceUnreachable(f"{address}: {what}: no answer (connection refused or empty reply)")

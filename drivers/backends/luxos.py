@@ -1,0 +1,157 @@
+"""LuxOS (Luxor firmware, LUXminer on TCP 4028) through pyasic's ``LUXMiner``.
+
+Power moves in discrete profiles (``profiles`` lists each with its watts): the
+driver exposes them as a power target from the lowest to the highest profile,
+stepped by the profile spacing, and picks the highest profile at or below the
+target. Sleep and wake are ``curtail sleep`` / ``curtail wakeup``. Control
+commands need a session (pyasic logs on once and keeps the id).
+
+ATM (Advanced Thermal Management) moves the profile on its own and LuxOS
+refuses ``profileset`` while it is on. A profile change through this driver
+turns ATM off and leaves it off: a controller that budgets the site's power
+cannot share the knob with the firmware. (pyasic's own ``set_power_limit``
+turns it back on afterwards.)
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from pyasic.miners.backends.luxminer import LUXMiner
+
+from domain.errors import DeviceError, DeviceFaulted, DeviceRefused
+from domain.types import DeviceState, MinerCapabilities, MinerIdentity
+from drivers.backends.base import Behaviour, Sample, no_answer, translate_rpc
+from drivers.backends.nameplate import lookup
+
+# Below this share of the lowest profile, a miner that hashes nothing is asleep.
+SLEEP_FRAC = 0.1
+
+
+class LuxOSBackend:
+    """One LuxOS miner."""
+
+    name = "luxos"
+    # LuxOS documents ~25 W in under 5 s (sleep) and full power in under 10 s.
+    behaviour = Behaviour(target_change_restarts=False, settle_s=10.0, wake_s=10.0)
+
+    def __init__(self, miner: LUXMiner) -> None:
+        self.miner = miner
+        self.address = str(miner.ip)
+        self._profiles: list[tuple[str, float]] = []  # (name, W), lowest first
+        self._lowest_w = 0.0
+
+    def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
+        """Socket / JSON errors and LUXminer's STATUS E replies."""
+        err = translate_rpc(self.address, what, e, control=control)
+        if "session" in str(e).lower():
+            # Session expired or taken over: log on afresh next time.
+            self.miner.rpc.session_token = None
+        return err
+
+    async def _rpc(self, what: str, coro: Any) -> dict[str, Any]:
+        reply = await coro
+        if not reply:
+            raise no_answer(self.address, what)
+        return dict(reply)
+
+    async def _multi(self, what: str, *commands: str) -> dict[str, Any]:
+        d = await self._rpc(what, self.miner.rpc.multicommand(*commands))
+        if not any(c in d for c in commands):
+            # pyasic's multicommand answers both a refused connection and a
+            # garbage reply with {"multicommand": True} (it falls back to single
+            # commands and drops their errors). One plain read tells them apart.
+            await self._rpc(what, self.miner.rpc.send_command(commands[0]))
+            raise DeviceFaulted(f"{self.address}: {what}: empty reply")
+        return d
+
+    async def identify(self) -> MinerIdentity:
+        """MAC, serial, version and profiles (one ``version+config+profiles`` request)."""
+        d = await self._multi("identify", "version", "config", "profiles")
+        try:
+            ver = d["version"][0]["VERSION"][0]
+            cfg = d["config"][0]["CONFIG"][0]
+            profiles = sorted(
+                (str(p["Profile Name"]), float(p["Watts"])) for p in d["profiles"][0]["PROFILES"]
+            )
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise DeviceFaulted(f"{self.address}: identify: malformed reply: {e!r}") from e
+        self._profiles = sorted(profiles, key=lambda p: p[1])
+        if not self._profiles:
+            raise DeviceFaulted(f"{self.address}: identify: no profiles")
+        watts = [w for _, w in self._profiles]
+        self._lowest_w = watts[0]
+        gaps = [b - a for a, b in itertools.pairwise(watts) if b > a]
+        model = str(self.miner.raw_model) if self.miner.raw_model is not None else "unknown"
+        plate = lookup(model)
+        default_w = next((w for n, w in self._profiles if n == "default"), watts[-1])
+        mac, serial = cfg.get("MACAddr"), cfg.get("SerialNumber")
+        return MinerIdentity(
+            make=str(self.miner.make) if self.miner.make is not None else "AntMiner",
+            model=model,
+            firmware=f"LuxOS {ver.get('Miner', '')}".strip(),
+            mac=str(mac).upper() if mac else None,
+            serial=str(serial) if serial else None,
+            capabilities=MinerCapabilities(
+                power_target=True,
+                power_target_min_w=watts[0],
+                power_target_max_w=watts[-1],
+                power_target_default_w=default_w,
+                # Profiles are (nearly) evenly spaced; the smallest gap keeps every
+                # stepped target at or above a real profile.
+                power_target_step_w=min(gaps) if gaps else 1.0,
+                can_sleep=True,
+                reports_power=True,
+            ),
+            nameplate_power_w=plate.power_w if plate else None,
+            nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
+        )
+
+    async def read(self) -> Sample:
+        """Power, hashrate, temperatures and profile in one ``summary+power+config+temps``."""
+        d = await self._multi("read", "summary", "power", "config", "temps")
+        try:
+            ghs = float(d["summary"][0]["SUMMARY"][0]["GHS 5s"])
+            power_w = float(d["power"][0]["POWER"][0]["Watts"])
+            profile = str(d["config"][0]["CONFIG"][0]["Profile"])
+            temps = [float(t["Chip"]) for t in d["temps"][0].get("TEMPS", [])]
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
+        target_w = next((w for n, w in self._profiles if n == profile), None)
+        errors: tuple[str, ...] = ()
+        state = DeviceState.MINING
+        if ghs <= 0.0:
+            if power_w <= SLEEP_FRAC * max(self._lowest_w, 1.0):
+                state = DeviceState.SLEEPING
+            else:
+                errors = ("not hashing",)
+        return Sample(
+            power_w=power_w,
+            state=state,
+            hashrate_ths=ghs / 1000.0,
+            temperature_c=max(temps) if temps else None,
+            power_target_w=target_w,
+            errors=errors,
+        )
+
+    async def set_power_target(self, watt: int) -> float:
+        """Highest profile at or below ``watt`` (ATM switched off first); returns its W."""
+        fitting = [(n, w) for n, w in self._profiles if w <= watt]
+        if not fitting:
+            raise DeviceRefused(f"{self.address}: no profile at or below {watt} W")
+        name, watts = fitting[-1]
+        rpc = self.miner.rpc
+        atm = await self._rpc("atm", rpc.atm())
+        if atm.get("ATM", [{}])[0].get("Enabled"):
+            await self._rpc("atmset", rpc.atmset(enabled=False))
+        await self._rpc("profileset", rpc.profileset(name))
+        return watts
+
+    async def sleep(self) -> None:
+        """curtail sleep."""
+        await self._rpc("curtail sleep", self.miner.rpc.curtail())
+
+    async def wake(self) -> None:
+        """curtail wakeup."""
+        await self._rpc("curtail wakeup", self.miner.rpc.wakeup())

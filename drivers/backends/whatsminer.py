@@ -1,0 +1,157 @@
+"""Whatsminer (MicroBT btminer, API V2 on TCP 4028) through pyasic's ``BTMinerV2``.
+
+Power limit through ``adjust_power_limit`` (the firmware restarts its mining
+service to apply it), sleep and wake through ``power_off`` / ``power_on``. The
+writes are encrypted by pyasic (md5-crypt of the admin password, AES-ECB);
+a wrong password comes back as ``check token err`` -> DevicePermissionError.
+
+btminer V2 publishes no power-limit range: the ceiling is the model's nameplate
+(the firmware refuses more than "the ordinary power of the machine") and the
+floor is half of it, an assumption the firmware enforces with a refusal that
+the driver reports together with this range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from pyasic.miners.backends.btminer import BTMinerV2
+
+from domain.errors import DeviceError, DeviceFaulted
+from domain.types import DeviceState, MinerCapabilities, MinerIdentity
+from drivers.backends.base import Behaviour, Sample, no_answer, translate_rpc
+from drivers.backends.nameplate import lookup
+
+# Share of the ceiling assumed as the lowest accepted power limit.
+MIN_LIMIT_FRAC = 0.5
+
+
+def _first(reply: dict[str, Any], key: str) -> dict[str, Any]:
+    section = reply[key]
+    row = section[0] if isinstance(section, list) else section
+    if not isinstance(row, dict):
+        raise TypeError(f"{key} is not an object")
+    return row
+
+
+class WhatsminerBackend:
+    """One Whatsminer (btminer API V2)."""
+
+    name = "whatsminer"
+    behaviour = Behaviour(target_change_restarts=True, restart_s=5.0, settle_s=20.0, wake_s=10.0)
+
+    def __init__(self, miner: BTMinerV2) -> None:
+        self.miner = miner
+        self.address = str(miner.ip)
+        self._elapsed_s: int | None = None
+
+    def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
+        """Socket / JSON errors, and btminer's STATUS E replies."""
+        return translate_rpc(self.address, what, e, control=control)
+
+    async def _rpc(self, what: str, coro: Any) -> dict[str, Any]:
+        reply = await coro
+        # pyasic's socket client answers a refused connection with {} instead of raising.
+        if not reply:
+            raise no_answer(self.address, what)
+        return dict(reply)
+
+    async def _write(self, what: str, coro: Any) -> dict[str, Any]:
+        try:
+            return await self._rpc(what, coro)
+        except LookupError as e:
+            # pyasic's get_token indexes the reply without a check: a refused or
+            # empty answer to ``get_token`` surfaces as KeyError('Msg').
+            raise no_answer(self.address, f"{what} (get_token)") from e
+
+    async def identify(self) -> MinerIdentity:
+        """MAC and serial (get_miner_info), firmware (get_version), limit (summary)."""
+        rpc = self.miner.rpc
+        info, version, summary = await asyncio.gather(
+            self._rpc("get_miner_info", rpc.get_miner_info()),
+            self._rpc("get_version", rpc.get_version()),
+            self._rpc("summary", rpc.summary()),
+        )
+        try:
+            msg = info["Msg"]
+            mac, serial = msg.get("mac"), msg.get("minersn")
+            fw = version["Msg"]["fw_ver"]
+            limit_w = float(_first(summary, "SUMMARY")["Power Limit"])
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise DeviceFaulted(f"{self.address}: identify: malformed reply: {e!r}") from e
+        model = str(self.miner.raw_model) if self.miner.raw_model is not None else "unknown"
+        plate = lookup(model)
+        hi = plate.power_w if plate else limit_w
+        lo = float(math.ceil(hi * MIN_LIMIT_FRAC))
+        return MinerIdentity(
+            make="WhatsMiner",
+            model=model,
+            firmware=f"Whatsminer {fw}",
+            mac=str(mac).upper() if mac else None,
+            serial=str(serial) if serial else None,
+            capabilities=MinerCapabilities(
+                power_target=True,
+                power_target_min_w=lo,
+                power_target_max_w=hi,
+                power_target_default_w=hi,
+                power_target_step_w=1.0,
+                can_sleep=True,
+                reports_power=True,
+            ),
+            nameplate_power_w=plate.power_w if plate else None,
+            nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
+        )
+
+    async def read(self) -> Sample:
+        """One ``summary`` (plus ``status`` only when nothing hashes, to tell sleep apart)."""
+        summary = await self._rpc("summary", self.miner.rpc.summary())
+        try:
+            row = _first(summary, "SUMMARY")
+            power_w = float(row["Power"])
+            hashrate_ths = float(row["MHS 1m"]) / 1e6
+            target_w = float(row["Power Limit"]) or None
+            temp = row.get("Chip Temp Max", row.get("Temperature"))
+            temperature_c = float(temp) if temp is not None else None
+            elapsed = int(row.get("Elapsed", 0))
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
+        errors: tuple[str, ...] = ()
+        if self._elapsed_s is not None and elapsed < self._elapsed_s:
+            errors = ("mining service restarted (uptime reset)",)
+        self._elapsed_s = elapsed
+        state = DeviceState.MINING
+        if hashrate_ths <= 0.0:
+            status = await self._rpc("status", self.miner.rpc.status())
+            try:
+                off = str(status["Msg"]["mineroff"]).lower() == "true"
+            except (LookupError, TypeError) as e:
+                raise DeviceFaulted(f"{self.address}: read: malformed status: {e!r}") from e
+            if off:
+                state = DeviceState.SLEEPING
+            else:
+                # Powered on but not hashing: the service is restarting (after a
+                # limit change or a reboot) and will ramp back by itself.
+                errors = (*errors, "mining service restarting")
+        return Sample(
+            power_w=None if power_w < 0 else power_w,  # btminer says -1 when it cannot tell
+            state=state,
+            hashrate_ths=hashrate_ths,
+            temperature_c=temperature_c,
+            power_target_w=target_w,
+            errors=errors,
+        )
+
+    async def set_power_target(self, watt: int) -> float:
+        """adjust_power_limit (restarts the mining service); returns the limit set (W)."""
+        await self._write("adjust_power_limit", self.miner.rpc.adjust_power_limit(watt))
+        return float(watt)
+
+    async def sleep(self) -> None:
+        """power_off (hashboards off; the API stays up)."""
+        await self._write("power_off", self.miner.rpc.power_off(respbefore=True))
+
+    async def wake(self) -> None:
+        """power_on."""
+        await self._write("power_on", self.miner.rpc.power_on())

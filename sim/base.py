@@ -1,0 +1,343 @@
+"""What the simulated miners of the JSON-socket and HTTP firmwares share.
+
+One listening socket per port (no duplicates, so 10,000 miners with one port
+each fit under a 20,000 descriptor limit), one request per connection (the
+CGMiner-style API on 4028 answers one JSON document and closes; HTTP answers
+with ``Connection: close``), and the per-miner faults of ``sim.braiins``:
+no answer, slow, garbage, refused connection, refused commands, misreported
+power, plus a spontaneous reboot (listeners gone for ``down_s``, then the miner
+comes back with its uptime reset and ramps up again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from sim.braiins import (
+    DEFAULT_MISREPORT_FACTOR,
+    DEFAULT_SLOW_DELAY_S,
+    GARBAGE_BYTES,
+    Fault,
+)
+from sim.power import MinerPowerModel, PowerTiming, SimModel
+
+DEFAULT_REBOOT_DOWN_S = 5.0
+# What a miner draws while its controller boots or its mining service restarts.
+IDLE_POWER_W = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class FaultState:
+    """The active fault and its parameters."""
+
+    fault: Fault = Fault.NONE
+    delay_s: float = DEFAULT_SLOW_DELAY_S
+    factor: float = DEFAULT_MISREPORT_FACTOR
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """One parsed HTTP/1.1 request."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """What a handler answers; ``Content-Length`` and ``Connection`` are added."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+
+
+_REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 400: "Bad Request"}
+
+
+def json_response(obj: Any, status: int = 200) -> HttpResponse:
+    """A JSON body with the given status."""
+    return HttpResponse(status, json.dumps(obj).encode())
+
+
+class SimMinerBase:
+    """One simulated miner: power model, faults, and its listeners on ``PORTS``."""
+
+    BACKEND: ClassVar[str] = ""
+    PORTS: ClassVar[tuple[int, ...]] = ()
+    RPC_PORT: ClassVar[int] = 4028
+    # Bytes after a 4028 reply: cgminer-style firmware ends with a NUL.
+    RPC_TRAILER: ClassVar[bytes] = b"\x00"
+
+    def __init__(
+        self,
+        address: str,
+        model: SimModel,
+        timing: PowerTiming,
+        *,
+        index: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        password: str = "admin",
+        prefix: str = "SIM",
+    ) -> None:
+        self.address = address
+        self.model = model
+        self.timing = timing
+        self.clock = clock
+        self.power = MinerPowerModel(model, timing, clock())
+        self.faults = FaultState()
+        self.password = password
+        self.mac = "02:43:AC:" + ":".join(f"{(index >> s) & 0xFF:02X}" for s in (16, 8, 0))
+        self.serial = f"{prefix}{index:08d}"
+        self.hostname = f"sim-{self.BACKEND}-{index:04d}"
+        self._servers: dict[int, asyncio.Server] = {}
+        self._released = asyncio.Event()
+        self._reboot: asyncio.TimerHandle | None = None
+        self._pending: asyncio.Task[None] | None = None
+        self.rebooting = False
+
+    # -- ground truth ----------------------------------------------------------------
+
+    @property
+    def nameplate_power_w(self) -> float:
+        """Stock power (W) of this miner's model."""
+        return self.model.nameplate_power_w
+
+    @property
+    def nameplate_hashrate_ths(self) -> float:
+        """Stock hashrate (TH/s) of this miner's model."""
+        return self.model.nameplate_hashrate_ths
+
+    def power_w(self, now_s: float | None = None) -> float:
+        """True wall power (W) at ``now_s`` (default: the miner's clock)."""
+        return self.power.power_w(self.clock() if now_s is None else now_s)
+
+    def reported_power_w(self, now_s: float) -> float:
+        """Power (W) as the firmware reports it (a fault may skew it)."""
+        p = self.power.power_w(now_s)
+        if self.faults.fault is Fault.MISREPORT_POWER:
+            p *= self.faults.factor
+        return p
+
+    def refuse_commands(self) -> bool:
+        """Whether control commands are to be refused now."""
+        return self.faults.fault is Fault.REFUSE_COMMANDS
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the listeners."""
+        await self._open()
+
+    async def stop(self) -> None:
+        """Close every listener and release hung connections."""
+        if self._reboot is not None:
+            self._reboot.cancel()
+        self._released.set()
+        if self._pending is not None:
+            with contextlib.suppress(Exception):
+                await self._pending
+        await self._close()
+
+    async def ready(self) -> None:
+        """Wait until the listeners match the last fault set."""
+        if self._pending is not None:
+            await self._pending
+
+    def set_fault(self, fault: str | Fault, **kw: float) -> None:
+        """Switch fault now (``delay_s`` slow, ``factor`` misreport, ``down_s`` reboot)."""
+        f = Fault(fault)
+        if f is Fault.REBOOT:
+            self.reboot(float(kw.get("down_s", DEFAULT_REBOOT_DOWN_S)))
+            return
+        self.faults = FaultState(
+            fault=f,
+            delay_s=float(kw.get("delay_s", DEFAULT_SLOW_DELAY_S)),
+            factor=float(kw.get("factor", DEFAULT_MISREPORT_FACTOR)),
+        )
+        self._released.set()
+        self._released = asyncio.Event()
+        self._reconcile()
+
+    def reboot(self, down_s: float = DEFAULT_REBOOT_DOWN_S) -> None:
+        """Spontaneous reboot: no listener for ``down_s``, then mining again, uptime reset."""
+        now = self.clock()
+        self.rebooting = True
+        self.power.restart(now, down_s, IDLE_POWER_W)
+        self._released.set()
+        self._released = asyncio.Event()
+        self._reconcile()
+        if self._reboot is not None:
+            self._reboot.cancel()
+
+        def back() -> None:
+            self.rebooting = False
+            self._reconcile()
+
+        self._reboot = asyncio.get_running_loop().call_later(down_s, back)
+
+    def _reconcile(self) -> None:
+        prev = self._pending
+
+        async def apply() -> None:
+            if prev is not None:
+                with contextlib.suppress(Exception):
+                    await prev
+            if self.faults.fault is Fault.REFUSE or self.rebooting:
+                await self._close()
+            else:
+                await self._open()
+
+        self._pending = asyncio.get_running_loop().create_task(apply())
+
+    async def _open(self) -> None:
+        for port in self.PORTS:
+            if port in self._servers:
+                continue
+            # proto must say TCP so asyncio sets TCP_NODELAY on accepted sockets.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.address, port))
+                sock.listen(128)
+            except OSError:
+                sock.close()
+                raise
+            sock.setblocking(False)
+            handler = self._serve_rpc if port == self.RPC_PORT else self._serve_http
+            self._servers[port] = await asyncio.start_server(handler, sock=sock)
+
+    async def _close(self) -> None:
+        servers = list(self._servers.values())
+        self._servers.clear()
+        for srv in servers:
+            srv.close()
+        for srv in servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+
+    # -- fault behaviour -------------------------------------------------------------
+
+    async def _delay(self) -> bool:
+        """Apply no_answer / slow before answering; False if the caller must not answer."""
+        f = self.faults
+        if f.fault is Fault.NO_ANSWER:
+            await self._released.wait()
+            return False
+        if f.fault is Fault.SLOW:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(f.delay_s):
+                    await self._released.wait()
+        return True
+
+    # -- JSON socket API (port 4028) -------------------------------------------------
+
+    async def _serve_rpc(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            raw = b""
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    while True:
+                        chunk = await reader.read(65536)
+                        if not chunk:
+                            break
+                        raw += chunk
+                        try:
+                            json.loads(raw)
+                            break
+                        except ValueError:
+                            continue
+            if not await self._delay():
+                return
+            if self.faults.fault is Fault.GARBAGE:
+                writer.write(GARBAGE_BYTES)
+            else:
+                writer.write(json.dumps(self.rpc_reply(raw)).encode() + self.RPC_TRAILER)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def rpc_reply(self, raw: bytes) -> dict[str, Any]:
+        """The JSON reply to one request on port 4028."""
+        try:
+            req = json.loads(raw)
+            if not isinstance(req, dict):
+                raise TypeError("not an object")
+        except (ValueError, TypeError):
+            return rpc_status("E", 23, "Invalid JSON")
+        return self.rpc_request(req)
+
+    def rpc_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One parsed request to its reply (``+``-joined commands: object keyed by command)."""
+        command = str(req.get("command", ""))
+        cmds = command.split("+")
+        param = req.get("parameter")
+        if len(cmds) == 1:
+            return self.rpc_command(cmds[0], param, req)
+        return {c: [self.rpc_command(c, None, req)] for c in cmds}
+
+    def rpc_command(self, cmd: str, param: Any, req: dict[str, Any]) -> dict[str, Any]:
+        """One command's reply; subclasses answer their firmware's commands."""
+        return rpc_status("E", 14, "Invalid command")
+
+    # -- HTTP (port 80) --------------------------------------------------------------
+
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5.0):
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = ([*lines[0].split(" ", 2), "", ""])[:3]
+                headers: dict[str, str] = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        k, v = line.split(":", 1)
+                        headers[k.strip().lower()] = v.strip()
+                n = int(headers.get("content-length", "0") or 0)
+                body = await reader.readexactly(n) if n else b""
+            if not await self._delay():
+                return
+            if self.faults.fault is Fault.GARBAGE:
+                writer.write(GARBAGE_BYTES)
+            else:
+                resp = self.http_request(HttpRequest(method, path, headers, body))
+                out = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}"]
+                out += [f"{k}: {v}" for k, v in resp.headers]
+                out += [f"Content-Length: {len(resp.body)}", "Connection: close", "", ""]
+                writer.write("\r\n".join(out).encode("latin-1") + resp.body)
+            await writer.drain()
+        except (
+            ConnectionError,
+            TimeoutError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
+            pass
+        finally:
+            writer.close()
+
+    def http_request(self, req: HttpRequest) -> HttpResponse:
+        """One HTTP request to its response; subclasses serve their firmware's pages."""
+        return HttpResponse(404, b"not found", (("Content-Type", "text/plain"),))
+
+
+def rpc_status(code: str, num: int, msg: str, desc: str = "") -> dict[str, Any]:
+    """A CGMiner-style reply with only its STATUS section."""
+    return {
+        "STATUS": [
+            {"STATUS": code, "When": int(time.time()), "Code": num, "Msg": msg, "Description": desc}
+        ],
+        "id": 1,
+    }
