@@ -78,18 +78,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def _run_agent(config_path: str) -> int:
-    from agent.inventory import build_trackers, close_drivers
+    from agent.api import serve_api
+    from agent.inventory import build_trackers, close_drivers, scan
+    from agent.inventory_store import InventoryStore
     from agent.loop import Agent
     from agent.metrics import loop_healthy, serve_metrics, site_summary
     from agent.sdnotify import Notifier, supervise, watchdog_period_s
 
     cfg = load_config(config_path)
     notifier = Notifier.from_env()
-    trackers = await build_trackers(cfg)
+    store = InventoryStore(Path(cfg.state.dir) / "inventory.sqlite")
+    trackers = await build_trackers(cfg, store)
     log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
-    agent = Agent(cfg, trackers)
+    agent = Agent(cfg, trackers, rescan=lambda: scan(cfg, store))
     metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
     log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
+    api = await serve_api(agent, cfg)  # restores stored overrides before the first tick
     await agent.sweep()
     agent.start()
     started_s = agent.clock()
@@ -112,19 +116,28 @@ async def _run_agent(config_path: str) -> int:
     log.info("stopping: finishing the tick in flight, leaving devices where they are")
     notifier.stopping("stopping: finishing the tick in flight, leaving devices where they are")
     supervisor.cancel()
+    await api.close()
     await agent.stop()
-    await close_drivers(trackers)
+    await close_drivers(list(agent.trackers.values()))
+    store.close()
     metrics.close()
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM."""
+    from agent.api import ApiStartError
+    from agent.store import StoreError
+
     try:
         return asyncio.run(_run_agent(args.config))
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
+    except (ApiStartError, StoreError, OSError) as e:
+        # Port taken, state directory unusable: say so in one line (systemd restarts us).
+        print(f"siteagent run: cannot start: {e}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 async def _plan_once(config_path: str) -> int:
@@ -219,6 +232,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sim", help="run a simulated site (see `siteagent sim -- --help`)")
     s.add_argument("sim_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_sim)
+
+    from agent.client import add_commands
+
+    add_commands(sub)  # override, status, token: the API client
     return p
 
 

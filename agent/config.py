@@ -91,6 +91,7 @@ class InventoryConfig(_Strict):
     default_nameplate_hashrate_ths: PositiveW = 100.0
     sleep_power_w: NonNegW = 25.0
     discovery_concurrency: Annotated[int, Field(ge=1, le=2000)] = 100
+    scan_interval_s: PositiveS = 3600.0
 
 
 class PricesConfig(_Strict):
@@ -157,6 +158,38 @@ class ListenConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)]
 
 
+class ApiConfig(ListenConfig):
+    """The override API: where it listens, who may use it, and how much it accepts.
+
+    Tokens live hashed in ``tokens_file`` (``siteagent token create``); TLS is on
+    when ``tls_cert`` and ``tls_key`` are set, and client certificates signed by
+    ``tls_client_ca`` are then required (mTLS).
+    """
+
+    port: Annotated[int, Field(ge=0, le=65535)] = 8800
+    tokens_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    max_override_ttl_s: PositiveS = 24 * 3600.0
+    max_body_bytes: Annotated[int, Field(ge=256, le=1_048_576)] = 16_384
+    auth_failures_per_minute: Annotated[int, Field(ge=1, le=100_000)] = 10
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                f"found tls_cert={self.tls_cert!r} and tls_key={self.tls_key!r}, expected both "
+                "set (TLS on) or neither (plain HTTP on localhost)"
+            )
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                f"found tls_client_ca={self.tls_client_ca!r} without tls_cert/tls_key, expected "
+                "client certificates only together with TLS"
+            )
+        return self
+
+
 class GpuNodeConfig(_Strict):
     """A GPU node: the agent's own host through NVML (``host = "local"``) or one over SSH."""
 
@@ -203,7 +236,7 @@ class Config(_Strict):
     policy: PolicyConfig = PolicyConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     control: ControlConfig = ControlConfig()
-    api: ListenConfig = ListenConfig(port=8800)
+    api: ApiConfig = ApiConfig()
     metrics: ListenConfig = ListenConfig(port=9800)
     state: StateConfig = StateConfig()
 

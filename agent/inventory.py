@@ -8,7 +8,8 @@ import logging
 from agent.config import Config, GpuNodeConfig, MinerConfig, parse_address_range
 from agent.devices import Connector, DeviceTracker, MinerDriver
 from agent.gpus import FixedLoad, GpuDevice, GpuNode
-from domain import DeviceKind
+from agent.inventory_store import InventoryStore, backend_of, identity_key
+from domain import DeviceKind, MinerIdentity
 from drivers.asic import AsicDriver, discover
 from drivers.gpu import GpuNodeDriver
 from drivers.nvml import NvmlNodeDriver
@@ -46,28 +47,76 @@ def tracker_for(cfg: Config, m: MinerConfig) -> DeviceTracker:
     )
 
 
-async def build_trackers(cfg: Config) -> list[DeviceTracker]:
-    """Trackers for every static miner plus every miner found in the scan ranges."""
-    trackers = [tracker_for(cfg, m) for m in cfg.inventory.miners]
-    known = {t.address for t in trackers}
-    to_scan = [
-        a for item in cfg.inventory.scan for a in parse_address_range(item) if a not in known
-    ]
-    if to_scan:
-        found = await discover(
-            to_scan,
-            concurrency=cfg.inventory.discovery_concurrency,
-            timeout_s=cfg.telemetry.timeout_s,
+def _known_connector(
+    device_id: str, address: str, ident: MinerIdentity, timeout_s: float
+) -> Connector:
+    # Identified already: connect without pyasic's probes (they cost seconds at 10k miners).
+    async def connect() -> MinerDriver:
+        return await AsicDriver.from_inventory(
+            device_id, address, backend=backend_of(ident), model=ident.model, timeout_s=timeout_s
         )
-        log.info("discovery: %d miner(s) answered in %d address(es)", len(found), len(to_scan))
-        for address, ident in found:
-            m = MinerConfig(
-                address=address,
-                domain=cfg.inventory.scan_domain,
-                nameplate_power_w=ident.nameplate_power_w,
-                nameplate_hashrate_ths=ident.nameplate_hashrate_ths,
+
+    return connect
+
+
+def discovered_id(address: str, ident: MinerIdentity) -> str:
+    """A discovered miner's device id: from its MAC or serial, so a new address keeps it."""
+    key = identity_key(ident, address)
+    kind, _, value = key.partition(":")
+    if kind == "address":
+        return default_id(address)
+    return "miner-" + value.replace(":", "").lower()
+
+
+def discovered_tracker(cfg: Config, address: str, ident: MinerIdentity) -> DeviceTracker:
+    """A tracker for a miner found by a scan."""
+    inv = cfg.inventory
+    device_id = discovered_id(address, ident)
+    return DeviceTracker(
+        device_id,
+        address=address,
+        domain=inv.scan_domain or SITE_DOMAIN,
+        nameplate_power_w=ident.nameplate_power_w or inv.default_nameplate_power_w,
+        nameplate_hashrate_ths=ident.nameplate_hashrate_ths or inv.default_nameplate_hashrate_ths,
+        sleep_power_w=inv.sleep_power_w,
+        connect=_known_connector(device_id, address, ident, cfg.telemetry.timeout_s),
+    )
+
+
+def scan_addresses(cfg: Config) -> list[str]:
+    """Every address of the scan ranges that is not a listed miner."""
+    listed = {m.address for m in cfg.inventory.miners}
+    return [a for item in cfg.inventory.scan for a in parse_address_range(item) if a not in listed]
+
+
+async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceTracker]:
+    """Identify the miners in the scan ranges; record new, moved and missing ones in the store."""
+    addresses = scan_addresses(cfg)
+    if not addresses:
+        return []
+    found = await discover(
+        addresses,
+        concurrency=cfg.inventory.discovery_concurrency,
+        timeout_s=cfg.telemetry.timeout_s,
+    )
+    log.info("discovery: %d miner(s) answered in %d address(es)", len(found), len(addresses))
+    if store is not None:
+        report = store.record_scan(found, addresses)
+        for m in report.new:
+            log.info("inventory: new miner %s %s at %s", m.make, m.model, m.address)
+        for mv in report.moved:
+            log.warning(
+                "inventory: %s moved from %s to %s", mv.miner.key, mv.old_address, mv.miner.address
             )
-            trackers.append(tracker_for(cfg, m))
+        for m in report.missing:
+            log.warning("inventory: %s (%s) did not answer this scan", m.key, m.address)
+    return [discovered_tracker(cfg, address, ident) for address, ident in found]
+
+
+async def build_trackers(cfg: Config, store: InventoryStore | None = None) -> list[DeviceTracker]:
+    """Trackers for every listed miner, every miner found in the scan ranges, every GPU node."""
+    trackers = [tracker_for(cfg, m) for m in cfg.inventory.miners]
+    trackers.extend(await scan(cfg, store))
     for n in cfg.gpu_nodes:
         trackers.extend(gpu_trackers(cfg, n, node_driver(cfg, n)))
     return trackers

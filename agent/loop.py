@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -82,11 +82,13 @@ class Agent:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_tick: Callable[[TickRecord], None] | None = None,
+        rescan: Callable[[], Awaitable[list[DeviceTracker]]] | None = None,
     ) -> None:
         self.config = config
         self.trackers = {t.device_id: t for t in trackers}
         self.clock = clock
         self.on_tick = on_tick
+        self.rescan = rescan
         self.params = CappingParams(
             capping_threshold=config.policy.capping_threshold,
             capping_target=config.policy.capping_target,
@@ -408,8 +410,36 @@ class Agent:
             next_run_time=first + timedelta(seconds=self.config.control.interval_s),
             **common,
         )
+        if self.rescan is not None:
+            sched.add_job(
+                self._scan_job,
+                "interval",
+                seconds=self.config.inventory.scan_interval_s,
+                id="inventory",
+                **common,
+            )
         sched.start()
         self._scheduler = sched
+
+    def adopt(self, found: Iterable[DeviceTracker]) -> None:
+        """Take in what a scan found: new devices join; a known one at a new address moves."""
+        for t in found:
+            old = self.trackers.get(t.device_id)
+            if old is None:
+                log.info("%s (%s): new device, now tracked", t.device_id, t.address)
+                self.trackers[t.device_id] = t
+            elif old.address != t.address:
+                log.warning("%s: moved from %s to %s", t.device_id, old.address, t.address)
+                old.address, old.connect, old.driver = t.address, t.connect, None
+                old.next_read_s = 0.0
+
+    async def _scan_job(self) -> None:
+        if self.rescan is None:
+            return
+        try:
+            self.adopt(await self.rescan())
+        except Exception:
+            log.exception("inventory scan failed")
 
     async def _sweep_job(self) -> None:
         try:

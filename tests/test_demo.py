@@ -88,3 +88,20 @@ def test_version() -> None:
         check=False,
     )
     assert res.returncode == 0 and res.stdout.startswith("siteagent 0.")
+
+
+def test_run_with_an_unusable_state_dir_exits_with_one_clear_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(f'[site]\ncap_w = 1000\n[state]\ndir = "{blocker}"\n')
+    res = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 1, res.stderr
+    assert "siteagent run: cannot start:" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -152,6 +152,7 @@ def test_siteagent_run_talks_to_systemd_and_stops_on_sigterm(
     cfg.write_text(
         "[site]\ncap_w = 10000\n[control]\ninterval_s = 0.5\n[telemetry]\ninterval_s = 0.5\n"
         '[metrics]\nhost = "127.0.0.1"\nport = 0\n'
+        f'[state]\ndir = "{tmp_path / "state"}"\n'
     )
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
     env.pop("WATCHDOG_PID", None)

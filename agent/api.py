@@ -1,0 +1,883 @@
+"""The override API: an ASGI app (FastAPI) served by uvicorn inside the agent's event loop.
+
+Reads (scope ``read``): status, devices, the plan with its reasons, overrides,
+the audit log. Writes (scope ``operate``; lifting caps takes ``admin``):
+create, cancel and resume overrides. Every write, accepted or refused, is in
+the audit log before its answer leaves. Bad requests get a 4xx with a
+``detail`` that says why; the OpenAPI document is at ``/openapi.json``.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Self
+
+import uvicorn
+from fastapi import Body, Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agent.auth import FailureLimiter, Principal, TokenStore, ssl_options, tokens_path
+from agent.auth import Scope as TokenScope
+from agent.config import Config
+from agent.loop import MODES, Agent
+from agent.overrides import (
+    AuditRecord,
+    EndRequest,
+    Override,
+    OverrideError,
+    OverrideManager,
+    request_models,
+)
+from agent.store import Store
+from domain import DeviceKind, DeviceStatus
+
+log = logging.getLogger("siteagent.api")
+
+API_VERSION = "1"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+AUDIT_KEY = "siteagent.audit"
+EXPIRY_POLL_S = 0.25
+
+
+# -- response models ----------------------------------------------------------------
+
+
+class FieldError(BaseModel):
+    """One problem with one field of a request."""
+
+    loc: str
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    """Why a request was refused."""
+
+    detail: str
+    errors: list[FieldError] = []
+
+
+class OverrideView(BaseModel):
+    """An override as the API shows it."""
+
+    id: str
+    kind: str
+    state: str
+    description: str
+    actor: str
+    reason: str
+    created_at_unix_s: float
+    expires_at_unix_s: float
+    remaining_s: float
+    cap_w: float | None = None
+    domain: str | None = None
+    mode: str | None = None
+    device_id: str | None = None
+    power_w: float | None = None
+    replaces: list[str] = []
+    idempotency_key: str | None = None
+    ended_at_unix_s: float | None = None
+    ended_by: str | None = None
+
+    @classmethod
+    def of(cls, ov: Override, now_unix_s: float) -> Self:
+        """The view of one override at a wall-clock time."""
+        state = ov.state(now_unix_s)
+        return cls(
+            id=ov.id,
+            kind=ov.kind,
+            state=state,
+            description=ov.describe(),
+            actor=ov.actor,
+            reason=ov.reason,
+            created_at_unix_s=ov.created_at_unix_s,
+            expires_at_unix_s=ov.expires_at_unix_s,
+            remaining_s=max(0.0, ov.expires_at_unix_s - now_unix_s) if state == "active" else 0.0,
+            cap_w=ov.cap_w,
+            domain=ov.domain,
+            mode=ov.mode,
+            device_id=ov.device_id,
+            power_w=ov.power_w,
+            replaces=list(ov.replaces),
+            idempotency_key=ov.idempotency_key,
+            ended_at_unix_s=ov.ended_at_unix_s,
+            ended_by=ov.ended_by,
+        )
+
+
+class DomainView(BaseModel):
+    """A power domain's limit in force (W)."""
+
+    domain_id: str
+    parent: str | None
+    limit_w: float
+    configured_limit_w: float
+
+
+class StatusView(BaseModel):
+    """The site at a glance."""
+
+    site: str
+    time_unix_s: float
+    site_power_w: float
+    worst_case_w: float
+    site_cap_w: float
+    effective_cap_w: float
+    safety_margin_w: float
+    cap_source: str
+    cap_source_override: OverrideView | None
+    mining_w: float
+    ai_w: float
+    aux_w: float
+    devices: int
+    devices_by_state: dict[str, int]
+    modes: list[str]
+    pins: int
+    plan_mode: str | None
+    plan_reason: str | None
+    last_tick_age_s: float | None
+    active_overrides: int
+    domains: list[DomainView]
+
+
+class DeviceView(BaseModel):
+    """One device as the agent sees it."""
+
+    device_id: str
+    kind: str
+    domain: str
+    state: str
+    power_w: float | None
+    budget_w: float
+    expected_w: float
+    nameplate_power_w: float
+    power_target_w: float | None
+    awake: bool | None
+    controllable: bool
+    hashrate_ths: float | None
+    temperature_c: float | None
+    reading_age_s: float | None
+    last_error: str | None
+    override: str | None
+
+
+class SetpointView(BaseModel):
+    """What the plan wants of one device, and why."""
+
+    device_id: str
+    awake: bool
+    power_target_w: float | None
+    planned_w: float
+    reason: str
+
+
+class DeferredView(BaseModel):
+    """A change the plan wants but the safe ordering held back, and why."""
+
+    device_id: str
+    kind: str
+    reason: str
+
+
+class PlanView(BaseModel):
+    """The last control tick's plan, what was sent and what was held back."""
+
+    tick_age_s: float
+    mode: str
+    reason: str
+    effective_cap_w: float
+    cap_source: str
+    planned_w: float
+    plan_duration_s: float
+    setpoints: list[SetpointView]
+    sent: list[str]
+    failed: list[str]
+    deferred: list[DeferredView]
+
+
+class AuditView(BaseModel):
+    """One audit record."""
+
+    seq: int
+    time_unix_s: float
+    actor: str
+    client: str
+    action: str
+    request: str
+    status: int
+    result: str
+    override_id: str | None
+
+
+# -- audit and body limit ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AuditContext:
+    """What the handlers learn about a write, for its audit record."""
+
+    actor: str = "anonymous"
+    override_id: str | None = None
+    result: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _error_json(
+    status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> list[Message]:
+    body = json.dumps({"detail": detail}).encode()
+    return [
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        },
+        {"type": "http.response.body", "body": body},
+    ]
+
+
+class GuardMiddleware:
+    """Caps request bodies, and writes every write request's audit record before it answers."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store,
+        max_body_bytes: int,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.app = app
+        self.store = store
+        self.max_body_bytes = max_body_bytes
+        self.wall_clock = wall_clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method: str = scope["method"]
+        ctx = AuditContext()
+        scope[AUDIT_KEY] = ctx
+        body, refusal = await self._read_body(scope, receive)
+        if refusal is not None:
+            status, detail = refusal
+            messages = _error_json(status, detail)
+        else:
+            messages = await self._run(scope, body, receive)
+        if method in WRITE_METHODS:
+            self._audit(scope, ctx, body, messages)
+        for m in messages:
+            await send(m)
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[bytes, tuple[int, str] | None]:
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return b"", (400, "Content-Length is not a number")
+                if declared > limit:
+                    return b"", (413, f"request body over {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", (413, f"request body over {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks), None
+
+    async def _run(self, scope: Scope, body: bytes, receive: Receive) -> list[Message]:
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        messages: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            messages.append(message)
+
+        try:
+            await self.app(scope, replay, capture)
+        except Exception:
+            log.exception("API request %s %s failed", scope["method"], scope["path"])
+            return _error_json(500, "internal error (logged by the agent)")
+        return messages
+
+    def _audit(self, scope: Scope, ctx: AuditContext, body: bytes, messages: list[Message]) -> None:
+        status = 500
+        response = b""
+        for m in messages:
+            if m["type"] == "http.response.start":
+                status = int(m["status"])
+            elif m["type"] == "http.response.body":
+                response += m.get("body", b"")
+        result = ctx.result
+        if result is None:
+            try:
+                result = str(json.loads(response).get("detail", ""))
+            except (ValueError, AttributeError):
+                result = ""
+            result = result or f"status {status}"
+        client = scope.get("client")
+        query = scope.get("query_string", b"").decode("latin-1")
+        action = f"{scope['method']} {scope['path']}" + (f"?{query}" if query else "")
+        try:
+            self.store.append_audit(
+                AuditRecord(
+                    time_unix_s=self.wall_clock(),
+                    actor=ctx.actor,
+                    client=str(client[0]) if client else "unknown",
+                    action=action,
+                    request=body.decode("utf-8", "replace"),
+                    status=status,
+                    result=result,
+                    override_id=ctx.override_id,
+                )
+            )
+        except Exception:
+            log.exception("could not write the audit record for %s", action)
+
+
+# -- the app ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Services:
+    """What the handlers work with."""
+
+    agent: Agent
+    manager: OverrideManager
+    store: Store
+    tokens: TokenStore
+    limiter: FailureLimiter
+    wall_clock: Callable[[], float] = time.time
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "malformed request",
+        401: "no token, or a token not known",
+        403: "the token's scope does not allow this",
+        413: "request body too large",
+        422: "the request is not valid; detail says why",
+        429: "too many failed authentications from this address",
+    }.items()
+}
+_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    404: {"model": ErrorBody, "description": "no such override"},
+    409: {"model": ErrorBody, "description": "refused: conflicts with the site's state"},
+}
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _audit(request: Request) -> AuditContext:
+    ctx = request.scope.get(AUDIT_KEY)
+    if not isinstance(ctx, AuditContext):
+        ctx = AuditContext()
+        request.scope[AUDIT_KEY] = ctx
+    return ctx
+
+
+def create_app(services: Services, *, max_body_bytes: int = 16_384) -> ASGIApp:
+    """The API as an ASGI app, wrapped in the body limit and the audit trail."""
+    s = services
+    app = FastAPI(
+        title="siteagent",
+        version=API_VERSION,
+        description=__doc__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    bearer = HTTPBearer(auto_error=False, description="a token from `siteagent token create`")
+
+    def require(needed: TokenScope) -> Callable[..., Awaitable[Principal]]:
+        async def check(
+            request: Request,
+            creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        ) -> Principal:
+            client = _client(request)
+            wait_s = s.limiter.blocked_for_s(client)
+            if wait_s > 0:
+                raise StarletteHTTPException(
+                    429,
+                    f"too many failed authentications from {client}; retry in {wait_s:.0f} s",
+                    headers={"Retry-After": str(max(1, round(wait_s)))},
+                )
+            principal = None if creds is None else s.tokens.check(creds.credentials)
+            if principal is None:
+                s.limiter.failed(client)
+                what = "missing bearer token" if creds is None else "unknown token"
+                raise StarletteHTTPException(401, what, headers={"WWW-Authenticate": "Bearer"})
+            _audit(request).actor = principal.name
+            if principal.scope < needed:
+                raise StarletteHTTPException(
+                    403,
+                    f"token {principal.name!r} has scope {principal.scope.label}; "
+                    f"this needs {needed.label}",
+                )
+            return principal
+
+        return check
+
+    override_request = request_models(s.manager.max_ttl_s)
+    reader = Depends(require(TokenScope.READ))
+    operator = Depends(require(TokenScope.OPERATE))
+
+    @app.exception_handler(OverrideError)
+    async def _override_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, OverrideError)
+        return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            FieldError(
+                loc=".".join(str(p) for p in e.get("loc", ())), msg=str(e.get("msg", "invalid"))
+            )
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{e.loc}: {e.msg}" for e in errors[:5]) or "invalid request"
+        body = ErrorBody(detail=summary, errors=errors)
+        return JSONResponse(body.model_dump(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return JSONResponse(
+            {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    # -- reads ---------------------------------------------------------------------
+
+    @app.get("/v1/status", response_model=StatusView, responses=_ERRORS, tags=["read"])
+    async def status(_: Annotated[Principal, reader]) -> StatusView:
+        """Site power, cap, effective cap and what sets it, the mining/AI split."""
+        return _status(s)
+
+    @app.get("/v1/devices", response_model=list[DeviceView], responses=_ERRORS, tags=["read"])
+    async def devices(_: Annotated[Principal, reader]) -> list[DeviceView]:
+        """Every device as the agent sees it now."""
+        pinned = {o.device_id: o.id for o in s.manager.active() if o.device_id is not None}
+        return [_device(d, pinned.get(d.device_id)) for d in s.agent.snapshot().devices]
+
+    @app.get(
+        "/v1/plan",
+        response_model=PlanView,
+        responses={**_ERRORS, 404: {"model": ErrorBody, "description": "no tick yet"}},
+        tags=["read"],
+    )
+    async def plan(_: Annotated[Principal, reader]) -> PlanView:
+        """The last tick's plan with every setpoint's reason, what was sent and held back."""
+        return _plan(s)
+
+    @app.get("/v1/overrides", response_model=list[OverrideView], responses=_ERRORS, tags=["read"])
+    async def overrides(
+        _: Annotated[Principal, reader],
+        state: Annotated[Literal["active", "all"], Query()] = "active",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[OverrideView]:
+        """Active overrides (oldest first), or with state=all the newest of every state."""
+        now = s.wall_clock()
+        active = state == "active"
+        found = s.manager.active()[:limit] if active else s.store.recent_overrides(limit)
+        return [OverrideView.of(o, now) for o in found]
+
+    @app.get(
+        "/v1/overrides/{override_id}",
+        response_model=OverrideView,
+        responses={**_ERRORS, 404: {"model": ErrorBody, "description": "no such override"}},
+        tags=["read"],
+    )
+    async def get_override(
+        _: Annotated[Principal, reader],
+        override_id: Annotated[str, Path(min_length=1, max_length=64)],
+    ) -> OverrideView:
+        """One override, any state."""
+        ov = s.manager.get(override_id)
+        if ov is None:
+            raise OverrideError(404, f"no override {override_id!r}")
+        return OverrideView.of(ov, s.wall_clock())
+
+    @app.get("/v1/audit", response_model=list[AuditView], responses=_ERRORS, tags=["read"])
+    async def audit(
+        _: Annotated[Principal, reader],
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+    ) -> list[AuditView]:
+        """The newest audit records, newest first; page back with before=SEQ."""
+        return [
+            AuditView(
+                seq=r.seq or 0,
+                time_unix_s=r.time_unix_s,
+                actor=r.actor,
+                client=r.client,
+                action=r.action,
+                request=r.request,
+                status=r.status,
+                result=r.result,
+                override_id=r.override_id,
+            )
+            for r in s.store.audit(limit, before)
+        ]
+
+    # -- writes --------------------------------------------------------------------
+
+    @app.post(
+        "/v1/overrides",
+        response_model=OverrideView,
+        status_code=201,
+        responses={**_WRITE_ERRORS, 200: {"model": OverrideView, "description": "a replay"}},
+        tags=["write"],
+    )
+    async def create_override(
+        request: Request,
+        principal: Annotated[Principal, operator],
+        body: Annotated[override_request, Body()],  # type: ignore[valid-type]
+    ) -> JSONResponse:
+        """Create an override (operate; replacing other caps takes admin); 200 on a replay."""
+        ctx = _audit(request)
+        ov, created = s.manager.create(
+            body,
+            actor=principal.name,
+            client=_client(request),
+            admin=principal.scope >= TokenScope.ADMIN,
+        )
+        ctx.override_id = ov.id
+        ctx.result = (
+            f"accepted: {ov.id} {ov.describe()}"
+            if created
+            else f"replay of {ov.id} (idempotency key {ov.idempotency_key})"
+        )
+        view = OverrideView.of(ov, s.wall_clock())
+        return JSONResponse(view.model_dump(), status_code=201 if created else 200)
+
+    @app.delete(
+        "/v1/overrides/{override_id}",
+        response_model=OverrideView,
+        responses=_WRITE_ERRORS,
+        tags=["write"],
+    )
+    async def cancel_override(
+        request: Request,
+        principal: Annotated[Principal, operator],
+        override_id: Annotated[str, Path(min_length=1, max_length=64)],
+        reason: Annotated[str, Query(min_length=1, max_length=500)],
+    ) -> OverrideView:
+        """Cancel an active override; another actor's cap takes admin to lift."""
+        ctx = _audit(request)
+        ctx.override_id = override_id
+        ov = s.manager.cancel(
+            override_id, actor=principal.name, admin=principal.scope >= TokenScope.ADMIN
+        )
+        ctx.result = f"cancelled: {ov.id} {ov.describe()} ({reason})"
+        return OverrideView.of(ov, s.wall_clock())
+
+    @app.post(
+        "/v1/overrides/resume",
+        response_model=list[OverrideView],
+        responses=_WRITE_ERRORS,
+        tags=["write"],
+    )
+    async def resume(
+        request: Request,
+        principal: Annotated[Principal, operator],
+        body: Annotated[EndRequest, Body()],
+    ) -> list[OverrideView]:
+        """End every mode override (monitor-only, mining-off, ai-min): normal operation."""
+        ended = s.manager.resume(actor=principal.name)
+        _audit(
+            request
+        ).result = f"resumed: ended {', '.join(o.id for o in ended) or 'nothing'} ({body.reason})"
+        now = s.wall_clock()
+        return [OverrideView.of(o, now) for o in ended]
+
+    return GuardMiddleware(
+        app, store=s.store, max_body_bytes=max_body_bytes, wall_clock=s.wall_clock
+    )
+
+
+def _measured_w(d: DeviceStatus) -> float:
+    return 0.0 if d.reading is None or d.reading.power_w is None else d.reading.power_w
+
+
+def _status(s: Services) -> StatusView:
+    agent = s.agent
+    snap, limits = agent.snapshot(), agent.limits()
+    by_kind = {k: 0.0 for k in DeviceKind}
+    by_state: dict[str, int] = {}
+    for d in snap.devices:
+        by_kind[d.kind] += _measured_w(d)
+        by_state[d.state.value] = by_state.get(d.state.value, 0) + 1
+    source_ov = s.manager.get(limits.cap_source) if limits.cap_source.startswith("ovr-") else None
+    active = s.manager.active()
+    modes = sorted({o.mode for o in active if o.kind == "mode" and o.mode in MODES})
+    record = agent.last_tick
+    configured = {d.id: d.limit_w for d in agent.config.domains}
+    now = s.wall_clock()
+    return StatusView(
+        site=agent.config.site.name,
+        time_unix_s=now,
+        site_power_w=(snap.meter_power_w or snap.measured_w + limits.overhead_w),
+        worst_case_w=snap.budget_w + limits.overhead_w,
+        site_cap_w=limits.site_cap_w,
+        effective_cap_w=limits.effective_cap_w,
+        safety_margin_w=agent.config.site.safety_margin_w,
+        cap_source=limits.cap_source,
+        cap_source_override=None if source_ov is None else OverrideView.of(source_ov, now),
+        mining_w=by_kind[DeviceKind.MINER],
+        ai_w=by_kind[DeviceKind.GPU],
+        aux_w=by_kind[DeviceKind.AUX] + limits.overhead_w,
+        devices=len(snap.devices),
+        devices_by_state=by_state,
+        modes=modes,
+        pins=len(limits.pins),
+        plan_mode=None if record is None else record.plan.mode,
+        plan_reason=None if record is None else record.plan.reason,
+        last_tick_age_s=None if record is None else max(0.0, agent.clock() - record.time_s),
+        active_overrides=len(active),
+        domains=[
+            DomainView(
+                domain_id=d.domain_id,
+                parent=d.parent,
+                limit_w=d.limit_w,
+                configured_limit_w=configured.get(d.domain_id, d.limit_w),
+            )
+            for d in limits.domains
+        ],
+    )
+
+
+def _device(d: DeviceStatus, override: str | None) -> DeviceView:
+    r = d.reading
+    return DeviceView(
+        device_id=d.device_id,
+        kind=d.kind.value,
+        domain=d.domain,
+        state=d.state.value,
+        power_w=None if r is None else r.power_w,
+        budget_w=d.budget_w,
+        expected_w=d.expected_w,
+        nameplate_power_w=d.nameplate_power_w,
+        power_target_w=d.power_target_w,
+        awake=d.awake,
+        controllable=d.controllable,
+        hashrate_ths=None if r is None else r.hashrate_ths,
+        temperature_c=None if r is None else r.temperature_c,
+        reading_age_s=d.reading_age_s,
+        last_error=d.last_error,
+        override=override,
+    )
+
+
+def _plan(s: Services) -> PlanView:
+    record = s.agent.last_tick
+    if record is None:
+        raise OverrideError(404, "no control tick has run yet")
+    p = record.plan
+    return PlanView(
+        tick_age_s=max(0.0, s.agent.clock() - record.time_s),
+        mode=p.mode,
+        reason=p.reason,
+        effective_cap_w=p.effective_cap_w,
+        cap_source=record.limits.cap_source,
+        planned_w=p.planned_w,
+        plan_duration_s=record.plan_duration_s,
+        setpoints=[
+            SetpointView(
+                device_id=sp.device_id,
+                awake=sp.awake,
+                power_target_w=sp.power_target_w,
+                planned_w=sp.planned_w,
+                reason=sp.reason,
+            )
+            for sp in p.setpoints
+        ],
+        sent=list(record.applied),
+        failed=list(record.failed),
+        deferred=[
+            DeferredView(device_id=c.device_id, kind=c.kind, reason=why)
+            for c, why in record.ordered.deferred
+        ],
+    )
+
+
+# -- serving -------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the agent owns SIGTERM and shuts the API down."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class ApiStartError(Exception):
+    """The API could not start (address in use, TLS files unreadable, ...)."""
+
+
+class ApiServer:
+    """A running API: the uvicorn server, the expiry task and the store."""
+
+    def __init__(
+        self,
+        services: Services,
+        server: _Server,
+        serving: asyncio.Task[None],
+        port: int,
+        scheme: str,
+    ) -> None:
+        self.services = services
+        self.server = server
+        self.serving = serving
+        self.port = port
+        self.scheme = scheme
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_forever())
+
+    @property
+    def manager(self) -> OverrideManager:
+        """The override manager behind the API."""
+        return self.services.manager
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_POLL_S)
+            try:
+                self.services.manager.expire_due()
+            except Exception:
+                log.exception("expiring overrides failed; trying again")
+
+    async def close(self) -> None:
+        """Stop taking requests, let those in flight finish, close the store."""
+        self._expiry.cancel()
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._expiry
+        try:
+            await asyncio.wait_for(self.serving, timeout=5.0)
+        except (TimeoutError, Exception):
+            self.serving.cancel()
+        self.services.store.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ApiStartError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.setblocking(False)
+    return sock
+
+
+def make_services(
+    agent: Agent,
+    cfg: Config,
+    *,
+    wall_clock: Callable[[], float] = time.time,
+    auth_clock: Callable[[], float] = time.monotonic,
+    tokens: TokenStore | None = None,
+) -> Services:
+    """Open the store, restore the stored overrides into the agent, load the tokens."""
+    api = cfg.api
+    store = Store.in_dir(cfg.state.dir)
+    manager = OverrideManager(agent, store, max_ttl_s=api.max_override_ttl_s, wall_clock=wall_clock)
+    manager.restore()
+    if tokens is None:
+        token_file = tokens_path(api, cfg.state.dir)
+        tokens = TokenStore(token_file)
+        if not tokens.entries():
+            log.warning(
+                "no API tokens in %s: every request will be refused; create one with "
+                "`siteagent token create NAME --scope operate`",
+                token_file,
+            )
+    return Services(
+        agent=agent,
+        manager=manager,
+        store=store,
+        tokens=tokens,
+        limiter=FailureLimiter(api.auth_failures_per_minute, clock=auth_clock),
+        wall_clock=wall_clock,
+    )
+
+
+async def serve_api(
+    agent: Agent,
+    cfg: Config,
+    *,
+    wall_clock: Callable[[], float] = time.time,
+    auth_clock: Callable[[], float] = time.monotonic,
+) -> ApiServer:
+    """Restore stored overrides into the agent, then serve the API on ``[api]`` host:port."""
+    api = cfg.api
+    services = make_services(agent, cfg, wall_clock=wall_clock, auth_clock=auth_clock)
+    store = services.store
+    app = create_app(services, max_body_bytes=api.max_body_bytes)
+    sock = _bind(api.host, api.port)
+    tls = ssl_options(api)
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=3,
+        **tls,
+    )
+    try:
+        # Load here (TLS files, the app) so a bad file is an error now, not in a task.
+        config.load()
+    except Exception as e:
+        sock.close()
+        store.close()
+        raise ApiStartError(f"API did not start: {e}") from e
+    server = _Server(config)
+    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if serving.done():
+            sock.close()
+            store.close()
+            err = serving.exception()
+            raise ApiStartError(f"API did not start: {err!r}") from err
+        await asyncio.sleep(0.01)
+    port = sock.getsockname()[1]
+    scheme = "https" if tls else "http"
+    log.info("override API on %s://%s:%d", scheme, api.host, port)
+    return ApiServer(services, server, serving, port, scheme)

@@ -1,0 +1,149 @@
+"""Overrides across a real `kill -9`: the same view after restart, and no comeback once expired.
+
+A real `siteagent run` process with a config whose miners do not exist (nothing
+listens at their addresses, so they read as unreachable), driven over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.auth import Scope, create_token
+
+PORT_RE = re.compile(r"override API on http://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def port(self, timeout_s: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if m := PORT_RE.search(line):
+                    return int(m.group(1))
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError("agent did not start:\n" + "".join(self.lines))
+
+
+def start(config: Path) -> Proc:
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "NOTIFY_SOCKET": ""},
+    )
+    proc = Proc(popen)
+
+    def drain() -> None:
+        assert popen.stderr is not None
+        for line in popen.stderr:
+            proc.lines.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[Path, str, list[Proc]]]:
+    tokens = tmp_path / "tokens"
+    token = create_token(tokens, "alice", Scope.ADMIN)
+    config = tmp_path / "siteagent.toml"
+    miners = "".join(
+        f'[[inventory.miners]]\naddress = "127.1.222.{i + 1}"\nid = "m{i}"\n' for i in range(4)
+    )
+    config.write_text(
+        f"""
+[site]
+cap_w = 20000
+[telemetry]
+interval_s = 60
+timeout_s = 0.2
+[control]
+interval_s = 60
+[api]
+port = 0
+tokens_file = "{tokens}"
+[metrics]
+port = 0
+[state]
+dir = "{tmp_path / "state"}"
+{miners}"""
+    )
+    procs: list[Proc] = []
+    yield config, token, procs
+    for p in procs:
+        if p.popen.poll() is None:
+            p.popen.kill()
+            p.popen.wait()
+
+
+def view(client: httpx.Client) -> dict[str, Any]:
+    status = client.get("/v1/status").json()
+    overrides = client.get("/v1/overrides").json()
+    for o in overrides:
+        o.pop("remaining_s")
+    keep = ("site_cap_w", "effective_cap_w", "cap_source", "modes", "pins", "active_overrides")
+    return {"status": {k: status[k] for k in keep}, "overrides": overrides}
+
+
+def test_overrides_survive_kill_9_and_expire_while_down(
+    site: tuple[Path, str, list[Proc]],
+) -> None:
+    config, token, procs = site
+    headers = {"Authorization": f"Bearer {token}"}
+    first = start(config)
+    procs.append(first)
+    url = f"http://127.0.0.1:{first.port()}"
+    with httpx.Client(base_url=url, headers=headers, timeout=10) as c:
+        for body in (
+            {"kind": "cap", "cap_w": 15000, "ttl_s": 3600, "reason": "utility"},
+            {"kind": "mode", "mode": "monitor-only", "ttl_s": 3600, "reason": "maintenance"},
+            {"kind": "pin", "device_id": "m1", "power_w": 1000, "ttl_s": 3, "reason": "short"},
+        ):
+            r = c.post("/v1/overrides", json=body)
+            assert r.status_code == 201, r.text
+        short = r.json()["id"]
+        before = view(c)
+    assert before["status"]["pins"] == 1 and before["status"]["effective_cap_w"] == 15000
+    first.popen.send_signal(signal.SIGKILL)
+    first.popen.wait()
+    time.sleep(max(0.0, r.json()["expires_at_unix_s"] - time.time()) + 0.1)
+
+    second = start(config)
+    procs.append(second)
+    with httpx.Client(base_url=f"http://127.0.0.1:{second.port()}", headers=headers) as c:
+        after = view(c)
+        gone = c.get(f"/v1/overrides/{short}").json()
+        audit = c.get("/v1/audit").json()
+    expected = {
+        "status": {**before["status"], "pins": 0, "active_overrides": 2},
+        "overrides": [o for o in before["overrides"] if o["id"] != short],
+    }
+    assert after == expected
+    assert gone["state"] == "expired" and gone["ended_by"] == "siteagent"
+    assert any(
+        a["override_id"] == short and "expired while the agent was down" in a["result"]
+        for a in audit
+    )
+    assert sum(1 for a in audit if a["status"] == 201) == 3  # the accepted writes, kept
+    second.popen.send_signal(signal.SIGTERM)
+    assert second.popen.wait(timeout=15) == 0
