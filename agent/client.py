@@ -81,9 +81,10 @@ def format_power(power_w: float | None) -> str:
 class ClientError(Exception):
     """A request that did not succeed; ``code`` is the exit code to use."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, http_status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.http_status = http_status
 
 
 def _config_url(path: str) -> tuple[str, dict[str, Any]]:
@@ -185,7 +186,7 @@ class ApiClient:
             raise ClientError(EXIT_AUTH, f"rate limited: {detail}")
         if r.status_code >= 500:
             raise ClientError(EXIT_REFUSED, f"the agent failed ({r.status_code}): {detail}")
-        raise ClientError(EXIT_REFUSED, f"refused ({r.status_code}): {detail}")
+        raise ClientError(EXIT_REFUSED, f"refused ({r.status_code}): {detail}", r.status_code)
 
 
 def _ssl_context(verify: bool | str, cert: tuple[str, str]) -> Any:
@@ -309,6 +310,44 @@ def status_table(st: Mapping[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def explain_text(device: Mapping[str, Any], plan: Mapping[str, Any] | None) -> str:
+    """Why one device is where it is: its state, the plan's setpoint and reason, this tick."""
+
+    def w(v: Any) -> str:
+        return "unknown" if v is None else format_power(float(v))
+
+    d = device
+    lines = [
+        f"{d['device_id']} ({d['kind']}, domain {d['domain']}): {d['state']}",
+        f"  power {w(d['power_w'])} measured, counted at {w(d['budget_w'])} worst case, "
+        f"target {w(d['power_target_w'])}, nameplate {w(d['nameplate_power_w'])}",
+    ]
+    if d.get("last_error"):
+        lines.append(f"  last error: {d['last_error']}")
+    if d.get("override"):
+        lines.append(f"  override: {d['override']}")
+    if not d["controllable"]:
+        lines.append("  not controllable now: counted at its worst case, never planned")
+    if plan is None:
+        lines.append("  no plan yet (the agent has not ticked)")
+        return "\n".join(lines)
+    lines.append(
+        f"  plan ({plan['mode']}, {format_duration(float(plan['tick_age_s']))} ago): "
+        f"{plan['reason']}; effective cap {w(plan['effective_cap_w'])} from {plan['cap_source']}"
+    )
+    sp = next((x for x in plan["setpoints"] if x["device_id"] == d["device_id"]), None)
+    if sp is not None:
+        lines.append(f"  setpoint: {sp['reason']}")
+    held = [x for x in plan["deferred"] if x["device_id"] == d["device_id"]]
+    if d["device_id"] in plan["sent"]:
+        lines.append("  this tick: the change was sent")
+    elif d["device_id"] in plan["failed"]:
+        lines.append("  this tick: the change failed; it is counted at its worst case")
+    for x in held:
+        lines.append(f"  this tick: {x['kind']} held back: {x['reason']}")
+    return "\n".join(lines)
+
+
 def _emit(args: argparse.Namespace, data: Any, text: Callable[[Any], str], out: TextIO) -> None:
     if getattr(args, "json", False):
         print(json.dumps(data, indent=2), file=out)
@@ -340,6 +379,20 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _dispatch(args: argparse.Namespace, client: ApiClient, out: TextIO) -> int:
     if args.command == "status":
         _emit(args, client.request("GET", "/v1/status"), status_table, out)
+        return EXIT_OK
+    if args.command == "explain":
+        devices = client.request("GET", "/v1/devices")
+        device = next((d for d in devices if d["device_id"] == args.device), None)
+        if device is None:
+            known = ", ".join(sorted(d["device_id"] for d in devices)[:10])
+            raise ClientError(EXIT_REFUSED, f"no device {args.device!r} (some known: {known})")
+        try:
+            plan = client.request("GET", "/v1/plan")
+        except ClientError as e:
+            if e.http_status != 404:
+                raise
+            plan = None
+        _emit(args, {"device": device, "plan": plan}, lambda x: explain_text(device, plan), out)
         return EXIT_OK
     what = args.what
     if what == "list":
@@ -375,7 +428,7 @@ def _dispatch(args: argparse.Namespace, client: ApiClient, out: TextIO) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    """`siteagent override ...` and `siteagent status`."""
+    """`siteagent override ...`, `siteagent status` and `siteagent explain`."""
     return _run(args, sys.stdout, sys.stderr)
 
 
@@ -430,6 +483,11 @@ def add_commands(sub: Any) -> None:
     s = sub.add_parser("status", help="the site at a glance, from the running agent")
     _connection_options(s)
     s.set_defaults(func=cmd_client)
+
+    e = sub.add_parser("explain", help="why a device is where it is, from the running agent")
+    e.add_argument("device", help="the device id (see `siteagent status --json` or /v1/devices)")
+    _connection_options(e)
+    e.set_defaults(func=cmd_client)
 
     o = sub.add_parser("override", help="create, list or cancel operator overrides")
     osub = o.add_subparsers(dest="what", required=True)

@@ -455,6 +455,26 @@ async def test_cli_override_status_list_cancel(
     assert len(server.manager.active()) == 2
 
 
+async def test_cli_explain_says_why_a_device_is_where_it_is(
+    served: tuple[ApiServer, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server, _ = served
+    url = f"http://127.0.0.1:{server.port}"
+    monkeypatch.setenv("SITEAGENT_TOKEN", TOKENS["alice"][0])
+    assert await cli("explain", "m0001", "--url", url) == 0
+    out = capsys.readouterr().out
+    assert "m0001 (miner" in out and "no plan yet" in out
+    server.services.agent.set_cap("test", 20_000)
+    await server.services.agent.tick()
+    assert await cli("explain", "m0001", "--url", url) == 0
+    out = capsys.readouterr().out
+    assert "setpoint:" in out and "rank " in out and "effective cap" in out
+    assert await cli("explain", "no-such-miner", "--url", url) == 1
+    assert "no device 'no-such-miner'" in capsys.readouterr().err
+
+
 async def test_cli_errors_are_clear(
     served: tuple[ApiServer, Path],
     tmp_path: Path,
