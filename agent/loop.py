@@ -21,7 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from agent.config import Config
 from agent.devices import DeviceTracker
 from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
-from agent.prices import economic_params, static_prices
+from agent.prices import PriceFeed, economic_params
 from agent.safety import Change, Ordered, order_changes
 from domain import (
     DeviceError,
@@ -95,8 +95,9 @@ class Agent:
             uncapping_threshold=config.policy.uncapping_threshold,
             min_off_s=config.policy.min_off_s,
         )
-        # Prices for the economic policy: static by default; a feed replaces this callable.
-        self.prices: Callable[[], Prices] = lambda: static_prices(config)
+        # Prices for the economic policy: static, or a file/HTTP series refreshed on a schedule.
+        self.price_feed = PriceFeed(config)
+        self.prices: Callable[[], Prices] = self.price_feed.prices
         self.economic_params = economic_params(config)
         self._caps: dict[str, float] = {SITE_CAP_SOURCE: config.site.cap_w}
         self._domain_caps: dict[str, dict[str, float]] = {d.id: {} for d in config.domains}
@@ -410,6 +411,15 @@ class Agent:
             next_run_time=first + timedelta(seconds=self.config.control.interval_s),
             **common,
         )
+        if self.price_feed.live:
+            sched.add_job(
+                self._price_job,
+                "interval",
+                seconds=self.config.prices.poll_interval_s,
+                id="prices",
+                next_run_time=first,
+                **common,
+            )
         if self.rescan is not None:
             sched.add_job(
                 self._scan_job,
@@ -432,6 +442,12 @@ class Agent:
                 log.warning("%s: moved from %s to %s", t.device_id, old.address, t.address)
                 old.address, old.connect, old.driver = t.address, t.connect, None
                 old.next_read_s = 0.0
+
+    async def _price_job(self) -> None:
+        try:
+            await self.price_feed.refresh()
+        except Exception:
+            log.exception("price refresh failed")
 
     async def _scan_job(self) -> None:
         if self.rescan is None:

@@ -15,15 +15,19 @@ import asyncio
 import csv
 import io
 import json
+import logging
+import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from agent.config import Config
 from policies.capping import CappingParams
 from policies.economic import EconomicParams
-from policies.prices import PriceFallback, PricePoint, Prices, PriceSeries
+from policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
+
+log = logging.getLogger("siteagent.prices")
 
 COLUMNS = (
     "timestamp_unix_s",
@@ -135,3 +139,53 @@ def economic_params(cfg: Config) -> EconomicParams:
         keep_margin_usd_per_kwh=pol.keep_margin_usd_per_kwh,
         contract_floor_w=floors,
     )
+
+
+class PriceFeed:
+    """The configured price source: static values, or a file or HTTP series refreshed on a
+    schedule. A refresh that fails keeps the last good series (logged once until it
+    recovers); prices older than ``stale_after_s`` give way to the stated fallbacks."""
+
+    def __init__(self, cfg: Config, *, wall_clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.wall_clock = wall_clock
+        self.series: PriceSeries | None = None
+        self.last_error: str | None = None
+        self._fallback = fallback(cfg)
+
+    @property
+    def live(self) -> bool:
+        """Whether prices come from a file or feed that needs refreshing."""
+        return self.cfg.prices.source != "static"
+
+    async def refresh(self) -> None:
+        """Re-read the file or poll the endpoint; keep the last good series on failure."""
+        p = self.cfg.prices
+        try:
+            if p.source == "file":
+                if p.path is None:
+                    raise PriceFormatError("prices.source = 'file' needs prices.path")
+                series = await asyncio.to_thread(load_series, p.path)
+            elif p.source == "http":
+                if p.url is None:
+                    raise PriceFormatError("prices.source = 'http' needs prices.url")
+                series = await fetch_http(p.url)
+            else:
+                return
+        except (OSError, ValueError) as e:
+            if self.last_error is None:
+                log.warning("prices: %s failed, keeping the last good series: %s", p.source, e)
+            self.last_error = str(e)
+            return
+        if self.last_error is not None:
+            log.info("prices: %s readable again", p.source)
+        self.last_error = None
+        self.series = series
+
+    def prices(self) -> Prices:
+        """The prices in force now."""
+        if not self.live:
+            return static_prices(self.cfg)
+        now = self.wall_clock()
+        point = self.series.at(now) if self.series is not None else None
+        return resolve(point, now, self._fallback, source=self.cfg.prices.source)
