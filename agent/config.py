@@ -117,6 +117,8 @@ class PolicyConfig(_Strict):
     capping_target: Fraction = 0.97
     uncapping_threshold: Fraction = 0.92
     min_off_s: NonNegW = 300.0
+    # Each sleep/wake cycle wears a miner; 0 means no limit beyond min_off_s.
+    max_wakes_per_hour: Annotated[int, Field(ge=0, le=60)] = 4
     restore_ramp_w_per_s: PositiveW = 10_000.0
     # Economic policy only (policies/economic.py).
     default_utilization_frac: Fraction = 0.6

@@ -10,6 +10,7 @@ and backs off exponentially while a device keeps failing.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -100,6 +101,7 @@ class DeviceTracker:
         self.awake: bool | None = None
         self.power_target_w: float | None = None
         self.last_transition_s: float | None = None
+        self.wakes_s: deque[float] = deque()
         self.pending: Pending | None = None
 
     # -- telemetry -------------------------------------------------------------
@@ -176,9 +178,17 @@ class DeviceTracker:
         if kind in ("sleep", "wake"):
             self.awake = kind == "wake"
             self.last_transition_s = now_s
+        if kind == "wake":
+            self.wakes_s.append(now_s)
         if target_w is not None:
             self.power_target_w = target_w
         self.pending = Pending(kind, old_w, new_w, now_s, target_w)
+
+    def wakes_in_last_hour(self, now_s: float) -> int:
+        """How many times the agent woke this device in the hour before ``now_s``."""
+        while self.wakes_s and now_s - self.wakes_s[0] > 3600.0:
+            self.wakes_s.popleft()
+        return len(self.wakes_s)
 
     # -- accounting --------------------------------------------------------------
 
@@ -266,6 +276,7 @@ class DeviceTracker:
             power_target_w=self.power_target_w,
             awake=self.awake,
             last_transition_s=self.last_transition_s,
+            wakes_last_hour=self.wakes_in_last_hour(now_s),
             last_error=self.last_error,
         )
 

@@ -94,6 +94,7 @@ class Agent:
             capping_target=config.policy.capping_target,
             uncapping_threshold=config.policy.uncapping_threshold,
             min_off_s=config.policy.min_off_s,
+            max_wakes_per_hour=config.policy.max_wakes_per_hour,
         )
         # Prices for the economic policy: static, or a file/HTTP series refreshed on a schedule.
         self.price_feed = PriceFeed(config)

@@ -133,7 +133,11 @@ def economic_params(cfg: Config) -> EconomicParams:
     }
     return EconomicParams(
         capping=CappingParams(
-            pol.capping_threshold, pol.capping_target, pol.uncapping_threshold, pol.min_off_s
+            pol.capping_threshold,
+            pol.capping_target,
+            pol.uncapping_threshold,
+            pol.min_off_s,
+            pol.max_wakes_per_hour,
         ),
         default_utilization_frac=pol.default_utilization_frac,
         keep_margin_usd_per_kwh=pol.keep_margin_usd_per_kwh,

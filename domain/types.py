@@ -109,6 +109,7 @@ class DeviceStatus:
     awake: bool | None = None
     last_transition_s: float | None = None
     last_error: str | None = None
+    wakes_last_hour: int = 0
 
     @property
     def efficiency_j_per_th(self) -> float:

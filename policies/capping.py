@@ -39,6 +39,7 @@ class CappingParams:
     capping_target: float = 0.97
     uncapping_threshold: float = 0.92
     min_off_s: float = 300.0
+    max_wakes_per_hour: int = 0  # 0: no limit beyond min_off_s
 
 
 class DomainTree:
@@ -66,6 +67,16 @@ class DomainTree:
             out.append(SITE)
         self._chains[domain] = tuple(out)
         return self._chains[domain]
+
+
+def wake_blocked(d: DeviceStatus, now_s: float, params: CappingParams) -> str | None:
+    """Why an asleep miner may not be woken now (no flapping), or None if it may."""
+    since = d.last_transition_s
+    if d.awake is False and since is not None and now_s - since < params.min_off_s:
+        return f"kept asleep: minimum off time, {params.min_off_s - (now_s - since):.0f} s left"
+    if params.max_wakes_per_hour and d.wakes_last_hour >= params.max_wakes_per_hour:
+        return f"kept asleep: woken {d.wakes_last_hour} times in the last hour (the limit)"
+    return None
 
 
 def min_level_w(d: DeviceStatus) -> float:
@@ -274,14 +285,9 @@ def _fill(ctx: _Ctx, mode: str, why: str) -> Plan:
             if d.kind in held_down:
                 reason[d.device_id] = "asleep: mining is off by override"
                 continue
-            since = d.last_transition_s
-            if (
-                d.awake is False
-                and since is not None
-                and snapshot.time_s - since < params.min_off_s
-            ):
-                left = params.min_off_s - (snapshot.time_s - since)
-                reason[d.device_id] = f"kept asleep: minimum off time, {left:.0f} s left"
+            blocked = wake_blocked(d, snapshot.time_s, params)
+            if blocked is not None:
+                reason[d.device_id] = blocked
                 continue
             cost = min_level_w(d) - d.sleep_power_w
             free, node = room(d)

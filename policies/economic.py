@@ -42,6 +42,7 @@ from policies.capping import (
     max_level_w,
     min_level_w,
     pinned_setpoint,
+    wake_blocked,
 )
 from policies.prices import Prices
 
@@ -228,14 +229,8 @@ def plan(
             hp = prices.hashprice_usd_per_th_day
             if limits.mining_off:
                 why[i] = "mining is off by override"
-            elif (
-                caps.can_sleep
-                and d.awake is False
-                and d.last_transition_s is not None
-                and now - d.last_transition_s < cp.min_off_s
-            ):
-                left = cp.min_off_s - (now - d.last_transition_s)
-                why[i] = f"kept asleep: minimum off time, {left:.0f} s left"
+            elif caps.can_sleep and (blocked := wake_blocked(d, now, cp)) is not None:
+                why[i] = blocked
             else:
                 if caps.can_sleep:
                     bounds.append((floor, lo if caps.power_target else hi, True))

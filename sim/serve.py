@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mix",
         default="braiins",
-        help="comma-separated firmwares, assigned round-robin (braiins, whatsminer)",
+        help="firmwares, comma-separated, round-robin (braiins, whatsminer, luxos, antminer)",
     )
     p.add_argument(
         "--restart-s", type=float, default=5.0, help="Whatsminer service restart on a limit (s)"

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
+from sim.antminer import SimAntminer
 from sim.base import SimMinerBase
 from sim.braiins import Fault, SimBraiinsMiner
 from sim.luxos import SimLuxOS
@@ -23,6 +24,7 @@ SimMiner = SimBraiinsMiner | SimMinerBase
 BACKEND_CLASSES: dict[str, type[SimMinerBase]] = {
     "whatsminer": SimWhatsminer,
     "luxos": SimLuxOS,
+    "antminer": SimAntminer,
 }
 BACKEND_NAMES = ("braiins", *BACKEND_CLASSES)
 

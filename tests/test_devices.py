@@ -394,3 +394,12 @@ def test_lower_is_not_confirmed_before_the_miner_reads_back_its_target() -> None
     assert t.budget_w(3.0, STALE_S) == 3000.0
     t.record_reading(mining(4.0, 1500.0, 1500.0), 4.0, CONFIRM_S)
     assert t.pending is None
+
+
+def test_wakes_are_counted_over_the_last_hour() -> None:
+    t = tracker()
+    for when in (0.0, 100.0, 200.0):
+        t.record_command("wake", 25.0, 3000.0, None, when)
+    assert t.wakes_in_last_hour(300.0) == 3
+    assert t.wakes_in_last_hour(3650.0) == 2  # the first has aged out
+    assert t.status(3650.0, 30.0).wakes_last_hour == 2

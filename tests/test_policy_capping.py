@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 
 import pytest
@@ -250,6 +251,18 @@ def test_min_off_keeps_a_recently_slept_miner_asleep() -> None:
     )
     p = plan(snap(*later), limits(cap_for_target(3500.0)), PARAMS)
     assert rows(p) == {"a": ON(True, 3000.0), "b": OFF()}
+
+
+def test_a_miner_woken_too_often_this_hour_stays_asleep() -> None:
+    tired = dataclasses.replace(miner("a", 20.0, level_w=None), wakes_last_hour=4)
+    fresh = dataclasses.replace(miner("b", 30.0, level_w=None), wakes_last_hour=3)
+    params = dataclasses.replace(PARAMS, max_wakes_per_hour=4)
+    p = plan(snap(tired, fresh), limits(cap_for_target(20_000.0)), params)
+    assert rows(p) == {"a": OFF(), "b": ON(True, 3000.0)}
+    assert "woken 4 times in the last hour" in p.setpoints[0].reason
+    # 0 means no such limit.
+    p = plan(snap(tired, fresh), limits(cap_for_target(20_000.0)), PARAMS)
+    assert rows(p)["a"] == ON(True, 3000.0)
 
 
 def test_min_off_does_not_keep_an_awake_miner_awake() -> None:

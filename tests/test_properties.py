@@ -166,6 +166,7 @@ def miners(draw: st.DrawFn, index: int, domains: list[str], min_off_s: float) ->
         power_target_w=target,
         awake=awake,
         last_transition_s=None if since is None else NOW_S - since,
+        wakes_last_hour=draw(st.integers(0, 6)),
     )
 
 
@@ -178,6 +179,7 @@ def sites(draw: st.DrawFn) -> Site:
         capping_target=draw(st.sampled_from([0.97, 0.95])),
         uncapping_threshold=draw(st.sampled_from([0.92, 0.9])),
         min_off_s=draw(st.sampled_from([0.0, 60.0, 300.0])),
+        max_wakes_per_hour=draw(st.sampled_from([0, 2, 4])),
     )
     n = draw(st.integers(1, 40))
     devices = tuple(draw(miners(i, domains, params.min_off_s)) for i in range(n))
@@ -305,12 +307,17 @@ def test_over_a_threshold_anywhere_means_a_cap_replan(case: tuple[Site, Plan | N
 
 @FAST
 @given(sites_with_previous())
-def test_never_wakes_a_miner_inside_its_min_off_window(case: tuple[Site, Plan | None]) -> None:
+def test_never_wakes_a_miner_inside_its_min_off_window_or_over_its_wake_limit(
+    case: tuple[Site, Plan | None],
+) -> None:
     site, previous = case
     p = plan(site.snapshot, site.limits, site.params, previous)
+    limit = site.params.max_wakes_per_hour
     for d in movable(site):
         since = d.last_transition_s
-        if d.awake is False and since is not None and NOW_S - since < site.params.min_off_s:
+        inside = since is not None and NOW_S - since < site.params.min_off_s
+        tired = limit > 0 and d.wakes_last_hour >= limit
+        if d.awake is False and (inside or tired):
             sp = p.setpoint_for(d.device_id)
             assert sp is not None and not sp.awake, (d, sp)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyasic.miners.backends.antminer import AntminerModern
 from pyasic.miners.backends.braiins_os import BOSer
 from pyasic.miners.backends.btminer import BTMinerV2
 from pyasic.miners.backends.luxminer import LUXMiner
 from pyasic.miners.factory import MINER_CLASSES, MinerTypes
 
+from drivers.backends.antminer import AntminerBackend
 from drivers.backends.base import Backend
 from drivers.backends.braiins import BraiinsBackend
 from drivers.backends.luxos import LuxOSBackend
@@ -16,13 +18,14 @@ from drivers.backends.whatsminer import WhatsminerBackend
 
 __all__ = ["BACKENDS", "Backend", "known_backend", "select_backend"]
 
-BACKENDS = ("braiins", "whatsminer", "luxos")
+BACKENDS = ("braiins", "whatsminer", "luxos", "antminer")
 
 
 _TYPES = {
     "braiins": MinerTypes.BRAIINS_OS,
     "whatsminer": MinerTypes.WHATSMINER,
     "luxos": MinerTypes.LUX_OS,
+    "antminer": MinerTypes.ANTMINER,
 }
 
 
@@ -51,4 +54,7 @@ def select_backend(miner: Any) -> Backend | None:
         return WhatsminerBackend(miner)
     if isinstance(miner, LUXMiner):
         return LuxOSBackend(miner)
+    if isinstance(miner, AntminerModern):
+        # Stock firmware only: pyasic's class for an unknown model is not modern.
+        return AntminerBackend(miner)
     return None
