@@ -7,14 +7,17 @@ expected, all at once, so an operator fixes a file in one pass.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -221,6 +224,68 @@ class GpuNodeConfig(_Strict):
         return self
 
 
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def cron_trigger(expr: str, timezone: str) -> CronTrigger:
+    """An APScheduler trigger for a standard crontab line (0 or 7 = Sunday in its 5th field).
+
+    APScheduler 3 numbers weekdays from Monday (its issue 286), so "1-5" would mean
+    Tuesday to Saturday; weekday numbers are turned into names first.
+    """
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(f"wrong number of fields; got {len(fields)}, expected 5")
+    fields[4] = re.sub(r"(?<![/\d])([0-7])(?!\d)", lambda m: _CRON_DAYS[int(m.group(1))], fields[4])
+    minute, hour, day, month, day_of_week = fields
+    return CronTrigger(
+        minute=minute,
+        hour=hour,
+        day=day,
+        month=month,
+        day_of_week=day_of_week,
+        timezone=timezone,
+    )
+
+
+class CapWindowConfig(_Strict):
+    """A recurring window (a crontab line for its start, a duration) with a lower site cap,
+    e.g. the afternoons that are likely 4CP peaks."""
+
+    name: Annotated[str, Field(min_length=1)]
+    cron: str
+    duration_s: PositiveS
+    cap_w: NonNegW
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _cron_parses(self) -> CapWindowConfig:
+        try:
+            cron_trigger(self.cron, self.timezone)
+        except (ValueError, KeyError) as e:
+            raise ValueError(
+                f"found cron {self.cron!r} / timezone {self.timezone!r} ({e}), expected a "
+                "5-field crontab line such as '0 15 * 6-9 1-5' and an IANA timezone"
+            ) from None
+        return self
+
+
+class DemandResponseConfig(_Strict):
+    """A demand-response event: hold the site at or under ``target_w`` from ``start`` on."""
+
+    name: Annotated[str, Field(min_length=1)]
+    start: AwareDatetime
+    duration_s: PositiveS
+    target_w: NonNegW
+
+
+class ScheduleConfig(_Strict):
+    """Caps that come and go with the clock."""
+
+    windows: list[CapWindowConfig] = []
+    events: list[DemandResponseConfig] = []
+
+
 class StateConfig(_Strict):
     """Where state lives."""
 
@@ -234,6 +299,7 @@ class Config(_Strict):
     domains: list[DomainConfig] = []
     inventory: InventoryConfig = InventoryConfig()
     gpu_nodes: list[GpuNodeConfig] = []
+    schedule: ScheduleConfig = ScheduleConfig()
     prices: PricesConfig = PricesConfig()
     policy: PolicyConfig = PolicyConfig()
     telemetry: TelemetryConfig = TelemetryConfig()

@@ -13,12 +13,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from agent.config import Config
+from agent.config import Config, cron_trigger
 from agent.devices import DeviceTracker
 from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from agent.prices import PriceFeed, economic_params
@@ -81,6 +81,7 @@ class Agent:
         trackers: Iterable[DeviceTracker],
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_tick: Callable[[TickRecord], None] | None = None,
         rescan: Callable[[], Awaitable[list[DeviceTracker]]] | None = None,
     ) -> None:
@@ -89,6 +90,8 @@ class Agent:
         self.clock = clock
         self.on_tick = on_tick
         self.rescan = rescan
+        self.wall_clock = wall_clock
+        self._windows = [(w, cron_trigger(w.cron, w.timezone)) for w in config.schedule.windows]
         self.params = CappingParams(
             capping_threshold=config.policy.capping_threshold,
             capping_target=config.policy.capping_target,
@@ -216,9 +219,24 @@ class Agent:
         """Whether an operator asked for no actuation at all."""
         return MONITOR_ONLY in self._modes.values()
 
+    def scheduled_caps(self, now: datetime | None = None) -> dict[str, float]:
+        """Caps (W) of the windows and demand-response events in force at ``now``."""
+        now = now or self.wall_clock()
+        out: dict[str, float] = {}
+        for w, trigger in self._windows:
+            # In force if the window's latest start lies within its duration before now.
+            start = trigger.get_next_fire_time(None, now - timedelta(seconds=w.duration_s))
+            if start is not None and start <= now < start + timedelta(seconds=w.duration_s):
+                out[f"window:{w.name}"] = w.cap_w
+        for e in self.config.schedule.events:
+            if e.start <= now < e.start + timedelta(seconds=e.duration_s):
+                out[f"demand-response:{e.name}"] = e.target_w
+        return out
+
     def limits(self) -> Limits:
         """Every limit in force now, combined into the effective cap."""
-        source, cap = min(self._caps.items(), key=lambda kv: (kv[1], kv[0]))
+        caps = {**self._caps, **self.scheduled_caps()}
+        source, cap = min(caps.items(), key=lambda kv: (kv[1], kv[0]))
         effective = max(0.0, cap - self.config.site.safety_margin_w)
         domains = tuple(
             DomainLimit(d.id, min([d.limit_w, *self._domain_caps[d.id].values()]), d.parent)
@@ -412,6 +430,14 @@ class Agent:
             next_run_time=first + timedelta(seconds=self.config.control.interval_s),
             **common,
         )
+        # A window or event that lowers the cap ticks at its start, not up to a tick later.
+        for w, trigger in self._windows:
+            sched.add_job(self._tick_soon, trigger, id=f"window:{w.name}", **common)
+        for e in self.config.schedule.events:
+            if e.start > self.wall_clock():
+                sched.add_job(
+                    self._tick_soon, "date", run_date=e.start, id=f"event:{e.name}", **common
+                )
         if self.price_feed.live:
             sched.add_job(
                 self._price_job,
@@ -443,6 +469,10 @@ class Agent:
                 log.warning("%s: moved from %s to %s", t.device_id, old.address, t.address)
                 old.address, old.connect, old.driver = t.address, t.connect, None
                 old.next_read_s = 0.0
+
+    async def _tick_soon(self) -> None:
+        # A coroutine, so APScheduler runs it on the loop rather than in a worker thread.
+        self.request_tick()
 
     async def _price_job(self) -> None:
         try:
