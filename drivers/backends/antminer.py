@@ -15,9 +15,9 @@ is the mode's level, not the ramp: during a restart it is above the truth.
 
 pyasic's web client answers every failure with ``{"success": False,
 "message": ...}`` instead of raising; the adapter maps the message (a refused
-or timed-out connection -> unreachable, a reply that is not HTTP or not JSON
--> faulted, any status other than 200 (in practice 401, a wrong password) ->
-permission error).
+or timed-out connection -> unreachable; a reply that is not HTTP or not JSON,
+or a connection closed without an answer -> faulted; any status other than
+200, in practice a 401 for a wrong password -> permission error).
 """
 
 from __future__ import annotations
@@ -42,7 +42,16 @@ from drivers.backends.nameplate import lookup
 MODE_NORMAL, MODE_SLEEP, MODE_LOW = 0, 1, 3
 # What an estimate says a sleeping miner draws (W): control board and fans idling.
 SLEEP_ESTIMATE_W = 30.0
-_UNREACHABLE_WORDS = ("connect", "refused", "timed out", "timeout", "disconnected", "unreachable")
+# In pyasic's web error message: no connection made, or none answered in time.
+# ("Server disconnected without sending a response": it accepted and answered
+# nothing HTTP can parse, e.g. bytes without a line end -> faulted.)
+_UNREACHABLE_WORDS = (
+    "connection attempts failed",
+    "refused",
+    "timed out",
+    "timeout",
+    "unreachable",
+)
 
 
 def _mode_config(mode: int) -> Any:
