@@ -20,26 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sim.braiins import (
+from sim.faults import (
     DEFAULT_MISREPORT_FACTOR,
     DEFAULT_SLOW_DELAY_S,
     GARBAGE_BYTES,
     Fault,
+    FaultState,
+    GroundTruth,
 )
 from sim.power import MinerPowerModel, PowerTiming, SimModel
 
 DEFAULT_REBOOT_DOWN_S = 5.0
 # What a miner draws while its controller boots or its mining service restarts.
 IDLE_POWER_W = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class FaultState:
-    """The active fault and its parameters."""
-
-    fault: Fault = Fault.NONE
-    delay_s: float = DEFAULT_SLOW_DELAY_S
-    factor: float = DEFAULT_MISREPORT_FACTOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +62,7 @@ def json_response(obj: Any, status: int = 200) -> HttpResponse:
     return HttpResponse(status, json.dumps(obj).encode())
 
 
-class SimMinerBase:
+class SimMinerBase(GroundTruth):
     """One simulated miner: power model, faults, and its listeners on ``PORTS``."""
 
     BACKEND: ClassVar[str] = ""
@@ -106,27 +99,6 @@ class SimMinerBase:
         self.rebooting = False
 
     # -- ground truth ----------------------------------------------------------------
-
-    @property
-    def nameplate_power_w(self) -> float:
-        """Stock power (W) of this miner's model."""
-        return self.model.nameplate_power_w
-
-    @property
-    def nameplate_hashrate_ths(self) -> float:
-        """Stock hashrate (TH/s) of this miner's model."""
-        return self.model.nameplate_hashrate_ths
-
-    def power_w(self, now_s: float | None = None) -> float:
-        """True wall power (W) at ``now_s`` (default: the miner's clock)."""
-        return self.power.power_w(self.clock() if now_s is None else now_s)
-
-    def reported_power_w(self, now_s: float) -> float:
-        """Power (W) as the firmware reports it (a fault may skew it)."""
-        p = self.power.power_w(now_s)
-        if self.faults.fault is Fault.MISREPORT_POWER:
-            p *= self.faults.factor
-        return p
 
     def refuse_commands(self) -> bool:
         """Whether control commands are to be refused now."""

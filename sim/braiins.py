@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpclib.const
@@ -33,6 +31,14 @@ from grpclib import GRPCError, Status
 from pyasic.web.braiins_os.proto.braiins.bos import ApiVersion, ApiVersionServiceBase
 from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
 
+from sim.faults import (
+    DEFAULT_MISREPORT_FACTOR,
+    DEFAULT_SLOW_DELAY_S,
+    GARBAGE_BYTES,
+    Fault,
+    FaultState,
+    GroundTruth,
+)
 from sim.power import MinerPowerModel, PowerTiming, SimModel
 
 HTTP_PORT = 80
@@ -44,38 +50,10 @@ TOKEN_TIMEOUT_S = 3600
 BOS_VERSION = "2024-09-03-0-d4b1b5b4-24.09-plus"
 
 
-class Fault(enum.StrEnum):
-    """What can be wrong with a simulated miner, settable at runtime."""
-
-    NONE = "none"
-    NO_ANSWER = "no_answer"  # accept every connection, never answer (all ports)
-    REFUSE = "refuse"  # listeners closed: connection refused
-    SLOW = "slow"  # answer after ``delay_s`` seconds
-    GARBAGE = "garbage"  # answer bytes that are neither JSON, HTTP/2 nor protobuf
-    REFUSE_COMMANDS = "refuse_commands"  # reads work, control calls fail (gRPC error)
-    MISREPORT_POWER = "misreport_power"  # reported power is true power x ``factor``
-    REBOOT = "reboot"  # spontaneous reboot: gone for ``down_s``, back mining, uptime reset
-
-
-DEFAULT_SLOW_DELAY_S = 2.0
-DEFAULT_MISREPORT_FACTOR = 0.8
-# ASCII on the JSON and HTTP ports: pyasic's identification probe decodes the
-# reply as UTF-8 without a guard, and a non-UTF-8 reply escapes get_miner() as a
-# UnicodeDecodeError from a task nobody awaits. On the gRPC port anything goes.
-GARBAGE_BYTES = b"~~ garbage: not json, not http {{{ ]]] \t\x01\x02 ~~"
 GARBAGE_GRPC_BYTES = b"\x8b\x00\xff\xfe garbage \x13\x37 no http/2 frame \x00\x01\x02"
 
 
-@dataclass(frozen=True, slots=True)
-class FaultState:
-    """The active fault and its parameters."""
-
-    fault: Fault = Fault.NONE
-    delay_s: float = DEFAULT_SLOW_DELAY_S
-    factor: float = DEFAULT_MISREPORT_FACTOR
-
-
-class SimBraiinsMiner:
+class SimBraiinsMiner(GroundTruth):
     """One simulated BOSer miner: power model, fault state and its three listeners."""
 
     def __init__(
@@ -109,27 +87,6 @@ class SimBraiinsMiner:
         self._socks: dict[int, socket.socket] = {}
 
     # -- identity and ground truth ---------------------------------------------------
-
-    @property
-    def nameplate_power_w(self) -> float:
-        """Stock power (W) of this miner's model."""
-        return self.model.nameplate_power_w
-
-    @property
-    def nameplate_hashrate_ths(self) -> float:
-        """Stock hashrate (TH/s) of this miner's model."""
-        return self.model.nameplate_hashrate_ths
-
-    def power_w(self, now_s: float | None = None) -> float:
-        """True wall power (W) at ``now_s`` (default: the miner's clock)."""
-        return self.power.power_w(self.clock() if now_s is None else now_s)
-
-    def reported_power_w(self, now_s: float) -> float:
-        """Power (W) as the firmware reports it (a fault may skew it)."""
-        p = self.power.power_w(now_s)
-        if self.faults.fault is Fault.MISREPORT_POWER:
-            p *= self.faults.factor
-        return p
 
     # -- lifecycle -------------------------------------------------------------------
     # Each port has one listening socket that this object owns; the asyncio or

@@ -10,7 +10,8 @@ from types import TracebackType
 
 from sim.antminer import SimAntminer
 from sim.base import SimMinerBase
-from sim.braiins import Fault, SimBraiinsMiner
+from sim.braiins import SimBraiinsMiner
+from sim.faults import Fault
 from sim.luxos import SimLuxOS
 from sim.power import SIM_MODELS, PowerTiming
 from sim.whatsminer import SimWhatsminer
