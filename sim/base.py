@@ -29,6 +29,7 @@ from sim.faults import (
     GroundTruth,
 )
 from sim.power import MinerPowerModel, PowerTiming, SimModel
+from sim.wire import read_json_request
 
 DEFAULT_REBOOT_DOWN_S = 5.0
 # What a miner draws while its controller boots or its mining service restarts.
@@ -215,19 +216,7 @@ class SimMinerBase(GroundTruth):
 
     async def _serve_rpc(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            raw = b""
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    while True:
-                        chunk = await reader.read(65536)
-                        if not chunk:
-                            break
-                        raw += chunk
-                        try:
-                            json.loads(raw)
-                            break
-                        except ValueError:
-                            continue
+            raw = await read_json_request(reader)
             if not await self._delay():
                 return
             if self.faults.fault is Fault.GARBAGE:

@@ -40,6 +40,7 @@ from sim.faults import (
     GroundTruth,
 )
 from sim.power import MinerPowerModel, PowerTiming, SimModel
+from sim.wire import read_json_request
 
 HTTP_PORT = 80
 RPC_PORT = 4028
@@ -278,20 +279,7 @@ class SimBraiinsMiner(GroundTruth):
 
     async def _serve_rpc(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            raw = b""
-            # Clients send one JSON object and wait; read until it parses.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    while True:
-                        chunk = await reader.read(4096)
-                        if not chunk:
-                            break
-                        raw += chunk
-                        try:
-                            json.loads(raw)
-                            break
-                        except ValueError:
-                            continue
+            raw = await read_json_request(reader)
             if not await self._delay():
                 return
             if self.faults.fault is Fault.GARBAGE:
