@@ -4,8 +4,19 @@
     the known inventory, as the agent does after discovery; that setup is
     reported but not part of the sweep);
 (b) naive pyasic: ``pyasic.get_miner`` + ``get_data()`` per miner;
-(c) the floor: a bare asyncio client sending the one request a reading needs
-    (Whatsminer ``summary``; LuxOS ``summary+power+config+temps``).
+(c) the floor: a bare asyncio client sending only the requests a reading
+    strictly needs, and parsing only the fields it needs:
+    Whatsminer ``summary``; LuxOS ``summary+power+config+temps``;
+    Braiins OS ``GetMinerStats`` (power, hashrate) + ``GetMinerDetails``
+    (paused or mining) as two gRPC calls on one HTTP/2 connection (h2, no
+    grpclib, protobuf fields decoded by hand; the login token is fetched in
+    setup, as the agent's driver has its token from identification);
+    stock Antminer ``stats`` on 4028 + ``get_miner_conf.cgi`` (the miner mode:
+    without it sleep cannot be told from a restart and models that publish no
+    power have no estimate), the digest nonce learnt in setup so the page is
+    one authorised request.
+
+``--mix`` takes one backend, a comma list (round-robin) or ``all``.
 
 The simulator runs in separate processes (``python -m sim.serve``), at most
 ``--per-process`` miners each (file-descriptor limit); each sweep runs in its own
@@ -18,9 +29,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import ipaddress
+import itertools
 import json
+import os
 import resource
+import secrets
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,7 +47,9 @@ from typing import Any
 FLOOR_REQUEST = {
     "whatsminer": b'{"command": "summary"}',
     "luxos": b'{"command": "summary+power+config+temps"}',
+    "antminer": b'{"command": "stats"}',
 }
+ALL_BACKENDS = ("braiins", "whatsminer", "luxos", "antminer")
 
 
 def _usage() -> tuple[float, float]:
@@ -76,7 +94,17 @@ async def sweep_agent(miners: list[dict[str, Any]], conc: int, timeout_s: float)
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
     ok = sum(1 for r in res if not isinstance(r, BaseException))
-    return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "rss_mb": rss, "ok": ok, "setup_s": setup_s}
+    out: dict[str, Any] = {
+        "wall_s": wall,
+        "cpu_s": cpu1 - cpu0,
+        "rss_mb": rss,
+        "ok": ok,
+        "setup_s": setup_s,
+    }
+    errors = [r for r in [*drivers, *res] if isinstance(r, BaseException)]
+    if errors:
+        out["first_error"] = repr(errors[0])
+    return out
 
 
 async def sweep_naive(miners: list[dict[str, Any]], conc: int, timeout_s: float) -> dict[str, Any]:
@@ -97,19 +125,235 @@ async def sweep_naive(miners: list[dict[str, Any]], conc: int, timeout_s: float)
     return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "rss_mb": rss, "ok": ok}
 
 
+# -- the floor's bare clients ---------------------------------------------------------
+
+
+async def _rpc_json(address: str, request: bytes) -> Any:
+    """One request on TCP 4028, the whole reply read, NUL-trimmed, parsed."""
+    reader, writer = await asyncio.open_connection(address, 4028)
+    writer.write(request)
+    data = await reader.read(-1)
+    writer.close()
+    return json.loads(data.rstrip(b"\0"))
+
+
+def _pb_fields(buf: bytes) -> dict[int, Any]:
+    """Top-level protobuf fields (last one wins): varint int, fixed64/32 bytes, len bytes."""
+    out: dict[int, Any] = {}
+    i, n = 0, len(buf)
+    while i < n:
+        key = shift = 0
+        while True:
+            b = buf[i]
+            i += 1
+            key |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            v = shift = 0
+            while True:
+                b = buf[i]
+                i += 1
+                v |= (b & 0x7F) << shift
+                shift += 7
+                if b < 0x80:
+                    break
+            out[field] = v
+        elif wire == 1:
+            out[field], i = buf[i : i + 8], i + 8
+        elif wire == 5:
+            out[field], i = buf[i : i + 4], i + 4
+        elif wire == 2:
+            ln = shift = 0
+            while True:
+                b = buf[i]
+                i += 1
+                ln |= (b & 0x7F) << shift
+                shift += 7
+                if b < 0x80:
+                    break
+            out[field], i = buf[i : i + ln], i + ln
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+    return out
+
+
+def _pb_path(buf: bytes, *path: int) -> Any:
+    """The field at ``path`` of nested messages (None where absent: proto3 default)."""
+    node: Any = buf
+    for f in path:
+        if node is None:
+            return None
+        node = _pb_fields(node).get(f)
+    return node
+
+
+def _pb_str(field: int, value: str) -> bytes:
+    raw = value.encode()
+    return bytes([field << 3 | 2, len(raw)]) + raw
+
+
+async def _grpc_calls(
+    address: str, calls: list[tuple[str, bytes]], token: str | None
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Unary gRPC calls on one HTTP/2 connection: each reply's message and headers."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    reader, writer = await asyncio.open_connection(address, 50051)
+    try:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        conn.initiate_connection()
+        sids: list[int] = []
+        for path, body in calls:
+            sid = conn.get_next_available_stream_id()
+            headers = [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", path),
+                (":authority", f"{address}:50051"),
+                ("te", "trailers"),
+                ("content-type", "application/grpc+proto"),
+            ]
+            if token is not None:
+                headers.append(("authorization", token))
+            conn.send_headers(sid, headers)
+            conn.send_data(sid, b"\0" + struct.pack(">I", len(body)) + body, end_stream=True)
+            sids.append(sid)
+        writer.write(conn.data_to_send())
+        data = {sid: bytearray() for sid in sids}
+        meta: dict[int, dict[bytes, bytes]] = {sid: {} for sid in sids}
+        ended: set[int] = set()
+        while len(ended) < len(sids):
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise ConnectionError("closed before the replies ended")
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.DataReceived):
+                    data[ev.stream_id] += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    meta[ev.stream_id].update(ev.headers)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    ended.add(ev.stream_id)
+                elif isinstance(ev, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                    raise ConnectionError(f"HTTP/2 {type(ev).__name__}")
+            out = conn.data_to_send()
+            if out:
+                writer.write(out)
+    finally:
+        writer.close()
+    replies = []
+    for sid in sids:
+        status = meta[sid].get(b"grpc-status", b"0")
+        if status != b"0":
+            raise RuntimeError(f"grpc-status {status!r}: {meta[sid].get(b'grpc-message')!r}")
+        buf = bytes(data[sid])
+        replies.append((buf[5 : 5 + struct.unpack(">I", buf[1:5])[0]], meta[sid]))
+    return replies
+
+
+BOS = "/braiins.bos.v1."
+_DIGEST_NC = itertools.count(1)
+
+
+def _digest_header(uri: str, nonce: str, realm: str, password: str = "root") -> str:
+    def md5(s: str) -> str:
+        return hashlib.md5(s.encode(), usedforsecurity=False).hexdigest()
+
+    nc, cnonce = f"{next(_DIGEST_NC):08x}", secrets.token_hex(8)
+    ha1, ha2 = md5(f"root:{realm}:{password}"), md5(f"GET:{uri}")
+    resp = md5(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")
+    return (
+        f'Digest username="root", realm="{realm}", nonce="{nonce}", uri="{uri}", '
+        f'response="{resp}", qop=auth, nc={nc}, cnonce="{cnonce}"'
+    )
+
+
+async def _http_get(address: str, uri: str, auth: str | None) -> tuple[int, bytes, bytes]:
+    """HTTP/1.1 GET (Connection: close): status, head, body."""
+    reader, writer = await asyncio.open_connection(address, 80)
+    extra = f"Authorization: {auth}\r\n" if auth else ""
+    writer.write(
+        f"GET {uri} HTTP/1.1\r\nHost: {address}\r\n{extra}Connection: close\r\n\r\n".encode()
+    )
+    data = await reader.read(-1)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+CONF_URI = "/cgi-bin/get_miner_conf.cgi"
+
+
+async def floor_setup(m: dict[str, Any]) -> None:
+    """What the floor learns once per miner, untimed (the agent's is its identification)."""
+    if m["backend"] == "braiins":
+        login = _pb_str(1, "root") + _pb_str(2, "root")
+        ((_, meta),) = await _grpc_calls(
+            m["address"], [(BOS + "AuthenticationService/Login", login)], None
+        )
+        m["token"] = meta[b"authorization"].decode()
+    elif m["backend"] == "antminer":
+        _, head, _ = await _http_get(m["address"], CONF_URI, None)
+        challenge = next(
+            ln for ln in head.decode("latin-1").split("\r\n") if ln.lower().startswith("www-auth")
+        )
+        kv = dict(
+            p.strip().split("=", 1) for p in challenge.split(":", 1)[1].strip()[7:].split(",")
+        )
+        m["nonce"], m["realm"] = kv["nonce"].strip('"'), kv["realm"].strip('"')
+
+
+async def floor_read(m: dict[str, Any]) -> float:
+    """One reading by the bare client; returns the power (or the mode) it parsed."""
+    backend, address = m["backend"], m["address"]
+    if backend == "whatsminer":
+        d = await _rpc_json(address, FLOOR_REQUEST["whatsminer"])
+        return float(d["SUMMARY"][0]["Power"])
+    if backend == "luxos":
+        d = await _rpc_json(address, FLOOR_REQUEST["luxos"])
+        return float(d["power"][0]["POWER"][0]["Watts"])
+    if backend == "braiins":
+        (stats, _), (details, _) = await _grpc_calls(
+            address,
+            [
+                (BOS + "MinerService/GetMinerStats", b""),
+                (BOS + "MinerService/GetMinerDetails", b""),
+            ],
+            m["token"],
+        )
+        ghs = _pb_path(stats, 2, 1, 1, 1)  # miner_stats.real_hashrate.last_5s.gigahash_per_s
+        _ = struct.unpack("<d", ghs)[0] if ghs is not None else 0.0
+        _ = _pb_path(details, 12) or 0  # status (PAUSED / NORMAL)
+        return float(_pb_path(stats, 3, 1, 1) or 0)  # power_stats.approx_consumption.watt
+    if backend == "antminer":
+        stats_task = asyncio.ensure_future(_rpc_json(address, FLOOR_REQUEST["antminer"]))
+        status, _, body = await _http_get(
+            address, CONF_URI, _digest_header(CONF_URI, m["nonce"], m["realm"])
+        )
+        stats = await stats_task
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}")
+        _ = float(stats["STATS"][1]["GHS 5s"])
+        return float(json.loads(body)["bitmain-work-mode"])
+    raise ValueError(f"no floor for backend {backend!r}")
+
+
 async def sweep_floor(miners: list[dict[str, Any]], conc: int, timeout_s: float) -> dict[str, Any]:
-    """(c): one request per miner, bare asyncio, parse the power out."""
+    """(c): the bare clients above, only the requests the reading needs."""
+    t0 = time.perf_counter()
+    await _bounded(conc, miners, floor_setup)
+    setup_s = time.perf_counter() - t0
 
     async def one(m: dict[str, Any]) -> float:
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(m["address"], 4028)
-            writer.write(FLOOR_REQUEST[m["backend"]])
-            data = await reader.read()
-            writer.close()
-        d = json.loads(data.rstrip(b"\0"))
-        if m["backend"] == "whatsminer":
-            return float(d["SUMMARY"][0]["Power"])
-        return float(d["power"][0]["POWER"][0]["Watts"])
+            return await floor_read(m)
 
     cpu0, _ = _usage()
     t0 = time.perf_counter()
@@ -117,7 +361,17 @@ async def sweep_floor(miners: list[dict[str, Any]], conc: int, timeout_s: float)
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
     ok = sum(1 for r in res if isinstance(r, float))
-    return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "rss_mb": rss, "ok": ok}
+    out: dict[str, Any] = {
+        "wall_s": wall,
+        "cpu_s": cpu1 - cpu0,
+        "rss_mb": rss,
+        "ok": ok,
+        "setup_s": setup_s,
+    }
+    errors = [r for r in res if isinstance(r, BaseException)]
+    if errors:
+        out["first_error"] = repr(errors[0])
+    return out
 
 
 SWEEPS = {"a": sweep_agent, "b": sweep_naive, "c": sweep_floor}
@@ -198,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return run_child(args)
+    if args.mix == "all":
+        args.mix = ",".join(ALL_BACKENDS)
+    load0 = os.getloadavg()[0]
     procs, miners = start_sims(args)
     results: dict[str, dict[str, Any]] = {}
     try:
@@ -233,10 +490,14 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             proc.wait()
     names = {"a": "agent driver", "b": "naive pyasic", "c": "floor (bare)"}
-    print(f"sweep of {len(miners)} simulated miners ({args.mix}), concurrency {args.concurrency}")
+    print(
+        f"sweep of {len(miners)} simulated miners ({args.mix}), concurrency {args.concurrency}, "
+        f"{os.cpu_count()} cores, load average before {load0:.2f} after {os.getloadavg()[0]:.2f}"
+    )
     for s, r in results.items():
         extra = f"  (setup {r['setup_s']:.1f} s)" if "setup_s" in r else ""
         extra += f"  (scaled from {r['scaled_from']})" if "scaled_from" in r else ""
+        extra += f"\n      first error: {r['first_error'][:300]}" if "first_error" in r else ""
         print(
             f"  ({s}) {names[s]:13s} wall {r['wall_s']:7.2f} s  cpu {r['cpu_s']:7.2f} s  "
             f"peak rss {r['rss_mb']:6.0f} MB  ok {r['ok']}/{r['n']}{extra}"
