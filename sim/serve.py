@@ -173,7 +173,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mix",
         default="braiins",
-        help="firmwares, comma-separated, round-robin (braiins, whatsminer, luxos, antminer)",
+        help="firmwares, comma-separated, round-robin "
+        "(braiins, whatsminer, luxos, antminer, vnish)",
     )
     p.add_argument(
         "--restart-s", type=float, default=5.0, help="Whatsminer service restart on a limit (s)"

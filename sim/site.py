@@ -14,6 +14,7 @@ from sim.braiins import SimBraiinsMiner
 from sim.faults import Fault
 from sim.luxos import SimLuxOS
 from sim.power import SIM_MODELS, PowerTiming
+from sim.vnish import SimVNish
 from sim.whatsminer import SimWhatsminer
 
 DEFAULT_MODEL_MIX = ("S19 XP", "S21", "S19j Pro")
@@ -26,6 +27,7 @@ BACKEND_CLASSES: dict[str, type[SimMinerBase]] = {
     "whatsminer": SimWhatsminer,
     "luxos": SimLuxOS,
     "antminer": SimAntminer,
+    "vnish": SimVNish,
 }
 BACKEND_NAMES = ("braiins", *BACKEND_CLASSES)
 
