@@ -8,17 +8,19 @@ from pyasic.miners.backends.antminer import AntminerModern
 from pyasic.miners.backends.braiins_os import BOSer
 from pyasic.miners.backends.btminer import BTMinerV2
 from pyasic.miners.backends.luxminer import LUXMiner
+from pyasic.miners.backends.vnish import VNish
 from pyasic.miners.factory import MINER_CLASSES, MinerTypes
 
 from drivers.backends.antminer import AntminerBackend
 from drivers.backends.base import Backend
 from drivers.backends.braiins import BraiinsBackend
 from drivers.backends.luxos import LuxOSBackend
+from drivers.backends.vnish import VNishBackend
 from drivers.backends.whatsminer import WhatsminerBackend
 
 __all__ = ["BACKENDS", "Backend", "known_backend", "select_backend"]
 
-BACKENDS = ("braiins", "whatsminer", "luxos", "antminer")
+BACKENDS = ("braiins", "whatsminer", "luxos", "antminer", "vnish")
 
 
 _TYPES = {
@@ -26,6 +28,7 @@ _TYPES = {
     "whatsminer": MinerTypes.WHATSMINER,
     "luxos": MinerTypes.LUX_OS,
     "antminer": MinerTypes.ANTMINER,
+    "vnish": MinerTypes.VNISH,
 }
 
 
@@ -54,6 +57,8 @@ def select_backend(miner: Any) -> Backend | None:
         return WhatsminerBackend(miner)
     if isinstance(miner, LUXMiner):
         return LuxOSBackend(miner)
+    if isinstance(miner, VNish):
+        return VNishBackend(miner)
     if isinstance(miner, AntminerModern):
         # Stock firmware only: pyasic's class for an unknown model is not modern.
         return AntminerBackend(miner)

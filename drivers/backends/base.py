@@ -8,9 +8,11 @@ write-only-on-change and the re-read-before-retry rule, the same for all.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
+import httpx
 from pyasic.errors import APIError
 
 from domain.errors import (
@@ -105,3 +107,37 @@ def translate_rpc(address: str, what: str, e: BaseException, *, control: bool) -
 def no_answer(address: str, what: str) -> DeviceUnreachable:
     """pyasic's socket client returns ``{}`` when the connection is refused."""
     return DeviceUnreachable(f"{address}: {what}: no answer (connection refused or empty reply)")
+
+
+def _http_cause(e: BaseException) -> BaseException | None:
+    """The httpx or JSON error behind ``e``, following ``__cause__`` and ``__context__``."""
+    cur: BaseException | None = e
+    for _ in range(8):
+        if cur is None:
+            return None
+        if isinstance(cur, httpx.HTTPError | json.JSONDecodeError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def translate_http(address: str, what: str, e: BaseException, *, control: bool) -> DeviceError:
+    """Map an error of pyasic's raising web clients (httpx underneath) to one of ours (not raised).
+
+    Those clients (``VNishWebAPI.send_command`` among them) re-raise httpx's
+    errors as ``APIError`` from inside the ``except`` block without ``from``:
+    the transport error survives only as the implicit ``__context__``. A
+    timeout or a connection never made is unreachable; anything else the
+    transport or the JSON parser rejected (a reply that is not HTTP, a
+    connection dropped mid-answer, a body that is not JSON) is faulted. The
+    rest (an ``APIError`` of its own, a missing field) goes to ``translate_rpc``.
+    """
+    cause = None if isinstance(e, TimeoutError) else _http_cause(e)
+    if cause is None:
+        return translate_rpc(address, what, e, control=control)
+    msg = f"{address}: {what}: {type(cause).__name__}: {cause}"
+    if isinstance(cause, httpx.TimeoutException):
+        return DeviceUnreachable(f"{address}: {what}: no answer in time")
+    if isinstance(cause, httpx.ConnectError):
+        return DeviceUnreachable(msg)
+    return DeviceFaulted(msg)

@@ -1,0 +1,319 @@
+"""VNish (AnthillOS) on Antminers through pyasic's ``VNish`` and its web client.
+
+VNish moves power in *presets*: discrete wattage profiles listed by
+``autotune/presets`` ("2550 watt ~ 170 TH"). The driver exposes them as a power
+target from the lowest to the highest usable preset, stepped by the preset
+spacing, and picks the highest preset at or below the target. Presets that need
+a modded PSU are left out unless the miner says it has one. A preset change
+restarts mining (no hashing for a while, then a ramp; a preset never run before
+auto-tunes during the ramp). Sleep and wake are ``mining/stop`` and
+``mining/start``. Everything goes over the web API on port 80, which wants the
+token pyasic gets from ``unlock`` with the web password (pyasic's setting
+``default_vnish_web_password``, "admin").
+
+The preset switcher moves the running preset on its own with temperature (up
+to its top preset when cool): a controller that budgets the site's power
+cannot share the knob, so a preset change through this driver switches it off
+and leaves it off (as the LuxOS adapter does with ATM).
+
+pyasic quirks worked around (pyasic 0.79.0):
+
+- ``VNish.set_power_limit`` never changes anything: ``MiningModeConfig.from_vnish``
+  calls ``cls.preset.from_vnish`` (config/mining/__init__.py:770), which on the
+  enum member resolves to ``MiningModeConfig.from_vnish`` itself, finds no
+  ``miner`` key and returns the normal mode, so the ``MiningModePreset`` check
+  (miners/backends/vnish.py:332) returns False. It would also take only presets
+  marked ``tuned`` (vnish.py:338), and a unit fresh from install lists them all
+  ``untuned``. The adapter writes ``settings`` itself, through the web client.
+- ``VNish.get_config`` answers any ``APIError`` with an empty config
+  (vnish.py:321): the adapter reads ``settings`` and ``autotune/presets`` itself
+  so an unreachable miner is not mistaken for one without presets.
+- The firmware answers ``settings`` the same whether it applied them or not
+  (web/vnish.py:173): the write is checked by reading ``settings`` back.
+- ``VNish.resume_mining`` sends ``mining/resume``, the counterpart of
+  ``pause``, while ``stop_mining`` sends ``mining/stop``: the adapter calls the
+  web client's ``stop_mining`` / ``start_mining`` pair.
+- ``VNishWebAPI.auth`` swallows every failure (web/vnish.py:36-53: a warning,
+  then ``None`` or the old token) whether the password was refused or no
+  connection was made. The adapter logs on explicitly and, when that fails,
+  asks the 4028 API (``summary``) whether the miner answers at all: if it
+  does, the password is wrong.
+- ``send_command`` answers any status but 200 by logging on again and giving up
+  without retrying (``get_data_retries`` is 1; web/vnish.py:91-94, 117: "Failed
+  to send command to miner"). The adapter logs on itself: refused -> permission
+  error; accepted -> the session had expired, so it sends the call once more;
+  a second refusal with a good session is the firmware declining the call.
+- ``_get_wattage`` reads ``power_usage``; the adapter reads
+  ``power_consumption`` (both carry watts on the recorded 1.2.7, but
+  ``power_usage`` is the older name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pyasic.errors import APIError
+from pyasic.miners.backends.vnish import VNish
+
+from domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
+from domain.types import DeviceState, MinerCapabilities, MinerIdentity
+from drivers.backends.base import Behaviour, Sample, no_answer, translate_http
+from drivers.backends.nameplate import lookup
+
+# What pyasic's web client says for any HTTP status but 200 (web/vnish.py:117).
+_NOT_200 = "Failed to send command to miner"
+# ``miner_state`` values in which the miner does not mine on purpose.
+_SLEEP_STATES = frozenset({"stopped", "shutting-down"})
+# ``info.hr_measure`` -> TH/s per unit of ``hr_realtime``.
+_TO_THS = {"GH/s": 1e-3, "TH/s": 1.0, "MH/s": 1e-6}
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """One usable preset: its name (what ``settings`` takes) and its wattage (W)."""
+
+    name: str
+    watts: float
+
+
+def _preset_watts(p: dict[str, Any]) -> float | None:
+    """W of one ``autotune/presets`` entry ("3250 watt ~ 218 TH"), None for "disabled"."""
+    pretty = str(p.get("pretty", ""))
+    if "watt" in pretty:
+        return float(pretty.split("watt", 1)[0].strip())
+    try:
+        return float(str(p["name"]))
+    except ValueError:
+        return None
+
+
+class VNishBackend:
+    """One Antminer on VNish."""
+
+    name = "vnish"
+    # Chosen, not measured: a preset change restarts the miner process (chains
+    # re-initialise) before the tuner ramps to the new level; start is a cold
+    # chain initialisation too.
+    behaviour = Behaviour(target_change_restarts=True, restart_s=20.0, settle_s=60.0, wake_s=60.0)
+
+    def __init__(self, miner: VNish) -> None:
+        self.miner = miner
+        self.address = str(miner.ip)
+        self._presets: list[Preset] = []  # usable, lowest first
+        self._ths_per_unit = 1e-3
+        self._last_state: tuple[str, float] | None = None
+
+    def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
+        """httpx errors of the web client, socket / JSON errors of the 4028 API."""
+        return translate_http(self.address, what, e, control=control)
+
+    # -- transport ---------------------------------------------------------------------
+
+    async def _login(self, what: str) -> None:
+        """Get a web token unless pyasic holds one (one ``unlock``)."""
+        web = self.miner.web
+        if web.token is not None:
+            return
+        if await web.auth() is not None:
+            return
+        # auth() says the same for a refused password and a refused connection.
+        reply = await self.miner.rpc.summary()
+        if not reply:
+            raise no_answer(self.address, what)
+        raise DevicePermissionError(
+            f"{self.address}: {what}: web login refused (wrong web password?)"
+        )
+
+    async def _web(self, what: str, call: Callable[[], Awaitable[Any]], *, control: bool) -> Any:
+        """One web call; a status other than 200 is resolved into what it meant."""
+        await self._login(what)
+        try:
+            return await call()
+        except APIError as e:
+            if _NOT_200 not in str(e):
+                raise
+            first = e
+        # pyasic logged on again after the non-200 status, and gave up. Log on
+        # here to learn whether that worked.
+        if await self.miner.web.auth() is None:
+            raise DevicePermissionError(
+                f"{self.address}: {what}: web login refused (wrong web password?)"
+            ) from first
+        try:
+            return await call()
+        except APIError as e:
+            if _NOT_200 not in str(e):
+                raise
+            text = f"{self.address}: {what}: the firmware declined it (HTTP status not 200)"
+            raise (DeviceRefused(text) if control else DeviceFaulted(text)) from e
+
+    async def _web_dict(
+        self, what: str, call: Callable[[], Awaitable[Any]], *, control: bool = False
+    ) -> dict[str, Any]:
+        reply = await self._web(what, call, control=control)
+        if not isinstance(reply, dict):
+            raise DeviceFaulted(f"{self.address}: {what}: reply is not an object")
+        return reply
+
+    # -- the Backend protocol ----------------------------------------------------------
+
+    async def identify(self) -> MinerIdentity:
+        """MAC, serial, version (``info``), presets, modded PSU (``settings``): 3 web calls."""
+        web = self.miner.web
+        await self._login("identify")
+        info, presets, settings = await asyncio.gather(
+            self._web_dict("info", web.info),
+            self._web("autotune/presets", web.autotune_presets, control=False),
+            self._web_dict("settings", web.settings),
+        )
+        try:
+            net = info["system"]["network_status"]
+            mac, serial, fw = net.get("mac"), info.get("serial"), str(info["fw_version"])
+            self._ths_per_unit = _TO_THS.get(str(info.get("hr_measure", "GH/s")), 1e-3)
+            modded_psu = bool(settings["miner"]["overclock"].get("modded_psu", False))
+            rows = presets.get("presets", []) if isinstance(presets, dict) else presets
+            usable: list[Preset] = []
+            for p in rows:
+                w = _preset_watts(p)
+                if w is None or (p.get("modded_psu_required") and not modded_psu):
+                    continue
+                usable.append(Preset(str(p["name"]), w))
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise DeviceFaulted(f"{self.address}: identify: malformed reply: {e!r}") from e
+        if not usable:
+            raise DeviceFaulted(f"{self.address}: identify: no usable presets")
+        self._presets = sorted(usable, key=lambda p: p.watts)
+        watts = [p.watts for p in self._presets]
+        gaps = [b - a for a, b in itertools.pairwise(watts) if b > a]
+        model = str(self.miner.raw_model) if self.miner.raw_model is not None else "unknown"
+        plate = lookup(model)
+        stock = [w for w in watts if plate is None or w <= plate.power_w]
+        return MinerIdentity(
+            make=str(self.miner.make) if self.miner.make is not None else "AntMiner",
+            model=model,
+            firmware=f"VNish {fw}",
+            mac=str(mac).upper() if mac else None,
+            serial=str(serial) if serial and serial != "N/A" else None,
+            capabilities=MinerCapabilities(
+                power_target=True,
+                power_target_min_w=watts[0],
+                power_target_max_w=watts[-1],
+                power_target_default_w=stock[-1] if stock else watts[-1],
+                # The smallest gap keeps every stepped target at or above a real preset.
+                power_target_step_w=min(gaps) if gaps else 1.0,
+                can_sleep=True,
+                reports_power=True,
+            ),
+            nameplate_power_w=plate.power_w if plate else None,
+            nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
+        )
+
+    async def read(self) -> Sample:
+        """Power, hashrate, temperature, state (``summary``) and preset (``perf-summary``).
+
+        Two web calls, concurrently (plus one ``unlock`` on first contact or
+        after the miner dropped the session).
+        """
+        web = self.miner.web
+        await self._login("read")
+        summary, perf = await asyncio.gather(
+            self._web_dict("summary", web.summary), self._web_dict("perf-summary", web.perf_summary)
+        )
+        try:
+            miner = summary["miner"]
+            status = miner["miner_status"]
+            state_name = str(status["miner_state"])
+            state_s = float(status.get("miner_state_time", 0))
+            power = miner.get("power_consumption", miner.get("power_usage"))
+            power_w = float(power) if power is not None else None
+            hashrate_ths = float(miner["hr_realtime"]) * self._ths_per_unit
+            chip = (miner.get("chip_temp") or {}).get("max")
+            temperature_c = float(chip) if chip is not None else None
+            current = perf.get("current_preset") or {}
+            preset = str(current["name"]) if current.get("name") is not None else None
+            failed = [
+                str(c.get("status", {}).get("description", f"chain {c.get('id')}"))
+                for c in miner.get("chains", [])
+                if c.get("status", {}).get("state") == "failure"
+            ]
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
+        target_w = next((p.watts for p in self._presets if p.name == preset), None)
+        if target_w is None and preset is not None and preset != "disabled":
+            target_w = _preset_watts(current)
+        errors: tuple[str, ...] = ()
+        last = self._last_state
+        if last is not None and last[0] == state_name and state_s < last[1]:
+            errors = ("mining restarted (uptime reset)",)
+        self._last_state = (state_name, state_s)
+        if state_name in _SLEEP_STATES:
+            state = DeviceState.SLEEPING
+        else:
+            state = DeviceState.MINING
+            if state_name == "failure" or failed:
+                errors = (*errors, f"firmware reports failure: {'; '.join(failed) or state_name}")
+            elif hashrate_ths <= 0.0:
+                errors = (*errors, f"mining restarting ({state_name})")
+        return Sample(
+            power_w=power_w,
+            state=state,
+            hashrate_ths=hashrate_ths,
+            temperature_c=temperature_c,
+            power_target_w=target_w,
+            errors=errors,
+        )
+
+    async def set_power_target(self, watt: int) -> float:
+        """Highest preset at or below ``watt`` (preset switcher off); returns its W.
+
+        Reads ``settings``, writes the overclock section back with only the
+        preset (and the switcher) changed, reads ``settings`` again to check.
+        Nothing is written when that preset is already set and the switcher off.
+        """
+        fitting = [p for p in self._presets if p.watts <= watt]
+        if not fitting:
+            raise DeviceRefused(f"{self.address}: no preset at or below {watt} W")
+        preset = fitting[-1]
+        web = self.miner.web
+        what = f"set preset {preset.name}"
+        settings = await self._web_dict(what, web.settings, control=True)
+        try:
+            overclock = dict(settings["miner"]["overclock"])
+            switcher = overclock.get("preset_switcher")
+        except (LookupError, TypeError, ValueError) as e:
+            raise DeviceFaulted(f"{self.address}: {what}: malformed settings: {e!r}") from e
+        switcher_on = isinstance(switcher, dict) and bool(switcher.get("enabled"))
+        if str(overclock.get("preset")) == preset.name and not switcher_on:
+            return preset.watts
+        overclock["preset"] = preset.name
+        if isinstance(switcher, dict):
+            overclock["preset_switcher"] = {**switcher, "enabled": False}
+        await self._web(
+            what,
+            lambda: web.send_command("settings", privileged=True, miner={"overclock": overclock}),
+            control=True,
+        )
+        after = await self._web_dict(f"{what} (check)", web.settings, control=True)
+        try:
+            now = str(after["miner"]["overclock"]["preset"])
+        except (LookupError, TypeError) as e:
+            raise DeviceFaulted(f"{self.address}: {what}: malformed settings: {e!r}") from e
+        if now != preset.name:
+            raise DeviceRefused(f"{self.address}: {what}: the firmware kept preset {now}")
+        return preset.watts
+
+    async def sleep(self) -> None:
+        """``mining/stop`` (the web API stays up, power falls to tens of W)."""
+        reply = await self._web_dict("mining stop", self.miner.web.stop_mining, control=True)
+        if reply.get("success") is False:
+            raise DeviceRefused(f"{self.address}: mining stop: {reply}")
+
+    async def wake(self) -> None:
+        """``mining/start``."""
+        reply = await self._web_dict("mining start", self.miner.web.start_mining, control=True)
+        if reply.get("success") is False:
+            raise DeviceRefused(f"{self.address}: mining start: {reply}")
