@@ -7,12 +7,18 @@ resume. The behaviour is what drivers/asic.py had before the backends split.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import betterproto
 from grpclib import GRPCError, Status
+from grpclib.client import Channel
 from pyasic.errors import APIError
 from pyasic.miners.backends.braiins_os import BOSer
+from pyasic.web.braiins_os import BOSerWebAPI
+from pyasic.web.braiins_os.boser import BOSMinerGRPCStub
+from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
 from pyasic.web.braiins_os.proto.braiins.bos.v1 import MinerStatus, SaveAction
 
 from domain.errors import (
@@ -70,23 +76,133 @@ def translate_grpc(address: str, what: str, e: BaseException) -> DeviceError:
     return DeviceFaulted(msg)
 
 
+class _SharedChannelBOSerWebAPI(BOSerWebAPI):  # type: ignore[misc]  # pyasic is untyped
+    """pyasic's BOSer web API, its calls sharing one HTTP/2 channel inside ``shared()``.
+
+    pyasic opens a new grpclib ``Channel`` for every call (pyasic 0.79.0,
+    ``pyasic/web/braiins_os/boser.py:112``: ``async with Channel(self.ip,
+    self.port) as c:`` in ``BOSerWebAPI.send_command``): a TCP connect, the HTTP/2
+    preface and a SETTINGS exchange per call, four of them for one reading. The
+    channel cannot be passed in, so ``send_command`` is pyasic's own (same stub,
+    same re-login on UNAUTHENTICATED, same ``APIError`` wrapping ``from`` the
+    cause) with the channel taken from ``shared()`` when one is open. Outside
+    ``shared()`` it behaves as pyasic's.
+    """
+
+    def __init__(self, ip: str) -> None:
+        super().__init__(ip)
+        self._channel: Channel | None = None
+        self._users = 0
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        """Calls made until exit (also from tasks started inside) share one channel."""
+        if self._channel is None:
+            self._channel = Channel(self.ip, self.port)
+        channel = self._channel
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if self._users == 0:
+                self._channel = None
+                channel.close()
+
+    async def send_command(
+        self,
+        command: str,
+        ignore_errors: bool = False,
+        allow_warning: bool = True,
+        privileged: bool = False,
+        **parameters: Any,
+    ) -> dict[str, Any]:
+        if self._channel is None:
+            result: dict[str, Any] = await super().send_command(
+                command,
+                ignore_errors=ignore_errors,
+                allow_warning=allow_warning,
+                privileged=privileged,
+                **parameters,
+            )
+            return result
+        reply = await self.send_message(command, parameters["message"], privileged=privileged)
+        return dict(reply.to_pydict())
+
+    async def send_message(self, command: str, message: Any, *, privileged: bool) -> Any:
+        """pyasic's ``send_command`` returning the reply message, not its ``to_pydict()``.
+
+        ``to_pydict()`` (pyasic ``boser.py:117``, its own version in
+        ``better_monkey.py``) walks every field of the reply again: about as
+        much CPU as decoding it. A reading needs four fields of four replies.
+        """
+        async with self.shared():
+            channel = self._channel
+            metadata = []
+            if privileged:
+                metadata.append(("authorization", await self.auth()))
+            endpoint = getattr(BOSMinerGRPCStub(channel), command)
+            try:
+                try:
+                    return await endpoint(message, metadata=metadata)
+                except GRPCError as e:
+                    if e.status != Status.UNAUTHENTICATED:
+                        raise
+                    await self._get_auth()
+                    metadata = [("authorization", await self.auth())]
+                    return await endpoint(message, metadata=metadata)
+            except (GRPCError, ConnectionError) as e:
+                raise APIError(f"gRPC command failed - {endpoint}") from e
+
+
+def _shared_web(miner: BOSer) -> _SharedChannelBOSerWebAPI:
+    """The miner's web API as the shared-channel kind (pyasic's settings kept)."""
+    web = miner.web
+    if isinstance(web, _SharedChannelBOSerWebAPI):
+        return web
+    shared = _SharedChannelBOSerWebAPI(str(web.ip))
+    shared.username, shared.pwd, shared.port = web.username, web.pwd, web.port
+    miner.web = shared
+    return shared
+
+
 class _BoserWire:
     """Thin use of pyasic's BOSer web (gRPC) API: vendor dicts in, vendor dicts out."""
 
     def __init__(self, miner: BOSer) -> None:
         self.miner = miner
+        self.web = _shared_web(miner)
+
+    def shared(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Calls inside share one HTTP/2 connection (one per reading instead of one per call)."""
+        return self.web.shared()
 
     async def miner_details(self) -> dict[str, Any]:
         return dict(await self.miner.web.get_miner_details())
 
-    async def miner_stats(self) -> dict[str, Any]:
-        return dict(await self.miner.web.get_miner_stats())
+    # The reading's four calls: pyasic's ``get_miner_stats`` etc. (``boser.py:447``,
+    # ``:442``, ``:408``, ``:210``), each ``send_command(<name>,
+    # message=<Request>(), privileged=True)``, returning the message itself.
 
-    async def performance_mode(self) -> dict[str, Any]:
-        return dict(await self.miner.web.get_active_performance_mode())
+    async def miner_stats_msg(self) -> Any:
+        return await self.web.send_message(
+            "get_miner_stats", bos.GetMinerStatsRequest(), privileged=True
+        )
 
-    async def cooling_state(self) -> dict[str, Any]:
-        return dict(await self.miner.web.get_cooling_state())
+    async def miner_details_msg(self) -> Any:
+        return await self.web.send_message(
+            "get_miner_details", bos.GetMinerDetailsRequest(), privileged=True
+        )
+
+    async def performance_mode_msg(self) -> Any:
+        return await self.web.send_message(
+            "get_active_performance_mode", bos.GetPerformanceModeRequest(), privileged=True
+        )
+
+    async def cooling_state_msg(self) -> Any:
+        return await self.web.send_message(
+            "get_cooling_state", bos.GetCoolingStateRequest(), privileged=True
+        )
 
     async def constraints(self) -> dict[str, Any]:
         return dict(await self.miner.web.get_constraints())
@@ -106,6 +222,15 @@ class _BoserWire:
 
     async def resume(self) -> dict[str, Any]:
         return dict(await self.miner.web.resume_mining())
+
+
+def _on_wire(msg: Any, *path: str) -> Any:
+    """The submessage at ``path``; KeyError where one was not sent (as the dict lacks it)."""
+    for name in path:
+        msg = getattr(msg, name)
+        if not betterproto.serialized_on_wire(msg):
+            raise KeyError(name)
+    return msg
 
 
 def _watt(d: Mapping[str, Any], *path: str) -> float:
@@ -135,9 +260,10 @@ class BraiinsBackend:
 
     async def identify(self) -> MinerIdentity:
         """Identity and power-target constraints (W) from GetMinerDetails / GetConstraints."""
-        details, constraints = await asyncio.gather(
-            self._wire.miner_details(), self._wire.constraints()
-        )
+        async with self._wire.shared():
+            details, constraints = await asyncio.gather(
+                self._wire.miner_details(), self._wire.constraints()
+            )
         try:
             pt = constraints["tunerConstraints"]["powerTarget"]
             lo, hi, default = _watt(pt, "min"), _watt(pt, "max"), _watt(pt, "default")
@@ -171,27 +297,29 @@ class BraiinsBackend:
 
     async def read(self) -> Sample:
         """Power W, hashrate TH/s, hottest temperature degC, state, target W (4 gRPC calls)."""
-        stats, details, mode, cooling = await asyncio.gather(
-            self._wire.miner_stats(),
-            self._wire.miner_details(),
-            self._wire.performance_mode(),
-            self._wire.cooling_state(),
-        )
+        async with self._wire.shared():
+            stats, details, mode, cooling = await asyncio.gather(
+                self._wire.miner_stats_msg(),
+                self._wire.miner_details_msg(),
+                self._wire.performance_mode_msg(),
+                self._wire.cooling_state_msg(),
+            )
         try:
-            power_w = _watt(stats, "powerStats", "approximatedConsumption")
-            # A zero hashrate arrives as an empty message (proto3 omits defaults).
-            last5 = stats["minerStats"]["realHashrate"].get("last5S", {})
-            hashrate_ths = float(last5.get("gigahashPerSecond", 0.0)) / 1000.0
-            target = mode["tunerMode"]["powerTarget"]["powerTarget"]
-            target_w = float(target.get("watt", 0)) or None
-            temp = cooling.get("highestTemperature", {}).get("temperature", {}).get("degreeC")
-            temperature_c = float(temp) if temp is not None else None
-            status = details.get("status")
+            # Missing messages are malformed replies, missing scalars are zero
+            # (proto3 omits defaults), as with pyasic's dicts.
+            power_w = float(_on_wire(stats, "power_stats", "approximated_consumption").watt)
+            real = _on_wire(stats, "miner_stats", "real_hashrate")
+            hashrate_ths = float(real.last_5_s.gigahash_per_second) / 1000.0
+            target = _on_wire(mode, "tuner_mode", "power_target", "power_target")
+            target_w = float(target.watt) or None
+            temp = float(cooling.highest_temperature.temperature.degree_c)
+            temperature_c = temp if temp != 0.0 else None
+            status = int(details.status)
         except (LookupError, TypeError, AttributeError, ValueError) as e:
             raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
-        if status is not None and int(status) == MinerStatus.PAUSED:
+        if status == MinerStatus.PAUSED:
             state = DeviceState.SLEEPING
-        elif status is not None and int(status) == MinerStatus.NORMAL:
+        elif status == MinerStatus.NORMAL:
             state = DeviceState.MINING
         else:
             state = DeviceState.UNKNOWN
