@@ -25,6 +25,7 @@ from domain.types import (
     Pin,
     Plan,
     Setpoint,
+    SetpointTable,
     Snapshot,
 )
 
@@ -46,5 +47,6 @@ __all__ = [
     "Pin",
     "Plan",
     "Setpoint",
+    "SetpointTable",
     "Snapshot",
 ]

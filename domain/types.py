@@ -7,7 +7,9 @@ seconds (monotonic unless named ``_unix_s``), ``_c`` degrees Celsius.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, overload
 
 
 class DeviceKind(enum.StrEnum):
@@ -202,6 +204,117 @@ class Setpoint:
     reason: str
 
 
+class Column(Protocol):
+    """One column of a table: a list, or a one-dimensional numpy array."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: Any, /) -> Any: ...
+
+
+class SetpointTable(Sequence[Setpoint]):
+    """Setpoints held as columns, each ``Setpoint`` (and its reason) made when asked for.
+
+    A plan for 50,000 devices is computed as arrays; building 50,000 objects and
+    reason strings would cost more than the plan. ``head`` comes first as given
+    (pinned devices); column ``i`` is the ``len(head) + i``-th setpoint. A
+    ``power_target_w`` of NaN means None. Equal to any sequence of equal setpoints.
+    """
+
+    __slots__ = ("_awake", "_head", "_ids", "_index", "_planned", "_reason", "_target")
+
+    def __init__(
+        self,
+        head: Sequence[Setpoint],
+        ids: Sequence[str],
+        awake: Column,
+        power_target_w: Column,
+        planned_w: Column,
+        reason: Callable[[int], str],
+    ) -> None:
+        self._head = tuple(head)
+        self._ids = ids
+        self._awake = awake
+        self._target = power_target_w
+        self._planned = planned_w
+        self._reason = reason
+        self._index: dict[str, int] | None = None
+
+    @property
+    def ids(self) -> Sequence[str]:
+        """Device ids of the columns, in order (the head excluded)."""
+        return self._ids
+
+    @property
+    def awake(self) -> Column:
+        """Column: awake, per id."""
+        return self._awake
+
+    @property
+    def power_target_w(self) -> Column:
+        """Column: the power target (W), NaN for none, per id."""
+        return self._target
+
+    @property
+    def planned_w(self) -> Column:
+        """Column: planned power (W), per id."""
+        return self._planned
+
+    @property
+    def head(self) -> tuple[Setpoint, ...]:
+        """The setpoints given whole, ahead of the columns."""
+        return self._head
+
+    def __len__(self) -> int:
+        return len(self._head) + len(self._ids)
+
+    def _make(self, i: int) -> Setpoint:
+        target = float(self._target[i])
+        return Setpoint(
+            self._ids[i],
+            bool(self._awake[i]),
+            None if target != target else target,
+            float(self._planned[i]),
+            self._reason(i),
+        )
+
+    @overload
+    def __getitem__(self, i: int) -> Setpoint: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Setpoint]: ...
+    def __getitem__(self, i: int | slice) -> Setpoint | Sequence[Setpoint]:
+        if isinstance(i, slice):
+            return tuple(self)[i]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        h = len(self._head)
+        return self._head[i] if i < h else self._make(i - h)
+
+    def __iter__(self) -> Iterator[Setpoint]:
+        yield from self._head
+        for i in range(len(self._ids)):
+            yield self._make(i)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def find(self, device_id: str) -> Setpoint | None:
+        """The setpoint for one device, found through an index built on first use."""
+        for sp in self._head:
+            if sp.device_id == device_id:
+                return sp
+        if self._index is None:
+            self._index = {d: i for i, d in enumerate(self._ids)}
+        i = self._index.get(device_id)
+        return None if i is None else self._make(i)
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """A policy's answer: a setpoint for every controllable device.
@@ -215,11 +328,13 @@ class Plan:
     effective_cap_w: float
     planned_w: float
     reason: str
-    setpoints: tuple[Setpoint, ...] = field(default=())
+    setpoints: Sequence[Setpoint] = field(default=())
     directives_key: str = ""
 
     def setpoint_for(self, device_id: str) -> Setpoint | None:
         """The setpoint for one device, or None if the plan leaves it alone."""
+        if isinstance(self.setpoints, SetpointTable):
+            return self.setpoints.find(device_id)
         for sp in self.setpoints:
             if sp.device_id == device_id:
                 return sp

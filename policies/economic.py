@@ -31,18 +31,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from itertools import pairwise
 
-from domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, Snapshot
+import numpy as np
+import numpy.typing as npt
+
+from domain import DeviceKind, DeviceStatus, Limits, Plan, SetpointTable, Snapshot
 from policies.capping import (
     MOVABLE_KINDS,
     CappingParams,
     DomainTree,
     domain_loads_w,
     max_level_w,
-    min_level_w,
     pinned_setpoint,
-    wake_blocked,
+)
+from policies.fill import (
+    CUT,
+    SKIPPED,
+    WHOLE,
+    BoolArr,
+    Clamp,
+    FloatArr,
+    IntArr,
+    Segments,
+    fill,
+    node_loads,
 )
 from policies.prices import Prices
 
@@ -150,256 +162,529 @@ def plan(
     cp = params.capping
     tree = DomainTree(limits)
     pins = {p.device_id: p for p in limits.pins}
-    controllable = [d for d in snapshot.devices if d.kind in MOVABLE_KINDS and d.controllable]
+    devices = snapshot.devices
+    movable = [
+        d
+        for d in devices
+        if d.controllable and d.kind in MOVABLE_KINDS and (not pins or d.device_id not in pins)
+    ]
     pinned = [
         pinned_setpoint(d, pins[d.device_id])
-        for d in controllable
-        if d.device_id in pins and not pins[d.device_id].exclude
+        for d in devices
+        if pins
+        and d.controllable
+        and d.kind in MOVABLE_KINDS
+        and d.device_id in pins
+        and not pins[d.device_id].exclude
     ]
-    movable = [d for d in controllable if d.device_id not in pins]
-    planned_ids = {d.device_id for d in movable} | {d.device_id for d, _ in pinned}
-    fixed = [d for d in snapshot.devices if d.device_id not in planned_ids]
-    prev = {sp.device_id: sp for sp in previous.setpoints} if previous is not None else {}
+    if len(movable) + len(pinned) == len(devices):
+        fixed: list[DeviceStatus] = []
+    else:
+        planned_ids = {d.device_id for d in movable} | {d.device_id for d, _ in pinned}
+        fixed = [d for d in devices if d.device_id not in planned_ids]
     key = limits.directives_key
-
-    # Domain indices, so the inner loop works on lists of floats.
     names = list(tree.limit_w)
-    index = {n: i for i, n in enumerate(names)}
-    chain_cache: dict[str, tuple[int, ...]] = {}
-
-    def chain(domain: str) -> tuple[int, ...]:
-        c = chain_cache.get(domain)
-        if c is None:
-            c = chain_cache[domain] = tuple(index[n] for n in tree.chain(domain))
-        return c
+    cols = _Columns(movable, tree, names)
+    n = len(movable)
+    prev = _Previous(previous, cols)
+    fixed_items = [(d, d.budget_w) for d in fixed] + [(d, sp.planned_w) for d, sp in pinned]
+    fixed_load = domain_loads_w(tree, fixed_items, limits.overhead_w)
+    limit = np.array([tree.limit_w[k] for k in names])
 
     # Heading load, as the capping policy counts it, decides the mode.
-    fixed_items = [(d, d.budget_w) for d in fixed] + [(d, sp.planned_w) for d, sp in pinned]
-    heading = domain_loads_w(
-        tree,
-        [(d, d.budget_w) for d in fixed]
-        + [(d, max(sp.planned_w, d.expected_w)) for d, sp in pinned]
-        + [
-            (d, max(d.expected_w, prev[d.device_id].planned_w))
-            if d.device_id in prev
-            else (d, d.expected_w)
-            for d in movable
-        ],
-        limits.overhead_w,
+    heading_w = np.where(prev.known, np.maximum(cols.expected_w, prev.planned_w), cols.expected_w)
+    heading = cols.node_loads(heading_w) + [fixed_load.get(k, 0.0) for k in names]
+    for d, sp in pinned:  # pins count at the higher of plan and expectation here
+        for k in tree.chain(d.domain):
+            heading[names.index(k)] += max(sp.planned_w, d.expected_w) - sp.planned_w
+    over = np.flatnonzero(heading > cp.capping_threshold * limit)
+
+    segs = _segments(cols, prev, limits, prices, params, snapshot.time_s)
+    avail = cp.capping_target * limit - [fixed_load.get(k, 0.0) for k in names]
+    avail -= cols.node_loads(segs.floor_w)
+    order = np.lexsort((segs.j, cols.pos[segs.device], -segs.value_q))
+    ordered = _Ordered(segs, order)
+    filled = fill(ordered.seg, cols.chains, avail, segs.floor_w, cols.clamp)
+    on = segs.on_floor.copy()
+    wake_taken = ordered.wake & (filled.status == WHOLE)
+    on[ordered.device[wake_taken]] = True
+    level = filled.level_w
+
+    # Why each device is where it is (made into words only when asked).
+    why = segs.why.copy()
+    why_node = np.full(n, -1, np.intp)
+    why_room = np.zeros(n)
+    skipped_wake = ordered.wake & (filled.status == SKIPPED)
+    cut = filled.status == CUT
+    for mask, code in ((skipped_wake, _ASLEEP_BUDGET), (cut, _BOUND)):
+        dev = ordered.device[mask]
+        why[dev] = code
+        why_node[dev] = filled.bound_node[dev]
+        why_room[dev] = filled.bound_room_w[dev]
+    taken_whole = np.bincount(
+        ordered.device, weights=(filled.status == WHOLE).astype(float), minlength=n
     )
-    over = [n for n, lim in tree.limit_w.items() if heading[n] > cp.capping_threshold * lim]
+    at_top = (segs.top_w > 0) & (level >= segs.top_w - 1e-6)
+    unset = why == _NONE
+    best = segs.best_value
+    why[unset & ~np.isnan(best) & (best < 0)] = _LOSES
+    unset = why == _NONE
+    why[unset & at_top] = _AT_MAX
+    unset = why == _NONE
+    why[unset & (segs.n_bounds > 0) & (taken_whole < segs.n_bounds)] = _NEXT_LOSES
 
-    avail = [cp.capping_target * tree.limit_w[n] for n in names]
-    for node, w in domain_loads_w(tree, fixed_items, limits.overhead_w).items():
-        avail[index[node]] -= w
-
-    elec = prices.electricity_usd_per_kwh
-    q = params.value_quantum_usd_per_kwh
-    margin = params.keep_margin_usd_per_kwh
-    curve = params.gpu_curve
-    now = snapshot.time_s
-    n_dev = len(movable)
-    chains: list[tuple[int, ...]] = [()] * n_dev
-    floor_w = [0.0] * n_dev
-    level_w = [0.0] * n_dev
-    on = [False] * n_dev
-    why: list[str] = [""] * n_dev
-    best_value: list[float | None] = [None] * n_dev
-    # Segment boundaries (W) per device: level after each segment.
-    tops: list[list[float]] = [[] for _ in range(n_dev)]
-    segments: list[tuple[float, float, int, int]] = []
-    seg_w: dict[tuple[int, int], float] = {}
-    wake_seg: set[int] = set()
-
-    order = sorted(range(n_dev), key=lambda i: _merit(movable[i]))
-    for pos, i in enumerate(order):
-        d = movable[i]
-        c = chains[i] = chain(d.domain)
-        caps = d.capabilities
-        sp_prev = prev.get(d.device_id)
-        current_w = sp_prev.planned_w if sp_prev is not None else d.expected_w
-        if d.kind is DeviceKind.MINER:
-            lo, hi = min_level_w(d), max_level_w(d)
-            if caps.can_sleep:
-                floor, on_floor = d.sleep_power_w, False
-            else:
-                floor, on_floor = (lo if caps.power_target else hi), True
-                why[i] = "cannot sleep, kept at its minimum"
-            bounds: list[tuple[float, float, bool]] = []  # (from W, to W, is wake)
-            hp = prices.hashprice_usd_per_th_day
-            if limits.mining_off:
-                why[i] = "mining is off by override"
-            elif caps.can_sleep and (blocked := wake_blocked(d, now, cp)) is not None:
-                why[i] = blocked
-            else:
-                if caps.can_sleep:
-                    bounds.append((floor, lo if caps.power_target else hi, True))
-                if caps.power_target and hi > lo:
-                    k = max(1, params.miner_raise_segments)
-                    step = (hi - lo) / k
-                    bounds.extend((lo + j * step, lo + (j + 1) * step, False) for j in range(k))
-            values = []
-            for a, b, wake in bounds:
-                rev_a = 0.0 if wake else miner_revenue_usd_per_h(d, a, hp)
-                rev_b = miner_revenue_usd_per_h(d, b, hp)
-                values.append((rev_b - rev_a) / ((b - a) / 1000.0) - elec)
-        else:
-            tdp = max_level_w(d)
-            lo = min_level_w(d)
-            contract = params.contract_floor_w.get(d.device_id, 0.0)
-            floor = caps.clamp_power_target_w(max(lo, contract)) if contract > lo else lo
-            floor = max(floor, lo)
-            on_floor = True
-            bounds = []
-            values = []
-            if limits.ai_min:
-                why[i] = "AI held at its minimum by override"
-            else:
-                demand = gpu_demand_frac(d, prices, params)
-                want = min(1.0, demand * (1.0 + params.gpu_headroom_frac))
-                need = min(tdp, max(floor, curve.limit_for_w(want, tdp)))
-                cuts = sorted(
-                    {floor, need}
-                    | {
-                        x
-                        for x in (curve.cliff_frac * tdp, curve.knee_frac * tdp)
-                        if floor < x < need
-                    }
-                )
-                ai = prices.ai_usd_per_gpu_hour
-                for a, b in pairwise(cuts):
-                    gain = ai * (curve.capacity_frac(b, tdp) - curve.capacity_frac(a, tdp))
-                    bounds.append((a, b, False))
-                    values.append(gain / ((b - a) / 1000.0) - elec)
-                if need < tdp:
-                    # Above what demand needs: no revenue and (the draw follows demand) no cost.
-                    bounds.append((need, tdp, False))
-                    values.append(0.0)
-        floor_w[i] = floor
-        level_w[i] = floor
-        on[i] = on_floor
-        tops[i] = [b for _, b, _ in bounds]
-        for j, ((a, b, wake), v) in enumerate(zip(bounds, values, strict=True)):
-            if current_w >= b - 1e-6 and (not wake or d.awake is not False):
-                v += margin  # the incumbent keeps its place unless beaten by the margin
-            if j == 0:
-                best_value[i] = v
-            if v < 0:
-                break  # loss-making from here up (values fall with the level)
-            qv = (v // q) * q if q > 0 else v
-            segments.append((-qv, pos, j, i))
-            seg_w[(i, j)] = b - a
-            if wake:
-                wake_seg.add(i)
-        for k_i in c:
-            avail[k_i] -= floor
-
-    segments.sort()
-    next_seg = [0] * n_dev
-    for _, _, j, i in segments:
-        if next_seg[i] != j:
-            continue  # an earlier segment of this device did not fit
-        c = chains[i]
-        w = seg_w[(i, j)]
-        room = min(avail[n] for n in c)
-        if j == 0 and i in wake_seg:
-            reserve = 0.0 if movable[i].awake else params.wake_reserve_w
-            if w + reserve <= room:
-                for n in c:
-                    avail[n] -= w
-                on[i] = True
-                level_w[i] = tops[i][0]
-                next_seg[i] = 1
-            else:
-                why[i] = f"asleep: {_bound(names, avail, c)} budget has {max(room, 0):.0f} W left"
-            continue
-        d = movable[i]
-        take = w if w <= room else max(room, 0.0)
-        # Aim at the segment's top when it fits whole, so float sums never lose a step.
-        new_level = d.capabilities.clamp_power_target_w(
-            tops[i][j] if take >= w else level_w[i] + take
-        )
-        if new_level < level_w[i]:
-            new_level = level_w[i]
-        used = new_level - level_w[i]
-        for n in c:
-            avail[n] -= used
-        level_w[i] = new_level
-        if take < w:
-            why[i] = f"bound by {_bound(names, avail, c)} budget"
-        else:
-            next_seg[i] = j + 1
-
-    mode = "cap" if over else "economic"
-    setpoints: list[Setpoint] = [sp for _, sp in pinned]
-    planned = limits.overhead_w + sum(w for _, w in fixed_items)
-    changed = previous is None or previous.directives_key != key
-    for rank, i in enumerate(order, start=1):
-        d = movable[i]
-        lvl, awake = level_w[i], on[i]
-        sp_prev = prev.get(d.device_id)
-        if (
-            sp_prev is not None
-            and sp_prev.awake == awake
-            and sp_prev.awake
-            and 0.0 < lvl - sp_prev.planned_w < params.min_change_w
-            and sp_prev.planned_w >= floor_w[i]
-        ):
-            lvl = sp_prev.planned_w  # too small an increase to be worth a command
-        caps = d.capabilities
-        target = lvl if awake and caps.power_target else d.power_target_w
-        if d.kind is DeviceKind.MINER:
-            doing = f"mining at {lvl:.0f} W" if awake else "asleep"
-        else:
-            doing = f"serving at a {lvl:.0f} W limit"
-        bv = best_value[i]
-        worth = "no segment to add" if bv is None else f"best segment {bv:+.3f} $/kWh net"
-        if not why[i]:
-            if bv is not None and bv < 0:
-                why[i] = "loses money at current prices, kept at its minimum"
-            elif tops[i] and lvl >= tops[i][-1] - 1e-6:
-                why[i] = "at its maximum"
-            elif next_seg[i] < len(tops[i]) and tops[i]:
-                why[i] = "next segment loses money"
-        sp = Setpoint(
-            d.device_id,
-            awake,
-            target,
-            lvl,
-            f"{mode}: {doing} (rank {rank}/{n_dev}, {worth}; {why[i]})",
-        )
-        if sp_prev is None or (sp_prev.awake, sp_prev.power_target_w) != (
-            sp.awake,
-            sp.power_target_w,
-        ):
-            changed = True
-        setpoints.append(sp)
-        planned += lvl
-    if over:
-        worst = max(over, key=lambda n: heading[n] / tree.limit_w[n])
+    # An increase smaller than min_change_w is not worth a command.
+    small = (
+        prev.known
+        & prev.awake
+        & on
+        & (level - prev.planned_w > 0.0)
+        & (level - prev.planned_w < params.min_change_w)
+        & (prev.planned_w >= segs.floor_w)
+    )
+    level = np.where(small, prev.planned_w, level)
+    target = np.where(on & cols.power_target, level, cols.target_now_w)
+    planned = limits.overhead_w + sum(w for _, w in fixed_items) + float(level.sum())
+    changed = (
+        previous is None
+        or previous.directives_key != key
+        or not bool(prev.known.all())
+        or bool((prev.awake != on).any())
+        or not np.array_equal(prev.target_w, target, equal_nan=True)
+    )
+    mode = "cap" if over.size else "economic"
+    if over.size:
+        worst = int(over[np.argmax(heading[over] / limit[over])])
         reason = (
-            f"{worst} heading for {heading[worst]:.0f} W, above its capping threshold "
-            f"{cp.capping_threshold * tree.limit_w[worst]:.0f} W; {prices.note}"
+            f"{names[worst]} heading for {heading[worst]:.0f} W, above its capping threshold "
+            f"{cp.capping_threshold * limit[worst]:.0f} W; {prices.note}"
         )
     else:
         reason = f"merit order by net value per kWh under each domain's target; {prices.note}"
-    if not over and not changed:
+    if not over.size and not changed:
         mode = "hold"
-    return Plan(
-        snapshot.time_s,
-        mode,
-        limits.effective_cap_w,
-        planned,
-        reason,
-        tuple(setpoints),
-        key,
+    rank = cols.pos + 1
+    texts = _Reasons(
+        mode, n, cols, on, level, rank, best, why, why_node, why_room, names, segs.why_aux
     )
+    table = SetpointTable(
+        [sp for _, sp in pinned],
+        _ranked(cols.ids, cols.order),
+        on[cols.order],
+        target[cols.order],
+        level[cols.order],
+        lambda i: texts(int(cols.order[i])),
+    )
+    return Plan(snapshot.time_s, mode, limits.effective_cap_w, planned, reason, table, key)
 
 
-def _merit(d: DeviceStatus) -> tuple[int, float, str]:
-    # Fixed tie-break order: GPUs, then miners by nameplate J/TH, then id.
-    return (0 if d.kind is DeviceKind.GPU else 1, d.efficiency_j_per_th, d.device_id)
+# Why a device is where it is, as a code per device; words are made on demand.
+(
+    _NONE,
+    _CANNOT_SLEEP,
+    _MINING_OFF,
+    _MIN_OFF,
+    _WAKES,
+    _AI_MIN,
+    _ASLEEP_BUDGET,
+    _BOUND,
+    _LOSES,
+    _AT_MAX,
+    _NEXT_LOSES,
+) = range(11)
 
 
-def _bound(names: list[str], avail: list[float], c: tuple[int, ...]) -> str:
-    return names[min(c, key=lambda n: avail[n])]
+class _Columns:
+    """The movable devices as arrays, and their merit order."""
+
+    def __init__(self, movable: list[DeviceStatus], tree: DomainTree, names: list[str]) -> None:
+        n = len(movable)
+        self.n_nodes = len(names)
+        index = {k: i for i, k in enumerate(names)}
+        domains = [d.domain for d in movable]
+        rows = {dom: [index[k] for k in tree.chain(dom)] for dom in set(domains)}
+        depth = max((len(c) for c in rows.values()), default=1)
+        for c in rows.values():
+            c.extend([c[-1]] * (depth - len(c)))
+        self.chains = np.array([rows[dom] for dom in domains], np.intp).reshape(n, depth)
+        self.ids = [d.device_id for d in movable]
+        self.is_gpu = np.array([d.kind is DeviceKind.GPU for d in movable], bool)
+        caps = [d.capabilities for d in movable]
+        self.power_target = np.array([c.power_target for c in caps], bool)
+        self.cap_min = np.array([c.power_target_min_w for c in caps], float)
+        self.cap_max = np.array([c.power_target_max_w for c in caps], float)
+        self.can_sleep = np.array([c.can_sleep for c in caps], bool)
+        self.clamp = Clamp(
+            self.cap_min, self.cap_max, np.array([c.power_target_step_w for c in caps], float)
+        )
+        self.nameplate_w = np.array([d.nameplate_power_w for d in movable], float)
+        self.hashrate_ths = np.array([d.nameplate_hashrate_ths for d in movable], float)
+        self.sleep_w = np.array([d.sleep_power_w for d in movable], float)
+        self.expected_w = np.array([d.expected_w for d in movable], float)
+        awake = [d.awake for d in movable]
+        self.awake_true = np.array([a is True for a in awake], bool)
+        self.awake_false = np.array([a is False for a in awake], bool)
+        self.since_s = np.array([d.last_transition_s for d in movable], float)
+        self.wakes = np.array([d.wakes_last_hour for d in movable], float)
+        self.target_now_w = np.array([d.power_target_w for d in movable], float)
+        gpus = np.flatnonzero(self.is_gpu)
+        self.gpus = gpus
+        self.util = np.full(n, np.nan)
+        self.age_s = np.full(n, np.nan)
+        for i in gpus.tolist():
+            d = movable[i]
+            r = d.reading
+            if r is not None and r.utilization_frac is not None and d.reading_age_s is not None:
+                self.util[i], self.age_s[i] = r.utilization_frac, d.reading_age_s
+        # Levels as capping.min_level_w / max_level_w define them.
+        self.lo_w = np.where(
+            self.power_target & ~np.isnan(self.cap_min), self.cap_min, self.nameplate_w
+        )
+        self.hi_w = np.where(
+            self.power_target & ~np.isnan(self.cap_max), self.cap_max, self.nameplate_w
+        )
+        # Merit order, a fixed tie-break: GPUs, then miners by nameplate J/TH, then id.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            eff = np.where(self.hashrate_ths > 0, self.nameplate_w / self.hashrate_ths, np.inf)
+        by_id = np.empty(n, np.intp)
+        by_id[sorted(range(n), key=self.ids.__getitem__)] = np.arange(n)
+        self.order = np.lexsort((by_id, eff, ~self.is_gpu))
+        self.pos = np.empty(n, np.intp)
+        self.pos[self.order] = np.arange(n)
+        self.eff = eff
+
+    def node_loads(self, w: FloatArr) -> FloatArr:
+        """Per node: the sum of ``w`` (per device) over the devices below it."""
+        return node_loads(self.chains, w, self.n_nodes)
+
+
+class _Previous:
+    """The previous plan's setpoint per movable device, as arrays (NaN where unknown)."""
+
+    def __init__(self, previous: Plan | None, cols: _Columns) -> None:
+        n = len(cols.ids)
+        self.known = np.zeros(n, bool)
+        self.awake = np.zeros(n, bool)
+        self.target_w = np.full(n, np.nan)
+        self.planned_w = np.full(n, np.nan)
+        if previous is None:
+            return
+        sps = previous.setpoints
+        if (
+            isinstance(sps, SetpointTable)
+            and not sps.head
+            and list(sps.ids) == _ranked(cols.ids, cols.order)
+        ):
+            # The same devices in the same order as last time: the columns line up.
+            self.known[:] = True
+            self.awake[:] = np.asarray(sps.awake, bool)[cols.pos]
+            self.target_w[:] = np.asarray(sps.power_target_w, float)[cols.pos]
+            self.planned_w[:] = np.asarray(sps.planned_w, float)[cols.pos]
+            return
+        by_id = {sp.device_id: sp for sp in sps}
+        for i, d in enumerate(cols.ids):
+            sp = by_id.get(d)
+            if sp is not None:
+                self.known[i] = True
+                self.awake[i] = sp.awake
+                self.target_w[i] = np.nan if sp.power_target_w is None else sp.power_target_w
+                self.planned_w[i] = sp.planned_w
+
+
+def _ranked(ids: list[str], order: IntArr) -> list[str]:
+    return [ids[k] for k in order.tolist()]
+
+
+class _Segs:
+    """Every device's segments (one row each), and per device its floor and first value."""
+
+    def __init__(self, n: int) -> None:
+        self.floor_w = np.zeros(n)
+        self.on_floor = np.zeros(n, bool)
+        self.why = np.full(n, _NONE, np.int8)
+        self.why_aux = np.zeros(n)
+        self.best_value = np.full(n, np.nan)
+        self.top_w = np.zeros(n)
+        self.n_bounds = np.zeros(n, np.intp)
+        self.device = np.zeros(0, np.intp)
+        self.j = np.zeros(0, np.intp)
+        self.a_w = np.zeros(0)
+        self.b_w = np.zeros(0)
+        self.wake = np.zeros(0, bool)
+        self.value_q = np.zeros(0)
+        self.level_w = np.zeros(0)
+        self.reserve_w = np.zeros(0)
+
+
+class _Ordered:
+    """Segments in the order they are offered, as ``fill`` takes them."""
+
+    def __init__(self, s: _Segs, order: IntArr) -> None:
+        self.device = s.device[order]
+        self.wake = s.wake[order]
+        pos = np.empty(len(order), np.intp)
+        pos[order] = np.arange(len(order))
+        # The previous segment of the same device is the row before, in build order.
+        prev_row = np.arange(len(s.device)) - 1
+        has = s.j > 0
+        pred_row = np.where(has, prev_row, 0)
+        self.pred = np.where(has, pos[pred_row], -1)[order]
+        level_before = np.where(has, s.level_w[pred_row], s.floor_w[s.device])
+        self.seg = Segments(
+            device=self.device,
+            width_w=(s.b_w - s.a_w)[order],
+            level_w=s.level_w[order],
+            added_w=(s.level_w - level_before)[order],
+            reserve_w=s.reserve_w[order],
+            all_or_nothing=self.wake,
+            pred=self.pred,
+        )
+
+
+def _segments(
+    cols: _Columns,
+    prev: _Previous,
+    limits: Limits,
+    prices: Prices,
+    params: EconomicParams,
+    now_s: float,
+) -> _Segs:
+    """Cut every device's power above its floor into valued segments (see the module doc)."""
+    n = len(cols.ids)
+    cp = params.capping
+    s = _Segs(n)
+    elec = prices.electricity_usd_per_kwh
+    miner = ~cols.is_gpu
+    lo, hi = cols.lo_w, cols.hi_w
+    k = max(1, params.miner_raise_segments)
+    width = 1 + max(k, 3) + 1
+    a = np.full((n, width), np.nan)
+    b = np.full((n, width), np.nan)
+    v = np.full((n, width), np.nan)
+    wake = np.zeros((n, width), bool)
+
+    # Miners: asleep (or at the minimum when they cannot sleep), a wake, k raises.
+    sleeps = miner & cols.can_sleep
+    s.floor_w = np.where(sleeps, cols.sleep_w, np.where(cols.power_target, lo, hi))
+    s.on_floor = ~sleeps
+    s.why[miner & ~cols.can_sleep] = _CANNOT_SLEEP
+    left_s = cp.min_off_s - (now_s - cols.since_s)
+    min_off = (
+        sleeps & cols.awake_false & ~np.isnan(cols.since_s) & (now_s - cols.since_s < cp.min_off_s)
+    )
+    too_many = (
+        sleeps & ~min_off & (cp.max_wakes_per_hour > 0) & (cols.wakes >= cp.max_wakes_per_hour)
+    )
+    s.why[min_off], s.why_aux[min_off] = _MIN_OFF, left_s[min_off]
+    s.why[too_many], s.why_aux[too_many] = _WAKES, cols.wakes[too_many]
+    if limits.mining_off:
+        s.why[miner] = _MINING_OFF
+        active = np.zeros(n, bool)
+    else:
+        active = miner & ~min_off & ~too_many
+    hp = prices.hashprice_usd_per_th_day
+    w_idx = active & sleeps
+    a[w_idx, 0] = s.floor_w[w_idx]
+    b[w_idx, 0] = np.where(cols.power_target, lo, hi)[w_idx]
+    wake[w_idx, 0] = True
+    raises = active & cols.power_target & (hi > lo)
+    step = (hi - lo) / k
+    first = np.where(w_idx, 1, 0)
+    rows = np.flatnonzero(raises)
+    for j in range(k):
+        a[rows, first[rows] + j] = lo[rows] + j * step[rows]
+        b[rows, first[rows] + j] = lo[rows] + (j + 1) * step[rows]
+    rev_b = _revenue(cols, b, hp)
+    rev_a = np.where(wake, 0.0, _revenue(cols, a, hp))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v_m = (rev_b - rev_a) / ((b - a) / 1000.0) - elec
+    v = np.where(miner[:, None], v_m, v)
+
+    # GPUs: at the floor, segments along the curve up to what demand needs, headroom above.
+    g = cols.gpus
+    if g.size:
+        _gpu_segments(cols, s, a, b, v, g, limits, prices, params)
+
+    # The incumbent keeps its place unless beaten by the margin.
+    current = np.where(prev.known, prev.planned_w, cols.expected_w)
+    valid = ~np.isnan(a)
+    keep = valid & (current[:, None] >= b - 1e-6) & (~wake | ~cols.awake_false[:, None])
+    v = np.where(keep, v + params.keep_margin_usd_per_kwh, v)
+    s.n_bounds = valid.sum(axis=1)
+    s.best_value = np.where(valid[:, 0], v[:, 0], np.nan)
+    last = np.maximum(s.n_bounds - 1, 0)
+    s.top_w = np.where(s.n_bounds > 0, b[np.arange(n), last], 0.0)
+    # Loss-making from the first negative value up: never offered.
+    offered = valid & (np.cumsum(~valid | (v < 0), axis=1) == 0)
+    q = params.value_quantum_usd_per_kwh
+    qv = (v // q) * q if q > 0 else v
+    # Levels once each segment is whole: a wake lands on its top; others on the step.
+    level = np.full((n, width), np.nan)
+    before = s.floor_w.copy()
+    for j in range(width):
+        rows = np.flatnonzero(offered[:, j])
+        top = b[rows, j]
+        clamped = np.where(wake[rows, j], top, np.maximum(cols.clamp(rows, top), before[rows]))
+        level[rows, j] = clamped
+        before[rows] = clamped
+    dev, jj = np.nonzero(offered)
+    s.device, s.j = dev, jj
+    s.a_w, s.b_w = a[dev, jj], b[dev, jj]
+    s.wake = wake[dev, jj]
+    s.value_q = qv[dev, jj]
+    s.level_w = level[dev, jj]
+    s.reserve_w = np.where(cols.awake_true[dev], 0.0, params.wake_reserve_w)
+    return s
+
+
+def _revenue(cols: _Columns, level_w: FloatArr, hashprice: float) -> FloatArr:
+    """``miner_revenue_usd_per_h`` for every device and level (rows: devices)."""
+    nameplate = cols.nameplate_w[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = level_w / nameplate
+        ths = cols.hashrate_ths[:, None] * ratio**HASHRATE_POWER_EXPONENT
+        rev = hashprice / HOURS_PER_DAY * ths
+    return np.where((level_w > 0) & (nameplate > 0), rev, 0.0)
+
+
+def _gpu_segments(
+    cols: _Columns,
+    s: _Segs,
+    a: FloatArr,
+    b: FloatArr,
+    v: FloatArr,
+    g: IntArr,
+    limits: Limits,
+    prices: Prices,
+    params: EconomicParams,
+) -> None:
+    curve = params.gpu_curve
+    tdp, lo = cols.hi_w[g], cols.lo_w[g]
+    floor = lo.copy()
+    if params.contract_floor_w:
+        for k, i in enumerate(g.tolist()):
+            contract = params.contract_floor_w.get(cols.ids[i], 0.0)
+            if contract > lo[k]:
+                caps_clamp = cols.clamp(np.array([i]), np.array([contract]))
+                floor[k] = max(float(caps_clamp[0]), lo[k])
+    s.floor_w[g] = floor
+    s.on_floor[g] = True
+    if limits.ai_min:
+        s.why[g] = _AI_MIN
+        return
+    demand = _gpu_demand(cols, g, prices, params)
+    want = np.minimum(1.0, demand * (1.0 + params.gpu_headroom_frac))
+    need = np.minimum(tdp, np.maximum(floor, _limit_for(curve, want, tdp)))
+    cliff, knee = curve.cliff_frac * tdp, curve.knee_frac * tdp
+    pts = np.stack(
+        [
+            floor,
+            np.where((floor < cliff) & (cliff < need), cliff, np.nan),
+            np.where((floor < knee) & (knee < need), knee, np.nan),
+            np.where(need > floor, need, np.nan),
+        ],
+        axis=1,
+    )
+    pts = np.sort(pts, axis=1)  # NaN last: the cut points in order
+    ai, elec = prices.ai_usd_per_gpu_hour, prices.electricity_usd_per_kwh
+    for j in range(3):
+        x, y = pts[:, j], pts[:, j + 1]
+        ok = ~np.isnan(y)
+        gain = ai * (_capacity(curve, y, tdp) - _capacity(curve, x, tdp))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            val = gain / ((y - x) / 1000.0) - elec
+        a[g[ok], j], b[g[ok], j], v[g[ok], j] = x[ok], y[ok], val[ok]
+    # Above what demand needs: no revenue and (the draw follows demand) no cost.
+    n_cuts = (~np.isnan(pts)).sum(axis=1) - 1
+    head = need < tdp
+    rows, at = g[head], n_cuts[head]
+    a[rows, at], b[rows, at], v[rows, at] = need[head], tdp[head], 0.0
+
+
+def _capacity(curve: GpuCurve, limit_w: FloatArr, tdp_w: FloatArr) -> FloatArr:
+    """``GpuCurve.capacity_frac``, vectorised."""
+    r = limit_w / tdp_w
+    slope = (1.0 - curve.capacity_at_cliff) / (curve.knee_frac - curve.cliff_frac)
+    mid = 1.0 - (curve.knee_frac - r) * slope
+    low = np.maximum(0.0, curve.capacity_at_cliff - (curve.cliff_frac - r) * curve.cliff_slope)
+    return np.where(r >= curve.knee_frac, 1.0, np.where(r >= curve.cliff_frac, mid, low))
+
+
+def _limit_for(curve: GpuCurve, capacity: FloatArr, tdp_w: FloatArr) -> FloatArr:
+    """``GpuCurve.limit_for_w``, vectorised."""
+    slope = (1.0 - curve.capacity_at_cliff) / (curve.knee_frac - curve.cliff_frac)
+    mid = (curve.knee_frac - (1.0 - capacity) / slope) * tdp_w
+    r = curve.cliff_frac - (curve.capacity_at_cliff - capacity) / curve.cliff_slope
+    low = np.maximum(0.0, r) * tdp_w
+    top = curve.knee_frac * tdp_w
+    return np.where(capacity >= 1.0, top, np.where(capacity >= curve.capacity_at_cliff, mid, low))
+
+
+def _gpu_demand(cols: _Columns, g: IntArr, prices: Prices, params: EconomicParams) -> FloatArr:
+    """``gpu_demand_frac`` for the GPUs ``g``, vectorised."""
+    util, age = cols.util[g], cols.age_s[g]
+    fresh = ~np.isnan(util) & ~np.isnan(age) & (age <= params.utilization_fresh_s)
+    tdp = cols.hi_w[g]
+    limit = np.where(np.isnan(cols.target_now_w[g]), tdp, cols.target_now_w[g])
+    capacity = _capacity(params.gpu_curve, limit, tdp)
+    measured = np.where(
+        util >= SATURATED_UTILIZATION,
+        np.minimum(1.0, capacity * params.gpu_probe_factor),
+        util * capacity,
+    )
+    if prices.ai_demand_frac is not None:
+        default = prices.ai_demand_frac
+    else:
+        default = params.default_utilization_frac
+    return np.where(fresh, measured, default)
+
+
+class _Reasons:
+    """Words for one device's setpoint, made from the plan's columns when asked for."""
+
+    def __init__(
+        self,
+        mode: str,
+        n: int,
+        cols: _Columns,
+        on: BoolArr,
+        level: FloatArr,
+        rank: IntArr,
+        best: FloatArr,
+        why: npt.NDArray[np.int8],
+        why_node: IntArr,
+        why_room: FloatArr,
+        names: list[str],
+        why_aux: FloatArr,
+    ) -> None:
+        self.mode, self.n, self.cols, self.on, self.level = mode, n, cols, on, level
+        self.rank, self.best, self.why, self.why_node = rank, best, why, why_node
+        self.why_room, self.names, self.why_aux = why_room, names, why_aux
+
+    def __call__(self, i: int) -> str:
+        lvl = float(self.level[i])
+        if self.cols.is_gpu[i]:
+            doing = f"serving at a {lvl:.0f} W limit"
+        else:
+            doing = f"mining at {lvl:.0f} W" if self.on[i] else "asleep"
+        bv = float(self.best[i])
+        worth = "no segment to add" if bv != bv else f"best segment {bv:+.3f} $/kWh net"
+        return f"{self.mode}: {doing} (rank {int(self.rank[i])}/{self.n}, {worth}; {self._why(i)})"
+
+    def _why(self, i: int) -> str:
+        code = int(self.why[i])
+        node = self.names[int(self.why_node[i])] if self.why_node[i] >= 0 else "site"
+        aux, room = float(self.why_aux[i]), float(self.why_room[i])
+        return {
+            _NONE: "",
+            _CANNOT_SLEEP: "cannot sleep, kept at its minimum",
+            _MINING_OFF: "mining is off by override",
+            _MIN_OFF: f"kept asleep: minimum off time, {aux:.0f} s left",
+            _WAKES: f"kept asleep: woken {aux:.0f} times in the last hour (the limit)",
+            _AI_MIN: "AI held at its minimum by override",
+            _ASLEEP_BUDGET: f"asleep: {node} budget has {max(room, 0):.0f} W left",
+            _BOUND: f"bound by {node} budget",
+            _LOSES: "loses money at current prices, kept at its minimum",
+            _AT_MAX: "at its maximum",
+            _NEXT_LOSES: "next segment loses money",
+        }[code]

@@ -1,0 +1,41 @@
+"""The vectorised economic plan against the one-segment-at-a-time plan it replaced."""
+
+from __future__ import annotations
+
+import math
+
+from economic_reference import reference_plan
+from hypothesis import HealthCheck, given, settings
+from test_economic import sites
+
+from domain import Limits, Plan, Snapshot
+from policies.economic import EconomicParams, plan
+from policies.prices import Prices
+
+Case = tuple[Snapshot, Limits, Prices, EconomicParams, dict[str, str]]
+
+
+def same_setpoints(got: Plan, want: Plan) -> None:
+    assert [sp.device_id for sp in got.setpoints] == [sp.device_id for sp in want.setpoints]
+    for g, w in zip(got.setpoints, want.setpoints, strict=True):
+        assert g.awake == w.awake, (g, w)
+        assert math.isclose(g.planned_w, w.planned_w, abs_tol=1e-6), (g, w)
+        if w.power_target_w is None:
+            assert g.power_target_w is None, (g, w)
+        else:
+            assert g.power_target_w is not None
+            assert math.isclose(g.power_target_w, w.power_target_w, abs_tol=1e-6), (g, w)
+    assert got.mode == want.mode
+    assert math.isclose(got.planned_w, want.planned_w, rel_tol=1e-9, abs_tol=1e-6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sites())
+def test_vectorised_plan_matches_the_sequential_plan(case: Case) -> None:
+    snap, lim, prices, params, _ = case
+    first = plan(snap, lim, prices, params)
+    same_setpoints(first, reference_plan(snap, lim, prices, params))
+    # And again with that plan as the previous one (incumbent margins, small changes, hold).
+    same_setpoints(
+        plan(snap, lim, prices, params, first), reference_plan(snap, lim, prices, params, first)
+    )
