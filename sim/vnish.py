@@ -43,6 +43,7 @@ observed firmware behaviour.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import secrets
@@ -126,6 +127,8 @@ class SimVNish(SimMinerBase):
         self.switcher_enabled = False
         self.tokens: set[str] = set()
         self.writes = 0  # control writes executed (tests check there are no blind retries)
+        # Requests answered, by "GET /api/v1/summary" / "rpc stats" (tests count a sweep's cost).
+        self.requests: collections.Counter[str] = collections.Counter()
         self._tuning = False
         self._since_s = self.clock()
         self.power.set_target(np_w, self.clock())
@@ -194,6 +197,7 @@ class SimVNish(SimMinerBase):
     # -- CGMiner API (4028) ----------------------------------------------------------
 
     def rpc_command(self, cmd: str, param: Any, req: dict[str, Any]) -> dict[str, Any]:
+        self.requests[f"rpc {cmd}"] += 1
         now = self.clock()
         pw = self.power
         ghs = pw.hashrate_ths(now) * 1000.0
@@ -297,6 +301,7 @@ class SimVNish(SimMinerBase):
 
     def http_request(self, req: HttpRequest) -> HttpResponse:
         path = req.path.split("?", 1)[0]
+        self.requests[f"{req.method} {path}"] += 1
         if req.method == "GET" and path in ("/", "/index.html"):
             return HttpResponse(200, _PAGE, (("Content-Type", "text/html"),))
         if not path.startswith("/api/v1/"):
