@@ -35,9 +35,9 @@ moves the running preset on its own, as the firmware does with temperature
 A declined control (``refuse_commands``) answers ``403`` with a JSON error; an
 unknown preset is answered like a good one and ignored (pyasic notes that the
 firmware answers ``settings`` the same way whether it applied it or not).
-These two, the token lifetime and the state names beyond those recorded
-(``mining``, ``auto-tuning``, ``stopped``) are the simulator's choices, not
-observed firmware behaviour.
+These two, the token lifetime and the state ``restarting`` are the
+simulator's choices, not observed firmware behaviour (the recording shows
+``auto-tuning``; ``stopped`` is one of the states pyasic's ``_is_mining`` knows).
 """
 
 from __future__ import annotations
