@@ -112,6 +112,23 @@ class PricesConfig(_Strict):
     fallback_electricity_usd_per_kwh: NonNegW = 0.25
 
 
+class PriorityClassConfig(_Strict):
+    """Devices the economic policy serves before later classes and the merit order."""
+
+    name: Annotated[str, Field(min_length=1)]
+    devices: list[Annotated[str, Field(min_length=1)]] = []  # id patterns (fnmatch: *, ?, [])
+    domains: list[Annotated[str, Field(min_length=1)]] = []  # every device in these domains
+
+    @model_validator(mode="after")
+    def _names_something(self) -> PriorityClassConfig:
+        if not self.devices and not self.domains:
+            raise ValueError(
+                f"found priority class {self.name!r} with neither devices nor domains, expected "
+                'devices = ["node-a/*", ...] (device id patterns) and/or domains = ["rack-1"]'
+            )
+        return self
+
+
 class PolicyConfig(_Strict):
     """The capping policy and its hysteresis band, as fractions of the effective cap."""
 
@@ -126,6 +143,19 @@ class PolicyConfig(_Strict):
     # Economic policy only (policies/economic.py).
     default_utilization_frac: Fraction = 0.6
     keep_margin_usd_per_kwh: NonNegW = 0.01
+    # Served first, in this order, before the merit order (e.g. contracted AI capacity).
+    priority_classes: list[PriorityClassConfig] = []
+
+    @model_validator(mode="after")
+    def _class_names_unique(self) -> PolicyConfig:
+        names = [c.name for c in self.priority_classes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(
+                f"found priority class name(s) {', '.join(dup)} more than once, expected "
+                "each [[policy.priority_classes]] to have its own name"
+            )
+        return self
 
     @model_validator(mode="after")
     def _band_ordered(self) -> PolicyConfig:

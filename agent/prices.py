@@ -24,7 +24,7 @@ from typing import Any
 
 from agent.config import Config
 from policies.capping import CappingParams
-from policies.economic import EconomicParams
+from policies.economic import EconomicParams, PriorityClass, PriorityClasses
 from policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
 
 log = logging.getLogger("siteagent.prices")
@@ -142,6 +142,11 @@ def economic_params(cfg: Config) -> EconomicParams:
         default_utilization_frac=pol.default_utilization_frac,
         keep_margin_usd_per_kwh=pol.keep_margin_usd_per_kwh,
         contract_floor_w=floors,
+        priority=PriorityClasses(
+            PriorityClass(c.name, tuple(c.devices), tuple(c.domains)) for c in pol.priority_classes
+        )
+        if pol.priority_classes
+        else None,
     )
 
 

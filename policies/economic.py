@@ -29,8 +29,10 @@ increase smaller than ``min_change_w`` is not made (decreases always are).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from operator import attrgetter, itemgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -119,6 +121,48 @@ class EconomicParams:
     miner_raise_segments: int = 2
     # Per GPU device id: power (W) that must be kept for a customer.
     contract_floor_w: Mapping[str, float] = field(default_factory=dict)
+    # Classes served in order before the merit order (the devices no class names).
+    priority: PriorityClasses | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityClass:
+    """Devices served before later classes and the merit order, whatever they earn per kW.
+
+    A device belongs to the first class with a pattern (``fnmatch``) matching its id
+    or a domain naming its own domain. Within a class the merit order holds; a
+    loss-making segment is still never taken (a floor is what keeps power for a
+    customer, see ``contract_floor_w``).
+    """
+
+    name: str
+    device_patterns: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+
+
+class PriorityClasses:
+    """Ordered priority classes; each device's class is worked out once and remembered."""
+
+    def __init__(self, classes: Iterable[PriorityClass]) -> None:
+        self.classes = tuple(classes)
+        self._memo: dict[tuple[str, str], int] = {}
+
+    def class_of(self, device_id: str, domain: str) -> int:
+        """Index of the device's class; ``len(classes)`` for the merit order."""
+        key = (device_id, domain)
+        k = self._memo.get(key)
+        if k is None:
+            k = len(self.classes)
+            for i, c in enumerate(self.classes):
+                if domain in c.domains or any(fnmatchcase(device_id, p) for p in c.device_patterns):
+                    k = i
+                    break
+            self._memo[key] = k
+        return k
+
+    def name(self, k: int) -> str:
+        """The class's name; "merit order" past the last class."""
+        return self.classes[k].name if k < len(self.classes) else "merit order"
 
 
 def miner_revenue_usd_per_h(d: DeviceStatus, level_w: float, hashprice: float) -> float:
@@ -202,7 +246,8 @@ def plan(
     segs = _segments(cols, prev, limits, prices, params, snapshot.time_s)
     avail = cp.capping_target * limit - [fixed_load.get(k, 0.0) for k in names]
     avail -= cols.node_loads(segs.floor_w)
-    order = np.lexsort((segs.j, cols.pos[segs.device], -segs.value_q))
+    klass = _classes(params.priority, movable)
+    order = np.lexsort((segs.j, cols.pos[segs.device], -segs.value_q, klass[segs.device]))
     ordered = _Ordered(segs, order)
     filled = fill(ordered.seg, cols.chains, avail, segs.floor_w, cols.clamp)
     on = segs.on_floor.copy()
@@ -267,6 +312,8 @@ def plan(
     texts = _Reasons(
         mode, n, cols, on, level, rank, best, why, why_node, why_room, names, segs.why_aux
     )
+    if params.priority is not None and params.priority.classes:
+        texts.klass, texts.classes = klass, params.priority
     table = SetpointTable(
         [sp for _, sp in pinned],
         _ranked(cols.ids, cols.order),
@@ -294,6 +341,26 @@ def plan(
 ) = range(11)
 
 
+_POWER_TARGET = attrgetter("power_target")
+_CAP_MIN = attrgetter("power_target_min_w")
+_CAP_MAX = attrgetter("power_target_max_w")
+_CAP_STEP = attrgetter("power_target_step_w")
+_CAN_SLEEP = attrgetter("can_sleep")
+_NAMEPLATE = attrgetter("nameplate_power_w")
+_HASHRATE = attrgetter("nameplate_hashrate_ths")
+_SLEEP = attrgetter("sleep_power_w")
+_EXPECTED = attrgetter("expected_w")
+_AWAKE = attrgetter("awake")
+_SINCE = attrgetter("last_transition_s")
+_WAKES_HOUR = attrgetter("wakes_last_hour")
+_TARGET = attrgetter("power_target_w")
+
+
+def _floats(values: Iterable[float | None], n: int) -> FloatArr:
+    """A float column; None becomes NaN."""
+    return np.array(list(values), float).reshape(n)
+
+
 class _Columns:
     """The movable devices as arrays, and their merit order."""
 
@@ -302,31 +369,30 @@ class _Columns:
         self.n_nodes = len(names)
         index = {k: i for i, k in enumerate(names)}
         domains = [d.domain for d in movable]
-        rows = {dom: [index[k] for k in tree.chain(dom)] for dom in set(domains)}
-        depth = max((len(c) for c in rows.values()), default=1)
-        for c in rows.values():
-            c.extend([c[-1]] * (depth - len(c)))
-        self.chains = np.array([rows[dom] for dom in domains], np.intp).reshape(n, depth)
+        uniq = {dom: i for i, dom in enumerate(dict.fromkeys(domains))}
+        rows = [[index[k] for k in tree.chain(dom)] for dom in uniq]
+        depth = max((len(c) for c in rows), default=1)
+        table = np.array([c + [c[-1]] * (depth - len(c)) for c in rows], np.intp)
+        dom_idx = np.fromiter(map(uniq.__getitem__, domains), np.intp, n)
+        self.chains = table[dom_idx] if n else np.zeros((0, depth), np.intp)
         self.ids = [d.device_id for d in movable]
-        self.is_gpu = np.array([d.kind is DeviceKind.GPU for d in movable], bool)
+        self.is_gpu = np.fromiter((d.kind is DeviceKind.GPU for d in movable), bool, n)
         caps = [d.capabilities for d in movable]
-        self.power_target = np.array([c.power_target for c in caps], bool)
-        self.cap_min = np.array([c.power_target_min_w for c in caps], float)
-        self.cap_max = np.array([c.power_target_max_w for c in caps], float)
-        self.can_sleep = np.array([c.can_sleep for c in caps], bool)
-        self.clamp = Clamp(
-            self.cap_min, self.cap_max, np.array([c.power_target_step_w for c in caps], float)
-        )
-        self.nameplate_w = np.array([d.nameplate_power_w for d in movable], float)
-        self.hashrate_ths = np.array([d.nameplate_hashrate_ths for d in movable], float)
-        self.sleep_w = np.array([d.sleep_power_w for d in movable], float)
-        self.expected_w = np.array([d.expected_w for d in movable], float)
-        awake = [d.awake for d in movable]
-        self.awake_true = np.array([a is True for a in awake], bool)
-        self.awake_false = np.array([a is False for a in awake], bool)
-        self.since_s = np.array([d.last_transition_s for d in movable], float)
-        self.wakes = np.array([d.wakes_last_hour for d in movable], float)
-        self.target_now_w = np.array([d.power_target_w for d in movable], float)
+        self.power_target = np.fromiter(map(_POWER_TARGET, caps), bool, n)
+        self.cap_min = _floats(map(_CAP_MIN, caps), n)
+        self.cap_max = _floats(map(_CAP_MAX, caps), n)
+        self.can_sleep = np.fromiter(map(_CAN_SLEEP, caps), bool, n)
+        self.clamp = Clamp(self.cap_min, self.cap_max, _floats(map(_CAP_STEP, caps), n))
+        self.nameplate_w = _floats(map(_NAMEPLATE, movable), n)
+        self.hashrate_ths = _floats(map(_HASHRATE, movable), n)
+        self.sleep_w = _floats(map(_SLEEP, movable), n)
+        self.expected_w = _floats(map(_EXPECTED, movable), n)
+        awake = list(map(_AWAKE, movable))
+        self.awake_true = np.fromiter((a is True for a in awake), bool, n)
+        self.awake_false = np.fromiter((a is False for a in awake), bool, n)
+        self.since_s = _floats(map(_SINCE, movable), n)
+        self.wakes = _floats(map(_WAKES_HOUR, movable), n)
+        self.target_now_w = _floats(map(_TARGET, movable), n)
         gpus = np.flatnonzero(self.is_gpu)
         self.gpus = gpus
         self.util = np.full(n, np.nan)
@@ -392,7 +458,7 @@ class _Previous:
 
 
 def _ranked(ids: list[str], order: IntArr) -> list[str]:
-    return [ids[k] for k in order.tolist()]
+    return list(itemgetter(*order.tolist())(ids)) if len(order) > 1 else [ids[k] for k in order]
 
 
 class _Segs:
@@ -639,8 +705,20 @@ def _gpu_demand(cols: _Columns, g: IntArr, prices: Prices, params: EconomicParam
     return np.where(fresh, measured, default)
 
 
+def _classes(priority: PriorityClasses | None, movable: list[DeviceStatus]) -> IntArr:
+    """Each device's priority class (0 first); all 0 when no classes are configured."""
+    if priority is None or not priority.classes:
+        return np.zeros(len(movable), np.intp)
+    return np.fromiter(
+        (priority.class_of(d.device_id, d.domain) for d in movable), np.intp, len(movable)
+    )
+
+
 class _Reasons:
     """Words for one device's setpoint, made from the plan's columns when asked for."""
+
+    klass: IntArr | None = None
+    classes: PriorityClasses | None = None
 
     def __init__(
         self,
@@ -669,6 +747,8 @@ class _Reasons:
             doing = f"mining at {lvl:.0f} W" if self.on[i] else "asleep"
         bv = float(self.best[i])
         worth = "no segment to add" if bv != bv else f"best segment {bv:+.3f} $/kWh net"
+        if self.klass is not None and self.classes is not None:
+            worth = f"priority {self.classes.name(int(self.klass[i]))}, {worth}"
         return f"{self.mode}: {doing} (rank {int(self.rank[i])}/{self.n}, {worth}; {self._why(i)})"
 
     def _why(self, i: int) -> str:

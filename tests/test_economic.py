@@ -21,7 +21,7 @@ from domain import (
     Snapshot,
 )
 from policies.capping import CappingParams, max_level_w, min_level_w
-from policies.economic import EconomicParams, GpuCurve, plan
+from policies.economic import EconomicParams, GpuCurve, PriorityClass, PriorityClasses, plan
 from policies.prices import Prices
 
 SITE = "site"
@@ -295,3 +295,68 @@ def test_agent_dispatches_to_the_economic_policy_by_config() -> None:
     agent = Agent(cfg, [])
     p = agent.plan(Snapshot(NOW_S, (miner("m", 17.5),)), limits(10_000.0))
     assert p.reason.startswith("merit order") and "hashprice $0.0500" in p.reason
+
+
+# -- priority classes ----------------------------------------------------------------
+
+
+def test_a_priority_class_is_served_before_better_value_in_the_merit_order() -> None:
+    devices = [miner("new", 15.0), miner("old", 38.0)]
+    lim = limits(3500.0)  # room for one miner at full power and a little more
+    merit = run(devices, lim)
+    assert level(merit, "new") > level(merit, "old")
+    classes = PriorityClasses([PriorityClass("contracted", device_patterns=("ol*",))])
+    p = run(devices, lim, params=EconomicParams(priority=classes))
+    assert level(p, "old") > level(p, "new")
+    assert level(p, "old") == 3000.0
+    sp_old, sp_new = p.setpoint_for("old"), p.setpoint_for("new")
+    assert sp_old is not None and "priority contracted" in sp_old.reason
+    assert sp_new is not None and "priority merit order" in sp_new.reason
+    assert p.planned_w <= 0.97 * 3500.0 + 1e-6
+
+
+def test_priority_classes_follow_their_order_and_can_name_domains() -> None:
+    parent = DomainLimit("rack-b", 10_000.0)
+    devices = [miner("a", 15.0), miner("b", 38.0, domain="rack-b"), miner("c", 25.0)]
+    classes = PriorityClasses(
+        [PriorityClass("rack b", domains=("rack-b",)), PriorityClass("then c", ("c",))]
+    )
+    p = run(devices, limits(6500.0, domains=(parent,)), params=EconomicParams(priority=classes))
+    assert level(p, "b") == 3000.0 and level(p, "c") == 3000.0
+    assert level(p, "a") == 0.0
+    assert classes.class_of("a", SITE) == 2 and classes.name(2) == "merit order"
+
+
+def test_a_priority_class_does_not_take_a_loss() -> None:
+    classes = PriorityClasses([PriorityClass("contracted", ("old",))])
+    dear = Prices(0.05, 0.5, 2.0)  # electricity well above every miner's break-even
+    p = run([miner("old", 38.0)], limits(10_000.0), dear, EconomicParams(priority=classes))
+    sp = p.setpoint_for("old")
+    assert sp is not None and not sp.awake and "loses money" in sp.reason
+
+
+def test_priority_classes_from_the_config() -> None:
+    import pytest
+
+    from agent.config import ConfigError, parse_config
+    from agent.prices import economic_params
+
+    cfg = parse_config(
+        {
+            "site": {"cap_w": 10_000.0},
+            "policy": {
+                "name": "economic",
+                "priority_classes": [{"name": "contracted", "devices": ["node-a/*"]}],
+            },
+        }
+    )
+    pr = economic_params(cfg).priority
+    assert pr is not None and pr.class_of("node-a/gpu3", SITE) == 0
+    assert pr.class_of("node-b/gpu0", SITE) == 1
+    with pytest.raises(ConfigError) as e:
+        parse_config({"site": {"cap_w": 1.0}, "policy": {"priority_classes": [{"name": "x"}]}})
+    assert "priority_classes" in str(e.value) and "devices = [" in str(e.value)
+    twice = [{"name": "x", "devices": ["a"]}, {"name": "x", "domains": ["r"]}]
+    with pytest.raises(ConfigError) as e:
+        parse_config({"site": {"cap_w": 1.0}, "policy": {"priority_classes": twice}})
+    assert "more than once" in str(e.value)
