@@ -23,8 +23,11 @@ or a connection closed without an answer -> faulted; any status other than
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import httpx
+from pyasic import settings
 from pyasic.config import MinerConfig, MiningModeConfig
 from pyasic.miners.backends.antminer import AntminerModern
 
@@ -77,6 +80,53 @@ def _power(row: dict[str, Any]) -> float | None:
     return float(str(raw).split()[0])
 
 
+class _KeptDigest:
+    """pyasic's web GETs for identification and readings, the digest challenge kept.
+
+    pyasic (0.79.0) makes a new ``httpx.DigestAuth`` on every web call
+    (``pyasic/web/antminer.py:61``, in ``AntminerModernWebAPI.send_command``), so
+    every call is two HTTP exchanges: a 401 carrying the challenge, then the
+    authorised request. httpx's ``DigestAuth`` answers a known challenge at once
+    (and takes a new one when the miner sends a 401 again, as for a stale nonce
+    or a changed password), so a reading keeps one per miner: one exchange
+    instead of two. Everything else is pyasic's ``send_command``
+    (``web/antminer.py:60-83``): the URL, the client and its transport, the
+    error dicts. Writes, and the conf read before a write, stay pyasic's own.
+    Identification's ``get_system_info`` goes through here too, so the first
+    reading already knows the challenge.
+    """
+
+    def __init__(self, web: Any) -> None:
+        self.web = web
+        self._auth: httpx.DigestAuth | None = None
+        self._creds: tuple[str, str] | None = None
+
+    async def get_miner_conf(self) -> dict[str, Any]:
+        return await self.get("get_miner_conf")
+
+    async def get_system_info(self) -> dict[str, Any]:
+        return await self.get("get_system_info")
+
+    async def get(self, command: str) -> dict[str, Any]:
+        web = self.web
+        creds = (str(web.username), str(web.pwd))
+        if self._auth is None or creds != self._creds:
+            self._auth, self._creds = httpx.DigestAuth(*creds), creds
+        url = f"http://{web.ip}:{web.port}/cgi-bin/{command}.cgi"
+        try:
+            async with httpx.AsyncClient(transport=settings.transport()) as client:
+                data = await client.get(url, auth=self._auth)
+        except httpx.HTTPError as e:
+            return {"success": False, "message": f"HTTP error occurred: {e!s}"}
+        if data.status_code == 200:
+            try:
+                reply: dict[str, Any] = data.json()
+            except json.JSONDecodeError:
+                return {"success": False, "message": "Failed to decode JSON"}
+            return reply
+        return {"success": False, "message": "Unknown error occurred"}
+
+
 class AntminerBackend:
     """One Antminer on stock firmware."""
 
@@ -95,6 +145,7 @@ class AntminerBackend:
         self._elapsed_s: int | None = None
         # Mode to wake into (the mining mode before sleep, or one set while asleep).
         self._wake_mode = MODE_NORMAL
+        self._read_web = _KeptDigest(miner.web)
 
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
         """Socket / JSON errors of the 4028 API (the web errors are mapped where they occur)."""
@@ -126,8 +177,9 @@ class AntminerBackend:
             raise DeviceFaulted(text)
         return reply
 
-    async def _conf(self, what: str) -> tuple[dict[str, Any], int]:
-        conf = await self._web(what, self.miner.web.get_miner_conf())
+    async def _conf(self, what: str, *, reading: bool = False) -> tuple[dict[str, Any], int]:
+        web = self._read_web if reading else self.miner.web
+        conf = await self._web(what, web.get_miner_conf())
         try:
             mode = int(conf["bitmain-work-mode"])
         except (LookupError, TypeError, ValueError) as e:
@@ -151,7 +203,7 @@ class AntminerBackend:
     async def identify(self) -> MinerIdentity:
         """MAC and serial (web get_system_info), firmware (version), power report (stats)."""
         info, version, stats = await asyncio.gather(
-            self._web("get_system_info", self.miner.web.get_system_info()),
+            self._web("get_system_info", self._read_web.get_system_info()),
             self._rpc("version", self.miner.rpc.version()),
             self._rpc("stats", self.miner.rpc.stats()),
         )
@@ -188,7 +240,7 @@ class AntminerBackend:
     async def read(self) -> Sample:
         """``stats`` (4028) and the miner conf (web, for the mode), concurrently."""
         stats, (_, mode) = await asyncio.gather(
-            self._rpc("stats", self.miner.rpc.stats()), self._conf("read")
+            self._rpc("stats", self.miner.rpc.stats()), self._conf("read", reading=True)
         )
         try:
             row = stats["STATS"][1]
