@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import sys
+import typing
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -76,6 +79,63 @@ def translate_grpc(address: str, what: str, e: BaseException) -> DeviceError:
     return DeviceFaulted(msg)
 
 
+def _slim(cls: Any, fields: Mapping[str, Any]) -> Any:
+    """pyasic's message class ``cls`` with only ``fields`` (a mapping for a submessage's own).
+
+    Field numbers, wire types and leaf classes are pyasic's generated schema;
+    protobuf skips the fields a type does not declare, so a reply is decoded
+    only as deep as a reading looks. pyasic's classes decode every field
+    (betterproto, ~0.1 ms per submessage): 1.6 ms for a reading's four replies,
+    0.7 ms this way.
+    """
+    meta = cls._betterproto.meta_by_field_name
+    hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    spec = []
+    for name, sub in fields.items():
+        m = meta[name]
+        field = betterproto.dataclass_field(
+            m.number,
+            m.proto_type,
+            map_types=m.map_types,
+            group=m.group,
+            wraps=m.wraps,
+            optional=m.optional,
+        )
+        spec.append((name, hints[name] if sub is None else _slim(hints[name], sub), field))
+    return dataclasses.make_dataclass(
+        f"Slim{cls.__name__}", spec, bases=(betterproto.Message,), eq=False, repr=False
+    )
+
+
+# pyasic's reply type -> what a reading decodes of it.
+_SLIM: dict[Any, Any] = {
+    bos.GetMinerStatsResponse: _slim(
+        bos.GetMinerStatsResponse,
+        {
+            "miner_stats": {"real_hashrate": {"last_5_s": None}},
+            "power_stats": {"approximated_consumption": None},
+        },
+    ),
+    bos.GetMinerDetailsResponse: _slim(bos.GetMinerDetailsResponse, {"status": None}),
+    bos.PerformanceMode: _slim(
+        bos.PerformanceMode, {"tuner_mode": {"power_target": {"power_target": None}}}
+    ),
+    bos.GetCoolingStateResponse: _slim(
+        bos.GetCoolingStateResponse, {"highest_temperature": {"temperature": None}}
+    ),
+}
+
+
+class _SlimReplyStub(BOSMinerGRPCStub):  # type: ignore[misc]  # pyasic is untyped
+    """pyasic's stub (its routes, its request types) decoding replies with ``_SLIM``'s types."""
+
+    async def _unary_unary(
+        self, route: str, request: Any, response_type: Any, **kwargs: Any
+    ) -> Any:
+        slim = _SLIM.get(response_type, response_type)
+        return await super()._unary_unary(route, request, slim, **kwargs)
+
+
 class _SharedChannelBOSerWebAPI(BOSerWebAPI):  # type: ignore[misc]  # pyasic is untyped
     """pyasic's BOSer web API, its calls sharing one HTTP/2 channel inside ``shared()``.
 
@@ -129,19 +189,23 @@ class _SharedChannelBOSerWebAPI(BOSerWebAPI):  # type: ignore[misc]  # pyasic is
         reply = await self.send_message(command, parameters["message"], privileged=privileged)
         return dict(reply.to_pydict())
 
-    async def send_message(self, command: str, message: Any, *, privileged: bool) -> Any:
+    async def send_message(
+        self, command: str, message: Any, *, privileged: bool, slim: bool = False
+    ) -> Any:
         """pyasic's ``send_command`` returning the reply message, not its ``to_pydict()``.
 
         ``to_pydict()`` (pyasic ``boser.py:117``, its own version in
         ``better_monkey.py``) walks every field of the reply again: about as
-        much CPU as decoding it. A reading needs four fields of four replies.
+        much CPU as decoding it. A reading needs four fields of four replies;
+        with ``slim`` the reply is decoded only as far as those (``_SLIM``).
         """
         async with self.shared():
             channel = self._channel
             metadata = []
             if privileged:
                 metadata.append(("authorization", await self.auth()))
-            endpoint = getattr(BOSMinerGRPCStub(channel), command)
+            stub = _SlimReplyStub(channel) if slim else BOSMinerGRPCStub(channel)
+            endpoint = getattr(stub, command)
             try:
                 try:
                     return await endpoint(message, metadata=metadata)
@@ -186,22 +250,25 @@ class _BoserWire:
 
     async def miner_stats_msg(self) -> Any:
         return await self.web.send_message(
-            "get_miner_stats", bos.GetMinerStatsRequest(), privileged=True
+            "get_miner_stats", bos.GetMinerStatsRequest(), privileged=True, slim=True
         )
 
     async def miner_details_msg(self) -> Any:
         return await self.web.send_message(
-            "get_miner_details", bos.GetMinerDetailsRequest(), privileged=True
+            "get_miner_details", bos.GetMinerDetailsRequest(), privileged=True, slim=True
         )
 
     async def performance_mode_msg(self) -> Any:
         return await self.web.send_message(
-            "get_active_performance_mode", bos.GetPerformanceModeRequest(), privileged=True
+            "get_active_performance_mode",
+            bos.GetPerformanceModeRequest(),
+            privileged=True,
+            slim=True,
         )
 
     async def cooling_state_msg(self) -> Any:
         return await self.web.send_message(
-            "get_cooling_state", bos.GetCoolingStateRequest(), privileged=True
+            "get_cooling_state", bos.GetCoolingStateRequest(), privileged=True, slim=True
         )
 
     async def constraints(self) -> dict[str, Any]:
