@@ -14,7 +14,9 @@
     stock Antminer ``stats`` on 4028 + ``get_miner_conf.cgi`` (the miner mode:
     without it sleep cannot be told from a restart and models that publish no
     power have no estimate), the digest nonce learnt in setup so the page is
-    one authorised request.
+    one authorised request;
+    VNish ``GET /api/v1/summary`` (power, hashrate, state; the token from
+    ``unlock`` fetched in setup, as the agent's driver has its session).
 
 ``--mix`` takes one backend, a comma list (round-robin) or ``all``.
 
@@ -49,7 +51,7 @@ FLOOR_REQUEST = {
     "luxos": b'{"command": "summary+power+config+temps"}',
     "antminer": b'{"command": "stats"}',
 }
-ALL_BACKENDS = ("braiins", "whatsminer", "luxos", "antminer")
+ALL_BACKENDS = ("braiins", "whatsminer", "luxos", "antminer", "vnish")
 
 
 def _usage() -> tuple[float, float]:
@@ -275,12 +277,17 @@ def _digest_header(uri: str, nonce: str, realm: str, password: str = "root") -> 
     )
 
 
-async def _http_get(address: str, uri: str, auth: str | None) -> tuple[int, bytes, bytes]:
-    """HTTP/1.1 GET (Connection: close): status, head, body."""
+async def _http_get(
+    address: str, uri: str, auth: str | None, *, method: str = "GET", body: bytes = b""
+) -> tuple[int, bytes, bytes]:
+    """HTTP/1.1 request (Connection: close): status, head, body."""
     reader, writer = await asyncio.open_connection(address, 80)
     extra = f"Authorization: {auth}\r\n" if auth else ""
+    if body:
+        extra += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     writer.write(
-        f"GET {uri} HTTP/1.1\r\nHost: {address}\r\n{extra}Connection: close\r\n\r\n".encode()
+        f"{method} {uri} HTTP/1.1\r\nHost: {address}\r\n{extra}Connection: close\r\n\r\n".encode()
+        + body
     )
     data = await reader.read(-1)
     writer.close()
@@ -308,6 +315,13 @@ async def floor_setup(m: dict[str, Any]) -> None:
             p.strip().split("=", 1) for p in challenge.split(":", 1)[1].strip()[7:].split(",")
         )
         m["nonce"], m["realm"] = kv["nonce"].strip('"'), kv["realm"].strip('"')
+    elif m["backend"] == "vnish":
+        status, _, body = await _http_get(
+            m["address"], "/api/v1/unlock", None, method="POST", body=b'{"pw": "admin"}'
+        )
+        if status != 200:
+            raise RuntimeError(f"unlock: HTTP {status}")
+        m["token"] = json.loads(body)["token"]
 
 
 async def floor_read(m: dict[str, Any]) -> float:
@@ -342,6 +356,13 @@ async def floor_read(m: dict[str, Any]) -> float:
             raise RuntimeError(f"HTTP {status}")
         _ = float(stats["STATS"][1]["GHS 5s"])
         return float(json.loads(body)["bitmain-work-mode"])
+    if backend == "vnish":
+        status, _, body = await _http_get(address, "/api/v1/summary", m["token"])
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}")
+        miner = json.loads(body)["miner"]
+        _ = float(miner["hr_realtime"]), str(miner["miner_status"]["miner_state"])
+        return float(miner["power_consumption"])
     raise ValueError(f"no floor for backend {backend!r}")
 
 
