@@ -18,10 +18,16 @@
     VNish ``GET /api/v1/summary`` (power, hashrate, state; the token from
     ``unlock`` fetched in setup, as the agent's driver has its session).
 
+The agent's reading carries more than the floor's where its loop uses more:
+the Braiins OS one also asks for the performance mode (the target it compares
+before writing) and the cooling state (temperature), four gRPC calls; the
+VNish one also reads ``perf-summary`` (the running preset).
+
 ``--mix`` takes one backend, a comma list (round-robin) or ``all``.
 
 The simulator runs in separate processes (``python -m sim.serve``), at most
-``--per-process`` miners each (file-descriptor limit); each sweep runs in its own
+``--per-process`` miners each (default: what ``ulimit -n`` holds, e.g. 2,500 Braiins
+OS miners of 6 descriptors each, 5,000 of the others); each sweep runs in its own
 child process so CPU time and peak RSS are its own. Concurrency is bounded.
 
     python bench/bench_miner_sweep.py --miners 10000 --mix whatsminer
@@ -413,10 +419,26 @@ def run_child(args: argparse.Namespace) -> int:
     return 0
 
 
+# Descriptors a simulated miner holds: its listening sockets, and for Braiins OS a
+# dup of each (sim.braiins keeps a port bound while its server is swapped).
+SIM_FDS_PER_MINER = {"braiins": 6, "antminer": 2, "vnish": 2, "whatsminer": 1, "luxos": 1}
+
+
+def auto_per_process(n: int, backends: list[str], concurrency: int) -> int:
+    """Miners per simulator process: what its descriptor limit holds, spread evenly."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fds = max(SIM_FDS_PER_MINER.get(b, 6) for b in backends)
+    cap = max(1, min(5000, (soft - 2 * concurrency - 200) // fds))
+    procs = -(-n // cap)
+    return -(-n // procs)
+
+
 def start_sims(
     args: argparse.Namespace,
 ) -> tuple[list[subprocess.Popen[str]], list[dict[str, Any]]]:
     """Simulator processes of at most ``per_process`` miners each; their merged inventory."""
+    if args.per_process <= 0:
+        args.per_process = auto_per_process(args.miners, args.mix.split(","), args.concurrency)
     procs: list[subprocess.Popen[str]] = []
     miners: list[dict[str, Any]] = []
     base = ipaddress.IPv4Address(args.base)
@@ -457,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--miners", type=int, default=10000)
     p.add_argument("--mix", default="whatsminer")
     p.add_argument("--base", default="127.1.0.1")
-    p.add_argument("--per-process", type=int, default=5000)
+    p.add_argument(
+        "--per-process",
+        type=int,
+        default=0,
+        help="miners per simulator process (0: as many as its descriptor limit holds)",
+    )
     p.add_argument("--concurrency", type=int, default=500)
     p.add_argument("--timeout-s", type=float, default=10.0)
     p.add_argument(
@@ -512,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait()
     names = {"a": "agent driver", "b": "naive pyasic", "c": "floor (bare)"}
     print(
-        f"sweep of {len(miners)} simulated miners ({args.mix}), concurrency {args.concurrency}, "
+        f"sweep of {len(miners)} simulated miners ({args.mix}) in {len(procs)} simulator "
+        f"processes, concurrency {args.concurrency}, "
         f"{os.cpu_count()} cores, load average before {load0:.2f} after {os.getloadavg()[0]:.2f}"
     )
     for s, r in results.items():
