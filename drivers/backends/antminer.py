@@ -84,13 +84,13 @@ class _KeptDigest:
     """pyasic's web GETs for identification and readings, the digest challenge kept.
 
     pyasic (0.79.0) makes a new ``httpx.DigestAuth`` on every web call
-    (``pyasic/web/antminer.py:61``, in ``AntminerModernWebAPI.send_command``), so
+    (``pyasic/web/antminer.py:63``, in ``AntminerModernWebAPI.send_command``), so
     every call is two HTTP exchanges: a 401 carrying the challenge, then the
     authorised request. httpx's ``DigestAuth`` answers a known challenge at once
     (and takes a new one when the miner sends a 401 again, as for a stale nonce
     or a changed password), so a reading keeps one per miner: one exchange
     instead of two. Everything else is pyasic's ``send_command``
-    (``web/antminer.py:60-83``): the URL, the client and its transport, the
+    (``web/antminer.py:42-83``): the URL, the client and its transport, the
     error dicts. Writes, and the conf read before a write, stay pyasic's own.
     Identification's ``get_system_info`` goes through here too, so the first
     reading already knows the challenge.

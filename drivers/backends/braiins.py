@@ -194,7 +194,7 @@ class _SharedChannelBOSerWebAPI(BOSerWebAPI):  # type: ignore[misc]  # pyasic is
     ) -> Any:
         """pyasic's ``send_command`` returning the reply message, not its ``to_pydict()``.
 
-        ``to_pydict()`` (pyasic ``boser.py:117``, its own version in
+        ``to_pydict()`` (pyasic ``boser.py:119``, its own version in
         ``better_monkey.py``) walks every field of the reply again: about as
         much CPU as decoding it. A reading needs four fields of four replies;
         with ``slim`` the reply is decoded only as far as those (``_SLIM``).
@@ -231,7 +231,7 @@ def _shared_web(miner: BOSer) -> _SharedChannelBOSerWebAPI:
 
 
 class _BoserWire:
-    """Thin use of pyasic's BOSer web (gRPC) API: vendor dicts in, vendor dicts out."""
+    """Thin use of pyasic's BOSer web (gRPC) API: vendor dicts, or for a reading the messages."""
 
     def __init__(self, miner: BOSer) -> None:
         self.miner = miner

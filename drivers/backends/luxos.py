@@ -37,11 +37,11 @@ _CHECKED: dict[tuple[type[Any], tuple[str, ...]], list[str]] = {}
 async def _multicommand(rpc: Any, commands: tuple[str, ...]) -> dict[str, Any]:
     """pyasic's ``multicommand`` with its command check done once per API class.
 
-    pyasic (0.79.0, ``pyasic/rpc/base.py:112``) checks every name against
+    pyasic (0.79.0, ``pyasic/rpc/base.py:117``) checks every name against
     ``get_commands()`` on each call: ``dir()`` of the API object, twice, and a
     ``getattr`` per attribute, ~0.3 ms, as much as the rest of a reading. The
     answer depends only on the class, so it is kept; the rest is pyasic's own
-    (``base.py:115-121``): one ``+``-joined command, the split fallback on
+    (``base.py:118-125``): one ``+``-joined command, the split fallback on
     ``APIError``, the ``multicommand`` mark.
     """
     key = (type(rpc), commands)
