@@ -32,12 +32,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from operator import attrgetter, itemgetter
+from operator import attrgetter, is_, itemgetter
 
 import numpy as np
 import numpy.typing as npt
 
-from domain import DeviceKind, DeviceStatus, Limits, Plan, SetpointTable, Snapshot
+from domain import (
+    DeviceKind,
+    DeviceStatus,
+    Limits,
+    MinerCapabilities,
+    Plan,
+    SetpointTable,
+    Snapshot,
+)
 from policies.capping import (
     MOVABLE_KINDS,
     CappingParams,
@@ -228,7 +236,7 @@ def plan(
         fixed = [d for d in devices if d.device_id not in planned_ids]
     key = limits.directives_key
     names = list(tree.limit_w)
-    cols = _Columns(movable, tree, names)
+    cols = _Columns(movable, limits, tree)
     n = len(movable)
     prev = _Previous(previous, cols)
     fixed_items = [(d, d.budget_w) for d in fixed] + [(d, sp.planned_w) for d, sp in pinned]
@@ -316,7 +324,7 @@ def plan(
         texts.klass, texts.classes = klass, params.priority
     table = SetpointTable(
         [sp for _, sp in pinned],
-        _ranked(cols.ids, cols.order),
+        cols.ranked_ids,
         on[cols.order],
         target[cols.order],
         level[cols.order],
@@ -341,6 +349,10 @@ def plan(
 ) = range(11)
 
 
+_ID = attrgetter("device_id")
+_KIND = attrgetter("kind")
+_DOMAIN = attrgetter("domain")
+_CAPS = attrgetter("capabilities")
 _POWER_TARGET = attrgetter("power_target")
 _CAP_MIN = attrgetter("power_target_min_w")
 _CAP_MAX = attrgetter("power_target_max_w")
@@ -361,47 +373,44 @@ def _floats(values: Iterable[float | None], n: int) -> FloatArr:
     return np.array(list(values), float).reshape(n)
 
 
-class _Columns:
-    """The movable devices as arrays, and their merit order."""
+class _Static:
+    """What a plan reads of the devices that does not move from tick to tick, and their
+    merit order.
 
-    def __init__(self, movable: list[DeviceStatus], tree: DomainTree, names: list[str]) -> None:
+    Reading 50,000 devices into arrays costs more than planning with them, and
+    from one tick to the next only a few columns change. The last one is kept and
+    reused when the same devices (same ids, kinds, domains, nameplates and the very
+    same capability objects, which are immutable) come under the same tree.
+    """
+
+    def __init__(
+        self,
+        key: tuple[object, ...],
+        movable: list[DeviceStatus],
+        lists: _StaticLists,
+        tree: DomainTree,
+        names: list[str],
+    ) -> None:
         n = len(movable)
-        self.n_nodes = len(names)
+        self.key, self.lists = key, lists
+        ids, kinds, domains, caps = lists.ids, lists.kinds, lists.domains, lists.caps
         index = {k: i for i, k in enumerate(names)}
-        domains = [d.domain for d in movable]
         uniq = {dom: i for i, dom in enumerate(dict.fromkeys(domains))}
         rows = [[index[k] for k in tree.chain(dom)] for dom in uniq]
         depth = max((len(c) for c in rows), default=1)
         table = np.array([c + [c[-1]] * (depth - len(c)) for c in rows], np.intp)
         dom_idx = np.fromiter(map(uniq.__getitem__, domains), np.intp, n)
         self.chains = table[dom_idx] if n else np.zeros((0, depth), np.intp)
-        self.ids = [d.device_id for d in movable]
-        self.is_gpu = np.fromiter((d.kind is DeviceKind.GPU for d in movable), bool, n)
-        caps = [d.capabilities for d in movable]
+        self.is_gpu = np.fromiter((k is DeviceKind.GPU for k in kinds), bool, n)
         self.power_target = np.fromiter(map(_POWER_TARGET, caps), bool, n)
         self.cap_min = _floats(map(_CAP_MIN, caps), n)
         self.cap_max = _floats(map(_CAP_MAX, caps), n)
         self.can_sleep = np.fromiter(map(_CAN_SLEEP, caps), bool, n)
         self.clamp = Clamp(self.cap_min, self.cap_max, _floats(map(_CAP_STEP, caps), n))
-        self.nameplate_w = _floats(map(_NAMEPLATE, movable), n)
-        self.hashrate_ths = _floats(map(_HASHRATE, movable), n)
-        self.sleep_w = _floats(map(_SLEEP, movable), n)
-        self.expected_w = _floats(map(_EXPECTED, movable), n)
-        awake = list(map(_AWAKE, movable))
-        self.awake_true = np.fromiter((a is True for a in awake), bool, n)
-        self.awake_false = np.fromiter((a is False for a in awake), bool, n)
-        self.since_s = _floats(map(_SINCE, movable), n)
-        self.wakes = _floats(map(_WAKES_HOUR, movable), n)
-        self.target_now_w = _floats(map(_TARGET, movable), n)
-        gpus = np.flatnonzero(self.is_gpu)
-        self.gpus = gpus
-        self.util = np.full(n, np.nan)
-        self.age_s = np.full(n, np.nan)
-        for i in gpus.tolist():
-            d = movable[i]
-            r = d.reading
-            if r is not None and r.utilization_frac is not None and d.reading_age_s is not None:
-                self.util[i], self.age_s[i] = r.utilization_frac, d.reading_age_s
+        self.nameplate_w = _floats(lists.nameplate_w, n)
+        self.hashrate_ths = _floats(lists.hashrate_ths, n)
+        self.sleep_w = _floats(lists.sleep_w, n)
+        self.gpus = np.flatnonzero(self.is_gpu)
         # Levels as capping.min_level_w / max_level_w define them.
         self.lo_w = np.where(
             self.power_target & ~np.isnan(self.cap_min), self.cap_min, self.nameplate_w
@@ -413,11 +422,91 @@ class _Columns:
         with np.errstate(divide="ignore", invalid="ignore"):
             eff = np.where(self.hashrate_ths > 0, self.nameplate_w / self.hashrate_ths, np.inf)
         by_id = np.empty(n, np.intp)
-        by_id[sorted(range(n), key=self.ids.__getitem__)] = np.arange(n)
+        by_id[sorted(range(n), key=ids.__getitem__)] = np.arange(n)
         self.order = np.lexsort((by_id, eff, ~self.is_gpu))
         self.pos = np.empty(n, np.intp)
         self.pos[self.order] = np.arange(n)
-        self.eff = eff
+        self.ranked_ids = _ranked(ids, self.order)
+
+
+@dataclass(frozen=True, slots=True)
+class _StaticLists:
+    ids: list[str]
+    kinds: list[DeviceKind]
+    domains: list[str]
+    caps: list[MinerCapabilities]
+    nameplate_w: list[float]
+    hashrate_ths: list[float]
+    sleep_w: list[float]
+
+    @classmethod
+    def of(cls, movable: list[DeviceStatus]) -> _StaticLists:
+        return cls(
+            list(map(_ID, movable)),
+            list(map(_KIND, movable)),
+            list(map(_DOMAIN, movable)),
+            list(map(_CAPS, movable)),
+            list(map(_NAMEPLATE, movable)),
+            list(map(_HASHRATE, movable)),
+            list(map(_SLEEP, movable)),
+        )
+
+    def same(self, other: _StaticLists) -> bool:
+        """Equal lists, and the very same capability objects."""
+        return (
+            self.ids == other.ids
+            and self.kinds == other.kinds
+            and self.domains == other.domains
+            and len(self.caps) == len(other.caps)
+            and all(map(is_, self.caps, other.caps))
+            and self.nameplate_w == other.nameplate_w
+            and self.hashrate_ths == other.hashrate_ths
+            and self.sleep_w == other.sleep_w
+        )
+
+
+_last_static: _Static | None = None
+
+
+def _static(movable: list[DeviceStatus], limits: Limits, tree: DomainTree) -> _Static:
+    global _last_static
+    names = list(tree.limit_w)
+    key = (tuple(names), tuple((d.domain_id, d.parent) for d in limits.domains))
+    lists = _StaticLists.of(movable)
+    last = _last_static
+    if last is not None and last.key == key and last.lists.same(lists):
+        return last
+    _last_static = built = _Static(key, movable, lists, tree, names)
+    return built
+
+
+class _Columns:
+    """The movable devices as arrays: the static part (see ``_Static``) and the rest."""
+
+    def __init__(self, movable: list[DeviceStatus], limits: Limits, tree: DomainTree) -> None:
+        n = len(movable)
+        st = _static(movable, limits, tree)
+        self.n_nodes = len(tree.limit_w)
+        self.ids = st.lists.ids
+        self.chains, self.is_gpu, self.power_target = st.chains, st.is_gpu, st.power_target
+        self.cap_min, self.cap_max, self.can_sleep = st.cap_min, st.cap_max, st.can_sleep
+        self.clamp, self.nameplate_w, self.hashrate_ths = st.clamp, st.nameplate_w, st.hashrate_ths
+        self.sleep_w, self.gpus, self.lo_w, self.hi_w = st.sleep_w, st.gpus, st.lo_w, st.hi_w
+        self.order, self.pos, self.ranked_ids = st.order, st.pos, st.ranked_ids
+        self.expected_w = _floats(map(_EXPECTED, movable), n)
+        awake = list(map(_AWAKE, movable))
+        self.awake_true = np.fromiter((a is True for a in awake), bool, n)
+        self.awake_false = np.fromiter((a is False for a in awake), bool, n)
+        self.since_s = _floats(map(_SINCE, movable), n)
+        self.wakes = _floats(map(_WAKES_HOUR, movable), n)
+        self.target_now_w = _floats(map(_TARGET, movable), n)
+        self.util = np.full(n, np.nan)
+        self.age_s = np.full(n, np.nan)
+        for i in self.gpus.tolist():
+            d = movable[i]
+            r = d.reading
+            if r is not None and r.utilization_frac is not None and d.reading_age_s is not None:
+                self.util[i], self.age_s[i] = r.utilization_frac, d.reading_age_s
 
     def node_loads(self, w: FloatArr) -> FloatArr:
         """Per node: the sum of ``w`` (per device) over the devices below it."""
@@ -436,11 +525,7 @@ class _Previous:
         if previous is None:
             return
         sps = previous.setpoints
-        if (
-            isinstance(sps, SetpointTable)
-            and not sps.head
-            and list(sps.ids) == _ranked(cols.ids, cols.order)
-        ):
+        if isinstance(sps, SetpointTable) and not sps.head and list(sps.ids) == cols.ranked_ids:
             # The same devices in the same order as last time: the columns line up.
             self.known[:] = True
             self.awake[:] = np.asarray(sps.awake, bool)[cols.pos]
@@ -522,12 +607,6 @@ def _segments(
     elec = prices.electricity_usd_per_kwh
     miner = ~cols.is_gpu
     lo, hi = cols.lo_w, cols.hi_w
-    k = max(1, params.miner_raise_segments)
-    width = 1 + max(k, 3) + 1
-    a = np.full((n, width), np.nan)
-    b = np.full((n, width), np.nan)
-    v = np.full((n, width), np.nan)
-    wake = np.zeros((n, width), bool)
 
     # Miners: asleep (or at the minimum when they cannot sleep), a wake, k raises.
     sleeps = miner & cols.can_sleep
@@ -548,67 +627,91 @@ def _segments(
         active = np.zeros(n, bool)
     else:
         active = miner & ~min_off & ~too_many
-    hp = prices.hashprice_usd_per_th_day
-    w_idx = active & sleeps
-    a[w_idx, 0] = s.floor_w[w_idx]
-    b[w_idx, 0] = np.where(cols.power_target, lo, hi)[w_idx]
-    wake[w_idx, 0] = True
-    raises = active & cols.power_target & (hi > lo)
-    step = (hi - lo) / k
-    first = np.where(w_idx, 1, 0)
-    rows = np.flatnonzero(raises)
+    m = np.flatnonzero(miner)
+    k = max(1, params.miner_raise_segments)
+    a = np.full((len(m), 1 + k), np.nan)
+    b = np.full((len(m), 1 + k), np.nan)
+    wake = np.zeros((len(m), 1 + k), bool)
+    mlo, mhi, mpt = lo[m], hi[m], cols.power_target[m]
+    w_rows = np.flatnonzero((active & sleeps)[m])
+    a[w_rows, 0] = s.floor_w[m][w_rows]
+    b[w_rows, 0] = np.where(mpt, mlo, mhi)[w_rows]
+    wake[w_rows, 0] = True
+    rows = np.flatnonzero((active & cols.power_target & (hi > lo))[m])
+    step = (mhi[rows] - mlo[rows]) / k
+    # A miner that cannot wake has its raises first; keep each device's bounds leftmost.
+    first = np.where(wake[rows, 0], 1, 0)
     for j in range(k):
-        a[rows, first[rows] + j] = lo[rows] + j * step[rows]
-        b[rows, first[rows] + j] = lo[rows] + (j + 1) * step[rows]
-    rev_b = _revenue(cols, b, hp)
-    rev_a = np.where(wake, 0.0, _revenue(cols, a, hp))
+        a[rows, first + j] = mlo[rows] + j * step
+        b[rows, first + j] = mlo[rows] + (j + 1) * step
+    hp = prices.hashprice_usd_per_th_day
+    rev_b = _revenue(cols.nameplate_w[m], cols.hashrate_ths[m], b, hp)
+    rev_a = np.where(wake, 0.0, _revenue(cols.nameplate_w[m], cols.hashrate_ths[m], a, hp))
     with np.errstate(divide="ignore", invalid="ignore"):
-        v_m = (rev_b - rev_a) / ((b - a) / 1000.0) - elec
-    v = np.where(miner[:, None], v_m, v)
+        v = (rev_b - rev_a) / ((b - a) / 1000.0) - elec
+    blocks = [_block(s, cols, prev, params, m, a, b, v, wake)]
 
     # GPUs: at the floor, segments along the curve up to what demand needs, headroom above.
     g = cols.gpus
     if g.size:
-        _gpu_segments(cols, s, a, b, v, g, limits, prices, params)
+        ga, gb, gv = _gpu_segments(cols, s, g, limits, prices, params)
+        blocks.append(_block(s, cols, prev, params, g, ga, gb, gv, np.zeros(ga.shape, bool)))
+    s.device, s.j, s.a_w, s.b_w, s.wake, s.value_q, s.level_w = (
+        np.concatenate(x) for x in zip(*blocks, strict=True)
+    )
+    s.reserve_w = np.where(cols.awake_true[s.device], 0.0, params.wake_reserve_w)
+    return s
 
+
+def _block(
+    s: _Segs,
+    cols: _Columns,
+    prev: _Previous,
+    params: EconomicParams,
+    dev: IntArr,
+    a: FloatArr,
+    b: FloatArr,
+    v: FloatArr,
+    wake: BoolArr,
+) -> tuple[IntArr, IntArr, FloatArr, FloatArr, BoolArr, FloatArr, FloatArr]:
+    """Segments of devices ``dev`` (rows of ``a``..``wake``, NaN where none): per device its
+    first value, top and count; the segments offered, flattened in (device, order)."""
     # The incumbent keeps its place unless beaten by the margin.
-    current = np.where(prev.known, prev.planned_w, cols.expected_w)
+    current = np.where(prev.known[dev], prev.planned_w[dev], cols.expected_w[dev])
     valid = ~np.isnan(a)
-    keep = valid & (current[:, None] >= b - 1e-6) & (~wake | ~cols.awake_false[:, None])
+    keep = valid & (current[:, None] >= b - 1e-6) & (~wake | ~cols.awake_false[dev][:, None])
     v = np.where(keep, v + params.keep_margin_usd_per_kwh, v)
-    s.n_bounds = valid.sum(axis=1)
-    s.best_value = np.where(valid[:, 0], v[:, 0], np.nan)
-    last = np.maximum(s.n_bounds - 1, 0)
-    s.top_w = np.where(s.n_bounds > 0, b[np.arange(n), last], 0.0)
+    n_bounds = valid.sum(axis=1)
+    s.n_bounds[dev] = n_bounds
+    s.best_value[dev] = np.where(valid[:, 0], v[:, 0], np.nan)
+    last = np.maximum(n_bounds - 1, 0)
+    s.top_w[dev] = np.where(n_bounds > 0, b[np.arange(len(dev)), last], 0.0)
     # Loss-making from the first negative value up: never offered.
     offered = valid & (np.cumsum(~valid | (v < 0), axis=1) == 0)
     q = params.value_quantum_usd_per_kwh
     qv = (v // q) * q if q > 0 else v
     # Levels once each segment is whole: a wake lands on its top; others on the step.
-    level = np.full((n, width), np.nan)
-    before = s.floor_w.copy()
-    for j in range(width):
+    level = np.full(a.shape, np.nan)
+    before = s.floor_w[dev]
+    for j in range(a.shape[1]):
         rows = np.flatnonzero(offered[:, j])
         top = b[rows, j]
-        clamped = np.where(wake[rows, j], top, np.maximum(cols.clamp(rows, top), before[rows]))
+        stepped = np.maximum(cols.clamp(dev[rows], top), before[rows])
+        clamped = np.where(wake[rows, j], top, stepped)
         level[rows, j] = clamped
         before[rows] = clamped
-    dev, jj = np.nonzero(offered)
-    s.device, s.j = dev, jj
-    s.a_w, s.b_w = a[dev, jj], b[dev, jj]
-    s.wake = wake[dev, jj]
-    s.value_q = qv[dev, jj]
-    s.level_w = level[dev, jj]
-    s.reserve_w = np.where(cols.awake_true[dev], 0.0, params.wake_reserve_w)
-    return s
+    r, jj = np.nonzero(offered)
+    return dev[r], jj, a[r, jj], b[r, jj], wake[r, jj], qv[r, jj], level[r, jj]
 
 
-def _revenue(cols: _Columns, level_w: FloatArr, hashprice: float) -> FloatArr:
+def _revenue(
+    nameplate_w: FloatArr, hashrate_ths: FloatArr, level_w: FloatArr, hashprice: float
+) -> FloatArr:
     """``miner_revenue_usd_per_h`` for every device and level (rows: devices)."""
-    nameplate = cols.nameplate_w[:, None]
+    nameplate = nameplate_w[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = level_w / nameplate
-        ths = cols.hashrate_ths[:, None] * ratio**HASHRATE_POWER_EXPONENT
+        ths = hashrate_ths[:, None] * ratio**HASHRATE_POWER_EXPONENT
         rev = hashprice / HOURS_PER_DAY * ths
     return np.where((level_w > 0) & (nameplate > 0), rev, 0.0)
 
@@ -616,15 +719,16 @@ def _revenue(cols: _Columns, level_w: FloatArr, hashprice: float) -> FloatArr:
 def _gpu_segments(
     cols: _Columns,
     s: _Segs,
-    a: FloatArr,
-    b: FloatArr,
-    v: FloatArr,
     g: IntArr,
     limits: Limits,
     prices: Prices,
     params: EconomicParams,
-) -> None:
+) -> tuple[FloatArr, FloatArr, FloatArr]:
+    """The GPUs' floors (into ``s``), and their segments' bounds and values (rows: ``g``)."""
     curve = params.gpu_curve
+    a = np.full((len(g), 4), np.nan)
+    b = np.full((len(g), 4), np.nan)
+    v = np.full((len(g), 4), np.nan)
     tdp, lo = cols.hi_w[g], cols.lo_w[g]
     floor = lo.copy()
     if params.contract_floor_w:
@@ -637,7 +741,7 @@ def _gpu_segments(
     s.on_floor[g] = True
     if limits.ai_min:
         s.why[g] = _AI_MIN
-        return
+        return a, b, v
     demand = _gpu_demand(cols, g, prices, params)
     want = np.minimum(1.0, demand * (1.0 + params.gpu_headroom_frac))
     need = np.minimum(tdp, np.maximum(floor, _limit_for(curve, want, tdp)))
@@ -659,12 +763,13 @@ def _gpu_segments(
         gain = ai * (_capacity(curve, y, tdp) - _capacity(curve, x, tdp))
         with np.errstate(divide="ignore", invalid="ignore"):
             val = gain / ((y - x) / 1000.0) - elec
-        a[g[ok], j], b[g[ok], j], v[g[ok], j] = x[ok], y[ok], val[ok]
+        a[ok, j], b[ok, j], v[ok, j] = x[ok], y[ok], val[ok]
     # Above what demand needs: no revenue and (the draw follows demand) no cost.
     n_cuts = (~np.isnan(pts)).sum(axis=1) - 1
-    head = need < tdp
-    rows, at = g[head], n_cuts[head]
-    a[rows, at], b[rows, at], v[rows, at] = need[head], tdp[head], 0.0
+    head = np.flatnonzero(need < tdp)
+    at = n_cuts[head]
+    a[head, at], b[head, at], v[head, at] = need[head], tdp[head], 0.0
+    return a, b, v
 
 
 def _capacity(curve: GpuCurve, limit_w: FloatArr, tdp_w: FloatArr) -> FloatArr:

@@ -133,6 +133,15 @@ def fill(
     pred = np.where(has_pred, seg.pred, 0)
     base_w = np.where(has_pred, seg.level_w[pred], start_w[seg.device])
     need = seg.width_w + np.where(seg.all_or_nothing, seg.reserve_w, 0.0)
+    # The bounds rely on a cut never taking more than the room, and on more room never
+    # giving a smaller cut. A device's clamp can break either: starting below its
+    # minimum (the cut is raised to the minimum), or stepping without a minimum. Such
+    # segments count at the most they may take and are decided only on exact room.
+    lo_d, hi_d = clamp.lo_w[seg.device], clamp.hi_w[seg.device]
+    cuttable = ~seg.all_or_nothing
+    raised = cuttable & (base_w < lo_d) & ~np.isnan(hi_d)
+    worst_w = np.where(raised, np.maximum(seg.width_w, hi_d - base_w), seg.width_w)
+    exact_only = cuttable & ((base_w < lo_d) | (np.isnan(lo_d) & (clamp.step_w[seg.device] > 0)))
     cols = _by_depth(chains, n_nodes)
     avail_w = np.r_[avail_w, np.inf]  # the node below a chain that ends early: no limit
     seg_nodes = [c[seg.device] for c in cols]
@@ -141,7 +150,13 @@ def fill(
     bound_node = np.full(len(start_w), -1, np.intp)
     bound_room = np.zeros(len(start_w))
     rounds, start = 0, 0
+    exact = _Exact(seg, status, used, base_w, need, pred, seg_nodes, avail_w, clamp)
     while True:
+        # A domain that fills is decided one segment at a time (cheap, exact), so the
+        # bounds of the next round do not count its whole width against the rest.
+        start = exact.steps(start, _EXACT_STEPS, bound_node, bound_room)
+        if start >= n:
+            break
         # Everything before ``start`` is decided; work on the rest only.
         win = slice(start, n)
         st = status[win]
@@ -166,7 +181,7 @@ def fill(
         rounds += 1
         u = used[win]
         width, nd = seg.width_w[win], need[win]
-        open_w = np.where(is_open, width, 0.0)
+        open_w = np.where(is_open, worst_w[win], 0.0)
         room_hi = room_lo = np.full(n - start, np.inf)
         node_hi = node_lo = np.zeros(n - start, np.intp)
         for col in seg_nodes:
@@ -205,7 +220,7 @@ def fill(
         b = base_w[gidx]
         cut_hi = np.maximum(clamp(dev, b + np.maximum(room_hi[idx], 0.0)), b) - b
         cut_lo = np.maximum(clamp(dev, b + np.maximum(room_lo[idx], 0.0)), b) - b
-        same = cut_hi == cut_lo
+        same = (cut_hi == cut_lo) & (~exact_only[gidx] | (room_lo[idx] == room_hi[idx]))
         cut = idx[same]
         st[cut] = CUT
         u[cut] = cut_hi[same]
@@ -218,6 +233,69 @@ def fill(
     np.maximum.at(level, seg.device[taken], reached[taken])
     left = avail_w[:n_nodes] - _below(seg, cols, used, n_nodes)
     return Filled(status, used, level, bound_node, bound_room, left, rounds)
+
+
+_EXACT_STEPS = 16
+
+
+class _Exact:
+    """Deciding the earliest open segments one by one, with their exact room."""
+
+    def __init__(
+        self,
+        seg: Segments,
+        status: npt.NDArray[np.int8],
+        used: FloatArr,
+        base_w: FloatArr,
+        need: FloatArr,
+        pred: IntArr,
+        seg_nodes: list[IntArr],
+        avail_w: FloatArr,
+        clamp: Clamp,
+    ) -> None:
+        self.seg, self.status, self.used, self.base_w = seg, status, used, base_w
+        self.need, self.pred, self.nodes = need, pred, seg_nodes
+        self.avail, self.clamp = avail_w, clamp
+
+    def steps(self, start: int, k: int, bound_node: IntArr, bound_room: FloatArr) -> int:
+        """Decide up to ``k`` open segments from ``start``; the first position left open."""
+        status, used, seg = self.status, self.used, self.seg
+        n, m = len(status), len(self.avail)
+        totals = [np.bincount(c[:start], used[:start], m).astype(float) for c in self.nodes]
+        q = start
+        for _ in range(k):
+            rest = np.flatnonzero(status[q:] == OPEN)
+            if not rest.size:
+                return n
+            q2 = q + int(rest[0])
+            if q2 > q:
+                for t, c in zip(totals, self.nodes, strict=True):
+                    t += np.bincount(c[q:q2], used[q:q2], m)
+            q = q2
+            if seg.pred[q] >= 0 and status[self.pred[q]] != WHOLE:
+                status[q] = SKIPPED
+                continue
+            rooms = [
+                float(self.avail[c[q]] - t[c[q]]) for t, c in zip(totals, self.nodes, strict=True)
+            ]
+            room = min(rooms)
+            d = int(seg.device[q])
+            if seg.all_or_nothing[q]:
+                if self.need[q] <= room:
+                    status[q], used[q] = WHOLE, seg.added_w[q]
+                else:
+                    status[q] = SKIPPED
+                    bound_node[d] = self.nodes[rooms.index(room)][q]
+                    bound_room[d] = room
+            elif seg.width_w[q] <= room:
+                status[q], used[q] = WHOLE, seg.added_w[q]
+            else:
+                b = self.base_w[q]
+                to = float(self.clamp(np.array([d]), np.array([b + max(room, 0.0)]))[0])
+                status[q], used[q] = CUT, max(to, b) - b
+                bound_node[d] = self.nodes[rooms.index(room)][q]
+                bound_room[d] = room
+        return q
 
 
 def _earlier(take: BoolArr, p: IntArr, p_has: BoolArr, start: int) -> BoolArr:

@@ -75,7 +75,9 @@ def cases(
                 power_target_step_w=float(step),
             )
         )
-        level = float(draw(st.integers(0, 2000)))
+        # Mostly as in the policies (a segment that may be cut starts at or above the
+        # minimum), sometimes below it.
+        level = float(lo + draw(st.integers(-300, 2000)))
         start.append(level)
         for j in range(draw(st.integers(1, 4))):
             w = float(draw(st.integers(1, 3000)))
