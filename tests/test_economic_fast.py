@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from economic_reference import reference_plan
 from hypothesis import HealthCheck, given, settings
 from test_economic import sites
 
 from domain import Limits, Plan, Snapshot
+from policies import economic
 from policies.economic import EconomicParams, plan
 from policies.prices import Prices
 
@@ -39,3 +41,23 @@ def test_vectorised_plan_matches_the_sequential_plan(case: Case) -> None:
     same_setpoints(
         plan(snap, lim, prices, params, first), reference_plan(snap, lim, prices, params, first)
     )
+
+
+def moved(snap: Snapshot, **change: object) -> Snapshot:
+    """The same devices (the same capability objects) a tick later, with some fields changed."""
+    return Snapshot(snap.time_s + 5.0, tuple(replace(d, **change) for d in snap.devices))  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sites())
+def test_columns_kept_between_ticks_give_the_plan_a_cold_start_gives(case: Case) -> None:
+    snap, lim, prices, params, _ = case
+    plan(snap, lim, prices, params)  # keeps this site's columns
+    later = moved(snap, expected_w=1234.0, awake=True)
+    warm = plan(later, lim, prices, params)
+    economic._last_static = None
+    cold = plan(later, lim, prices, params)
+    assert list(warm.setpoints) == list(cold.setpoints)  # reasons included
+    # A nameplate that changed under the same capability object is read again.
+    bigger = moved(snap, nameplate_power_w=5000.0)
+    same_setpoints(plan(bigger, lim, prices, params), reference_plan(bigger, lim, prices, params))
