@@ -34,7 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from domain import DeviceKind, DeviceState, DeviceStatus, Setpoint
+from domain import DeviceKind, DeviceState, DeviceStatus, setpoint_rows
 from policies.capping import DomainTree, domain_loads_w
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class View:
 
     record: TickRecord
     now_s: float
-    setpoints: Mapping[str, Setpoint]
+    setpoints: Mapping[str, tuple[bool, float | None]]  # per device: awake, target (W)
     domain_measured_w: Mapping[str, float]
     domain_worst_case_w: Mapping[str, float]
 
@@ -135,7 +135,10 @@ def make_view(record: TickRecord, now_s: float) -> View:
     return View(
         record=record,
         now_s=now_s,
-        setpoints={sp.device_id: sp for sp in record.plan.setpoints},
+        setpoints={
+            dev: (awake, target)
+            for _, dev, awake, target, _ in setpoint_rows(record.plan.setpoints)
+        },
         domain_measured_w=measured,
         domain_worst_case_w=worst,
     )
@@ -147,12 +150,12 @@ def _reading_w(d: DeviceStatus) -> float | None:
 
 def _planned_target_w(v: View, d: DeviceStatus) -> float | None:
     sp = v.setpoints.get(d.device_id)
-    return None if sp is None or not sp.awake else sp.power_target_w
+    return None if sp is None or not sp[0] else sp[1]
 
 
 def _planned_awake(v: View, d: DeviceStatus) -> float | None:
     sp = v.setpoints.get(d.device_id)
-    return None if sp is None else float(sp.awake)
+    return None if sp is None else float(sp[0])
 
 
 def _hashrate_hps(d: DeviceStatus) -> float | None:

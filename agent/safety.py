@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from domain import DeviceState, DeviceStatus, Limits, Plan, Setpoint, Snapshot
+from domain import DeviceState, DeviceStatus, Limits, Plan, Setpoint, Snapshot, setpoint_rows
 from policies.capping import SITE, DomainTree, domain_loads_w
 
 SLEEP, WAKE, LOWER, RAISE = "sleep", "wake", "lower", "raise"
@@ -55,30 +55,36 @@ def current_awake(d: DeviceStatus) -> bool:
 
 
 def diff(plan: Plan, snapshot: Snapshot) -> list[Change]:
-    """The changes (in plan order) needed to bring controllable devices to the plan."""
+    """The changes (in plan order) needed to bring controllable devices to the plan.
+
+    Reads the plan's numbers only; a ``Setpoint`` (with its reason) is made for the
+    devices that change.
+    """
     devices = {d.device_id: d for d in snapshot.devices}
     out: list[Change] = []
-    for sp in plan.setpoints:
-        d = devices.get(sp.device_id)
+    for i, dev_id, sp_awake, sp_target, sp_planned in setpoint_rows(plan.setpoints):
+        d = devices.get(dev_id)
         if d is None or not d.controllable:
             continue
         awake = current_awake(d)
         set_target: float | None = None
         if (
-            sp.awake
-            and sp.power_target_w is not None
+            sp_awake
+            and sp_target is not None
             and d.capabilities.power_target
-            and (d.power_target_w is None or abs(sp.power_target_w - d.power_target_w) >= 1.0)
+            and (d.power_target_w is None or abs(sp_target - d.power_target_w) >= 1.0)
         ):
-            set_target = sp.power_target_w
-        if awake and not sp.awake:
-            out.append(Change(d.device_id, SLEEP, sp, d.budget_w, sp.planned_w, None))
-        elif not awake and sp.awake:
-            out.append(Change(d.device_id, WAKE, sp, d.budget_w, sp.planned_w, set_target))
+            set_target = sp_target
+        if awake and not sp_awake:
+            kind, target = SLEEP, None
+        elif not awake and sp_awake:
+            kind, target = WAKE, set_target
         elif awake and set_target is not None:
             current = d.power_target_w if d.power_target_w is not None else d.expected_w
-            kind = LOWER if set_target < current else RAISE
-            out.append(Change(d.device_id, kind, sp, d.budget_w, sp.planned_w, set_target))
+            kind, target = (LOWER if set_target < current else RAISE), set_target
+        else:
+            continue
+        out.append(Change(dev_id, kind, plan.setpoints[i], d.budget_w, sp_planned, target))
     return out
 
 

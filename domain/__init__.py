@@ -27,6 +27,7 @@ from domain.types import (
     Setpoint,
     SetpointTable,
     Snapshot,
+    setpoint_rows,
 )
 
 __all__ = [
@@ -49,4 +50,5 @@ __all__ = [
     "Setpoint",
     "SetpointTable",
     "Snapshot",
+    "setpoint_rows",
 ]

@@ -315,6 +315,37 @@ class SetpointTable(Sequence[Setpoint]):
         return None if i is None else self._make(i)
 
 
+def setpoint_rows(
+    setpoints: Sequence[Setpoint],
+) -> Iterator[tuple[int, str, bool, float | None, float]]:
+    """(index, device id, awake, power target W or None, planned W) of each setpoint.
+
+    Where the plan holds columns (``SetpointTable``) no ``Setpoint`` and no reason is
+    made: a consumer that needs only the numbers of 50,000 devices reads them here.
+    """
+    if not isinstance(setpoints, SetpointTable):
+        for i, sp in enumerate(setpoints):
+            yield i, sp.device_id, sp.awake, sp.power_target_w, sp.planned_w
+        return
+    head = setpoints.head
+    for i, sp in enumerate(head):
+        yield i, sp.device_id, sp.awake, sp.power_target_w, sp.planned_w
+    cols = zip(
+        setpoints.ids,
+        _as_list(setpoints.awake),
+        _as_list(setpoints.power_target_w),
+        _as_list(setpoints.planned_w),
+        strict=True,
+    )
+    for i, (dev, awake, target, planned) in enumerate(cols, start=len(head)):
+        yield i, dev, bool(awake), None if target != target else float(target), float(planned)
+
+
+def _as_list(col: Column) -> list[Any]:
+    tolist = getattr(col, "tolist", None)
+    return list(tolist()) if callable(tolist) else [col[i] for i in range(len(col))]
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """A policy's answer: a setpoint for every controllable device.

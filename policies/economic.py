@@ -364,6 +364,7 @@ _SLEEP = attrgetter("sleep_power_w")
 _EXPECTED = attrgetter("expected_w")
 _AWAKE = attrgetter("awake")
 _SINCE = attrgetter("last_transition_s")
+_AWAKE_CODE = {True: 1, False: 0, None: 2}
 _WAKES_HOUR = attrgetter("wakes_last_hour")
 _TARGET = attrgetter("power_target_w")
 
@@ -494,9 +495,8 @@ class _Columns:
         self.sleep_w, self.gpus, self.lo_w, self.hi_w = st.sleep_w, st.gpus, st.lo_w, st.hi_w
         self.order, self.pos, self.ranked_ids = st.order, st.pos, st.ranked_ids
         self.expected_w = _floats(map(_EXPECTED, movable), n)
-        awake = list(map(_AWAKE, movable))
-        self.awake_true = np.fromiter((a is True for a in awake), bool, n)
-        self.awake_false = np.fromiter((a is False for a in awake), bool, n)
+        awake = np.fromiter(map(_AWAKE_CODE.__getitem__, map(_AWAKE, movable)), np.int8, n)
+        self.awake_true, self.awake_false = awake == 1, awake == 0
         self.since_s = _floats(map(_SINCE, movable), n)
         self.wakes = _floats(map(_WAKES_HOUR, movable), n)
         self.target_now_w = _floats(map(_TARGET, movable), n)

@@ -9,7 +9,7 @@ from economic_reference import reference_plan
 from hypothesis import HealthCheck, given, settings
 from test_economic import sites
 
-from domain import Limits, Plan, Snapshot
+from domain import Limits, Pin, Plan, SetpointTable, Snapshot, setpoint_rows
 from policies import economic
 from policies.economic import EconomicParams, plan
 from policies.prices import Prices
@@ -61,3 +61,20 @@ def test_columns_kept_between_ticks_give_the_plan_a_cold_start_gives(case: Case)
     # A nameplate that changed under the same capability object is read again.
     bigger = moved(snap, nameplate_power_w=5000.0)
     same_setpoints(plan(bigger, lim, prices, params), reference_plan(bigger, lim, prices, params))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sites())
+def test_the_columns_read_as_the_setpoints_they_stand_for(case: Case) -> None:
+    snap, lim, prices, params, _ = case
+    lim = replace(lim, pins=(Pin(snap.devices[0].device_id, 1000.0, source="t"),))
+    p = plan(snap, lim, prices, params)
+    table = p.setpoints
+    assert isinstance(table, SetpointTable)
+    made = tuple(table)
+    assert list(setpoint_rows(table)) == list(setpoint_rows(made))
+    assert table == made and len(table) == len(made)
+    assert table[-1] == made[-1] and list(table[1:3]) == list(made[1:3])
+    for sp in made:
+        assert p.setpoint_for(sp.device_id) == sp
+    assert p.setpoint_for("no-such-device") is None
