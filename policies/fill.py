@@ -90,15 +90,22 @@ class Filled:
 class _Groups:
     """Segments grouped by their node at one level of the tree, for per-node prefix sums."""
 
-    def __init__(self, node: IntArr, n_nodes: int) -> None:
+    def __init__(self, node: IntArr, n_nodes: int, perm: IntArr | None = None) -> None:
         self.node = node
-        # Small integer keys let numpy's stable sort use a radix sort.
-        key = node.astype(np.uint16) if n_nodes < 2**16 else node
-        self.perm = np.argsort(key, kind="stable")
-        sorted_node = node[self.perm]
+        if perm is None:
+            # Small integer keys let numpy's stable sort use a radix sort.
+            key = node.astype(np.uint16) if n_nodes < 2**16 else node
+            perm = np.argsort(key, kind="stable")
+        self.perm = perm
+        sorted_node = node[perm]
         starts = np.flatnonzero(np.r_[True, sorted_node[1:] != sorted_node[:-1]])
         self.single = len(starts) <= 1
         self.first = np.repeat(starts, np.diff(np.r_[starts, len(node)]))
+
+    def window(self, start: int) -> _Groups:
+        """The same grouping of the segments from ``start`` on (no new sort)."""
+        perm = self.perm[self.perm >= start] - start
+        return _Groups(self.node[start:], 0, perm)
 
     def exclusive_sum(self, x: FloatArr) -> FloatArr:
         """For each segment: the sum of ``x`` over earlier segments under the same node."""
@@ -145,6 +152,18 @@ def fill(
     cols = _by_depth(chains, n_nodes)
     avail_w = np.r_[avail_w, np.inf]  # the node below a chain that ends early: no limit
     seg_nodes = [c[seg.device] for c in cols]
+    # A level whose every node has room for all it could ever take never binds: skip it.
+    # (The full grouping of each level is sorted once; rounds take windows of it.)
+    levels = [
+        (col, _Groups(col, n_nodes + 1))
+        for col in seg_nodes
+        if (
+            np.bincount(
+                col, worst_w + np.where(seg.all_or_nothing, seg.reserve_w, 0.0), n_nodes + 1
+            )
+            > avail_w
+        ).any()
+    ]
     # A segment offered before the device's previous one is never taken (nor waited on).
     status[has_pred & (seg.pred > np.arange(n))] = SKIPPED
     bound_node = np.full(len(start_w), -1, np.intp)
@@ -184,9 +203,9 @@ def fill(
         open_w = np.where(is_open, worst_w[win], 0.0)
         room_hi = room_lo = np.full(n - start, np.inf)
         node_hi = node_lo = np.zeros(n - start, np.intp)
-        for col in seg_nodes:
+        for col, full in levels:
             node = col[win]
-            g = _Groups(node, n_nodes + 1)
+            g = full.window(start) if start else full
             room = avail_w[node]
             if start:
                 room = room - np.bincount(col[:start], used[:start], n_nodes + 1)[node]
