@@ -431,20 +431,23 @@ class SimBraiinsMiner(GroundTruth):
         """GetMinerDetailsResponse's constant fields, encoded once: 1-9 and 16."""
         if self._details_parts is None:
             name = self.model.devdetails_model.replace("Bitmain ", "")
-            head = bos.GetMinerDetailsResponse(
-                uid=self.uid,
-                miner_identity=bos.MinerIdentity(
-                    brand=bos.MinerBrand.ANTMINER, name=name, miner_model=name
-                ),
-                platform=bos.Platform.AM3_AML,
-                bos_mode=bos.BosMode.NAND,
-                bos_version=bos.BosVersion(current=BOS_VERSION, major="24.09", bos_plus=True),
-                hostname=self.hostname,
-                mac_address=self.mac,
-                sticker_hashrate=_ghs(self.model.nameplate_hashrate_ths),
+            identity = (
+                _pb_uint(1, int(bos.MinerBrand.ANTMINER)) + _pb_str(3, name) + _pb_str(4, name)
             )
-            tail = bos.GetMinerDetailsResponse(serial_number=self.serial)
-            self._details_parts = (bytes(head), bytes(tail))
+            version = _pb_str(1, BOS_VERSION) + _pb_str(2, "24.09") + _pb_uint(3, 1)  # bos_plus
+            head = (
+                _pb_str(1, self.uid)
+                + _pb_msg(2, identity)
+                + _pb_uint(3, int(bos.Platform.AM3_AML))
+                + _pb_uint(4, int(bos.BosMode.NAND))
+                + _pb_msg(5, version)
+                + _pb_str(6, self.hostname)
+                + _pb_str(7, self.mac)
+                + _pb_msg(9, _ghs_bytes(self.model.nameplate_hashrate_ths))
+            )
+            # serial_number is ``optional``: sent even when empty.
+            tail = _varint(16 << 3 | 2) + _varint(len(self.serial.encode())) + self.serial.encode()
+            self._details_parts = (head, tail)
         return self._details_parts
 
     def _fan_rpm(self, now_s: float) -> int:
@@ -543,6 +546,11 @@ def _pb_double(field: int, x: float) -> bytes:
 
 def _pb_msg(field: int, payload: bytes) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _pb_str(field: int, value: str) -> bytes:
+    """A string field; proto3 omits an empty one."""
+    return _pb_msg(field, value.encode()) if value else b""
 
 
 class _Encoded:
