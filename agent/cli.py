@@ -229,7 +229,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--report", choices=["text", "json"], default="text")
     s.set_defaults(func=_cmd_backtest)
 
-    s = sub.add_parser("sim", help="run a simulated site (see `siteagent sim -- --help`)")
+    s = sub.add_parser(
+        "sim", help="run a simulated site (`siteagent sim --miners N --mix ...`)", add_help=False
+    )
     s.add_argument("sim_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_sim)
 
@@ -241,7 +243,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if args.func is cmd_sim:
+        # Everything after `sim` is the simulator's own (`--miners 5 --mix ...`, `--help`).
+        args.sim_args = [a for a in [*extra, *args.sim_args] if a != "--"]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.log_level)
     code: int = args.func(args)
     return code
