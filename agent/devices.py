@@ -103,12 +103,15 @@ class DeviceTracker:
         self.last_transition_s: float | None = None
         self.wakes_s: deque[float] = deque()
         self.pending: Pending | None = None
+        # How long the firmware takes to show a change, by kind (s); from the driver.
+        self.settle_s: Callable[[str], float] | None = None
 
     # -- telemetry -------------------------------------------------------------
 
     def attach(self, driver: MinerDriver) -> None:
         """Use a connected driver; adopt what it identified (nameplate, capabilities)."""
         self.driver = driver
+        self.settle_s = getattr(driver, "settle_s", None)
         ident = driver.identity
         if ident is not None:
             self.capabilities = ident.capabilities
@@ -138,7 +141,7 @@ class DeviceTracker:
         if p is not None:
             if _confirms(p, reading, self.sleep_power_w):
                 self.pending = None
-            elif now_s - p.issued_s > confirm_timeout_s:
+            elif now_s - p.issued_s > self._confirm_within_s(p.kind, confirm_timeout_s):
                 log.warning(
                     "%s: %s to %.0f W not confirmed after %.0f s; trusting its readings again",
                     self.device_id,
@@ -153,6 +156,12 @@ class DeviceTracker:
             self.awake = reading.state is not DeviceState.SLEEPING
             if reading.power_target_w is not None:
                 self.power_target_w = reading.power_target_w
+
+    def _confirm_within_s(self, kind: str, configured_s: float) -> float:
+        """A change counts at its worst case for at least as long as the firmware
+        takes to show it (a VNish wake, a Whatsminer restart), never less than configured."""
+        firmware_s = self.settle_s(kind) if self.settle_s is not None else 0.0
+        return max(configured_s, firmware_s)
 
     def record_failure(
         self, error: Exception, now_s: float, interval_s: float, max_backoff_s: float

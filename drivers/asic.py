@@ -68,6 +68,17 @@ class AsicDriver:
         # write re-reads state first instead of blindly repeating it.
         self._uncertain = False
 
+    def settle_s(self, kind: str) -> float:
+        """How long (s) this firmware takes to show a change of ``kind`` ("wake", "sleep",
+        "lower", "raise"): its wake time, or its settle time plus a restart where a
+        target change restarts mining."""
+        b = self.backend.behaviour
+        if kind == "wake":
+            return b.wake_s
+        if kind in ("lower", "raise") and b.target_change_restarts:
+            return b.settle_s + b.restart_s
+        return b.settle_s
+
     @property
     def backend_name(self) -> str:
         """Which firmware adapter drives this miner ("braiins", "whatsminer", ...)."""

@@ -403,3 +403,40 @@ def test_wakes_are_counted_over_the_last_hour() -> None:
     assert t.wakes_in_last_hour(300.0) == 3
     assert t.wakes_in_last_hour(3650.0) == 2  # the first has aged out
     assert t.status(3650.0, 30.0).wakes_last_hour == 2
+
+
+class SlowFirmwareDriver(StubDriver):
+    """A driver whose firmware takes 300 s to show a lowered target (restart + settle)."""
+
+    def settle_s(self, kind: str) -> float:
+        return 300.0 if kind in ("lower", "raise") else 60.0
+
+
+def test_a_change_counts_at_its_worst_case_for_as_long_as_the_firmware_takes() -> None:
+    t = tracker(attach=False)
+    t.attach(SlowFirmwareDriver(MinerIdentity("m", "S19", "fw", None, None, CAPS, NAMEPLATE_W)))
+    t.record_reading(mining(0.0, 3000.0, 3000.0), 0.0, CONFIRM_S)
+    t.record_command("lower", 3000.0, 2000.0, 2000.0, 0.0)
+    # Past the configured 120 s but inside the firmware's 300 s: still pending, still
+    # counted at the old level, even though the reading does not show the target yet.
+    t.record_reading(mining(CONFIRM_S + 1, 2990.0, 3000.0), CONFIRM_S + 1, CONFIRM_S)
+    assert t.pending is not None
+    assert t.budget_w(CONFIRM_S + 1, STALE_S) == 3000.0
+    t.record_reading(mining(301.0, 2990.0, 3000.0), 301.0, CONFIRM_S)
+    assert t.pending is None
+
+
+def test_asic_driver_settle_times_follow_the_firmware() -> None:
+    from drivers.asic import AsicDriver
+    from drivers.backends.base import Behaviour
+
+    class Fw:
+        name = "fw"
+        behaviour = Behaviour(
+            target_change_restarts=True, restart_s=5.0, settle_s=20.0, wake_s=40.0
+        )
+
+    drv = AsicDriver("m", "127.0.0.1", Fw())  # type: ignore[arg-type]
+    assert drv.settle_s("wake") == 40.0
+    assert drv.settle_s("lower") == 25.0 and drv.settle_s("raise") == 25.0
+    assert drv.settle_s("sleep") == 20.0
