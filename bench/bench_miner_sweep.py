@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import ipaddress
 import itertools
@@ -58,6 +59,20 @@ FLOOR_REQUEST = {
     "antminer": b'{"command": "stats"}',
 }
 ALL_BACKENDS = ("braiins", "whatsminer", "luxos", "antminer", "vnish")
+
+
+GC_FREEZE = False
+
+
+def _after_setup() -> None:
+    """With ``--gc-freeze``: move what setup built out of the collector's sight.
+
+    10,000 drivers are ~0.5 M tracked objects (pyasic's miner objects); every
+    full collection during a sweep walks them all.
+    """
+    if GC_FREEZE:
+        gc.collect()
+        gc.freeze()
 
 
 def _usage() -> tuple[float, float]:
@@ -96,6 +111,7 @@ async def sweep_agent(miners: list[dict[str, Any]], conc: int, timeout_s: float)
     )
     setup_s = time.perf_counter() - t0
     ok_drivers = [d for d in drivers if isinstance(d, AsicDriver)]
+    _after_setup()
     cpu0, _ = _usage()
     t0 = time.perf_counter()
     res = await _bounded(conc, ok_drivers, lambda d: d.read())
@@ -377,6 +393,7 @@ async def sweep_floor(miners: list[dict[str, Any]], conc: int, timeout_s: float)
     t0 = time.perf_counter()
     await _bounded(conc, miners, floor_setup)
     setup_s = time.perf_counter() - t0
+    _after_setup()
 
     async def one(m: dict[str, Any]) -> float:
         async with asyncio.timeout(timeout_s):
@@ -413,6 +430,8 @@ def run_child(args: argparse.Namespace) -> int:
     miners = json.loads(Path(args.inventory).read_text())
     if args.sample:
         miners = miners[: args.sample]
+    global GC_FREEZE
+    GC_FREEZE = args.gc_freeze
     out = asyncio.run(SWEEPS[args.child](miners, args.concurrency, args.timeout_s))
     out["n"] = len(miners)
     print(json.dumps(out))
@@ -497,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=sorted(SWEEPS), help=argparse.SUPPRESS)
     p.add_argument("--inventory", help=argparse.SUPPRESS)
     p.add_argument("--sample", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() after each sweep's setup (what an agent could do once its drivers exist)",
+    )
     args = p.parse_args(argv)
     if args.child:
         return run_child(args)
@@ -523,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if s == "b" and args.naive_sample:
                 cmd += ["--sample", str(args.naive_sample)]
+            if args.gc_freeze:
+                cmd.append("--gc-freeze")
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"sweep {s} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -540,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     names = {"a": "agent driver", "b": "naive pyasic", "c": "floor (bare)"}
     print(
         f"sweep of {len(miners)} simulated miners ({args.mix}) in {len(procs)} simulator "
-        f"processes, concurrency {args.concurrency}, "
+        f"processes, concurrency {args.concurrency}{', gc frozen after setup' * args.gc_freeze}, "
         f"{os.cpu_count()} cores, load average before {load0:.2f} after {os.getloadavg()[0]:.2f}"
     )
     for s, r in results.items():
