@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -95,6 +96,10 @@ async def _run_agent(config_path: str) -> int:
     log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
     api = await serve_api(agent, cfg)  # restores stored overrides before the first tick
     await agent.sweep()
+    # Drivers, trackers and pyasic's objects live as long as the agent: keep them out
+    # of the collector's passes (10-26% less CPU per sweep at 10,000 miners, bench/).
+    gc.collect()
+    gc.freeze()
     agent.start()
     started_s = agent.clock()
     notifier.ready(site_summary(agent))

@@ -518,8 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument(
         "--gc-freeze",
-        action="store_true",
-        help="gc.freeze() after each sweep's setup (what an agent could do once its drivers exist)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gc.freeze() after each sweep's setup, as `siteagent run` does after its first sweep",
     )
     args = p.parse_args(argv)
     if args.child:
@@ -547,8 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if s == "b" and args.naive_sample:
                 cmd += ["--sample", str(args.naive_sample)]
-            if args.gc_freeze:
-                cmd.append("--gc-freeze")
+            cmd.append("--gc-freeze" if args.gc_freeze else "--no-gc-freeze")
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"sweep {s} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
