@@ -8,7 +8,9 @@ write-only-on-change and the re-read-before-retry rule, the same for all.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,7 +24,7 @@ from domain.errors import (
     DeviceRefused,
     DeviceUnreachable,
 )
-from domain.types import DeviceState, MinerIdentity
+from domain.types import DeviceState, MinerCapabilities, MinerIdentity
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,3 +143,19 @@ def translate_http(address: str, what: str, e: BaseException, *, control: bool) 
     if isinstance(cause, httpx.ConnectError):
         return DeviceUnreachable(msg)
     return DeviceFaulted(msg)
+
+
+def level_capabilities(watts: Sequence[float], default_w: float) -> MinerCapabilities:
+    """What firmware with discrete power levels (LuxOS profiles, VNish presets) lets us
+    set, ``watts`` lowest first: a target from the lowest level to the highest, stepped
+    by the smallest gap so that every stepped target is at or above a real level."""
+    gaps = [b - a for a, b in itertools.pairwise(watts) if b > a]
+    return MinerCapabilities(
+        power_target=True,
+        power_target_min_w=watts[0],
+        power_target_max_w=watts[-1],
+        power_target_default_w=default_w,
+        power_target_step_w=min(gaps) if gaps else 1.0,
+        can_sleep=True,
+        reports_power=True,
+    )

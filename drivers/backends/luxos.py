@@ -15,15 +15,20 @@ turns it back on afterwards.)
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 from pyasic.errors import APIError
 from pyasic.miners.backends.luxminer import LUXMiner
 
 from domain.errors import DeviceError, DeviceFaulted, DeviceRefused
-from domain.types import DeviceState, MinerCapabilities, MinerIdentity
-from drivers.backends.base import Behaviour, Sample, no_answer, translate_rpc
+from domain.types import DeviceState, MinerIdentity
+from drivers.backends.base import (
+    Behaviour,
+    Sample,
+    level_capabilities,
+    no_answer,
+    translate_rpc,
+)
 from drivers.backends.nameplate import lookup
 
 # Below this share of the lowest profile, a miner that hashes nothing is asleep.
@@ -109,7 +114,6 @@ class LuxOSBackend:
             raise DeviceFaulted(f"{self.address}: identify: no profiles")
         watts = [w for _, w in self._profiles]
         self._lowest_w = watts[0]
-        gaps = [b - a for a, b in itertools.pairwise(watts) if b > a]
         model = str(self.miner.raw_model) if self.miner.raw_model is not None else "unknown"
         plate = lookup(model)
         default_w = next((w for n, w in self._profiles if n == "default"), watts[-1])
@@ -120,17 +124,7 @@ class LuxOSBackend:
             firmware=f"LuxOS {ver.get('Miner', '')}".strip(),
             mac=str(mac).upper() if mac else None,
             serial=str(serial) if serial else None,
-            capabilities=MinerCapabilities(
-                power_target=True,
-                power_target_min_w=watts[0],
-                power_target_max_w=watts[-1],
-                power_target_default_w=default_w,
-                # Profiles are (nearly) evenly spaced; the smallest gap keeps every
-                # stepped target at or above a real profile.
-                power_target_step_w=min(gaps) if gaps else 1.0,
-                can_sleep=True,
-                reports_power=True,
-            ),
+            capabilities=level_capabilities(watts, default_w),
             nameplate_power_w=plate.power_w if plate else None,
             nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
         )

@@ -51,7 +51,6 @@ pyasic quirks worked around (pyasic 0.79.0):
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +59,14 @@ from pyasic.errors import APIError
 from pyasic.miners.backends.vnish import VNish
 
 from domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
-from domain.types import DeviceState, MinerCapabilities, MinerIdentity
-from drivers.backends.base import Behaviour, Sample, no_answer, translate_http
+from domain.types import DeviceState, MinerIdentity
+from drivers.backends.base import (
+    Behaviour,
+    Sample,
+    level_capabilities,
+    no_answer,
+    translate_http,
+)
 from drivers.backends.nameplate import lookup
 
 # What pyasic's web client says for any HTTP status but 200 (web/vnish.py:117).
@@ -188,7 +193,6 @@ class VNishBackend:
             raise DeviceFaulted(f"{self.address}: identify: no usable presets")
         self._presets = sorted(usable, key=lambda p: p.watts)
         watts = [p.watts for p in self._presets]
-        gaps = [b - a for a, b in itertools.pairwise(watts) if b > a]
         model = str(self.miner.raw_model) if self.miner.raw_model is not None else "unknown"
         plate = lookup(model)
         stock = [w for w in watts if plate is None or w <= plate.power_w]
@@ -198,16 +202,7 @@ class VNishBackend:
             firmware=f"VNish {fw}",
             mac=str(mac).upper() if mac else None,
             serial=str(serial) if serial and serial != "N/A" else None,
-            capabilities=MinerCapabilities(
-                power_target=True,
-                power_target_min_w=watts[0],
-                power_target_max_w=watts[-1],
-                power_target_default_w=stock[-1] if stock else watts[-1],
-                # The smallest gap keeps every stepped target at or above a real preset.
-                power_target_step_w=min(gaps) if gaps else 1.0,
-                can_sleep=True,
-                reports_power=True,
-            ),
+            capabilities=level_capabilities(watts, stock[-1] if stock else watts[-1]),
             nameplate_power_w=plate.power_w if plate else None,
             nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
         )
