@@ -27,6 +27,7 @@ from domain.errors import (
 from domain.types import DeviceState
 from drivers.asic import AsicDriver, discover
 from drivers.backends import BACKENDS
+from drivers.backends.vnish import PRESET_REFRESH_READS
 from sim.base import IDLE_POWER_W
 from sim.site import SimSite
 from sim.vnish import PRESET_STEP_W, VNISH_VERSION, SimVNish
@@ -168,12 +169,50 @@ async def test_connect_reads_identity_presets_and_telemetry(site: SimSite) -> No
     assert r.power_target_w == 3010.0
 
 
-async def test_a_read_costs_two_web_requests_and_nothing_on_4028(site: SimSite) -> None:
+async def test_a_steady_read_costs_one_web_request_and_nothing_on_4028(
+    site: SimSite, clock: Clock
+) -> None:
     m = sim(site)
     drv = await connect(site)
+    both = {"GET /api/v1/summary": 1, "GET /api/v1/perf-summary": 1}
     m.requests.clear()
+    assert (await drv.read()).power_target_w == 3010.0
+    assert dict(m.requests) == both  # the first reading learns the running preset
+    m.requests.clear()
+    r = await drv.read()
+    assert dict(m.requests) == {"GET /api/v1/summary": 1}
+    assert r.power_target_w == 3010.0  # the preset as last read
+
+
+async def test_the_preset_is_read_again_whenever_it_may_have_moved(
+    site: SimSite, clock: Clock
+) -> None:
+    m = sim(site)
+    drv = await connect(site)
     await drv.read()
-    assert dict(m.requests) == {"GET /api/v1/summary": 1, "GET /api/v1/perf-summary": 1}
+
+    def preset_reads() -> int:
+        return m.requests["GET /api/v1/perf-summary"]
+
+    # After the agent's own write.
+    await drv.set_power_target(2500.0)
+    before = preset_reads()
+    assert (await drv.read()).power_target_w == 2470.0 and preset_reads() == before + 1
+    clock.advance(RESTART_S + 2 * WAKE_S)
+    await drv.read()  # ramped to the new preset: power moved, read again
+    settled = preset_reads()
+    await drv.read()
+    assert preset_reads() == settled  # nothing moved: not read
+    # By the firmware (or by hand): power moves, so the preset is read again.
+    m.switcher_move(-2)
+    clock.advance(2 * WAKE_S)
+    r = await drv.read()
+    assert preset_reads() == settled + 1 and r.power_target_w == m.preset_watts(m.running)
+    # And at least every PRESET_REFRESH_READS readings, whatever happens.
+    start = preset_reads()
+    for _ in range(PRESET_REFRESH_READS):
+        await drv.read()
+    assert preset_reads() == start + 1
 
 
 async def test_from_inventory_needs_no_probe(site: SimSite) -> None:

@@ -69,6 +69,11 @@ from drivers.backends.base import (
 )
 from drivers.backends.nameplate import lookup
 
+# The running preset is read again at least this often (readings), and whenever power
+# moves by more than this fraction since it was read.
+PRESET_REFRESH_READS = 12
+PRESET_POWER_FRAC = 0.05
+
 # What pyasic's web client says for any HTTP status but 200 (web/vnish.py:117).
 _NOT_200 = "Failed to send command to miner"
 # ``miner_state`` values in which the miner does not mine on purpose.
@@ -111,6 +116,11 @@ class VNishBackend:
         self._presets: list[Preset] = []  # usable, lowest first
         self._ths_per_unit = 1e-3
         self._last_state: tuple[str, float] | None = None
+        # The running preset as last read (``perf-summary``), and what the miner was
+        # doing then; re-read only when a reading gives reason to (see ``read``).
+        self._preset: dict[str, Any] | None = None
+        self._preset_seen: tuple[str, float | None] | None = None
+        self._preset_reads = 0
 
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
         """httpx errors of the web client, socket / JSON errors of the 4028 API."""
@@ -210,14 +220,17 @@ class VNishBackend:
     async def read(self) -> Sample:
         """Power, hashrate, temperature, state (``summary``) and preset (``perf-summary``).
 
-        Two web calls, concurrently (plus one ``unlock`` on first contact or
-        after the miner dropped the session).
+        One web call (``summary``), plus ``perf-summary`` when the running preset may
+        have moved, and one ``unlock`` on first contact or after the miner dropped
+        the session. Between the agent's own writes the preset moves only by hand
+        or by the firmware's preset switcher (off once the agent has written one):
+        it is read again after any write, when the state changes or mining restarts,
+        when power moves by more than ``PRESET_POWER_FRAC`` since it was read, and
+        at least every ``PRESET_REFRESH_READS`` readings.
         """
         web = self.miner.web
         await self._login("read")
-        summary, perf = await asyncio.gather(
-            self._web_dict("summary", web.summary), self._web_dict("perf-summary", web.perf_summary)
-        )
+        summary = await self._web_dict("summary", web.summary)
         try:
             miner = summary["miner"]
             status = miner["miner_status"]
@@ -228,8 +241,6 @@ class VNishBackend:
             hashrate_ths = float(miner["hr_realtime"]) * self._ths_per_unit
             chip = (miner.get("chip_temp") or {}).get("max")
             temperature_c = float(chip) if chip is not None else None
-            current = perf.get("current_preset") or {}
-            preset = str(current["name"]) if current.get("name") is not None else None
             failed = [
                 str(c.get("status", {}).get("description", f"chain {c.get('id')}"))
                 for c in miner.get("chains", [])
@@ -237,12 +248,22 @@ class VNishBackend:
             ]
         except (LookupError, TypeError, AttributeError, ValueError) as e:
             raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
+        last = self._last_state
+        restarted = last is not None and last[0] == state_name and state_s < last[1]
+        if restarted or self._preset_stale(state_name, power_w):
+            perf = await self._web_dict("perf-summary", web.perf_summary)
+            current = perf.get("current_preset") or {}
+            if not isinstance(current, dict):
+                raise DeviceFaulted(f"{self.address}: read: malformed preset: {current!r}")
+            self._preset, self._preset_seen, self._preset_reads = current, (state_name, power_w), 0
+        self._preset_reads += 1
+        current = self._preset or {}
+        preset = str(current["name"]) if current.get("name") is not None else None
         target_w = next((p.watts for p in self._presets if p.name == preset), None)
         if target_w is None and preset is not None and preset != "disabled":
             target_w = _preset_watts(current)
         errors: tuple[str, ...] = ()
-        last = self._last_state
-        if last is not None and last[0] == state_name and state_s < last[1]:
+        if restarted:
             errors = ("mining restarted (uptime reset)",)
         self._last_state = (state_name, state_s)
         if state_name in _SLEEP_STATES:
@@ -262,6 +283,17 @@ class VNishBackend:
             errors=errors,
         )
 
+    def _preset_stale(self, state_name: str, power_w: float | None) -> bool:
+        """Whether the preset last read may no longer be the running one."""
+        seen = self._preset_seen
+        if self._preset is None or seen is None or self._preset_reads >= PRESET_REFRESH_READS:
+            return True
+        if seen[0] != state_name or (seen[1] is None) != (power_w is None):
+            return True
+        if seen[1] is None or power_w is None:
+            return False
+        return abs(power_w - seen[1]) > PRESET_POWER_FRAC * max(seen[1], 1.0)
+
     async def set_power_target(self, watt: int) -> float:
         """Highest preset at or below ``watt`` (preset switcher off); returns its W.
 
@@ -269,6 +301,7 @@ class VNishBackend:
         preset (and the switcher) changed, reads ``settings`` again to check.
         Nothing is written when that preset is already set and the switcher off.
         """
+        self._preset = None  # whatever happens, read the preset again
         fitting = [p for p in self._presets if p.watts <= watt]
         if not fitting:
             raise DeviceRefused(f"{self.address}: no preset at or below {watt} W")
@@ -303,12 +336,14 @@ class VNishBackend:
 
     async def sleep(self) -> None:
         """``mining/stop`` (the web API stays up, power falls to tens of W)."""
+        self._preset = None
         reply = await self._web_dict("mining stop", self.miner.web.stop_mining, control=True)
         if reply.get("success") is False:
             raise DeviceRefused(f"{self.address}: mining stop: {reply}")
 
     async def wake(self) -> None:
         """``mining/start``."""
+        self._preset = None
         reply = await self._web_dict("mining start", self.miner.web.start_mining, control=True)
         if reply.get("success") is False:
             raise DeviceRefused(f"{self.address}: mining start: {reply}")
