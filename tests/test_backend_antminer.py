@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pyasic
 import pytest
@@ -13,7 +14,7 @@ from pyasic.miners.backends.antminer import AntminerModern
 from domain.errors import DeviceFaulted, DevicePermissionError, DeviceRefused, DeviceUnreachable
 from domain.types import DeviceState
 from drivers.asic import AsicDriver
-from drivers.backends.antminer import SLEEP_ESTIMATE_W
+from drivers.backends.antminer import MODE_REFRESH_READS, SLEEP_ESTIMATE_W, AntminerBackend
 from sim.antminer import MODE_LOW, MODE_NORMAL, MODE_SLEEP, SimAntminer
 from sim.site import SimSite
 
@@ -232,3 +233,39 @@ async def test_a_write_of_unknown_outcome_is_not_repeated_blind(site: SimSite) -
     # The driver re-reads first, sees low power already set, and sends nothing.
     assert await drv.set_power_target(2000.0) == m.low_power_w
     assert m.writes == 1
+
+
+async def test_the_mode_is_read_only_when_it_may_have_moved(site: SimSite) -> None:
+    m = sim(site)
+    drv = await connect(site)
+    backend = drv.backend
+    assert isinstance(backend, AntminerBackend)
+    reads: list[str] = []
+    conf = backend._conf
+
+    async def counting(what: str, *, reading: bool = False) -> tuple[dict[str, Any], int]:
+        if reading:
+            reads.append(what)
+        return await conf(what, reading=reading)
+
+    backend._conf = counting  # type: ignore[method-assign]
+    await drv.read()
+    assert len(reads) == 1  # the first reading learns the mode
+    r = await drv.read()
+    assert len(reads) == 1 and r.state is DeviceState.MINING  # steady: stats only
+    # Put to sleep by hand (the web UI): hashrate stops, so the mode is read again.
+    m.apply_mode(MODE_SLEEP, m.clock())
+    await asyncio.sleep(0.2)
+    r = await drv.read()
+    assert len(reads) == 2 and r.state is DeviceState.SLEEPING
+    # After the agent's own write, whatever the hashrate does.
+    await drv.wake()
+    r = await drv.read()
+    assert len(reads) == 3 and r.state is DeviceState.MINING
+    # And at least every MODE_REFRESH_READS readings.
+    await asyncio.sleep(0.8)
+    await drv.read()
+    start = len(reads)
+    for _ in range(MODE_REFRESH_READS):
+        await drv.read()
+    assert len(reads) - start == 1  # settled: only the periodic refresh

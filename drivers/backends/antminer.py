@@ -43,6 +43,11 @@ from drivers.backends.base import Behaviour, Sample, no_answer, translate_rpc
 from drivers.backends.nameplate import lookup
 
 MODE_NORMAL, MODE_SLEEP, MODE_LOW = 0, 1, 3
+# The miner mode is read again at least this often (readings), and whenever the
+# hashrate or the reported power moves by more than these fractions since it was read.
+MODE_REFRESH_READS = 12
+MODE_HASHRATE_FRAC = 0.10
+MODE_POWER_FRAC = 0.05
 # What an estimate says a sleeping miner draws (W): control board and fans idling.
 SLEEP_ESTIMATE_W = 30.0
 # In pyasic's web error message: no connection made, or none answered in time.
@@ -143,6 +148,11 @@ class AntminerBackend:
             float(round(self._plate.power_w * self._plate.low_mode_frac)) if self._plate else None
         )
         self._elapsed_s: int | None = None
+        # The miner mode as last read (web conf), and the hashrate and power seen then;
+        # read again only when a reading gives reason to (see ``read``).
+        self._mode: int | None = None
+        self._mode_seen: tuple[float, float | None] = (0.0, None)
+        self._mode_reads = 0
         # Mode to wake into (the mining mode before sleep, or one set while asleep).
         self._wake_mode = MODE_NORMAL
         self._read_web = _KeptDigest(miner.web)
@@ -178,6 +188,8 @@ class AntminerBackend:
         return reply
 
     async def _conf(self, what: str, *, reading: bool = False) -> tuple[dict[str, Any], int]:
+        if not reading:
+            self._mode = None  # a write may follow: whatever happens, read the mode again
         web = self._read_web if reading else self.miner.web
         conf = await self._web(what, web.get_miner_conf())
         try:
@@ -238,10 +250,15 @@ class AntminerBackend:
         )
 
     async def read(self) -> Sample:
-        """``stats`` (4028) and the miner conf (web, for the mode), concurrently."""
-        stats, (_, mode) = await asyncio.gather(
-            self._rpc("stats", self.miner.rpc.stats()), self._conf("read", reading=True)
-        )
+        """``stats`` (4028), and the miner conf (web, for the mode) when the mode may have moved.
+
+        The mode moves only by a write (the agent's: read again after it) or by hand,
+        and a mode change shows in the hashrate (and power, where reported): the conf
+        is read again after any write, after a restart, when hashrate moves by more
+        than ``MODE_HASHRATE_FRAC`` or starts or stops, when reported power moves by
+        more than ``MODE_POWER_FRAC``, and at least every ``MODE_REFRESH_READS`` readings.
+        """
+        stats = await self._rpc("stats", self.miner.rpc.stats())
         try:
             row = stats["STATS"][1]
             hashrate_ths = float(row["GHS 5s"]) / 1000.0
@@ -251,9 +268,15 @@ class AntminerBackend:
         except (LookupError, TypeError, AttributeError, ValueError) as e:
             raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
         errors: tuple[str, ...] = ()
-        if self._elapsed_s is not None and elapsed < self._elapsed_s:
+        restarted = self._elapsed_s is not None and elapsed < self._elapsed_s
+        if restarted:
             errors = ("mining restarted (uptime reset)",)
         self._elapsed_s = elapsed
+        mode = self._mode
+        if mode is None or restarted or self._mode_stale(hashrate_ths, reported_w):
+            _, mode = await self._conf("read", reading=True)
+            self._mode, self._mode_seen, self._mode_reads = mode, (hashrate_ths, reported_w), 0
+        self._mode_reads += 1
         target_w: float | None = None
         estimate: float | None = SLEEP_ESTIMATE_W
         if mode == MODE_SLEEP:
@@ -281,6 +304,21 @@ class AntminerBackend:
             power_target_w=target_w,
             power_estimated=self._plate is not None,
             errors=errors,
+        )
+
+    def _mode_stale(self, hashrate_ths: float, power_w: float | None) -> bool:
+        """Whether the mode last read may no longer be the miner's."""
+        seen_ths, seen_w = self._mode_seen
+        if self._mode_reads >= MODE_REFRESH_READS or (seen_ths > 0) != (hashrate_ths > 0):
+            return True
+        if abs(hashrate_ths - seen_ths) > MODE_HASHRATE_FRAC * seen_ths:
+            return True
+        if (seen_w is None) != (power_w is None):
+            return True
+        return (
+            seen_w is not None
+            and power_w is not None
+            and abs(power_w - seen_w) > MODE_POWER_FRAC * max(seen_w, 1.0)
         )
 
     async def set_power_target(self, watt: int) -> float:
