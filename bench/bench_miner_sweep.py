@@ -11,17 +11,18 @@
     (paused or mining) as two gRPC calls on one HTTP/2 connection (h2, no
     grpclib, protobuf fields decoded by hand; the login token is fetched in
     setup, as the agent's driver has its token from identification);
-    stock Antminer ``stats`` on 4028 + ``get_miner_conf.cgi`` (the miner mode:
-    without it sleep cannot be told from a restart and models that publish no
-    power have no estimate), the digest nonce learnt in setup so the page is
-    one authorised request;
+    stock Antminer ``stats`` on 4028 (hashrate, power where published; the miner
+    mode, a web page behind digest auth, is needed only when the hashrate or
+    power says it may have moved, so a steady reading needs ``stats`` alone);
     VNish ``GET /api/v1/summary`` (power, hashrate, state; the token from
     ``unlock`` fetched in setup, as the agent's driver has its session).
 
 The agent's reading carries more than the floor's where its loop uses more:
 the Braiins OS one also asks for the performance mode (the target it compares
-before writing) and the cooling state (temperature), four gRPC calls; the
-VNish one also reads ``perf-summary`` (the running preset).
+before writing) and the cooling state (temperature), four gRPC calls. The stock
+Antminer and VNish ones read the mode / the running preset again only when it
+may have moved (after a write, a restart, a move in hashrate or power, and every
+12th reading), so their steady reading is the floor's one request.
 
 ``--mix`` takes one backend, a comma list (round-robin) or ``all``.
 
@@ -38,13 +39,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import hashlib
 import ipaddress
 import itertools
 import json
 import os
 import resource
-import secrets
 import struct
 import subprocess
 import sys
@@ -291,19 +290,6 @@ BOS = "/braiins.bos.v1."
 _DIGEST_NC = itertools.count(1)
 
 
-def _digest_header(uri: str, nonce: str, realm: str, password: str = "root") -> str:
-    def md5(s: str) -> str:
-        return hashlib.md5(s.encode(), usedforsecurity=False).hexdigest()
-
-    nc, cnonce = f"{next(_DIGEST_NC):08x}", secrets.token_hex(8)
-    ha1, ha2 = md5(f"root:{realm}:{password}"), md5(f"GET:{uri}")
-    resp = md5(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")
-    return (
-        f'Digest username="root", realm="{realm}", nonce="{nonce}", uri="{uri}", '
-        f'response="{resp}", qop=auth, nc={nc}, cnonce="{cnonce}"'
-    )
-
-
 async def _http_get(
     address: str, uri: str, auth: str | None, *, method: str = "GET", body: bytes = b""
 ) -> tuple[int, bytes, bytes]:
@@ -322,9 +308,6 @@ async def _http_get(
     return int(head.split(b" ", 2)[1]), head, body
 
 
-CONF_URI = "/cgi-bin/get_miner_conf.cgi"
-
-
 async def floor_setup(m: dict[str, Any]) -> None:
     """What the floor learns once per miner, untimed (the agent's is its identification)."""
     if m["backend"] == "braiins":
@@ -333,15 +316,6 @@ async def floor_setup(m: dict[str, Any]) -> None:
             m["address"], [(BOS + "AuthenticationService/Login", login)], None
         )
         m["token"] = meta[b"authorization"].decode()
-    elif m["backend"] == "antminer":
-        _, head, _ = await _http_get(m["address"], CONF_URI, None)
-        challenge = next(
-            ln for ln in head.decode("latin-1").split("\r\n") if ln.lower().startswith("www-auth")
-        )
-        kv = dict(
-            p.strip().split("=", 1) for p in challenge.split(":", 1)[1].strip()[7:].split(",")
-        )
-        m["nonce"], m["realm"] = kv["nonce"].strip('"'), kv["realm"].strip('"')
     elif m["backend"] == "vnish":
         status, _, body = await _http_get(
             m["address"], "/api/v1/unlock", None, method="POST", body=b'{"pw": "admin"}'
@@ -374,15 +348,11 @@ async def floor_read(m: dict[str, Any]) -> float:
         _ = _pb_path(details, 12) or 0  # status (PAUSED / NORMAL)
         return float(_pb_path(stats, 3, 1, 1) or 0)  # power_stats.approx_consumption.watt
     if backend == "antminer":
-        stats_task = asyncio.ensure_future(_rpc_json(address, FLOOR_REQUEST["antminer"]))
-        status, _, body = await _http_get(
-            address, CONF_URI, _digest_header(CONF_URI, m["nonce"], m["realm"])
-        )
-        stats = await stats_task
-        if status != 200:
-            raise RuntimeError(f"HTTP {status}")
-        _ = float(stats["STATS"][1]["GHS 5s"])
-        return float(json.loads(body)["bitmain-work-mode"])
+        stats = await _rpc_json(address, FLOOR_REQUEST["antminer"])
+        row = stats["STATS"][1]
+        _ = float(row["GHS 5s"]), int(row.get("Elapsed", 0))
+        power = row.get("chain_power")  # "3010 W", only where the model publishes it
+        return float(str(power).split()[0]) if power else 0.0
     if backend == "vnish":
         status, _, body = await _http_get(address, "/api/v1/summary", m["token"])
         if status != 200:
