@@ -18,11 +18,11 @@
     ``unlock`` fetched in setup, as the agent's driver has its session).
 
 The agent's reading carries more than the floor's where its loop uses more:
-the Braiins OS one also asks for the performance mode (the target it compares
-before writing) and the cooling state (temperature), four gRPC calls. The stock
-Antminer and VNish ones read the mode / the running preset again only when it
-may have moved (after a write, a restart, a move in hashrate or power, and every
-12th reading), so their steady reading is the floor's one request.
+the Braiins OS one decodes through pyasic's generated messages and grpclib. The
+Braiins OS (performance mode, cooling), stock Antminer (miner mode) and VNish
+(running preset) ones read their slow-moving values again only when they may
+have moved (after a write, a restart or status change, a move in hashrate or
+power, and every 12th reading), so a steady reading asks what the floor asks.
 
 ``--mix`` takes one backend, a comma list (round-robin) or ``all``.
 

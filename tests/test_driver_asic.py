@@ -6,12 +6,14 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
 from domain.types import DeviceState
 from drivers.asic import AsicDriver, discover
+from drivers.backends.braiins import SLOW_REFRESH_READS, BraiinsBackend
 from sim.site import SimSite
 
 BASE = "127.1.11.1"  # this module's own loopback range
@@ -173,3 +175,32 @@ async def test_discover_finds_the_sims_and_skips_empty_addresses(site: SimSite) 
     found = await discover(addrs, concurrency=4, timeout_s=TIMEOUT_S)
     assert [a for a, _ in found] == [m.address for m in site.miners]
     assert [ident.model for _, ident in found] == [m.model.key for m in site.miners]
+
+
+async def test_target_and_cooling_are_asked_for_only_when_they_may_have_moved(
+    site: SimSite,
+) -> None:
+    drv = await connect(site)
+    backend = drv.backend
+    assert isinstance(backend, BraiinsBackend)
+    asked: list[int] = []
+    ask = backend._wire.performance_mode_msg
+
+    async def counting() -> Any:
+        asked.append(1)
+        return await ask()
+
+    backend._wire.performance_mode_msg = counting  # type: ignore[method-assign]
+    first = await drv.read()
+    assert len(asked) == 1 and first.power_target_w is not None  # the first reading
+    await drv.read()
+    assert len(asked) == 1  # steady: stats and details only
+    await drv.set_power_target(first.power_target_w - 300)
+    r = await drv.read()  # after the agent's own write
+    assert len(asked) == 2 and r.power_target_w == first.power_target_w - 300
+    await asyncio.sleep(0.6)  # settled at the new target: power moved, asked again
+    await drv.read()
+    settled = len(asked)
+    for _ in range(SLOW_REFRESH_READS):
+        await drv.read()
+    assert len(asked) == settled + 1  # and at least every SLOW_REFRESH_READS readings

@@ -308,6 +308,12 @@ def _watt(d: Mapping[str, Any], *path: str) -> float:
     return float(node.get("watt", 0))
 
 
+# The target and cooling state are read again at least this often (readings), and
+# whenever power moves by more than this fraction since they were read.
+SLOW_REFRESH_READS = 12
+SLOW_POWER_FRAC = 0.05
+
+
 class BraiinsBackend:
     """One Braiins OS miner through pyasic's BOSer class."""
 
@@ -320,6 +326,11 @@ class BraiinsBackend:
         self.miner = miner
         self.address = str(miner.ip)
         self._wire = _BoserWire(miner)
+        # The performance mode (target) and cooling state as last read, and the status
+        # and power seen then; read again only when a reading gives reason to.
+        self._slow: tuple[Any, Any] | None = None
+        self._slow_seen: tuple[int, float] = (0, 0.0)
+        self._slow_reads = 0
 
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
         """gRPC status codes carry the refusal / permission distinction here."""
@@ -363,14 +374,36 @@ class BraiinsBackend:
         )
 
     async def read(self) -> Sample:
-        """Power W, hashrate TH/s, hottest temperature degC, state, target W (4 gRPC calls)."""
+        """Power W, hashrate TH/s, hottest temperature degC, state, target W.
+
+        Two gRPC calls (stats, details) on one channel. The performance mode (the
+        target) and the cooling state (temperature) are asked for too when they may
+        have moved: after any write, when the status changes, when power moves by
+        more than ``SLOW_POWER_FRAC`` since they were read, and at least every
+        ``SLOW_REFRESH_READS`` readings (the temperature is never older than that).
+        """
         async with self._wire.shared():
-            stats, details, mode, cooling = await asyncio.gather(
-                self._wire.miner_stats_msg(),
-                self._wire.miner_details_msg(),
-                self._wire.performance_mode_msg(),
-                self._wire.cooling_state_msg(),
+            stats, details = await asyncio.gather(
+                self._wire.miner_stats_msg(), self._wire.miner_details_msg()
             )
+            try:
+                seen = (
+                    int(details.status),
+                    float(_on_wire(stats, "power_stats", "approximated_consumption").watt),
+                )
+            except (LookupError, TypeError, AttributeError, ValueError) as e:
+                raise DeviceFaulted(
+                    f"{self.address}: read: missing or malformed field: {e!r}"
+                ) from e
+            slow = self._slow
+            if slow is None or self._slow_stale(seen):
+                mode_msg, cooling_msg = await asyncio.gather(
+                    self._wire.performance_mode_msg(), self._wire.cooling_state_msg()
+                )
+                slow = (mode_msg, cooling_msg)
+                self._slow, self._slow_seen, self._slow_reads = slow, seen, 0
+        self._slow_reads += 1
+        mode, cooling = slow
         try:
             # Missing messages are malformed replies, missing scalars are zero
             # (proto3 omits defaults), as with pyasic's dicts.
@@ -398,8 +431,16 @@ class BraiinsBackend:
             power_target_w=target_w,
         )
 
+    def _slow_stale(self, seen: tuple[int, float]) -> bool:
+        """Whether the mode and cooling last read may be out of date."""
+        if self._slow is None or self._slow_reads >= SLOW_REFRESH_READS:
+            return True
+        status, power_w = self._slow_seen
+        return seen[0] != status or abs(seen[1] - power_w) > SLOW_POWER_FRAC * max(power_w, 1.0)
+
     async def set_power_target(self, watt: int) -> float:
         """SetPowerTarget (saved and applied); returns the target the miner echoes (W)."""
+        self._slow = None  # whatever happens, read the target again
         reply = await self._wire.set_power_target(watt)
         try:
             return _watt(reply, "powerTarget")
@@ -408,8 +449,10 @@ class BraiinsBackend:
 
     async def sleep(self) -> None:
         """PauseMining (idempotent: an already paused miner says so)."""
+        self._slow = None
         await self._wire.pause()
 
     async def wake(self) -> None:
         """ResumeMining (idempotent)."""
+        self._slow = None
         await self._wire.resume()
