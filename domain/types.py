@@ -9,7 +9,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
+
+if TYPE_CHECKING:
+    from domain.table import DeviceTable
 
 
 class DeviceKind(enum.StrEnum):
@@ -177,6 +180,8 @@ class Snapshot:
     time_s: float
     devices: tuple[DeviceStatus, ...]
     meter_power_w: float | None = None
+    # The devices as columns (row i is devices[i]), where the producer keeps them.
+    table: DeviceTable | None = None
 
     @property
     def budget_w(self) -> float:

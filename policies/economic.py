@@ -29,10 +29,10 @@ increase smaller than ``min_change_w`` is not made (decreases always are).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from operator import attrgetter, is_, itemgetter
+from operator import attrgetter, itemgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -44,14 +44,15 @@ from domain import (
     Limits,
     MinerCapabilities,
     Plan,
+    Setpoint,
     SetpointTable,
     Snapshot,
 )
+from domain.table import DeviceStatics, DeviceTable
 from policies.capping import (
     MOVABLE_KINDS,
     CappingParams,
     DomainTree,
-    domain_loads_w,
     max_level_w,
     pinned_setpoint,
 )
@@ -217,51 +218,50 @@ def plan(
     """Plan setpoints (W) that earn most under every domain's capping target."""
     cp = params.capping
     tree = DomainTree(limits)
-    pins = {p.device_id: p for p in limits.pins}
-    devices = snapshot.devices
-    movable = [
-        d
-        for d in devices
-        if d.controllable and d.kind in MOVABLE_KINDS and (not pins or d.device_id not in pins)
-    ]
-    pinned = (
-        [
-            pinned_setpoint(d, pins[d.device_id])
-            for d in devices
-            if d.controllable
-            and d.kind in MOVABLE_KINDS
-            and d.device_id in pins
-            and not pins[d.device_id].exclude
-        ]
-        if pins
-        else []
-    )
-    if len(movable) + len(pinned) == len(devices):
-        fixed: list[DeviceStatus] = []
-    else:
-        planned_ids = {d.device_id for d in movable} | {d.device_id for d, _ in pinned}
-        fixed = [d for d in devices if d.device_id not in planned_ids]
-    key = limits.directives_key
     names = list(tree.limit_w)
-    cols = _Columns(movable, limits, tree)
-    n = len(movable)
+    key = limits.directives_key
+    pins = {p.device_id: p for p in limits.pins}
+    tab = snapshot.table
+    if tab is None:
+        last = _last_whole
+        tab = DeviceTable.of(snapshot.devices, None if last is None else last.statics)
+    whole = _whole(tab.statics, limits, tree, names)
+    movable = tab.controllable & whole.movable_kind
+    fixed = ~movable
+    pinned: list[tuple[DeviceStatus, Setpoint]] = []
+    for i in whole.rows_of(pins):
+        d = snapshot.devices[i]
+        if movable[i] and not pins[d.device_id].exclude:
+            pinned.append(pinned_setpoint(d, pins[d.device_id]))
+            fixed[i] = False
+        movable[i] = False
+    st = whole.subset(movable)
+    cols = _Columns(tab, st, len(names))
+    n = len(st.rows)
     prev = _Previous(previous, cols)
-    fixed_items = [(d, d.budget_w) for d in fixed] + [(d, sp.planned_w) for d, sp in pinned]
-    fixed_load = domain_loads_w(tree, fixed_items, limits.overhead_w)
+    # What the plan does not move counts at its worst case (pinned: at the pin).
+    fixed_w = np.where(fixed, tab.budget_w, 0.0)
+    fixed_load = node_loads(whole.nodes, fixed_w, len(names))
+    fixed_load[0] += limits.overhead_w  # names[0] is the site
+    index = whole.node_index
+    for d, sp in pinned:
+        for k in tree.chain(d.domain):
+            fixed_load[index[k]] += sp.planned_w
+    fixed_total_w = float(fixed_w.sum()) + sum(sp.planned_w for _, sp in pinned)
     limit = np.array([tree.limit_w[k] for k in names])
 
     # Heading load, as the capping policy counts it, decides the mode.
     heading_w = np.where(prev.known, np.maximum(cols.expected_w, prev.planned_w), cols.expected_w)
-    heading = cols.node_loads(heading_w) + [fixed_load.get(k, 0.0) for k in names]
+    heading = cols.node_loads(heading_w) + fixed_load
     for d, sp in pinned:  # pins count at the higher of plan and expectation here
         for k in tree.chain(d.domain):
-            heading[names.index(k)] += max(sp.planned_w, d.expected_w) - sp.planned_w
+            heading[index[k]] += max(sp.planned_w, d.expected_w) - sp.planned_w
     over = np.flatnonzero(heading > cp.capping_threshold * limit)
 
     segs = _segments(cols, prev, limits, prices, params, snapshot.time_s)
-    avail = cp.capping_target * limit - [fixed_load.get(k, 0.0) for k in names]
+    avail = cp.capping_target * limit - fixed_load
     avail -= cols.node_loads(segs.floor_w)
-    klass = _classes(params.priority, movable)
+    klass = st.classes(params.priority)
     order = _merit_order(segs, cols.pos, klass, params.value_quantum_usd_per_kwh)
     ordered = _Ordered(segs, order)
     filled = fill(ordered.seg, cols.chains, avail, segs.floor_w, cols.clamp, cols.nodes)
@@ -304,7 +304,7 @@ def plan(
     )
     level = np.where(small, prev.planned_w, level)
     target = np.where(on & cols.power_target, level, cols.target_now_w)
-    planned = limits.overhead_w + sum(w for _, w in fixed_items) + float(level.sum())
+    planned = limits.overhead_w + fixed_total_w + float(level.sum())
     changed = (
         previous is None
         or previous.directives_key != key
@@ -356,70 +356,39 @@ def plan(
 ) = range(11)
 
 
-_ID = attrgetter("device_id")
-_KIND = attrgetter("kind")
-_DOMAIN = attrgetter("domain")
-_CAPS = attrgetter("capabilities")
-_POWER_TARGET = attrgetter("power_target")
-_CAP_MIN = attrgetter("power_target_min_w")
-_CAP_MAX = attrgetter("power_target_max_w")
-_CAP_STEP = attrgetter("power_target_step_w")
-_CAN_SLEEP = attrgetter("can_sleep")
-_NAMEPLATE = attrgetter("nameplate_power_w")
-_HASHRATE = attrgetter("nameplate_hashrate_ths")
-_SLEEP = attrgetter("sleep_power_w")
-_EXPECTED = attrgetter("expected_w")
-_AWAKE = attrgetter("awake")
-_SINCE = attrgetter("last_transition_s")
-_AWAKE_CODE = {True: 1, False: 0, None: 2}
-_WAKES_HOUR = attrgetter("wakes_last_hour")
-_TARGET = attrgetter("power_target_w")
+class _Whole:
+    """What a plan derives from a snapshot's ``DeviceStatics`` (every device) under one
+    domain tree, and the movable subset of it it last planned (see ``_Static``).
 
-
-def _floats(values: Iterable[float | None], n: int) -> FloatArr:
-    """A float column; None becomes NaN."""
-    return np.array(list(values), float).reshape(n)
-
-
-class _Static:
-    """What a plan reads of the devices that does not move from tick to tick, and their
-    merit order.
-
-    Reading 50,000 devices into arrays costs more than planning with them, and
-    from one tick to the next only a few columns change. The last one is kept and
-    reused when the same devices (same ids, kinds, domains, nameplates and the very
-    same capability objects, which are immutable) come under the same tree.
+    Building it means reading every device; from one tick to the next nothing in
+    it moves, so the last one is kept while snapshots bring the very same statics
+    object under the same tree.
     """
 
     def __init__(
-        self,
-        key: tuple[object, ...],
-        movable: list[DeviceStatus],
-        lists: _StaticLists,
-        tree: DomainTree,
-        names: list[str],
+        self, statics: DeviceStatics, key: tuple[object, ...], tree: DomainTree, names: list[str]
     ) -> None:
-        n = len(movable)
-        self.key, self.lists = key, lists
-        ids, kinds, domains, caps = lists.ids, lists.kinds, lists.domains, lists.caps
-        index = {k: i for i, k in enumerate(names)}
-        uniq = {dom: i for i, dom in enumerate(dict.fromkeys(domains))}
-        rows = [[index[k] for k in tree.chain(dom)] for dom in uniq]
+        n = len(statics)
+        self.statics, self.key = statics, key
+        self.node_index = {k: i for i, k in enumerate(names)}
+        uniq = {dom: i for i, dom in enumerate(dict.fromkeys(statics.domains))}
+        rows = [[self.node_index[k] for k in tree.chain(dom)] for dom in uniq]
         depth = max((len(c) for c in rows), default=1)
         table = np.array([c + [c[-1]] * (depth - len(c)) for c in rows], np.intp)
-        dom_idx = np.fromiter(map(uniq.__getitem__, domains), np.intp, n)
+        dom_idx = np.fromiter(map(uniq.__getitem__, statics.domains), np.intp, n)
         self.chains = table[dom_idx] if n else np.zeros((0, depth), np.intp)
         self.nodes = by_depth(self.chains, len(names))
+        kinds, caps = statics.kinds, statics.capabilities
         self.is_gpu = np.fromiter((k is DeviceKind.GPU for k in kinds), bool, n)
+        self.movable_kind = np.fromiter((k in MOVABLE_KINDS for k in kinds), bool, n)
         self.power_target = np.fromiter(map(_POWER_TARGET, caps), bool, n)
         self.cap_min = _floats(map(_CAP_MIN, caps), n)
         self.cap_max = _floats(map(_CAP_MAX, caps), n)
+        self.cap_step = _floats(map(_CAP_STEP, caps), n)
         self.can_sleep = np.fromiter(map(_CAN_SLEEP, caps), bool, n)
-        self.clamp = Clamp(self.cap_min, self.cap_max, _floats(map(_CAP_STEP, caps), n))
-        self.nameplate_w = _floats(lists.nameplate_w, n)
-        self.hashrate_ths = _floats(lists.hashrate_ths, n)
-        self.sleep_w = _floats(lists.sleep_w, n)
-        self.gpus = np.flatnonzero(self.is_gpu)
+        self.nameplate_w = statics.nameplate_power_w
+        self.hashrate_ths = statics.nameplate_hashrate_ths
+        self.sleep_w = statics.sleep_power_w
         # Levels as capping.min_level_w / max_level_w define them.
         self.lo_w = np.where(
             self.power_target & ~np.isnan(self.cap_min), self.cap_min, self.nameplate_w
@@ -427,16 +396,68 @@ class _Static:
         self.hi_w = np.where(
             self.power_target & ~np.isnan(self.cap_max), self.cap_max, self.nameplate_w
         )
-        # Merit order, a fixed tie-break: GPUs, then miners by nameplate J/TH, then id.
         with np.errstate(divide="ignore", invalid="ignore"):
-            eff = np.where(self.hashrate_ths > 0, self.nameplate_w / self.hashrate_ths, np.inf)
-        by_id = np.empty(n, np.intp)
-        by_id[sorted(range(n), key=ids.__getitem__)] = np.arange(n)
-        self.order = np.lexsort((by_id, eff, ~self.is_gpu))
+            self.eff = np.where(self.hashrate_ths > 0, self.nameplate_w / self.hashrate_ths, np.inf)
+        self.by_id = np.empty(n, np.intp)
+        self.by_id[sorted(range(n), key=statics.ids.__getitem__)] = np.arange(n)
+        self._rows: dict[str, int] | None = None
+        self._subset: _Static | None = None
+
+    def rows_of(self, ids: Iterable[str]) -> list[int]:
+        """The rows of those of ``ids`` present, in row order."""
+        if self._rows is None:
+            self._rows = {d: i for i, d in enumerate(self.statics.ids)}
+        rows = self._rows
+        return sorted(rows[d] for d in ids if d in rows)
+
+    def subset(self, movable: BoolArr) -> _Static:
+        """The movable devices' static columns; the last ones while ``movable`` is the same."""
+        last = self._subset
+        if last is not None and np.array_equal(last.mask, movable):
+            return last
+        self._subset = built = _Static(self, movable)
+        return built
+
+
+_last_whole: _Whole | None = None
+
+
+def _whole(statics: DeviceStatics, limits: Limits, tree: DomainTree, names: list[str]) -> _Whole:
+    global _last_whole
+    key = (tuple(names), tuple((d.domain_id, d.parent) for d in limits.domains))
+    last = _last_whole
+    if last is not None and last.statics is statics and last.key == key:
+        return last
+    _last_whole = built = _Whole(statics, key, tree, names)
+    return built
+
+
+class _Static:
+    """The movable devices' columns that do not move from tick to tick, and their merit
+    order: a fixed tie-break, GPUs first, then miners by nameplate J/TH, then id."""
+
+    def __init__(self, whole: _Whole, movable: BoolArr) -> None:
+        self.mask = movable.copy()
+        r = self.rows = np.flatnonzero(movable)
+        n = len(r)
+        statics = whole.statics
+        self.ids = _pick(statics.ids, r)
+        self._domains: list[str] | None = None
+        self._statics = statics
+        self.chains, self.nodes = whole.chains[r], whole.nodes[r]
+        self.is_gpu, self.power_target = whole.is_gpu[r], whole.power_target[r]
+        self.cap_min, self.cap_max = whole.cap_min[r], whole.cap_max[r]
+        self.can_sleep = whole.can_sleep[r]
+        self.clamp = Clamp(self.cap_min, self.cap_max, whole.cap_step[r])
+        self.nameplate_w, self.hashrate_ths = whole.nameplate_w[r], whole.hashrate_ths[r]
+        self.sleep_w, self.lo_w, self.hi_w = whole.sleep_w[r], whole.lo_w[r], whole.hi_w[r]
+        self.gpus = np.flatnonzero(self.is_gpu)
+        self.order = np.lexsort((whole.by_id[r], whole.eff[r], ~self.is_gpu))
         self.pos = np.empty(n, np.intp)
         self.pos[self.order] = np.arange(n)
-        self.ranked_ids = _ranked(ids, self.order)
+        self.ranked_ids = _pick(self.ids, self.order)
         self._layouts: dict[int, _MinerLayout] = {}
+        self._classes: tuple[PriorityClasses, IntArr] | None = None
 
     def miner_layout(self, k: int) -> _MinerLayout:
         """The miners' segment bounds with ``k`` raises each (see ``_MinerLayout``)."""
@@ -444,6 +465,39 @@ class _Static:
         if lay is None:
             lay = self._layouts[k] = _MinerLayout(self, k)
         return lay
+
+    def classes(self, priority: PriorityClasses | None) -> IntArr:
+        """Each device's priority class (0 first); all 0 when no classes are configured."""
+        n = len(self.ids)
+        if priority is None or not priority.classes:
+            return np.zeros(n, np.intp)
+        kept = self._classes
+        if kept is not None and kept[0] is priority:
+            return kept[1]
+        if self._domains is None:
+            self._domains = _pick(self._statics.domains, self.rows)
+        klass = np.fromiter(map(priority.class_of, self.ids, self._domains), np.intp, n)
+        self._classes = (priority, klass)
+        return klass
+
+
+def _pick(values: Sequence[str], rows: IntArr) -> list[str]:
+    """``values`` at ``rows``, as a list."""
+    if len(rows) > 1:
+        return list(itemgetter(*rows.tolist())(values))
+    return [values[k] for k in rows.tolist()]
+
+
+_POWER_TARGET = attrgetter("power_target")
+_CAP_MIN = attrgetter("power_target_min_w")
+_CAP_MAX = attrgetter("power_target_max_w")
+_CAP_STEP = attrgetter("power_target_step_w")
+_CAN_SLEEP = attrgetter("can_sleep")
+
+
+def _floats(values: Iterable[float | None], n: int) -> FloatArr:
+    """A float column; None becomes NaN."""
+    return np.array(list(values), float).reshape(n)
 
 
 class _MinerLayout:
@@ -478,84 +532,31 @@ class _MinerLayout:
         self.ths_a = np.where(self.wake, 0.0, _hashrate_at(nameplate, hashrate, self.a_w))
 
 
-@dataclass(frozen=True, slots=True)
-class _StaticLists:
-    ids: list[str]
-    kinds: list[DeviceKind]
-    domains: list[str]
-    caps: list[MinerCapabilities]
-    nameplate_w: list[float]
-    hashrate_ths: list[float]
-    sleep_w: list[float]
-
-    @classmethod
-    def of(cls, movable: list[DeviceStatus]) -> _StaticLists:
-        return cls(
-            list(map(_ID, movable)),
-            list(map(_KIND, movable)),
-            list(map(_DOMAIN, movable)),
-            list(map(_CAPS, movable)),
-            list(map(_NAMEPLATE, movable)),
-            list(map(_HASHRATE, movable)),
-            list(map(_SLEEP, movable)),
-        )
-
-    def same(self, other: _StaticLists) -> bool:
-        """Equal lists, and the very same capability objects."""
-        return (
-            self.ids == other.ids
-            and self.kinds == other.kinds
-            and self.domains == other.domains
-            and len(self.caps) == len(other.caps)
-            and all(map(is_, self.caps, other.caps))
-            and self.nameplate_w == other.nameplate_w
-            and self.hashrate_ths == other.hashrate_ths
-            and self.sleep_w == other.sleep_w
-        )
-
-
-_last_static: _Static | None = None
-
-
-def _static(movable: list[DeviceStatus], limits: Limits, tree: DomainTree) -> _Static:
-    global _last_static
-    names = list(tree.limit_w)
-    key = (tuple(names), tuple((d.domain_id, d.parent) for d in limits.domains))
-    lists = _StaticLists.of(movable)
-    last = _last_static
-    if last is not None and last.key == key and last.lists.same(lists):
-        return last
-    _last_static = built = _Static(key, movable, lists, tree, names)
-    return built
-
-
 class _Columns:
-    """The movable devices as arrays: the static part (see ``_Static``) and the rest."""
+    """The movable devices as arrays: the static part (see ``_Static``) and this tick's."""
 
-    def __init__(self, movable: list[DeviceStatus], limits: Limits, tree: DomainTree) -> None:
-        n = len(movable)
-        st = self.static = _static(movable, limits, tree)
-        self.n_nodes = len(tree.limit_w)
-        self.ids = st.lists.ids
+    def __init__(self, tab: DeviceTable, st: _Static, n_nodes: int) -> None:
+        self.static = st
+        self.n_nodes = n_nodes
+        self.ids = st.ids
         self.chains, self.nodes = st.chains, st.nodes
         self.is_gpu, self.power_target = st.is_gpu, st.power_target
         self.cap_min, self.cap_max, self.can_sleep = st.cap_min, st.cap_max, st.can_sleep
         self.clamp, self.nameplate_w, self.hashrate_ths = st.clamp, st.nameplate_w, st.hashrate_ths
         self.sleep_w, self.gpus, self.lo_w, self.hi_w = st.sleep_w, st.gpus, st.lo_w, st.hi_w
         self.order, self.pos, self.ranked_ids = st.order, st.pos, st.ranked_ids
-        self.expected_w = _floats(map(_EXPECTED, movable), n)
-        awake = np.fromiter(map(_AWAKE_CODE.__getitem__, map(_AWAKE, movable)), np.int8, n)
+        r = st.rows
+        self.expected_w = tab.expected_w[r]
+        awake = tab.awake[r]
         self.awake_true, self.awake_false = awake == 1, awake == 0
-        self.since_s = _floats(map(_SINCE, movable), n)
-        self.wakes = _floats(map(_WAKES_HOUR, movable), n)
-        self.target_now_w = _floats(map(_TARGET, movable), n)
-        self.util = np.full(n, np.nan)
-        self.age_s = np.full(n, np.nan)
-        for i in self.gpus.tolist():
-            d = movable[i]
-            r = d.reading
-            if r is not None and r.utilization_frac is not None and d.reading_age_s is not None:
-                self.util[i], self.age_s[i] = r.utilization_frac, d.reading_age_s
+        self.since_s = tab.last_transition_s[r]
+        self.wakes = tab.wakes_last_hour[r]
+        self.target_now_w = tab.power_target_w[r]
+        # A GPU's utilization counts only with the age of the reading it came with.
+        util, age = tab.utilization_frac[r], tab.reading_age_s[r]
+        both = st.is_gpu & ~np.isnan(util) & ~np.isnan(age)
+        self.util = np.where(both, util, np.nan)
+        self.age_s = np.where(both, age, np.nan)
 
     def node_loads(self, w: FloatArr) -> FloatArr:
         """Per node: the sum of ``w`` (per device) over the devices below it."""
@@ -608,10 +609,6 @@ def _merit_order(segs: _Segs, pos: IntArr, klass: IntArr, quantum: float) -> Int
             k = klass[dev].astype(np.int64)
             return np.argsort(((k * span + (steps - lo)) * n + pos[dev]) * per + j)
     return np.lexsort((j, pos[dev], -segs.value_q, klass[dev]))
-
-
-def _ranked(ids: list[str], order: IntArr) -> list[str]:
-    return list(itemgetter(*order.tolist())(ids)) if len(order) > 1 else [ids[k] for k in order]
 
 
 class _Segs:
@@ -930,15 +927,6 @@ def _gpu_demand(cols: _Columns, g: IntArr, prices: Prices, params: EconomicParam
     else:
         default = params.default_utilization_frac
     return np.where(fresh, measured, default)
-
-
-def _classes(priority: PriorityClasses | None, movable: list[DeviceStatus]) -> IntArr:
-    """Each device's priority class (0 first); all 0 when no classes are configured."""
-    if priority is None or not priority.classes:
-        return np.zeros(len(movable), np.intp)
-    return np.fromiter(
-        (priority.class_of(d.device_id, d.domain) for d in movable), np.intp, len(movable)
-    )
 
 
 class _Reasons:

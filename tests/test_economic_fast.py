@@ -55,7 +55,7 @@ def test_columns_kept_between_ticks_give_the_plan_a_cold_start_gives(case: Case)
     plan(snap, lim, prices, params)  # keeps this site's columns
     later = moved(snap, expected_w=1234.0, awake=True)
     warm = plan(later, lim, prices, params)
-    economic._last_static = None
+    economic._last_whole = None
     cold = plan(later, lim, prices, params)
     assert list(warm.setpoints) == list(cold.setpoints)  # reasons included
     # A nameplate that changed under the same capability object is read again.

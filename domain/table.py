@@ -1,0 +1,161 @@
+"""A snapshot's devices as columns, for plans over tens of thousands of devices.
+
+Reading 50,000 ``DeviceStatus`` objects into arrays costs more than planning
+with the arrays, and most of what a plan reads does not change from one tick
+to the next. So a snapshot may carry its devices as a ``DeviceTable`` too: row
+``i`` is ``snapshot.devices[i]``. The part that rarely changes (ids, kinds,
+domains, capabilities, nameplates) is a separate ``DeviceStatics`` that the
+producer hands on unchanged, the very same object, for as long as none of it
+changes, so a consumer that derived something from it can keep that while
+``statics is last_statics``.
+
+The arrays are read-only (``writeable`` is off). Missing numbers are NaN; the
+awake flag is 1 (awake), 0 (asleep) or -1 (unknown); states and kinds are
+indices into ``STATES`` and ``KINDS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import attrgetter, is_
+
+import numpy as np
+import numpy.typing as npt
+
+from domain.types import DeviceKind, DeviceState, DeviceStatus, MinerCapabilities
+
+FloatArr = npt.NDArray[np.float64]
+BoolArr = npt.NDArray[np.bool_]
+CodeArr = npt.NDArray[np.int8]
+
+STATES: tuple[DeviceState, ...] = tuple(DeviceState)
+KINDS: tuple[DeviceKind, ...] = tuple(DeviceKind)
+STATE_CODE = {s: i for i, s in enumerate(STATES)}
+KIND_CODE = {k: i for i, k in enumerate(KINDS)}
+AWAKE_CODE = {True: 1, False: 0, None: -1}
+
+
+def floats(values: Sequence[float | None]) -> FloatArr:
+    """A read-only float column of ``values``; None becomes NaN."""
+    out = np.array(values, np.float64)  # None becomes NaN
+    out.flags.writeable = False
+    return out
+
+
+def codes(values: Sequence[int]) -> CodeArr:
+    """A read-only column of small integer codes."""
+    out = np.array(values, np.int8)
+    out.flags.writeable = False
+    return out
+
+
+def flags(values: Sequence[bool]) -> BoolArr:
+    """A read-only boolean column."""
+    out = np.array(values, np.bool_)
+    out.flags.writeable = False
+    return out
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DeviceStatics:
+    """What a snapshot's devices have that rarely changes, one entry per device.
+
+    Compared by identity: a producer passes on the same object while nothing in
+    it changes, and makes a new one when anything does.
+    """
+
+    ids: tuple[str, ...]
+    kinds: tuple[DeviceKind, ...]
+    domains: tuple[str, ...]
+    capabilities: tuple[MinerCapabilities, ...]
+    nameplate_power_w: FloatArr
+    nameplate_hashrate_ths: FloatArr
+    sleep_power_w: FloatArr
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def of(
+        cls, devices: Sequence[DeviceStatus], reuse: DeviceStatics | None = None
+    ) -> DeviceStatics:
+        """The statics of ``devices``; ``reuse`` itself when it holds the same values
+        and the very same (immutable) capability objects."""
+        ids = tuple(map(_ID, devices))
+        kinds = tuple(map(_KIND, devices))
+        domains = tuple(map(_DOMAIN, devices))
+        caps = tuple(map(_CAPS, devices))
+        nameplate = list(map(_NAMEPLATE, devices))
+        hashrate = list(map(_HASHRATE, devices))
+        sleep = list(map(_SLEEP, devices))
+        if (
+            reuse is not None
+            and reuse.ids == ids
+            and reuse.kinds == kinds
+            and reuse.domains == domains
+            and len(reuse.capabilities) == len(caps)
+            and all(map(is_, reuse.capabilities, caps))
+            and reuse.nameplate_power_w.tolist() == nameplate
+            and reuse.nameplate_hashrate_ths.tolist() == hashrate
+            and reuse.sleep_power_w.tolist() == sleep
+        ):
+            return reuse
+        return cls(ids, kinds, domains, caps, floats(nameplate), floats(hashrate), floats(sleep))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DeviceTable:
+    """A snapshot's devices as columns (row ``i`` is the snapshot's ``devices[i]``)."""
+
+    statics: DeviceStatics
+    state: CodeArr  # index into STATES
+    budget_w: FloatArr
+    expected_w: FloatArr
+    controllable: BoolArr
+    awake: CodeArr  # 1 awake, 0 asleep, -1 unknown
+    power_target_w: FloatArr
+    last_transition_s: FloatArr
+    wakes_last_hour: FloatArr
+    utilization_frac: FloatArr  # from the last good reading
+    reading_age_s: FloatArr
+
+    def __len__(self) -> int:
+        return len(self.statics)
+
+    @classmethod
+    def of(cls, devices: Sequence[DeviceStatus], reuse: DeviceStatics | None = None) -> DeviceTable:
+        """The columns of ``devices``; their statics are ``reuse`` where nothing changed."""
+        readings = list(map(_READING, devices))
+        return cls(
+            statics=DeviceStatics.of(devices, reuse),
+            state=codes(list(map(STATE_CODE.__getitem__, map(_STATE, devices)))),
+            budget_w=floats(list(map(_BUDGET, devices))),
+            expected_w=floats(list(map(_EXPECTED, devices))),
+            controllable=flags(list(map(_CONTROLLABLE, devices))),
+            awake=codes(list(map(AWAKE_CODE.__getitem__, map(_AWAKE, devices)))),
+            power_target_w=floats(list(map(_TARGET, devices))),
+            last_transition_s=floats(list(map(_SINCE, devices))),
+            wakes_last_hour=floats(list(map(_WAKES, devices))),
+            utilization_frac=floats([None if r is None else r.utilization_frac for r in readings]),
+            reading_age_s=floats(list(map(_AGE, devices))),
+        )
+
+
+_ID = attrgetter("device_id")
+_KIND = attrgetter("kind")
+_DOMAIN = attrgetter("domain")
+_CAPS = attrgetter("capabilities")
+_NAMEPLATE = attrgetter("nameplate_power_w")
+_HASHRATE = attrgetter("nameplate_hashrate_ths")
+_SLEEP = attrgetter("sleep_power_w")
+_STATE = attrgetter("state")
+_BUDGET = attrgetter("budget_w")
+_EXPECTED = attrgetter("expected_w")
+_CONTROLLABLE = attrgetter("controllable")
+_AWAKE = attrgetter("awake")
+_TARGET = attrgetter("power_target_w")
+_SINCE = attrgetter("last_transition_s")
+_WAKES = attrgetter("wakes_last_hour")
+_AGE = attrgetter("reading_age_s")
+_READING = attrgetter("reading")
