@@ -38,6 +38,18 @@ firmware answers ``settings`` the same way whether it applied it or not).
 These two, the token lifetime and the state ``restarting`` are the
 simulator's choices, not observed firmware behaviour (the recording shows
 ``auto-tuning``; ``stopped`` is one of the states pyasic's ``_is_mining`` knows).
+
+The web API keeps HTTP/1.1 connections open (persistent connections, as the
+web servers embedded in miner firmware do unless the client asks for
+``Connection: close``; HTTP/1.0 only with ``Connection: keep-alive``) until the
+client closes them, they sit idle for ``KEEPALIVE_IDLE_S`` (the simulator's
+choice: the recording has no headers), the listeners close (a reboot, the
+``refuse`` fault: the process behind them is gone, so are its connections), a
+``garbage`` answer is sent, or ``restart_web()`` (the web server restarts
+between two requests) / ``drop_next_request()`` (the connection is cut as the
+next request, or the next one of a kind, arrives: unanswered, and carried out
+first with ``act``) says so. ``http_connections`` counts the connections
+accepted on port 80, ``dropped_requests`` the requests cut.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sim.base import (
+    _REASONS,
     DEFAULT_REBOOT_DOWN_S,
     IDLE_POWER_W,
     HttpRequest,
@@ -59,6 +72,7 @@ from sim.base import (
     json_response,
     rpc_status,
 )
+from sim.faults import GARBAGE_BYTES, Fault
 from sim.power import HASHRATE_POWER_EXPONENT
 
 VNISH_VERSION = "1.2.7"
@@ -74,6 +88,10 @@ _PAGE = (
     b'  </head>\n  <body><div id="app"></div></body>\n</html>\n'
 )
 _SETTINGS_REPLY = {"restart_required": False, "reboot_required": False}
+# A kept-alive web connection is closed after this long (s) without a request.
+KEEPALIVE_IDLE_S = 60.0
+# How long (s) a request may take to arrive once its first byte has.
+REQUEST_READ_S = 5.0
 
 
 @dataclass(slots=True)
@@ -129,6 +147,10 @@ class SimVNish(SimMinerBase):
         self.writes = 0  # control writes executed (tests check there are no blind retries)
         # Requests answered, by "GET /api/v1/summary" / "rpc stats" (tests count a sweep's cost).
         self.requests: collections.Counter[str] = collections.Counter()
+        self.http_connections = 0  # accepted on port 80 (tests check connections are reused)
+        self._http_writers: set[asyncio.StreamWriter] = set()
+        self.dropped_requests = 0  # cut by drop_next_request
+        self._drop_next: tuple[str, bool] | None = None
         self._tuning = False
         self._since_s = self.clock()
         self.power.set_target(np_w, self.clock())
@@ -193,6 +215,39 @@ class SimVNish(SimMinerBase):
         self.tokens.clear()
         self._since_s = self.clock()
         super().reboot(down_s)
+
+    @property
+    def open_http_connections(self) -> int:
+        """Web connections open now."""
+        return len(self._http_writers)
+
+    def restart_web(self) -> None:
+        """The web server restarts: every open web connection is closed (sessions survive)."""
+        for w in list(self._http_writers):
+            w.close()
+
+    def drop_next_request(self, request: str = "", *, act: bool = False) -> None:
+        """Cut the connection the next web request (``request``: only the next
+        "POST /api/v1/settings") arrives on, without an answer; with ``act`` the
+        miner carries it out first, so only the answer is lost."""
+        self._drop_next = (request, act)
+
+    def _dropped(self, req: HttpRequest) -> bool:
+        """Whether ``req`` is the one to cut (carried out first if so asked)."""
+        drop = self._drop_next
+        if drop is None or (drop[0] and drop[0] != f"{req.method} {req.path.split('?', 1)[0]}"):
+            return False
+        self._drop_next = None
+        self.dropped_requests += 1
+        if drop[1]:
+            self.http_request(req)
+        return True
+
+    async def _close(self) -> None:
+        # The connections go with the listeners (the process behind both is gone);
+        # closed first, and with no await in between, so none is accepted after.
+        self.restart_web()
+        await super()._close()
 
     # -- CGMiner API (4028) ----------------------------------------------------------
 
@@ -294,6 +349,64 @@ class SimVNish(SimMinerBase):
         return row
 
     # -- web API (80) ----------------------------------------------------------------
+
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """HTTP/1.1 on one connection: requests answered in turn while it is kept alive."""
+        if 80 not in self._servers:
+            # Accepted just before the listener closed (a reboot, ``refuse``): gone with it.
+            writer.close()
+            return
+        self.http_connections += 1
+        self._http_writers.add(writer)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(KEEPALIVE_IDLE_S):
+                        first = await reader.readexactly(1)
+                except asyncio.IncompleteReadError:
+                    return  # the client closed it
+                async with asyncio.timeout(REQUEST_READ_S):
+                    head = first + await reader.readuntil(b"\r\n\r\n")
+                    lines = head.decode("latin-1").split("\r\n")
+                    method, path, version = ([*lines[0].split(" ", 2), "", ""])[:3]
+                    headers: dict[str, str] = {}
+                    for line in lines[1:]:
+                        if ":" in line:
+                            k, v = line.split(":", 1)
+                            headers[k.strip().lower()] = v.strip()
+                    n = int(headers.get("content-length", "0") or 0)
+                    body = await reader.readexactly(n) if n else b""
+                req = HttpRequest(method, path, headers, body)
+                if self._dropped(req):
+                    return
+                if not await self._delay():
+                    return
+                if self.faults.fault is Fault.GARBAGE:
+                    writer.write(GARBAGE_BYTES)
+                    await writer.drain()
+                    return
+                conn = headers.get("connection", "").lower()
+                keep = "close" not in conn and (version == "HTTP/1.1" or "keep-alive" in conn)
+                resp = self.http_request(req)
+                out = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}"]
+                out += [f"{k}: {v}" for k, v in resp.headers]
+                out += [f"Content-Length: {len(resp.body)}"]
+                out += ["Connection: keep-alive" if keep else "Connection: close", "", ""]
+                writer.write("\r\n".join(out).encode("latin-1") + resp.body)
+                await writer.drain()
+                if not keep or writer.is_closing():
+                    return
+        except (
+            ConnectionError,
+            TimeoutError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
+            pass
+        finally:
+            self._http_writers.discard(writer)
+            writer.close()
 
     def _authorised(self, req: HttpRequest) -> bool:
         token = req.headers.get("authorization", "").removeprefix("Bearer ").strip()
