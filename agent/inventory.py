@@ -198,7 +198,12 @@ def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[D
 
 
 async def close_drivers(trackers: list[DeviceTracker]) -> None:
-    """Close every GPU node once (SSH sessions; NVML limits restored where configured)."""
+    """Close every GPU node once (SSH sessions; NVML limits restored where configured),
+    and every miner driver that keeps a connection open (VNish's web connection)."""
+    miners = [t.driver for t in trackers if isinstance(t.driver, AsicDriver)]
+    for result in await asyncio.gather(*(d.close() for d in miners), return_exceptions=True):
+        if isinstance(result, BaseException):
+            log.debug("miner close failed: %s", result)
     nodes = {id(t.driver.node): t.driver.node for t in trackers if isinstance(t.driver, GpuDevice)}
     results = await asyncio.gather(
         *(n.driver.close() for n in nodes.values()), return_exceptions=True

@@ -189,6 +189,12 @@ class AsicDriver:
         await self._call("wake", self.backend.wake, control=True)
         self._last_state = None
 
+    async def close(self) -> None:
+        """Release what the adapter keeps open between calls (VNish: its web connection)."""
+        close: Callable[[], Awaitable[None]] | None = getattr(self.backend, "close", None)
+        if close is not None:
+            await close()
+
 
 async def _probe_any(address: str, timeout_s: float) -> bool:
     """True if any management port of ``address`` accepts a TCP connection."""

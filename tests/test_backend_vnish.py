@@ -15,7 +15,10 @@ from typing import TypeVar
 import pyasic
 import pytest
 from pyasic.miners.backends.vnish import VNish
+from pyasic.web.vnish import VNishWebAPI
 
+from agent.devices import Connector, DeviceTracker, MinerDriver
+from agent.inventory import close_drivers
 from agent.inventory_store import backend_of
 from domain.errors import (
     DeviceError,
@@ -27,7 +30,7 @@ from domain.errors import (
 from domain.types import DeviceState
 from drivers.asic import AsicDriver, discover
 from drivers.backends import BACKENDS
-from drivers.backends.vnish import PRESET_REFRESH_READS
+from drivers.backends.vnish import KEEPALIVE_BUDGET, PRESET_REFRESH_READS, VNishBackend
 from sim.base import IDLE_POWER_W
 from sim.site import SimSite
 from sim.vnish import PRESET_STEP_W, VNISH_VERSION, SimVNish
@@ -408,6 +411,7 @@ async def test_reboot_is_unreachable_then_back_with_a_new_session(
     clock.advance(100.0)
     assert not (await drv.read()).errors
     old_tokens = set(m.tokens)
+    n = m.http_connections
     site.set_fault(m.address, "reboot", down_s=0.3)
     await site.ready()
     with pytest.raises(DeviceUnreachable):
@@ -419,6 +423,8 @@ async def test_reboot_is_unreachable_then_back_with_a_new_session(
     assert r.state is DeviceState.MINING
     assert "mining restarted (uptime reset)" in r.errors
     assert m.tokens and not (m.tokens & old_tokens)
+    # The connection died with the old process: one new one, kept after the reboot.
+    assert m.http_connections == n + 1 and m.open_http_connections == 1
     clock.advance(WAKE_S)
     r = await drv.read()
     assert r.power_w == pytest.approx(3010.0, abs=1) and not r.errors
@@ -462,6 +468,199 @@ async def test_a_write_of_unknown_outcome_is_not_repeated_blind(site: SimSite) -
     # The driver re-reads first, sees the preset already set, and sends nothing.
     assert await drv.set_power_target(2500.0) == 2470.0
     assert m.writes == 1
+
+
+# -- one kept web connection per miner --------------------------------------------------
+
+
+def backend(drv: AsicDriver) -> VNishBackend:
+    b = drv.backend
+    assert isinstance(b, VNishBackend)
+    return b
+
+
+async def test_sim_keeps_http11_connections_until_asked_to_close(site: SimSite) -> None:
+    m = sim(site)
+    reader, writer = await asyncio.open_connection(m.address, 80)
+
+    async def get(extra: str = "") -> bytes:
+        writer.write(f"GET / HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        n = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+        return head + await reader.readexactly(n)
+
+    assert b"keep-alive" in await get() and b"AnthillOS" in await get()
+    assert b"Connection: close" in await get("Connection: close\r\n")
+    assert await reader.read() == b""  # closed after the answer
+    writer.close()
+    assert m.http_connections == 1 and m.requests["GET /"] == 3
+
+
+async def test_pyasic_own_client_opens_a_connection_per_request(site: SimSite) -> None:
+    """Why the adapter keeps its own (and that ``http_connections`` counts them)."""
+    m = sim(site)
+    web = VNishWebAPI(m.address)
+    for _ in range(3):
+        await web.summary()
+    assert m.http_connections == 4  # unlock, then one per summary
+
+
+async def test_readings_reuse_one_connection_until_closed(site: SimSite) -> None:
+    m = sim(site)
+    drv = await connect(site)
+    before = m.http_connections  # identification's probes and pyasic's own calls
+    drv2 = await AsicDriver.from_inventory(
+        "v0", m.address, backend="vnish", model="S19 XP", timeout_s=TIMEOUT_S
+    )
+    await drv.close()  # the identifying driver's: not used again
+    assert backend(drv2).web.keeps_connection
+    for _ in range(PRESET_REFRESH_READS + 2):
+        assert (await drv2.read()).power_w == pytest.approx(3010.0, abs=1)
+    await drv2.set_power_target(2500.0)
+    await drv2.sleep()
+    await drv2.wake()
+    # Unlock, identify's three calls, every reading and write: one connection.
+    assert m.http_connections == before + 1 and m.open_http_connections == 1
+    assert m.requests["GET /api/v1/summary"] >= PRESET_REFRESH_READS + 2
+    held = KEEPALIVE_BUDGET.held
+    await drv2.close()
+    assert KEEPALIVE_BUDGET.held == held - 1
+    await until(lambda: m.open_http_connections == 0)
+    assert (await drv2.read()).state is DeviceState.MINING  # a closed driver opens a new one
+    assert m.http_connections == before + 2
+    await drv2.close()
+
+
+def already(d: AsicDriver) -> Connector:
+    async def connect() -> MinerDriver:
+        return d
+
+    return connect
+
+
+async def test_the_agent_closes_the_kept_connections_on_its_way_out(site: SimSite) -> None:
+    drivers = [await connect(site, i) for i in range(3)]
+    trackers = []
+    for d in drivers:
+        t = DeviceTracker(
+            d.device_id,
+            address=d.address,
+            domain="site",
+            nameplate_power_w=3000.0,
+            nameplate_hashrate_ths=100.0,
+            sleep_power_w=SLEEP_W,
+            connect=already(d),
+        )
+        t.attach(d)
+        trackers.append(t)
+    assert all(sim(site, i).open_http_connections == 1 for i in range(3))
+    await close_drivers(trackers)
+    await until(lambda: all(sim(site, i).open_http_connections == 0 for i in range(3)))
+
+
+async def test_past_the_descriptor_budget_a_connection_is_not_kept(
+    site: SimSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = sim(site)
+    monkeypatch.setattr(KEEPALIVE_BUDGET, "limit", lambda: KEEPALIVE_BUDGET.held)
+    drv = await connect(site)
+    assert not backend(drv).web.keeps_connection
+    await drv.read()  # the first reading asks for the preset too
+    before = m.http_connections
+    for _ in range(3):
+        assert (await drv.read()).power_w == pytest.approx(3010.0, abs=1)
+    assert m.http_connections == before + 3
+    await until(lambda: m.open_http_connections == 0)
+    await drv.close()
+
+
+async def test_a_web_server_restart_or_idle_close_is_recovered_without_a_failure(
+    site: SimSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = sim(site)
+    drv = await connect(site)
+    await drv.read()
+    n = m.http_connections
+    m.restart_web()
+    await until(lambda: m.open_http_connections == 0)
+    m.requests.clear()
+    assert (await drv.read()).state is DeviceState.MINING
+    # The closed connection was seen before use: a new one, one request, no resend.
+    assert m.http_connections == n + 1 and dict(m.requests) == {"GET /api/v1/summary": 1}
+    # The miner closes a connection left idle.
+    monkeypatch.setattr("sim.vnish.KEEPALIVE_IDLE_S", 0.2)
+    await drv.read()  # the next wait for a request is the short one
+    await until(lambda: m.open_http_connections == 0)
+    assert (await drv.read()).state is DeviceState.MINING
+    assert m.http_connections == n + 2
+    await drv.close()
+
+
+async def test_a_read_cut_mid_request_is_sent_once_more_on_a_fresh_connection(
+    site: SimSite,
+) -> None:
+    m = sim(site)
+    drv = await connect(site)
+    await drv.read()
+    n = m.http_connections
+    m.requests.clear()
+    m.drop_next_request("GET /api/v1/summary")
+    r = await drv.read()
+    assert r.power_w == pytest.approx(3010.0, abs=1) and not r.errors
+    assert m.dropped_requests == 1 and m.http_connections == n + 1
+    assert dict(m.requests) == {"GET /api/v1/summary": 1}
+    # Only once: an answer that is not HTTP is still a fault, after one more try.
+    site.set_fault(m.address, "garbage")
+    with pytest.raises(DeviceFaulted):
+        await drv.read()
+    assert m.http_connections == n + 2  # the kept one, then one fresh one
+    site.set_fault(m.address, "none")
+    assert (await drv.read()).state is DeviceState.MINING
+    assert m.http_connections == n + 3
+    await drv.close()
+
+
+async def test_a_write_cut_mid_request_is_not_sent_again(site: SimSite) -> None:
+    m = sim(site)
+    drv = await connect(site)
+    await drv.read()
+    # Cut before the miner acted: nothing happened, and nothing is resent.
+    m.drop_next_request("POST /api/v1/mining/stop")
+    with pytest.raises(DeviceFaulted):
+        await drv.sleep()
+    assert m.dropped_requests == 1 and m.requests["POST /api/v1/mining/stop"] == 0
+    assert not m.power.paused
+    # The driver reads before it writes again, then stops the miner.
+    m.requests.clear()
+    await drv.sleep()
+    assert next(iter(m.requests)) == "GET /api/v1/summary"
+    assert m.requests["POST /api/v1/mining/stop"] == 1 and m.power.paused
+    await drv.wake()
+    # Cut after the miner acted: only the answer is lost. The write is not resent,
+    # and the next one finds the preset set by reading and sends nothing.
+    m.drop_next_request("POST /api/v1/settings", act=True)
+    with pytest.raises(DeviceFaulted):
+        await drv.set_power_target(2500.0)
+    assert m.writes == 3 and m.preset == "2470"  # stop, start, this preset
+    assert m.requests["POST /api/v1/settings"] == 1
+    assert await drv.set_power_target(2500.0) == 2470.0
+    assert m.writes == 3 and m.requests["POST /api/v1/settings"] == 1
+    await drv.close()
+
+
+async def test_a_late_answer_is_never_taken_for_the_next_request(site: SimSite) -> None:
+    m = sim(site)
+    drv = await connect(site)
+    await drv.read()
+    n = m.http_connections
+    site.set_fault(m.address, "slow", delay_s=0.8)
+    with pytest.raises(DeviceUnreachable):
+        await drv.read()  # summary asked, no answer within 0.5 s
+    site.set_fault(m.address, "none")  # the late summary answer goes out now
+    reply = await backend(drv).web.settings()
+    assert "overclock" in reply["miner"]  # the settings answer, not the summary
+    assert m.http_connections == n + 1  # the timed-out connection was not reused
+    await drv.close()
 
 
 # -- registration -----------------------------------------------------------------------

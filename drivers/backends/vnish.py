@@ -46,17 +46,29 @@ pyasic quirks worked around (pyasic 0.79.0):
 - ``_get_wattage`` reads ``power_usage``; the adapter reads
   ``power_consumption`` (both carry watts on the recorded 1.2.7, but
   ``power_usage`` is the older name).
+- ``VNishWebAPI`` builds a new httpx client and transport for every request
+  (web/vnish.py:37, :66), so every reading opens a TCP connection: most of a
+  reading's CPU at 10,000 miners. ``_KeptConnectionWebAPI`` is pyasic's client
+  with one kept-alive connection per miner (see there for what is retried).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+import resource
+import warnings
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+from pyasic import settings
 from pyasic.errors import APIError
 from pyasic.miners.backends.vnish import VNish
+from pyasic.web.vnish import VNishWebAPI
 
 from domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
 from domain.types import DeviceState, MinerIdentity
@@ -80,6 +92,211 @@ _NOT_200 = "Failed to send command to miner"
 _SLEEP_STATES = frozenset({"stopped", "shutting-down"})
 # ``info.hr_measure`` -> TH/s per unit of ``hr_realtime``.
 _TO_THS = {"GH/s": 1e-3, "TH/s": 1.0, "MH/s": 1e-6}
+
+
+# A kept web connection idle this long (s) is closed by us rather than reused: longer
+# than the telemetry interval (5 s by default) so that each reading reuses it, and
+# short enough that we, not the miner, usually close an idle one (a miner closing it
+# just as a request goes out is the one case a read has to be sent again for).
+KEEPALIVE_EXPIRY_S = 15.0
+# Descriptors left to everything else (other firmwares' per-request sockets, the API,
+# SSH, SQLite): at least this many, or a quarter of the limit if that is more.
+FD_RESERVE = 1024
+
+# A kept connection that failed this way may have been closed by the miner before
+# or while the request went out (idle timeout, web server restart, reboot): a read
+# is sent once more on a fresh connection, a write never is.
+_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class _KeepAliveBudget:
+    """How many miners in this process may keep a web connection open (one descriptor each).
+
+    With the soft ``RLIMIT_NOFILE`` that systemd gives a service by default (1024)
+    10,000 kept connections would make every new socket fail (EMFILE), a miner's and
+    a GPU node's alike; past the budget a miner's client closes its connection after
+    each request, as pyasic's does.
+    """
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def limit(self) -> int:
+        """Kept connections allowed now (from the soft descriptor limit)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 30
+        return max(0, soft - max(FD_RESERVE, soft // 4))
+
+    def take(self) -> bool:
+        """Reserve one kept connection; False when the budget is spent."""
+        if self.held >= self.limit():
+            return False
+        self.held += 1
+        return True
+
+    def give(self) -> None:
+        """Return one reserved kept connection."""
+        self.held -= 1
+
+
+KEEPALIVE_BUDGET = _KeepAliveBudget()
+
+
+class _KeptConnectionWebAPI(VNishWebAPI):  # type: ignore[misc]  # pyasic is untyped
+    """pyasic's VNish web client, its requests sharing one kept-alive HTTP/1.1 connection.
+
+    ``auth`` and ``send_command`` are pyasic 0.79.0's (web/vnish.py:36-117: the
+    same requests, headers, timeouts, re-login on a status other than 200,
+    ``APIError`` texts and warnings) on one ``httpx.AsyncClient`` made on first
+    use and closed by ``aclose`` (the driver's ``close``). Its pool holds one
+    connection (requests of one miner queue for it; a miner's web server is
+    small), kept for ``KEEPALIVE_EXPIRY_S`` between requests while
+    ``KEEPALIVE_BUDGET`` allows. httpcore drops a kept connection the miner has
+    closed before reusing it (``has_expired``: idle and readable) and closes one
+    whose exchange did not finish (a timeout, a cancel, a cut), so a late answer
+    is never read as the next request's.
+
+    What differs from pyasic: a read (GET) or ``unlock`` that fails as a
+    connection closed under it (``_STALE``) is sent once more, on a fresh
+    connection; a write (POST) is never sent again after a transport error, even
+    where pyasic's ``get_data_retries`` would (these APIs have no idempotency key:
+    the driver reads state before any retry), and its error is raised ``from``
+    the httpx one.
+    """
+
+    def __init__(self, ip: str) -> None:
+        super().__init__(ip)
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._release: weakref.finalize[Any, Any] | None = None
+
+    @property
+    def keeps_connection(self) -> bool:
+        """Whether this miner's client keeps its connection between requests."""
+        return self._release is not None and self._release.alive
+
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._loop is loop:
+            return self._client
+        # A connection belongs to the loop that opened it; one made under another
+        # loop (gone by now) is left to the collector.
+        self._drop_budget()
+        kept = KEEPALIVE_BUDGET.take()
+        if kept:
+            self._release = weakref.finalize(self, KEEPALIVE_BUDGET.give)
+        limits = httpx.Limits(
+            max_connections=1,
+            max_keepalive_connections=1 if kept else 0,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        )
+        # pyasic's shared SSL context: building one per client costs milliseconds.
+        transport = httpx.AsyncHTTPTransport(verify=settings.ssl_cxt, limits=limits)
+        self._client, self._loop = httpx.AsyncClient(transport=transport), loop
+        return self._client
+
+    def _drop_budget(self) -> None:
+        if self._release is not None:
+            self._release()  # runs once: gives the kept connection back
+            self._release = None
+
+    async def aclose(self) -> None:
+        """Close the kept connection (a later request opens a new one)."""
+        client, self._client, self._loop = self._client, None, None
+        self._drop_budget()
+        if client is not None:
+            await client.aclose()
+
+    async def _once_more_if_stale(
+        self, request: Callable[[], Awaitable[httpx.Response]]
+    ) -> httpx.Response:
+        try:
+            return await request()
+        except _STALE:
+            pass  # the failed connection is closed: the pool opens a fresh one
+        return await request()
+
+    async def auth(self) -> str | None:
+        """pyasic's ``unlock`` on the kept connection: the token, or None / the old one."""
+        client = self._http()
+        try:
+            reply = await self._once_more_if_stale(
+                lambda: client.post(
+                    f"http://{self.ip}:{self.port}/api/v1/unlock", json={"pw": self.pwd}
+                )
+            )
+        except httpx.HTTPError:
+            warnings.warn(f"Could not authenticate web token with miner: {self}", stacklevel=2)
+        else:
+            if reply.status_code != 200:
+                warnings.warn(f"Could not authenticate web token with miner: {self}", stacklevel=2)
+                return None
+            self.token = reply.json()["token"]
+        token: str | None = self.token
+        return token
+
+    async def send_command(
+        self,
+        command: str,
+        ignore_errors: bool = False,
+        allow_warning: bool = True,
+        privileged: bool = False,
+        **parameters: Any,
+    ) -> dict[str, Any]:
+        """pyasic's ``send_command`` on the kept connection (a read once more if it was cut)."""
+        post = privileged or parameters != {}
+        if self.token is None:
+            await self.auth()
+        client = self._http()
+        url = f"http://{self.ip}:{self.port}/api/v1/{command}"
+        timeout = settings.get("api_function_timeout", 5)
+        retries = settings.get("get_data_retries", 1)
+        for attempt in range(retries):
+            auth = self.token
+            if auth is None:
+                raise APIError(f"Could not authenticate web token with miner: {self}")
+            if command.startswith("system"):
+                auth = "Bearer " + auth
+            headers = {"Authorization": auth}
+            try:
+                if post:
+                    response = await client.post(
+                        url, headers=headers, timeout=timeout, json=parameters
+                    )
+                else:
+                    response = await self._once_more_if_stale(
+                        functools.partial(client.get, url, headers=headers, timeout=timeout)
+                    )
+            except httpx.HTTPError as e:
+                if post or attempt == retries - 1:
+                    raise APIError(f"HTTP error sending '{command}' to {self.ip}: {e}") from e
+                continue
+            if response.status_code != 200:
+                await self.auth()  # refresh the token, as pyasic does
+                continue
+            try:
+                data = response.json()
+            except json.JSONDecodeError as e:
+                if attempt == retries - 1:
+                    text = response.text or "empty response"
+                    raise APIError(
+                        f"JSON decode error for '{command}' from {self.ip}: {e} - Response: {text}"
+                    ) from e
+                continue
+            return data if data else {"success": True}
+        raise APIError(f"Failed to send command to miner: {self}")
+
+
+def _kept_web(miner: VNish) -> _KeptConnectionWebAPI:
+    """The miner's web client as the kept-connection kind (pyasic's settings and token kept)."""
+    web = miner.web
+    if isinstance(web, _KeptConnectionWebAPI):
+        return web
+    kept = _KeptConnectionWebAPI(str(web.ip))
+    kept.username, kept.pwd, kept.port, kept.token = web.username, web.pwd, web.port, web.token
+    miner.web = kept
+    return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +330,7 @@ class VNishBackend:
     def __init__(self, miner: VNish) -> None:
         self.miner = miner
         self.address = str(miner.ip)
+        self.web = _kept_web(miner)
         self._presets: list[Preset] = []  # usable, lowest first
         self._ths_per_unit = 1e-3
         self._last_state: tuple[str, float] | None = None
@@ -125,6 +343,10 @@ class VNishBackend:
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
         """httpx errors of the web client, socket / JSON errors of the 4028 API."""
         return translate_http(self.address, what, e, control=control)
+
+    async def close(self) -> None:
+        """Close the miner's kept web connection."""
+        await self.web.aclose()
 
     # -- transport ---------------------------------------------------------------------
 
