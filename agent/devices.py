@@ -13,8 +13,9 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from agent.columns import COLUMN_FIELDS, TrackerColumns
 from domain import (
     DeviceError,
     DeviceFaulted,
@@ -68,7 +69,33 @@ class Pending:
 
 
 class DeviceTracker:
-    """The agent's memory of one device."""
+    """The agent's memory of one device.
+
+    Bound to the agent's ``TrackerColumns``, it writes every attribute a snapshot
+    reads through to its row there as it changes (see agent/columns.py).
+    """
+
+    _columns: TrackerColumns | None = None
+    _row = -1
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in COLUMN_FIELDS:
+            cols = self._columns
+            if cols is not None:
+                cols.write(self._row, name, value)
+
+    def bind_columns(self, cols: TrackerColumns, row: int) -> None:
+        """Write this tracker's state to ``row`` of ``cols`` from now on (and now)."""
+        old = self._columns
+        if old is not None and old is not cols:
+            old.valid = False  # its row for this tracker would go stale
+        object.__setattr__(self, "_columns", cols)
+        object.__setattr__(self, "_row", row)
+        for name in COLUMN_FIELDS:
+            cols.write(row, name, getattr(self, name))
+        if self.wakes_s:
+            cols.woken.add(row)
 
     def __init__(
         self,
@@ -189,6 +216,8 @@ class DeviceTracker:
             self.last_transition_s = now_s
         if kind == "wake":
             self.wakes_s.append(now_s)
+            if self._columns is not None:
+                self._columns.woken.add(self._row)
         if target_w is not None:
             self.power_target_w = target_w
         self.pending = Pending(kind, old_w, new_w, now_s, target_w)

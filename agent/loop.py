@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from agent.columns import TrackerColumns, Trackers
 from agent.config import Config, cron_trigger
 from agent.devices import DeviceTracker
 from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
@@ -86,7 +87,9 @@ class Agent:
         rescan: Callable[[], Awaitable[list[DeviceTracker]]] | None = None,
     ) -> None:
         self.config = config
-        self.trackers = {t.device_id: t for t in trackers}
+        self.trackers = Trackers((t.device_id, t) for t in trackers)
+        self._columns: TrackerColumns | None = None
+        self._columns_version = -1
         self.clock = clock
         self.on_tick = on_tick
         self.rescan = rescan
@@ -294,10 +297,12 @@ class Agent:
     # -- control -----------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        """Freeze every tracker's view at this instant."""
-        now = self.clock()
-        stale = self.config.telemetry.stale_after_s
-        return Snapshot(now, tuple(t.status(now, stale) for t in self.trackers.values()))
+        """Freeze every tracker's view at this instant (columns, devices made on demand)."""
+        cols = self._columns
+        if cols is None or not cols.valid or self._columns_version != self.trackers.version:
+            cols = self._columns = TrackerColumns(self.trackers.values())
+            self._columns_version = self.trackers.version
+        return cols.snapshot(self.clock(), self.config.telemetry.stale_after_s)
 
     def request_tick(self) -> None:
         """Run a control tick as soon as the current one (if any) ends."""

@@ -16,14 +16,15 @@ indices into ``STATES`` and ``KINDS``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter, is_
+from typing import overload
 
 import numpy as np
 import numpy.typing as npt
 
-from domain.types import DeviceKind, DeviceState, DeviceStatus, MinerCapabilities
+from domain.types import DeviceKind, DeviceReading, DeviceState, DeviceStatus, MinerCapabilities
 
 FloatArr = npt.NDArray[np.float64]
 BoolArr = npt.NDArray[np.bool_]
@@ -140,6 +141,94 @@ class DeviceTable:
             utilization_frac=floats([None if r is None else r.utilization_frac for r in readings]),
             reading_age_s=floats(list(map(_AGE, devices))),
         )
+
+
+class TableDevices(Sequence[DeviceStatus]):
+    """A ``DeviceTable``'s rows as ``DeviceStatus`` objects, each made when first asked for.
+
+    A producer that keeps columns hands this on as the snapshot's ``devices``: a
+    consumer that reads a few devices (a pin, an explain) pays for those alone. The
+    readings and last errors, which the table does not hold, come alongside (row
+    order). Equal to any sequence of equal statuses.
+    """
+
+    __slots__ = ("_errors", "_made", "_readings", "_table")
+
+    def __init__(
+        self,
+        table: DeviceTable,
+        readings: Sequence[DeviceReading | None],
+        errors: Sequence[str | None],
+    ) -> None:
+        if not len(readings) == len(errors) == len(table):
+            raise ValueError("a row of readings and of errors for every row of the table")
+        self._table, self._readings, self._errors = table, readings, errors
+        self._made: list[DeviceStatus | None] = [None] * len(table)
+
+    @property
+    def table(self) -> DeviceTable:
+        """The columns these rows are made from."""
+        return self._table
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def _make(self, i: int) -> DeviceStatus:
+        t, st = self._table, self._table.statics
+        awake = int(t.awake[i])
+        target = float(t.power_target_w[i])
+        since = float(t.last_transition_s[i])
+        age = float(t.reading_age_s[i])
+        d = DeviceStatus(
+            device_id=st.ids[i],
+            kind=st.kinds[i],
+            domain=st.domains[i],
+            state=STATES[t.state[i]],
+            nameplate_power_w=float(st.nameplate_power_w[i]),
+            nameplate_hashrate_ths=float(st.nameplate_hashrate_ths[i]),
+            sleep_power_w=float(st.sleep_power_w[i]),
+            capabilities=st.capabilities[i],
+            budget_w=float(t.budget_w[i]),
+            expected_w=float(t.expected_w[i]),
+            controllable=bool(t.controllable[i]),
+            reading=self._readings[i],
+            reading_age_s=None if age != age else age,
+            power_target_w=None if target != target else target,
+            awake=None if awake < 0 else awake == 1,
+            last_transition_s=None if since != since else since,
+            last_error=self._errors[i],
+            wakes_last_hour=int(t.wakes_last_hour[i]),
+        )
+        self._made[i] = d
+        return d
+
+    @overload
+    def __getitem__(self, i: int) -> DeviceStatus: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[DeviceStatus]: ...
+    def __getitem__(self, i: int | slice) -> DeviceStatus | Sequence[DeviceStatus]:
+        if isinstance(i, slice):
+            return tuple(self)[i]
+        n = len(self._made)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        d = self._made[i]
+        return d if d is not None else self._make(i)
+
+    def __iter__(self) -> Iterator[DeviceStatus]:
+        made = self._made
+        for i in range(len(made)):
+            d = made[i]
+            yield d if d is not None else self._make(i)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 _ID = attrgetter("device_id")

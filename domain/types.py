@@ -178,7 +178,7 @@ class Snapshot:
     """Everything a policy may look at, frozen at one instant."""
 
     time_s: float
-    devices: tuple[DeviceStatus, ...]
+    devices: Sequence[DeviceStatus]  # a tuple, or rows made on demand from ``table``
     meter_power_w: float | None = None
     # The devices as columns (row i is devices[i]), where the producer keeps them.
     table: DeviceTable | None = None
