@@ -15,7 +15,10 @@
     mode, a web page behind digest auth, is needed only when the hashrate or
     power says it may have moved, so a steady reading needs ``stats`` alone);
     VNish ``GET /api/v1/summary`` (power, hashrate, state; the token from
-    ``unlock`` fetched in setup, as the agent's driver has its session).
+    ``unlock`` fetched in setup, as the agent's driver has its session), on
+    one HTTP/1.1 connection per miner kept from setup, as the agent's driver
+    keeps one (``--vnish-floor per-request``: a new connection per request,
+    as pyasic's own client and the floor before it).
 
 The agent's reading carries more than the floor's where its loop uses more:
 the Braiins OS one decodes through pyasic's generated messages and grpclib. The
@@ -61,6 +64,9 @@ ALL_BACKENDS = ("braiins", "whatsminer", "luxos", "antminer", "vnish")
 
 
 GC_FREEZE = False
+# The floor's VNish connections: "kept" (one per miner, as the agent's driver) or
+# "per-request" (Connection: close, as pyasic's own web client).
+VNISH_FLOOR = "kept"
 
 
 def _after_setup() -> None:
@@ -308,6 +314,48 @@ async def _http_get(
     return int(head.split(b" ", 2)[1]), head, body
 
 
+async def _http_kept(
+    m: dict[str, Any], uri: str, auth: str | None, *, method: str = "GET", body: bytes = b""
+) -> tuple[int, bytes]:
+    """HTTP/1.1 request on the miner's kept connection: status, body.
+
+    Opened on first use, and again (once) when the miner has closed it, as the
+    agent's driver does; the reply's length from its ``Content-Length``.
+    """
+    extra = f"Authorization: {auth}\r\n" if auth else ""
+    if body:
+        extra += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    request = f"{method} {uri} HTTP/1.1\r\nHost: {m['address']}\r\n{extra}\r\n".encode() + body
+    for attempt in range(2):
+        conn = m.get("http")
+        if conn is None or conn[0].at_eof():
+            conn = m["http"] = await asyncio.open_connection(m["address"], 80)
+        reader, writer = conn
+        try:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            n = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            return int(head.split(b" ", 2)[1]), await reader.readexactly(n)
+        except BaseException as e:
+            # An exchange that did not finish leaves the connection out of step.
+            writer.close()
+            m["http"] = None
+            stale = isinstance(e, asyncio.IncompleteReadError | ConnectionError)
+            if attempt or not stale:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _vnish_http(
+    m: dict[str, Any], uri: str, auth: str | None, *, method: str = "GET", body: bytes = b""
+) -> tuple[int, bytes]:
+    """One VNish web request the ``VNISH_FLOOR`` way: status, body."""
+    if VNISH_FLOOR == "kept":
+        return await _http_kept(m, uri, auth, method=method, body=body)
+    status, _, reply = await _http_get(m["address"], uri, auth, method=method, body=body)
+    return status, reply
+
+
 async def floor_setup(m: dict[str, Any]) -> None:
     """What the floor learns once per miner, untimed (the agent's is its identification)."""
     if m["backend"] == "braiins":
@@ -317,8 +365,8 @@ async def floor_setup(m: dict[str, Any]) -> None:
         )
         m["token"] = meta[b"authorization"].decode()
     elif m["backend"] == "vnish":
-        status, _, body = await _http_get(
-            m["address"], "/api/v1/unlock", None, method="POST", body=b'{"pw": "admin"}'
+        status, body = await _vnish_http(
+            m, "/api/v1/unlock", None, method="POST", body=b'{"pw": "admin"}'
         )
         if status != 200:
             raise RuntimeError(f"unlock: HTTP {status}")
@@ -354,7 +402,7 @@ async def floor_read(m: dict[str, Any]) -> float:
         power = row.get("chain_power")  # "3010 W", only where the model publishes it
         return float(str(power).split()[0]) if power else 0.0
     if backend == "vnish":
-        status, _, body = await _http_get(address, "/api/v1/summary", m["token"])
+        status, body = await _vnish_http(m, "/api/v1/summary", m["token"])
         if status != 200:
             raise RuntimeError(f"HTTP {status}")
         miner = json.loads(body)["miner"]
@@ -405,8 +453,9 @@ def run_child(args: argparse.Namespace) -> int:
     miners = json.loads(Path(args.inventory).read_text())
     if args.sample:
         miners = miners[: args.sample]
-    global GC_FREEZE
+    global GC_FREEZE, VNISH_FLOOR
     GC_FREEZE = args.gc_freeze
+    VNISH_FLOOR = args.vnish_floor
     out = asyncio.run(SWEEPS[args.child](miners, args.concurrency, args.timeout_s))
     out["n"] = len(miners)
     print(json.dumps(out))
@@ -415,7 +464,8 @@ def run_child(args: argparse.Namespace) -> int:
 
 # Descriptors a simulated miner holds: its listening sockets, and for Braiins OS a
 # dup of each (sim.braiins keeps a port bound while its server is swapped).
-SIM_FDS_PER_MINER = {"braiins": 6, "antminer": 2, "vnish": 2, "whatsminer": 1, "luxos": 1}
+# VNish: its two listeners and the web connection a client keeps.
+SIM_FDS_PER_MINER = {"braiins": 6, "antminer": 2, "vnish": 3, "whatsminer": 1, "luxos": 1}
 
 
 def auto_per_process(n: int, backends: list[str], concurrency: int) -> int:
@@ -497,6 +547,13 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="gc.freeze() after each sweep's setup, as `siteagent run` does after its first sweep",
     )
+    p.add_argument(
+        "--vnish-floor",
+        choices=("kept", "per-request"),
+        default="kept",
+        help="the floor's VNish connections: one kept per miner (as the agent's driver) "
+        "or one per request (as pyasic's own client)",
+    )
     args = p.parse_args(argv)
     if args.child:
         return run_child(args)
@@ -524,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             if s == "b" and args.naive_sample:
                 cmd += ["--sample", str(args.naive_sample)]
             cmd.append("--gc-freeze" if args.gc_freeze else "--no-gc-freeze")
+            cmd += ["--vnish-floor", args.vnish_floor]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"sweep {s} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -543,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sweep of {len(miners)} simulated miners ({args.mix}) in {len(procs)} simulator "
         f"processes, concurrency {args.concurrency}{', gc frozen after setup' * args.gc_freeze}, "
         f"{os.cpu_count()} cores, load average before {load0:.2f} after {os.getloadavg()[0]:.2f}"
+        + (f", VNish floor connections {args.vnish_floor}" if "vnish" in args.mix else "")
     )
     for s, r in results.items():
         extra = f"  (setup {r['setup_s']:.1f} s)" if "setup_s" in r else ""
