@@ -201,6 +201,7 @@ class TrackerColumns:
             wakes,
             self.utilization_frac.copy(),
             age,
+            power.copy(),
         ]
         for c in cols:
             c.flags.writeable = False

@@ -23,7 +23,7 @@ from agent.config import Config, cron_trigger
 from agent.devices import DeviceTracker
 from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from agent.prices import PriceFeed, economic_params
-from agent.safety import Change, Ordered, order_changes
+from agent.safety import Change, Ordered, order_changes, worst_case_loads_w
 from domain import (
     DeviceError,
     DeviceRefused,
@@ -34,7 +34,7 @@ from domain import (
     Plan,
     Snapshot,
 )
-from policies.capping import CappingParams, DomainTree, domain_loads_w
+from policies.capping import CappingParams, DomainTree
 from policies.capping import plan as capping_plan
 from policies.economic import plan as economic_plan
 from policies.prices import Prices
@@ -190,9 +190,8 @@ class Agent:
         if delta <= 0:
             return  # a pin that lowers a device never breaks a cap
         limits = self.limits()
-        snap = self.snapshot()
         tree = DomainTree(limits)
-        load = domain_loads_w(tree, [(d, d.budget_w) for d in snap.devices], limits.overhead_w)
+        load = worst_case_loads_w(tree, self.snapshot(), limits.overhead_w)
         for node in tree.chain(t.domain):
             if load[node] + delta > tree.limit_w[node]:
                 raise OverrideRefused(

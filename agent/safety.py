@@ -13,12 +13,27 @@ worst-case budgets, decide which changes go out now and which wait.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from domain import DeviceState, DeviceStatus, Limits, Plan, Setpoint, Snapshot, setpoint_rows
-from policies.capping import SITE, DomainTree, domain_loads_w
+import numpy as np
+
+from domain import (
+    DeviceState,
+    DeviceStatus,
+    Limits,
+    Plan,
+    Setpoint,
+    SetpointTable,
+    Snapshot,
+    setpoint_rows,
+)
+from domain.table import STATE_CODE, DeviceTable
+from policies.capping import SITE, DomainTree
 
 SLEEP, WAKE, LOWER, RAISE = "sleep", "wake", "lower", "raise"
+_SLEEPING = STATE_CODE[DeviceState.SLEEPING]
 DECREASES = frozenset({SLEEP, LOWER})
 
 
@@ -54,38 +69,74 @@ def current_awake(d: DeviceStatus) -> bool:
     return d.state is not DeviceState.SLEEPING
 
 
+def table_of(snapshot: Snapshot) -> DeviceTable:
+    """The snapshot's devices as columns (made from its devices if it carries none)."""
+    return snapshot.table if snapshot.table is not None else DeviceTable.of(snapshot.devices)
+
+
 def diff(plan: Plan, snapshot: Snapshot) -> list[Change]:
     """The changes (in plan order) needed to bring controllable devices to the plan.
 
-    Reads the plan's numbers only; a ``Setpoint`` (with its reason) is made for the
-    devices that change.
+    Works on the plan's and the snapshot's columns; a ``Setpoint`` (with its reason)
+    and a ``Change`` are made only for the devices that change.
     """
-    devices = {d.device_id: d for d in snapshot.devices}
+    tab = table_of(snapshot)
+    sps = plan.setpoints
+    if isinstance(sps, SetpointTable) and not sps.head and sps.rows is not None:
+        rows = np.asarray(sps.rows, np.intp)
+        ids: Sequence[str] = sps.ids
+        want_awake = np.asarray(sps.awake, bool)
+        want_target = np.asarray(sps.power_target_w, float)
+        planned = np.asarray(sps.planned_w, float)
+    else:
+        index = tab.statics.rows
+        entries = [(i, r) for i, r in enumerate(setpoint_rows(sps)) if r[1] in index]
+        pick = [i for i, _ in entries]
+        ids = [r[1] for _, r in entries]
+        rows = np.fromiter((index[d] for d in ids), np.intp, len(ids))
+        want_awake = np.fromiter((r[2] for _, r in entries), bool, len(ids))
+        want_target = np.array([np.nan if r[3] is None else r[3] for _, r in entries], float)
+        planned = np.fromiter((r[4] for _, r in entries), float, len(ids))
+    code = tab.awake[rows]
+    awake = np.where(code >= 0, code == 1, tab.state[rows] != _SLEEPING)
+    target_now = tab.power_target_w[rows]
+    with np.errstate(invalid="ignore"):
+        set_target = (
+            want_awake
+            & ~np.isnan(want_target)
+            & tab.statics.power_target[rows]
+            & (np.isnan(target_now) | (np.abs(want_target - target_now) >= 1.0))
+        )
+    ctl = tab.controllable[rows]
+    sleep = ctl & awake & ~want_awake
+    wake = ctl & ~awake & want_awake
+    adjust = ctl & awake & set_target
+    current = np.where(np.isnan(target_now), tab.expected_w[rows], target_now)
+    lower = adjust & (want_target < current)
     out: list[Change] = []
-    for i, dev_id, sp_awake, sp_target, sp_planned in setpoint_rows(plan.setpoints):
-        d = devices.get(dev_id)
-        if d is None or not d.controllable:
-            continue
-        awake = current_awake(d)
-        set_target: float | None = None
-        if (
-            sp_awake
-            and sp_target is not None
-            and d.capabilities.power_target
-            and (d.power_target_w is None or abs(sp_target - d.power_target_w) >= 1.0)
-        ):
-            set_target = sp_target
-        if awake and not sp_awake:
+    for k in np.flatnonzero(sleep | wake | adjust).tolist():
+        i = k if isinstance(sps, SetpointTable) and sps.rows is not None else pick[k]
+        target = float(want_target[k]) if set_target[k] else None
+        if sleep[k]:
             kind, target = SLEEP, None
-        elif not awake and sp_awake:
-            kind, target = WAKE, set_target
-        elif awake and set_target is not None:
-            current = d.power_target_w if d.power_target_w is not None else d.expected_w
-            kind, target = (LOWER if set_target < current else RAISE), set_target
+        elif wake[k]:
+            kind = WAKE
         else:
-            continue
-        out.append(Change(dev_id, kind, plan.setpoints[i], d.budget_w, sp_planned, target))
+            kind = LOWER if lower[k] else RAISE
+        budget = float(tab.budget_w[rows[k]])
+        out.append(Change(ids[k], kind, sps[i], budget, float(planned[k]), target))
     return out
+
+
+def worst_case_loads_w(tree: DomainTree, snapshot: Snapshot, overhead_w: float) -> dict[str, float]:
+    """Every domain's worst-case power (W): the devices' budgets below it, overhead at the site."""
+    load: dict[str, float] = defaultdict(float)
+    load[SITE] += overhead_w
+    tab = table_of(snapshot)
+    for dom, w in tab.statics.domain_sums_w(tab.budget_w).items():
+        for node in tree.chain(dom):
+            load[node] += w
+    return load
 
 
 def order_changes(
@@ -101,19 +152,20 @@ def order_changes(
             tuple((c, "shed before restore: decreases are going out this step") for c in increases),
         )
     tree = DomainTree(limits)
-    devices = {d.device_id: d for d in snapshot.devices}
-    load = domain_loads_w(tree, [(d, d.budget_w) for d in snapshot.devices], limits.overhead_w)
+    tab = table_of(snapshot)
+    load = worst_case_loads_w(tree, snapshot, limits.overhead_w)
     now: list[Change] = []
     deferred: list[tuple[Change, str]] = []
     ramp_left = max_increase_w
     for c in increases:
-        d = devices[c.device_id]
-        delta = max(0.0, c.new_w - d.budget_w)
+        row = tab.statics.rows[c.device_id]
+        domain = tab.statics.domains[row]
+        delta = max(0.0, c.new_w - float(tab.budget_w[row]))
         if delta > ramp_left:
             deferred.append((c, f"ramp limit: {ramp_left:.0f} W of increase left this step"))
             continue
         blocked = [
-            node for node in tree.chain(d.domain) if load[node] + delta > tree.limit_w[node] + 1e-6
+            node for node in tree.chain(domain) if load[node] + delta > tree.limit_w[node] + 1e-6
         ]
         if blocked:
             node = blocked[-1] if SITE in blocked else blocked[0]
@@ -125,7 +177,7 @@ def order_changes(
                 )
             )
             continue
-        for node in tree.chain(d.domain):
+        for node in tree.chain(domain):
             load[node] += delta
         ramp_left -= delta
         now.append(c)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from operator import attrgetter, is_
 from typing import overload
 
@@ -58,12 +59,13 @@ def flags(values: Sequence[bool]) -> BoolArr:
     return out
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, eq=False)
 class DeviceStatics:
     """What a snapshot's devices have that rarely changes, one entry per device.
 
     Compared by identity: a producer passes on the same object while nothing in
-    it changes, and makes a new one when anything does.
+    it changes, and makes a new one when anything does. What is derived from it
+    (``rows``, ``domain_codes``, ``power_target``) is worked out once per object.
     """
 
     ids: tuple[str, ...]
@@ -76,6 +78,27 @@ class DeviceStatics:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @cached_property
+    def rows(self) -> dict[str, int]:
+        """Each device id's row."""
+        return {d: i for i, d in enumerate(self.ids)}
+
+    @cached_property
+    def domain_codes(self) -> tuple[tuple[str, ...], npt.NDArray[np.intp]]:
+        """The distinct domains (first seen first), and each row's index into them."""
+        uniq = {dom: i for i, dom in enumerate(dict.fromkeys(self.domains))}
+        return tuple(uniq), np.fromiter(map(uniq.__getitem__, self.domains), np.intp, len(self))
+
+    @cached_property
+    def power_target(self) -> BoolArr:
+        """Per row: whether the device takes a power target (W)."""
+        return flags([c.power_target for c in self.capabilities])
+
+    def domain_sums_w(self, w: FloatArr) -> dict[str, float]:
+        """``w`` (one value per row, W) summed per domain the rows sit in."""
+        names, code = self.domain_codes
+        return dict(zip(names, np.bincount(code, w, len(names)).tolist(), strict=True))
 
     @classmethod
     def of(
@@ -120,6 +143,7 @@ class DeviceTable:
     wakes_last_hour: FloatArr
     utilization_frac: FloatArr  # from the last good reading
     reading_age_s: FloatArr
+    power_w: FloatArr  # the last good reading's draw (W)
 
     def __len__(self) -> int:
         return len(self.statics)
@@ -140,6 +164,7 @@ class DeviceTable:
             wakes_last_hour=floats(list(map(_WAKES, devices))),
             utilization_frac=floats([None if r is None else r.utilization_frac for r in readings]),
             reading_age_s=floats(list(map(_AGE, devices))),
+            power_w=floats([None if r is None else r.power_w for r in readings]),
         )
 
 

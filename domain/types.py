@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
+import numpy as np
+
 if TYPE_CHECKING:
     from domain.table import DeviceTable
 
@@ -186,11 +188,15 @@ class Snapshot:
     @property
     def budget_w(self) -> float:
         """Worst-case device power (W), summed."""
+        if self.table is not None:
+            return float(self.table.budget_w.sum())
         return sum(d.budget_w for d in self.devices)
 
     @property
     def measured_w(self) -> float:
         """Device power as last read (W), summed; unread devices count zero."""
+        if self.table is not None:
+            return float(np.nansum(self.table.power_w))
         return sum(
             d.reading.power_w
             for d in self.devices
@@ -225,7 +231,7 @@ class SetpointTable(Sequence[Setpoint]):
     ``power_target_w`` of NaN means None. Equal to any sequence of equal setpoints.
     """
 
-    __slots__ = ("_awake", "_head", "_ids", "_index", "_planned", "_reason", "_target")
+    __slots__ = ("_awake", "_head", "_ids", "_index", "_planned", "_reason", "_rows", "_target")
 
     def __init__(
         self,
@@ -235,6 +241,7 @@ class SetpointTable(Sequence[Setpoint]):
         power_target_w: Column,
         planned_w: Column,
         reason: Callable[[int], str],
+        rows: Column | None = None,
     ) -> None:
         self._head = tuple(head)
         self._ids = ids
@@ -242,7 +249,13 @@ class SetpointTable(Sequence[Setpoint]):
         self._target = power_target_w
         self._planned = planned_w
         self._reason = reason
+        self._rows = rows
         self._index: dict[str, int] | None = None
+
+    @property
+    def rows(self) -> Column | None:
+        """Column: each id's row in the snapshot the plan was made from, where known."""
+        return self._rows
 
     @property
     def ids(self) -> Sequence[str]:

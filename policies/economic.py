@@ -336,6 +336,7 @@ def plan(
         target[cols.order],
         level[cols.order],
         lambda i: texts(int(cols.order[i])),
+        st.rows[cols.order],
     )
     return Plan(snapshot.time_s, mode, limits.effective_cap_w, planned, reason, table, key)
 

@@ -19,6 +19,7 @@ from domain import (
     DeviceUnreachable,
     MinerCapabilities,
     MinerIdentity,
+    Snapshot,
 )
 
 STALE_S = 30.0
@@ -120,6 +121,13 @@ def check(cols: TrackerColumns, trackers: list[DeviceTracker], now: float) -> No
     # Rows read alone, out of order, are the same objects' equals.
     assert snap.devices[-1] == want[-1] and snap.devices[0] == want[0]
     assert np.array_equal(snap.table.budget_w, [d.budget_w for d in want])
+    power = [
+        np.nan if d.reading is None or d.reading.power_w is None else d.reading.power_w
+        for d in want
+    ]
+    assert np.array_equal(snap.table.power_w, power, equal_nan=True)
+    assert snap.budget_w == sum(d.budget_w for d in want)
+    assert snap.measured_w == Snapshot(now, tuple(want)).measured_w
 
 
 def test_statics_stay_the_same_object_until_one_of_them_changes() -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safety_reference import reference_diff
 
 from agent.devices import DeviceTracker, MinerDriver
 from agent.safety import Change, diff, order_changes
@@ -29,11 +30,16 @@ from domain import (
     Limits,
     MinerCapabilities,
     MinerIdentity,
+    Pin,
     Plan,
     Setpoint,
     Snapshot,
 )
+from domain.table import DeviceTable
 from policies.capping import CappingParams, max_level_w, min_level_w, plan
+from policies.economic import EconomicParams
+from policies.economic import plan as economic_plan
+from policies.prices import Prices
 
 SITE = "site"
 NOW_S = 100_000.0
@@ -722,3 +728,92 @@ def test_scripted_site_fills_to_the_target_then_sheds_on_a_cap_drop() -> None:
         h.tick(k)
     assert h.over_w() == []
     assert any(kind in ("sleep", "lower") for k, _, kind in h.sent if k > 40)
+
+
+# -- the column diff against the object-at-a-time one ----------------------------
+
+
+@st.composite
+def any_plans(draw: st.DrawFn, site: Site) -> Plan:
+    """Setpoints for any of the site's devices, controllable or not, targets near theirs."""
+    setpoints = []
+    for d in site.snapshot.devices:
+        if not draw(st.integers(0, 3)):
+            continue
+        awake = draw(st.booleans())
+        target: float | None = None
+        if awake and draw(st.booleans()):
+            now = d.power_target_w if d.power_target_w is not None else d.nameplate_power_w
+            target = now + draw(st.sampled_from([-300.0, -1.0, -0.5, 0.0, 0.5, 1.0, 250.0]))
+        setpoints.append(Setpoint(d.device_id, awake, target, target or 0.0, "any"))
+    if draw(st.booleans()):
+        setpoints.append(Setpoint("not-in-the-snapshot", True, 1000.0, 1000.0, "any"))
+    return Plan(NOW_S, "cap", site.limits.effective_cap_w, 0.0, "any", tuple(setpoints))
+
+
+@st.composite
+def diffs(draw: st.DrawFn) -> tuple[Site, Plan]:
+    site, p, _ = draw(orderings())
+    return site, draw(st.one_of(st.just(p), any_plans(site)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(diffs(), st.booleans())
+def test_the_column_diff_makes_the_changes_the_object_diff_makes(
+    case: tuple[Site, Plan], columns: bool
+) -> None:
+    site, p = case
+    snap = site.snapshot
+    if columns:
+        snap = replace(snap, table=DeviceTable.of(snap.devices))
+    assert diff(p, snap) == reference_diff(p, site.snapshot)
+
+
+@FAST
+@given(sites(), st.floats(0.0, 1.0), st.booleans())
+def test_the_column_diff_of_an_economic_plan_is_the_object_diff(
+    site: Site, ai_price: float, pin: bool
+) -> None:
+    # The economic plan's setpoints are columns that know their snapshot rows.
+    limits = site.limits
+    if pin and site.snapshot.devices:
+        d = site.snapshot.devices[0]
+        limits = replace(limits, pins=(Pin(d.device_id, d.sleep_power_w, source="t"),))
+    snap = replace(site.snapshot, table=DeviceTable.of(site.snapshot.devices))
+    prices = Prices(0.05, 0.04, ai_price)
+    p = economic_plan(snap, limits, prices, EconomicParams(capping=site.params))
+    assert diff(p, snap) == reference_diff(p, site.snapshot)
+
+
+def test_the_column_diff_on_the_edges_the_random_sites_rarely_reach() -> None:
+    caps = MinerCapabilities(
+        power_target=True, power_target_min_w=1000.0, power_target_max_w=3000.0, can_sleep=True
+    )
+
+    def dev(i: int, **kw: object) -> DeviceStatus:
+        base = DeviceStatus(
+            f"e{i}", DeviceKind.MINER, SITE, DeviceState.MINING, 3000.0, 100.0, 20.0, caps,
+            3000.0, 2000.0, True, power_target_w=2000.0, awake=True,
+        )  # fmt: skip
+        return replace(base, **kw)  # type: ignore[arg-type]
+
+    devices = (
+        dev(0, power_target_w=None),  # no target known: compared with where it is heading
+        dev(1, awake=None, state=DeviceState.SLEEPING, expected_w=20.0),  # asleep by its state
+        dev(2, awake=None),  # awake by its state
+        dev(3),  # a target 1 W off is sent, half a watt off is not
+        dev(4),
+    )
+    setpoints = (
+        Setpoint("e0", True, 2000.0, 2000.0, "same as expected: a raise, not a decrease"),
+        Setpoint("e1", True, 1500.0, 1500.0, "wake"),
+        Setpoint("e2", False, None, 20.0, "sleep"),
+        Setpoint("e3", True, 2001.0, 2001.0, "1 W up"),
+        Setpoint("e4", True, 2000.5, 2000.5, "half a watt"),
+    )
+    snap = Snapshot(NOW_S, devices)
+    p = Plan(NOW_S, "cap", 1e6, 0.0, "edges", setpoints)
+    want = [("e0", "raise"), ("e1", "wake"), ("e2", "sleep"), ("e3", "raise")]
+    assert [(c.device_id, c.kind) for c in reference_diff(p, snap)] == want
+    for s in (snap, replace(snap, table=DeviceTable.of(devices))):
+        assert diff(p, s) == reference_diff(p, snap)

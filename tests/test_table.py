@@ -46,6 +46,7 @@ def test_each_column_reads_as_the_field_it_stands_for() -> None:
             (tab.last_transition_s, d.last_transition_s),
             (tab.reading_age_s, d.reading_age_s),
             (tab.utilization_frac, None if d.reading is None else d.reading.utilization_frac),
+            (tab.power_w, None if d.reading is None else d.reading.power_w),
         ):
             assert math.isnan(col[i]) if value is None else col[i] == value
     with pytest.raises(ValueError, match="read-only"):
