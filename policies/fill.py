@@ -42,7 +42,8 @@ OPEN, WHOLE, CUT, SKIPPED = 0, 1, 2, 3
 
 @dataclass(frozen=True, slots=True)
 class Segments:
-    """Segments in the order they are offered (position 0 first); one entry each."""
+    """Segments, one entry each: in the order they are offered, unless ``fill`` is
+    given that order (then ``pred`` and every result index these entries as stored)."""
 
     device: IntArr  # device index
     width_w: FloatArr  # power the whole segment adds, as tested against the room
@@ -50,7 +51,7 @@ class Segments:
     added_w: FloatArr  # power the whole segment uses (its level less the one before)
     reserve_w: FloatArr  # room needed beyond the width, for all-or-nothing segments
     all_or_nothing: BoolArr
-    pred: IntArr  # position of the device's previous segment, -1 for its first
+    pred: IntArr  # entry of the device's previous segment, -1 for its first
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +92,16 @@ def fill(
     start_w: FloatArr,
     clamp: Clamp,
     nodes: IntArr | None = None,
+    order: IntArr | None = None,
 ) -> Filled:
     """Take segments in order under every node's room (``avail_w``, W).
 
     ``chains[d]`` lists the nodes above device ``d`` (its own domain first, the
     site last, padded by repeating the site); ``start_w[d]`` is its level before
     any segment. ``nodes``, when given, is ``by_depth(chains, len(avail_w))``
-    already worked out. ``avail_w`` is left untouched; the room left is returned.
+    already worked out. ``order``, when given, lists the entries of ``seg`` in the
+    order they are offered (else they are offered as stored); per-segment results
+    follow ``seg``'s entries. ``avail_w`` is left untouched; the room left is returned.
     """
     n, n_dev, n_nodes = len(seg.device), len(start_w), len(avail_w)
     status = np.zeros(n, np.int8)
@@ -112,7 +116,10 @@ def fill(
     if nodes is None:
         nodes = by_depth(chains, n_nodes)
     room = np.r_[np.asarray(avail_w, float), np.inf]
+    if order is None:
+        order = np.arange(n)
     _kernel(
+        np.asarray(order, np.intp),
         np.asarray(seg.device, np.intp),
         np.asarray(seg.width_w, float),
         np.asarray(seg.level_w, float),
@@ -135,6 +142,7 @@ def fill(
 
 
 def _fill_loop(
+    order: IntArr,
     device: IntArr,
     width: FloatArr,
     level_w: FloatArr,
@@ -155,7 +163,8 @@ def _fill_loop(
 ) -> None:
     """The rule, one segment at a time; writes ``status``..``bound_room`` and ``room``."""
     depth = nodes.shape[1]
-    for q in range(len(device)):
+    for t in range(len(order)):
+        q = order[t]
         p = pred[q]
         if p >= 0 and status[p] != WHOLE:  # also when offered before its previous one
             status[q] = SKIPPED
@@ -238,6 +247,7 @@ def warm_up() -> None:
         one,
         one,
         Clamp(one, one, one),
+        order=np.zeros(1, np.intp),
     )
 
 
