@@ -5,7 +5,11 @@ Each miner owns one loopback address and serves, on it:
 - HTTP on port 80: a page naming "Braiins OS" (what pyasic's web probe looks for);
 - the CGMiner-style JSON API on TCP 4028: one JSON reply, then close;
   ``+``-joined multi-commands answered as an object keyed by command;
-- gRPC on port 50051 (``braiins.bos.v1``) through grpclib.
+- gRPC on port 50051 (``braiins.bos.v1``) through grpclib, keeping each HTTP/2
+  connection open until the client closes it, as BOSer (a tonic server) does.
+  A reboot, ``refuse`` or a server swap for a fault ends them; tests can also end
+  them on purpose (``goaway``, ``drop_connections``, ``cut_next_call``) and count
+  them (``grpc_connections``, ``grpc_calls``).
 
 The gRPC message and service classes come from pyasic's generated betterproto
 package. They are used here only as the wire schema (the ``.proto`` contract a
@@ -16,17 +20,20 @@ pyasic is imported, and nothing of the agent, drivers or policies.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpclib.const
 import grpclib.server
 from grpclib import GRPCError, Status
+from grpclib.protocol import H2Protocol
+from h2.errors import ErrorCodes
 
 # Wire schema only (see module docstring).
 from pyasic.web.braiins_os.proto.braiins.bos import ApiVersion, ApiVersionServiceBase
@@ -83,6 +90,13 @@ class SimBraiinsMiner(GroundTruth):
         self._rpc: asyncio.Server | None = None
         self._grpc: grpclib.server.Server | None = None
         self._raw_grpc: asyncio.Server | None = None
+        # HTTP/2 connections on the gRPC port: open now, accepted so far, requests by
+        # method name ("GetMinerStats"), and the calls whose connection is to be cut
+        # (method -> for each call to cut, whether the miner carries it out first).
+        self._grpc_conns: set[_SimH2Protocol] = set()
+        self.grpc_connections = 0
+        self.grpc_calls: collections.Counter[str] = collections.Counter()
+        self._cuts: dict[str, list[bool]] = {}
         self._released = asyncio.Event()
         self._lock = asyncio.Lock()
         self._pending: asyncio.Task[None] | None = None
@@ -182,6 +196,32 @@ class SimBraiinsMiner(GroundTruth):
                 srv.close()
         if self._grpc is not None:
             self._grpc.close()
+        # A stopped service's connections end with it (grpclib's Server.close only
+        # stops listening and cancels the handlers in flight).
+        self.drop_connections()
+
+    # -- the gRPC port's connections, for tests -------------------------------------
+
+    @property
+    def grpc_open_connections(self) -> int:
+        """HTTP/2 connections open on the gRPC port now (not being closed)."""
+        return sum(1 for c in self._grpc_conns if c.open)
+
+    def goaway(self) -> None:
+        """End every gRPC connection as a server shutting down or closing idle
+        connections does: GOAWAY (NO_ERROR, the last stream it took), then close."""
+        for conn in list(self._grpc_conns):
+            conn.goaway()
+
+    def drop_connections(self, *, reset: bool = False) -> None:
+        """Close every gRPC connection without GOAWAY: FIN, or RST with ``reset``."""
+        for conn in list(self._grpc_conns):
+            conn.drop(reset=reset)
+
+    def cut_next_call(self, method: str, *, applied: bool, calls: int = 1) -> None:
+        """The next ``calls`` calls of ``method`` ("SetPowerTarget") get no reply: the
+        connection is reset instead; ``applied``: whether the miner carries them out."""
+        self._cuts[method] = [applied] * calls
 
     async def _detach(self, *ports: int) -> None:
         """Close the servers on ``ports`` (their sockets stay bound)."""
@@ -202,6 +242,9 @@ class SimBraiinsMiner(GroundTruth):
             self._grpc.close()
             closing.append(self._grpc.wait_closed())
             self._grpc = None
+        if GRPC_PORT in ports:
+            # Kept connections would go on being served by the server taken away.
+            self.drop_connections()
         for c in closing:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(c, 1.0)
@@ -227,7 +270,7 @@ class SimBraiinsMiner(GroundTruth):
             )
         elif not want_raw and self._grpc is None:
             await self._detach(GRPC_PORT)
-            server = grpclib.server.Server(_services(self))
+            server = _SimGrpcServer(_services(self), self)
             await server.start(sock=self._socks[GRPC_PORT].dup())
             self._grpc = server
 
@@ -838,9 +881,23 @@ class _Guarded:
                 )
 
     def _wrap(self, path: str, func: Handler) -> Handler:
+        method = path.rsplit("/", 1)[-1]
+
         async def guarded(stream: grpclib.server.Stream[Any, Any]) -> None:
-            await self.m.grpc_guard(path, stream)
-            await func(stream)
+            m = self.m
+            m.grpc_calls[method] += 1
+            await m.grpc_guard(path, stream)
+            cuts = m._cuts.get(method)
+            applied = cuts.pop() if cuts else None
+            if applied is None:
+                await func(stream)
+                return
+            if applied:
+                await func(cast(grpclib.server.Stream[Any, Any], _Unanswered(stream)))
+            else:
+                await stream.recv_message()
+            # grpclib's server Stream sends nothing more once its transport is closing.
+            m.drop_connections(reset=True)
 
         return guarded
 
@@ -850,3 +907,83 @@ class _Guarded:
 
 def _services(m: SimBraiinsMiner) -> list[Any]:
     return [_Guarded(m)]
+
+
+class _Unanswered:
+    """A handler's server stream whose reply is dropped (the connection is cut instead)."""
+
+    def __init__(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        self._stream = stream
+
+    async def recv_message(self) -> Any:
+        return await self._stream.recv_message()
+
+    async def send_message(self, message: Any) -> None:
+        pass
+
+
+# Closed streams h2 remembers per connection (2**16 by default, ~200 B each): a kept
+# connection would grow for days; a few cover late frames on a closed stream.
+CLOSED_STREAMS_KEPT = 16
+
+
+class _SimH2Protocol(H2Protocol):
+    """grpclib's server protocol for one connection, known to its miner so that the
+    miner can count and end it."""
+
+    def __init__(self, proto: H2Protocol, miner: SimBraiinsMiner) -> None:
+        super().__init__(proto.handler, proto.config, proto.h2_config)
+        self.miner = miner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = cast(asyncio.Transport, transport)
+        closed = getattr(self.connection._connection, "_closed_streams", None)
+        if closed is not None and hasattr(closed, "_size_limit"):
+            closed._size_limit = CLOSED_STREAMS_KEPT
+        self.miner._grpc_conns.add(self)
+        self.miner.grpc_connections += 1
+
+    @property
+    def open(self) -> bool:
+        """Connected and not being closed."""
+        return self.transport is not None and not self.transport.is_closing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.miner._grpc_conns.discard(self)
+        super().connection_lost(exc)
+
+    def goaway(self) -> None:
+        """GOAWAY (NO_ERROR, the highest stream taken), flushed, then close."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        h2c = self.connection._connection
+        h2c.close_connection(
+            error_code=ErrorCodes.NO_ERROR, last_stream_id=h2c.highest_inbound_stream_id
+        )
+        self.connection.flush()
+        self.transport.close()  # after what is buffered, the GOAWAY included
+
+    def drop(self, *, reset: bool) -> None:
+        """Close (FIN), or reset (RST: SO_LINGER 0, then abort)."""
+        if self.transport is None:
+            return
+        if reset:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+
+class _SimGrpcServer(grpclib.server.Server):
+    """grpclib's server, each connection's protocol a ``_SimH2Protocol`` of ``miner``."""
+
+    def __init__(self, handlers: list[Any], miner: SimBraiinsMiner) -> None:
+        super().__init__(handlers)
+        self._miner = miner
+
+    def _protocol_factory(self) -> H2Protocol:
+        return _SimH2Protocol(super()._protocol_factory(), self._miner)
