@@ -1,0 +1,270 @@
+"""Braiins OS: one gRPC channel per miner kept across readings, against the simulator.
+
+Unmodified pyasic and grpclib on loopback; the simulator counts the HTTP/2
+connections and calls it takes, and ends connections the way a miner does
+(GOAWAY, close, reset, reboot, a call cut before its reply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from domain.errors import DeviceFaulted, DeviceUnreachable
+from domain.types import DeviceState
+from drivers.asic import AsicDriver
+from drivers.backends import known_backend
+from drivers.backends.braiins import CLOSED_STREAMS_KEPT, BraiinsBackend, KeepBudget
+from sim.braiins import SimBraiinsMiner
+from sim.site import SimSite
+
+BASE = (
+    "127.1.180.1"  # this module's own loopback range (clear of a 10,000-miner bench from 127.1.0.1)
+)
+TIMEOUT_S = 0.5
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[SimSite]:
+    async with SimSite(2, base_address=BASE, settle_s=0.4, pause_s=0.2, wake_s=0.3) as s:
+        yield s
+
+
+def sim(site: SimSite, i: int = 0) -> SimBraiinsMiner:
+    m = site.miners[i]
+    assert isinstance(m, SimBraiinsMiner)
+    return m
+
+
+async def driver(site: SimSite, i: int = 0, budget: KeepBudget | None = None) -> AsicDriver:
+    """A driver as the agent builds one from its inventory (identified, no probes)."""
+    m = sim(site, i)
+    known = known_backend(m.address, "braiins", m.model.key)
+    assert isinstance(known, BraiinsBackend)
+    backend = known if budget is None else BraiinsBackend(known.miner, budget=budget)
+    drv = AsicDriver(f"m{i}", m.address, backend, timeout_s=TIMEOUT_S)
+    await drv.identify()
+    return drv
+
+
+async def test_one_connection_carries_identify_login_and_every_reading(site: SimSite) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    for _ in range(5):
+        assert (await drv.read()).state is DeviceState.MINING
+    assert m.grpc_connections == 1
+    assert m.grpc_open_connections == 1
+    assert m.grpc_calls["Login"] == 1
+    assert m.grpc_calls["GetMinerStats"] == 5
+
+
+async def test_past_the_budget_a_reading_opens_and_closes_its_own(site: SimSite) -> None:
+    m = sim(site)
+    budget = KeepBudget(limit=0)
+    drv = await driver(site, budget=budget)
+    for _ in range(3):
+        await drv.read()
+    await asyncio.sleep(0.05)  # let the simulator see the last close
+    assert m.grpc_connections == 4  # identify, then one per reading
+    assert m.grpc_open_connections == 0
+    assert budget.held == 0
+
+
+async def test_the_budget_is_taken_once_per_miner_and_given_back_on_close(
+    site: SimSite,
+) -> None:
+    budget = KeepBudget(limit=1)
+    first = await driver(site, 0, budget=budget)
+    second = await driver(site, 1, budget=budget)
+    await first.read()
+    await second.read()
+    assert budget.held == 1
+    assert isinstance(first.backend, BraiinsBackend)
+    assert first.backend._wire.web.keeps_channel
+    assert isinstance(second.backend, BraiinsBackend)
+    assert not second.backend._wire.web.keeps_channel
+    await first.backend.close()
+    assert budget.held == 0
+    await asyncio.sleep(0.05)
+    assert sim(site, 0).grpc_open_connections == 0
+
+
+@pytest.mark.parametrize("how", ["goaway", "close", "reset"])
+async def test_a_connection_the_miner_ended_while_idle_is_reopened(site: SimSite, how: str) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    if how == "goaway":
+        m.goaway()
+    else:
+        m.drop_connections(reset=how == "reset")
+    assert (await drv.read()).state is DeviceState.MINING  # no reading lost
+    assert m.grpc_connections == 2
+    assert m.grpc_open_connections == 1
+
+
+async def test_a_reading_cut_mid_call_is_sent_once_more_on_a_fresh_connection(
+    site: SimSite,
+) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.cut_next_call("GetMinerStats", applied=True)
+    r = await drv.read()
+    assert r.power_w == pytest.approx(m.power_w(), abs=1)
+    assert m.grpc_calls["GetMinerStats"] == 3  # first reading, the cut call, its retry
+    assert m.grpc_connections == 2
+
+
+async def test_a_goaway_mid_reading_is_recovered_on_a_fresh_connection(
+    site: SimSite,
+) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.set_fault("slow", delay_s=0.15)  # holds the calls in flight
+    reading = asyncio.create_task(drv.read())
+    await asyncio.sleep(0.05)
+    m.goaway()
+    assert (await reading).state is DeviceState.MINING
+    assert m.grpc_calls["GetMinerStats"] == 3  # first reading, the one cut, its retry
+    assert m.grpc_connections == 2
+
+
+async def test_a_pause_cut_by_goaway_is_not_sent_again(
+    site: SimSite,
+) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.set_fault("slow", delay_s=0.15)
+    pausing = asyncio.create_task(drv.sleep())
+    await asyncio.sleep(0.05)
+    m.goaway()
+    with pytest.raises(DeviceFaulted, match="Connection lost"):  # grpclib's words for it
+        await pausing
+    await asyncio.sleep(0.2)
+    assert m.grpc_calls["PauseMining"] == 1
+    assert not m.power.paused  # the miner dropped the call with its connection
+
+
+async def test_a_reading_is_retried_at_most_once(site: SimSite) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.cut_next_call("GetMinerStats", applied=True, calls=2)
+    with pytest.raises(DeviceFaulted, match="Connection lost"):
+        await drv.read()
+    assert m.grpc_calls["GetMinerStats"] == 3
+    assert (await drv.read()).state is DeviceState.MINING  # and then recovers
+
+
+async def test_a_reboot_is_recovered_on_a_new_connection(site: SimSite) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.set_fault("reboot", down_s=0.3)
+    assert m.grpc_open_connections == 0  # a reboot ends its connections at once
+    with pytest.raises(DeviceUnreachable):
+        await drv.read()
+    await asyncio.sleep(0.4)
+    await m.ready()
+    assert (await drv.read()).state is DeviceState.MINING
+    assert m.grpc_connections == 2
+
+
+async def test_a_call_without_an_answer_in_time_drops_the_channel(site: SimSite) -> None:
+    # A miner that lost power sends no FIN: a channel that did not answer in time is
+    # not trusted again.
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.set_fault("slow", delay_s=3.0)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceUnreachable):
+        await drv.read()
+    assert time.monotonic() - t0 < TIMEOUT_S + 0.3
+    m.set_fault("none")
+    await m.ready()
+    assert (await drv.read()).state is DeviceState.MINING
+    assert m.grpc_connections == 2
+
+
+async def test_a_target_cut_after_it_was_applied_is_not_sent_again(site: SimSite) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.cut_next_call("SetPowerTarget", applied=True)
+    with pytest.raises(DeviceFaulted, match="Connection lost"):
+        await drv.set_power_target(2000.0)
+    assert m.power.target_w == 2000.0
+    asked = m.grpc_calls["GetActivePerformanceMode"]
+    # The next write reads the miner first, sees the target set, and sends nothing.
+    assert await drv.set_power_target(2000.0) == 2000.0
+    assert m.grpc_calls["GetActivePerformanceMode"] == asked + 1
+    assert m.grpc_calls["SetPowerTarget"] == 1
+
+
+async def test_a_target_cut_before_it_was_applied_is_sent_after_a_reread(
+    site: SimSite,
+) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.cut_next_call("SetPowerTarget", applied=False)
+    with pytest.raises(DeviceFaulted, match="Connection lost"):
+        await drv.set_power_target(2000.0)
+    assert m.power.target_w == 3010.0
+    assert m.grpc_calls["SetPowerTarget"] == 1
+    asked = m.grpc_calls["GetActivePerformanceMode"]
+    assert await drv.set_power_target(2000.0) == 2000.0
+    assert m.grpc_calls["GetActivePerformanceMode"] == asked + 1  # read first
+    assert m.grpc_calls["SetPowerTarget"] == 2
+    assert m.power.target_w == 2000.0
+
+
+@pytest.mark.parametrize(("method", "op"), [("PauseMining", "sleep"), ("ResumeMining", "wake")])
+async def test_a_pause_or_resume_cut_mid_call_is_not_sent_again(
+    site: SimSite, method: str, op: str
+) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.cut_next_call(method, applied=True)
+    with pytest.raises(DeviceFaulted, match="Connection lost"):
+        await getattr(drv, op)()
+    assert m.grpc_calls[method] == 1
+    await asyncio.sleep(0.05)
+    assert m.grpc_calls[method] == 1  # nothing re-sent behind the caller's back
+
+
+async def test_a_token_the_miner_forgot_is_renewed_on_the_kept_connection(
+    site: SimSite,
+) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.token = "simtoken-after-reboot"  # the old one is now UNAUTHENTICATED
+    assert (await drv.read()).state is DeviceState.MINING
+    assert m.grpc_calls["Login"] == 2
+    assert m.grpc_connections == 1
+
+
+async def test_a_kept_connection_remembers_few_closed_streams(site: SimSite) -> None:
+    # h2 remembers up to 2**16 closed streams per connection (~200 B each); a kept
+    # connection must not grow with every reading.
+    drv = await driver(site)
+    for _ in range(40):
+        await drv.read()
+    backend = drv.backend
+    assert isinstance(backend, BraiinsBackend)
+    channel = backend._wire.web._held.channel
+    assert channel is not None and channel._protocol is not None
+    h2c = channel._protocol.connection._connection
+    assert h2c.highest_outbound_stream_id > 2 * 16 * 2  # far more streams than kept
+    assert 0 < len(h2c._closed_streams) <= 16 == CLOSED_STREAMS_KEPT
+    served = sim(site)._grpc_conns
+    assert all(len(c.connection._connection._closed_streams) <= 16 for c in served)
