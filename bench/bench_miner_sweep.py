@@ -10,7 +10,10 @@
     Braiins OS ``GetMinerStats`` (power, hashrate) + ``GetMinerDetails``
     (paused or mining) as two gRPC calls on one HTTP/2 connection (h2, no
     grpclib, protobuf fields decoded by hand; the login token is fetched in
-    setup, as the agent's driver has its token from identification);
+    setup, as the agent's driver has its token from identification), kept per
+    miner from setup as the agent's driver keeps its channel
+    (``--braiins-floor per-reading``: a new connection per reading, the floor
+    before it);
     stock Antminer ``stats`` on 4028 (hashrate, power where published; the miner
     mode, a web page behind digest auth, is needed only when the hashrate or
     power says it may have moved, so a steady reading needs ``stats`` alone);
@@ -31,7 +34,7 @@ power, and every 12th reading), so a steady reading asks what the floor asks.
 
 The simulator runs in separate processes (``python -m sim.serve``), at most
 ``--per-process`` miners each (default: what ``ulimit -n`` holds, e.g. 2,500 Braiins
-OS miners of 6 descriptors each, 5,000 of the others); each sweep runs in its own
+OS miners of 7 descriptors each, 5,000 of the others); each sweep runs in its own
 child process so CPU time and peak RSS are its own. Concurrency is bounded.
 
     python bench/bench_miner_sweep.py --miners 10000 --mix whatsminer
@@ -67,6 +70,10 @@ GC_FREEZE = False
 # The floor's VNish connections: "kept" (one per miner, as the agent's driver) or
 # "per-request" (Connection: close, as pyasic's own web client).
 VNISH_FLOOR = "kept"
+# The floor's Braiins OS connections: "kept" (one HTTP/2 connection per miner, as the
+# agent's driver keeps one gRPC channel) or "per-reading" (as pyasic, which opens one
+# per call, and the agent's driver before it, which shared one per reading).
+BRAIINS_FLOOR = "kept"
 
 
 def _after_setup() -> None:
@@ -229,20 +236,35 @@ def _pb_str(field: int, value: str) -> bytes:
     return bytes([field << 3 | 2, len(raw)]) + raw
 
 
-async def _grpc_calls(
-    address: str, calls: list[tuple[str, bytes]], token: str | None
-) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """Unary gRPC calls on one HTTP/2 connection: each reply's message and headers."""
-    import h2.config
-    import h2.connection
-    import h2.events
+class _H2:
+    """One HTTP/2 connection of the floor's: h2's state machine and the stream pair."""
 
-    reader, writer = await asyncio.open_connection(address, 50051)
-    try:
-        conn = h2.connection.H2Connection(
+    def __init__(
+        self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        import h2.config
+        import h2.connection
+
+        self.address, self.reader, self.writer = address, reader, writer
+        self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
-        conn.initiate_connection()
+        self.conn.initiate_connection()
+        self.answered = False  # some exchange on it finished (it is being reused since)
+
+    @classmethod
+    async def open(cls, address: str) -> _H2:
+        """Connect; the preface and SETTINGS go out with the first request."""
+        reader, writer = await asyncio.open_connection(address, 50051)
+        return cls(address, reader, writer)
+
+    async def exchange(
+        self, calls: list[tuple[str, bytes]], token: str | None
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Unary gRPC calls as new streams: each reply's message and headers."""
+        import h2.events
+
+        conn = self.conn
         sids: list[int] = []
         for path, body in calls:
             sid = conn.get_next_available_stream_id()
@@ -250,7 +272,7 @@ async def _grpc_calls(
                 (":method", "POST"),
                 (":scheme", "http"),
                 (":path", path),
-                (":authority", f"{address}:50051"),
+                (":authority", f"{self.address}:50051"),
                 ("te", "trailers"),
                 ("content-type", "application/grpc+proto"),
             ]
@@ -259,12 +281,12 @@ async def _grpc_calls(
             conn.send_headers(sid, headers)
             conn.send_data(sid, b"\0" + struct.pack(">I", len(body)) + body, end_stream=True)
             sids.append(sid)
-        writer.write(conn.data_to_send())
+        self.writer.write(conn.data_to_send())
         data = {sid: bytearray() for sid in sids}
         meta: dict[int, dict[bytes, bytes]] = {sid: {} for sid in sids}
         ended: set[int] = set()
         while len(ended) < len(sids):
-            chunk = await reader.read(65536)
+            chunk = await self.reader.read(65536)
             if not chunk:
                 raise ConnectionError("closed before the replies ended")
             for ev in conn.receive_data(chunk):
@@ -279,17 +301,64 @@ async def _grpc_calls(
                     raise ConnectionError(f"HTTP/2 {type(ev).__name__}")
             out = conn.data_to_send()
             if out:
-                writer.write(out)
+                self.writer.write(out)
+        self.answered = True
+        replies = []
+        for sid in sids:
+            status = meta[sid].get(b"grpc-status", b"0")
+            if status != b"0":
+                raise RuntimeError(f"grpc-status {status!r}: {meta[sid].get(b'grpc-message')!r}")
+            buf = bytes(data[sid])
+            replies.append((buf[5 : 5 + struct.unpack(">I", buf[1:5])[0]], meta[sid]))
+        return replies
+
+    def close(self) -> None:
+        """Close the socket (no GOAWAY: the floor sends only what a reading needs)."""
+        self.writer.close()
+
+
+async def _grpc_calls(
+    address: str, calls: list[tuple[str, bytes]], token: str | None
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Unary gRPC calls on an HTTP/2 connection of their own: replies and headers."""
+    h = await _H2.open(address)
+    try:
+        return await h.exchange(calls, token)
     finally:
-        writer.close()
-    replies = []
-    for sid in sids:
-        status = meta[sid].get(b"grpc-status", b"0")
-        if status != b"0":
-            raise RuntimeError(f"grpc-status {status!r}: {meta[sid].get(b'grpc-message')!r}")
-        buf = bytes(data[sid])
-        replies.append((buf[5 : 5 + struct.unpack(">I", buf[1:5])[0]], meta[sid]))
-    return replies
+        h.close()
+
+
+async def _grpc_kept(
+    m: dict[str, Any], calls: list[tuple[str, bytes]], token: str | None
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Unary gRPC calls on the miner's kept HTTP/2 connection: replies and headers.
+
+    The agent's driver's policy: opened on first use; reopened when the miner has
+    closed it; dropped after an exchange that did not finish, and the calls sent
+    once more on a fresh connection if the dropped one had answered before.
+    """
+    for attempt in range(2):
+        h = m.get("h2")
+        if h is None or h.reader.at_eof():
+            h = m["h2"] = await _H2.open(m["address"])
+        reused = h.answered
+        try:
+            return await h.exchange(calls, token)
+        except BaseException as e:
+            h.close()
+            m["h2"] = None
+            if attempt or not reused or not isinstance(e, ConnectionError):
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _braiins_grpc(
+    m: dict[str, Any], calls: list[tuple[str, bytes]], token: str | None
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The floor's Braiins OS calls the ``BRAIINS_FLOOR`` way."""
+    if BRAIINS_FLOOR == "kept":
+        return await _grpc_kept(m, calls, token)
+    return await _grpc_calls(m["address"], calls, token)
 
 
 BOS = "/braiins.bos.v1."
@@ -360,9 +429,7 @@ async def floor_setup(m: dict[str, Any]) -> None:
     """What the floor learns once per miner, untimed (the agent's is its identification)."""
     if m["backend"] == "braiins":
         login = _pb_str(1, "root") + _pb_str(2, "root")
-        ((_, meta),) = await _grpc_calls(
-            m["address"], [(BOS + "AuthenticationService/Login", login)], None
-        )
+        ((_, meta),) = await _braiins_grpc(m, [(BOS + "AuthenticationService/Login", login)], None)
         m["token"] = meta[b"authorization"].decode()
     elif m["backend"] == "vnish":
         status, body = await _vnish_http(
@@ -383,8 +450,8 @@ async def floor_read(m: dict[str, Any]) -> float:
         d = await _rpc_json(address, FLOOR_REQUEST["luxos"])
         return float(d["power"][0]["POWER"][0]["Watts"])
     if backend == "braiins":
-        (stats, _), (details, _) = await _grpc_calls(
-            address,
+        (stats, _), (details, _) = await _braiins_grpc(
+            m,
             [
                 (BOS + "MinerService/GetMinerStats", b""),
                 (BOS + "MinerService/GetMinerDetails", b""),
@@ -453,9 +520,10 @@ def run_child(args: argparse.Namespace) -> int:
     miners = json.loads(Path(args.inventory).read_text())
     if args.sample:
         miners = miners[: args.sample]
-    global GC_FREEZE, VNISH_FLOOR
+    global GC_FREEZE, VNISH_FLOOR, BRAIINS_FLOOR
     GC_FREEZE = args.gc_freeze
     VNISH_FLOOR = args.vnish_floor
+    BRAIINS_FLOOR = args.braiins_floor
     out = asyncio.run(SWEEPS[args.child](miners, args.concurrency, args.timeout_s))
     out["n"] = len(miners)
     print(json.dumps(out))
@@ -463,9 +531,10 @@ def run_child(args: argparse.Namespace) -> int:
 
 
 # Descriptors a simulated miner holds: its listening sockets, and for Braiins OS a
-# dup of each (sim.braiins keeps a port bound while its server is swapped).
+# dup of each (sim.braiins keeps a port bound while its server is swapped) and the
+# gRPC connection a client keeps.
 # VNish: its two listeners and the web connection a client keeps.
-SIM_FDS_PER_MINER = {"braiins": 6, "antminer": 2, "vnish": 3, "whatsminer": 1, "luxos": 1}
+SIM_FDS_PER_MINER = {"braiins": 7, "antminer": 2, "vnish": 3, "whatsminer": 1, "luxos": 1}
 
 
 def auto_per_process(n: int, backends: list[str], concurrency: int) -> int:
@@ -554,6 +623,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the floor's VNish connections: one kept per miner (as the agent's driver) "
         "or one per request (as pyasic's own client)",
     )
+    p.add_argument(
+        "--braiins-floor",
+        choices=("kept", "per-reading"),
+        default="kept",
+        help="the floor's Braiins OS HTTP/2 connections: one kept per miner (as the "
+        "agent's driver keeps its gRPC channel) or one per reading",
+    )
     args = p.parse_args(argv)
     if args.child:
         return run_child(args)
@@ -582,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--sample", str(args.naive_sample)]
             cmd.append("--gc-freeze" if args.gc_freeze else "--no-gc-freeze")
             cmd += ["--vnish-floor", args.vnish_floor]
+            cmd += ["--braiins-floor", args.braiins_floor]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"sweep {s} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -602,7 +679,16 @@ def main(argv: list[str] | None = None) -> int:
         f"processes, concurrency {args.concurrency}{', gc frozen after setup' * args.gc_freeze}, "
         f"{os.cpu_count()} cores, load average before {load0:.2f} after {os.getloadavg()[0]:.2f}"
         + (f", VNish floor connections {args.vnish_floor}" if "vnish" in args.mix else "")
+        + (f", Braiins OS floor connections {args.braiins_floor}" if "braiins" in args.mix else "")
     )
+    n_bos = sum(1 for m in miners if m["backend"] == "braiins")
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if n_bos > soft // 2:
+        # drivers.backends.braiins.KeepBudget: past half the descriptors, per reading.
+        print(
+            f"  note: ulimit -n {soft}: the agent keeps {soft // 2} of {n_bos} Braiins OS "
+            "channels open, the rest are opened per reading"
+        )
     for s, r in results.items():
         extra = f"  (setup {r['setup_s']:.1f} s)" if "setup_s" in r else ""
         if "first_sweep_s" in r:
