@@ -531,6 +531,20 @@ class _MinerLayout:
         nameplate, hashrate = st.nameplate_w[m], st.hashrate_ths[m]
         self.ths_b = _hashrate_at(nameplate, hashrate, self.b_w)
         self.ths_a = np.where(self.wake, 0.0, _hashrate_at(nameplate, hashrate, self.a_w))
+        self.lo_w, self.hi_w, self.step_w = st.clamp.lo_w[m], st.clamp.hi_w[m], st.clamp.step_w[m]
+        self._values: tuple[float, float, FloatArr] | None = None
+
+    def values(self, hashprice_usd_per_th_day: float, elec_usd_per_kwh: float) -> FloatArr:
+        """Net value ($/kWh) of every segment at these prices; kept while they hold."""
+        kept = self._values
+        if kept is not None and kept[:2] == (hashprice_usd_per_th_day, elec_usd_per_kwh):
+            return kept[2]
+        hp24 = hashprice_usd_per_th_day / HOURS_PER_DAY
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gain = hp24 * self.ths_b - hp24 * self.ths_a
+            v: FloatArr = gain / ((self.b_w - self.a_w) / 1000.0) - elec_usd_per_kwh
+        self._values = (hashprice_usd_per_th_day, elec_usd_per_kwh, v)
+        return v
 
 
 class _Columns:
@@ -691,27 +705,52 @@ def _segments(
     k = max(1, params.miner_raise_segments)
     lay = cols.static.miner_layout(k)
     m = lay.rows
-    act = active[m][:, None]
-    a, b = np.where(act, lay.a_w, np.nan), np.where(act, lay.b_w, np.nan)
-    wake = lay.wake & act
-    hp24 = prices.hashprice_usd_per_th_day / HOURS_PER_DAY
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = (hp24 * lay.ths_b - hp24 * lay.ths_a) / ((b - a) / 1000.0) - elec
-    miners = _block(s, cols, prev, params, m, a, b, v, wake)
+    v = lay.values(prices.hashprice_usd_per_th_day, elec)
 
     # GPUs: at the floor, segments along the curve up to what demand needs, headroom above.
     # Built in the fixed merit order (GPUs, then miners, each in that order), a device's
     # segments in a row: the tie-break of the offer order is the order of building.
-    blocks = [miners]
     g = cols.gpus_ranked
+    out = _SegBuffers(4 * len(g) + lay.a_w.size)
+    end = 0
     if g.size:
         ga, gb, gv = _gpu_segments(cols, s, g, limits, prices, params)
-        blocks.insert(0, _block(s, cols, prev, params, g, ga, gb, gv, np.zeros(ga.shape, bool)))
-    s.device, s.j, s.a_w, s.b_w, s.wake, s.value_q, s.level_w = (
-        np.concatenate(x) for x in zip(*blocks, strict=True)
-    )
+        c = cols.clamp
+        gpus = _Rows(g, ga, gb, gv, np.zeros(ga.shape, bool), c.lo_w[g], c.hi_w[g], c.step_w[g])
+        end = _block(s, cols, prev, params, gpus, np.ones(len(g), bool), out, end)
+    miners = _Rows(m, lay.a_w, lay.b_w, v, lay.wake, lay.lo_w, lay.hi_w, lay.step_w)
+    end = _block(s, cols, prev, params, miners, active[m], out, end)
+    s.device, s.j, s.a_w, s.b_w = out.device[:end], out.j[:end], out.a_w[:end], out.b_w[:end]
+    s.wake, s.value_q, s.level_w = out.wake[:end], out.value_q[:end], out.level_w[:end]
     s.reserve_w = np.where(cols.awake_true[s.device], 0.0, params.wake_reserve_w)
     return s
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """One kind's devices and their segment bounds (a row each, NaN after the last)."""
+
+    dev: IntArr
+    a_w: FloatArr
+    b_w: FloatArr
+    value: FloatArr
+    wake: BoolArr
+    lo_w: FloatArr  # where a device's power target may land: range and step
+    hi_w: FloatArr
+    step_w: FloatArr
+
+
+class _SegBuffers:
+    """Room for every segment offered, filled block after block."""
+
+    def __init__(self, n: int) -> None:
+        self.device = np.empty(n, np.intp)
+        self.j = np.empty(n, np.intp)
+        self.a_w = np.empty(n)
+        self.b_w = np.empty(n)
+        self.wake = np.empty(n, np.bool_)
+        self.value_q = np.empty(n)
+        self.level_w = np.empty(n)
 
 
 def _block(
@@ -719,54 +758,57 @@ def _block(
     cols: _Columns,
     prev: _Previous,
     params: EconomicParams,
-    dev: IntArr,
-    a: FloatArr,
-    b: FloatArr,
-    v: FloatArr,
-    wake: BoolArr,
-) -> tuple[IntArr, IntArr, FloatArr, FloatArr, BoolArr, FloatArr, FloatArr]:
-    """Segments of devices ``dev`` (rows of ``a``..``wake``, NaN where none): per device its
-    first value, top and count; the segments offered, flattened in (device, order)."""
+    rows: _Rows,
+    active: BoolArr,
+    out: _SegBuffers,
+    start: int,
+) -> int:
+    """Offer the segments of ``rows`` (those ``active``) into ``out`` from ``start``; per
+    device its first value, top and count into ``s``. Returns where the next block starts."""
+    dev = rows.dev
     # The incumbent keeps its place unless beaten by the margin.
     current = np.where(prev.known[dev], prev.planned_w[dev], cols.expected_w[dev])
-    m, k = a.shape
+    m = len(dev)
     n_bounds = np.zeros(m, np.intp)
     best, top = np.full(m, np.nan), np.zeros(m)
-    out_f = np.empty((5, m * k))
-    out_i = np.empty((2, m * k), np.intp)
-    out_wake = np.empty(m * k, np.bool_)
-    c = cols.clamp
-    count = _block_loop(
-        np.ascontiguousarray(a),
-        np.ascontiguousarray(b),
-        np.ascontiguousarray(v),
-        np.ascontiguousarray(wake),
+    end = _block_loop(
+        dev,
+        np.ascontiguousarray(rows.a_w),
+        np.ascontiguousarray(rows.b_w),
+        np.ascontiguousarray(rows.value),
+        np.ascontiguousarray(rows.wake),
+        active,
         current,
         cols.awake_false[dev],
         s.floor_w[dev],
-        c.lo_w[dev],
-        c.hi_w[dev],
-        c.step_w[dev],
+        rows.lo_w,
+        rows.hi_w,
+        rows.step_w,
         params.keep_margin_usd_per_kwh,
         params.value_quantum_usd_per_kwh,
         n_bounds,
         best,
         top,
-        out_i,
-        out_f,
-        out_wake,
+        start,
+        out.device,
+        out.j,
+        out.a_w,
+        out.b_w,
+        out.wake,
+        out.value_q,
+        out.level_w,
     )
     s.n_bounds[dev], s.best_value[dev], s.top_w[dev] = n_bounds, best, top
-    r, jj = out_i[0, :count], out_i[1, :count]
-    aa, bb, qv, level = (out_f[i, :count] for i in range(4))
-    return dev[r], jj, aa, bb, out_wake[:count], qv, level
+    return int(end)
 
 
 def _block_rows(
+    dev: IntArr,
     a: FloatArr,
     b: FloatArr,
     v: FloatArr,
     wake: BoolArr,
+    active: BoolArr,
     current: FloatArr,
     awake_false: BoolArr,
     floor_w: FloatArr,
@@ -778,18 +820,26 @@ def _block_rows(
     n_bounds: IntArr,
     best: FloatArr,
     top: FloatArr,
-    out_i: IntArr,
-    out_f: FloatArr,
-    out_wake: BoolArr,
+    start: int,
+    o_dev: IntArr,
+    o_j: IntArr,
+    o_a: FloatArr,
+    o_b: FloatArr,
+    o_wake: BoolArr,
+    o_q: FloatArr,
+    o_level: FloatArr,
 ) -> int:
-    """``_block``'s loop, one device (row) at a time; returns how many segments it offers.
+    """``_block``'s loop, one device (row) at a time; returns where its segments end.
 
-    Per row, bounds run left to right (NaN after the last). A bound the device already
-    holds gets the keep margin; the segments offered are those before the first
-    loss-making one, each landing on its top (a wake) or on the device's step.
+    Per row, bounds run left to right (NaN after the last); an inactive row has none.
+    A bound the device already holds gets the keep margin; the segments offered are
+    those before the first loss-making one, each landing on its top (a wake) or on
+    the device's step.
     """
-    count = 0
+    count = start
     for i in range(a.shape[0]):
+        if not active[i]:
+            continue  # no bounds: count 0, no value, top 0 (as set by the caller)
         before = floor_w[i]
         offering = True
         nb = 0
@@ -811,11 +861,11 @@ def _block_rows(
             else:
                 lvl = max(clamp_w(b[i, j], lo_w[i], hi_w[i], step_w[i]), before)
             before = lvl
-            out_i[0, count], out_i[1, count] = i, j
-            out_f[0, count], out_f[1, count] = a[i, j], b[i, j]
-            out_f[2, count] = (val // quantum) * quantum if quantum > 0 else val
-            out_f[3, count] = lvl
-            out_wake[count] = wake[i, j]
+            o_dev[count], o_j[count] = dev[i], j
+            o_a[count], o_b[count] = a[i, j], b[i, j]
+            o_q[count] = (val // quantum) * quantum if quantum > 0 else val
+            o_level[count] = lvl
+            o_wake[count] = wake[i, j]
             count += 1
         n_bounds[i] = nb
         top[i] = b[i, nb - 1] if nb > 0 else 0.0
