@@ -17,7 +17,8 @@ from domain.errors import DeviceFaulted, DeviceUnreachable
 from domain.types import DeviceState
 from drivers.asic import AsicDriver
 from drivers.backends import known_backend
-from drivers.backends.braiins import CLOSED_STREAMS_KEPT, BraiinsBackend, KeepBudget
+from drivers.backends.base import KeepBudget
+from drivers.backends.braiins import CLOSED_STREAMS_KEPT, BraiinsBackend
 from sim.braiins import SimBraiinsMiner
 from sim.site import SimSite
 

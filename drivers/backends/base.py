@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -159,3 +160,41 @@ def level_capabilities(watts: Sequence[float], default_w: float) -> MinerCapabil
         can_sleep=True,
         reports_power=True,
     )
+
+
+class KeepBudget:
+    """How many miners may keep a connection open: half the process's descriptors.
+
+    A kept connection holds a descriptor for as long as the miner is driven. Past this
+    many, a miner's connection lives for one reading or call (as pyasic's does), so the
+    other half stays for the connections other firmwares open per request (bounded
+    by the telemetry concurrency), the API, the database and SSH. One budget serves
+    every firmware that keeps connections (Braiins OS channels, VNish web
+    connections), so together they never take more than that half. ``limit``
+    overrides the soft ``RLIMIT_NOFILE``, read again at each ``take``.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._limit = limit
+        self.held = 0
+
+    def limit(self) -> int:
+        """Miners (connections) that may be kept now."""
+        if self._limit is not None:
+            return self._limit
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return 1 << 30 if soft == resource.RLIM_INFINITY else soft // 2
+
+    def take(self) -> bool:
+        """Whether one more miner may keep its connection (if so it is counted)."""
+        if self.held >= self.limit():
+            return False
+        self.held += 1
+        return True
+
+    def give(self) -> None:
+        """A miner that kept its connection is no longer driven."""
+        self.held = max(0, self.held - 1)
+
+
+KEPT_CONNECTIONS = KeepBudget()

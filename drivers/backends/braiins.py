@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import resource
 import sys
 import typing
 import weakref
@@ -45,7 +44,7 @@ from domain.errors import (
     DeviceUnreachable,
 )
 from domain.types import DeviceState, MinerCapabilities, MinerIdentity
-from drivers.backends.base import Behaviour, Sample
+from drivers.backends.base import KEPT_CONNECTIONS, Behaviour, KeepBudget, Sample
 from drivers.backends.nameplate import lookup
 
 # gRPC statuses that mean "understood and declined" rather than "broken".
@@ -205,40 +204,8 @@ class _KeptChannel(Channel):
         super().close()
 
 
-class KeepBudget:
-    """How many miners may keep a connection open: half the process's descriptors.
-
-    A kept connection holds a descriptor for as long as the miner is driven. Past this
-    many, a miner's channel lives for one reading or call (as pyasic's does), so the
-    other half stays for the connections other firmwares open per request (bounded
-    by the telemetry concurrency), the API, the database and SSH. ``limit`` overrides
-    the soft ``RLIMIT_NOFILE``, read again at each ``take``.
-    """
-
-    def __init__(self, limit: int | None = None) -> None:
-        self._limit = limit
-        self.held = 0
-
-    def limit(self) -> int:
-        """Miners (connections) that may be kept now."""
-        if self._limit is not None:
-            return self._limit
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return 1 << 30 if soft == resource.RLIM_INFINITY else soft // 2
-
-    def take(self) -> bool:
-        """Whether one more miner may keep its connection (if so it is counted)."""
-        if self.held >= self.limit():
-            return False
-        self.held += 1
-        return True
-
-    def give(self) -> None:
-        """A miner that kept its connection is no longer driven."""
-        self.held = max(0, self.held - 1)
-
-
-KEEP_BUDGET = KeepBudget()
+# One budget for every firmware's kept connections (see drivers.backends.base).
+KEEP_BUDGET = KEPT_CONNECTIONS
 
 # BOSer's read calls are named ``Get...`` (pyasic: ``get_...``); anything else changes
 # the miner and is never sent again after an unknown outcome.

@@ -57,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import resource
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable
@@ -73,6 +72,7 @@ from pyasic.web.vnish import VNishWebAPI
 from domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
 from domain.types import DeviceState, MinerIdentity
 from drivers.backends.base import (
+    KEPT_CONNECTIONS,
     Behaviour,
     Sample,
     level_capabilities,
@@ -94,53 +94,22 @@ _SLEEP_STATES = frozenset({"stopped", "shutting-down"})
 _TO_THS = {"GH/s": 1e-3, "TH/s": 1.0, "MH/s": 1e-6}
 
 
-# A kept web connection idle this long (s) is closed by us rather than reused: longer
-# than the telemetry interval (5 s by default) so that each reading reuses it, and
-# short enough that we, not the miner, usually close an idle one (a miner closing it
-# just as a request goes out is the one case a read has to be sent again for).
-KEEPALIVE_EXPIRY_S = 15.0
-# Descriptors left to everything else (other firmwares' per-request sockets, the API,
-# SSH, SQLite): at least this many, or a quarter of the limit if that is more.
-FD_RESERVE = 1024
+# A kept web connection idle this long (s) is closed by us rather than reused. It must
+# outlast the time between two readings of one miner, which is the telemetry interval
+# only while a sweep fits in it: at 15 s, 10,000 simulated miners (a sweep of 20-40 s
+# on 2 shared cores) found every connection expired and paid a new one per reading
+# on top of the kept client's cost: 35.1 s of CPU a sweep, against 23.3 s at 120 s
+# and 33.4 s with pyasic's own client (one connection per request). A miner that closes an idle connection first costs nothing extra: httpcore
+# drops one that has turned readable, and a read cut as it goes out is sent again.
+KEEPALIVE_EXPIRY_S = 120.0
 
 # A kept connection that failed this way may have been closed by the miner before
 # or while the request went out (idle timeout, web server restart, reboot): a read
 # is sent once more on a fresh connection, a write never is.
 _STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
-
-class _KeepAliveBudget:
-    """How many miners in this process may keep a web connection open (one descriptor each).
-
-    With the soft ``RLIMIT_NOFILE`` that systemd gives a service by default (1024)
-    10,000 kept connections would make every new socket fail (EMFILE), a miner's and
-    a GPU node's alike; past the budget a miner's client closes its connection after
-    each request, as pyasic's does.
-    """
-
-    def __init__(self) -> None:
-        self.held = 0
-
-    def limit(self) -> int:
-        """Kept connections allowed now (from the soft descriptor limit)."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return 1 << 30
-        return max(0, soft - max(FD_RESERVE, soft // 4))
-
-    def take(self) -> bool:
-        """Reserve one kept connection; False when the budget is spent."""
-        if self.held >= self.limit():
-            return False
-        self.held += 1
-        return True
-
-    def give(self) -> None:
-        """Return one reserved kept connection."""
-        self.held -= 1
-
-
-KEEPALIVE_BUDGET = _KeepAliveBudget()
+# The budget of kept connections this process shares with the Braiins OS channels.
+KEEPALIVE_BUDGET = KEPT_CONNECTIONS
 
 
 class _KeptConnectionWebAPI(VNishWebAPI):  # type: ignore[misc]  # pyasic is untyped
