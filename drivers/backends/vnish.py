@@ -99,8 +99,9 @@ _TO_THS = {"GH/s": 1e-3, "TH/s": 1.0, "MH/s": 1e-6}
 # only while a sweep fits in it: at 15 s, 10,000 simulated miners (a sweep of 20-40 s
 # on 2 shared cores) found every connection expired and paid a new one per reading
 # on top of the kept client's cost: 35.1 s of CPU a sweep, against 23.3 s at 120 s
-# and 33.4 s with pyasic's own client (one connection per request). A miner that closes an idle connection first costs nothing extra: httpcore
-# drops one that has turned readable, and a read cut as it goes out is sent again.
+# and 33.4 s with pyasic's own client (one connection per request). A miner that
+# closes an idle connection first costs nothing extra: httpcore drops one that has
+# turned readable, and a read cut as it goes out is sent again.
 KEEPALIVE_EXPIRY_S = 120.0
 
 # A kept connection that failed this way may have been closed by the miner before
