@@ -57,6 +57,42 @@ class HttpResponse:
 
 _REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 400: "Bad Request"}
 
+# What a client that goes away, stalls or sends nonsense raises while a request is read.
+HTTP_ERRORS = (
+    ConnectionError,
+    TimeoutError,
+    ValueError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+)
+
+
+async def read_http_request(
+    reader: asyncio.StreamReader, first: bytes = b""
+) -> tuple[HttpRequest, str]:
+    """One HTTP/1.x request from ``reader`` (``first``: its bytes already read), and the
+    HTTP version it names."""
+    head = first + await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, version = ([*lines[0].split(" ", 2), "", ""])[:3]
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    n = int(headers.get("content-length", "0") or 0)
+    body = await reader.readexactly(n) if n else b""
+    return HttpRequest(method, path, headers, body), version
+
+
+def http_response_bytes(resp: HttpResponse, *, keep_alive: bool) -> bytes:
+    """``resp`` on the wire, saying whether the connection stays open after it."""
+    out = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}"]
+    out += [f"{k}: {v}" for k, v in resp.headers]
+    out += [f"Content-Length: {len(resp.body)}"]
+    out += ["Connection: keep-alive" if keep_alive else "Connection: close", "", ""]
+    return "\r\n".join(out).encode("latin-1") + resp.body
+
 
 def json_response(obj: Any, status: int = 200) -> HttpResponse:
     """A JSON body with the given status."""
@@ -257,34 +293,15 @@ class SimMinerBase(GroundTruth):
     async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(5.0):
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = ([*lines[0].split(" ", 2), "", ""])[:3]
-                headers: dict[str, str] = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        k, v = line.split(":", 1)
-                        headers[k.strip().lower()] = v.strip()
-                n = int(headers.get("content-length", "0") or 0)
-                body = await reader.readexactly(n) if n else b""
+                req, _ = await read_http_request(reader)
             if not await self._delay():
                 return
             if self.faults.fault is Fault.GARBAGE:
                 writer.write(GARBAGE_BYTES)
             else:
-                resp = self.http_request(HttpRequest(method, path, headers, body))
-                out = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}"]
-                out += [f"{k}: {v}" for k, v in resp.headers]
-                out += [f"Content-Length: {len(resp.body)}", "Connection: close", "", ""]
-                writer.write("\r\n".join(out).encode("latin-1") + resp.body)
+                writer.write(http_response_bytes(self.http_request(req), keep_alive=False))
             await writer.drain()
-        except (
-            ConnectionError,
-            TimeoutError,
-            ValueError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-        ):
+        except HTTP_ERRORS:
             pass
         finally:
             writer.close()

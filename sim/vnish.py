@@ -63,13 +63,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sim.base import (
-    _REASONS,
     DEFAULT_REBOOT_DOWN_S,
+    HTTP_ERRORS,
     IDLE_POWER_W,
     HttpRequest,
     HttpResponse,
     SimMinerBase,
+    http_response_bytes,
     json_response,
+    read_http_request,
     rpc_status,
 )
 from sim.faults import GARBAGE_BYTES, Fault
@@ -366,17 +368,7 @@ class SimVNish(SimMinerBase):
                 except asyncio.IncompleteReadError:
                     return  # the client closed it
                 async with asyncio.timeout(REQUEST_READ_S):
-                    head = first + await reader.readuntil(b"\r\n\r\n")
-                    lines = head.decode("latin-1").split("\r\n")
-                    method, path, version = ([*lines[0].split(" ", 2), "", ""])[:3]
-                    headers: dict[str, str] = {}
-                    for line in lines[1:]:
-                        if ":" in line:
-                            k, v = line.split(":", 1)
-                            headers[k.strip().lower()] = v.strip()
-                    n = int(headers.get("content-length", "0") or 0)
-                    body = await reader.readexactly(n) if n else b""
-                req = HttpRequest(method, path, headers, body)
+                    req, version = await read_http_request(reader, first)
                 if self._dropped(req):
                     return
                 if not await self._delay():
@@ -385,24 +377,13 @@ class SimVNish(SimMinerBase):
                     writer.write(GARBAGE_BYTES)
                     await writer.drain()
                     return
-                conn = headers.get("connection", "").lower()
+                conn = req.headers.get("connection", "").lower()
                 keep = "close" not in conn and (version == "HTTP/1.1" or "keep-alive" in conn)
-                resp = self.http_request(req)
-                out = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}"]
-                out += [f"{k}: {v}" for k, v in resp.headers]
-                out += [f"Content-Length: {len(resp.body)}"]
-                out += ["Connection: keep-alive" if keep else "Connection: close", "", ""]
-                writer.write("\r\n".join(out).encode("latin-1") + resp.body)
+                writer.write(http_response_bytes(self.http_request(req), keep_alive=keep))
                 await writer.drain()
                 if not keep or writer.is_closing():
                     return
-        except (
-            ConnectionError,
-            TimeoutError,
-            ValueError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-        ):
+        except HTTP_ERRORS:
             pass
         finally:
             self._http_writers.discard(writer)
