@@ -371,11 +371,10 @@ class _Whole:
         n = len(statics)
         self.statics, self.key = statics, key
         self.node_index = {k: i for i, k in enumerate(names)}
-        uniq = {dom: i for i, dom in enumerate(dict.fromkeys(statics.domains))}
-        rows = [[self.node_index[k] for k in tree.chain(dom)] for dom in uniq]
+        domains, dom_idx = statics.domain_codes
+        rows = [[self.node_index[k] for k in tree.chain(dom)] for dom in domains]
         depth = max((len(c) for c in rows), default=1)
         table = np.array([c + [c[-1]] * (depth - len(c)) for c in rows], np.intp)
-        dom_idx = np.fromiter(map(uniq.__getitem__, statics.domains), np.intp, n)
         self.chains = table[dom_idx] if n else np.zeros((0, depth), np.intp)
         self.nodes = by_depth(self.chains, len(names))
         kinds, caps = statics.kinds, statics.capabilities
@@ -400,14 +399,11 @@ class _Whole:
             self.eff = np.where(self.hashrate_ths > 0, self.nameplate_w / self.hashrate_ths, np.inf)
         self.by_id = np.empty(n, np.intp)
         self.by_id[sorted(range(n), key=statics.ids.__getitem__)] = np.arange(n)
-        self._rows: dict[str, int] | None = None
         self._subset: _Static | None = None
 
     def rows_of(self, ids: Iterable[str]) -> list[int]:
         """The rows of those of ``ids`` present, in row order."""
-        if self._rows is None:
-            self._rows = {d: i for i, d in enumerate(self.statics.ids)}
-        rows = self._rows
+        rows = self.statics.rows
         return sorted(rows[d] for d in ids if d in rows)
 
     def subset(self, movable: BoolArr) -> _Static:
@@ -451,7 +447,6 @@ class _Static:
         self.clamp = Clamp(self.cap_min, self.cap_max, whole.cap_step[r])
         self.nameplate_w, self.hashrate_ths = whole.nameplate_w[r], whole.hashrate_ths[r]
         self.sleep_w, self.lo_w, self.hi_w = whole.sleep_w[r], whole.lo_w[r], whole.hi_w[r]
-        self.gpus = np.flatnonzero(self.is_gpu)
         self.order = np.lexsort((whole.by_id[r], whole.eff[r], ~self.is_gpu))
         self.gpus_ranked = self.order[self.is_gpu[self.order]]
         self.pos = np.empty(n, np.intp)
@@ -558,7 +553,7 @@ class _Columns:
         self.is_gpu, self.power_target = st.is_gpu, st.power_target
         self.cap_min, self.cap_max, self.can_sleep = st.cap_min, st.cap_max, st.can_sleep
         self.clamp, self.nameplate_w, self.hashrate_ths = st.clamp, st.nameplate_w, st.hashrate_ths
-        self.sleep_w, self.gpus, self.lo_w, self.hi_w = st.sleep_w, st.gpus, st.lo_w, st.hi_w
+        self.sleep_w, self.lo_w, self.hi_w = st.sleep_w, st.lo_w, st.hi_w
         self.order, self.pos, self.ranked_ids = st.order, st.pos, st.ranked_ids
         self.gpus_ranked = st.gpus_ranked
         r = st.rows

@@ -14,10 +14,11 @@ decision left. One segment at a time in Python it costs about a second at
 50,000 devices (150,000 segments), and no vectorised form found makes it cheap:
 the last one (a few numpy rounds over bounds on each segment's room) still took
 about 40 ms. So the rule is written once, as the plain loop, and compiled with
-numba: about a millisecond. The first call in a process compiles it (numba
-keeps the result in ``__pycache__`` where it may write there); ``warm_up``
-does that before the control loop's first tick. ``NUMBA_DISABLE_JIT=1`` runs
-the same loop as Python, for a debugger.
+numba: 7-8 ms for bench/bench_economic_plan.py's 50,000 devices on a quiet
+2-core machine whose plain Python sort of them takes about 110 ms. The first call in a process
+compiles it (numba keeps the result in ``__pycache__`` where it may write
+there); ``policies.economic.warm_up`` does that before the control loop's first
+tick. ``NUMBA_DISABLE_JIT=1`` runs the same loop as Python, for a debugger.
 
 tests/test_fill.py checks it, segment for segment, against a loop written
 independently over the policies' own ``MinerCapabilities.clamp_power_target_w``.
@@ -224,7 +225,7 @@ def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     or the user's cache directory. Under the systemd unit's hardening none of
     those may be writable (read-only ``/opt``, no home), and numba then refuses
     the cached form outright, so compile it uncached: a second or two at start
-    (``warm_up``), no less correct.
+    (``policies.economic.warm_up``), no less correct.
     """
     try:
         compiled = numba.njit(cache=True, nogil=True)(fn)
@@ -236,19 +237,6 @@ def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 clamp_w = jit(_clamp_w)
 _kernel = jit(_fill_loop)
-
-
-def warm_up() -> None:
-    """Compile the fill now (a second or two the first time), not during a tick."""
-    one = np.zeros(1)
-    fill(
-        Segments(np.zeros(1, np.intp), one, one, one, one, np.zeros(1, bool), np.full(1, -1)),
-        np.zeros((1, 1), np.intp),
-        one,
-        one,
-        Clamp(one, one, one),
-        order=np.zeros(1, np.intp),
-    )
 
 
 def by_depth(chains: IntArr, n_nodes: int) -> IntArr:
