@@ -16,16 +16,22 @@ indices into ``STATES`` and ``KINDS``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from operator import attrgetter, is_
-from typing import overload
 
 import numpy as np
 import numpy.typing as npt
 
-from domain.types import DeviceKind, DeviceReading, DeviceState, DeviceStatus, MinerCapabilities
+from domain.types import (
+    DeviceKind,
+    DeviceReading,
+    DeviceState,
+    DeviceStatus,
+    MinerCapabilities,
+    RowsOnDemand,
+)
 
 FloatArr = npt.NDArray[np.float64]
 BoolArr = npt.NDArray[np.bool_]
@@ -168,7 +174,7 @@ class DeviceTable:
         )
 
 
-class TableDevices(Sequence[DeviceStatus]):
+class TableDevices(RowsOnDemand[DeviceStatus]):
     """A ``DeviceTable``'s rows as ``DeviceStatus`` objects, each made when first asked for.
 
     A producer that keeps columns hands this on as the snapshot's ``devices``: a
@@ -227,33 +233,9 @@ class TableDevices(Sequence[DeviceStatus]):
         self._made[i] = d
         return d
 
-    @overload
-    def __getitem__(self, i: int) -> DeviceStatus: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[DeviceStatus]: ...
-    def __getitem__(self, i: int | slice) -> DeviceStatus | Sequence[DeviceStatus]:
-        if isinstance(i, slice):
-            return tuple(self)[i]
-        n = len(self._made)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
+    def _at(self, i: int) -> DeviceStatus:
         d = self._made[i]
         return d if d is not None else self._make(i)
-
-    def __iter__(self) -> Iterator[DeviceStatus]:
-        made = self._made
-        for i in range(len(made)):
-            d = made[i]
-            yield d if d is not None else self._make(i)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 _ID = attrgetter("device_id")

@@ -9,12 +9,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import numpy as np
 
 if TYPE_CHECKING:
     from domain.table import DeviceTable
+
+T = TypeVar("T")
 
 
 class DeviceKind(enum.StrEnum):
@@ -222,7 +224,44 @@ class Column(Protocol):
     def __getitem__(self, i: Any, /) -> Any: ...
 
 
-class SetpointTable(Sequence[Setpoint]):
+class RowsOnDemand(Sequence[T]):
+    """A sequence whose items are made only when asked for (50,000 objects cost more
+    than what most consumers do with them). Subclasses give ``__len__`` and ``_at``.
+    Equal to any sequence of equal items."""
+
+    __slots__ = ()
+
+    def _at(self, i: int) -> T:
+        """Item ``i`` (0 <= i < len), made or kept."""
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[T]: ...
+    def __getitem__(self, i: int | slice) -> T | Sequence[T]:
+        if isinstance(i, slice):
+            return tuple(self)[i]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        return self._at(i)
+
+    def __iter__(self) -> Iterator[T]:
+        for i in range(len(self)):
+            yield self._at(i)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class SetpointTable(RowsOnDemand[Setpoint]):
     """Setpoints held as columns, each ``Setpoint`` (and its reason) made when asked for.
 
     A plan for 50,000 devices is computed as arrays; building 50,000 objects and
@@ -295,32 +334,9 @@ class SetpointTable(Sequence[Setpoint]):
             self._reason(i),
         )
 
-    @overload
-    def __getitem__(self, i: int) -> Setpoint: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[Setpoint]: ...
-    def __getitem__(self, i: int | slice) -> Setpoint | Sequence[Setpoint]:
-        if isinstance(i, slice):
-            return tuple(self)[i]
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
+    def _at(self, i: int) -> Setpoint:
         h = len(self._head)
         return self._head[i] if i < h else self._make(i - h)
-
-    def __iter__(self) -> Iterator[Setpoint]:
-        yield from self._head
-        for i in range(len(self._ids)):
-            yield self._make(i)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
 
     def find(self, device_id: str) -> Setpoint | None:
         """The setpoint for one device, found through an index built on first use."""
