@@ -82,8 +82,11 @@ def diff(plan: Plan, snapshot: Snapshot) -> list[Change]:
     """
     tab = table_of(snapshot)
     sps = plan.setpoints
+    # pick[k]: the setpoint (index into ``sps``) that row k of the columns below is.
+    pick: Sequence[int]
     if isinstance(sps, SetpointTable) and not sps.head and sps.rows is not None:
         rows = np.asarray(sps.rows, np.intp)
+        pick = range(len(sps))
         ids: Sequence[str] = sps.ids
         want_awake = np.asarray(sps.awake, bool)
         want_target = np.asarray(sps.power_target_w, float)
@@ -115,7 +118,6 @@ def diff(plan: Plan, snapshot: Snapshot) -> list[Change]:
     lower = adjust & (want_target < current)
     out: list[Change] = []
     for k in np.flatnonzero(sleep | wake | adjust).tolist():
-        i = k if isinstance(sps, SetpointTable) and sps.rows is not None else pick[k]
         target = float(want_target[k]) if set_target[k] else None
         if sleep[k]:
             kind, target = SLEEP, None
@@ -124,7 +126,7 @@ def diff(plan: Plan, snapshot: Snapshot) -> list[Change]:
         else:
             kind = LOWER if lower[k] else RAISE
         budget = float(tab.budget_w[rows[k]])
-        out.append(Change(ids[k], kind, sps[i], budget, float(planned[k]), target))
+        out.append(Change(ids[k], kind, sps[pick[k]], budget, float(planned[k]), target))
     return out
 
 
