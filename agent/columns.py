@@ -3,9 +3,10 @@
 Freezing each tracker into a ``DeviceStatus`` costs about 15 us a device (0.8 s
 at 50,000 on this machine), more than planning with them. So the trackers
 write what a snapshot reads into arrays as it changes (``DeviceTracker``'s
-attribute writes go through to its row here, a microsecond or two per
-reading), and ``snapshot`` works out every device's worst case with a few
-array operations. The rules are ``DeviceTracker``'s (``fresh``,
+attribute writes go through to its row here: a ``record_reading`` costs
+about 8 us instead of 1.2-1.5 us, against the hundreds of us to thousands of
+us the reading itself costs through pyasic), and ``snapshot`` works out every
+device's worst case with a few array operations. The rules are ``DeviceTracker``'s (``fresh``,
 ``budget_w``, ``expected_w``, ``status``), written again over columns;
 tests/test_columns.py checks the two agree, field for field, over random
 histories of readings, failures and commands.
