@@ -20,7 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.columns import TrackerColumns, Trackers
 from agent.config import Config, cron_trigger
-from agent.devices import DeviceTracker
+from agent.devices import DeviceTracker, MinerDriver
 from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from agent.prices import PriceFeed, economic_params
 from agent.safety import Change, Ordered, order_changes, worst_case_loads_w
@@ -462,8 +462,13 @@ class Agent:
         sched.start()
         self._scheduler = sched
 
-    def adopt(self, found: Iterable[DeviceTracker]) -> None:
-        """Take in what a scan found: new devices join; a known one at a new address moves."""
+    def adopt(self, found: Iterable[DeviceTracker]) -> list[MinerDriver]:
+        """Take in what a scan found: new devices join; a known one at a new address moves.
+
+        Returns the drivers of moved devices, which no tracker holds any more (the
+        caller closes them: ``close_dropped``).
+        """
+        dropped: list[MinerDriver] = []
         for t in found:
             old = self.trackers.get(t.device_id)
             if old is None:
@@ -471,8 +476,25 @@ class Agent:
                 self.trackers[t.device_id] = t
             elif old.address != t.address:
                 log.warning("%s: moved from %s to %s", t.device_id, old.address, t.address)
+                if old.driver is not None:
+                    dropped.append(old.driver)
                 old.address, old.connect, old.driver = t.address, t.connect, None
                 old.next_read_s = 0.0
+        return dropped
+
+    async def close_dropped(self, drivers: list[MinerDriver]) -> None:
+        """Close drivers no tracker holds (what they keep open: VNish and Braiins OS
+        connections), once the sweep and the tick that may still be using them end."""
+        if not drivers:
+            return
+        async with self._sweep_lock:
+            pass
+        async with self._tick_lock:
+            pass
+        closes = [c() for d in drivers if (c := getattr(d, "close", None)) is not None]
+        for result in await asyncio.gather(*closes, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.warning("closing a dropped driver: %s", result)
 
     async def _tick_soon(self) -> None:
         # A coroutine, so APScheduler runs it on the loop rather than in a worker thread.
@@ -488,7 +510,7 @@ class Agent:
         if self.rescan is None:
             return
         try:
-            self.adopt(await self.rescan())
+            await self.close_dropped(self.adopt(await self.rescan()))
         except Exception:
             log.exception("inventory scan failed")
 

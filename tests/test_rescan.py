@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.config import parse_config
 from agent.inventory import build_trackers, scan
 from agent.inventory_store import InventoryStore
@@ -17,7 +19,9 @@ BASE = "127.1.70.1"
 NEW_ADDRESS = "127.1.70.5"
 
 
-async def test_a_miner_that_moves_keeps_its_device_and_the_store_remembers(tmp_path: Path) -> None:
+async def test_a_miner_that_moves_keeps_its_device_and_the_store_remembers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = parse_config(
         {
             "site": {"cap_w": 100_000},
@@ -48,7 +52,19 @@ async def test_a_miner_that_moves_keeps_its_device_and_the_store_remembers(tmp_p
         await moved.start()
         assert moved.mac == leaving.mac
         assert agent.rescan is not None
-        agent.adopt(await agent.rescan())
+        # The driver of the old address is closed (its kept connection with it).
+        old = agent.trackers[device_id].driver
+        assert old is not None
+        closed: list[object] = []
+        close = getattr(old, "close")  # noqa: B009  # not in the MinerDriver protocol
+
+        async def recording_close() -> None:
+            closed.append(old)
+            await close()
+
+        monkeypatch.setattr(old, "close", recording_close)
+        await agent._scan_job()
+        assert closed == [old]
         assert len(agent.trackers) == 2
         assert agent.trackers[device_id].address == NEW_ADDRESS
         await agent.sweep()
