@@ -11,7 +11,7 @@ import time
 
 from test_loop import make_config
 
-from agent.inventory import build_trackers
+from agent.inventory import build_trackers, close_drivers
 from agent.loop import Agent
 from sim.site import SimSite
 
@@ -34,24 +34,27 @@ async def test_one_cap_over_all_five_firmwares_sheds_every_kind_then_restores() 
         trackers = await build_trackers(cfg)
         assert len(trackers) == 10
         agent = Agent(cfg, trackers)
-        await agent.sweep()
-        snap = agent.snapshot()
-        assert all(d.controllable for d in snap.devices), [d.last_error for d in snap.devices]
-        full = sum(m.power_w() for m in site.miners)
+        try:
+            await agent.sweep()
+            snap = agent.snapshot()
+            assert all(d.controllable for d in snap.devices), [d.last_error for d in snap.devices]
+            full = sum(m.power_w() for m in site.miners)
 
-        cap = 0.35 * full
-        agent.set_cap("test", cap)
-        await run_ticks(agent, 25)
-        assert site.total_power_w(time.monotonic()) <= cap
-        assert agent.snapshot().budget_w >= site.total_power_w(time.monotonic()) - 1.0
-        shed = {
-            site.backend_of(m)
-            for m in site.miners
-            if m.power.paused or m.power.target_w < m.model.power_target_default_w
-        }
-        assert shed == set(MIX)
+            cap = 0.35 * full
+            agent.set_cap("test", cap)
+            await run_ticks(agent, 25)
+            assert site.total_power_w(time.monotonic()) <= cap
+            assert agent.snapshot().budget_w >= site.total_power_w(time.monotonic()) - 1.0
+            shed = {
+                site.backend_of(m)
+                for m in site.miners
+                if m.power.paused or m.power.target_w < m.model.power_target_default_w
+            }
+            assert shed == set(MIX)
 
-        agent.set_cap("test", 2 * full)
-        await run_ticks(agent, 25)
-        assert not any(m.power.paused for m in site.miners)
-        assert site.total_power_w(time.monotonic()) > 0.9 * full
+            agent.set_cap("test", 2 * full)
+            await run_ticks(agent, 25)
+            assert not any(m.power.paused for m in site.miners)
+            assert site.total_power_w(time.monotonic()) > 0.9 * full
+        finally:
+            await close_drivers(trackers)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import aiohttp
 import httpx
 from pyasic.errors import APIError
 
@@ -113,24 +114,26 @@ def no_answer(address: str, what: str) -> DeviceUnreachable:
 
 
 def _http_cause(e: BaseException) -> BaseException | None:
-    """The httpx or JSON error behind ``e``, following ``__cause__`` and ``__context__``."""
+    """The httpx, aiohttp or JSON error behind ``e``, following ``__cause__`` and
+    ``__context__``."""
     cur: BaseException | None = e
     for _ in range(8):
         if cur is None:
             return None
-        if isinstance(cur, httpx.HTTPError | json.JSONDecodeError):
+        if isinstance(cur, httpx.HTTPError | aiohttp.ClientError | json.JSONDecodeError):
             return cur
         cur = cur.__cause__ or cur.__context__
     return None
 
 
 def translate_http(address: str, what: str, e: BaseException, *, control: bool) -> DeviceError:
-    """Map an error of pyasic's raising web clients (httpx underneath) to one of ours (not raised).
+    """Map an error of pyasic's raising web clients to one of ours (not raised).
 
     Those clients (``VNishWebAPI.send_command`` among them) re-raise httpx's
     errors as ``APIError`` from inside the ``except`` block without ``from``:
-    the transport error survives only as the implicit ``__context__``. A
-    timeout or a connection never made is unreachable; anything else the
+    the transport error survives only as the implicit ``__context__``. The
+    VNish adapter's own client raises aiohttp's ``from``. A timeout or a
+    connection never made is unreachable; anything else the
     transport or the JSON parser rejected (a reply that is not HTTP, a
     connection dropped mid-answer, a body that is not JSON) is faulted. The
     rest (an ``APIError`` of its own, a missing field) goes to ``translate_rpc``.
@@ -139,9 +142,9 @@ def translate_http(address: str, what: str, e: BaseException, *, control: bool) 
     if cause is None:
         return translate_rpc(address, what, e, control=control)
     msg = f"{address}: {what}: {type(cause).__name__}: {cause}"
-    if isinstance(cause, httpx.TimeoutException):
+    if isinstance(cause, httpx.TimeoutException | TimeoutError):
         return DeviceUnreachable(f"{address}: {what}: no answer in time")
-    if isinstance(cause, httpx.ConnectError):
+    if isinstance(cause, httpx.ConnectError | aiohttp.ClientConnectorError):
         return DeviceUnreachable(msg)
     return DeviceFaulted(msg)
 
