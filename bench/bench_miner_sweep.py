@@ -87,7 +87,27 @@ def _after_setup() -> None:
         gc.freeze()
 
 
+# The simulator processes' pids (``--sim-pids``): their CPU during a timed sweep is
+# reported, since they share this machine's cores with the sweep.
+SIM_PIDS: list[int] = []
+
+
+def _sim_cpu_s() -> float:
+    """CPU seconds (user + system) the simulator processes have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in SIM_PIDS:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def _usage() -> tuple[float, float]:
+    """This process's CPU seconds and peak RSS (MB); the simulators' CPU is sampled
+    alongside (``_sim_cpu_s``) by the sweeps."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024.0
 
@@ -129,14 +149,17 @@ async def sweep_agent(miners: list[dict[str, Any]], conc: int, timeout_s: float)
     first_s = time.perf_counter() - t0
     _after_setup()
     cpu0, _ = _usage()
+    sim0 = _sim_cpu_s()
     t0 = time.perf_counter()
     res = await _bounded(conc, ok_drivers, lambda d: d.read())
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
+    sim_cpu = _sim_cpu_s() - sim0
     ok = sum(1 for r in res if not isinstance(r, BaseException))
     out: dict[str, Any] = {
         "wall_s": wall,
         "cpu_s": cpu1 - cpu0,
+        "sim_cpu_s": sim_cpu,
         "rss_mb": rss,
         "ok": ok,
         "setup_s": setup_s,
@@ -158,12 +181,14 @@ async def sweep_naive(miners: list[dict[str, Any]], conc: int, timeout_s: float)
             return await miner.get_data()
 
     cpu0, _ = _usage()
+    sim0 = _sim_cpu_s()
     t0 = time.perf_counter()
     res = await _bounded(conc, miners, one)
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
+    sim_cpu = _sim_cpu_s() - sim0
     ok = sum(1 for r in res if not isinstance(r, BaseException) and r.wattage is not None)
-    return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "rss_mb": rss, "ok": ok}
+    return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "sim_cpu_s": sim_cpu, "rss_mb": rss, "ok": ok}
 
 
 # -- the floor's bare clients ---------------------------------------------------------
@@ -490,14 +515,17 @@ async def sweep_floor(miners: list[dict[str, Any]], conc: int, timeout_s: float)
             return await floor_read(m)
 
     cpu0, _ = _usage()
+    sim0 = _sim_cpu_s()
     t0 = time.perf_counter()
     res = await _bounded(conc, miners, one)
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
+    sim_cpu = _sim_cpu_s() - sim0
     ok = sum(1 for r in res if isinstance(r, float))
     out: dict[str, Any] = {
         "wall_s": wall,
         "cpu_s": cpu1 - cpu0,
+        "sim_cpu_s": sim_cpu,
         "rss_mb": rss,
         "ok": ok,
         "setup_s": setup_s,
@@ -521,6 +549,7 @@ def run_child(args: argparse.Namespace) -> int:
     if args.sample:
         miners = miners[: args.sample]
     global GC_FREEZE, VNISH_FLOOR, BRAIINS_FLOOR
+    SIM_PIDS[:] = [int(pid) for pid in args.sim_pids.split(",") if pid]
     GC_FREEZE = args.gc_freeze
     VNISH_FLOOR = args.vnish_floor
     BRAIINS_FLOOR = args.braiins_floor
@@ -610,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=sorted(SWEEPS), help=argparse.SUPPRESS)
     p.add_argument("--inventory", help=argparse.SUPPRESS)
     p.add_argument("--sample", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--sim-pids", default="", help=argparse.SUPPRESS)
     p.add_argument(
         "--gc-freeze",
         action=argparse.BooleanOptionalAction,
@@ -659,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd.append("--gc-freeze" if args.gc_freeze else "--no-gc-freeze")
             cmd += ["--vnish-floor", args.vnish_floor]
             cmd += ["--braiins-floor", args.braiins_floor]
+            cmd += ["--sim-pids", ",".join(str(proc.pid) for proc in procs)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"sweep {s} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -699,6 +730,15 @@ def main(argv: list[str] | None = None) -> int:
             f"  ({s}) {names[s]:13s} wall {r['wall_s']:7.2f} s  cpu {r['cpu_s']:7.2f} s  "
             f"peak rss {r['rss_mb']:6.0f} MB  ok {r['ok']}/{r['n']}{extra}"
         )
+        if "sim_cpu_s" in r:
+            # The simulators answer on the same cores: no client can finish the sweep
+            # faster than the two together fit on them.
+            cores = os.cpu_count() or 1
+            bound = (r["sim_cpu_s"] + r["cpu_s"]) / cores
+            print(
+                f"      simulators' cpu in that sweep {r['sim_cpu_s']:.2f} s: with the "
+                f"sweep's own, wall >= {bound:.2f} s on {cores} cores"
+            )
     if "c" in results:
         c = results["c"]
         for s in ("a", "b"):
