@@ -12,8 +12,12 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from agent.loop import Agent
 
 log = logging.getLogger("siteagent")
 
@@ -81,30 +85,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _run_agent(config_path: str) -> int:
     from agent.api import serve_api
-    from agent.inventory import build_trackers, close_drivers, scan
+    from agent.inventory import (
+        build_trackers,
+        close_drivers,
+        identify_deadline_s,
+        scan,
+        startup_addresses,
+    )
     from agent.inventory_store import InventoryStore
     from agent.loop import Agent
     from agent.metrics import loop_healthy, serve_metrics, site_summary
-    from agent.sdnotify import Notifier, supervise, watchdog_period_s
+    from agent.sdnotify import (
+        Notifier,
+        StartupProgress,
+        supervise,
+        watch_startup,
+        watchdog_period_s,
+    )
 
     cfg = load_config(config_path)
-    if cfg.policy.name == "economic":
-        # Before anything listens: the compile holds the event loop for a second or two.
-        _warm_up_economic()
     notifier = Notifier.from_env()
-    store = InventoryStore(Path(cfg.state.dir) / "inventory.sqlite")
-    trackers = await build_trackers(cfg, store)
-    log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
-    agent = Agent(cfg, trackers, rescan=lambda: scan(cfg, store))
-    metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
-    log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
-    api = await serve_api(agent, cfg)  # restores stored overrides before the first tick
-    await agent.sweep()
-    # Drivers, trackers and pyasic's objects live as long as the agent: keep them out
-    # of the collector's passes (10-26% less CPU per sweep at 10,000 miners, bench/).
-    gc.collect()
-    gc.freeze()
-    agent.start()
+    # Every identification and reading ends within its deadline, so a startup that
+    # finishes nothing for three of them is stuck: systemd may end it then.
+    startup = StartupProgress(
+        notifier, extend_s=startup_extend_s(identify_deadline_s(cfg.telemetry.timeout_s))
+    )
+    watcher = asyncio.get_running_loop().create_task(watch_startup(startup))
+    try:
+        if cfg.policy.name == "economic":
+            # Before anything listens: the compile holds the event loop for a second or two.
+            startup.phase("compiling the economic plan")
+            _warm_up_economic()
+        store = InventoryStore(Path(cfg.state.dir) / "inventory.sqlite")
+        n_addresses = startup_addresses(cfg)
+        startup.phase("identifying miners", n_addresses)
+        t = time.perf_counter()
+        trackers = await build_trackers(cfg, store, on_identified=startup.step)
+        log.info(
+            "identified %d device(s) in %d address(es) in %.1f s",
+            len(trackers),
+            n_addresses,
+            time.perf_counter() - t,
+        )
+        log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
+        agent = Agent(cfg, trackers, rescan=lambda: scan(cfg, store))
+        metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
+        api = await serve_api(agent, cfg)  # restores stored overrides before the first tick
+        # READY only once every device has been read once: the agent must know its
+        # site before it controls, and what starts after it may rely on the API's view.
+        startup.phase("first sweep", len(agent.trackers), count=lambda: _read_once(agent))
+        t = time.perf_counter()
+        await agent.sweep()
+        log.info(
+            "first sweep of %d device(s) in %.1f s", len(agent.trackers), time.perf_counter() - t
+        )
+        startup.phase("starting the control loop")
+        # Drivers, trackers and pyasic's objects live as long as the agent: keep them out
+        # of the collector's passes (10-26% less CPU per sweep at 10,000 miners, bench/).
+        gc.collect()
+        gc.freeze()
+        agent.start()
+    finally:
+        watcher.cancel()
+    # Before READY: a SIGTERM that follows it at once stops us cleanly, not by default.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     started_s = agent.clock()
     notifier.ready(site_summary(agent))
     watchdog_s = watchdog_period_s()
@@ -117,10 +165,6 @@ async def _run_agent(config_path: str) -> int:
             watchdog=watchdog_s is not None,
         )
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: finishing the tick in flight, leaving devices where they are")
     notifier.stopping("stopping: finishing the tick in flight, leaving devices where they are")
@@ -131,6 +175,17 @@ async def _run_agent(config_path: str) -> int:
     store.close()
     metrics.close()
     return EXIT_OK
+
+
+def startup_extend_s(step_deadline_s: float) -> float:
+    """How long (s) startup may go without finishing a step before systemd ends it:
+    three of the slowest steps' deadlines, at least 30 s."""
+    return max(30.0, 3 * step_deadline_s)
+
+
+def _read_once(agent: Agent) -> int:
+    """Devices the first sweep has read (or failed to read) so far."""
+    return sum(1 for t in agent.trackers.values() if t.last_ok_s is not None or t.failures)
 
 
 def _warm_up_economic() -> None:

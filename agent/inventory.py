@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from agent.config import Config, GpuNodeConfig, MinerConfig, parse_address_range
 from agent.devices import Connector, DeviceTracker, MinerDriver
 from agent.gpus import FixedLoad, GpuDevice, GpuNode
-from agent.inventory_store import InventoryStore, backend_of, identity_key
-from domain import DeviceKind, MinerIdentity
-from drivers.asic import AsicDriver, discover
+from agent.inventory_store import InventoryStore, KnownMiner, backend_of, identity_key
+from domain import DeviceError, DeviceKind, MinerIdentity
+from drivers.asic import AsicDriver
 from drivers.gpu import GpuNodeDriver
 from drivers.nvml import NvmlNodeDriver
 from drivers.ssh import SshNodeDriver
@@ -89,16 +90,104 @@ def scan_addresses(cfg: Config) -> list[str]:
     return [a for item in cfg.inventory.scan for a in parse_address_range(item) if a not in listed]
 
 
-async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceTracker]:
-    """Identify the miners in the scan ranges; record new, moved and missing ones in the store."""
-    addresses = scan_addresses(cfg)
+def identify_deadline_s(timeout_s: float) -> float:
+    """The longest (s) one address's identification takes: its known firmware asked
+    first, then pyasic's probes (get_miner, a 1 s port probe to say why it failed),
+    then the firmware's identify, each under ``timeout_s``."""
+    return 3 * timeout_s + 1.0
+
+
+def known_by_address(store: InventoryStore | None) -> dict[str, KnownMiner]:
+    """The miner last seen at each address, of those that answered their last scan."""
+    if store is None:
+        return {}
+    out: dict[str, KnownMiner] = {}
+    for m in store.miners(include_missing=False):
+        old = out.get(m.address)
+        if old is None or m.last_seen_unix_s > old.last_seen_unix_s:
+            out[m.address] = m
+    return out
+
+
+async def _identify_one(
+    address: str, known: KnownMiner | None, timeout_s: float
+) -> AsicDriver | None:
+    if known is not None:
+        # Known firmware and model: one identify, without pyasic's probes (about a
+        # quarter of their cost); it must still be the same miner (MAC, serial).
+        try:
+            drv = await AsicDriver.from_inventory(
+                address, address, backend=known.backend, model=known.model, timeout_s=timeout_s
+            )
+        except Exception as e:
+            log.debug("identify: %s: as known %s: %s", address, known.backend, e)
+        else:
+            if drv.identity is not None and identity_key(drv.identity, address) == known.key:
+                return drv
+            await _close_quietly([drv])
+    try:
+        drv = await AsicDriver.connect(address, address, timeout_s=timeout_s)
+    except DeviceError as e:
+        log.debug("identify: %s: %s", address, e)
+        return None
+    if drv.identity is None:
+        await _close_quietly([drv])
+        return None
+    return drv
+
+
+async def identify(
+    addresses: Sequence[str],
+    known: Mapping[str, KnownMiner],
+    *,
+    concurrency: int,
+    timeout_s: float,
+    on_done: Callable[[], object] | None = None,
+) -> dict[str, AsicDriver]:
+    """Identify the miners at ``addresses``, ``concurrency`` at a time: connected drivers
+    by address for those that answered. ``on_done`` is called as each address finishes.
+
+    Bounded because an unbounded get_miner() fan-out fails wholesale (1,000 at once
+    identified none), and because each identification's deadline runs while it
+    waits for the CPU: 500 at once on two cores timed most of 10,000 out at 3 s.
+    """
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(address: str) -> AsicDriver | None:
+        async with sem:
+            try:
+                return await _identify_one(address, known.get(address), timeout_s)
+            finally:
+                if on_done is not None:
+                    on_done()
+
+    drivers = await asyncio.gather(*(one(a) for a in addresses))
+    return {a: d for a, d in zip(addresses, drivers, strict=True) if d is not None}
+
+
+async def _close_quietly(drivers: Iterable[AsicDriver]) -> None:
+    for result in await asyncio.gather(*(d.close() for d in drivers), return_exceptions=True):
+        if isinstance(result, BaseException):
+            log.debug("closing an identification driver: %s", result)
+
+
+async def _survey(
+    cfg: Config,
+    store: InventoryStore | None,
+    addresses: Sequence[str],
+    on_done: Callable[[], object] | None,
+) -> dict[str, AsicDriver]:
+    """Identify ``addresses``; record what answered (new, moved, missing) in the store."""
     if not addresses:
-        return []
-    found = await discover(
+        return {}
+    drivers = await identify(
         addresses,
+        known_by_address(store),
         concurrency=cfg.inventory.discovery_concurrency,
         timeout_s=cfg.telemetry.timeout_s,
+        on_done=on_done,
     )
+    found = [(a, d.identity) for a, d in drivers.items() if d.identity is not None]
     log.info("discovery: %d miner(s) answered in %d address(es)", len(found), len(addresses))
     if store is not None:
         report = store.record_scan(found, addresses)
@@ -110,16 +199,68 @@ async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceT
             )
         for m in report.missing:
             log.warning("inventory: %s (%s) did not answer this scan", m.key, m.address)
-    return [discovered_tracker(cfg, address, ident) for address, ident in found]
+    return drivers
 
 
-async def build_trackers(cfg: Config, store: InventoryStore | None = None) -> list[DeviceTracker]:
-    """Trackers for every listed miner, every miner found in the scan ranges, every GPU node."""
-    trackers = [tracker_for(cfg, m) for m in cfg.inventory.miners]
-    trackers.extend(await scan(cfg, store))
+def _discovered(cfg: Config, drivers: Mapping[str, AsicDriver]) -> list[DeviceTracker]:
+    return [
+        discovered_tracker(cfg, a, d.identity) for a, d in drivers.items() if d.identity is not None
+    ]
+
+
+async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceTracker]:
+    """Identify the miners in the scan ranges; record new, moved and missing ones in the store.
+
+    The trackers connect on their first read: the agent keeps the trackers it
+    has, so identification's drivers are closed here rather than left open.
+    """
+    drivers = await _survey(cfg, store, scan_addresses(cfg), None)
+    trackers = _discovered(cfg, drivers)
+    await _close_quietly(drivers.values())
+    return trackers
+
+
+def _adopt_driver(t: DeviceTracker, drv: AsicDriver) -> None:
+    drv.device_id = t.device_id  # readings carry the tracker's id, not the address
+    t.attach(drv)
+
+
+async def build_trackers(
+    cfg: Config,
+    store: InventoryStore | None = None,
+    *,
+    on_identified: Callable[[], object] | None = None,
+) -> list[DeviceTracker]:
+    """Trackers for every listed miner, every miner found in the scan ranges, every GPU node.
+
+    Listed and scanned miners are identified here, together and bounded by
+    ``inventory.discovery_concurrency``; each tracker keeps the driver its
+    identification connected, so the first sweep only reads. A listed miner
+    that did not answer connects on a later read. ``on_identified`` is called as
+    each address (``startup_addresses``) finishes.
+    """
+    listed = [tracker_for(cfg, m) for m in cfg.inventory.miners]
+    scanned = scan_addresses(cfg)
+    drivers = await _survey(cfg, store, [t.address for t in listed] + scanned, on_identified)
+    for t in listed:
+        drv = drivers.get(t.address)
+        if drv is not None:
+            _adopt_driver(t, drv)
+    trackers = listed
+    for address in scanned:
+        drv = drivers.get(address)
+        if drv is not None and drv.identity is not None:
+            t = discovered_tracker(cfg, address, drv.identity)
+            _adopt_driver(t, drv)
+            trackers.append(t)
     for n in cfg.gpu_nodes:
         trackers.extend(gpu_trackers(cfg, n, node_driver(cfg, n)))
     return trackers
+
+
+def startup_addresses(cfg: Config) -> int:
+    """How many addresses ``build_trackers`` identifies: listed miners and scan ranges."""
+    return len(cfg.inventory.miners) + len(scan_addresses(cfg))
 
 
 def node_driver(cfg: Config, n: GpuNodeConfig) -> GpuNodeDriver:

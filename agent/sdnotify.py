@@ -6,6 +6,10 @@ is in the abstract namespace. Outside systemd the variable is unset and every
 call is a no-op. The watchdog wants ``WATCHDOG=1`` within ``$WATCHDOG_USEC``;
 we ping at half that, and only while the caller says the loop is healthy, so a
 stalled loop is restarted by systemd rather than kept alive by a timer.
+
+Startup is held to the same rule: ``StartupProgress`` asks for more time
+(``EXTEND_TIMEOUT_USEC``) only when a step of startup has finished since it
+last asked, so ``TimeoutStartSec`` bounds a stall, not a large site's startup.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 log = logging.getLogger("siteagent.sdnotify")
@@ -74,6 +79,98 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         """Shutdown has begun (STOPPING=1)."""
         return self.notify("STOPPING=1", *([] if status is None else [f"STATUS={status}"]))
+
+    def extend_timeout(self, seconds: float, status: str | None = None) -> bool:
+        """Ask for ``seconds`` more before the current timeout (EXTEND_TIMEOUT_USEC, systemd
+        244+; older ones ignore it); the next such message must come within them."""
+        usec = f"EXTEND_TIMEOUT_USEC={max(1, int(seconds * 1e6))}"
+        return self.notify(usec, *([] if status is None else [f"STATUS={status}"]))
+
+
+class StartupProgress:
+    """Startup's progress for systemd: STATUS lines, and more time only while it moves.
+
+    Startup runs in phases ("identifying miners", "first sweep"), each with a
+    count of finished steps (``step()``, or a ``count`` callable). A new phase,
+    and each ``check()`` that finds the count grown since the last extension,
+    send ``EXTEND_TIMEOUT_USEC`` for ``extend_s`` with a STATUS line ("first
+    sweep: 7,500 of 10,000"). A ``check()`` that finds nothing finished sends
+    no extension, only (every ``stall_note_s``) a STATUS saying so: a stalled
+    startup is ended by systemd ``extend_s`` after its last step, or at
+    ``TimeoutStartSec`` if that is later. ``check()`` is meant to run every
+    second or so (``watch_startup``), which also bounds the message rate.
+    """
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        *,
+        extend_s: float,
+        stall_note_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.notifier = notifier
+        self.extend_s = extend_s
+        self.stall_note_s = stall_note_s
+        self.clock = clock
+        self.label = "starting"
+        self.total = 0
+        self.extensions = 0
+        self._steps = 0
+        self._count: Callable[[], int] | None = None
+        self._extended_at = 0  # the count the last extension was sent for
+        self._progress_s = self._noted_s = clock()
+
+    def phase(self, label: str, total: int = 0, count: Callable[[], int] | None = None) -> None:
+        """Begin a phase of ``total`` steps (counted by ``step()`` or by ``count``)."""
+        self.label, self.total, self._count, self._steps = label, total, count, 0
+        self._extend(self.done())
+
+    def step(self) -> None:
+        """One more step of the current phase has finished."""
+        self._steps += 1
+
+    def done(self) -> int:
+        """Steps of the current phase finished so far."""
+        return self._count() if self._count is not None else self._steps
+
+    def line(self, done: int | None = None) -> str:
+        """The STATUS line: "identifying miners: 4,000 of 10,000"."""
+        if not self.total:
+            return self.label
+        return f"{self.label}: {self.done() if done is None else done:,} of {self.total:,}"
+
+    def check(self) -> bool:
+        """Extend the start timeout if a step finished since the last extension; True if so."""
+        done = self.done()
+        if done != self._extended_at:
+            self._extend(done)
+            return True
+        now = self.clock()
+        idle_s = now - self._progress_s
+        if idle_s >= self.stall_note_s and now - self._noted_s >= self.stall_note_s:
+            self._noted_s = now
+            log.warning("startup: %s; nothing finished for %.0f s", self.line(done), idle_s)
+            self.notifier.status(f"{self.line(done)}; nothing finished for {idle_s:.0f} s")
+        return False
+
+    def _extend(self, done: int) -> None:
+        self._extended_at = done
+        self._progress_s = self._noted_s = self.clock()
+        self.extensions += 1
+        self.notifier.extend_timeout(self.extend_s, self.line(done))
+
+
+async def watch_startup(
+    progress: StartupProgress,
+    *,
+    period_s: float = 1.0,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> None:
+    """``progress.check()`` every ``period_s`` (s), until cancelled."""
+    while True:
+        await sleep(period_s)
+        progress.check()
 
 
 def watchdog_period_s(env: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:
