@@ -126,53 +126,61 @@ class InventoryStore:
     def record_scan(
         self, found: Iterable[tuple[str, MinerIdentity]], scanned: Iterable[str]
     ) -> ScanReport:
-        """Merge one scan (``found`` among the ``scanned`` addresses); report the changes."""
+        """Merge one scan (``found`` among the ``scanned`` addresses); report the changes.
+
+        One read of the table and one batched upsert: it runs on the agent's event
+        loop, and at 10,000 miners two lookups per miner held it for 0.34-0.42 s.
+        """
         now = self._clock()
+        known = {m.key: m for m in self.miners()}
+        rows: dict[str, tuple[object, ...]] = {}
+        for address, ident in found:
+            key = identity_key(ident, address)
+            old = known.get(key)
+            rows[key] = (
+                key,
+                address,
+                ident.mac,
+                ident.serial,
+                backend_of(ident),
+                ident.make,
+                ident.model,
+                ident.firmware,
+                ident.nameplate_power_w,
+                ident.nameplate_hashrate_ths,
+                old.first_seen_unix_s if old is not None else now,
+                now,
+                0,
+            )
+        scanned_set = set(scanned)
+        missing = [
+            m
+            for m in known.values()
+            if m.key not in rows and not m.missing and m.address in scanned_set
+        ]
+        with self._db:
+            self._db.executemany(
+                """INSERT INTO miners VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+                ON CONFLICT(key) DO UPDATE SET address=excluded.address,
+                  mac=excluded.mac, serial=excluded.serial, backend=excluded.backend,
+                  make=excluded.make, model=excluded.model, firmware=excluded.firmware,
+                  nameplate_power_w=excluded.nameplate_power_w,
+                  nameplate_hashrate_ths=excluded.nameplate_hashrate_ths,
+                  last_seen_unix_s=excluded.last_seen_unix_s, missing=0""",
+                rows.values(),
+            )
+            self._db.executemany(
+                "UPDATE miners SET missing = 1 WHERE key = ?", [(m.key,) for m in missing]
+            )
         new: list[KnownMiner] = []
         moved: list[Moved] = []
-        seen_keys: set[str] = set()
-        with self._db:
-            for address, ident in found:
-                key = identity_key(ident, address)
-                seen_keys.add(key)
-                old = self.get(key)
-                self._db.execute(
-                    """INSERT INTO miners VALUES (?,?,?,?,?,?,?,?,?,?,?,?,0)
-                    ON CONFLICT(key) DO UPDATE SET address=excluded.address,
-                      mac=excluded.mac, serial=excluded.serial, backend=excluded.backend,
-                      make=excluded.make, model=excluded.model, firmware=excluded.firmware,
-                      nameplate_power_w=excluded.nameplate_power_w,
-                      nameplate_hashrate_ths=excluded.nameplate_hashrate_ths,
-                      last_seen_unix_s=excluded.last_seen_unix_s, missing=0""",
-                    (
-                        key,
-                        address,
-                        ident.mac,
-                        ident.serial,
-                        backend_of(ident),
-                        ident.make,
-                        ident.model,
-                        ident.firmware,
-                        ident.nameplate_power_w,
-                        ident.nameplate_hashrate_ths,
-                        now,
-                        now,
-                    ),
-                )
-                cur = self.get(key)
-                assert cur is not None
-                if old is None:
-                    new.append(cur)
-                elif old.address != address:
-                    moved.append(Moved(cur, old.address))
-            scanned_set = set(scanned)
-            missing: list[KnownMiner] = []
-            for m in self.miners():
-                if m.key in seen_keys or m.missing or m.address not in scanned_set:
-                    continue
-                self._db.execute("UPDATE miners SET missing = 1 WHERE key = ?", (m.key,))
-                missing.append(m)
-        return ScanReport(tuple(new), tuple(moved), tuple(missing), seen=len(seen_keys))
+        for key, row in rows.items():
+            old = known.get(key)
+            if old is None:
+                new.append(self._row(row))
+            elif old.address != row[1]:
+                moved.append(Moved(self._row(row), old.address))
+        return ScanReport(tuple(new), tuple(moved), tuple(missing), seen=len(rows))
 
     @staticmethod
     def _row(r: tuple[object, ...]) -> KnownMiner:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.inventory_store import InventoryStore
+from domain.types import MinerCapabilities, MinerIdentity
 from drivers.asic import AsicDriver, discover
 from sim.power import SIM_MODELS, PowerTiming
 from sim.site import SimSite
@@ -67,3 +68,39 @@ async def test_from_inventory_skips_the_probes(tmp_path: Path) -> None:
             assert drv.identity is not None and drv.identity.mac == m.mac
             r = await drv.read()
             assert r.power_w is not None and r.power_w > 1000
+
+
+def test_a_scan_keeps_first_seen_and_moves_last_seen(tmp_path: Path) -> None:
+    now = [1000.0]
+    store = InventoryStore(tmp_path / "inventory.sqlite", clock=lambda: now[0])
+    caps = MinerCapabilities(power_target=False, can_sleep=True)
+
+    def ident(mac: str) -> MinerIdentity:
+        return MinerIdentity(
+            make="WhatsMiner",
+            model="M50S",
+            firmware="Whatsminer 2024",
+            mac=mac,
+            serial=None,
+            capabilities=caps,
+        )
+
+    a, b = ident("02:00:00:00:00:0a"), ident("02:00:00:00:00:0b")
+    report = store.record_scan([("10.0.0.1", a), ("10.0.0.2", b)], ["10.0.0.1", "10.0.0.2"])
+    assert [m.address for m in report.new] == ["10.0.0.1", "10.0.0.2"] and report.seen == 2
+    now[0] = 2000.0
+    report = store.record_scan([("10.0.0.3", a)], ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    assert not report.new and report.seen == 1
+    assert [(m.miner.address, m.old_address) for m in report.moved] == [("10.0.0.3", "10.0.0.1")]
+    assert report.moved[0].miner.first_seen_unix_s == 1000.0
+    assert [m.address for m in report.missing] == ["10.0.0.2"]
+    kept = {m.mac: m for m in store.miners()}
+    assert kept[a.mac].first_seen_unix_s == 1000.0 and kept[a.mac].last_seen_unix_s == 2000.0
+    assert kept[b.mac].missing and kept[b.mac].last_seen_unix_s == 1000.0
+    # A missing miner is reported once, and comes back as neither new nor moved.
+    now[0] = 3000.0
+    assert not store.record_scan([], ["10.0.0.2"]).missing
+    report = store.record_scan([("10.0.0.2", b)], ["10.0.0.2"])
+    assert not report.new and not report.moved and not report.missing
+    assert not {m.mac: m for m in store.miners()}[b.mac].missing
+    store.close()
