@@ -95,6 +95,46 @@ def translate_grpc(address: str, what: str, e: BaseException) -> DeviceError:
     return DeviceFaulted(msg)
 
 
+class _LazyDefault:
+    """A field not on the wire: its default, made on first read and kept (as betterproto)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = type(obj)._betterproto.default_gen[self.name]()
+        obj.__dict__[self.name] = value
+        return value
+
+
+class _LeanReply(betterproto.Message):
+    """A betterproto message for decoding a reply only (never built, changed or sent).
+
+    betterproto's ``Message`` hooks every attribute read and write in Python (lazy
+    defaults, oneof bookkeeping, ``serialized_on_wire`` tracking): ~150 hooked reads
+    and ~25 writes for one GetMinerStats reply of six messages, 170 us of a reading's
+    ~1 ms. Decoding sets each field once (betterproto-rust-codec: ``cls()``, then
+    ``setattr`` per field on the wire, then ``_serialized_on_wire = True``), so these
+    use plain attributes: a field not on the wire reads as its default through
+    ``_LazyDefault``, made then as betterproto makes it; ``serialized_on_wire`` is
+    what the codec set. A oneof member other than the one sent reads as not sent
+    (pyasic's types raise AttributeError for it); a reading faults on either.
+    """
+
+    __getattribute__ = object.__getattribute__
+    __setattr__ = object.__setattr__  # type: ignore[assignment]  # the same signature
+
+    def __init__(self) -> None:
+        d = self.__dict__
+        d["_serialized_on_wire"] = False
+        d["_unknown_fields"] = b""
+        d["_group_current"] = {}
+
+
 def _slim(cls: Any, fields: Mapping[str, Any]) -> Any:
     """pyasic's message class ``cls`` with only ``fields`` (a mapping for a submessage's own).
 
@@ -102,7 +142,8 @@ def _slim(cls: Any, fields: Mapping[str, Any]) -> Any:
     protobuf skips the fields a type does not declare, so a reply is decoded
     only as deep as a reading looks. pyasic's classes decode every field
     (betterproto, ~0.1 ms per submessage): 1.6 ms for a reading's four replies,
-    0.7 ms this way.
+    0.7 ms this way, and with ``_LeanReply``'s plain attributes 0.01 ms for a
+    steady reading's two (GetMinerStats 170 us -> 7 us, GetMinerDetails 32 -> 2.5).
     """
     meta = cls._betterproto.meta_by_field_name
     hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
@@ -118,26 +159,37 @@ def _slim(cls: Any, fields: Mapping[str, Any]) -> Any:
             optional=m.optional,
         )
         spec.append((name, hints[name] if sub is None else _slim(hints[name], sub), field))
-    return dataclasses.make_dataclass(
-        f"Slim{cls.__name__}", spec, bases=(betterproto.Message,), eq=False, repr=False
+    slim = dataclasses.make_dataclass(
+        f"Slim{cls.__name__}",
+        spec,
+        bases=(_LeanReply,),
+        init=False,
+        eq=False,
+        repr=False,
     )
+    slim.__module__ = __name__
+    for name in fields:
+        setattr(slim, name, _LazyDefault(name))
+    return slim
 
 
-# pyasic's reply type -> what a reading decodes of it.
+# pyasic's reply type -> what a reading decodes of it (down to the scalars).
 _SLIM: dict[Any, Any] = {
     bos.GetMinerStatsResponse: _slim(
         bos.GetMinerStatsResponse,
         {
-            "miner_stats": {"real_hashrate": {"last_5_s": None}},
-            "power_stats": {"approximated_consumption": None},
+            "miner_stats": {"real_hashrate": {"last_5_s": {"gigahash_per_second": None}}},
+            "power_stats": {"approximated_consumption": {"watt": None}},
         },
     ),
     bos.GetMinerDetailsResponse: _slim(bos.GetMinerDetailsResponse, {"status": None}),
     bos.PerformanceMode: _slim(
-        bos.PerformanceMode, {"tuner_mode": {"power_target": {"power_target": None}}}
+        bos.PerformanceMode,
+        {"tuner_mode": {"power_target": {"power_target": {"watt": None}}}},
     ),
     bos.GetCoolingStateResponse: _slim(
-        bos.GetCoolingStateResponse, {"highest_temperature": {"temperature": None}}
+        bos.GetCoolingStateResponse,
+        {"highest_temperature": {"temperature": {"degree_c": None}}},
     ),
 }
 
