@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import parser
+from agent.cli import parser, startup_extend_s
 from agent.config import parse_config
+from agent.inventory import identify_deadline_s
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "siteagent.service"
 BINARY = "/opt/siteagent/venv/bin/siteagent"
@@ -133,6 +134,12 @@ def test_unit_agrees_with_the_agent_defaults() -> None:
     # the watchdog must not fire before that.
     (watchdog,) = svc["WatchdogSec"]
     assert seconds(watchdog) > 3 * control.interval_s + control.actuation_timeout_s
+    # Startup asks for more time only while it progresses (EXTEND_TIMEOUT_USEC), so the
+    # start limit must be finite (it bounds a stall) and give the first message, after
+    # the interpreter and the config, as long as any later step has.
+    (start,) = svc["TimeoutStartSec"]
+    extend_s = startup_extend_s(identify_deadline_s(cfg.telemetry.timeout_s))
+    assert extend_s <= seconds(start) < float("inf")
     # Stopping waits out the tick in flight, whose actuations are bounded by their timeout.
     (stop,) = svc["TimeoutStopSec"]
     assert seconds(stop) > control.actuation_timeout_s + cfg.telemetry.timeout_s
