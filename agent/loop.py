@@ -517,6 +517,9 @@ class Agent:
     async def _sweep_job(self) -> None:
         try:
             await self.sweep()
+        except asyncio.CancelledError:
+            # Only the scheduler's shutdown (``stop``) cancels it: not an error.
+            log.info("telemetry sweep cut short: the agent is stopping")
         except Exception:
             log.exception("telemetry sweep failed")
 
@@ -527,12 +530,18 @@ class Agent:
             log.exception("control tick failed")
 
     async def stop(self) -> None:
-        """Stop scheduling; let a tick in flight finish; leave devices where they are."""
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
+        """Stop scheduling; let a tick in flight finish; leave devices where they are.
+
+        The scheduler's shutdown cancels the jobs it is running, so it waits until
+        the tick in flight has finished (a write cut there would leave its outcome
+        unknown); a sweep in flight only reads, and is cancelled.
+        """
+        sched, self._scheduler = self._scheduler, None
+        if sched is not None:
+            sched.pause()
         async with self._tick_lock:
-            pass
+            if sched is not None:
+                sched.shutdown(wait=False)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

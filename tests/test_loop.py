@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -158,3 +159,34 @@ async def test_cap_drop_ticks_at_once_and_ticks_never_overlap(site: SimSite) -> 
         assert most == 1
     finally:
         await agent.stop()
+
+
+async def test_stop_lets_a_scheduled_tick_in_flight_finish(
+    site: SimSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = await make_agent(site, cap_w=full_power_w(site) * 2)
+    await agent.sweep()
+    started: list[float] = []
+    finished: list[float] = []
+    original = agent._tick
+
+    async def slow_tick() -> Any:
+        started.append(time.monotonic())
+        await asyncio.sleep(0.3)
+        record = await original()
+        finished.append(time.monotonic())
+        return record
+
+    agent._tick = slow_tick  # type: ignore[method-assign]
+    agent.start()
+    assert agent._scheduler is not None
+    agent._scheduler.modify_job("control", next_run_time=datetime.now(UTC))
+    for _ in range(100):
+        if started:
+            break
+        await asyncio.sleep(0.01)
+    assert started, "the scheduled tick did not start"
+    await agent.stop()
+    # The scheduler's shutdown cancels what it runs: the tick must be done before it.
+    assert len(finished) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
