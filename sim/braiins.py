@@ -97,6 +97,7 @@ class SimBraiinsMiner(GroundTruth):
         self.grpc_connections = 0
         self.grpc_calls: collections.Counter[str] = collections.Counter()
         self._cuts: dict[str, list[bool]] = {}
+        self._fails: dict[str, list[Status]] = {}
         self._released = asyncio.Event()
         self._lock = asyncio.Lock()
         self._pending: asyncio.Task[None] | None = None
@@ -222,6 +223,11 @@ class SimBraiinsMiner(GroundTruth):
         """The next ``calls`` calls of ``method`` ("SetPowerTarget") get no reply: the
         connection is reset instead; ``applied``: whether the miner carries them out."""
         self._cuts[method] = [applied] * calls
+
+    def fail_next_call(self, method: str, status: Status, *, calls: int = 1) -> None:
+        """The next ``calls`` calls of ``method`` ("GetMinerDetails") are answered with the
+        gRPC ``status`` instead of a reply (the connection stays up)."""
+        self._fails[method] = [status] * calls
 
     async def _detach(self, *ports: int) -> None:
         """Close the servers on ``ports`` (their sockets stay bound)."""
@@ -887,6 +893,9 @@ class _Guarded:
             m = self.m
             m.grpc_calls[method] += 1
             await m.grpc_guard(path, stream)
+            fails = m._fails.get(method)
+            if fails:
+                raise GRPCError(fails.pop(), f"{method} failed (simulated)")
             cuts = m._cuts.get(method)
             applied = cuts.pop() if cuts else None
             if applied is None:

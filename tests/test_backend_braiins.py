@@ -14,9 +14,10 @@ from typing import Any
 
 import betterproto
 import pytest
+from grpclib import Status
 from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
 
-from domain.errors import DeviceFaulted, DeviceUnreachable
+from domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
 from domain.types import DeviceState
 from drivers.asic import AsicDriver
 from drivers.backends import known_backend
@@ -374,23 +375,35 @@ def _offline_backend() -> BraiinsBackend:
     return known
 
 
+def _slim_decoded(reply: Any) -> Any:
+    """``reply`` (a pyasic message) as the wire decodes it for a reading."""
+    return _SLIM[type(reply)].FromString(bytes(reply))
+
+
 def _replying(backend: BraiinsBackend, **replies: Any) -> None:
-    """Make the backend's four reading calls answer with ``replies`` (pyasic messages),
-    decoded as the wire decodes them."""
+    """Make the backend's reading calls answer with ``replies`` (pyasic messages, by
+    ``miner_stats``, ``miner_details``, ``performance_mode``, ``cooling_state``)."""
     wire = backend._wire
-    for name, reply in {
-        "miner_stats_msg": STATS,
-        "miner_details_msg": DETAILS,
-        "performance_mode_msg": MODE,
-        "cooling_state_msg": COOLING,
+    r = {
+        "miner_stats": STATS,
+        "miner_details": DETAILS,
+        "performance_mode": MODE,
+        "cooling_state": COOLING,
         **replies,
-    }.items():
-        cls = type(reply) if type(reply) in _SLIM else bos.PerformanceMode
+    }
 
-        async def answer(data: bytes = bytes(reply), cls: Any = cls) -> Any:
-            return _SLIM[cls].FromString(data)
+    async def reading() -> list[Any]:
+        return [_slim_decoded(r["miner_stats"]), _slim_decoded(r["miner_details"])]
 
-        setattr(wire, name, answer)
+    async def mode() -> Any:
+        return _slim_decoded(r["performance_mode"])
+
+    async def cooling() -> Any:
+        return _slim_decoded(r["cooling_state"])
+
+    wire.reading_msgs = reading  # type: ignore[method-assign]
+    wire.performance_mode_msg = mode  # type: ignore[method-assign]
+    wire.cooling_state_msg = cooling  # type: ignore[method-assign]
 
 
 async def test_a_reading_from_slim_replies() -> None:
@@ -409,27 +422,27 @@ async def test_a_reading_from_slim_replies() -> None:
 @pytest.mark.parametrize(
     ("replies", "expect"),
     [
-        ({"miner_stats_msg": bos.GetMinerStatsResponse()}, DeviceFaulted),
+        ({"miner_stats": bos.GetMinerStatsResponse()}, DeviceFaulted),
         (
             {
-                "miner_stats_msg": bos.GetMinerStatsResponse(
+                "miner_stats": bos.GetMinerStatsResponse(
                     power_stats=bos.MinerPowerStats(approximated_consumption=POWER)
                 )
             },
             DeviceFaulted,
         ),
         (
-            {"performance_mode_msg": bos.PerformanceMode(manual_mode=bos.ManualPerformanceMode())},
+            {"performance_mode": bos.PerformanceMode(manual_mode=bos.ManualPerformanceMode())},
             DeviceFaulted,
         ),
-        ({"cooling_state_msg": bos.GetCoolingStateResponse()}, {"temperature_c": None}),
+        ({"cooling_state": bos.GetCoolingStateResponse()}, {"temperature_c": None}),
         (
-            {"performance_mode_msg": bos.PerformanceMode(tuner_mode=MODE.tuner_mode)},
+            {"performance_mode": bos.PerformanceMode(tuner_mode=MODE.tuner_mode)},
             {"power_target_w": 2500.0},
         ),
         (
             {
-                "performance_mode_msg": bos.PerformanceMode(
+                "performance_mode": bos.PerformanceMode(
                     tuner_mode=bos.TunerPerformanceMode(
                         power_target=bos.PowerTargetMode(power_target=bos.Power(watt=0))
                     )
@@ -439,7 +452,7 @@ async def test_a_reading_from_slim_replies() -> None:
         ),
         (
             {
-                "miner_stats_msg": bos.GetMinerStatsResponse(
+                "miner_stats": bos.GetMinerStatsResponse(
                     miner_stats=bos.WorkSolverStats(real_hashrate=bos.RealHashrate(last_15_s=GHS)),
                     power_stats=bos.MinerPowerStats(approximated_consumption=POWER),
                 )
@@ -447,7 +460,7 @@ async def test_a_reading_from_slim_replies() -> None:
             {"hashrate_ths": 0.0},  # sent without a 5 s figure: zero, as pyasic reads it
         ),
         (
-            {"miner_details_msg": bos.GetMinerDetailsResponse(uid="x")},
+            {"miner_details": bos.GetMinerDetailsResponse(uid="x")},
             {"state": DeviceState.UNKNOWN},
         ),
     ],
@@ -464,3 +477,72 @@ async def test_a_reading_from_replies_with_parts_left_off(
     r = await backend.read()
     for k, v in expect.items():
         assert getattr(r, k) == v
+
+
+# -- a reading's two calls sent together from one task (``send_reads``) ----------------
+
+
+def _open_streams(drv: AsicDriver) -> int:
+    """Streams grpclib still tracks on the driver's kept channel."""
+    backend = drv.backend
+    assert isinstance(backend, BraiinsBackend)
+    channel = backend._wire.web._held.channel
+    assert channel is not None and channel._protocol is not None
+    return len(channel._protocol.processor.streams)
+
+
+def _asked(m: SimBraiinsMiner) -> tuple[int, int]:
+    return m.grpc_calls["GetMinerStats"], m.grpc_calls["GetMinerDetails"]
+
+
+async def test_a_readings_two_calls_are_in_flight_together(site: SimSite) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.set_fault("slow", delay_s=0.15)  # each call held this long by the miner
+    asked = _asked(m)
+    t0 = time.monotonic()
+    await drv.read()
+    assert time.monotonic() - t0 < 0.28  # not one after the other
+    assert _asked(m) == (asked[0] + 1, asked[1] + 1)
+    assert m.grpc_connections == 1
+
+
+@pytest.mark.parametrize("method", ["GetMinerStats", "GetMinerDetails"])
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(Status.INTERNAL, DeviceFaulted), (Status.FAILED_PRECONDITION, DeviceRefused)],
+)
+async def test_a_status_on_either_call_fails_the_reading_and_keeps_the_connection(
+    site: SimSite, method: str, status: Status, error: type[Exception]
+) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.fail_next_call(method, status)
+    asked = _asked(m)
+    with pytest.raises(error, match=status.name):
+        await drv.read()
+    assert _asked(m) == (asked[0] + 1, asked[1] + 1)  # an answer: not sent again
+    assert _open_streams(drv) == 0  # the other call's stream ended too
+    assert (await drv.read()).state is DeviceState.MINING
+    assert m.grpc_connections == 1
+
+
+async def test_a_forgotten_token_sends_both_calls_again_after_one_login(site: SimSite) -> None:
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.token = "simtoken-after-reboot"
+    asked = _asked(m)
+    assert (await drv.read()).state is DeviceState.MINING
+    assert m.grpc_calls["Login"] == 2
+    assert _asked(m) == (asked[0] + 2, asked[1] + 2)
+    assert _open_streams(drv) == 0
+
+
+async def test_only_reads_are_sent_together() -> None:
+    # send_reads retries what it sent: a control call must never go through it.
+    backend = _offline_backend()
+    with pytest.raises(ValueError, match="not a read"):
+        await backend._wire.web.send_reads([("pause_mining", bos.PauseMiningRequest())])

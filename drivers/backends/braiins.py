@@ -14,7 +14,7 @@ import datetime
 import sys
 import typing
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import betterproto
@@ -194,14 +194,69 @@ _SLIM: dict[Any, Any] = {
 }
 
 
-class _SlimReplyStub(BOSMinerGRPCStub):  # type: ignore[misc]  # pyasic is untyped
-    """pyasic's stub (its routes, its request types) decoding replies with ``_SLIM``'s types."""
+class _RouteOf(BOSMinerGRPCStub):  # type: ignore[misc]  # pyasic is untyped
+    """pyasic's stub answering a method with its route and ``_SLIM``'s reply type (no call)."""
 
     async def _unary_unary(
         self, route: str, request: Any, response_type: Any, **kwargs: Any
-    ) -> Any:
-        slim = _SLIM.get(response_type, response_type)
-        return await super()._unary_unary(route, request, slim, **kwargs)
+    ) -> tuple[str, Any]:
+        return route, _SLIM.get(response_type, response_type)
+
+
+_ROUTES: dict[str, tuple[str, Any]] = {}
+
+
+async def _route(command: str) -> tuple[str, Any]:
+    """pyasic's route for ``command`` ("get_miner_stats") and the type its reply is decoded as."""
+    route = _ROUTES.get(command)
+    if route is None:
+        if not command.startswith(_READ_PREFIX):
+            raise ValueError(f"{command}: not a read (sent together, retried as reads)")
+        route = _ROUTES[command] = await getattr(_RouteOf(None), command)(None)
+    return route
+
+
+async def _unary_calls(
+    channel: Channel, plan: Sequence[tuple[str, Any, Any]], metadata: list[tuple[str, str]]
+) -> list[Any]:
+    """Unary calls (route, reply type, request) on ``channel``, each made as betterproto's
+    ``ServiceStub._unary_unary`` makes one, but every request sent before any reply is
+    read, from this one task: a reading's two calls cost no task each (as the floor's
+    bare client sends its two). The replies in ``plan``'s order; the first error raised
+    ends them all (the other streams are reset), as ``gather`` of single calls would.
+    """
+    pending: list[Any] = []  # streams entered and not yet exited
+    failing: Any = None  # the stream whose step raised, ended as ``async with`` ends it
+    try:
+        for route, reply_type, message in plan:
+            failing = channel.request(
+                route,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                type(message),
+                reply_type,
+                metadata=metadata,
+            )
+            await failing.__aenter__()
+            pending.append(failing)
+            await failing.send_message(message, end=True)
+        replies = []
+        while pending:
+            failing = pending[0]
+            reply = await failing.recv_message()
+            assert reply is not None  # as betterproto's stub
+            del pending[0]
+            await failing.__aexit__(None, None, None)  # the trailers: a status raises here
+            replies.append(reply)
+        return replies
+    except BaseException as e:
+        for stream in pending:
+            if stream is not failing:
+                with contextlib.suppress(Exception):
+                    await stream.__aexit__(type(e), e, e.__traceback__)
+        if failing in pending:
+            # May raise the status the miner sent before its connection went instead.
+            await failing.__aexit__(type(e), e, e.__traceback__)
+        raise
 
 
 # -- one HTTP/2 channel per miner, kept open across readings ---------------------------
@@ -382,26 +437,46 @@ class _KeptChannelBOSerWebAPI(BOSerWebAPI):  # type: ignore[misc]  # pyasic is u
         reply = await self.send_message(command, parameters["message"], privileged=privileged)
         return dict(reply.to_pydict())
 
-    async def send_message(
-        self, command: str, message: Any, *, privileged: bool, slim: bool = False
-    ) -> Any:
-        """pyasic's ``send_command`` on the kept channel, returning the reply message.
+    async def send_message(self, command: str, message: Any, *, privileged: bool) -> Any:
+        """pyasic's ``send_command`` on the kept channel, returning the reply message."""
+
+        async def call(channel: _KeptChannel, metadata: list[tuple[str, str]]) -> Any:
+            return await getattr(BOSMinerGRPCStub(channel), command)(message, metadata=metadata)
+
+        return await self._logged_in(
+            command, call, read=command.startswith(_READ_PREFIX), privileged=privileged
+        )
+
+    async def send_reads(self, calls: Sequence[tuple[str, Any]]) -> list[Any]:
+        """Privileged reads (``get_*``: pyasic's command, request) sent together on the kept
+        channel (``_unary_calls``), their replies decoded only as deep as ``_SLIM``'s types.
 
         ``to_pydict()`` (pyasic ``boser.py:119``, its own version in
-        ``better_monkey.py``) walks every field of the reply again: about as
-        much CPU as decoding it. A reading needs four fields of four replies;
-        with ``slim`` the reply is decoded only as far as those (``_SLIM``).
+        ``better_monkey.py``) walks every field of the reply again: about as much
+        CPU as decoding it. A reading needs four fields of four replies. Retried as
+        one read is: all again on a fresh channel, or after a new login.
         """
-        read = command.startswith(_READ_PREFIX)
+        plan = [(*(_ROUTES.get(c) or await _route(c)), message) for c, message in calls]
+
+        async def call(channel: _KeptChannel, metadata: list[tuple[str, str]]) -> list[Any]:
+            return await _unary_calls(channel, plan, metadata)
+
+        what = "+".join(command for command, _ in calls)
+        return await self._logged_in(what, call, read=True, privileged=True)
+
+    async def _logged_in(
+        self,
+        what: str,
+        call: typing.Callable[[_KeptChannel, list[tuple[str, str]]], typing.Awaitable[T]],
+        *,
+        read: bool,
+        privileged: bool,
+    ) -> T:
+        """``call`` (the channel, the token as metadata) on the kept channel (``_on_channel``)."""
         token = await self.auth() if privileged else None
-
-        async def call(channel: _KeptChannel) -> Any:
-            stub = _SlimReplyStub(channel) if slim else BOSMinerGRPCStub(channel)
-            metadata = [("authorization", token)] if token is not None else []
-            return await getattr(stub, command)(message, metadata=metadata)
-
+        metadata = [("authorization", token)] if token is not None else []
         try:
-            return await self._on_channel(command, call, read=read)
+            return await self._on_channel(what, lambda c: call(c, metadata), read=read)
         except APIError as e:
             cause = e.__cause__
             if not (
@@ -414,7 +489,8 @@ class _KeptChannelBOSerWebAPI(BOSerWebAPI):  # type: ignore[misc]  # pyasic is u
         # not run, so log in again and send it once more (as pyasic does).
         await self._get_auth()
         token = await self.auth()
-        return await self._on_channel(command, call, read=read)
+        metadata = [("authorization", token)] if token is not None else []
+        return await self._on_channel(what, lambda c: call(c, metadata), read=read)
 
     async def _get_auth(self) -> str | None:
         """pyasic's login on the kept channel; calls that need it at the same time (a
@@ -491,6 +567,14 @@ def _kept_web(miner: BOSer, budget: KeepBudget) -> _KeptChannelBOSerWebAPI:
     return kept
 
 
+_READING_CALLS = (
+    ("get_miner_stats", bos.GetMinerStatsRequest()),
+    ("get_miner_details", bos.GetMinerDetailsRequest()),
+)
+_MODE_CALL = (("get_active_performance_mode", bos.GetPerformanceModeRequest()),)
+_COOLING_CALL = (("get_cooling_state", bos.GetCoolingStateRequest()),)
+
+
 class _BoserWire:
     """Thin use of pyasic's BOSer web (gRPC) API: vendor dicts, or for a reading the messages."""
 
@@ -510,30 +594,20 @@ class _BoserWire:
 
     # The reading's four calls: pyasic's ``get_miner_stats`` etc. (``boser.py:447``,
     # ``:442``, ``:408``, ``:210``), each ``send_command(<name>,
-    # message=<Request>(), privileged=True)``, returning the message itself.
+    # message=<Request>(), privileged=True)``, returning the messages themselves.
+    # The requests are empty and never changed: built once.
 
-    async def miner_stats_msg(self) -> Any:
-        return await self.web.send_message(
-            "get_miner_stats", bos.GetMinerStatsRequest(), privileged=True, slim=True
-        )
-
-    async def miner_details_msg(self) -> Any:
-        return await self.web.send_message(
-            "get_miner_details", bos.GetMinerDetailsRequest(), privileged=True, slim=True
-        )
+    async def reading_msgs(self) -> list[Any]:
+        """GetMinerStats and GetMinerDetails replies, both asked at once (every reading)."""
+        return await self.web.send_reads(_READING_CALLS)
 
     async def performance_mode_msg(self) -> Any:
-        return await self.web.send_message(
-            "get_active_performance_mode",
-            bos.GetPerformanceModeRequest(),
-            privileged=True,
-            slim=True,
-        )
+        (reply,) = await self.web.send_reads(_MODE_CALL)
+        return reply
 
     async def cooling_state_msg(self) -> Any:
-        return await self.web.send_message(
-            "get_cooling_state", bos.GetCoolingStateRequest(), privileged=True, slim=True
-        )
+        (reply,) = await self.web.send_reads(_COOLING_CALL)
+        return reply
 
     async def constraints(self) -> dict[str, Any]:
         return dict(await self.miner.web.get_constraints())
@@ -640,16 +714,14 @@ class BraiinsBackend:
     async def read(self) -> Sample:
         """Power W, hashrate TH/s, hottest temperature degC, state, target W.
 
-        Two gRPC calls (stats, details) on one channel. The performance mode (the
-        target) and the cooling state (temperature) are asked for too when they may
-        have moved: after any write, when the status changes, when power moves by
+        Two gRPC calls (stats, details) sent together on one channel. The performance
+        mode (the target) and the cooling state (temperature) are asked for too when
+        they may have moved: after any write, when the status changes, when power moves by
         more than ``SLOW_POWER_FRAC`` since they were read, and at least every
         ``SLOW_REFRESH_READS`` readings (the temperature is never older than that).
         """
         async with self._wire.shared():
-            stats, details = await asyncio.gather(
-                self._wire.miner_stats_msg(), self._wire.miner_details_msg()
-            )
+            stats, details = await self._wire.reading_msgs()
             try:
                 seen = (
                     int(details.status),
