@@ -546,3 +546,23 @@ async def test_only_reads_are_sent_together() -> None:
     backend = _offline_backend()
     with pytest.raises(ValueError, match="not a read"):
         await backend._wire.web.send_reads([("pause_mining", bos.PauseMiningRequest())])
+
+
+async def test_a_driver_let_go_closes_its_channel_without_the_collector(site: SimSite) -> None:
+    # A miner the agent stops driving (one that moved) is freed by reference counting
+    # alone: nothing of its web API may sit in a reference cycle.
+    import gc
+
+    m = sim(site)
+    budget = KeepBudget(limit=4)
+    drv = await driver(site, budget=budget)
+    await drv.read()
+    assert budget.held == 1
+    gc.disable()
+    try:
+        del drv
+        assert budget.held == 0  # weakref.finalize ran: the channel closed, the slot back
+    finally:
+        gc.enable()
+    await asyncio.sleep(0.05)
+    assert m.grpc_open_connections == 0

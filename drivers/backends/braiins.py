@@ -12,9 +12,10 @@ import contextlib
 import dataclasses
 import datetime
 import sys
+import types
 import typing
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import betterproto
@@ -107,7 +108,7 @@ class _LazyDefault:
         if obj is None:
             return self
         value = type(obj)._betterproto.default_gen[self.name]()
-        obj.__dict__[self.name] = value
+        setattr(obj, self.name, value)
         return value
 
 
@@ -123,16 +124,19 @@ class _LeanReply(betterproto.Message):
     ``_LazyDefault``, made then as betterproto makes it; ``serialized_on_wire`` is
     what the codec set. A oneof member other than the one sent reads as not sent
     (pyasic's types raise AttributeError for it); a reading faults on either.
+
+    What betterproto keeps per message is a class default here until the codec sets
+    it, so a decoded message is one object (no ``__dict__`` or dicts of its own):
+    fewer objects for the collector to count and walk.
     """
 
     __getattribute__ = object.__getattribute__
     __setattr__ = object.__setattr__  # type: ignore[assignment]  # the same signature
 
-    def __init__(self) -> None:
-        d = self.__dict__
-        d["_serialized_on_wire"] = False
-        d["_unknown_fields"] = b""
-        d["_group_current"] = {}
+    _serialized_on_wire = False
+    _unknown_fields = b""
+    # No oneof is tracked (read-only, empty).
+    _group_current: Mapping[str, str] = types.MappingProxyType({})  # type: ignore[assignment]
 
 
 def _slim(cls: Any, fields: Mapping[str, Any]) -> Any:
@@ -358,7 +362,7 @@ class _KeptChannelBOSerWebAPI(BOSerWebAPI):  # type: ignore[misc]  # pyasic is u
         # channel open: close it here rather than in grpclib's ``Channel.__del__``,
         # which logs an error for it.
         weakref.finalize(self, self._held.release)
-        self._users = 0
+        self._shared = _Shared(self._held)
         self._login: asyncio.Future[str | None] | None = None
 
     @property
@@ -385,18 +389,10 @@ class _KeptChannelBOSerWebAPI(BOSerWebAPI):  # type: ignore[misc]  # pyasic is u
         """Close the channel and give the budget its slot back (a later call starts over)."""
         self._held.release()
 
-    @contextlib.asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
+    def shared(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Calls made until exit (also from tasks started inside) share one channel;
         past the budget it is closed when the last of them ends."""
-        self._users += 1
-        try:
-            yield
-        finally:
-            self._users -= 1
-            held = self._held
-            if self._users == 0 and not held.keep and held.channel is not None:
-                held.drop(held.channel)
+        return self._shared
 
     async def _on_channel(
         self, what: str, call: typing.Callable[[_KeptChannel], typing.Awaitable[T]], *, read: bool
@@ -526,6 +522,26 @@ class _KeptChannelBOSerWebAPI(BOSerWebAPI):  # type: ignore[misc]  # pyasic is u
             return None
 
         return await self._on_channel("login", login, read=True)
+
+
+class _Shared(contextlib.AbstractAsyncContextManager[None]):
+    """``_KeptChannelBOSerWebAPI.shared()``: one per miner, entered by every call made
+    inside as well (it counts them), so a call makes no context object of its own."""
+
+    __slots__ = ("_held", "_users")
+
+    def __init__(self, held: _Held) -> None:
+        self._held = held  # not the web API: that is collected as soon as it is let go
+        self._users = 0
+
+    async def __aenter__(self) -> None:
+        self._users += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._users -= 1
+        held = self._held
+        if self._users == 0 and not held.keep and held.channel is not None:
+            held.drop(held.channel)
 
 
 class _Held:
