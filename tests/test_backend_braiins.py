@@ -566,3 +566,41 @@ async def test_a_driver_let_go_closes_its_channel_without_the_collector(site: Si
         gc.enable()
     await asyncio.sleep(0.05)
     assert m.grpc_open_connections == 0
+
+
+def test_lean_h2_settings_behave_as_h2s_own() -> None:
+    """Settings kept in lists go through a SETTINGS exchange both ways as h2's deques do."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    from drivers.backends.braiins import _lean_settings, _LeanSettings, _SettingValues
+
+    def pair(lean: bool) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        if lean:
+            _lean_settings(client)
+        client.initiate_connection()
+        server.initiate_connection()
+        # Both ways, with a setting neither side had before (MAX_CONCURRENT_STREAMS).
+        server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 7})
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        for _ in range(3):
+            server.receive_data(client.data_to_send())
+            client.receive_data(server.data_to_send())
+        return client, server
+
+    lean, _ = pair(True)
+    plain, _ = pair(False)
+    for name in ("local_settings", "remote_settings"):
+        a, b = getattr(lean, name), getattr(plain, name)
+        assert type(a) is _LeanSettings and type(b) is h2.settings.Settings
+        assert dict(a) == dict(b)
+        lean_values: dict[Any, Any] = a._settings
+        assert {k: list(v) for k, v in lean_values.items()} == {
+            k: list(v) for k, v in b._settings.items()
+        }
+        assert all(type(v) is _SettingValues for v in lean_values.values())
+    assert lean.remote_settings.max_concurrent_streams == 7
+    assert lean.local_settings.initial_window_size == 1 << 20
