@@ -36,7 +36,6 @@ from domain import (
 )
 from policies.capping import CappingParams, DomainTree
 from policies.capping import plan as capping_plan
-from policies.economic import plan as economic_plan
 from policies.prices import Prices
 
 log = logging.getLogger("siteagent.loop")
@@ -364,6 +363,11 @@ class Agent:
     def plan(self, snap: Snapshot, limits: Limits) -> Plan:
         """The configured policy's plan for this snapshot (capping unless `economic`)."""
         if self.config.policy.name == "economic":
+            # Imported here: it brings numba and llvmlite (about 64 MB of RSS), which an
+            # agent on the capping policy never needs (``siteagent run`` imports and
+            # compiles it before its first tick when the policy is economic).
+            from policies.economic import plan as economic_plan
+
             return economic_plan(snap, limits, self.prices(), self.economic_params, self.last_plan)
         return capping_plan(snap, limits, self.params, self.last_plan)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from agent.config import Config
 from policies.capping import CappingParams
-from policies.economic import EconomicParams, PriorityClass, PriorityClasses
+from policies.economic_params import EconomicParams, PriorityClass, PriorityClasses
 from policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
 
 log = logging.getLogger("siteagent.prices")

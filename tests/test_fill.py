@@ -195,3 +195,23 @@ def test_the_economic_plan_warms_up_before_a_tick() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_an_agent_on_the_capping_policy_never_imports_numba() -> None:
+    # numba and llvmlite cost about 64 MB of RSS; only the economic plan needs them.
+    script = (
+        "import asyncio, sys\n"
+        "import agent.api, agent.cli, agent.inventory, agent.metrics, agent.prices\n"
+        "from agent.config import parse_config\n"
+        "from agent.loop import Agent\n"
+        "def ticked(policy):\n"
+        "    cfg = parse_config({'site': {'cap_w': 1000.0}, 'policy': {'name': policy}})\n"
+        "    asyncio.run(Agent(cfg, []).tick())\n"
+        "    return 'numba' in sys.modules\n"
+        "assert not ticked('efficiency-capping'), 'numba imported by a capping agent'\n"
+        "assert ticked('economic'), 'the economic plan ran without numba'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
