@@ -181,6 +181,14 @@ def test_a_kernel_numba_cannot_cache_is_compiled_uncached_and_still_runs() -> No
     fill_module.UNCACHED[:] = before
 
 
+def _run_fresh(script: str) -> None:
+    """Run ``script`` in a fresh interpreter (nothing compiled, nothing imported yet)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_the_economic_plan_warms_up_before_a_tick() -> None:
     # In a fresh interpreter (here every kernel may already be compiled by other tests):
     # nothing is compiled before warm_up, every kernel a plan calls is after it.
@@ -191,10 +199,7 @@ def test_the_economic_plan_warms_up_before_a_tick() -> None:
         "economic.warm_up()\n"
         "assert all(k.signatures for k in kernels), [k.signatures for k in kernels]\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
+    _run_fresh(script)
 
 
 def test_an_agent_on_the_capping_policy_never_imports_numba() -> None:
@@ -211,7 +216,4 @@ def test_an_agent_on_the_capping_policy_never_imports_numba() -> None:
         "assert not ticked('efficiency-capping'), 'numba imported by a capping agent'\n"
         "assert ticked('economic'), 'the economic plan ran without numba'\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
+    _run_fresh(script)
