@@ -105,6 +105,11 @@ def _sim_cpu_s() -> float:
     return total
 
 
+def _sys_cpu_s() -> float:
+    """This process's system CPU seconds so far (the kernel's share of the sweep)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def _usage() -> tuple[float, float]:
     """This process's CPU seconds and peak RSS (MB); the simulators' CPU is sampled
     alongside (``_sim_cpu_s``) by the sweeps."""
@@ -149,17 +154,20 @@ async def sweep_agent(miners: list[dict[str, Any]], conc: int, timeout_s: float)
     first_s = time.perf_counter() - t0
     _after_setup()
     cpu0, _ = _usage()
+    sys0 = _sys_cpu_s()
     sim0 = _sim_cpu_s()
     t0 = time.perf_counter()
     res = await _bounded(conc, ok_drivers, lambda d: d.read())
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
     sim_cpu = _sim_cpu_s() - sim0
+    sys_cpu = _sys_cpu_s() - sys0
     ok = sum(1 for r in res if not isinstance(r, BaseException))
     out: dict[str, Any] = {
         "wall_s": wall,
         "cpu_s": cpu1 - cpu0,
         "sim_cpu_s": sim_cpu,
+        "sys_cpu_s": sys_cpu,
         "rss_mb": rss,
         "ok": ok,
         "setup_s": setup_s,
@@ -181,14 +189,23 @@ async def sweep_naive(miners: list[dict[str, Any]], conc: int, timeout_s: float)
             return await miner.get_data()
 
     cpu0, _ = _usage()
+    sys0 = _sys_cpu_s()
     sim0 = _sim_cpu_s()
     t0 = time.perf_counter()
     res = await _bounded(conc, miners, one)
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
     sim_cpu = _sim_cpu_s() - sim0
+    sys_cpu = _sys_cpu_s() - sys0
     ok = sum(1 for r in res if not isinstance(r, BaseException) and r.wattage is not None)
-    return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "sim_cpu_s": sim_cpu, "rss_mb": rss, "ok": ok}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu1 - cpu0,
+        "sys_cpu_s": sys_cpu,
+        "sim_cpu_s": sim_cpu,
+        "rss_mb": rss,
+        "ok": ok,
+    }
 
 
 # -- the floor's bare clients ---------------------------------------------------------
@@ -515,17 +532,20 @@ async def sweep_floor(miners: list[dict[str, Any]], conc: int, timeout_s: float)
             return await floor_read(m)
 
     cpu0, _ = _usage()
+    sys0 = _sys_cpu_s()
     sim0 = _sim_cpu_s()
     t0 = time.perf_counter()
     res = await _bounded(conc, miners, one)
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
     sim_cpu = _sim_cpu_s() - sim0
+    sys_cpu = _sys_cpu_s() - sys0
     ok = sum(1 for r in res if isinstance(r, float))
     out: dict[str, Any] = {
         "wall_s": wall,
         "cpu_s": cpu1 - cpu0,
         "sim_cpu_s": sim_cpu,
+        "sys_cpu_s": sys_cpu,
         "rss_mb": rss,
         "ok": ok,
         "setup_s": setup_s,
@@ -727,8 +747,9 @@ def main(argv: list[str] | None = None) -> int:
         extra += f"  (scaled from {r['scaled_from']})" if "scaled_from" in r else ""
         extra += f"\n      first error: {r['first_error'][:300]}" if "first_error" in r else ""
         print(
-            f"  ({s}) {names[s]:13s} wall {r['wall_s']:7.2f} s  cpu {r['cpu_s']:7.2f} s  "
-            f"peak rss {r['rss_mb']:6.0f} MB  ok {r['ok']}/{r['n']}{extra}"
+            f"  ({s}) {names[s]:13s} wall {r['wall_s']:7.2f} s  cpu {r['cpu_s']:7.2f} s "
+            f"(system {r.get('sys_cpu_s', 0.0):.2f})  peak rss {r['rss_mb']:6.0f} MB  "
+            f"ok {r['ok']}/{r['n']}{extra}"
         )
         if "sim_cpu_s" in r:
             # The simulators answer on the same cores: no client can finish the sweep
