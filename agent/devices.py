@@ -9,9 +9,10 @@ and backs off exponentially while a device keeps failing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,6 +56,15 @@ class MinerDriver(Protocol):
 
 
 Connector = Callable[[], Awaitable[MinerDriver]]
+
+
+async def close_quietly(drivers: Iterable[object], what: str) -> None:
+    """Close each driver that keeps something open (``close``: a VNish web connection, a
+    Braiins OS channel), together; a failure is logged (debug), not raised."""
+    closes = [c() for d in drivers if (c := getattr(d, "close", None)) is not None]
+    for result in await asyncio.gather(*closes, return_exceptions=True):
+        if isinstance(result, BaseException):
+            log.debug("closing %s: %s", what, result)
 
 
 @dataclass(slots=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from agent.config import Config, GpuNodeConfig, MinerConfig, parse_address_range
-from agent.devices import Connector, DeviceTracker, MinerDriver
+from agent.devices import Connector, DeviceTracker, MinerDriver, close_quietly
 from agent.gpus import FixedLoad, GpuDevice, GpuNode
 from agent.inventory_store import InventoryStore, KnownMiner, backend_of, identity_key
 from domain import DeviceError, DeviceKind, MinerIdentity
@@ -124,14 +124,14 @@ async def _identify_one(
         else:
             if drv.identity is not None and identity_key(drv.identity, address) == known.key:
                 return drv
-            await _close_quietly([drv])
+            await close_quietly([drv], "an identification driver")
     try:
         drv = await AsicDriver.connect(address, address, timeout_s=timeout_s)
     except DeviceError as e:
         log.debug("identify: %s: %s", address, e)
         return None
     if drv.identity is None:
-        await _close_quietly([drv])
+        await close_quietly([drv], "an identification driver")
         return None
     return drv
 
@@ -163,12 +163,6 @@ async def identify(
 
     drivers = await asyncio.gather(*(one(a) for a in addresses))
     return {a: d for a, d in zip(addresses, drivers, strict=True) if d is not None}
-
-
-async def _close_quietly(drivers: Iterable[AsicDriver]) -> None:
-    for result in await asyncio.gather(*(d.close() for d in drivers), return_exceptions=True):
-        if isinstance(result, BaseException):
-            log.debug("closing an identification driver: %s", result)
 
 
 async def _survey(
@@ -216,7 +210,7 @@ async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceT
     """
     drivers = await _survey(cfg, store, scan_addresses(cfg), None)
     trackers = _discovered(cfg, drivers)
-    await _close_quietly(drivers.values())
+    await close_quietly(drivers.values(), "an identification driver")
     return trackers
 
 
@@ -342,9 +336,7 @@ async def close_drivers(trackers: list[DeviceTracker]) -> None:
     """Close every GPU node once (SSH sessions; NVML limits restored where configured),
     and every miner driver that keeps a connection open (VNish's web connection)."""
     miners = [t.driver for t in trackers if isinstance(t.driver, AsicDriver)]
-    for result in await asyncio.gather(*(d.close() for d in miners), return_exceptions=True):
-        if isinstance(result, BaseException):
-            log.debug("miner close failed: %s", result)
+    await close_quietly(miners, "a miner driver")
     nodes = {id(t.driver.node): t.driver.node for t in trackers if isinstance(t.driver, GpuDevice)}
     results = await asyncio.gather(
         *(n.driver.close() for n in nodes.values()), return_exceptions=True

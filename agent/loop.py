@@ -20,7 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.columns import TrackerColumns, Trackers
 from agent.config import Config, cron_trigger
-from agent.devices import DeviceTracker, MinerDriver
+from agent.devices import DeviceTracker, MinerDriver, close_quietly
 from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from agent.prices import PriceFeed, economic_params
 from agent.safety import Change, Ordered, order_changes, worst_case_loads_w
@@ -495,10 +495,7 @@ class Agent:
             pass
         async with self._tick_lock:
             pass
-        closes = [c() for d in drivers if (c := getattr(d, "close", None)) is not None]
-        for result in await asyncio.gather(*closes, return_exceptions=True):
-            if isinstance(result, Exception):
-                log.warning("closing a dropped driver: %s", result)
+        await close_quietly(drivers, "a moved miner's old driver")
 
     async def _tick_soon(self) -> None:
         # A coroutine, so APScheduler runs it on the loop rather than in a worker thread.
