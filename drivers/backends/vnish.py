@@ -133,7 +133,7 @@ class _KeptConnectionWebAPI(VNishWebAPI):  # type: ignore[misc]  # pyasic is unt
     ``APIError`` texts and warnings), sent with aiohttp instead of httpx on one
     ``aiohttp.ClientSession`` per miner made on first use and closed by
     ``aclose`` (the driver's ``close``). An httpx request cost 0.75 ms of CPU
-    on a kept connection against 0.2-0.3 ms for aiohttp and 0.07-0.09 ms for a
+    on a kept connection against 0.14-0.33 ms for aiohttp and 0.05-0.09 ms for a
     bare asyncio exchange (2,000 simulated miners, one ``summary`` each); at
     10,000 miners that is most of a sweep. Its pool holds one connection
     (requests of one miner queue for it; a miner's web server is small), kept
