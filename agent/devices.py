@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -85,8 +84,33 @@ class DeviceTracker:
     reads through to its row there as it changes (see agent/columns.py).
     """
 
-    _columns: TrackerColumns | None = None
-    _row = -1
+    # Slots, not an instance dict: about 1.5 kB less a device (10,000 at a site).
+    __slots__ = (
+        "_columns",
+        "_row",
+        "address",
+        "awake",
+        "capabilities",
+        "connect",
+        "device_id",
+        "domain",
+        "driver",
+        "failures",
+        "kind",
+        "last_error",
+        "last_good",
+        "last_ok_s",
+        "last_transition_s",
+        "nameplate_hashrate_ths",
+        "nameplate_power_w",
+        "next_read_s",
+        "pending",
+        "power_target_w",
+        "settle_s",
+        "sleep_power_w",
+        "state",
+        "wakes_s",
+    )
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -119,6 +143,8 @@ class DeviceTracker:
         connect: Connector,
         kind: DeviceKind = DeviceKind.MINER,
     ) -> None:
+        self._columns: TrackerColumns | None = None
+        self._row = -1
         self.device_id = device_id
         self.address = address
         self.kind = kind
@@ -138,7 +164,8 @@ class DeviceTracker:
         self.awake: bool | None = None
         self.power_target_w: float | None = None
         self.last_transition_s: float | None = None
-        self.wakes_s: deque[float] = deque()
+        # Oldest first; a list, as most devices are never woken (an empty deque is 760 B).
+        self.wakes_s: list[float] = []
         self.pending: Pending | None = None
         # How long the firmware takes to show a change, by kind (s); from the driver.
         self.settle_s: Callable[[str], float] | None = None
@@ -234,9 +261,13 @@ class DeviceTracker:
 
     def wakes_in_last_hour(self, now_s: float) -> int:
         """How many times the agent woke this device in the hour before ``now_s``."""
-        while self.wakes_s and now_s - self.wakes_s[0] > 3600.0:
-            self.wakes_s.popleft()
-        return len(self.wakes_s)
+        wakes = self.wakes_s
+        old = 0
+        while old < len(wakes) and now_s - wakes[old] > 3600.0:
+            old += 1
+        if old:
+            del wakes[:old]
+        return len(wakes)
 
     # -- accounting --------------------------------------------------------------
 
