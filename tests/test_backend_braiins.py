@@ -22,7 +22,14 @@ from domain.types import DeviceState
 from drivers.asic import AsicDriver
 from drivers.backends import known_backend
 from drivers.backends.base import KeepBudget
-from drivers.backends.braiins import _SLIM, CLOSED_STREAMS_KEPT, BraiinsBackend
+from drivers.backends.braiins import (
+    _SLIM,
+    CLOSED_STREAMS_KEPT,
+    BraiinsBackend,
+    _lean_events,
+    _lean_tables,
+    _TableEntries,
+)
 from sim.braiins import SimBraiinsMiner
 from sim.site import SimSite
 
@@ -268,11 +275,18 @@ async def test_a_kept_connection_remembers_few_closed_streams(site: SimSite) -> 
     assert isinstance(backend, BraiinsBackend)
     channel = backend._wire.web._held.channel
     assert channel is not None and channel._protocol is not None
-    h2c = channel._protocol.connection._connection
+    h2c: Any = channel._protocol.connection._connection
     assert h2c.highest_outbound_stream_id > 2 * 16 * 2  # far more streams than kept
     assert 0 < len(h2c._closed_streams) <= 16 == CLOSED_STREAMS_KEPT
     served = sim(site)._grpc_conns
     assert all(len(c.connection._connection._closed_streams) <= 16 for c in served)
+    # What a kept channel holds for its life is in lists, not 760 B deques.
+    assert type(h2c.encoder.header_table.dynamic_entries) is _TableEntries
+    assert type(h2c.decoder.header_table.dynamic_entries) is _TableEntries
+    assert len(h2c.decoder.header_table.dynamic_entries) > 0  # the miner's replies indexed
+    conn: Any = channel._protocol.connection
+    assert type(conn.write_ready._waiters) is list
+    assert type(conn.stream_close_waiter._waiters) is list
 
 
 # -- replies decoded only as deep as a reading looks (``_SLIM``, ``_LeanReply``) --------
@@ -604,3 +618,86 @@ def test_lean_h2_settings_behave_as_h2s_own() -> None:
         assert all(type(v) is _SettingValues for v in lean_values.values())
     assert lean.remote_settings.max_concurrent_streams == 7
     assert lean.local_settings.initial_window_size == 1 << 20
+
+
+def test_lean_hpack_tables_code_headers_as_hpacks_own() -> None:
+    """HPACK tables kept in lists encode and decode, byte for byte, as hpack's deques do,
+    through enough distinct headers that both tables evict many times over."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    def exchange(lean: bool) -> tuple[list[bytes], list[list[Any]], h2.connection.H2Connection]:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        if lean:
+            _lean_tables(client)
+        client.initiate_connection()
+        server.initiate_connection()
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        sent: list[bytes] = []
+        answered: list[list[Any]] = []
+        for i in range(200):
+            sid = client.get_next_available_stream_id()
+            client.send_headers(
+                sid,
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":authority", "127.1.0.1:50051"),
+                    (":path", f"/braiins.bos.v1.MinerService/Get{i % 7}"),
+                    ("x-reading", f"r-{i % 13}-" + "x" * (i % 50)),  # indexed, unlike authorization
+                ],
+                end_stream=True,
+            )
+            wire = client.data_to_send()
+            sent.append(wire)
+            for event in server.receive_data(wire):
+                if isinstance(event, h2.events.RequestReceived):
+                    server.send_headers(
+                        sid, [(":status", "200"), ("grpc-message", f"m{i % 11}" * (i % 40))]
+                    )
+                    server.end_stream(sid)
+            got = client.receive_data(server.data_to_send())
+            answered.extend(e.headers for e in got if isinstance(e, h2.events.ResponseReceived))
+        return sent, answered, client
+
+    lean_sent, lean_answered, lean = exchange(True)
+    plain_sent, plain_answered, plain = exchange(False)
+    assert lean_sent == plain_sent
+    assert lean_answered == plain_answered and len(lean_answered) == 200
+    for coder in ("encoder", "decoder"):
+        a = getattr(lean, coder).header_table
+        b = getattr(plain, coder).header_table
+        assert type(a.dynamic_entries) is _TableEntries
+        assert list(a.dynamic_entries) == list(b.dynamic_entries)
+        assert a._current_size == b._current_size > 3000  # full: it has been evicting
+
+
+async def test_lean_event_waiters_wake_and_forget_as_asyncios_own() -> None:
+    """Events whose waiters are in a list wake every waiter on set() and forget one
+    that was cancelled, as asyncio's deque does."""
+    holder = type("Connection", (), {})()
+    holder.write_ready = asyncio.Event()
+    holder.stream_close_waiter = asyncio.Event()
+    _lean_events(holder)
+    event = holder.write_ready
+    assert type(event._waiters) is list
+    woken = [asyncio.create_task(event.wait()) for _ in range(3)]
+    cancelled = asyncio.create_task(event.wait())
+    await asyncio.sleep(0)
+    assert len(event._waiters) == 4
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert len(event._waiters) == 3
+    event.set()
+    assert await asyncio.gather(*woken) == [True, True, True]
+    assert event._waiters == [] and type(event._waiters) is list
+    event.clear()
+    late = asyncio.create_task(event.wait())
+    await asyncio.sleep(0)
+    assert not late.done()
+    event.set()
+    assert await late is True

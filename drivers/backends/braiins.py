@@ -8,6 +8,7 @@ resume. One HTTP/2 channel per miner is kept open across readings (within
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -315,14 +316,52 @@ def _lean_settings(conn: Any) -> None:
             values[key] = _SettingValues(items)
 
 
+class _TableEntries(list[Any]):
+    """An HPACK dynamic table's entries (newest first) as a list: hpack keeps them in a
+    ``collections.deque``, 760 B even when empty, and each connection has two tables
+    (its encoder's and its decoder's). hpack uses ``appendleft``, ``pop``, ``clear``,
+    ``len``, ``[i]`` and iteration on them (hpack 4.x ``table.py``); a 4 kB table
+    holds a few dozen entries at most."""
+
+    __slots__ = ()
+
+    def appendleft(self, entry: Any) -> None:
+        self.insert(0, entry)
+
+
+def _lean_tables(conn: Any) -> None:
+    """``conn``'s (an ``h2.connection.H2Connection``'s) HPACK tables into lists."""
+    for coder in (getattr(conn, "encoder", None), getattr(conn, "decoder", None)):
+        table: Any = getattr(coder, "header_table", None)
+        entries = getattr(table, "dynamic_entries", None)
+        if type(entries) is collections.deque:  # else not the hpack this was written for
+            table.dynamic_entries = _TableEntries(entries)
+
+
+def _lean_events(connection: Any) -> None:
+    """The waiters of a grpclib ``Connection``'s two events (kept as long as it is) in
+    lists: asyncio's ``Event`` makes a 760 B deque for them up front, where its
+    ``Lock`` makes one only once a task waits. ``Event`` appends, removes and iterates
+    them (CPython 3.11-3.13 ``asyncio/locks.py``), and they are empty while idle."""
+    for name in ("write_ready", "stream_close_waiter"):
+        event: Any = getattr(connection, name, None)
+        waiters = getattr(event, "_waiters", None)
+        if type(waiters) is collections.deque and isinstance(event, asyncio.Event):
+            lean: Any = event
+            lean._waiters = list(waiters)
+
+
 class _BoundedH2Protocol(H2Protocol):
     """grpclib's client protocol, its h2 connection remembering few closed streams and
-    keeping its settings in lists."""
+    keeping its settings, HPACK tables and events' waiters in lists."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         _bound_closed_streams(self)
-        _lean_settings(getattr(self.connection, "_connection", None))
+        h2_conn = getattr(self.connection, "_connection", None)
+        _lean_settings(h2_conn)
+        _lean_tables(h2_conn)
+        _lean_events(self.connection)
 
 
 class _KeptChannel(Channel):
