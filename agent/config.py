@@ -184,6 +184,10 @@ class ControlConfig(_Strict):
     interval_s: PositiveS = 5.0
     actuation_timeout_s: PositiveS = 10.0
     confirm_timeout_s: PositiveS = 120.0
+    # Changes sent at once, in the tick's order. All of a tick's changes share one
+    # deadline, actuation_timeout_s from its first send; one whose turn has not come by
+    # then is not sent, and the next tick plans it again.
+    concurrency: Annotated[int, Field(ge=1, le=10_000)] = 500
 
 
 class ListenConfig(_Strict):

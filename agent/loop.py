@@ -43,6 +43,9 @@ log = logging.getLogger("siteagent.loop")
 SITE_CAP_SOURCE = "site"
 MONITOR_ONLY, MINING_OFF, AI_MIN = "monitor-only", "mining-off", "ai-min"
 MODES = frozenset({MONITOR_ONLY, MINING_OFF, AI_MIN})
+# Why a change planned this tick was not sent: its turn (control.concurrency at once)
+# had not come when the tick's actuation deadline passed.
+NOT_SENT_IN_TIME = "not sent: the tick's actuation deadline passed before its turn"
 
 V = TypeVar("V")
 
@@ -335,9 +338,31 @@ class Agent:
             held = tuple((c, "monitor-only override: nothing is sent") for c in ordered.now)
             ordered = Ordered((), held + ordered.deferred)
         plan_duration = time.perf_counter() - started
-        results = await asyncio.gather(*(self._apply(c) for c in ordered.now))
-        applied = tuple(c.device_id for c, ok in zip(ordered.now, results, strict=True) if ok)
-        failed = tuple(c.device_id for c, ok in zip(ordered.now, results, strict=True) if not ok)
+        # At most control.concurrency at once, in the tick's order: a cap drop at a
+        # 10,000-miner site changes thousands, and each call in flight holds its own
+        # buffers and streams. All share one deadline, so the tick takes no longer than
+        # before; a change whose turn has not come by then is not sent, and the next
+        # tick plans it again. (A tick sends only decreases or only increases, each
+        # counted at its worst case, so sending part of them is safe.)
+        sem = asyncio.Semaphore(self.config.control.concurrency)
+        deadline = asyncio.get_running_loop().time() + self.config.control.actuation_timeout_s
+        results = await asyncio.gather(*(self._apply(c, sem, deadline) for c in ordered.now))
+        sent = [(c, ok) for c, ok in zip(ordered.now, results, strict=True) if ok is not None]
+        applied = tuple(c.device_id for c, ok in sent if ok)
+        failed = tuple(c.device_id for c, ok in sent if not ok)
+        if len(sent) < len(ordered.now):
+            late = tuple(
+                (c, NOT_SENT_IN_TIME)
+                for c, ok in zip(ordered.now, results, strict=True)
+                if ok is None
+            )
+            log.warning(
+                "tick: %d of %d change(s) not sent within %.0f s; the next tick plans them again",
+                len(late),
+                len(ordered.now),
+                self.config.control.actuation_timeout_s,
+            )
+            ordered = Ordered(tuple(c for c, _ in sent), late + ordered.deferred)
         if any(not c.is_decrease for c in ordered.now):
             self.last_increase_s = snap.time_s
         self.last_plan = plan
@@ -378,13 +403,26 @@ class Agent:
         since = interval if self.last_increase_s is None else now_s - self.last_increase_s
         return self.config.policy.restore_ramp_w_per_s * min(max(since, 0.0), interval)
 
-    async def _apply(self, c: Change) -> bool:
+    async def _apply(self, c: Change, sem: asyncio.Semaphore, deadline: float) -> bool | None:
+        """Send ``c`` in its turn: whether the device took it, None if not sent by the
+        deadline (``loop.time()``)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await sem.acquire()
+        except TimeoutError:
+            return None
+        try:
+            return await self._apply_now(c, deadline)
+        finally:
+            sem.release()
+
+    async def _apply_now(self, c: Change, deadline: float) -> bool:
         t = self.trackers[c.device_id]
         driver = t.driver
         if driver is None:
             return False
         try:
-            async with asyncio.timeout(self.config.control.actuation_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 if c.kind == "sleep":
                     await driver.sleep()
                 else:

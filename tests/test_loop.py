@@ -7,13 +7,16 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fakesite import CommandLog, RecordingDriver, fake_agent
 
 from agent.config import Config, parse_config
 from agent.inventory import build_trackers
-from agent.loop import Agent
+from agent.loop import NOT_SENT_IN_TIME, Agent
+from agent.safety import order_changes
 from domain import DeviceState
 from sim.site import SimSite
 
@@ -190,3 +193,67 @@ async def test_stop_lets_a_scheduled_tick_in_flight_finish(
     # The scheduler's shutdown cancels what it runs: the tick must be done before it.
     assert len(finished) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_tick_sends_at_most_control_concurrency_changes_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cap drop that changes many miners sends ``control.concurrency`` at a time, in
+    the tick's order, all under one deadline: what has not started by then is not sent
+    (deferred, planned again next tick), what it cuts counts at its worst case."""
+    in_flight, most, calls = [0], [0], [0]
+    never = asyncio.Event()
+
+    async def set_target(self: RecordingDriver, power_w: float) -> float:
+        calls[0] += 1
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            if calls[0] <= 3:
+                await asyncio.sleep(0.5)  # the first round takes half the deadline
+            elif calls[0] <= 6:
+                await never.wait()  # the second round hangs until the deadline cuts it
+            self.log.entries.append(
+                (time.perf_counter(), self.device_id, "set_power_target", power_w)
+            )
+            self.target_w = power_w
+            return power_w
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(RecordingDriver, "set_power_target", set_target)
+    n = 24
+    cfg = parse_config(
+        {
+            "site": {"cap_w": n * 3000.0 * 0.75},
+            "policy": {"min_off_s": 0},
+            "telemetry": {"interval_s": 60, "stale_after_s": 3600},
+            "control": {"interval_s": 60, "concurrency": 3, "actuation_timeout_s": 1.0},
+            "state": {"dir": str(tmp_path)},
+        }
+    )
+    log = CommandLog()
+    agent = await fake_agent(cfg, n, log)
+    plan = order_changes(
+        agent.plan(agent.snapshot(), agent.limits()),
+        agent.snapshot(),
+        agent.limits(),
+        max_increase_w=0.0,
+    )
+    planned = [c.device_id for c in plan.now]
+    assert len(planned) > 6
+    t0 = time.monotonic()
+    record = await agent.tick()
+    # One deadline for the whole tick (1 s), not one per change: the second round, begun
+    # at 0.5 s, is cut at 1 s, not at 1.5 s.
+    assert time.monotonic() - t0 < 1.3
+    assert most[0] == 3 and calls[0] == 6  # nothing started after the deadline
+    assert record.applied == tuple(planned[:3])
+    assert record.failed == tuple(planned[3:6])
+    assert [c.device_id for c in record.ordered.now] == planned[:6]
+    late = [c.device_id for c, why in record.ordered.deferred if why == NOT_SENT_IN_TIME]
+    assert late == planned[6:]
+    # Cut, they count at their worst case until read; not sent, they count as before.
+    cut = agent.trackers[planned[3]]
+    assert cut.pending is not None
+    assert agent.trackers[planned[6]].pending is None
