@@ -26,6 +26,7 @@ from drivers.backends.braiins import (
     _SLIM,
     CLOSED_STREAMS_KEPT,
     BraiinsBackend,
+    _Dispatch,
     _lean_events,
     _lean_tables,
     _TableEntries,
@@ -287,6 +288,10 @@ async def test_a_kept_connection_remembers_few_closed_streams(site: SimSite) -> 
     conn: Any = channel._protocol.connection
     assert type(conn.write_ready._waiters) is list
     assert type(conn.stream_close_waiter._waiters) is list
+    # Every frame and event of those 40 readings went through the unbound tables.
+    assert type(h2c._frame_dispatch_table) is _Dispatch
+    processor: Any = channel._protocol.processor
+    assert type(processor.processors) is _Dispatch
 
 
 # -- replies decoded only as deep as a reading looks (``_SLIM``, ``_LeanReply``) --------
@@ -701,3 +706,30 @@ async def test_lean_event_waiters_wake_and_forget_as_asyncios_own() -> None:
     assert not late.done()
     event.set()
     assert await late is True
+
+
+def test_an_unbound_dispatch_table_looks_up_as_the_dict_did() -> None:
+    class Owner:
+        def __init__(self, extra: Any = None) -> None:
+            self.table: Any = {int: self.on_int, str: self.on_str}
+            if extra is not None:
+                self.table[bytes] = extra
+
+        def on_int(self, x: int) -> str:
+            return f"int {x}"
+
+        def on_str(self, x: str) -> str:
+            return f"str {x}"
+
+    a, b = Owner(), Owner()
+    _Dispatch.replace(a, "table")
+    _Dispatch.replace(b, "table")
+    assert type(a.table) is _Dispatch and a.table[int](1) == "int 1"
+    assert a.table[str]("x") == "str x"
+    assert a.table._names is b.table._names  # one table of names for the class
+    with pytest.raises(KeyError):
+        a.table[float]
+    # A table holding anything but the owner's own methods is left as it is.
+    c = Owner(extra=len)
+    _Dispatch.replace(c, "table")
+    assert type(c.table) is dict

@@ -351,9 +351,45 @@ def _lean_events(connection: Any) -> None:
             lean._waiters = list(waiters)
 
 
+class _Dispatch:
+    """A dispatch table (event or frame class to one of ``owner``'s methods) that binds
+    the method when looked up. h2's connection and grpclib's events processor each
+    build theirs as a dict of bound methods, a dozen each, about 1.2 kB per kept
+    channel; this holds the owner and one table of method names per class, shared.
+    A class not in the table raises ``KeyError``, as the dict does."""
+
+    __slots__ = ("_names", "_owner")
+    _shared: typing.ClassVar[dict[type, dict[type, str]]] = {}
+
+    def __init__(self, owner: Any, names: dict[type, str]) -> None:
+        self._owner = owner
+        self._names = names
+
+    def __getitem__(self, key: type) -> Any:
+        return getattr(self._owner, self._names[key])
+
+    @classmethod
+    def replace(cls, owner: Any, attribute: str) -> None:
+        """``owner.<attribute>`` as a ``_Dispatch``, if it is a dict of its own methods."""
+        table = getattr(owner, attribute, None)
+        if type(table) is not dict:
+            return  # not the library this was written for: leave it be
+        names: dict[type, str] = {}
+        for key, method in table.items():
+            func = getattr(method, "__func__", None)
+            if getattr(method, "__self__", None) is not owner or func is None:
+                return
+            if getattr(owner, func.__name__, None) != method:
+                return
+            names[key] = func.__name__
+        shared = cls._shared.setdefault(type(owner), names)
+        setattr(owner, attribute, cls(owner, shared if shared == names else names))
+
+
 class _BoundedH2Protocol(H2Protocol):
     """grpclib's client protocol, its h2 connection remembering few closed streams and
-    keeping its settings, HPACK tables and events' waiters in lists."""
+    keeping its settings, HPACK tables and events' waiters in lists, and its two
+    dispatch tables unbound."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -362,6 +398,11 @@ class _BoundedH2Protocol(H2Protocol):
         _lean_settings(h2_conn)
         _lean_tables(h2_conn)
         _lean_events(self.connection)
+        if h2_conn is not None:
+            _Dispatch.replace(h2_conn, "_frame_dispatch_table")
+        processor = getattr(self, "processor", None)
+        if processor is not None:
+            _Dispatch.replace(processor, "processors")
 
 
 class _KeptChannel(Channel):
