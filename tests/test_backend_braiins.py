@@ -587,6 +587,21 @@ async def test_a_driver_let_go_closes_its_channel_without_the_collector(site: Si
     assert m.grpc_open_connections == 0
 
 
+def h2_pair(lean: Any = None) -> tuple[Any, Any]:
+    """An h2 client and server, each connection initiated; ``lean`` applied to the
+    client first."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    if lean is not None:
+        lean(client)
+    client.initiate_connection()
+    server.initiate_connection()
+    return client, server
+
+
 def test_lean_h2_settings_behave_as_h2s_own() -> None:
     """Settings kept in lists go through a SETTINGS exchange both ways as h2's deques do."""
     import h2.config
@@ -596,12 +611,7 @@ def test_lean_h2_settings_behave_as_h2s_own() -> None:
     from drivers.backends.braiins import _lean_settings, _LeanSettings, _SettingValues
 
     def pair(lean: bool) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        if lean:
-            _lean_settings(client)
-        client.initiate_connection()
-        server.initiate_connection()
+        client, server = h2_pair(_lean_settings if lean else None)
         # Both ways, with a setting neither side had before (MAX_CONCURRENT_STREAMS).
         server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 7})
         client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
@@ -633,12 +643,7 @@ def test_lean_hpack_tables_code_headers_as_hpacks_own() -> None:
     import h2.events
 
     def exchange(lean: bool) -> tuple[list[bytes], list[list[Any]], h2.connection.H2Connection]:
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        if lean:
-            _lean_tables(client)
-        client.initiate_connection()
-        server.initiate_connection()
+        client, server = h2_pair(_lean_tables if lean else None)
         server.receive_data(client.data_to_send())
         client.receive_data(server.data_to_send())
         sent: list[bytes] = []
