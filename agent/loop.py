@@ -119,6 +119,8 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         self.last_plan: Plan | None = None
         self.last_tick: TickRecord | None = None
+        # When (clock) the last tick ended: the watchdog asks that ticks keep ending.
+        self.last_tick_done_s: float | None = None
         self.last_increase_s: float | None = None
         self.actuations: Counter[str] = Counter()
         self.actuation_errors: Counter[str] = Counter()
@@ -380,6 +382,7 @@ class Agent:
             snap.time_s, snap, limits, plan, ordered, applied, failed, plan_duration
         )
         self.last_tick = record
+        self.last_tick_done_s = self.clock()
         self.tick_durations.observe(time.perf_counter() - started)
         if self.on_tick is not None:
             self.on_tick(record)

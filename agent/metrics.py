@@ -653,7 +653,11 @@ def stale_tick_s(agent: Agent) -> float:
 
 
 def loop_healthy(agent: Agent, started_s: float) -> bool:
-    """Whether a control tick succeeded recently (or the agent started recently)."""
-    record = agent.last_tick
-    last_s = started_s if record is None else max(record.time_s, started_s)
+    """Whether a control tick ended recently (or the agent started recently).
+
+    Counted from the tick's end, not its snapshot: two ticks in a row that each
+    send changes until their deadline (a cap drop at 10,000 miners) are a loop at
+    work, and from the first one's snapshot they took 25 s (``stale_tick_s``)."""
+    done_s = agent.last_tick_done_s
+    last_s = started_s if done_s is None else max(done_s, started_s)
     return agent.clock() - last_s <= stale_tick_s(agent)

@@ -243,6 +243,18 @@ async def test_status_line_and_health() -> None:
     assert not loop_healthy(agent, started)
     await agent.tick()
     assert loop_healthy(agent, started)
+    # A tick that took long (sending until its deadline) but ended is a loop at work.
+    plan = agent.plan
+
+    def slow_plan(*args: Any) -> Any:
+        clock.t += stale_tick_s(agent) + 1
+        return plan(*args)
+
+    agent.plan = slow_plan  # type: ignore[method-assign,assignment]
+    await agent.tick()
+    assert agent.last_tick is not None
+    assert clock() - agent.last_tick.time_s > stale_tick_s(agent)
+    assert loop_healthy(agent, started)
 
 
 async def test_sweep_records_its_duration() -> None:
