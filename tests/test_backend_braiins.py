@@ -29,7 +29,7 @@ from drivers.backends.braiins import (
     _Dispatch,
     _lean_events,
     _lean_tables,
-    _TableEntries,
+    _ListDeque,
 )
 from sim.braiins import SimBraiinsMiner
 from sim.site import SimSite
@@ -282,8 +282,8 @@ async def test_a_kept_connection_remembers_few_closed_streams(site: SimSite) -> 
     served = sim(site)._grpc_conns
     assert all(len(c.connection._connection._closed_streams) <= 16 for c in served)
     # What a kept channel holds for its life is in lists, not 760 B deques.
-    assert type(h2c.encoder.header_table.dynamic_entries) is _TableEntries
-    assert type(h2c.decoder.header_table.dynamic_entries) is _TableEntries
+    assert type(h2c.encoder.header_table.dynamic_entries) is _ListDeque
+    assert type(h2c.decoder.header_table.dynamic_entries) is _ListDeque
     assert len(h2c.decoder.header_table.dynamic_entries) > 0  # the miner's replies indexed
     conn: Any = channel._protocol.connection
     assert type(conn.write_ready._waiters) is list
@@ -608,7 +608,7 @@ def test_lean_h2_settings_behave_as_h2s_own() -> None:
     import h2.connection
     import h2.settings
 
-    from drivers.backends.braiins import _lean_settings, _LeanSettings, _SettingValues
+    from drivers.backends.braiins import _lean_settings, _LeanSettings
 
     def pair(lean: bool) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
         client, server = h2_pair(_lean_settings if lean else None)
@@ -630,7 +630,7 @@ def test_lean_h2_settings_behave_as_h2s_own() -> None:
         assert {k: list(v) for k, v in lean_values.items()} == {
             k: list(v) for k, v in b._settings.items()
         }
-        assert all(type(v) is _SettingValues for v in lean_values.values())
+        assert all(type(v) is _ListDeque for v in lean_values.values())
     assert lean.remote_settings.max_concurrent_streams == 7
     assert lean.local_settings.initial_window_size == 1 << 20
 
@@ -680,7 +680,7 @@ def test_lean_hpack_tables_code_headers_as_hpacks_own() -> None:
     for coder in ("encoder", "decoder"):
         a = getattr(lean, coder).header_table
         b = getattr(plain, coder).header_table
-        assert type(a.dynamic_entries) is _TableEntries
+        assert type(a.dynamic_entries) is _ListDeque
         assert list(a.dynamic_entries) == list(b.dynamic_entries)
         assert a._current_size == b._current_size > 3000  # full: it has been evicting
 

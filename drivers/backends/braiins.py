@@ -281,27 +281,37 @@ def _bound_closed_streams(protocol: H2Protocol) -> None:
         closed._size_limit = CLOSED_STREAMS_KEPT
 
 
-class _SettingValues(list[Any]):
-    """One h2 setting's values (the current one first, then those awaiting an ACK) as a
-    list: h2 keeps them in a ``collections.deque``, about 750 B even for one value,
-    and a connection holds a dozen (its own settings and the peer's), a third of a
-    kept channel's memory; this is about 70 B. h2 uses ``len``, ``[0]``, ``append``
-    and ``popleft`` on them (h2 4.x ``settings.py``), on two or three values."""
+class _ListDeque(list[Any]):
+    """A short ``collections.deque`` as a list: a deque takes about 760 B even empty,
+    this about 70 B, and a kept channel holds over a dozen for its whole life.
+
+    - h2's per-setting values (the current one first, then those awaiting an ACK):
+      h2 uses ``len``, ``[0]``, ``append`` and ``popleft`` on them (h2 4.x
+      ``settings.py``), on two or three values; a connection holds a dozen (its
+      own settings and the peer's), a third of a kept channel's memory.
+    - An HPACK dynamic table's entries (newest first), two per connection (its
+      encoder's and its decoder's): hpack uses ``appendleft``, ``pop``, ``clear``,
+      ``len``, ``[i]`` and iteration on them (hpack 4.x ``table.py``); a 4 kB table
+      holds a few dozen entries at most.
+    """
 
     __slots__ = ()
 
     def popleft(self) -> Any:
         return self.pop(0)
 
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
 
 class _LeanSettings(h2.settings.Settings):
-    """h2's ``Settings`` with its per-setting values in ``_SettingValues``."""
+    """h2's ``Settings`` with its per-setting values in ``_ListDeque``."""
 
     def __setitem__(self, key: Any, value: int) -> None:
         super().__setitem__(key, value)  # a new setting gets a deque: replace it
         values: dict[Any, Any] = self._settings  # typed as deques by h2
-        if type(values[key]) is not _SettingValues:
-            values[key] = _SettingValues(values[key])
+        if type(values[key]) is not _ListDeque:
+            values[key] = _ListDeque(values[key])
 
 
 def _lean_settings(conn: Any) -> None:
@@ -313,20 +323,7 @@ def _lean_settings(conn: Any) -> None:
             continue  # not the h2 this was written against: leave it be
         settings.__class__ = _LeanSettings
         for key, items in values.items():
-            values[key] = _SettingValues(items)
-
-
-class _TableEntries(list[Any]):
-    """An HPACK dynamic table's entries (newest first) as a list: hpack keeps them in a
-    ``collections.deque``, 760 B even when empty, and each connection has two tables
-    (its encoder's and its decoder's). hpack uses ``appendleft``, ``pop``, ``clear``,
-    ``len``, ``[i]`` and iteration on them (hpack 4.x ``table.py``); a 4 kB table
-    holds a few dozen entries at most."""
-
-    __slots__ = ()
-
-    def appendleft(self, entry: Any) -> None:
-        self.insert(0, entry)
+            values[key] = _ListDeque(items)
 
 
 def _lean_tables(conn: Any) -> None:
@@ -335,7 +332,7 @@ def _lean_tables(conn: Any) -> None:
         table: Any = getattr(coder, "header_table", None)
         entries = getattr(table, "dynamic_entries", None)
         if type(entries) is collections.deque:  # else not the hpack this was written for
-            table.dynamic_entries = _TableEntries(entries)
+            table.dynamic_entries = _ListDeque(entries)
 
 
 def _lean_events(connection: Any) -> None:
