@@ -349,22 +349,19 @@ class Agent:
         sem = asyncio.Semaphore(self.config.control.concurrency)
         deadline = asyncio.get_running_loop().time() + self.config.control.actuation_timeout_s
         results = await asyncio.gather(*(self._apply(c, sem, deadline) for c in ordered.now))
-        sent = [(c, ok) for c, ok in zip(ordered.now, results, strict=True) if ok is not None]
-        applied = tuple(c.device_id for c, ok in sent if ok)
-        failed = tuple(c.device_id for c, ok in sent if not ok)
-        if len(sent) < len(ordered.now):
-            late = tuple(
-                (c, NOT_SENT_IN_TIME)
-                for c, ok in zip(ordered.now, results, strict=True)
-                if ok is None
-            )
+        outcome = list(zip(ordered.now, results, strict=True))
+        applied = tuple(c.device_id for c, ok in outcome if ok)
+        failed = tuple(c.device_id for c, ok in outcome if ok is False)
+        late = tuple((c, NOT_SENT_IN_TIME) for c, ok in outcome if ok is None)
+        if late:
             log.warning(
                 "tick: %d of %d change(s) not sent within %.0f s; the next tick plans them again",
                 len(late),
                 len(ordered.now),
                 self.config.control.actuation_timeout_s,
             )
-            ordered = Ordered(tuple(c for c, _ in sent), late + ordered.deferred)
+            sent = tuple(c for c, ok in outcome if ok is not None)
+            ordered = Ordered(sent, late + ordered.deferred)
         if any(not c.is_decrease for c in ordered.now):
             self.last_increase_s = snap.time_s
         self.last_plan = plan
