@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -242,3 +245,25 @@ async def test_a_loopback_api_starts_without_the_warning(
 def test_demo_takes_a_gpu_base() -> None:
     args = parser().parse_args(["demo", "--gpu-base", "127.2.205.1"])
     assert args.gpu_base == "127.2.205.1"
+
+
+@pytest.mark.slow
+def test_demo_runs_its_gpu_nodes_at_the_gpu_base() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "demo",
+            *("--miners", "2", "--gpu-nodes", "1", "--gpus-per-node", "1"),
+            *("--base", "127.1.205.10", "--gpu-base", "127.2.205.10", "--time-scale", "0.2"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo), "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "1 GPU node(s) over SSH at 127.2.205.10;" in r.stdout
