@@ -9,6 +9,7 @@ the audit log before its answer leaves. Bad requests get a 4xx with a
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent.auth import FailureLimiter, Principal, TokenStore, ssl_options, tokens_path
 from agent.auth import Scope as TokenScope
 from agent.config import Config
+from agent.devices import DeviceTracker
 from agent.loop import MODES, Agent
 from agent.overrides import (
     AuditRecord,
@@ -37,9 +39,11 @@ from agent.overrides import (
     OverrideError,
     OverrideManager,
     request_models,
+    ttl_too_long,
 )
 from agent.store import Store
 from domain import DeviceKind, DeviceStatus
+from policies.capping import DomainTree, domain_loads_w
 
 log = logging.getLogger("siteagent.api")
 
@@ -87,6 +91,7 @@ class OverrideView(BaseModel):
     idempotency_key: str | None = None
     ended_at_unix_s: float | None = None
     ended_by: str | None = None
+    end_reason: str | None = None
 
     @classmethod
     def of(cls, ov: Override, now_unix_s: float) -> Self:
@@ -111,16 +116,19 @@ class OverrideView(BaseModel):
             idempotency_key=ov.idempotency_key,
             ended_at_unix_s=ov.ended_at_unix_s,
             ended_by=ov.ended_by,
+            end_reason=ov.end_reason,
         )
 
 
 class DomainView(BaseModel):
-    """A power domain's limit in force (W)."""
+    """A power domain's limit in force and its load (W): devices in it and below it."""
 
     domain_id: str
     parent: str | None
     limit_w: float
     configured_limit_w: float
+    worst_case_w: float = 0.0
+    measured_w: float = 0.0
 
 
 class StatusView(BaseModel):
@@ -168,6 +176,11 @@ class DeviceView(BaseModel):
     reading_age_s: float | None
     last_error: str | None
     override: str | None
+    address: str | None = None
+    make: str | None = None
+    model: str | None = None
+    firmware: str | None = None
+    nameplate_hashrate_ths: float = 0.0
 
 
 class SetpointView(BaseModel):
@@ -473,6 +486,12 @@ def create_app(services: Services, *, max_body_bytes: int = 16_384) -> ASGIApp:
             for e in exc.errors()
         ]
         summary = "; ".join(f"{e.loc}: {e.msg}" for e in errors[:5]) or "invalid request"
+        # A ttl over the maximum is the one refusal an operator can fix in the config:
+        # say the maximum and its key instead of the validator's words.
+        for e in exc.errors():
+            if e.get("loc", ())[-1:] == ("ttl_s",) and e.get("type") == "less_than_equal":
+                summary = ttl_too_long(float(e["input"]), s.manager.max_ttl_s)
+                break
         body = ErrorBody(detail=summary, errors=errors)
         return JSONResponse(body.model_dump(), status_code=422)
 
@@ -494,7 +513,11 @@ def create_app(services: Services, *, max_body_bytes: int = 16_384) -> ASGIApp:
     async def devices(_: Annotated[Principal, reader]) -> list[DeviceView]:
         """Every device as the agent sees it now."""
         pinned = {o.device_id: o.id for o in s.manager.active() if o.device_id is not None}
-        return [_device(d, pinned.get(d.device_id)) for d in s.agent.snapshot().devices]
+        trackers = s.agent.trackers
+        return [
+            _device(d, pinned.get(d.device_id), trackers.get(d.device_id))
+            for d in s.agent.snapshot().devices
+        ]
 
     @app.get(
         "/v1/plan",
@@ -603,7 +626,10 @@ def create_app(services: Services, *, max_body_bytes: int = 16_384) -> ASGIApp:
         ctx = _audit(request)
         ctx.override_id = override_id
         ov = s.manager.cancel(
-            override_id, actor=principal.name, admin=principal.scope >= TokenScope.ADMIN
+            override_id,
+            actor=principal.name,
+            admin=principal.scope >= TokenScope.ADMIN,
+            reason=reason,
         )
         ctx.result = f"cancelled: {ov.id} {ov.describe()} ({reason})"
         return OverrideView.of(ov, s.wall_clock())
@@ -620,7 +646,7 @@ def create_app(services: Services, *, max_body_bytes: int = 16_384) -> ASGIApp:
         body: Annotated[EndRequest, Body()],
     ) -> list[OverrideView]:
         """End every mode override (monitor-only, mining-off, ai-min): normal operation."""
-        ended = s.manager.resume(actor=principal.name)
+        ended = s.manager.resume(actor=principal.name, reason=body.reason)
         _audit(
             request
         ).result = f"resumed: ended {', '.join(o.id for o in ended) or 'nothing'} ({body.reason})"
@@ -649,6 +675,9 @@ def _status(s: Services) -> StatusView:
     modes = sorted({o.mode for o in active if o.kind == "mode" and o.mode in MODES})
     record = agent.last_tick
     configured = {d.id: d.limit_w for d in agent.config.domains}
+    tree = DomainTree(limits)
+    measured = domain_loads_w(tree, ((d, _measured_w(d)) for d in snap.devices), 0.0)
+    worst = domain_loads_w(tree, ((d, d.budget_w) for d in snap.devices), 0.0)
     now = s.wall_clock()
     return StatusView(
         site=agent.config.site.name,
@@ -677,14 +706,17 @@ def _status(s: Services) -> StatusView:
                 parent=d.parent,
                 limit_w=d.limit_w,
                 configured_limit_w=configured.get(d.domain_id, d.limit_w),
+                worst_case_w=worst.get(d.domain_id, 0.0),
+                measured_w=measured.get(d.domain_id, 0.0),
             )
             for d in limits.domains
         ],
     )
 
 
-def _device(d: DeviceStatus, override: str | None) -> DeviceView:
+def _device(d: DeviceStatus, override: str | None, t: DeviceTracker | None) -> DeviceView:
     r = d.reading
+    ident = None if t is None or t.driver is None else t.driver.identity
     return DeviceView(
         device_id=d.device_id,
         kind=d.kind.value,
@@ -702,6 +734,11 @@ def _device(d: DeviceStatus, override: str | None) -> DeviceView:
         reading_age_s=d.reading_age_s,
         last_error=d.last_error,
         override=override,
+        address=None if t is None else t.address,
+        make=None if ident is None else ident.make,
+        model=None if ident is None else ident.model,
+        firmware=None if ident is None else ident.firmware,
+        nameplate_hashrate_ths=d.nameplate_hashrate_ths,
     )
 
 
@@ -796,6 +833,43 @@ class ApiServer:
         self.services.store.close()
 
 
+def _check_tls_files(cfg: Config) -> None:
+    """ApiStartError naming the key and the path of a TLS file that cannot be read."""
+    api = cfg.api
+    for key, path in (
+        ("api.tls_cert", api.tls_cert),
+        ("api.tls_key", api.tls_key),
+        ("api.tls_client_ca", api.tls_client_ca),
+    ):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ApiStartError(f"{key}: {path}: {e.strerror or e}") from e
+
+
+def plain_http_warning(host: str, port: int, *, tls: bool) -> str | None:
+    """The start-up warning for an API that takes tokens in the clear off this machine."""
+    if tls or _is_loopback(host):
+        return None
+    return (
+        f"override API on plain HTTP at {host}:{port}: bearer tokens cross the network in "
+        "the clear; set api.tls_cert and api.tls_key, or bind api.host to 127.0.0.1"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine (0.0.0.0 and :: are not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: may resolve anywhere
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -847,6 +921,7 @@ async def serve_api(
 ) -> ApiServer:
     """Restore stored overrides into the agent, then serve the API on ``[api]`` host:port."""
     api = cfg.api
+    _check_tls_files(cfg)
     services = make_services(agent, cfg, wall_clock=wall_clock, auth_clock=auth_clock)
     store = services.store
     app = create_app(services, max_body_bytes=api.max_body_bytes)
@@ -880,4 +955,7 @@ async def serve_api(
     port = sock.getsockname()[1]
     scheme = "https" if tls else "http"
     log.info("override API on %s://%s:%d", scheme, api.host, port)
+    warning = plain_http_warning(api.host, port, tls=bool(tls))
+    if warning is not None:
+        log.warning("%s", warning)
     return ApiServer(services, server, serving, port, scheme)

@@ -17,13 +17,18 @@ knowledge of demand: an upper bound no real policy reaches.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import math
+import os
 import random
+import sys
+import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from agent.config import Config
 from domain import (
@@ -50,6 +55,8 @@ SEED = 20250105
 TIMING = PowerTiming()
 
 Policy = Callable[[Snapshot, Limits, Prices, Plan | None], Plan]
+# Told before each step: (what runs: a policy or the optimum, steps done, steps in all).
+Progress = Callable[[str, int, int], None]
 
 
 # -- the sample price series ------------------------------------------------------
@@ -243,6 +250,7 @@ def run_policy(
     policy: Policy,
     step_s: float = STEP_S,
     timing: PowerTiming = TIMING,
+    progress: Progress | None = None,
 ) -> PolicyResult:
     """Replay the series under one policy; devices follow each plan's setpoints."""
     res = PolicyResult(name)
@@ -258,7 +266,9 @@ def run_policy(
     step_h = step_s / 3600.0
     t0 = series[0].timestamp_unix_s if series else 0.0
     last_demand = series[0].ai_demand_frac if series else None
-    for point in series:
+    for k, point in enumerate(series):
+        if progress is not None:
+            progress(name, k, len(series))
         now = point.timestamp_unix_s - t0
         demand = point.ai_demand_frac if point.ai_demand_frac is not None else 0.6
         devices = []
@@ -381,6 +391,25 @@ def policies(capping: CappingParams | None = None) -> dict[str, Policy]:
 
 # -- the offline optimum -------------------------------------------------------------
 
+
+@contextlib.contextmanager
+def _c_stdout_silenced() -> Iterator[None]:
+    """Send what C code writes to file descriptor 1 to /dev/null for the block."""
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = 1  # stdout replaced by a Python object (a test's capture): C still writes to 1
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 LP_PIECES = 8
 
 
@@ -390,6 +419,7 @@ def optimum(
     capping_target: float = 0.97,
     step_s: float = STEP_S,
     timing: PowerTiming = TIMING,
+    progress: Progress | None = None,
 ) -> PolicyResult:
     """Upper bound on margin: one small LP per step (HiGHS), classes relaxed to fractions."""
     import highspy
@@ -411,7 +441,11 @@ def optimum(
 
     # Columns: per miner class a wake fraction count x, then LP_PIECES raise chunks (W);
     # per GPU class 3 chunks of draw (W) above the floor.
-    h = highspy.Highs()  # type: ignore[no-untyped-call]
+    # HiGHS prints its banner from C++ as the object is built, before any option can
+    # be set: silence the process's stdout around that one call (a JSON report must
+    # be nothing but JSON).
+    with _c_stdout_silenced():
+        h = highspy.Highs()  # type: ignore[no-untyped-call]
     h.setOptionValue("output_flag", False)
     col = 0
     cols: list[tuple[str, Any, int]] = []  # (kind, class key, piece)
@@ -475,7 +509,9 @@ def optimum(
 
     res = PolicyResult("lp-optimum")
     step_h = step_s / 3600.0
-    for point in series:
+    for k, point in enumerate(series):
+        if progress is not None:
+            progress(res.policy, k, len(series))
         elec_w = point.electricity_usd_per_kwh / 1000.0  # $/h per W
         hp = point.hashprice_usd_per_th_day / 24.0
         demand = point.ai_demand_frac if point.ai_demand_frac is not None else 0.6
@@ -546,12 +582,21 @@ def optimum(
 
 
 def run_backtest(
-    site: BtSite, series: Sequence[PricePoint], capping: CappingParams | None = None
+    site: BtSite,
+    series: Sequence[PricePoint],
+    capping: CappingParams | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Every policy and the optimum over the series; JSON-friendly results."""
+    """Every policy and the optimum over the series; JSON-friendly results.
+
+    A ratio to the optimum is None when the optimum's margin is not positive (a
+    site that loses money at its best has no meaningful ratio); ``ratio_note`` says so.
+    """
     cp = capping or CappingParams()
-    results = [run_policy(site, series, name, fn) for name, fn in policies(cp).items()]
-    best = optimum(site, series, cp.capping_target)
+    results = [
+        run_policy(site, series, name, fn, progress=progress) for name, fn in policies(cp).items()
+    ]
+    best = optimum(site, series, cp.capping_target, progress=progress)
     out: dict[str, Any] = {
         "steps": len(series),
         "miners": len(site.miners),
@@ -561,8 +606,13 @@ def run_backtest(
         "optimum": best.summary(),
     }
     for r in results:
-        ratio = r.margin_usd / best.margin_usd if best.margin_usd > 0 else float("nan")
-        out[f"{r.policy}_ratio_to_optimum"] = round(ratio, 4)
+        ratio = round(r.margin_usd / best.margin_usd, 4) if best.margin_usd > 0 else None
+        out[f"{r.policy}_ratio_to_optimum"] = ratio
+    if best.margin_usd <= 0:
+        out["ratio_note"] = (
+            f"the optimum's margin is ${best.margin_usd:.2f}, not positive: electricity "
+            "costs at least what the site earns over this series, so no ratio to it"
+        )
     out["_results"] = results
     return out
 
@@ -613,15 +663,27 @@ if __name__ == "__main__":
     main()
 
 
-def cmd_backtest(args: Any) -> int:
-    """``siteagent backtest``: print per-policy totals, the optimum, and the ratio to it."""
-    import json
+class BacktestInputError(Exception):
+    """An input of ``siteagent backtest`` that cannot be used; the message names it."""
 
-    from agent.config import load_config
-    from agent.prices import load_series
 
+def check_inputs(args: Any) -> tuple[BtSite, CappingParams, list[PricePoint]]:
+    """The site, capping parameters and price series the arguments name, or BacktestInputError.
+
+    Everything the run needs is checked here, before the replay: the plot folder too.
+    """
+    from agent.config import ConfigError, load_config
+    from agent.prices import PriceFormatError, load_series
+
+    if args.days is not None and not args.days > 0:
+        raise BacktestInputError(f"--days {args.days:g}: expected a number of days above 0")
     if args.config is not None:
-        cfg = load_config(args.config)
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            raise BacktestInputError(str(e)) from None
+        except OSError as e:
+            raise BacktestInputError(f"--config {args.config}: {e.strerror or e}") from None
         site = site_from_config(cfg)
         cp = CappingParams(
             cfg.policy.capping_threshold,
@@ -631,10 +693,95 @@ def cmd_backtest(args: Any) -> int:
         )
     else:
         site, cp = synthetic_site(args.miners, args.gpus), CappingParams()
-    series = load_series(args.prices).points
+    try:
+        series = list(load_series(args.prices).points)
+    except OSError as e:
+        raise BacktestInputError(f"--prices {args.prices}: {e.strerror or e}") from None
+    except PriceFormatError as e:
+        raise BacktestInputError(f"--prices {args.prices}: {e}") from None
+    except (ValueError, csv.Error) as e:  # not JSON, not UTF-8, a broken CSV quote
+        raise BacktestInputError(f"--prices {args.prices}: cannot be read: {e}") from None
+    if not series:
+        raise BacktestInputError(f"--prices {args.prices}: no price rows")
     if args.days is not None:
-        series = series[: int(args.days * 86400 / STEP_S)]
-    out = run_backtest(site, series, cp)
+        series = series[: max(1, int(args.days * 86400 / STEP_S))]
+    if args.plot:
+        _check_writable(Path(args.plot))
+    return site, cp, series
+
+
+def _check_writable(target: Path) -> None:
+    """BacktestInputError unless a file can be written at ``target``."""
+    if target.is_dir():
+        raise BacktestInputError(
+            f"--plot {target}: is a folder; name the file, e.g. {target / 'backtest.png'}"
+        )
+    folder = target.parent
+    if not folder.is_dir():
+        raise BacktestInputError(f"--plot {target}: folder {folder} does not exist")
+    try:
+        # A real write, not os.access: root passes access checks on a read-only mount.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise BacktestInputError(
+            f"--plot {target}: cannot write in {folder}: {e.strerror or e}"
+        ) from None
+
+
+class ProgressLine:
+    """'backtest: economic, day 3 of 30 (42% of the run)' on a terminal, rewritten in place."""
+
+    def __init__(self, out: TextIO, passes: int, step_s: float = STEP_S) -> None:
+        self.out = out
+        self.passes = passes
+        self.step_s = step_s
+        self._names: list[str] = []
+        self._shown_pct = -1
+        self._width = 0
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        """Take one step's news; redraw every 2% of the whole run or on a new pass."""
+        if what not in self._names:
+            self._names.append(what)
+        k = self._names.index(what)
+        pct = int(100 * (k * total + done) / max(1, self.passes * total))
+        if pct - self._shown_pct < 2 and done != 0:
+            return
+        self._shown_pct = pct
+        days = total * self.step_s / 86400.0
+        day = min(int(done * self.step_s / 86400.0) + 1, max(1, math.ceil(days)))
+        line = (
+            f"backtest: {what} ({k + 1} of {self.passes}), day {day} of {math.ceil(days)} "
+            f"({pct}% of the run)"
+        )
+        self.out.write("\r" + line.ljust(self._width))
+        self.out.flush()
+        self._width = len(line)
+
+    def clear(self) -> None:
+        """Erase the line before the report."""
+        if self._width:
+            self.out.write("\r" + " " * self._width + "\r")
+            self.out.flush()
+
+
+def cmd_backtest(args: Any) -> int:
+    """``siteagent backtest``: print per-policy totals, the optimum, and the ratio to it."""
+    import json
+
+    try:
+        site, cp, series = check_inputs(args)
+    except BacktestInputError as e:
+        print(f"siteagent backtest: {e}", file=sys.stderr)
+        return 2
+    # Progress only for a person watching: a pipe or a log gets the report alone.
+    line = ProgressLine(sys.stderr, len(policies()) + 1) if sys.stderr.isatty() else None
+    try:
+        out = run_backtest(site, series, cp, progress=line)
+    finally:
+        if line is not None:
+            line.clear()
     results: list[PolicyResult] = out.pop("_results")
     if args.plot:
         econ = next(r for r in results if r.policy == "economic")
@@ -657,5 +804,9 @@ def cmd_backtest(args: Any) -> int:
             f"{s['sleep_wake_cycles']:7d}"
         )
     for r in results:
-        print(f"{r.policy} / optimum margin: {out[f'{r.policy}_ratio_to_optimum']:.2%}")
+        ratio = out[f"{r.policy}_ratio_to_optimum"]
+        shown = "n/a" if ratio is None else f"{ratio:.2%}"
+        print(f"{r.policy} / optimum margin: {shown}")
+    if "ratio_note" in out:
+        print(f"(n/a: {out['ratio_note']})")
     return 0

@@ -73,6 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             gpu_nodes=args.gpu_nodes,
             gpus_per_node=args.gpus_per_node,
             base=args.base,
+            gpu_base=args.gpu_base,
             time_scale=args.time_scale,
             out=out,
         )
@@ -278,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-nodes", type=int, default=4)
     s.add_argument("--gpus-per-node", type=int, default=8)
     s.add_argument("--base", default="127.1.0.1", help="first simulated miner's address")
+    s.add_argument("--gpu-base", default="127.2.0.1", help="first simulated GPU node's address")
     s.add_argument("--report", choices=["text", "json"], default="text")
     s.add_argument(
         "--time-scale", type=float, default=1.0, help="stretch (>1) or shrink each demo phase"

@@ -1,4 +1,5 @@
-"""The command-line client of the override API: `siteagent override ...`, `status`, `token`.
+"""The command-line client of the API: `siteagent override ...`, `status`, `devices`,
+`explain`, `audit`, `token`.
 
 The token comes from $SITEAGENT_TOKEN or ``--token-file``; the agent's address
 from ``--url``, $SITEAGENT_URL, or the ``[api]`` section of ``--config``.
@@ -241,10 +242,11 @@ def _override_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def override_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Overrides as an aligned table."""
+    """Overrides as an aligned table; ended ones say who ended them and why."""
     if not rows:
         return "no overrides"
-    head = ("ID", "STATE", "WHAT", "ACTOR", "LEFT", "REASON")
+    ended = any(o["state"] != "active" for o in rows)
+    head = ("ID", "STATE", "WHAT", "ACTOR", "LEFT", "REASON", *(("ENDED",) if ended else ()))
     lines = [
         (
             str(o["id"]),
@@ -253,10 +255,72 @@ def override_table(rows: Sequence[Mapping[str, Any]]) -> str:
             str(o["actor"]),
             format_duration(float(o["remaining_s"])) if o["state"] == "active" else "-",
             str(o["reason"]),
+            *((_ending(o),) if ended else ()),
         )
         for o in rows
     ]
     return _table(head, lines)
+
+
+def _ending(o: Mapping[str, Any]) -> str:
+    """'by bob: load test over' for an ended override; '-' for an active one."""
+    if o["state"] == "active":
+        return "-"
+    by = o.get("ended_by")
+    why = o.get("end_reason")
+    text = f"by {by}" if by else "by ?"
+    return f"{text}: {why}" if why else f"{text} (no reason recorded)"
+
+
+def devices_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Devices as an aligned table: the ids `explain` takes, where and what each one is."""
+    if not rows:
+        return "no devices"
+    head = ("ID", "KIND", "DOMAIN", "STATE", "POWER", "ADDRESS", "MODEL")
+
+    def model(d: Mapping[str, Any]) -> str:
+        return " ".join(str(x) for x in (d.get("make"), d.get("model")) if x) or "-"
+
+    lines = [
+        (
+            str(d["device_id"]),
+            str(d["kind"]),
+            str(d["domain"]),
+            str(d["state"]),
+            format_power(d["power_w"]),
+            str(d.get("address") or "-"),
+            model(d),
+        )
+        for d in rows
+    ]
+    return _table(head, lines)
+
+
+def audit_table(rows: Sequence[Mapping[str, Any]], limit: int) -> str:
+    """Audit records (newest first) as an aligned table, with how to page back."""
+    if not rows:
+        return "no audit records"
+    import datetime
+
+    head = ("SEQ", "TIME (UTC)", "ACTOR", "CLIENT", "STATUS", "ACTION", "RESULT")
+    lines = [
+        (
+            str(r["seq"]),
+            datetime.datetime.fromtimestamp(float(r["time_unix_s"]), datetime.UTC).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            ),
+            str(r["actor"]),
+            str(r["client"]),
+            str(r["status"]),
+            str(r["action"]),
+            str(r["result"]),
+        )
+        for r in rows
+    ]
+    text = _table(head, lines)
+    if len(rows) >= limit:
+        text += f"\n(older: siteagent audit --before {rows[-1]['seq']})"
+    return text
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -302,9 +366,14 @@ def status_table(st: Mapping[str, Any]) -> str:
         ("overrides", f"{st['active_overrides']} active, {st['pins']} pin(s)"),
     ]
     for d in st.get("domains", []):
-        lim = format_power(d["limit_w"])
+        lim = f"limit {format_power(d['limit_w'])}"
         if d["limit_w"] < d["configured_limit_w"]:
             lim += f" (lowered from {format_power(d['configured_limit_w'])})"
+        if "worst_case_w" in d:  # an agent older than the per-domain load says only its limit
+            lim = (
+                f"{format_power(d['measured_w'])} measured, "
+                f"{format_power(d['worst_case_w'])} worst case, {lim}"
+            )
         rows.append((f"domain {d['domain_id']}", lim))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -317,11 +386,20 @@ def explain_text(device: Mapping[str, Any], plan: Mapping[str, Any] | None) -> s
         return "unknown" if v is None else format_power(float(v))
 
     d = device
+    what = " ".join(str(x) for x in (d.get("make"), d.get("model")) if x) or "model unknown"
+    firmware = d.get("firmware") or "unknown"
     lines = [
         f"{d['device_id']} ({d['kind']}, domain {d['domain']}): {d['state']}",
+        f"  {what}, firmware {firmware}, at {d.get('address') or 'unknown address'}",
         f"  power {w(d['power_w'])} measured, counted at {w(d['budget_w'])} worst case, "
         f"target {w(d['power_target_w'])}, nameplate {w(d['nameplate_power_w'])}",
     ]
+    if d["kind"] == "miner":
+        h = d.get("hashrate_ths")
+        lines.append(
+            f"  hashrate {'unknown' if h is None else f'{float(h):.1f} TH/s'}, "
+            f"nameplate {float(d.get('nameplate_hashrate_ths') or 0.0):.1f} TH/s"
+        )
     if d.get("last_error"):
         lines.append(f"  last error: {d['last_error']}")
     if d.get("override"):
@@ -379,6 +457,16 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _dispatch(args: argparse.Namespace, client: ApiClient, out: TextIO) -> int:
     if args.command == "status":
         _emit(args, client.request("GET", "/v1/status"), status_table, out)
+        return EXIT_OK
+    if args.command == "devices":
+        _emit(args, client.request("GET", "/v1/devices"), devices_table, out)
+        return EXIT_OK
+    if args.command == "audit":
+        params: dict[str, Any] = {"limit": args.limit}
+        if args.before is not None:
+            params["before"] = args.before
+        rows = client.request("GET", "/v1/audit", params=params)
+        _emit(args, rows, lambda r: audit_table(r, args.limit), out)
         return EXIT_OK
     if args.command == "explain":
         devices = client.request("GET", "/v1/devices")
@@ -478,16 +566,43 @@ def _write_options(p: argparse.ArgumentParser, *, ttl: bool = True) -> None:
     p.add_argument("--reason", required=True, help="why (goes into the audit log)")
 
 
+def _positive_int(text: str) -> int:
+    """An audit sequence number: a whole number from 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"found {text!r}, expected a whole number from 1")
+    return int(text)
+
+
+def _page_size(text: str) -> int:
+    """Records per page: 1 to 1000, as the API allows."""
+    n = _positive_int(text)
+    if n > 1000:
+        raise argparse.ArgumentTypeError(f"found {n}, expected at most 1000 records a page")
+    return n
+
+
 def add_commands(sub: Any) -> None:
-    """Register `override`, `status` and `token` on the CLI's subparsers."""
+    """Register `status`, `devices`, `explain`, `audit`, `override` and `token`."""
     s = sub.add_parser("status", help="the site at a glance, from the running agent")
     _connection_options(s)
     s.set_defaults(func=cmd_client)
 
     e = sub.add_parser("explain", help="why a device is where it is, from the running agent")
-    e.add_argument("device", help="the device id (see `siteagent status --json` or /v1/devices)")
+    e.add_argument("device", help="the device id (`siteagent devices` lists them)")
     _connection_options(e)
     e.set_defaults(func=cmd_client)
+
+    dv = sub.add_parser("devices", help="every device: id, kind, domain, state, power, address")
+    _connection_options(dv)
+    dv.set_defaults(func=cmd_client)
+
+    a = sub.add_parser("audit", help="the audit log of writes, newest first")
+    a.add_argument("--limit", type=_page_size, default=50, help="records per page (1-1000)")
+    a.add_argument(
+        "--before", type=_positive_int, default=None, help="page back: records before this SEQ"
+    )
+    _connection_options(a)
+    a.set_defaults(func=cmd_client)
 
     o = sub.add_parser("override", help="create, list or cancel operator overrides")
     osub = o.add_subparsers(dest="what", required=True)

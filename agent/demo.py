@@ -190,9 +190,10 @@ async def _run(
     cfg = demo_config(cfg0, sim.inventory, hard_cap_w=full_w)
     trackers = await build_trackers(cfg)
     found = sum(1 for t in trackers if t.kind is DeviceKind.MINER)
+    at = f" at {', '.join(str(n['address']) for n in nodes)}" if nodes else ""
     print(
         f"demo: {found} of {miners} simulated Braiins OS miners found by pyasic, "
-        f"{len(nodes)} GPU node(s) over SSH; full power {full_w / 1000:.1f} kW "
+        f"{len(nodes)} GPU node(s) over SSH{at}; full power {full_w / 1000:.1f} kW "
         f"({mining_w / 1000:.1f} kW mining, {gpu_full_w / 1000:.1f} kW AI)",
         file=out,
         flush=True,

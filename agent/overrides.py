@@ -152,6 +152,7 @@ class Override:
     ended_at_unix_s: float | None = None
     end_state: str | None = None
     ended_by: str | None = None
+    end_reason: str | None = None
 
     def state(self, now_unix_s: float) -> str:
         """active, expired, cancelled, replaced or not-restored, at a wall-clock time."""
@@ -178,6 +179,7 @@ class Ending:
     end_state: str
     ended_by: str
     ended_at_unix_s: float
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +209,26 @@ class OverrideError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds as the CLI writes them: '3d', '24h', '90m', '45s', '1h30m'."""
+    s = round(seconds)
+    if s >= 2 * 86400 and s % 86400 == 0:
+        return f"{s // 86400}d"
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    parts = [f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v]
+    return "".join(parts) or "0s"
+
+
+def ttl_too_long(ttl_s: float, max_ttl_s: float) -> str:
+    """Why a ttl_s over the maximum is refused, and the key that raises the maximum."""
+    return (
+        f"ttl_s {ttl_s:g} ({duration_text(ttl_s)}) is longer than the maximum "
+        f"{duration_text(max_ttl_s)} ({max_ttl_s:g} s; api.max_override_ttl_s: raise it "
+        "in the config for longer overrides)"
+    )
 
 
 def fingerprint(req: CapRequest | ModeRequest | PinRequest | ExcludeRequest) -> str:
@@ -273,11 +295,7 @@ class OverrideManager:
                     )
                 return seen, False
         if not math.isfinite(req.ttl_s) or req.ttl_s > self.max_ttl_s:
-            raise OverrideError(
-                422,
-                f"ttl_s {req.ttl_s:g} is over the configured maximum of {self.max_ttl_s:g} s "
-                "(api.max_override_ttl_s)",
-            )
+            raise OverrideError(422, ttl_too_long(req.ttl_s, self.max_ttl_s))
         ov = Override(
             id=self.new_id(),
             kind=req.kind,
@@ -301,7 +319,7 @@ class OverrideManager:
             ov = replace(ov, device_id=req.device_id, power_w=power)
             self._check_pin_free(ov)
         self._apply(ov)
-        endings = [Ending(r.id, REPLACED, actor, now) for r in replaced]
+        endings = [Ending(r.id, REPLACED, actor, now, f"replaced by {ov.id}") for r in replaced]
         try:
             self.store.insert_override(ov, endings)
         except Exception:
@@ -321,8 +339,10 @@ class OverrideManager:
         )
         return ov, True
 
-    def cancel(self, override_id: str, *, actor: str, admin: bool) -> Override:
-        """End one active override now; lifting another actor's cap takes the admin scope."""
+    def cancel(
+        self, override_id: str, *, actor: str, admin: bool, reason: str | None = None
+    ) -> Override:
+        """End one active override now, saying why; lifting another's cap takes admin."""
         ov = self._active.get(override_id)
         if ov is None:
             known = self.store.get_override(override_id)
@@ -337,19 +357,24 @@ class OverrideManager:
                 "which takes the admin scope",
             )
         now = self.wall_clock()
-        self.store.end_overrides([Ending(ov.id, CANCELLED, actor, now)])
+        self.store.end_overrides([Ending(ov.id, CANCELLED, actor, now, reason)])
         self._drop(ov.id)
         log.info("override %s (%s) cancelled by %s", ov.id, ov.describe(), actor)
-        return replace(ov, ended_at_unix_s=now, end_state=CANCELLED, ended_by=actor)
+        return replace(
+            ov, ended_at_unix_s=now, end_state=CANCELLED, ended_by=actor, end_reason=reason
+        )
 
-    def resume(self, *, actor: str) -> list[Override]:
+    def resume(self, *, actor: str, reason: str | None = None) -> list[Override]:
         """End every active mode override (monitor-only, mining-off, ai-min)."""
         now = self.wall_clock()
         modes = [o for o in self.active() if o.kind == "mode"]
-        self.store.end_overrides([Ending(o.id, CANCELLED, actor, now) for o in modes])
+        self.store.end_overrides([Ending(o.id, CANCELLED, actor, now, reason) for o in modes])
         for o in modes:
             self._drop(o.id)
-        return [replace(o, ended_at_unix_s=now, end_state=CANCELLED, ended_by=actor) for o in modes]
+        return [
+            replace(o, ended_at_unix_s=now, end_state=CANCELLED, ended_by=actor, end_reason=reason)
+            for o in modes
+        ]
 
     def expire_due(self) -> list[Override]:
         """End every override whose time is up; returns them."""
@@ -357,7 +382,9 @@ class OverrideManager:
         due = [o for o in self.active() if o.expires_at_unix_s <= now]
         if not due:
             return []
-        self.store.end_overrides([Ending(o.id, EXPIRED, SYSTEM_ACTOR, now) for o in due])
+        self.store.end_overrides(
+            [Ending(o.id, EXPIRED, SYSTEM_ACTOR, now, "expired at its end time") for o in due]
+        )
         for o in due:
             self._drop(o.id)
             log.info("override %s (%s) expired", o.id, o.describe())
@@ -383,7 +410,9 @@ class OverrideManager:
         )
         for ov in stored:
             if ov.expires_at_unix_s <= now:
-                self.store.end_overrides([Ending(ov.id, EXPIRED, SYSTEM_ACTOR, now)])
+                self.store.end_overrides(
+                    [Ending(ov.id, EXPIRED, SYSTEM_ACTOR, now, "expired while the agent was down")]
+                )
                 self._audit_system(
                     "expire", ov, "expired while the agent was down; not applied after restart"
                 )
@@ -392,7 +421,9 @@ class OverrideManager:
             try:
                 self._apply(ov)
             except OverrideError as e:
-                self.store.end_overrides([Ending(ov.id, NOT_RESTORED, SYSTEM_ACTOR, now)])
+                self.store.end_overrides(
+                    [Ending(ov.id, NOT_RESTORED, SYSTEM_ACTOR, now, f"not restored: {e.reason}")]
+                )
                 self._audit_system("restore", ov, f"not restored: {e.reason}", status=409)
                 log.warning("override %s (%s) not restored: %s", ov.id, ov.describe(), e.reason)
                 ended.append(ov)

@@ -52,16 +52,20 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+# Read with every override; end_reason came after schema 1 (added at open, NULL for old rows).
+_OVERRIDE_COLUMNS = "body, ended_at_unix_s, end_state, ended_by, end_reason"
+
+
 class StoreError(Exception):
     """The state database cannot be used."""
 
 
 def _override_from_row(
-    body: str, ended_at: float | None, end: str | None, by: str | None
+    body: str, ended_at: float | None, end: str | None, by: str | None, why: str | None = None
 ) -> Override:
     data: dict[str, Any] = json.loads(body)
     data["replaces"] = tuple(data.get("replaces", ()))
-    data.update(ended_at_unix_s=ended_at, end_state=end, ended_by=by)
+    data.update(ended_at_unix_s=ended_at, end_state=end, ended_by=by, end_reason=why)
     return Override(**data)
 
 
@@ -77,6 +81,7 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            _add_end_reason(self._db)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.path}: {e}") from e
@@ -101,7 +106,7 @@ class Store:
     def insert_override(self, ov: Override, endings: Iterable[Ending] = ()) -> None:
         """Record a new override, and end those it replaces, in one transaction."""
         body = asdict(ov)
-        for key in ("ended_at_unix_s", "end_state", "ended_by"):
+        for key in ("ended_at_unix_s", "end_state", "ended_by", "end_reason"):
             body.pop(key)
         with self._transaction() as db:
             db.execute(
@@ -126,15 +131,18 @@ class Store:
     @staticmethod
     def _end(db: sqlite3.Connection, endings: Iterable[Ending]) -> None:
         db.executemany(
-            "UPDATE overrides SET ended_at_unix_s = ?, end_state = ?, ended_by = ?"
-            " WHERE id = ? AND end_state IS NULL",
-            [(e.ended_at_unix_s, e.end_state, e.ended_by, e.override_id) for e in endings],
+            "UPDATE overrides SET ended_at_unix_s = ?, end_state = ?, ended_by = ?,"
+            " end_reason = ? WHERE id = ? AND end_state IS NULL",
+            [
+                (e.ended_at_unix_s, e.end_state, e.ended_by, e.reason, e.override_id)
+                for e in endings
+            ],
         )
 
     def get_override(self, override_id: str) -> Override | None:
         """One override by id, or None."""
         row = self._db.execute(
-            "SELECT body, ended_at_unix_s, end_state, ended_by FROM overrides WHERE id = ?",
+            f"SELECT {_OVERRIDE_COLUMNS} FROM overrides WHERE id = ?",
             (override_id,),
         ).fetchone()
         return None if row is None else _override_from_row(*row)
@@ -142,8 +150,7 @@ class Store:
     def by_idempotency_key(self, actor: str, key: str) -> Override | None:
         """The override an actor created under an idempotency key, or None."""
         row = self._db.execute(
-            "SELECT body, ended_at_unix_s, end_state, ended_by FROM overrides"
-            " WHERE actor = ? AND idempotency_key = ?",
+            f"SELECT {_OVERRIDE_COLUMNS} FROM overrides WHERE actor = ? AND idempotency_key = ?",
             (actor, key),
         ).fetchone()
         return None if row is None else _override_from_row(*row)
@@ -151,7 +158,7 @@ class Store:
     def open_overrides(self) -> list[Override]:
         """Overrides not ended by a write, oldest first (some may have expired by now)."""
         rows = self._db.execute(
-            "SELECT body, ended_at_unix_s, end_state, ended_by FROM overrides"
+            f"SELECT {_OVERRIDE_COLUMNS} FROM overrides"
             " WHERE end_state IS NULL ORDER BY created_at_unix_s, id"
         ).fetchall()
         return [_override_from_row(*r) for r in rows]
@@ -159,7 +166,7 @@ class Store:
     def recent_overrides(self, limit: int) -> list[Override]:
         """The newest overrides, any state, newest first."""
         rows = self._db.execute(
-            "SELECT body, ended_at_unix_s, end_state, ended_by FROM overrides"
+            f"SELECT {_OVERRIDE_COLUMNS} FROM overrides"
             " ORDER BY created_at_unix_s DESC, id DESC LIMIT ?",
             (limit,),
         ).fetchall()
@@ -217,6 +224,13 @@ class Store:
 
     def _transaction(self) -> _Tx:
         return _Tx(self._db)
+
+
+def _add_end_reason(db: sqlite3.Connection) -> None:
+    """Add the end_reason column to a database made before it existed (old rows keep NULL)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(overrides)")}
+    if "end_reason" not in columns:
+        db.execute("ALTER TABLE overrides ADD COLUMN end_reason TEXT")
 
 
 class _Tx:

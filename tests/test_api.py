@@ -198,7 +198,7 @@ async def test_plan_is_404_before_any_tick(env: Env) -> None:
         (cap(50_000), 409, "above the site's hard cap"),
         (cap(20_000, domain="r1"), 409, "above domain r1"),
         (cap(10_000, domain="nope"), 409, "unknown domain"),
-        (cap(30_000, ttl_s=7201), 422, "less than or equal to 7200"),
+        (cap(30_000, ttl_s=7201), 422, "longer than the maximum 2h (7200 s"),
         ({"kind": "cap", "cap_w": 30_000, "reason": "x"}, 422, "ttl_s"),
         ({"kind": "cap", "cap_w": 30_000, "ttl_s": 60}, 422, "reason"),
         (cap(-5), 422, "cap_w"),
