@@ -84,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if report["seconds_over_cap"] == 0 else EXIT_FAIL
 
 
-async def _run_agent(config_path: str) -> int:
+async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     from agent.api import serve_api
     from agent.inventory import (
         build_trackers,
@@ -103,8 +103,11 @@ async def _run_agent(config_path: str) -> int:
         watch_startup,
         watchdog_period_s,
     )
+    from agent.store import keep_backups, prepare_store
 
     cfg = load_config(config_path)
+    # Before minutes of identification: a damaged override store refuses the start now.
+    prepare_store(cfg.state.dir, restore=restore_backup, backups_kept=cfg.state.backups_kept)
     notifier = Notifier.from_env()
     # Every identification and reading ends within its deadline, so a startup that
     # finishes nothing for three of them is stuck: systemd may end it then.
@@ -133,6 +136,9 @@ async def _run_agent(config_path: str) -> int:
         metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
         log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
         api = await serve_api(agent, cfg)  # restores stored overrides before the first tick
+        backups = asyncio.get_running_loop().create_task(
+            keep_backups(cfg.state.dir, cfg.state.backup_interval_s, cfg.state.backups_kept)
+        )
         # READY only once every device has been read once: the agent must know its
         # site before it controls, and what starts after it may rely on the API's view.
         startup.phase("first sweep", len(agent.trackers), count=lambda: _read_once(agent))
@@ -170,6 +176,7 @@ async def _run_agent(config_path: str) -> int:
     log.info("stopping: finishing the tick in flight, leaving devices where they are")
     notifier.stopping("stopping: finishing the tick in flight, leaving devices where they are")
     supervisor.cancel()
+    backups.cancel()
     await api.close()
     await agent.stop()
     await close_drivers(list(agent.trackers.values()))
@@ -205,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.store import StoreError
 
     try:
-        return asyncio.run(_run_agent(args.config))
+        return asyncio.run(_run_agent(args.config, args.restore_backup))
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
@@ -272,6 +279,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run the agent (as systemd does)")
     s.add_argument("--config", "-c", default="/etc/siteagent/siteagent.toml")
+    s.add_argument(
+        "--restore-backup",
+        action="store_true",
+        help="if the override store is damaged or missing, keep it aside and start from the "
+        "newest good copy (saying what it lacks)",
+    )
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("demo", help="run the agent on a simulated site and report")

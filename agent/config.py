@@ -324,6 +324,9 @@ class StateConfig(_Strict):
     """Where state lives."""
 
     dir: str = "/var/lib/siteagent"
+    # The store is backed up at each start and then every interval, into <dir>/backups.
+    backup_interval_s: PositiveS = 3600.0
+    backups_kept: Annotated[int, Field(ge=1, le=10_000)] = 24
 
 
 class Config(_Strict):

@@ -8,6 +8,8 @@ moved and what went missing (scanned, not found).
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from domain.types import MinerIdentity
+
+log = logging.getLogger("siteagent.inventory")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS miners (
@@ -61,6 +65,10 @@ def identity_key(identity: MinerIdentity, address: str) -> str:
     return "address:" + address
 
 
+class _Damaged(Exception):
+    """The inventory file cannot be used (the reason)."""
+
+
 @dataclass(frozen=True, slots=True)
 class KnownMiner:
     """One miner the inventory knows."""
@@ -104,10 +112,41 @@ class InventoryStore:
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path))
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
         self._clock = clock
+        try:
+            self._db = self._open()
+        except (sqlite3.DatabaseError, _Damaged) as e:
+            # Only discovered miners live here: losing them costs a re-identification,
+            # never a refusal to start. The file is kept aside for a look, not deleted.
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock()))
+            aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{self.path}{suffix}").exists():
+                    os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            log.warning(
+                "inventory %s is damaged (%s): moved to %s; starting with an empty inventory "
+                "(scanned miners are identified again, listed ones come from the config)",
+                self.path,
+                e,
+                aside.name,
+            )
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        # A file that is there but empty was truncated: what it held is gone, say so.
+        if self.path.exists() and self.path.stat().st_size == 0:
+            raise _Damaged("empty, 0 bytes")
+        db = sqlite3.connect(str(self.path))
+        try:
+            problems = [str(r[0]) for r in db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise _Damaged("; ".join(problems))
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         """Close the database."""

@@ -5,20 +5,43 @@ caller goes on, so what the API acknowledged survives ``kill -9`` and power
 loss. Writes are rare (operator actions) and small, so they run on the event
 loop's thread: no request can interleave between checking an override and
 recording it.
+
+A store that is there but unusable is never taken for a first start. At open
+the file is checked (empty, not a database, failing SQLite's integrity check,
+not our schema) and compared with a small mark of what it acknowledged
+(``siteagent.db.acknowledged``, rewritten atomically after each committed
+write): SQLite drops WAL frames after a bad checksum without an error, so a
+store that holds less than it acknowledged lost committed writes. Either way
+the agent refuses to start and says what to do; ``siteagent run
+--restore-backup`` starts from the newest good copy (the store itself if it
+still reads whole, else a backup from ``backups/``) and names what that copy
+lacks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import os
 import sqlite3
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.overrides import AuditRecord, Ending, Override
+from agent.overrides import SYSTEM_ACTOR, AuditRecord, Ending, Override
+
+log = logging.getLogger("siteagent.store")
 
 DB_NAME = "siteagent.db"
+# What the store acknowledged: counts that only grow, and the open overrides by id.
+MARK_SUFFIX = ".acknowledged"
+BACKUP_DIR = "backups"
+BACKUP_PREFIX = "siteagent-"
+_STAMP = "%Y%m%dT%H%M%SZ"
 SCHEMA_VERSION = 1
 # Audit rows keep at most this much of a request body; the rest is cut, never the row.
 MAX_AUDIT_REQUEST_CHARS = 4096
@@ -60,6 +83,40 @@ class StoreError(Exception):
     """The state database cannot be used."""
 
 
+class _Damaged(Exception):
+    """A database file that cannot serve as the store (the reason, without the path)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    """What a store holds, in numbers that only grow, and its open overrides."""
+
+    overrides: int = 0
+    ended: int = 0
+    audit_seq: int = 0
+    # (id, description) of each override not yet ended.
+    open_overrides: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        """How far along the store's history this is (copies of one store compare)."""
+        return (self.audit_seq, self.overrides, self.ended)
+
+
+def _what(ov: Override) -> str:
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ov.expires_at_unix_s))
+    return f"{ov.describe()} by {ov.actor}, until {until}"
+
+
+def _what_to_do(path: Path) -> str:
+    return (
+        "to start from the newest good copy (this file if it still reads whole, else the "
+        f"newest backup in {path.parent / BACKUP_DIR}), run `siteagent run --restore-backup`: "
+        "it keeps this file aside and says which overrides the copy lacks; or, after checking "
+        f"the file yourself, move {path.name}* aside (see systemd/README.md)"
+    )
+
+
 def _override_from_row(
     body: str, ended_at: float | None, end: str | None, by: str | None, why: str | None = None
 ) -> Override:
@@ -74,8 +131,10 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.mark_path = _mark_path(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            found, acked = check_store(self.path)
             self._db = sqlite3.connect(self.path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -85,6 +144,13 @@ class Store:
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.path}: {e}") from e
+        self._overrides = found.overrides
+        self._ended = found.ended
+        self._audit_seq = found.audit_seq
+        self._open = dict(found.open_overrides)
+        self._mark_failing = False
+        if acked is None or acked != self.counts:
+            self._save_mark()
 
     @classmethod
     def in_dir(cls, state_dir: str | Path) -> Store:
@@ -121,16 +187,22 @@ class Store:
                     json.dumps(body),
                 ),
             )
-            self._end(db, endings)
+            ended = self._end(db, endings)
+        self._overrides += 1
+        self._open[ov.id] = _what(ov)
+        self._ended_now(endings, ended)
 
     def end_overrides(self, endings: Iterable[Ending]) -> None:
         """Mark overrides ended (cancelled, expired, ...) in one transaction."""
+        endings = list(endings)
         with self._transaction() as db:
-            self._end(db, endings)
+            ended = self._end(db, endings)
+        if ended:
+            self._ended_now(endings, ended)
 
     @staticmethod
-    def _end(db: sqlite3.Connection, endings: Iterable[Ending]) -> None:
-        db.executemany(
+    def _end(db: sqlite3.Connection, endings: Iterable[Ending]) -> int:
+        cur = db.executemany(
             "UPDATE overrides SET ended_at_unix_s = ?, end_state = ?, ended_by = ?,"
             " end_reason = ? WHERE id = ? AND end_state IS NULL",
             [
@@ -138,6 +210,13 @@ class Store:
                 for e in endings
             ],
         )
+        return max(0, cur.rowcount)
+
+    def _ended_now(self, endings: Iterable[Ending], ended: int) -> None:
+        self._ended += ended
+        for e in endings:
+            self._open.pop(e.override_id, None)
+        self._save_mark()
 
     def get_override(self, override_id: str) -> Override | None:
         """One override by id, or None."""
@@ -196,6 +275,8 @@ class Store:
             )
             seq = cur.lastrowid
         assert seq is not None
+        self._audit_seq = seq
+        self._save_mark()
         return seq
 
     def audit(self, limit: int, before_seq: int | None = None) -> list[AuditRecord]:
@@ -221,6 +302,28 @@ class Store:
         ]
 
     # -- plumbing ----------------------------------------------------------------
+
+    @property
+    def counts(self) -> StoreCounts:
+        """What the store holds now (and has acknowledged)."""
+        return StoreCounts(
+            self._overrides, self._ended, self._audit_seq, tuple(sorted(self._open.items()))
+        )
+
+    def _save_mark(self) -> None:
+        # After the commit: a crash between the two leaves the mark behind the store,
+        # never ahead of it, so the check at open cannot raise a false alarm.
+        try:
+            _write_mark(self.mark_path, self.counts)
+        except OSError as e:
+            # The write itself is committed; only the check at the next start is weaker.
+            if not self._mark_failing:
+                log.warning("cannot record acknowledged writes in %s: %s", self.mark_path, e)
+            self._mark_failing = True
+            return
+        if self._mark_failing:
+            log.info("recording acknowledged writes in %s again", self.mark_path)
+            self._mark_failing = False
 
     def _transaction(self) -> _Tx:
         return _Tx(self._db)
@@ -248,3 +351,365 @@ class _Tx:
             self.db.execute("COMMIT")
         else:
             self.db.execute("ROLLBACK")
+
+
+# -- checks at open ------------------------------------------------------------------
+
+
+def _mark_path(path: Path) -> Path:
+    return path.with_name(path.name + MARK_SUFFIX)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_mark(path: Path, counts: StoreCounts) -> None:
+    """Replace the mark atomically: write a temporary file, fsync, rename, fsync the dir."""
+    data = json.dumps(
+        {
+            "overrides": counts.overrides,
+            "ended": counts.ended,
+            "audit_seq": counts.audit_seq,
+            "open": dict(counts.open_overrides),
+        }
+    ).encode()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_mark(path: Path) -> StoreCounts | None:
+    """The acknowledged counts, None if no mark yet; StoreError if it cannot be read."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw)
+        return StoreCounts(
+            int(data["overrides"]),
+            int(data["ended"]),
+            int(data["audit_seq"]),
+            tuple(sorted((str(k), str(v)) for k, v in dict(data["open"]).items())),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise StoreError(
+            f"{path} (what the store acknowledged) cannot be read ({e!r}); it is written "
+            "atomically, so the state directory's disk may be failing: check it, then run "
+            "`siteagent run --restore-backup`, or remove this file to accept the store as it is"
+        ) from e
+
+
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    # Read-only: checking a store must not checkpoint (and so throw away) a damaged WAL.
+    return sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+
+
+def _inspect(path: Path, ids: Iterable[str] = ()) -> tuple[StoreCounts, frozenset[str]]:
+    """A store file's counts and which of ``ids`` it holds; _Damaged if it cannot serve."""
+    try:
+        if path.stat().st_size == 0:
+            raise _Damaged("is empty (0 bytes)")
+        db = _connect_ro(path)
+    except (OSError, sqlite3.Error) as e:
+        raise _Damaged(f"cannot be opened ({e})") from e
+    try:
+        problems = [str(r[0]) for r in db.execute("PRAGMA integrity_check(5)")]
+        if problems != ["ok"]:
+            raise _Damaged(f"fails SQLite's integrity check ({'; '.join(problems)})")
+        tables = {str(r[0]) for r in db.execute("SELECT name FROM sqlite_master")}
+        if not {"overrides", "audit"} <= tables:
+            raise _Damaged("holds no siteagent store (no overrides and audit tables)")
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version != SCHEMA_VERSION:
+            raise _Damaged(f"has schema version {version}, expected {SCHEMA_VERSION}")
+        n, ended = db.execute("SELECT count(*), count(end_state) FROM overrides").fetchone()
+        (seq,) = db.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()
+        open_rows = db.execute(
+            "SELECT body, ended_at_unix_s, end_state, ended_by FROM overrides"
+            " WHERE end_state IS NULL"
+        ).fetchall()
+        opened = tuple(
+            sorted((o.id, _what(o)) for o in (_override_from_row(*r) for r in open_rows))
+        )
+        wanted = list(ids)
+        held = {
+            str(r[0])
+            for r in db.execute(
+                f"SELECT id FROM overrides WHERE id IN ({','.join('?' * len(wanted))})", wanted
+            )
+        }
+        return StoreCounts(int(n), int(ended), int(seq), opened), frozenset(held)
+    except sqlite3.Error as e:
+        raise _Damaged(f"cannot be read ({e})") from e
+    finally:
+        db.close()
+
+
+def _shortfall(found: StoreCounts, held: frozenset[str], acked: StoreCounts) -> list[str]:
+    """What was acknowledged and a copy of the store lacks, in words; empty if nothing."""
+    lacks: list[str] = []
+    if found.overrides < acked.overrides:
+        lacks.append(f"{acked.overrides - found.overrides} override(s)")
+    if found.ended < acked.ended:
+        lacks.append(f"{acked.ended - found.ended} ending(s) of overrides")
+    if found.audit_seq < acked.audit_seq:
+        lacks.append(f"audit records {found.audit_seq + 1} to {acked.audit_seq}")
+    if not lacks:
+        return []
+    counts = (
+        f"it holds {found.overrides} override(s) and audit records up to {found.audit_seq}, "
+        f"but {acked.overrides} override(s) and audit records up to {acked.audit_seq} were "
+        f"acknowledged; it lacks {', '.join(lacks)}"
+    )
+    lost = [f"{i} ({what})" for i, what in acked.open_overrides if i not in held]
+    if lost:
+        counts += f"; override(s) in force that it lacks: {'; '.join(lost)}"
+    return [counts]
+
+
+def _create(path: Path) -> None:
+    """A new, empty store, in place at once (a crash leaves no half-made file behind)."""
+    tmp = path.with_name(path.name + ".new")
+    for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        leftover.unlink(missing_ok=True)
+    db = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    finally:
+        db.close()
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def check_store(path: Path) -> tuple[StoreCounts, StoreCounts | None]:
+    """Check a store before use (creating it on a first start): (found, acknowledged).
+
+    Raises StoreError naming the file and what to do when it is missing but the state
+    directory has held one, empty, unreadable, not ours, or lacks acknowledged writes.
+    """
+    mark = _mark_path(path)
+    acked = _read_mark(mark)
+    if not path.exists():
+        traces = [p.name for p in (mark, Path(f"{path}-wal")) if p.exists()]
+        if traces:
+            raise StoreError(
+                f"{path} is missing, but this state directory has held a store (found "
+                f"{', '.join(traces)}); not starting as new: " + _what_to_do(path)
+            )
+        _create(path)
+        log.info("new store %s (first start)", path)
+        return StoreCounts(), None
+    ids = [i for i, _ in acked.open_overrides] if acked else []
+    try:
+        found, held = _inspect(path, ids)
+    except _Damaged as e:
+        raise StoreError(f"{path} {e}; not starting on it: " + _what_to_do(path)) from e
+    if acked is not None and (short := _shortfall(found, held, acked)):
+        raise StoreError(
+            f"{path} lacks writes it acknowledged (recorded in {mark.name}): {short[0]}. "
+            "Committed writes were lost, most likely a write-ahead log damaged in a crash; "
+            "not starting on it: " + _what_to_do(path)
+        )
+    return found, acked
+
+
+# -- backups -------------------------------------------------------------------------
+
+
+def _stamp(now_unix_s: float) -> str:
+    return time.strftime(_STAMP, time.gmtime(now_unix_s))
+
+
+def backups(state_dir: str | Path) -> list[Path]:
+    """The store's backups in a state directory, newest first."""
+    directory = Path(state_dir) / BACKUP_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(directory.glob(f"{BACKUP_PREFIX}*.db"), reverse=True)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """A consistent single-file copy of a store through SQLite's online backup, verified."""
+    dst.unlink(missing_ok=True)
+    source = _connect_ro(src)
+    try:
+        target = sqlite3.connect(dst, isolation_level=None)
+        try:
+            source.backup(target)
+            # One self-contained file: no -wal beside a backup.
+            target.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            target.close()
+    finally:
+        source.close()
+    try:
+        _inspect(dst)
+    except _Damaged as e:
+        dst.unlink(missing_ok=True)
+        raise StoreError(f"the copy of {src} at {dst} {e}") from e
+    _fsync_file(dst)
+
+
+def backup_store(state_dir: str | Path, kept: int, now_unix_s: float | None = None) -> Path:
+    """Back the store up to ``backups/siteagent-<UTC time>.db``; keep the newest ``kept``."""
+    src = Path(state_dir) / DB_NAME
+    directory = Path(state_dir) / BACKUP_DIR
+    directory.mkdir(exist_ok=True)
+    stamp = _stamp(time.time() if now_unix_s is None else now_unix_s)
+    final = directory / f"{BACKUP_PREFIX}{stamp}.db"
+    tmp = directory / f"{BACKUP_PREFIX}{stamp}.db.tmp"
+    try:
+        _copy(src, tmp)
+    except sqlite3.Error as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"backup of {src} to {final} failed: {e}") from e
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    for old in backups(state_dir)[kept:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+async def keep_backups(
+    state_dir: str | Path,
+    interval_s: float,
+    kept: int,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Back the store up every ``interval_s`` until cancelled (off the event loop's thread)."""
+    failing = False
+    while True:
+        await sleep(interval_s)
+        try:
+            path = await asyncio.to_thread(backup_store, state_dir, kept)
+        except (OSError, sqlite3.Error, StoreError) as e:
+            if not failing:
+                log.warning("store backup failed (retrying every %.0f s): %s", interval_s, e)
+            failing = True
+            continue
+        if failing:
+            log.info("store backups work again (%s)", path.name)
+        failing = False
+
+
+# -- start and restore ---------------------------------------------------------------
+
+
+def restore_backup(state_dir: str | Path, *, now_unix_s: float | None = None) -> str | None:
+    """Start from the newest good copy of a damaged or missing store; what it did, or None.
+
+    The damaged files are renamed ``siteagent.db.damaged-<UTC time>``, never deleted.
+    Candidates: the store as found if it still reads whole (it lacks only lost WAL
+    writes), and the newest backup that passes its check; the one further along wins.
+    """
+    directory = Path(state_dir)
+    path = directory / DB_NAME
+    kept = backups(directory)
+    if path.exists() or not kept:
+        try:
+            Store(path).close()
+        except StoreError as e:
+            damage = str(e)
+        else:
+            log.info("--restore-backup: %s is sound; nothing to restore", path)
+            return None
+    else:
+        damage = f"{path} is missing"
+    try:
+        acked = _read_mark(_mark_path(path))
+    except StoreError:
+        acked = None
+    ids = [i for i, _ in acked.open_overrides] if acked else []
+    candidates: list[tuple[Path, str, StoreCounts, frozenset[str]]] = []
+    with contextlib.suppress(_Damaged):
+        if path.exists():
+            candidates.append(
+                (path, "the store as found (it still reads whole)", *_inspect(path, ids))
+            )
+    for b in kept:
+        try:
+            found, held = _inspect(b, ids)
+        except _Damaged as e:
+            log.warning("backup %s is unusable: %s", b, e)
+            continue
+        taken = time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.strptime(b.stem[len(BACKUP_PREFIX) :], _STAMP)
+        )
+        candidates.append((b, f"backup {b} (taken {taken})", found, held))
+        break
+    if not candidates:
+        raise StoreError(f"{damage}; and there is no good backup in {directory / BACKUP_DIR}")
+    src, label, found, held = max(candidates, key=lambda c: c[2].order)
+    now = time.time() if now_unix_s is None else now_unix_s
+    staging = path.with_name(DB_NAME + ".restoring")
+    _copy(src, staging)
+    aside: list[str] = []
+    for suffix in ("", "-wal", "-shm"):
+        old = Path(f"{path}{suffix}")
+        if old.exists():
+            new = path.with_name(f"{DB_NAME}.damaged-{_stamp(now)}{suffix}")
+            os.replace(old, new)
+            aside.append(new.name)
+    os.replace(staging, path)
+    _fsync_dir(directory)
+    if acked is None:
+        lacks = "what the store acknowledged beyond it is unknown (no readable record of it)"
+    else:
+        short = _shortfall(found, held, acked)
+        lacks = short[0] if short else "it holds every write the store acknowledged"
+    message = (
+        f"restored {path} from {label}: {lacks}; the damaged files are kept as "
+        f"{', '.join(aside) or '(none: the store was missing)'}; re-create overrides that "
+        "are still needed"
+    )
+    _write_mark(_mark_path(path), found)
+    store = Store(path)
+    try:
+        store.append_audit(
+            AuditRecord(
+                time_unix_s=now,
+                actor=SYSTEM_ACTOR,
+                client="-",
+                action="restore-backup",
+                request=json.dumps({"from": str(src), "damaged": aside, "problem": damage}),
+                status=200,
+                result=message,
+            )
+        )
+    finally:
+        store.close()
+    log.warning("%s", message)
+    return message
+
+
+def prepare_store(state_dir: str | Path, *, restore: bool, backups_kept: int) -> None:
+    """At start: check the store (restoring the newest good copy if asked), then back it up."""
+    if restore:
+        restore_backup(state_dir)
+    Store.in_dir(state_dir).close()
+    try:
+        backup_store(state_dir, backups_kept)
+    except (OSError, sqlite3.Error, StoreError) as e:
+        log.warning("store backup at start failed: %s", e)
