@@ -148,6 +148,11 @@ def test_a_database_from_before_end_reasons_opens_and_reads(tmp_path: Path) -> N
         CREATE TABLE overrides (id TEXT PRIMARY KEY, actor TEXT NOT NULL, idempotency_key TEXT,
             created_at_unix_s REAL NOT NULL, expires_at_unix_s REAL NOT NULL,
             ended_at_unix_s REAL, end_state TEXT, ended_by TEXT, body TEXT NOT NULL);
+        CREATE TABLE audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, time_unix_s REAL NOT NULL,
+            actor TEXT NOT NULL, client TEXT NOT NULL, action TEXT NOT NULL,
+            request TEXT NOT NULL, status INTEGER NOT NULL, result TEXT NOT NULL,
+            override_id TEXT);
+        PRAGMA user_version=1;
         """
     )
     body = {
