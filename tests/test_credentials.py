@@ -65,9 +65,7 @@ def config_for(addr: str, tmp_path: Path, cap_w: float, creds: Path | None) -> C
     inv: dict[str, Any] = {"miners": [{"address": addr}], "scan": []}
     if creds is not None:
         inv["credentials_file"] = str(creds)
-    return make_config(
-        [addr], cap_w, inventory=inv, state={"dir": str(tmp_path / "state")}, api={}
-    )
+    return make_config([addr], cap_w, inventory=inv, state={"dir": str(tmp_path / "state")}, api={})
 
 
 async def one_miner(fw: str, addr: str) -> SimSite:
@@ -127,7 +125,7 @@ def test_mode_0400_and_0600_are_accepted(secret_dir: Path) -> None:
         ('[firmware.braiins]\npasword = "x"\n', "firmware.braiins.pasword", "unknown key"),
         ('[firmware.whatsminer]\nusername = "a"\n', "firmware.whatsminer.username", "unknown"),
         ('[miners."10.0.0.1"]\npassword = ""\n', 'miners."10.0.0.1".password', "non-empty"),
-        ('[other]\nx = 1\n', "other", "unknown key"),
+        ("[other]\nx = 1\n", "other", "unknown key"),
     ],
 )
 def test_bad_entries_are_named(secret_dir: Path, text: str, where: str, said: str) -> None:
@@ -273,7 +271,8 @@ async def test_the_right_password_from_a_0600_file_lets_writes_land(
     section = f'miners."{addr}"' if fw in ("braiins", "whatsminer") else f"firmware.{fw}"
     creds = write_file(
         secret_dir / "creds.toml",
-        f'[firmware.{fw}]\npassword = "{WRONG_PASSWORD}"\n' * (section != f"firmware.{fw}")
+        f'[firmware.{fw}]\npassword = "{WRONG_PASSWORD}"\n'
+        * (section != f"firmware.{fw}")
         + f"[{section}]\n{user if section.startswith('firmware') else ''}"
         f'password = "{SIM_PASSWORD}"\n',
     )
