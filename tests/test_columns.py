@@ -78,7 +78,9 @@ def events(draw: st.DrawFn) -> tuple[float, int, Event]:
             )
             t.record_reading(r, now, CONFIRM_S)
         elif what == 3:
-            err = DeviceFaulted("garbage") if power is None else DeviceUnreachable("silent")
+            err: Exception = (
+                DeviceFaulted("garbage") if power is None else DeviceUnreachable("silent")
+            )
             if power == 60.0:
                 err = DevicePermissionError("login refused")  # read-only from now on
             t.record_failure(err, now, 5.0, 60.0)

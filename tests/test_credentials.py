@@ -20,9 +20,12 @@ from typing import Any
 import httpx
 import pytest
 from test_api import auth, token_store
+from test_columns import STALE_S, check, new_tracker
+from test_devices import CAPS, StubDriver
 from test_loop import make_config
 
 from agent.api import create_app, make_services
+from agent.columns import TrackerColumns
 from agent.config import Config
 from agent.credentials import (
     NO_FILE_SOURCE,
@@ -32,7 +35,7 @@ from agent.credentials import (
 from agent.inventory import build_trackers, close_drivers
 from agent.loop import Agent
 from agent.metrics import families, render_text
-from domain import DeviceState
+from domain import DevicePermissionError, DeviceReading, DeviceState, MinerIdentity
 from domain.credentials import Login, Secret
 from sim.site import SimSite
 
@@ -179,6 +182,27 @@ def test_a_secret_never_shows_itself(secret_dir: Path) -> None:
     creds = load_credentials(p)
     assert "hunter22" not in repr(creds)
     assert "hunter22" not in repr(creds.for_miner(None, "10.0.0.1"))
+
+
+def test_read_only_counts_at_nameplate_unless_a_fresh_reading_says_asleep() -> None:
+    t = new_tracker(0)
+    cols = TrackerColumns([t])
+    t.attach(StubDriver(MinerIdentity("Bitmain", "S19", "fw", None, None, CAPS, 3600.0, 210.0)))
+    t.record_reading(
+        DeviceReading("d0", 1000.0, 2000.0, DeviceState.MINING, power_target_w=2000.0), 1000.0, 60.0
+    )
+    assert t.status(1000.0, STALE_S).budget_w == 2000.0
+    t.mark_read_only(DevicePermissionError("authentication failed for braiins at 127.1.0.1"))
+    t.record_reading(DeviceReading("d0", 1001.0, 2000.0, DeviceState.MINING), 1001.0, 60.0)
+    d = t.status(1001.0, STALE_S)
+    assert d.budget_w == t.nameplate_power_w and not d.controllable
+    assert d.last_error == "read-only: authentication failed for braiins at 127.1.0.1"
+    check(cols, [t], 1001.0)  # the vectorised form agrees
+    t.record_reading(DeviceReading("d0", 1002.0, 20.0, DeviceState.SLEEPING), 1002.0, 60.0)
+    assert t.status(1002.0, STALE_S).budget_w == t.sleep_power_w
+    check(cols, [t], 1002.0)
+    assert t.status(1002.0 + STALE_S + 1, STALE_S).budget_w == t.nameplate_power_w
+    check(cols, [t], 1002.0 + STALE_S + 1)
 
 
 # -- against the simulators --------------------------------------------------------------
