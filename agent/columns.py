@@ -64,7 +64,17 @@ COLUMN_FIELDS = STATIC_FIELDS | {
     "last_error",
     "pending",
     "driver",
+    "read_only",
 }
+
+
+def shown_error(read_only: str | None, last_error: str | None) -> str | None:
+    """A device's error as status shows it: why it is read-only first, then the last one."""
+    if read_only is None:
+        return last_error
+    if last_error is None or last_error in read_only:
+        return read_only
+    return f"{read_only}; last error: {last_error}"
 
 
 class TrackerColumns:
@@ -82,6 +92,7 @@ class TrackerColumns:
         self.sleep_w = np.zeros(n)
         self.controls = np.zeros(n, bool)  # a power target or sleep to control
         self.has_driver = np.zeros(n, bool)
+        self.read_only = np.zeros(n, bool)  # refused our credentials: sent nothing
         self.reading_state = np.full(n, _NO_READING, np.int8)
         self.reading_power_w = np.full(n, np.nan)  # NaN: no reading, or none in it
         self.utilization_frac = np.full(n, np.nan)
@@ -126,7 +137,10 @@ class TrackerColumns:
                 self.reading_power_w[row] = np.nan if power is None else power
                 self.utilization_frac[row] = np.nan if util is None else util
         elif name == "last_error":
-            self.errors[row] = value
+            self.errors[row] = shown_error(getattr(self.trackers[row], "read_only", None), value)
+        elif name == "read_only":
+            self.read_only[row] = value is not None
+            self.errors[row] = shown_error(value, self.trackers[row].last_error)
         elif name == "pending":
             self.has_pending[row] = value is not None
             self.pending_old_w[row] = 0.0 if value is None else value.old_w
@@ -185,11 +199,16 @@ class TrackerColumns:
         budget_fresh = np.maximum(commanded, measured)
         budget_fresh = np.where(pending, np.maximum(budget_fresh, self.pending_old_w), budget_fresh)
         budget = np.where(fresh, budget_fresh, budget_stale)
+        # Read-only (credentials refused): nameplate unless a fresh reading says asleep.
+        ro = self.read_only
+        reads_asleep = fresh & (self.reading_state == _SLEEPING) & sleep_draw
+        worst_ro = np.where(pending, np.maximum(worst, self.pending_old_w), worst)
+        budget = np.where(ro, np.where(reads_asleep, sleep, worst_ro), budget)
         disobeys = ~pending & (measured > commanded * (1 + DISOBEY_SLACK_FRAC) + DISOBEY_SLACK_W)
-        expected = np.where(fresh, np.where(disobeys, measured, commanded), budget)
+        expected = np.where(fresh & ~ro, np.where(disobeys, measured, commanded), budget)
         lost = ~fresh & (state != _UNREACHABLE) & (state != _FAULTED)
         shown = np.where(lost, np.where(seen, _UNREACHABLE, _UNKNOWN), state).astype(np.int8)
-        controllable = fresh & self.has_driver & self.controls
+        controllable = fresh & self.has_driver & self.controls & ~ro
         age = now_s - last_ok
         cols = [
             shown,

@@ -95,6 +95,8 @@ class InventoryConfig(_Strict):
     sleep_power_w: NonNegW = 25.0
     discovery_concurrency: Annotated[int, Field(ge=1, le=2000)] = 100
     scan_interval_s: PositiveS = 3600.0
+    # Miner passwords (agent/credentials.py); none: the systemd credential, else pyasic's.
+    credentials_file: Path | None = None
 
 
 class PricesConfig(_Strict):

@@ -15,11 +15,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.columns import COLUMN_FIELDS, TrackerColumns
+from agent.columns import COLUMN_FIELDS, TrackerColumns, shown_error
 from domain import (
     DeviceError,
     DeviceFaulted,
     DeviceKind,
+    DevicePermissionError,
     DeviceReading,
     DeviceState,
     DeviceStatus,
@@ -106,6 +107,7 @@ class DeviceTracker:
         "next_read_s",
         "pending",
         "power_target_w",
+        "read_only",
         "settle_s",
         "sleep_power_w",
         "state",
@@ -169,6 +171,8 @@ class DeviceTracker:
         self.pending: Pending | None = None
         # How long the firmware takes to show a change, by kind (s); from the driver.
         self.settle_s: Callable[[str], float] | None = None
+        # Why no change is sent to this device (it refused our credentials), or None.
+        self.read_only: str | None = None
 
     # -- telemetry -------------------------------------------------------------
 
@@ -188,7 +192,16 @@ class DeviceTracker:
         self, reading: DeviceReading, now_s: float, confirm_timeout_s: float
     ) -> None:
         """Take a good reading: confirm or expire pending changes, adopt the device's state."""
-        if self.state in (DeviceState.UNREACHABLE, DeviceState.FAULTED):
+        if self.read_only is not None and getattr(self.driver, "login_ok", None) is True:
+            # A reading that logs in with the credentials proves them accepted again.
+            log.info(
+                "%s (%s): credentials accepted again; no longer read-only (%s)",
+                self.device_id,
+                self.address,
+                reading.state,
+            )
+            self.read_only = None
+        elif self.state in (DeviceState.UNREACHABLE, DeviceState.FAULTED):
             log.info(
                 "%s (%s): recovered, %s after %d failed read(s)",
                 self.device_id,
@@ -237,12 +250,27 @@ class DeviceTracker:
         if not isinstance(error, DeviceError):
             new_state = DeviceState.FAULTED
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        if new_state is not self.state:
+        if isinstance(error, DevicePermissionError):
+            self.mark_read_only(error)  # its one warning says it all
+        elif new_state is not self.state:
             log.warning("%s (%s): %s (%s)", self.device_id, self.address, new_state, text)
         self.state = new_state
         self.last_error = text
         self.failures += 1
         self.next_read_s = now_s + min(interval_s * 2 ** (self.failures - 1), max_backoff_s)
+
+    def mark_read_only(self, error: Exception) -> None:
+        """The device refused our credentials: send it nothing more and count it at its
+        worst case (one warning, however often it is told)."""
+        if self.read_only is None:
+            log.warning(
+                "%s (%s): read-only: %s; no change is sent to it and it counts at its "
+                "worst case until its credentials are accepted",
+                self.device_id,
+                self.address,
+                error,
+            )
+        self.read_only = f"read-only: {error}"
 
     def record_command(
         self, kind: str, old_w: float, new_w: float, target_w: float | None, now_s: float
@@ -307,8 +335,25 @@ class DeviceTracker:
             and _sleep_draw(r.power_w, self.sleep_power_w)
         )
 
+    def _reads_asleep(self, now_s: float, stale_after_s: float) -> bool:
+        """A fresh reading says it sleeps, at a sleeping miner's draw."""
+        r = self.last_good
+        return (
+            self.fresh(now_s, stale_after_s)
+            and r is not None
+            and r.state is DeviceState.SLEEPING
+            and _sleep_draw(r.power_w, self.sleep_power_w)
+        )
+
     def budget_w(self, now_s: float, stale_after_s: float) -> float:
         """Worst-case power (W) to count for this device now."""
+        if self.read_only is not None:
+            # Nothing we send reaches it: it may run at its nameplate whatever it
+            # was told, unless a fresh reading says it is asleep.
+            if self._reads_asleep(now_s, stale_after_s):
+                return self.sleep_power_w
+            w = max(self.nameplate_power_w, self.commanded_w(), self._measured_w())
+            return max(w, self.pending.old_w) if self.pending is not None else w
         if not self.fresh(now_s, stale_after_s):
             if self.known_asleep():
                 return self.sleep_power_w
@@ -322,7 +367,7 @@ class DeviceTracker:
 
     def expected_w(self, now_s: float, stale_after_s: float) -> float:
         """Power (W) the device settles at once the changes already sent take effect."""
-        if not self.fresh(now_s, stale_after_s):
+        if self.read_only is not None or not self.fresh(now_s, stale_after_s):
             return self.budget_w(now_s, stale_after_s)
         cmd = self.commanded_w()
         measured = self._measured_w()
@@ -349,6 +394,7 @@ class DeviceTracker:
             expected_w=self.expected_w(now_s, stale_after_s),
             controllable=fresh
             and self.driver is not None
+            and self.read_only is None
             and (self.capabilities.power_target or self.capabilities.can_sleep),
             reading=self.last_good,
             reading_age_s=None if self.last_ok_s is None else now_s - self.last_ok_s,
@@ -356,7 +402,7 @@ class DeviceTracker:
             awake=self.awake,
             last_transition_s=self.last_transition_s,
             wakes_last_hour=self.wakes_in_last_hour(now_s),
-            last_error=self.last_error,
+            last_error=shown_error(self.read_only, self.last_error),
         )
 
 

@@ -7,10 +7,12 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from agent.config import Config, GpuNodeConfig, MinerConfig, parse_address_range
+from agent.credentials import NO_CREDENTIALS, MinerCredentials, load_credentials
 from agent.devices import Connector, DeviceTracker, MinerDriver, close_quietly
 from agent.gpus import FixedLoad, GpuDevice, GpuNode
 from agent.inventory_store import InventoryStore, KnownMiner, backend_of, identity_key
-from domain import DeviceError, DeviceKind, MinerIdentity
+from domain import DeviceError, DeviceKind, DevicePermissionError, MinerIdentity
+from domain.credentials import Login
 from drivers.asic import AsicDriver
 from drivers.gpu import GpuNodeDriver
 from drivers.nvml import NvmlNodeDriver
@@ -21,11 +23,21 @@ log = logging.getLogger("siteagent.inventory")
 SITE_DOMAIN = "site"
 
 
-def _connector(device_id: str, address: str, timeout_s: float) -> Connector:
+def _connector(
+    device_id: str, address: str, timeout_s: float, creds: MinerCredentials
+) -> Connector:
+    logins = creds.for_miner(device_id, address)
+
     async def connect() -> MinerDriver:
-        return await AsicDriver.connect(device_id, address, timeout_s=timeout_s)
+        return await AsicDriver.connect(device_id, address, timeout_s=timeout_s, logins=logins)
 
     return connect
+
+
+def credentials(cfg: Config) -> MinerCredentials:
+    """The miner credentials ``cfg`` names (file or systemd credential); CredentialsError
+    (a ConfigError) if the file is unusable."""
+    return load_credentials(cfg.inventory.credentials_file)
 
 
 def default_id(address: str) -> str:
@@ -33,8 +45,12 @@ def default_id(address: str) -> str:
     return "miner-" + address.replace(".", "-").replace(":", "-")
 
 
-def tracker_for(cfg: Config, m: MinerConfig) -> DeviceTracker:
-    """A tracker for one configured miner; it connects on its first read."""
+def tracker_for(
+    cfg: Config, m: MinerConfig, creds: MinerCredentials | None = None
+) -> DeviceTracker:
+    """A tracker for one configured miner; it connects on its first read (``creds``:
+    loaded from ``cfg`` when not given)."""
+    creds = credentials(cfg) if creds is None else creds
     inv = cfg.inventory
     device_id = m.id or default_id(m.address)
     return DeviceTracker(
@@ -44,17 +60,24 @@ def tracker_for(cfg: Config, m: MinerConfig) -> DeviceTracker:
         nameplate_power_w=m.nameplate_power_w or inv.default_nameplate_power_w,
         nameplate_hashrate_ths=m.nameplate_hashrate_ths or inv.default_nameplate_hashrate_ths,
         sleep_power_w=inv.sleep_power_w,
-        connect=_connector(device_id, m.address, cfg.telemetry.timeout_s),
+        connect=_connector(device_id, m.address, cfg.telemetry.timeout_s, creds),
     )
 
 
 def _known_connector(
-    device_id: str, address: str, ident: MinerIdentity, timeout_s: float
+    device_id: str, address: str, ident: MinerIdentity, timeout_s: float, creds: MinerCredentials
 ) -> Connector:
+    logins = creds.for_miner(device_id, address)
+
     # Identified already: connect without pyasic's probes (they cost seconds at 10k miners).
     async def connect() -> MinerDriver:
         return await AsicDriver.from_inventory(
-            device_id, address, backend=backend_of(ident), model=ident.model, timeout_s=timeout_s
+            device_id,
+            address,
+            backend=backend_of(ident),
+            model=ident.model,
+            timeout_s=timeout_s,
+            logins=logins,
         )
 
     return connect
@@ -69,8 +92,11 @@ def discovered_id(address: str, ident: MinerIdentity) -> str:
     return "miner-" + value.replace(":", "").lower()
 
 
-def discovered_tracker(cfg: Config, address: str, ident: MinerIdentity) -> DeviceTracker:
-    """A tracker for a miner found by a scan."""
+def discovered_tracker(
+    cfg: Config, address: str, ident: MinerIdentity, creds: MinerCredentials | None = None
+) -> DeviceTracker:
+    """A tracker for a miner found by a scan (``creds``: loaded from ``cfg`` when not given)."""
+    creds = credentials(cfg) if creds is None else creds
     inv = cfg.inventory
     device_id = discovered_id(address, ident)
     return DeviceTracker(
@@ -80,7 +106,7 @@ def discovered_tracker(cfg: Config, address: str, ident: MinerIdentity) -> Devic
         nameplate_power_w=ident.nameplate_power_w or inv.default_nameplate_power_w,
         nameplate_hashrate_ths=ident.nameplate_hashrate_ths or inv.default_nameplate_hashrate_ths,
         sleep_power_w=inv.sleep_power_w,
-        connect=_known_connector(device_id, address, ident, cfg.telemetry.timeout_s),
+        connect=_known_connector(device_id, address, ident, cfg.telemetry.timeout_s, creds),
     )
 
 
@@ -110,14 +136,23 @@ def known_by_address(store: InventoryStore | None) -> dict[str, KnownMiner]:
 
 
 async def _identify_one(
-    address: str, known: KnownMiner | None, timeout_s: float
+    address: str,
+    known: KnownMiner | None,
+    timeout_s: float,
+    logins: Mapping[str, Login],
+    listed: bool,
 ) -> AsicDriver | None:
     if known is not None:
         # Known firmware and model: one identify, without pyasic's probes (about a
         # quarter of their cost); it must still be the same miner (MAC, serial).
         try:
             drv = await AsicDriver.from_inventory(
-                address, address, backend=known.backend, model=known.model, timeout_s=timeout_s
+                address,
+                address,
+                backend=known.backend,
+                model=known.model,
+                timeout_s=timeout_s,
+                logins=logins,
             )
         except Exception as e:
             log.debug("identify: %s: as known %s: %s", address, known.backend, e)
@@ -126,7 +161,13 @@ async def _identify_one(
                 return drv
             await close_quietly([drv], "an identification driver")
     try:
-        drv = await AsicDriver.connect(address, address, timeout_s=timeout_s)
+        drv = await AsicDriver.connect(address, address, timeout_s=timeout_s, logins=logins)
+    except DevicePermissionError as e:
+        if not listed:
+            # A miner is there but refuses our credentials: say so (once per scan). A
+            # listed one says it as its tracker becomes read-only.
+            log.warning("identify: %s: %s", address, e)
+        return None
     except DeviceError as e:
         log.debug("identify: %s: %s", address, e)
         return None
@@ -143,9 +184,13 @@ async def identify(
     concurrency: int,
     timeout_s: float,
     on_done: Callable[[], object] | None = None,
+    creds: MinerCredentials = NO_CREDENTIALS,
+    ids: Mapping[str, str] | None = None,
 ) -> dict[str, AsicDriver]:
     """Identify the miners at ``addresses``, ``concurrency`` at a time: connected drivers
     by address for those that answered. ``on_done`` is called as each address finishes.
+    Each logs in with its credentials in ``creds``, by its device id in ``ids`` (address
+    -> id, for listed miners) or else by its address.
 
     Bounded because an unbounded get_miner() fan-out fails wholesale (1,000 at once
     identified none), and because each identification's deadline runs while it
@@ -156,7 +201,11 @@ async def identify(
     async def one(address: str) -> AsicDriver | None:
         async with sem:
             try:
-                return await _identify_one(address, known.get(address), timeout_s)
+                device_id = (ids or {}).get(address)
+                logins = creds.for_miner(device_id, address)
+                return await _identify_one(
+                    address, known.get(address), timeout_s, logins, device_id is not None
+                )
             finally:
                 if on_done is not None:
                     on_done()
@@ -170,6 +219,7 @@ async def _survey(
     store: InventoryStore | None,
     addresses: Sequence[str],
     on_done: Callable[[], object] | None,
+    creds: MinerCredentials,
 ) -> dict[str, AsicDriver]:
     """Identify ``addresses``; record what answered (new, moved, missing) in the store."""
     if not addresses:
@@ -180,6 +230,8 @@ async def _survey(
         concurrency=cfg.inventory.discovery_concurrency,
         timeout_s=cfg.telemetry.timeout_s,
         on_done=on_done,
+        creds=creds,
+        ids={m.address: m.id or default_id(m.address) for m in cfg.inventory.miners},
     )
     found = [(a, d.identity) for a, d in drivers.items() if d.identity is not None]
     log.info("discovery: %d miner(s) answered in %d address(es)", len(found), len(addresses))
@@ -196,9 +248,13 @@ async def _survey(
     return drivers
 
 
-def _discovered(cfg: Config, drivers: Mapping[str, AsicDriver]) -> list[DeviceTracker]:
+def _discovered(
+    cfg: Config, drivers: Mapping[str, AsicDriver], creds: MinerCredentials
+) -> list[DeviceTracker]:
     return [
-        discovered_tracker(cfg, a, d.identity) for a, d in drivers.items() if d.identity is not None
+        discovered_tracker(cfg, a, d.identity, creds)
+        for a, d in drivers.items()
+        if d.identity is not None
     ]
 
 
@@ -208,8 +264,9 @@ async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceT
     The trackers connect on their first read: the agent keeps the trackers it
     has, so identification's drivers are closed here rather than left open.
     """
-    drivers = await _survey(cfg, store, scan_addresses(cfg), None)
-    trackers = _discovered(cfg, drivers)
+    creds = credentials(cfg)  # read again: a fixed password is taken at the next scan
+    drivers = await _survey(cfg, store, scan_addresses(cfg), None, creds)
+    trackers = _discovered(cfg, drivers, creds)
     await close_quietly(drivers.values(), "an identification driver")
     return trackers
 
@@ -233,9 +290,10 @@ async def build_trackers(
     that did not answer connects on a later read. ``on_identified`` is called as
     each address (``startup_addresses``) finishes.
     """
-    listed = [tracker_for(cfg, m) for m in cfg.inventory.miners]
+    creds = credentials(cfg)
+    listed = [tracker_for(cfg, m, creds) for m in cfg.inventory.miners]
     scanned = scan_addresses(cfg)
-    drivers = await _survey(cfg, store, [t.address for t in listed] + scanned, on_identified)
+    drivers = await _survey(cfg, store, [t.address for t in listed] + scanned, on_identified, creds)
     for t in listed:
         drv = drivers.get(t.address)
         if drv is not None:
@@ -244,8 +302,13 @@ async def build_trackers(
     for address in scanned:
         drv = drivers.get(address)
         if drv is not None and drv.identity is not None:
-            t = discovered_tracker(cfg, address, drv.identity)
-            _adopt_driver(t, drv)
+            t = discovered_tracker(cfg, address, drv.identity, creds)
+            if t.device_id in creds.miners:
+                # Identified with the credentials for its address; its own (by the id
+                # found) are used when the tracker connects, on its first read.
+                await close_quietly([drv], "an identification driver")
+            else:
+                _adopt_driver(t, drv)
             trackers.append(t)
     for n in cfg.gpu_nodes:
         trackers.extend(gpu_trackers(cfg, n, node_driver(cfg, n)))

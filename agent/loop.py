@@ -26,6 +26,7 @@ from agent.prices import PriceFeed, economic_params
 from agent.safety import Change, Ordered, order_changes, worst_case_loads_w
 from domain import (
     DeviceError,
+    DevicePermissionError,
     DeviceRefused,
     DeviceUnreachable,
     DomainLimit,
@@ -419,7 +420,7 @@ class Agent:
     async def _apply_now(self, c: Change, deadline: float) -> bool:
         t = self.trackers[c.device_id]
         driver = t.driver
-        if driver is None:
+        if driver is None or t.read_only is not None:
             return False
         try:
             async with asyncio.timeout_at(deadline):
@@ -432,6 +433,11 @@ class Agent:
                         c = Change(c.device_id, c.kind, c.setpoint, c.old_w, c.new_w, applied)
                     if c.kind == "wake":
                         await driver.wake()
+        except DevicePermissionError as e:
+            # Our credentials refused: nothing changed; it is read-only from now on.
+            self.actuation_errors[c.kind] += 1
+            t.mark_read_only(e)
+            return False
         except DeviceRefused as e:
             # Refused outright: nothing changed on the device.
             self.actuation_errors[c.kind] += 1

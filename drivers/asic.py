@@ -18,14 +18,16 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
 
 import pyasic
 
+from domain.credentials import Login
 from domain.errors import (
     DeviceError,
     DeviceFaulted,
+    DevicePermissionError,
     DeviceRefused,
     DeviceUnreachable,
 )
@@ -55,6 +57,7 @@ class AsicDriver:
         *,
         timeout_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        login: Login | None = None,
     ) -> None:
         self.device_id = device_id
         self.address = address
@@ -67,6 +70,12 @@ class AsicDriver:
         # Set when a write's outcome is unknown (no answer in time): the next
         # write re-reads state first instead of blindly repeating it.
         self._uncertain = False
+        # The credentials the adapter was given (None: pyasic's defaults), to name
+        # where to fix them when the miner refuses them.
+        self.login = login or Login()
+        # Whether the miner took our credentials: False once it refused them, True
+        # once a call that needs them succeeded (None: nothing has told yet).
+        self.login_ok: bool | None = None
 
     def settle_s(self, kind: str) -> float:
         """How long (s) this firmware takes to show a change of ``kind`` ("wake", "sleep",
@@ -85,10 +94,19 @@ class AsicDriver:
         return self.backend.name
 
     @classmethod
-    async def connect(cls, device_id: str, address: str, *, timeout_s: float = 5.0) -> AsicDriver:
-        """Identify the miner at ``address`` and read its capabilities (timeout in s)."""
-        backend = await _get_backend(address, timeout_s)
-        drv = cls(device_id, address, backend, timeout_s=timeout_s)
+    async def connect(
+        cls,
+        device_id: str,
+        address: str,
+        *,
+        timeout_s: float = 5.0,
+        logins: Mapping[str, Login] | None = None,
+    ) -> AsicDriver:
+        """Identify the miner at ``address`` and read its capabilities (timeout in s);
+        ``logins`` by firmware replace pyasic's default credentials."""
+        backend = await _get_backend(address, timeout_s, logins)
+        login = (logins or {}).get(backend.name)
+        drv = cls(device_id, address, backend, timeout_s=timeout_s, login=login)
         await drv.identify()
         return drv
 
@@ -101,12 +119,14 @@ class AsicDriver:
         backend: str,
         model: str | None,
         timeout_s: float = 5.0,
+        logins: Mapping[str, Login] | None = None,
     ) -> AsicDriver:
         """Connect to a miner the inventory already knows (firmware, model): no probes."""
-        b = known_backend(address, backend, model)
+        b = known_backend(address, backend, model, logins)
         if b is None:
             raise DeviceFaulted(f"{address}: unknown backend {backend!r}")
-        drv = cls(device_id, address, b, timeout_s=timeout_s)
+        login = (logins or {}).get(backend)
+        drv = cls(device_id, address, b, timeout_s=timeout_s, login=login)
         await drv.identify()
         return drv
 
@@ -114,16 +134,36 @@ class AsicDriver:
         """Run one adapter call under the timeout, translating its errors."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await fn()
+                result = await fn()
+        except DevicePermissionError as e:
+            raise self._refused_login(e) from e
         except DeviceError as e:
             if control and isinstance(e, DeviceUnreachable):
                 self._uncertain = True
             raise
         except Exception as e:
             err = self.backend.translate(what, e, control=control)
+            if isinstance(err, DevicePermissionError):
+                raise self._refused_login(err) from e
             if control and isinstance(err, DeviceUnreachable | DeviceFaulted):
                 self._uncertain = True
             raise err from e
+        if control or self.backend.behaviour.reads_log_in:
+            self.login_ok = True
+        return result
+
+    def _refused_login(self, e: DevicePermissionError) -> DevicePermissionError:
+        """The miner refused our credentials: one error that says where to fix them."""
+        self.login_ok = False
+        detail = str(e)
+        pw = self.login.password
+        if pw is not None and pw.reveal():
+            # Whatever the vendor library put in its message, never the password.
+            detail = detail.replace(pw.reveal(), "***")
+        return DevicePermissionError(
+            f"authentication failed for {self.backend.name} at {self.address}: check the "
+            f"password for this miner in {self.login.source} ({detail})"
+        )
 
     async def identify(self) -> MinerIdentity:
         """(Re)read identity and capabilities (power-target range W, sleep) from the miner."""
@@ -213,7 +253,9 @@ async def _probe_any(address: str, timeout_s: float) -> bool:
     return any(await asyncio.gather(*(one(p) for p in _PROBE_PORTS)))
 
 
-async def _get_backend(address: str, timeout_s: float) -> Backend:
+async def _get_backend(
+    address: str, timeout_s: float, logins: Mapping[str, Login] | None = None
+) -> Backend:
     """pyasic.get_miner under a deadline, wrapped in the adapter for its firmware."""
     try:
         # get_miner has per-probe timeouts but no overall deadline.
@@ -229,7 +271,7 @@ async def _get_backend(address: str, timeout_s: float) -> Backend:
         if await _probe_any(address, min(timeout_s, 1.0)):
             raise DeviceFaulted(f"{address}: answers, but pyasic cannot identify it")
         raise DeviceUnreachable(f"{address}: nothing answers on ports {_PROBE_PORTS}")
-    backend = select_backend(miner)
+    backend = select_backend(miner, logins)
     if backend is None:
         # Includes pyasic's fallback to the legacy BOSMiner class for a Braiins
         # model it does not know (pyasic issues #129, #140).

@@ -27,6 +27,7 @@ class SimLuxOS(SimMinerBase):
     PORTS: ClassVar[tuple[int, ...]] = (4028,)
 
     def __init__(self, *args: Any, atm_period_s: float | None = None, **kwargs: Any) -> None:
+        # A ``password`` is kept and never asked for: LuxOS's API logon carries none.
         kwargs.setdefault("prefix", "SIMLUX")
         super().__init__(*args, **kwargs)
         np = self.model.nameplate_power_w

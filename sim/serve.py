@@ -115,6 +115,7 @@ async def serve(args: argparse.Namespace) -> None:
         wake_s=args.wake_s,
         backends=[b.strip() for b in args.mix.split(",") if b.strip()],
         restart_s=args.restart_s,
+        password=args.password,
     )
     await site.start()
     gpu_site: SimGpuSite | None = None
@@ -178,6 +179,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--restart-s", type=float, default=5.0, help="Whatsminer service restart on a limit (s)"
+    )
+    p.add_argument(
+        "--password",
+        default=None,
+        help="every miner's management password instead of its firmware's default (LuxOS has none)",
     )
     p.add_argument("--sample-s", type=float, default=0.25, help="ground-truth sampling (s)")
     p.add_argument("--control-port", type=int, default=0, help="control channel port (0: any)")

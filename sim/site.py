@@ -48,6 +48,7 @@ class SimSite:
         clock: Callable[[], float] = time.monotonic,
         backends: Sequence[str] = ("braiins",),
         restart_s: float = 5.0,
+        password: str | None = None,
     ) -> None:
         base = ipaddress.IPv4Address(base_address)
         if not base.is_loopback:
@@ -71,6 +72,8 @@ class SimSite:
         self.clock = clock
         self.miners: list[SimMiner] = []
         first = int(base) - int(ipaddress.IPv4Address("127.0.0.0"))
+        # Every miner's management password, where not its firmware's default.
+        pw: dict[str, str] = {} if password is None else {"password": password}
         for i in range(n_miners):
             backend = backends[i % len(backends)]
             k = i // len(backends)
@@ -83,13 +86,14 @@ class SimSite:
                         timing,
                         index=index,
                         clock=clock,
+                        **pw,
                     )
                 )
                 continue
             cls = BACKEND_CLASSES[backend]
             mix = WHATSMINER_MODELS if backend == "whatsminer" else tuple(models)
             self.miners.append(
-                cls(address, SIM_MODELS[mix[k % len(mix)]], timing, index=index, clock=clock)
+                cls(address, SIM_MODELS[mix[k % len(mix)]], timing, index=index, clock=clock, **pw)
             )
         self._by_address = {m.address: m for m in self.miners}
 

@@ -14,6 +14,7 @@ from agent.devices import DeviceTracker
 from domain import (
     DeviceFaulted,
     DeviceKind,
+    DevicePermissionError,
     DeviceReading,
     DeviceState,
     DeviceUnreachable,
@@ -77,7 +78,11 @@ def events(draw: st.DrawFn) -> tuple[float, int, Event]:
             )
             t.record_reading(r, now, CONFIRM_S)
         elif what == 3:
-            err = DeviceFaulted("garbage") if power is None else DeviceUnreachable("silent")
+            err: Exception = (
+                DeviceFaulted("garbage") if power is None else DeviceUnreachable("silent")
+            )
+            if power == 60.0:
+                err = DevicePermissionError("login refused")  # read-only from now on
             t.record_failure(err, now, 5.0, 60.0)
         elif what == 4:
             t.record_command(kind, old, new, target, now)

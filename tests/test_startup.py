@@ -14,6 +14,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,9 +278,11 @@ async def test_known_miners_skip_the_probes_unless_another_miner_answers(
         probed: list[str] = []
         real_connect = AsicDriver.connect
 
-        async def counting_connect(device_id: str, address: str, *, timeout_s: float) -> AsicDriver:
+        async def counting_connect(
+            device_id: str, address: str, *, timeout_s: float, **kw: Any
+        ) -> AsicDriver:
             probed.append(address)
-            return await real_connect(device_id, address, timeout_s=timeout_s)
+            return await real_connect(device_id, address, timeout_s=timeout_s, **kw)
 
         monkeypatch.setattr(AsicDriver, "connect", counting_connect)
         again = await identify(addrs, known, concurrency=3, timeout_s=2.0)
@@ -294,7 +297,7 @@ async def test_known_miners_skip_the_probes_unless_another_miner_answers(
 async def test_identification_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     in_flight, most = 0, 0
 
-    async def one(address: str, known: object, timeout_s: float) -> None:
+    async def one(address: str, known: object, timeout_s: float, *_: object) -> None:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)

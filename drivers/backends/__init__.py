@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pyasic.miners.backends.antminer import AntminerModern
@@ -11,6 +12,7 @@ from pyasic.miners.backends.luxminer import LUXMiner
 from pyasic.miners.backends.vnish import VNish
 from pyasic.miners.factory import MINER_CLASSES, MinerTypes
 
+from domain.credentials import Login
 from drivers.backends.antminer import AntminerBackend
 from drivers.backends.base import Backend
 from drivers.backends.braiins import BraiinsBackend
@@ -18,9 +20,18 @@ from drivers.backends.luxos import LuxOSBackend
 from drivers.backends.vnish import VNishBackend
 from drivers.backends.whatsminer import WhatsminerBackend
 
-__all__ = ["BACKENDS", "Backend", "known_backend", "select_backend"]
+__all__ = ["BACKENDS", "LOGIN_BACKENDS", "Backend", "known_backend", "select_backend"]
 
 BACKENDS = ("braiins", "whatsminer", "luxos", "antminer", "vnish")
+# Firmware whose API takes a password, and whether it also takes a user name. LuxOS
+# is not here: its API's ``logon`` carries no password (pyasic 0.79 and Luxor's own
+# luxos tooling send a bare ``logon``); the session is its only gate.
+LOGIN_BACKENDS: dict[str, bool] = {
+    "braiins": True,  # gRPC Login (user, password)
+    "antminer": True,  # web digest auth (user, password)
+    "vnish": False,  # web ``unlock`` with the password
+    "whatsminer": False,  # the admin password behind the write token
+}
 
 
 _TYPES = {
@@ -32,7 +43,12 @@ _TYPES = {
 }
 
 
-def known_backend(address: str, backend: str, model: str | None) -> Backend | None:
+def known_backend(
+    address: str,
+    backend: str,
+    model: str | None,
+    logins: Mapping[str, Login] | None = None,
+) -> Backend | None:
     """The adapter for a miner whose firmware and model are already known (no probes).
 
     pyasic's ``get_miner`` costs two racing probes and a model query; a miner the
@@ -45,21 +61,61 @@ def known_backend(address: str, backend: str, model: str | None) -> Backend | No
     key = (model or "").upper()
     for k in (key, key.replace(" ", ""), f"ANTMINER {key}", f"BITMAIN {key}"):
         if k and k in classes:
-            return select_backend(classes[k](address))
-    return select_backend(classes[None](address))
+            return select_backend(classes[k](address), logins)
+    return select_backend(classes[None](address), logins)
 
 
-def select_backend(miner: Any) -> Backend | None:
-    """The adapter for a miner pyasic identified, or None for firmware we cannot drive."""
+def backend_name(miner: Any) -> str | None:
+    """Which adapter drives a miner pyasic made, or None for firmware we cannot drive."""
     if isinstance(miner, BOSer):
-        return BraiinsBackend(miner)
+        return "braiins"
     if isinstance(miner, BTMinerV2):
-        return WhatsminerBackend(miner)
+        return "whatsminer"
     if isinstance(miner, LUXMiner):
-        return LuxOSBackend(miner)
+        return "luxos"
     if isinstance(miner, VNish):
-        return VNishBackend(miner)
+        return "vnish"
     if isinstance(miner, AntminerModern):
         # Stock firmware only: pyasic's class for an unknown model is not modern.
-        return AntminerBackend(miner)
+        return "antminer"
     return None
+
+
+def use_login(miner: Any, name: str, login: Login | None) -> None:
+    """Give pyasic's clients of ``miner`` (firmware ``name``) the configured credentials.
+
+    Through the clients' public attributes (``web.username`` / ``web.pwd``,
+    ``rpc.pwd``), before the adapter is built: the Braiins OS and VNish adapters
+    copy them into their kept-connection clients when they are made.
+    """
+    if login is None or name not in LOGIN_BACKENDS:
+        return
+    password = login.password.reveal() if login.password is not None else None
+    if name == "whatsminer":
+        if password is not None:
+            miner.rpc.pwd = password
+        return
+    if login.username is not None and LOGIN_BACKENDS[name]:
+        miner.web.username = login.username
+    if password is not None:
+        miner.web.pwd = password
+
+
+_ADAPTERS: dict[str, Any] = {
+    "braiins": BraiinsBackend,
+    "whatsminer": WhatsminerBackend,
+    "luxos": LuxOSBackend,
+    "vnish": VNishBackend,
+    "antminer": AntminerBackend,
+}
+
+
+def select_backend(miner: Any, logins: Mapping[str, Login] | None = None) -> Backend | None:
+    """The adapter for a miner pyasic identified, or None for firmware we cannot drive;
+    ``logins`` (by firmware) replace pyasic's default credentials."""
+    name = backend_name(miner)
+    if name is None:
+        return None
+    use_login(miner, name, (logins or {}).get(name))
+    adapter: Backend = _ADAPTERS[name](miner)
+    return adapter

@@ -52,6 +52,9 @@ class Behaviour:
     restart_s: float = 0.0
     settle_s: float = 20.0
     wake_s: float = 10.0
+    # Every reading logs in with the configured credentials (Braiins OS gRPC, VNish
+    # web), so a good reading proves they are accepted.
+    reads_log_in: bool = False
 
 
 class Backend(Protocol):

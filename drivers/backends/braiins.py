@@ -789,7 +789,9 @@ class BraiinsBackend:
     name = "braiins"
     # Braiins OS target changes can restart the tuner and ramp for minutes (user
     # reports); the simulator ramps over its settle time without a restart.
-    behaviour = Behaviour(target_change_restarts=False, settle_s=20.0, wake_s=10.0)
+    behaviour = Behaviour(
+        target_change_restarts=False, settle_s=20.0, wake_s=10.0, reads_log_in=True
+    )
 
     def __init__(self, miner: BOSer, *, budget: KeepBudget = KEEP_BUDGET) -> None:
         self.miner = miner

@@ -20,7 +20,7 @@ from typing import Any
 from pyasic.errors import APIError
 from pyasic.miners.backends.luxminer import LUXMiner
 
-from domain.errors import DeviceError, DeviceFaulted, DeviceRefused
+from domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
 from domain.types import DeviceState, MinerIdentity
 from drivers.backends.base import (
     Behaviour,
@@ -78,8 +78,12 @@ class LuxOSBackend:
         """Socket / JSON errors and LUXminer's STATUS E replies."""
         err = translate_rpc(self.address, what, e, control=control)
         if "session" in str(e).lower():
-            # Session expired or taken over: log on afresh next time.
+            # Session expired or taken over: log on afresh next time. LuxOS's logon
+            # takes no password, so this is no credentials problem (which would make
+            # the miner read-only): the call was declined and nothing changed.
             self.miner.rpc.session_token = None
+            if isinstance(err, DevicePermissionError):
+                return DeviceRefused(str(err)) if control else DeviceFaulted(str(err))
         return err
 
     async def _rpc(self, what: str, coro: Any) -> dict[str, Any]:

@@ -330,7 +330,9 @@ class VNishBackend:
     # Chosen, not measured: a preset change restarts the miner process (chains
     # re-initialise) before the tuner ramps to the new level; start is a cold
     # chain initialisation too.
-    behaviour = Behaviour(target_change_restarts=True, restart_s=20.0, settle_s=60.0, wake_s=60.0)
+    behaviour = Behaviour(
+        target_change_restarts=True, restart_s=20.0, settle_s=60.0, wake_s=60.0, reads_log_in=True
+    )
 
     def __init__(self, miner: VNish) -> None:
         self.miner = miner
