@@ -92,8 +92,9 @@ def test_each_route_is_pyasics_with_its_request_and_reply_types() -> None:
 
 
 def test_grpclibs_codec_decodes_a_reply_through_its_type() -> None:
-    # The driver's channel uses ProtoCodec, which decodes with ``reply_type.FromString``
-    # (grpclib's IProtoMessage; the decoded types never encode, so they have only that).
+    # The driver's channel uses grpclib's default codec, ProtoCodec, which decodes with
+    # ``reply_type.FromString`` (grpclib's IProtoMessage; the decoded types never
+    # encode, so they have only that half).
     data = bytes(bos.GetMinerDetailsResponse(status=bos.MinerStatus.NORMAL))
     decoded: Any = ProtoCodec().decode(data, typing.cast(Any, wire.MinerDetails))
     assert decoded == wire.MinerDetails(status=int(bos.MinerStatus.NORMAL)), (

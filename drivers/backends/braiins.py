@@ -21,7 +21,6 @@ from typing import Any
 import grpclib.const
 from grpclib import GRPCError, Status
 from grpclib.client import Channel
-from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import StreamTerminatedError
 from h2.exceptions import ProtocolError as H2ProtocolError
 from pyasic.errors import APIError
@@ -141,7 +140,8 @@ class _Kept:
     __slots__ = ("answered", "channel", "closed", "streams")
 
     def __init__(self, host: str, port: int) -> None:
-        self.channel = Channel(host, port, codec=ProtoCodec())
+        # grpclib's default codec, ProtoCodec, decodes a reply with its type's FromString.
+        self.channel = Channel(host, port)
         self.answered = False  # some call on it got an answer (it has been reused since)
         self.closed = False
         self.streams = 0  # opened on it so far

@@ -6,8 +6,8 @@ pyasic's generated betterproto messages decode every field of a reply and hook e
 attribute read in Python (GetMinerStats: ~170 us, most of a reading's own CPU), so a
 reading reads only those scalars from the protobuf wire format here, by the field
 numbers of pyasic's generated schema, into small frozen values. grpclib decodes a
-reply through ``reply_type.FromString(data)`` (``ProtoCodec``, the codec the driver
-passes to its channel), so these values are reply types of their own.
+reply through ``reply_type.FromString(data)`` (``ProtoCodec``, a channel's default
+codec), so these values are reply types of their own.
 
 Everything here is a copy of pyasic's proto (``pyasic/web/braiins_os/proto``): the
 routes (service and method names), the request and reply types they take, and the
