@@ -471,7 +471,6 @@ def families(agent: Agent, *, version: str = "unknown") -> Iterator[Family | His
 def _alarm_families(agent: Agent) -> Iterator[Family]:
     # Every alarm name is always present (0 when clear): a fixed, bounded label set.
     raised = {a.name: a for a in agent.alarms.active()}
-    now_unix_s = agent.alarms.wall_clock()
     yield Family(
         PREFIX + "alarm",
         "gauge",
@@ -480,14 +479,11 @@ def _alarm_families(agent: Agent) -> Iterator[Family]:
         [((name,), float(name in raised)) for name in ALARM_NAMES],
     )
     yield Family(
-        PREFIX + "alarm_since_seconds",
+        PREFIX + "alarm_since_timestamp_seconds",
         "gauge",
-        "How long the alarm has been raised; 0 when it is not.",
+        "When (Unix time) the alarm was raised; 0 when it is not raised.",
         ("alarm",),
-        [
-            ((name,), max(0.0, now_unix_s - raised[name].since_unix_s) if name in raised else 0.0)
-            for name in ALARM_NAMES
-        ],
+        [((name,), raised[name].since_unix_s if name in raised else 0.0) for name in ALARM_NAMES],
     )
 
 
