@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from agent.alarms import AlarmEvent
 from agent.auth import FailureLimiter, Principal, TokenStore, ssl_options, tokens_path
 from agent.auth import Scope as TokenScope
 from agent.config import Config
@@ -131,6 +132,14 @@ class DomainView(BaseModel):
     measured_w: float = 0.0
 
 
+class AlarmView(BaseModel):
+    """An alarm raised now: which, why, and since when (Unix s)."""
+
+    name: str
+    reason: str
+    since_unix_s: float
+
+
 class StatusView(BaseModel):
     """The site at a glance."""
 
@@ -155,6 +164,7 @@ class StatusView(BaseModel):
     last_tick_age_s: float | None
     active_overrides: int
     domains: list[DomainView]
+    alarms: list[AlarmView] = []
 
 
 class DeviceView(BaseModel):
@@ -711,6 +721,10 @@ def _status(s: Services) -> StatusView:
             )
             for d in limits.domains
         ],
+        alarms=[
+            AlarmView(name=a.name, reason=a.reason, since_unix_s=a.since_unix_s)
+            for a in agent.alarms.active()
+        ],
     )
 
 
@@ -880,6 +894,35 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# The status of an audit record the agent wrote itself, not an HTTP request's.
+AGENT_AUDIT_STATUS = 0
+
+
+def alarm_auditor(store: Store) -> Callable[[AlarmEvent], None]:
+    """A listener that appends an audit record for each alarm raised or cleared."""
+
+    def audit(event: AlarmEvent) -> None:
+        a = event.alarm
+        if event.raised:
+            action, result = f"alarm raised: {a.name}", a.reason
+        else:
+            action = f"alarm cleared: {a.name}"
+            result = f"cleared after {event.duration_s:.0f} s; was: {a.reason}"
+        store.append_audit(
+            AuditRecord(
+                time_unix_s=event.time_unix_s,
+                actor="siteagent",
+                client="local",
+                action=action,
+                request="",
+                status=AGENT_AUDIT_STATUS,
+                result=result,
+            )
+        )
+
+    return audit
+
+
 def make_services(
     agent: Agent,
     cfg: Config,
@@ -893,6 +936,7 @@ def make_services(
     store = Store.in_dir(cfg.state.dir)
     manager = OverrideManager(agent, store, max_ttl_s=api.max_override_ttl_s, wall_clock=wall_clock)
     manager.restore()
+    agent.alarms.subscribe(alarm_auditor(store))
     if tokens is None:
         token_file = tokens_path(api, cfg.state.dir)
         tokens = TokenStore(token_file)

@@ -375,6 +375,12 @@ def status_table(st: Mapping[str, Any]) -> str:
                 f"{format_power(d['worst_case_w'])} worst case, {lim}"
             )
         rows.append((f"domain {d['domain_id']}", lim))
+    alarms = st.get("alarms") or []
+    rows.append(("alarms", "none" if not alarms else f"{len(alarms)} raised"))
+    now = float(st.get("time_unix_s", 0.0))
+    for a in alarms:
+        since = format_duration(max(0.0, now - float(a["since_unix_s"])))
+        rows.append((f"alarm {a['name']}", f"{a['reason']} (for {since})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -112,6 +112,10 @@ class PricesConfig(_Strict):
     stale_after_s: PositiveS = 900.0
     # What a stale electricity price is taken to be: high, so the planner sheds rather than loses.
     fallback_electricity_usd_per_kwh: NonNegW = 0.25
+    # Stale prices: "hold" the last fresh ones (or the static ones, none fresh since the
+    # start) for stale_hold_s, then the high price; "high": the high price at once.
+    stale_fallback: Literal["hold", "high"] = "hold"
+    stale_hold_s: NonNegW = 3600.0
 
 
 class PriorityClassConfig(_Strict):

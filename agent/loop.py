@@ -18,11 +18,12 @@ from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from agent.alarms import Alarms, check_tick
 from agent.columns import TrackerColumns, Trackers
 from agent.config import Config, cron_trigger
 from agent.devices import DeviceTracker, MinerDriver, close_quietly
 from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
-from agent.prices import PriceFeed, economic_params
+from agent.prices import PriceFeed, economic_params, node_contract_floors
 from agent.safety import Change, Ordered, order_changes, worst_case_loads_w
 from domain import (
     DeviceError,
@@ -105,8 +106,12 @@ class Agent:
             min_off_s=config.policy.min_off_s,
             max_wakes_per_hour=config.policy.max_wakes_per_hour,
         )
+        # Conditions an operator must hear about once (a broken floor, stale prices, ...).
+        self.alarms = Alarms(wall_clock=lambda: self.wall_clock().timestamp())
+        self._node_floors = node_contract_floors(config)
+        self._tick_line: tuple[str, int] | None = None
         # Prices for the economic policy: static, or a file/HTTP series refreshed on a schedule.
-        self.price_feed = PriceFeed(config)
+        self.price_feed = PriceFeed(config, alarms=self.alarms)
         self.prices: Callable[[], Prices] = self.price_feed.prices
         self.economic_params = economic_params(config)
         self._caps: dict[str, float] = {SITE_CAP_SOURCE: config.site.cap_w}
@@ -367,7 +372,10 @@ class Agent:
             self.last_increase_s = snap.time_s
         self.last_plan = plan
         self.ticks += 1
-        if plan.mode != "hold" or ordered.now:
+        check_tick(self.alarms, snap, limits, plan, self._node_floors)
+        # The tick line when something was sent or the plan's state moved, not every tick.
+        line = (plan.mode, len(ordered.deferred))
+        if ordered.now or (plan.mode != "hold" and line != self._tick_line):
             log.info(
                 "tick: %s (%s); %d change(s) sent, %d deferred, %d failed",
                 plan.mode,
@@ -376,6 +384,7 @@ class Agent:
                 len(ordered.deferred),
                 len(failed),
             )
+        self._tick_line = line
         record = TickRecord(
             snap.time_s, snap, limits, plan, ordered, applied, failed, plan_duration
         )

@@ -34,6 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from agent.alarms import ALARM_NAMES
 from domain import DeviceKind, DeviceState, DeviceStatus, setpoint_rows
 from policies.capping import DomainTree, domain_loads_w
 
@@ -398,6 +399,7 @@ def families(agent: Agent, *, version: str = "unknown") -> Iterator[Family | His
     if agent.last_sweep_s is not None:
         age_s = max(0.0, now_s - agent.last_sweep_s)
         yield _one("last_sweep_age_seconds", "gauge", "Time since the last telemetry sweep.", age_s)
+    yield from _alarm_families(agent)
     if record is None:
         return
     v = make_view(record, now_s)
@@ -464,6 +466,25 @@ def families(agent: Agent, *, version: str = "unknown") -> Iterator[Family | His
                 if value is not None:
                     dom_samples.append(((dom.domain_id,), value))
             yield Family(PREFIX + dom_m.name, "gauge", dom_m.help, ("domain",), dom_samples)
+
+
+def _alarm_families(agent: Agent) -> Iterator[Family]:
+    # Every alarm name is always present (0 when clear): a fixed, bounded label set.
+    raised = {a.name: a for a in agent.alarms.active()}
+    yield Family(
+        PREFIX + "alarm",
+        "gauge",
+        "1 while the alarm is raised, else 0 (reasons: `siteagent status`).",
+        ("alarm",),
+        [((name,), float(name in raised)) for name in ALARM_NAMES],
+    )
+    yield Family(
+        PREFIX + "alarm_since_timestamp_seconds",
+        "gauge",
+        "When (Unix time) the alarm was raised; 0 when it is not raised.",
+        ("alarm",),
+        [((name,), raised[name].since_unix_s if name in raised else 0.0) for name in ALARM_NAMES],
+    )
 
 
 # -- rendering ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.alarms import PRICES_STALE, Alarms
 from agent.config import Config
 from policies.capping import CappingParams
 from policies.economic_params import EconomicParams, PriorityClass, PriorityClasses
@@ -112,14 +113,26 @@ def static_prices(cfg: Config) -> Prices:
 
 
 def fallback(cfg: Config) -> PriceFallback:
-    """What each stale input is taken to be: the configured high electricity price."""
+    """What stale prices give way to: ``prices.stale_fallback`` (hold, then high; or high)."""
     p = cfg.prices
     return PriceFallback(
         p.stale_after_s,
         p.fallback_electricity_usd_per_kwh,
         p.hashprice_usd_per_th_day,
         p.ai_usd_per_gpu_hour,
+        p.stale_fallback,
+        p.stale_hold_s,
+        p.electricity_usd_per_kwh,
     )
+
+
+def node_contract_floors(cfg: Config) -> dict[str, tuple[float, tuple[str, ...]]]:
+    """Per GPU node with a contract: its floor (W) and its GPUs' ids (as ``economic_params``)."""
+    return {
+        n.id: (n.contract_floor_w, tuple(f"{n.id}/gpu{i}" for i in range(n.gpus)))
+        for n in cfg.gpu_nodes
+        if n.contract_floor_w > 0
+    }
 
 
 def economic_params(cfg: Config) -> EconomicParams:
@@ -155,12 +168,21 @@ class PriceFeed:
     schedule. A refresh that fails keeps the last good series (logged once until it
     recovers); prices older than ``stale_after_s`` give way to the stated fallbacks."""
 
-    def __init__(self, cfg: Config, *, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        alarms: Alarms | None = None,
+    ) -> None:
         self.cfg = cfg
         self.wall_clock = wall_clock
         self.series: PriceSeries | None = None
         self.last_error: str | None = None
+        self.alarms = alarms
         self._fallback = fallback(cfg)
+        # Prices that went stale before this were never fresh to this run ("hold" needs it).
+        self.started_unix_s = wall_clock()
 
     @property
     def live(self) -> bool:
@@ -197,4 +219,22 @@ class PriceFeed:
             return static_prices(self.cfg)
         now = self.wall_clock()
         point = self.series.at(now) if self.series is not None else None
-        return resolve(point, now, self._fallback, source=self.cfg.prices.source)
+        source = self.cfg.prices.source
+        prices = resolve(
+            point, now, self._fallback, source=source, started_unix_s=self.started_unix_s
+        )
+        if self.alarms is not None:
+            reason = None
+            if prices.stale:
+                where = self.cfg.prices.path if source == "file" else self.cfg.prices.url
+                if point is None:
+                    age = "no price point at or before now"
+                else:
+                    age = f"newest point {now - point.timestamp_unix_s:.0f} s old"
+                error = f", last read failed: {self.last_error}" if self.last_error else ""
+                reason = (
+                    f"{source} prices ({where}) stale: {age} (stale after "
+                    f"{self._fallback.stale_after_s:.0f} s){error}; using {prices.fallback}"
+                )
+            self.alarms.update(PRICES_STALE, reason)
+        return prices

@@ -395,6 +395,8 @@ class Plan:
     reason: str
     setpoints: Sequence[Setpoint] = field(default=())
     directives_key: str = ""
+    # Devices whose contract floor the plan could not keep under the caps (caps win).
+    broken_floors: tuple[str, ...] = ()
 
     def setpoint_for(self, device_id: str) -> Setpoint | None:
         """The setpoint for one device, or None if the plan leaves it alone."""

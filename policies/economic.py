@@ -164,7 +164,9 @@ def plan(
             heading[index[k]] += max(sp.planned_w, d.expected_w) - sp.planned_w
     over = np.flatnonzero(heading > cp.capping_threshold * limit)
 
-    segs = _segments(cols, prev, limits, prices, params, snapshot.time_s)
+    # Contract floors are kept only within each domain's limit: caps win over floors.
+    room_w = limit - fixed_load
+    segs = _segments(cols, prev, limits, prices, params, snapshot.time_s, room_w)
     avail = cp.capping_target * limit - fixed_load
     avail -= cols.node_loads(segs.floor_w)
     klass = st.classes(params.priority)
@@ -243,7 +245,8 @@ def plan(
         lambda i: texts(int(cols.order[i])),
         st.rows[cols.order],
     )
-    return Plan(snapshot.time_s, mode, limits.effective_cap_w, planned, reason, table, key)
+    broken = tuple(sorted(cols.ids[i] for i in segs.broken.tolist()))
+    return Plan(snapshot.time_s, mode, limits.effective_cap_w, planned, reason, table, key, broken)
 
 
 # Why a device is where it is, as a code per device; words are made on demand.
@@ -259,7 +262,8 @@ def plan(
     _LOSES,
     _AT_MAX,
     _NEXT_LOSES,
-) = range(11)
+    _FLOOR_BROKEN,
+) = range(12)
 
 
 class _Whole:
@@ -549,6 +553,7 @@ class _Segs:
         self.value_q = np.zeros(0)
         self.level_w = np.zeros(0)
         self.reserve_w = np.zeros(0)
+        self.broken = np.zeros(0, np.intp)  # devices whose contract floor did not fit
 
 
 def _stored(s: _Segs) -> Segments:
@@ -575,6 +580,7 @@ def _segments(
     prices: Prices,
     params: EconomicParams,
     now_s: float,
+    room_w: FloatArr,
 ) -> _Segs:
     """Cut every device's power above its floor into valued segments (see the module doc)."""
     n = len(cols.ids)
@@ -615,7 +621,7 @@ def _segments(
     out = _SegBuffers(4 * len(g) + lay.a_w.size)
     end = 0
     if g.size:
-        ga, gb, gv = _gpu_segments(cols, s, g, limits, prices, params)
+        ga, gb, gv = _gpu_segments(cols, s, g, limits, prices, params, room_w)
         c = cols.clamp
         gpus = _Rows(g, ga, gb, gv, np.zeros(ga.shape, bool), c.lo_w[g], c.hi_w[g], c.step_w[g])
         end = _block(s, cols, prev, params, gpus, np.ones(len(g), bool), out, end)
@@ -792,24 +798,35 @@ def _gpu_segments(
     limits: Limits,
     prices: Prices,
     params: EconomicParams,
+    room_w: FloatArr,
 ) -> tuple[FloatArr, FloatArr, FloatArr]:
-    """The GPUs' floors (into ``s``), and their segments' bounds and values (rows: ``g``)."""
+    """The GPUs' floors (into ``s``), and their segments' bounds and values (rows: ``g``).
+
+    ``room_w`` is each node's limit less what the plan does not move (W).
+    """
     curve = params.gpu_curve
     a = np.full((len(g), 4), np.nan)
     b = np.full((len(g), 4), np.nan)
     v = np.full((len(g), 4), np.nan)
     tdp, lo = cols.hi_w[g], cols.lo_w[g]
     floor = lo.copy()
+    broken = np.zeros(len(g), bool)
     if params.contract_floor_w:
         for k, i in enumerate(g.tolist()):
             contract = params.contract_floor_w.get(cols.ids[i], 0.0)
             if contract > lo[k]:
                 caps_clamp = cols.clamp(np.array([i]), np.array([contract]))
                 floor[k] = max(float(caps_clamp[0]), lo[k])
+        contract_w = floor
+        floor, broken = _floors_within(cols, s, g, contract_w, room_w)
+        s.why_aux[g[broken]] = contract_w[broken]
     s.floor_w[g] = floor
     s.on_floor[g] = True
+    s.broken = g[broken]
     if limits.ai_min:
         s.why[g] = _AI_MIN
+    s.why[g[broken]] = _FLOOR_BROKEN
+    if limits.ai_min:
         return a, b, v
     demand = _gpu_demand(cols, g, prices, params)
     want = np.minimum(1.0, demand * (1.0 + params.gpu_headroom_frac))
@@ -838,7 +855,41 @@ def _gpu_segments(
     head = np.flatnonzero(need < tdp)
     at = n_cuts[head]
     a[head, at], b[head, at], v[head, at] = need[head], tdp[head], 0.0
+    # A GPU whose floor was cut has no room above it: nothing to offer.
+    a[broken], b[broken], v[broken] = np.nan, np.nan, np.nan
     return a, b, v
+
+
+def _floors_within(
+    cols: _Columns, s: _Segs, g: IntArr, contract_w: FloatArr, room_w: FloatArr
+) -> tuple[FloatArr, BoolArr]:
+    """The GPUs' contract floors (W; rows: ``g``) cut to fit every node's room, and which
+    were cut.
+
+    Every movable device's own minimum (``s.floor_w``; a GPU's lowest limit) is
+    counted first; then each GPU's contract above its minimum is a segment taken in
+    the fixed order (by id), cut to the room left as any segment is.
+    """
+    lo = s.floor_w[g]
+    extra = np.flatnonzero(contract_w > lo)
+    if not extra.size:
+        return contract_w, np.zeros(len(g), bool)
+    avail = room_w - cols.node_loads(s.floor_w)
+    dev = g[extra]
+    width = contract_w[extra] - lo[extra]
+    seg = Segments(
+        device=dev,
+        width_w=width,
+        level_w=contract_w[extra],
+        added_w=width,
+        reserve_w=np.zeros(len(dev)),
+        all_or_nothing=np.zeros(len(dev), bool),
+        pred=np.full(len(dev), -1, np.intp),
+    )
+    filled = fill(seg, cols.chains, avail, s.floor_w, cols.clamp, cols.nodes)
+    floor = contract_w.copy()
+    floor[extra] = filled.level_w[dev]
+    return floor, floor < contract_w - 1e-6
 
 
 def _capacity(curve: GpuCurve, limit_w: FloatArr, tdp_w: FloatArr) -> FloatArr:
@@ -932,6 +983,7 @@ class _Reasons:
             _LOSES: "loses money at current prices, kept at its minimum",
             _AT_MAX: "at its maximum",
             _NEXT_LOSES: "next segment loses money",
+            _FLOOR_BROKEN: f"contract floor {aux:.0f} W broken: the limits leave no room for it",
         }[code]
 
 

@@ -3,13 +3,18 @@
 Pure: no IO, no clock. Loading a CSV/JSON file or polling an HTTP feed lives in
 ``agent/prices.py``; this module only answers "what prices hold at time t, and
 which of them are too old to trust". A stale price is a state, not a crash: each
-stale input is replaced by its stated fallback (a stale electricity price means
-the configured *high* price, so the planner errs towards shedding, never
-towards running at a loss).
+stale input is replaced by its stated fallback. Two fallbacks (``PriceFallback.mode``):
+
+- ``high``: at once the configured *high* electricity price, so the planner errs
+  towards shedding, never towards running at a loss (it may sleep every miner);
+- ``hold``: for ``hold_s`` after the prices went stale, the last fresh prices; if
+  none was fresh since the agent started (a dead feed, an old file), the
+  configured static prices for ``hold_s`` from the start. Then the high price.
 """
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,6 +43,11 @@ class PriceFallback:
     electricity_usd_per_kwh: float = 0.25
     hashprice_usd_per_th_day: float = 0.03
     ai_usd_per_gpu_hour: float = 1.0
+    # "high": the high electricity price at once; "hold": the last fresh prices (or,
+    # none fresh since the start, the static ones) for hold_s, then the high price.
+    mode: str = "high"
+    hold_s: float = 0.0
+    static_electricity_usd_per_kwh: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,8 @@ class Prices:
     ai_demand_frac: float | None = None
     stale: tuple[str, ...] = ()
     source: str = "static"
+    # What stands in for the stale prices, in words ("" when none is stale).
+    fallback: str = ""
 
     @property
     def note(self) -> str:
@@ -59,7 +71,8 @@ class Prices:
             f"${self.electricity_usd_per_kwh:.4f}/kWh, AI ${self.ai_usd_per_gpu_hour:.2f}/GPU-h"
         )
         if self.stale:
-            text += f" (stale, fallback used: {', '.join(self.stale)})"
+            text += f" (stale, fallback used: {', '.join(self.stale)}"
+            text += f"; {self.fallback})" if self.fallback else ")"
         return text
 
 
@@ -87,16 +100,52 @@ def resolve(
     fallback: PriceFallback,
     *,
     source: str = "series",
+    started_unix_s: float | None = None,
 ) -> Prices:
-    """Prices in force at ``now_unix_s`` (Unix s): the point's, or each stale input's fallback."""
-    if point is None or now_unix_s - point.timestamp_unix_s > fallback.stale_after_s:
+    """Prices in force at ``now_unix_s`` (Unix s): the point's, or the stated fallback.
+
+    ``started_unix_s`` is when the agent started: a point that went stale before
+    then was never fresh to it (None: the point's age alone decides).
+    """
+    stale_after = fallback.stale_after_s
+    if point is None or now_unix_s - point.timestamp_unix_s > stale_after:
+        stale = ("hashprice", "electricity", "ai")
+        if fallback.mode == "hold":
+            stale_since = -math.inf if point is None else point.timestamp_unix_s + stale_after
+            seen = point is not None and (started_unix_s is None or stale_since > started_unix_s)
+            if seen:
+                held_from = stale_since
+            else:
+                held_from = -math.inf if started_unix_s is None else started_unix_s
+            if now_unix_s < held_from + fallback.hold_s:
+                grace = f"for up to {fallback.hold_s:.0f} s, then the high electricity price"
+                if point is not None and seen:
+                    return Prices(
+                        point.hashprice_usd_per_th_day,
+                        point.electricity_usd_per_kwh,
+                        point.ai_usd_per_gpu_hour,
+                        point.ai_demand_frac,
+                        stale,
+                        source,
+                        f"holding the last fresh prices {grace}",
+                    )
+                return Prices(
+                    fallback.hashprice_usd_per_th_day,
+                    fallback.static_electricity_usd_per_kwh,
+                    fallback.ai_usd_per_gpu_hour,
+                    None,
+                    stale,
+                    source,
+                    f"none fresh since the start: the configured static prices {grace}",
+                )
         return Prices(
             fallback.hashprice_usd_per_th_day,
             fallback.electricity_usd_per_kwh,
             fallback.ai_usd_per_gpu_hour,
             None,
-            ("hashprice", "electricity", "ai"),
+            stale,
             source,
+            f"the high electricity price ${fallback.electricity_usd_per_kwh:.4f}/kWh",
         )
     return Prices(
         point.hashprice_usd_per_th_day,

@@ -95,6 +95,41 @@ def reference_plan(
     wake_seg: set[int] = set()
 
     order = sorted(range(n_dev), key=lambda i: _merit(movable[i]))
+
+    # Caps win over contract floors: every movable device's own minimum counts first,
+    # then each GPU's contract above its minimum is kept, in the fixed order, only as
+    # far as every domain above it has room under its limit (cut onto its step).
+    hard = [tree.limit_w[n] for n in names]
+    for node, w in domain_loads_w(tree, fixed_items, limits.overhead_w).items():
+        hard[index[node]] -= w
+    own_min = [_own_min_w(d) for d in movable]
+    for i, d in enumerate(movable):
+        for k_i in chain(d.domain):
+            hard[k_i] -= own_min[i]
+    contract_floor: dict[int, tuple[float, float]] = {}  # device: (kept W, contract W)
+    for i in order:
+        d = movable[i]
+        if d.kind is DeviceKind.MINER:
+            continue
+        lo = own_min[i]
+        contract = params.contract_floor_w.get(d.device_id, 0.0)
+        want = d.capabilities.clamp_power_target_w(max(lo, contract)) if contract > lo else lo
+        want = max(want, lo)
+        if want <= lo:
+            continue
+        c = chain(d.domain)
+        room = min(hard[n] for n in c)
+        kept = (
+            want if want - lo <= room else d.capabilities.clamp_power_target_w(lo + max(room, 0.0))
+        )
+        kept = max(kept, lo)
+        for n in c:
+            hard[n] -= kept - lo
+        contract_floor[i] = (kept, want)
+    broken = sorted(
+        movable[i].device_id for i, (kept, want) in contract_floor.items() if kept < want - 1e-6
+    )
+
     for pos, i in enumerate(order):
         d = movable[i]
         c = chains[i] = chain(d.domain)
@@ -129,15 +164,15 @@ def reference_plan(
         else:
             tdp = max_level_w(d)
             lo = min_level_w(d)
-            contract = params.contract_floor_w.get(d.device_id, 0.0)
-            floor = caps.clamp_power_target_w(max(lo, contract)) if contract > lo else lo
-            floor = max(floor, lo)
+            floor, contract = contract_floor.get(i, (lo, lo))
             on_floor = True
             bounds = []
             values = []
             if limits.ai_min:
                 why[i] = "AI held at its minimum by override"
-            else:
+            if floor < contract - 1e-6:
+                why[i] = f"contract floor {contract:.0f} W broken: the limits leave no room for it"
+            elif not limits.ai_min:
                 demand = gpu_demand_frac(d, prices, params)
                 want = min(1.0, demand * (1.0 + params.gpu_headroom_frac))
                 need = min(tdp, max(floor, curve.limit_for_w(want, tdp)))
@@ -276,7 +311,18 @@ def reference_plan(
         reason,
         tuple(setpoints),
         key,
+        tuple(broken),
     )
+
+
+def _own_min_w(d: DeviceStatus) -> float:
+    # A device's floor before any contract: asleep, else its lowest level.
+    caps = d.capabilities
+    if d.kind is DeviceKind.MINER:
+        if caps.can_sleep:
+            return d.sleep_power_w
+        return min_level_w(d) if caps.power_target else max_level_w(d)
+    return min_level_w(d)
 
 
 def _merit(d: DeviceStatus) -> tuple[int, float, str]:

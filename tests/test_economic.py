@@ -239,7 +239,13 @@ def sites(draw: st.DrawFn) -> tuple[Snapshot, Limits, Prices, EconomicParams, di
     )
     cap = nameplate[SITE] * draw(st.floats(0.05, 1.4)) + 1.0
     prices = Prices(draw(st.floats(0.03, 0.07)), draw(st.floats(0.0, 0.5)), draw(st.floats(0, 3)))
-    params = EconomicParams(capping=CappingParams(min_off_s=min_off))
+    # Some GPUs under contract: floors from below their minimum to their maximum.
+    floors = {
+        d.device_id: draw(st.floats(0.0, 800.0))
+        for d in devices
+        if d.kind is DeviceKind.GPU and draw(st.booleans())
+    }
+    params = EconomicParams(capping=CappingParams(min_off_s=min_off), contract_floor_w=floors)
     return Snapshot(NOW_S, tuple(devices)), Limits(cap, cap, "t", 0.0, lims), prices, params, parent
 
 
@@ -258,7 +264,7 @@ def test_plan_never_exceeds_a_feasible_domain_target(
     floor = loads_w(
         parent,
         (
-            (d.domain, d.sleep_power_w if d.kind is DeviceKind.MINER else min_level_w(d))
+            (d.domain, d.sleep_power_w if d.kind is DeviceKind.MINER else contract_w(d, params))
             for d in snap.devices
         ),
     )
@@ -271,6 +277,58 @@ def test_plan_never_exceeds_a_feasible_domain_target(
         d = by_id[sp.device_id]
         if sp.awake:
             assert min_level_w(d) - 1e-6 <= sp.planned_w <= max_level_w(d) + 1e-6
+
+
+def contract_w(d: DeviceStatus, params: EconomicParams) -> float:
+    """A GPU's floor with its contract: the contract onto its range, at least its minimum."""
+    contract = params.contract_floor_w.get(d.device_id, 0.0)
+    return max(min_level_w(d), d.capabilities.clamp_power_target_w(contract))
+
+
+@FAST
+@given(sites())
+def test_caps_win_over_contract_floors_and_the_plan_names_the_floors_it_broke(
+    case: tuple[Snapshot, Limits, Prices, EconomicParams, dict[str, str]],
+) -> None:
+    snap, lim, prices, params, parent = case
+    p = plan(snap, lim, prices, params)
+    by_id = {d.device_id: d for d in snap.devices}
+    planned = loads_w(parent, ((by_id[s.device_id].domain, s.planned_w) for s in p.setpoints))
+    # What no plan can go below: miners asleep, GPUs at their lowest limit (no contract).
+    own_min = loads_w(
+        parent,
+        (
+            (d.domain, d.sleep_power_w if d.kind is DeviceKind.MINER else min_level_w(d))
+            for d in snap.devices
+        ),
+    )
+    limit = {SITE: lim.effective_cap_w, **{d.domain_id: d.limit_w for d in lim.domains}}
+    for node, lw in limit.items():
+        if own_min[node] <= lw:
+            assert planned[node] <= lw + 1e-3, (node, planned[node], lw)
+    gpus = [sp for sp in p.setpoints if by_id[sp.device_id].kind is DeviceKind.GPU]
+    below = sorted(
+        sp.device_id for sp in gpus if sp.planned_w < contract_w(by_id[sp.device_id], params) - 1e-6
+    )
+    assert list(p.broken_floors) == below
+    for sp in gpus:
+        if sp.device_id in p.broken_floors:
+            assert "contract floor" in sp.reason and "broken" in sp.reason
+
+
+def test_a_cap_below_a_contract_floor_breaks_the_floor_and_says_so() -> None:
+    params = EconomicParams(contract_floor_w={"g": 600.0, "h": 600.0})
+    devices = [gpu("g", util=0.05), gpu("h", util=0.05), miner("m", 17.5)]
+    roomy = run(devices, limits(1e6), params=params)
+    assert level(roomy, "g") >= 600.0 and level(roomy, "h") >= 600.0
+    assert roomy.broken_floors == ()
+    # 1000 W: both GPUs at their 200 W minimum take 400 W, the miner asleep 20 W; the
+    # 580 W left keep g's contract whole (by id) and what remains of h's.
+    p = run(devices, limits(1000.0), params=params)
+    assert level(p, "g") == 600.0 and level(p, "h") == 380.0 and level(p, "m") == 0.0
+    assert p.broken_floors == ("h",) and p.planned_w <= 1000.0
+    sp = p.setpoint_for("h")
+    assert sp is not None and "contract floor 600 W broken" in sp.reason
 
 
 @FAST

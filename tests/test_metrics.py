@@ -217,6 +217,7 @@ async def test_device_metrics_use_base_units_and_bounded_labels() -> None:
                 "mode",
                 "le",
                 "version",
+                "alarm",
             }
 
 
