@@ -6,7 +6,15 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from agent.config import Config, GpuNodeConfig, MinerConfig, parse_address_range
+from agent.config import (
+    Config,
+    GpuNodeConfig,
+    MinerConfig,
+    default_id,
+    gpu_device_id,
+    overhead_device_id,
+    parse_address_range,
+)
 from agent.devices import Connector, DeviceTracker, MinerDriver, close_quietly
 from agent.gpus import FixedLoad, GpuDevice, GpuNode
 from agent.inventory_store import InventoryStore, KnownMiner, backend_of, identity_key
@@ -26,11 +34,6 @@ def _connector(device_id: str, address: str, timeout_s: float) -> Connector:
         return await AsicDriver.connect(device_id, address, timeout_s=timeout_s)
 
     return connect
-
-
-def default_id(address: str) -> str:
-    """A stable device id for a miner known only by its address."""
-    return "miner-" + address.replace(".", "-").replace(":", "-")
 
 
 def tracker_for(cfg: Config, m: MinerConfig) -> DeviceTracker:
@@ -302,7 +305,7 @@ def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[D
 
     out = []
     for i in range(n.gpus):
-        device_id = f"{n.id}/gpu{i}"
+        device_id = gpu_device_id(n.id, i)
         out.append(
             DeviceTracker(
                 device_id,
@@ -316,7 +319,7 @@ def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[D
             )
         )
     if n.overhead_w > 0:
-        device_id = f"{n.id}/overhead"
+        device_id = overhead_device_id(n.id)
         out.append(
             DeviceTracker(
                 device_id,
