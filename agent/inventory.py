@@ -48,6 +48,8 @@ def tracker_for(cfg: Config, m: MinerConfig) -> DeviceTracker:
         nameplate_hashrate_ths=m.nameplate_hashrate_ths or inv.default_nameplate_hashrate_ths,
         sleep_power_w=inv.sleep_power_w,
         connect=_connector(device_id, m.address, cfg.telemetry.timeout_s),
+        # Precedence: the config's own figures, then the identified model's, then the default.
+        nameplate_is_default=(m.nameplate_power_w is None, m.nameplate_hashrate_ths is None),
     )
 
 
@@ -84,6 +86,7 @@ def discovered_tracker(cfg: Config, address: str, ident: MinerIdentity) -> Devic
         nameplate_hashrate_ths=ident.nameplate_hashrate_ths or inv.default_nameplate_hashrate_ths,
         sleep_power_w=inv.sleep_power_w,
         connect=_known_connector(device_id, address, ident, cfg.telemetry.timeout_s),
+        nameplate_is_default=(not ident.nameplate_power_w, not ident.nameplate_hashrate_ths),
     )
 
 
