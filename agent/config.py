@@ -6,6 +6,7 @@ expected, all at once, so an operator fixes a file in one pass.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import tomllib
@@ -21,22 +22,102 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-PositiveW = Annotated[float, Field(gt=0)]
+# Bounds that no real value reaches, so a slip of the keyboard (a cap of 1e15 W, a
+# timeout of a century) is refused instead of quietly switching a safeguard off.
+MAX_POWER_W = 1e10  # 10 GW: more than any site, and than any price or rate kept in these types
+MAX_DURATION_S = 366 * 24 * 3600.0  # a year
+PositiveW = Annotated[float, Field(gt=0, le=MAX_POWER_W)]
 # The root of the domain tree; a domain of this name would replace the site cap.
 SITE_DOMAIN_ID = "site"
-NonNegW = Annotated[float, Field(ge=0)]
-PositiveS = Annotated[float, Field(gt=0)]
+NonNegW = Annotated[float, Field(ge=0, le=MAX_POWER_W)]
+PositiveS = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo such as `cap_kw` must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict types: "5" or true is not a number (an integer still is a float); and no NaN or
+    # infinity anywhere, as `cap_w = inf` would run the site uncapped.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+# Rules that span keys. Each says what is wrong ("found X, expected Y") or None. The
+# models' validators raise them, but pydantic skips a model's validators when any of
+# its fields fails, so ``_cross_check`` applies them again to the raw document: an
+# operator sees a bad band beside a bad number in one run, not on a second one.
+
+
+def _raise_if(problem: str | None) -> None:
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _class_names_nothing(name: str, devices: list[str], domains: list[str]) -> str | None:
+    if devices or domains:
+        return None
+    return (
+        f"found priority class {name!r} with neither devices nor domains, expected "
+        'devices = ["node-a/*", ...] (device id patterns) and/or domains = ["rack-1"]'
+    )
+
+
+def _class_names_twice(names: list[str]) -> str | None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if not dup:
+        return None
+    return (
+        f"found priority class name(s) {', '.join(dup)} more than once, expected "
+        "each [[policy.priority_classes]] to have its own name"
+    )
+
+
+def _band_disordered(uncapping: float, target: float, capping: float) -> str | None:
+    if uncapping < target <= capping:
+        return None
+    return (
+        f"found uncapping_threshold {uncapping}, capping_target {target}, capping_threshold "
+        f"{capping}, expected uncapping_threshold < capping_target <= capping_threshold"
+    )
+
+
+def _tls_unpaired(cert: str | None, key: str | None, client_ca: str | None) -> str | None:
+    if (cert is None) != (key is None):
+        return (
+            f"found tls_cert={cert!r} and tls_key={key!r}, expected both "
+            "set (TLS on) or neither (plain HTTP on localhost)"
+        )
+    if client_ca is not None and cert is None:
+        return (
+            f"found tls_client_ca={client_ca!r} without tls_cert/tls_key, expected "
+            "client certificates only together with TLS"
+        )
+    return None
+
+
+def _ssh_without_key(host: str, client_key: str | None) -> str | None:
+    if host == "local" or client_key:
+        return None
+    return (
+        f"found host {host!r} without client_key, expected client_key = the path "
+        "of the SSH private key (e.g. /run/credentials/siteagent.service/ssh-key)"
+    )
+
+
+def _cron_unparsed(cron: str, timezone: str) -> str | None:
+    try:
+        cron_trigger(cron, timezone)
+    except (ValueError, KeyError) as e:
+        return (
+            f"found cron {cron!r} / timezone {timezone!r} ({e}), expected a "
+            "5-field crontab line such as '0 15 * 6-9 1-5' and an IANA timezone"
+        )
+    return None
 
 
 class SiteConfig(_Strict):
@@ -127,11 +208,7 @@ class PriorityClassConfig(_Strict):
 
     @model_validator(mode="after")
     def _names_something(self) -> PriorityClassConfig:
-        if not self.devices and not self.domains:
-            raise ValueError(
-                f"found priority class {self.name!r} with neither devices nor domains, expected "
-                'devices = ["node-a/*", ...] (device id patterns) and/or domains = ["rack-1"]'
-            )
+        _raise_if(_class_names_nothing(self.name, self.devices, self.domains))
         return self
 
 
@@ -154,23 +231,14 @@ class PolicyConfig(_Strict):
 
     @model_validator(mode="after")
     def _class_names_unique(self) -> PolicyConfig:
-        names = [c.name for c in self.priority_classes]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(
-                f"found priority class name(s) {', '.join(dup)} more than once, expected "
-                "each [[policy.priority_classes]] to have its own name"
-            )
+        _raise_if(_class_names_twice([c.name for c in self.priority_classes]))
         return self
 
     @model_validator(mode="after")
     def _band_ordered(self) -> PolicyConfig:
-        if not self.uncapping_threshold < self.capping_target <= self.capping_threshold:
-            raise ValueError(
-                f"found uncapping_threshold {self.uncapping_threshold}, capping_target "
-                f"{self.capping_target}, capping_threshold {self.capping_threshold}, expected "
-                "uncapping_threshold < capping_target <= capping_threshold"
-            )
+        _raise_if(
+            _band_disordered(self.uncapping_threshold, self.capping_target, self.capping_threshold)
+        )
         return self
 
 
@@ -222,16 +290,7 @@ class ApiConfig(ListenConfig):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ApiConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError(
-                f"found tls_cert={self.tls_cert!r} and tls_key={self.tls_key!r}, expected both "
-                "set (TLS on) or neither (plain HTTP on localhost)"
-            )
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError(
-                f"found tls_client_ca={self.tls_client_ca!r} without tls_cert/tls_key, expected "
-                "client certificates only together with TLS"
-            )
+        _raise_if(_tls_unpaired(self.tls_cert, self.tls_key, self.tls_client_ca))
         return self
 
 
@@ -256,15 +315,17 @@ class GpuNodeConfig(_Strict):
 
     @model_validator(mode="after")
     def _ssh_needs_a_key(self) -> GpuNodeConfig:
-        if self.host != "local" and not self.client_key:
-            raise ValueError(
-                f"found host {self.host!r} without client_key, expected client_key = the path "
-                "of the SSH private key (e.g. /run/credentials/siteagent.service/ssh-key)"
-            )
+        _raise_if(_ssh_without_key(self.host, self.client_key))
         return self
 
 
 _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_CRON_FIELDS = ("minute", "hour", "day", "month", "day_of_week")
+# One item of a crontab field: *, a number or a range, either with a step; or a month or
+# weekday name or a range of names, without a step. APScheduler 3 matches names by a
+# prefix (its name patterns lack an end anchor), so it would read "MON-FRI-" as
+# "MON-FRI" and "mon-fri/2" as "mon-fri": each item must be whole before it gets there.
+_CRON_ITEM = re.compile(r"(?:\*|\d+(?:-\d+)?)(?:/\d+)?|[a-z]{3}(?:-[a-z]{3})?", re.IGNORECASE)
 
 
 def cron_trigger(expr: str, timezone: str) -> CronTrigger:
@@ -276,7 +337,18 @@ def cron_trigger(expr: str, timezone: str) -> CronTrigger:
     fields = expr.split()
     if len(fields) != 5:
         raise ValueError(f"wrong number of fields; got {len(fields)}, expected 5")
-    fields[4] = re.sub(r"(?<![/\d])([0-7])(?!\d)", lambda m: _CRON_DAYS[int(m.group(1))], fields[4])
+    for name, field in zip(_CRON_FIELDS, fields, strict=True):
+        for item in field.split(","):
+            if not _CRON_ITEM.fullmatch(item):
+                raise ValueError(
+                    f"{item!r} in the {name} field is not *, a number, a range or a name, "
+                    "with a step (/n) only after * or numbers"
+                )
+    days = fields[4]
+    fields[4] = re.sub(r"(?<![/\d])([0-7])(?!\d)", lambda m: _CRON_DAYS[int(m.group(1))], days)
+    if any(not _CRON_ITEM.fullmatch(item) for item in fields[4].split(",")):
+        # Weekday numbers became names, and APScheduler would drop a step after names.
+        raise ValueError(f"{days!r}: a step over weekday numbers; list the days instead (1,3,5)")
     minute, hour, day, month, day_of_week = fields
     return CronTrigger(
         minute=minute,
@@ -300,13 +372,7 @@ class CapWindowConfig(_Strict):
 
     @model_validator(mode="after")
     def _cron_parses(self) -> CapWindowConfig:
-        try:
-            cron_trigger(self.cron, self.timezone)
-        except (ValueError, KeyError) as e:
-            raise ValueError(
-                f"found cron {self.cron!r} / timezone {self.timezone!r} ({e}), expected a "
-                "5-field crontab line such as '0 15 * 6-9 1-5' and an IANA timezone"
-            ) from None
+        _raise_if(_cron_unparsed(self.cron, self.timezone))
         return self
 
 
@@ -369,11 +435,176 @@ def _text(row: Mapping[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _number(row: Mapping[str, Any], key: str) -> float | None:
-    value = row.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
+class _Invalid:
+    """A key's value that its own schema refuses (reported there, so rules skip it)."""
+
+
+_INVALID = _Invalid()
+
+
+@functools.cache
+def _adapter(model: type[BaseModel], key: str) -> TypeAdapter[Any]:
+    field = model.model_fields[key]
+    annotation: Any = field.annotation
+    if field.metadata:
+        annotation = Annotated[(annotation, *field.metadata)]
+    return TypeAdapter(annotation, config=_Strict.model_config)
+
+
+def _value(model: type[BaseModel], row: Mapping[str, Any], key: str) -> Any:
+    """``key`` of ``row`` as ``model`` reads it: its default when absent, ``_INVALID``
+    when its schema refuses it or it is required and absent (reported on its own)."""
+    if key not in row:
+        field = model.model_fields[key]
+        return _INVALID if field.is_required() else field.get_default(call_default_factory=True)
+    try:
+        return _adapter(model, key).validate_python(row[key])
+    except ValidationError:
+        return _INVALID
+
+
+def _values(model: type[BaseModel], row: Mapping[str, Any], *keys: str) -> list[Any] | None:
+    """The values of ``keys`` (see ``_value``), or None when any of them is invalid."""
+    out = [_value(model, row, k) for k in keys]
+    return None if any(v is _INVALID for v in out) else out
+
+
+def _rule(path: str, problem: str | None) -> list[ConfigProblem]:
+    return [] if problem is None else [ConfigProblem(path, *_split_found(problem))]
+
+
+def default_id(address: str) -> str:
+    """A stable device id for a miner known only by its address."""
+    return "miner-" + address.replace(".", "-").replace(":", "-")
+
+
+def gpu_device_id(node_id: str, index: int) -> str:
+    """The device id of GPU ``index`` of a GPU node."""
+    return f"{node_id}/gpu{index}"
+
+
+def overhead_device_id(node_id: str) -> str:
+    """The device id of a GPU node's fixed overhead (CPUs, fans, NICs)."""
+    return f"{node_id}/overhead"
+
+
+_IDS_EXPECTED = "ids unique across miners, GPU devices and domains"
+
+
+def _unique_ids(data: Mapping[str, Any]) -> list[ConfigProblem]:
+    """Every id the config makes (domains, GPU nodes and their devices, miners) once.
+
+    A miner under a GPU device's id would replace that device in the agent's
+    table: the GPU would go uncounted while still drawing power.
+    """
+    problems: list[ConfigProblem] = []
+    # id -> the place that took it first, in words
+    owner: dict[str, str] = {SITE_DOMAIN_ID: "the site itself (the root of the domain tree)"}
+
+    def claim(device_id: str, path: str, place: str, found: str | None = None) -> bool:
+        first = owner.get(device_id)
+        if first is not None:
+            shown = found or repr(device_id)
+            problems.append(ConfigProblem(path, f"{shown}, also {first}", _IDS_EXPECTED))
+            return False
+        owner[device_id] = place
+        return True
+
+    for i, d in _rows(data, "domains"):
+        d_id = _text(d, "id")
+        # A domain called "site" has a check of its own, with its own advice.
+        if d_id is not None and d_id != SITE_DOMAIN_ID:
+            claim(d_id, f"domains[{i}].id", f"the domain of domains[{i}]")
+    for i, n in _rows(data, "gpu_nodes"):
+        node_id = _text(n, "id")
+        if node_id is None or not claim(node_id, f"gpu_nodes[{i}].id", f"gpu_nodes[{i}]"):
+            continue  # its devices' ids would only repeat the node's problem
+        gpus, overhead_w = _value(GpuNodeConfig, n, "gpus"), _value(GpuNodeConfig, n, "overhead_w")
+        for g in range(gpus if isinstance(gpus, int) else 0):
+            where = f"the GPU device of gpu_nodes[{i}] ({node_id!r}, GPU {g})"
+            claim(gpu_device_id(node_id, g), f"gpu_nodes[{i}].id", where)
+        if isinstance(overhead_w, float) and overhead_w > 0:
+            where = f"the overhead device of gpu_nodes[{i}] ({node_id!r})"
+            claim(overhead_device_id(node_id), f"gpu_nodes[{i}].id", where)
+    listed: set[str] = set()
+    for i, m in _rows(_table(data, "inventory"), "miners"):
+        miner_id, address = _text(m, "id"), _text(m, "address")
+        if miner_id is not None:
+            claim(miner_id, f"inventory.miners[{i}].id", f"inventory.miners[{i}]")
+        elif address is not None and address not in listed:  # twice: reported as such
+            d_id = default_id(address)
+            claim(
+                d_id,
+                f"inventory.miners[{i}].address",
+                f"the default id of inventory.miners[{i}] (address {address})",
+                found=f"{address} (default id {d_id!r})",
+            )
+        if address is not None:
+            listed.add(address)
+    return problems
+
+
+def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
+    """The models' cross-key rules on the raw document, and rules across sections."""
+    problems: list[ConfigProblem] = []
+    policy = _table(data, "policy")
+    band = _values(
+        PolicyConfig, policy, "uncapping_threshold", "capping_target", "capping_threshold"
+    )
+    if band is not None:
+        problems += _rule("policy", _band_disordered(*band))
+    classes = _rows(policy, "priority_classes")
+    names = [n for _, c in classes if isinstance(n := _value(PriorityClassConfig, c, "name"), str)]
+    problems += _rule("policy", _class_names_twice(names))
+    for i, c in classes:
+        named = _values(PriorityClassConfig, c, "name", "devices", "domains")
+        if named is not None:
+            problems += _rule(f"policy.priority_classes[{i}]", _class_names_nothing(*named))
+    # The efficiency-capping policy plans with its band alone (policies/capping.py):
+    # floors and classes written for it would be promises nobody keeps.
+    capping = _value(PolicyConfig, policy, "name") == "efficiency-capping"
+    if capping and classes:
+        problems.append(
+            ConfigProblem(
+                "policy.priority_classes",
+                f"{len(classes)} class(es) under policy.name = 'efficiency-capping', which "
+                "ignores them",
+                'policy.name = "economic", or no [[policy.priority_classes]]',
+            )
+        )
+    tls = _values(ApiConfig, _table(data, "api"), "tls_cert", "tls_key", "tls_client_ca")
+    if tls is not None:
+        problems += _rule("api", _tls_unpaired(*tls))
+    for i, n in _rows(data, "gpu_nodes"):
+        ssh = _values(GpuNodeConfig, n, "host", "client_key")
+        if ssh is not None:
+            problems += _rule(f"gpu_nodes[{i}]", _ssh_without_key(*ssh))
+        floor = _values(GpuNodeConfig, n, "contract_floor_w", "gpus", "gpu_max_power_w")
+        if floor is None:
+            continue
+        floor_w, gpus, max_w = floor
+        if floor_w > gpus * max_w:
+            problems.append(
+                ConfigProblem(
+                    f"gpu_nodes[{i}].contract_floor_w",
+                    f"{floor_w:g} W, above the node's maximum of {gpus} GPU(s) x "
+                    f"{max_w:g} W = {gpus * max_w:g} W",
+                    "a floor the node can deliver (at most gpus x gpu_max_power_w)",
+                )
+            )
+        if capping and floor_w > 0:
+            problems.append(
+                ConfigProblem(
+                    f"gpu_nodes[{i}].contract_floor_w",
+                    f"{floor_w:g} W under policy.name = 'efficiency-capping', which ignores it",
+                    'policy.name = "economic" (which keeps the floor), or no floor',
+                )
+            )
+    for i, w in _rows(_table(data, "schedule"), "windows"):
+        cron = _values(CapWindowConfig, w, "cron", "timezone")
+        if cron is not None:
+            problems += _rule(f"schedule.windows[{i}]", _cron_unparsed(*cron))
+    return problems
 
 
 def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:
@@ -387,8 +618,6 @@ def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:
     ids = [d_id for _, d_id, _ in domains if d_id is not None]
     known = set(ids)
     choices = f"one of {sorted(known)}" if known else "no domain (none are defined)"
-    for dup in sorted({i for i in ids if ids.count(i) > 1}):
-        problems.append(ConfigProblem("domains", f"id {dup!r} twice", "unique domain ids"))
     for i, d_id, parent in domains:
         if d_id == SITE_DOMAIN_ID:
             problems.append(
@@ -409,7 +638,6 @@ def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:
     problems.extend(_domain_cycles(domains))
     inventory = _table(data, "inventory")
     addresses: set[str] = set()
-    miner_ids: set[str] = set()
     for i, m in _rows(inventory, "miners"):
         domain = _text(m, "domain")
         if domain is not None and domain not in known:
@@ -425,34 +653,19 @@ def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:
             )
         if address is not None:
             addresses.add(address)
-        # Two miners under one id would leave one of them unmanaged and uncounted.
-        miner_id = _text(m, "id")
-        if miner_id is not None and miner_id in miner_ids:
-            problems.append(
-                ConfigProblem(
-                    f"inventory.miners[{i}].id", f"{miner_id!r} a second time", "unique miner ids"
-                )
-            )
-        if miner_id is not None:
-            miner_ids.add(miner_id)
-    node_ids: set[str] = set()
     for i, n in _rows(data, "gpu_nodes"):
         domain = _text(n, "domain")
         if domain is not None and domain not in known:
             problems.append(ConfigProblem(f"gpu_nodes[{i}].domain", repr(domain), choices))
-        node_id = _text(n, "id")
-        if node_id is not None and node_id in node_ids:
-            problems.append(
-                ConfigProblem(f"gpu_nodes[{i}].id", f"{node_id!r} a second time", "unique node ids")
-            )
-        if node_id is not None:
-            node_ids.add(node_id)
+    problems.extend(_unique_ids(data))
+    problems.extend(_rules(data))
     scan_domain = _text(inventory, "scan_domain")
     if scan_domain is not None and scan_domain not in known:
         problems.append(ConfigProblem("inventory.scan_domain", repr(scan_domain), choices))
     site = _table(data, "site")
-    cap_w, margin_w = _number(site, "cap_w"), _number(site, "safety_margin_w")
-    if cap_w is not None and cap_w > 0 and margin_w is not None and margin_w >= cap_w:
+    margin = _values(SiteConfig, site, "cap_w", "safety_margin_w")
+    if margin is not None and margin[1] >= margin[0]:
+        cap_w, margin_w = margin
         problems.append(
             ConfigProblem("site.safety_margin_w", str(margin_w), f"less than site.cap_w ({cap_w})")
         )
@@ -581,7 +794,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
         problems.extend(_problems(e))
     problems.extend(_cross_check(data))
     if problems or cfg is None:
-        raise ConfigError(source, problems)
+        # A rule whose model validated is reported by pydantic and by _cross_check alike.
+        raise ConfigError(source, list(dict.fromkeys(problems)))
     return cfg
 
 

@@ -102,7 +102,9 @@ class DeviceTracker:
         "last_good",
         "last_ok_s",
         "last_transition_s",
+        "nameplate_hashrate_is_default",
         "nameplate_hashrate_ths",
+        "nameplate_power_is_default",
         "nameplate_power_w",
         "next_read_s",
         "pending",
@@ -144,8 +146,12 @@ class DeviceTracker:
         sleep_power_w: float,
         connect: Connector,
         kind: DeviceKind = DeviceKind.MINER,
+        nameplate_is_default: tuple[bool, bool] = (False, False),
     ) -> None:
         self._columns: TrackerColumns | None = None
+        # (power, hashrate): whether each nameplate figure is the config's default for an
+        # unknown model, which the model the device identifies as then replaces.
+        self.nameplate_power_is_default, self.nameplate_hashrate_is_default = nameplate_is_default
         self._row = -1
         self.device_id = device_id
         self.address = address
@@ -184,8 +190,13 @@ class DeviceTracker:
         if ident is not None:
             self.capabilities = ident.capabilities
             if ident.nameplate_power_w:
-                self.nameplate_power_w = max(self.nameplate_power_w, ident.nameplate_power_w)
-            if ident.nameplate_hashrate_ths and self.nameplate_hashrate_ths <= 0:
+                # A default is a guess for an unknown model: the known model's figure
+                # replaces it. A configured figure only grows to the model's.
+                old_w = 0.0 if self.nameplate_power_is_default else self.nameplate_power_w
+                self.nameplate_power_w = max(old_w, ident.nameplate_power_w)
+            if ident.nameplate_hashrate_ths and (
+                self.nameplate_hashrate_is_default or self.nameplate_hashrate_ths <= 0
+            ):
                 self.nameplate_hashrate_ths = ident.nameplate_hashrate_ths
 
     def record_reading(

@@ -6,7 +6,15 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from agent.config import Config, GpuNodeConfig, MinerConfig, parse_address_range
+from agent.config import (
+    Config,
+    GpuNodeConfig,
+    MinerConfig,
+    default_id,
+    gpu_device_id,
+    overhead_device_id,
+    parse_address_range,
+)
 from agent.credentials import NO_CREDENTIALS, MinerCredentials, load_credentials
 from agent.devices import Connector, DeviceTracker, MinerDriver, close_quietly
 from agent.gpus import FixedLoad, GpuDevice, GpuNode
@@ -40,11 +48,6 @@ def credentials(cfg: Config) -> MinerCredentials:
     return load_credentials(cfg.inventory.credentials_file)
 
 
-def default_id(address: str) -> str:
-    """A stable device id for a miner known only by its address."""
-    return "miner-" + address.replace(".", "-").replace(":", "-")
-
-
 def tracker_for(
     cfg: Config, m: MinerConfig, creds: MinerCredentials | None = None
 ) -> DeviceTracker:
@@ -61,6 +64,8 @@ def tracker_for(
         nameplate_hashrate_ths=m.nameplate_hashrate_ths or inv.default_nameplate_hashrate_ths,
         sleep_power_w=inv.sleep_power_w,
         connect=_connector(device_id, m.address, cfg.telemetry.timeout_s, creds),
+        # Precedence: the config's own figures, then the identified model's, then the default.
+        nameplate_is_default=(m.nameplate_power_w is None, m.nameplate_hashrate_ths is None),
     )
 
 
@@ -107,6 +112,7 @@ def discovered_tracker(
         nameplate_hashrate_ths=ident.nameplate_hashrate_ths or inv.default_nameplate_hashrate_ths,
         sleep_power_w=inv.sleep_power_w,
         connect=_known_connector(device_id, address, ident, cfg.telemetry.timeout_s, creds),
+        nameplate_is_default=(not ident.nameplate_power_w, not ident.nameplate_hashrate_ths),
     )
 
 
@@ -365,7 +371,7 @@ def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[D
 
     out = []
     for i in range(n.gpus):
-        device_id = f"{n.id}/gpu{i}"
+        device_id = gpu_device_id(n.id, i)
         out.append(
             DeviceTracker(
                 device_id,
@@ -379,7 +385,7 @@ def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[D
             )
         )
     if n.overhead_w > 0:
-        device_id = f"{n.id}/overhead"
+        device_id = overhead_device_id(n.id)
         out.append(
             DeviceTracker(
                 device_id,

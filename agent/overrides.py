@@ -62,7 +62,8 @@ OverrideId = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # Strict: "30000" or true is not a number (lax mode read true as a 1 W cap).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     reason: Reason
     ttl_s: TtlS
@@ -125,7 +126,7 @@ def request_models(max_ttl_s: float) -> Any:
 class EndRequest(BaseModel):
     """Why an operator ends overrides (cancel by id, or resume from every mode)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     reason: Reason
 

@@ -211,6 +211,15 @@ async def test_plan_is_404_before_any_tick(env: Env) -> None:
             "unknown device",
         ),
         ([1, 2, 3], 422, "body"),
+        # Strict numbers: a string or a boolean is not one (it was read as 5 W, or 1 W).
+        ({**cap(30_000), "cap_w": "30000"}, 422, "cap_w"),
+        (cap(True), 422, "cap_w"),
+        (cap(30_000, ttl_s="60"), 422, "ttl_s"),
+        (
+            {"kind": "pin", "device_id": "m0000", "power_w": "100", "ttl_s": 60, "reason": "x"},
+            422,
+            "power_w",
+        ),
     ],
 )
 async def test_bad_overrides_are_refused_with_a_reason(
