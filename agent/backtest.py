@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.config import Config
+from agent.config import Config, default_id, gpu_device_id
 from domain import (
     DeviceKind,
     DeviceReading,
@@ -163,12 +163,12 @@ def synthetic_site(miners: int, gpus: int, cap_frac: float = 0.75) -> BtSite:
 def site_from_config(cfg: Config) -> BtSite:
     """The configured miners (nameplate picks the nearest simulator model) and GPU nodes."""
     ms = []
-    for i, m in enumerate(cfg.inventory.miners):
+    for m in cfg.inventory.miners:
         power = m.nameplate_power_w or cfg.inventory.default_nameplate_power_w
         model = min(SIM_MODELS.values(), key=lambda s: abs(s.nameplate_power_w - power))
-        ms.append(BtMiner(m.id or m.address or f"m{i}", m.domain or SITE, model))
+        ms.append(BtMiner(m.id or default_id(m.address), m.domain or SITE, model))
     gs = [
-        BtGpu(f"{n.id}/gpu{j}", n.domain or SITE, getattr(n, "contract_floor_w", 0.0) / n.gpus)
+        BtGpu(gpu_device_id(n.id, j), n.domain or SITE, n.contract_floor_w / n.gpus)
         for n in cfg.gpu_nodes
         for j in range(n.gpus)
     ]

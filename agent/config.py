@@ -177,7 +177,7 @@ class InventoryConfig(_Strict):
     discovery_concurrency: Annotated[int, Field(ge=1, le=2000)] = 100
     scan_interval_s: PositiveS = 3600.0
     # Miner passwords (agent/credentials.py); none: the systemd credential, else pyasic's.
-    credentials_file: Path | None = None
+    credentials_file: str | None = None
 
 
 class PricesConfig(_Strict):

@@ -89,10 +89,12 @@ class MinerCredentials:
 NO_CREDENTIALS = MinerCredentials()
 
 
-def credentials_path(configured: Path | None, env: Mapping[str, str] | None = None) -> Path | None:
+def credentials_path(
+    configured: str | Path | None, env: Mapping[str, str] | None = None
+) -> Path | None:
     """The file to read: the configured one, else the systemd credential if present."""
     if configured is not None:
-        return configured
+        return Path(configured)
     env = os.environ if env is None else env
     directory = env.get("CREDENTIALS_DIRECTORY")
     if directory:
@@ -103,7 +105,7 @@ def credentials_path(configured: Path | None, env: Mapping[str, str] | None = No
 
 
 def load_credentials(
-    configured: Path | None, env: Mapping[str, str] | None = None
+    configured: str | Path | None, env: Mapping[str, str] | None = None
 ) -> MinerCredentials:
     """Read the miner credentials file (see the module docstring); no file: pyasic's
     defaults. Raises CredentialsError naming the file and what to fix."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.alarms import PRICES_STALE, Alarms
-from agent.config import Config
+from agent.config import Config, gpu_device_id
 from policies.capping import CappingParams
 from policies.economic_params import EconomicParams, PriorityClass, PriorityClasses
 from policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
@@ -129,7 +129,7 @@ def fallback(cfg: Config) -> PriceFallback:
 def node_contract_floors(cfg: Config) -> dict[str, tuple[float, tuple[str, ...]]]:
     """Per GPU node with a contract: its floor (W) and its GPUs' ids (as ``economic_params``)."""
     return {
-        n.id: (n.contract_floor_w, tuple(f"{n.id}/gpu{i}" for i in range(n.gpus)))
+        n.id: (n.contract_floor_w, tuple(gpu_device_id(n.id, i) for i in range(n.gpus)))
         for n in cfg.gpu_nodes
         if n.contract_floor_w > 0
     }
@@ -139,7 +139,7 @@ def economic_params(cfg: Config) -> EconomicParams:
     """The economic policy's parameters from the config, contract floors split per GPU."""
     pol = cfg.policy
     floors = {
-        f"{n.id}/gpu{i}": n.contract_floor_w / n.gpus
+        gpu_device_id(n.id, i): n.contract_floor_w / n.gpus
         for n in cfg.gpu_nodes
         if n.contract_floor_w > 0
         for i in range(n.gpus)
