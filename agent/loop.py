@@ -50,6 +50,13 @@ NOT_SENT_IN_TIME = "not sent: the tick's actuation deadline passed before its tu
 V = TypeVar("V")
 
 
+def _same_device(old: DeviceTracker, new: DeviceTracker) -> bool:
+    # Imported here: agent.inventory brings pyasic, which only a scanning agent needs.
+    from agent.inventory import same_device
+
+    return same_device(old, new)
+
+
 class OverrideRefused(Exception):
     """An override the agent will not apply; the message says why."""
 
@@ -516,6 +523,13 @@ class Agent:
             if old is None:
                 log.info("%s (%s): new device, now tracked", t.device_id, t.address)
                 self.trackers[t.device_id] = t
+            elif old.address != t.address and not _same_device(old, t):
+                # Another device under a taken id: counted (once), never controlled.
+                if f"{t.device_id}@{t.address}" not in self.trackers:
+                    from agent.inventory import counted_only
+
+                    placeholder = counted_only(t, old)
+                    self.trackers[placeholder.device_id] = placeholder
             elif old.address != t.address:
                 log.warning("%s: moved from %s to %s", t.device_id, old.address, t.address)
                 if old.driver is not None:
