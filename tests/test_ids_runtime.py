@@ -72,7 +72,7 @@ async def test_a_scanned_miner_under_a_listed_id_is_counted_and_the_site_stays_u
     cap_w = 0.75 * full_w(site)
     cfg = clash_config(site, cap_w, scan_third=True)
     agent = Agent(cfg, await build_trackers(cfg))
-    first, second, third = site.miners
+    first, _, third = site.miners
     try:
         listed = agent.trackers[mac_id(third.mac)]
         assert listed.address == first.address
@@ -96,7 +96,7 @@ async def test_a_rescan_never_moves_a_listed_miner_onto_another_with_its_id(
     site: SimSite,
 ) -> None:
     cap_w = 0.75 * full_w(site)
-    first, second, third = site.miners
+    first, _, third = site.miners
     cfg = clash_config(site, cap_w, scan_third=False)
     agent = Agent(cfg, await build_trackers(cfg))
     try:
