@@ -18,6 +18,7 @@ from agent.config import ConfigError, load_config
 
 if TYPE_CHECKING:
     from agent.loop import Agent
+    from agent.overrides import Override
 
 log = logging.getLogger("siteagent")
 
@@ -215,27 +216,53 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _plan_once(config_path: str) -> int:
-    from agent.inventory import build_trackers
+    from agent.inventory import build_trackers, close_drivers
     from agent.loop import Agent
-    from policies.capping import plan as capping_plan
 
     cfg = load_config(config_path)
     agent = Agent(cfg, await build_trackers(cfg))
-    await agent.sweep()
-    snap, limits = agent.snapshot(), agent.limits()
-    plan = capping_plan(snap, limits, agent.params, None)
+    try:
+        # What `run` would plan: the configured policy, the overrides in the store, the
+        # schedule in force (in ``limits``).
+        in_force = _overrides_in_force(agent)
+        await agent.sweep()
+        snap, limits = agent.snapshot(), agent.limits()
+        plan = agent.plan(snap, limits)
+    finally:
+        await close_drivers(list(agent.trackers.values()))
+    for ov in in_force:
+        print(f"override {ov.id}: {ov.describe()} (by {ov.actor})")
     print(
         f"effective cap {limits.effective_cap_w:.0f} W (from {limits.cap_source}); "
         f"worst case now {snap.budget_w + limits.overhead_w:.0f} W"
     )
-    print(f"plan: {plan.mode}: {plan.reason}; planned {plan.planned_w:.0f} W")
+    print(f"plan ({cfg.policy.name}): {plan.mode}: {plan.reason}; planned {plan.planned_w:.0f} W")
     for sp in plan.setpoints:
         print(f"  {sp.device_id}: {sp.reason}")
     return EXIT_OK
 
 
+def _overrides_in_force(agent: Agent) -> list[Override]:
+    """Apply the stored overrides in force to ``agent``, reading the store only (nothing
+    expired or ended: that is the running agent's to record)."""
+    from agent.overrides import OverrideManager
+    from agent.store import DB_NAME, Store
+
+    path = Path(agent.config.state.dir) / DB_NAME
+    if not path.exists():
+        return []
+    store = Store.read_only(path)
+    try:
+        manager = OverrideManager(agent, store, max_ttl_s=agent.config.api.max_override_ttl_s)
+        return manager.apply_in_force()
+    finally:
+        store.close()
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Read the site once and print the plan without sending anything."""
+    from agent.store import StoreError
+
     if not args.dry_run:
         print("siteagent plan: only --dry-run is supported (nothing is ever sent)", file=sys.stderr)
         return EXIT_USAGE
@@ -244,6 +271,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
+    except StoreError as e:
+        print(f"siteagent plan: cannot read the overrides: {e}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
