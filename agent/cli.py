@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import time
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,13 @@ def _version() -> str:
 
 
 def _setup_logging(level: str) -> None:
+    # asyncssh still names DSA keys, which cryptography deprecates: ten lines of
+    # warnings at its import, about nothing this agent uses (it never offers DSA).
+    from cryptography.utils import CryptographyDeprecationWarning
+
+    warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"asyncssh\.")
+    # The API client's every request, at info: the command's own output says what happened.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # One line per event, no timestamps: journald adds its own.
     # APScheduler warns on every coalesced run; sweep and tick durations tell the same story.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
