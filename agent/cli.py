@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Awaitable, Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from agent.config import ConfigError, load_config
 
 if TYPE_CHECKING:
+    from agent.devices import DeviceTracker
     from agent.loop import Agent
     from agent.overrides import Override
 
@@ -114,22 +116,31 @@ async def _run_agent(config_path: str) -> int:
 
     cfg = load_config(config_path)
     notifier = Notifier.from_env()
+    # Before startup: identification at scale takes minutes, and a SIGTERM then must
+    # stop the agent cleanly, not kill it by default.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     # Every identification and reading ends within its deadline, so a startup that
     # finishes nothing for three of them is stuck: systemd may end it then.
     startup = StartupProgress(
         notifier, extend_s=startup_extend_s(identify_deadline_s(cfg.telemetry.timeout_s))
     )
-    watcher = asyncio.get_running_loop().create_task(watch_startup(startup))
-    try:
+    opened: list[Callable[[], Awaitable[object]]] = []  # closes, in the order opened
+
+    async def start() -> tuple[Agent, Callable[[], Awaitable[object]]]:
         if cfg.policy.name == "economic":
             # Before anything listens: the compile holds the event loop for a second or two.
             startup.phase("compiling the economic plan")
             _warm_up_economic()
         store = InventoryStore(Path(cfg.state.dir) / "inventory.sqlite")
+        opened.append(_closing(store.close))
         n_addresses = startup_addresses(cfg)
         startup.phase("identifying miners", n_addresses)
         t = time.perf_counter()
         trackers = await build_trackers(cfg, store, on_identified=startup.step)
+        opened.append(lambda: close_drivers(trackers))
         log.info(
             "identified %d device(s) in %d address(es) in %.1f s",
             len(trackers),
@@ -139,8 +150,10 @@ async def _run_agent(config_path: str) -> int:
         log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
         agent = Agent(cfg, trackers, rescan=lambda: scan(cfg, store))
         metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
+        opened.append(_closing(metrics.close))
         log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
         api = await serve_api(agent, cfg)  # restores stored overrides before the first tick
+        opened.append(api.close)
         # READY only once every device has been read once: the agent must know its
         # site before it controls, and what starts after it may rely on the API's view.
         startup.phase("first sweep", len(agent.trackers), count=lambda: _read_once(agent))
@@ -155,17 +168,36 @@ async def _run_agent(config_path: str) -> int:
         gc.collect()
         gc.freeze()
         agent.start()
+        return agent, api.close
+
+    watcher = loop.create_task(watch_startup(startup))
+    starting = loop.create_task(start())
+    stopping = loop.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        starting.cancel()
+        stopping.cancel()
+        raise
     finally:
         watcher.cancel()
-    # Before READY: a SIGTERM that follows it at once stops us cleanly, not by default.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if not starting.done():
+        where = startup.line()
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        # Nothing is sent before the control loop starts, the last step of startup.
+        line = f"stopping during startup ({where} done); nothing was changed on any device"
+        log.info(line)
+        notifier.stopping(line)
+        for close in reversed(opened):
+            await close()
+        return EXIT_OK
+    stopping.cancel()
+    agent, close_api = starting.result()
     started_s = agent.clock()
     notifier.ready(site_summary(agent))
     watchdog_s = watchdog_period_s()
-    supervisor = asyncio.get_running_loop().create_task(
+    supervisor = loop.create_task(
         supervise(
             notifier,
             healthy=lambda: loop_healthy(agent, started_s),
@@ -178,12 +210,46 @@ async def _run_agent(config_path: str) -> int:
     log.info("stopping: finishing the tick in flight, leaving devices where they are")
     notifier.stopping("stopping: finishing the tick in flight, leaving devices where they are")
     supervisor.cancel()
-    await api.close()
+    await close_api()
     await agent.stop()
-    await close_drivers(list(agent.trackers.values()))
-    store.close()
-    metrics.close()
+    left = f"stopping: {left_behind(agent.trackers.values())}"
+    log.info(left)
+    notifier.status(left)
+    for close in reversed(opened):
+        if close is not close_api:
+            await close()
     return EXIT_OK
+
+
+def _closing(close: Callable[[], object]) -> Callable[[], Awaitable[object]]:
+    """A synchronous close as an awaitable one."""
+
+    async def closing() -> object:
+        return close()
+
+    return closing
+
+
+def left_behind(trackers: Iterable[DeviceTracker]) -> str:
+    """What the agent leaves on the devices as it stops, in words."""
+    from domain import DeviceKind
+
+    asleep = reduced = gpus = 0
+    for t in trackers:
+        top_w = t.capabilities.power_target_max_w or t.nameplate_power_w
+        lowered = t.power_target_w is not None and t.power_target_w < top_w - 1.0
+        if t.kind is DeviceKind.MINER and t.awake is False:
+            asleep += 1
+        elif t.kind is DeviceKind.MINER and lowered:
+            reduced += 1
+        elif t.kind is DeviceKind.GPU and lowered:
+            gpus += 1
+    if not (asleep or reduced or gpus):
+        return "no device asleep or held below its full level"
+    return (
+        f"{asleep} miner(s) asleep, {reduced} at reduced targets, {gpus} GPU(s) at reduced "
+        "limits; they stay so until the agent starts again"
+    )
 
 
 def startup_extend_s(step_deadline_s: float) -> float:
