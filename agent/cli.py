@@ -10,6 +10,8 @@ import logging
 import signal
 import sys
 import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +19,9 @@ from typing import TYPE_CHECKING
 from agent.config import ConfigError, load_config
 
 if TYPE_CHECKING:
+    from agent.devices import DeviceTracker
     from agent.loop import Agent
+    from agent.overrides import Override
 
 log = logging.getLogger("siteagent")
 
@@ -32,6 +36,13 @@ def _version() -> str:
 
 
 def _setup_logging(level: str) -> None:
+    # asyncssh still names DSA keys, which cryptography deprecates: ten lines of
+    # warnings at its import, about nothing this agent uses (it never offers DSA).
+    from cryptography.utils import CryptographyDeprecationWarning
+
+    warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"asyncssh\.")
+    # The API client's every request, at info: the command's own output says what happened.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # One line per event, no timestamps: journald adds its own.
     # APScheduler warns on every coalesced run; sweep and tick durations tell the same story.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
@@ -109,22 +120,31 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     # Before minutes of identification: a damaged override store refuses the start now.
     prepare_store(cfg.state.dir, restore=restore_backup, backups_kept=cfg.state.backups_kept)
     notifier = Notifier.from_env()
+    # Before startup: identification at scale takes minutes, and a SIGTERM then must
+    # stop the agent cleanly, not kill it by default.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     # Every identification and reading ends within its deadline, so a startup that
     # finishes nothing for three of them is stuck: systemd may end it then.
     startup = StartupProgress(
         notifier, extend_s=startup_extend_s(identify_deadline_s(cfg.telemetry.timeout_s))
     )
-    watcher = asyncio.get_running_loop().create_task(watch_startup(startup))
-    try:
+    opened: list[Callable[[], Awaitable[object]]] = []  # closes, in the order opened
+
+    async def start() -> tuple[Agent, Callable[[], Awaitable[object]]]:
         if cfg.policy.name == "economic":
             # Before anything listens: the compile holds the event loop for a second or two.
             startup.phase("compiling the economic plan")
             _warm_up_economic()
         store = InventoryStore(Path(cfg.state.dir) / "inventory.sqlite")
+        opened.append(_closing(store.close))
         n_addresses = startup_addresses(cfg)
         startup.phase("identifying miners", n_addresses)
         t = time.perf_counter()
         trackers = await build_trackers(cfg, store, on_identified=startup.step)
+        opened.append(lambda: close_drivers(trackers))
         log.info(
             "identified %d device(s) in %d address(es) in %.1f s",
             len(trackers),
@@ -134,11 +154,15 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
         agent = Agent(cfg, trackers, rescan=lambda: scan(cfg, store))
         metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
+        opened.append(_closing(metrics.close))
         log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
         api = await serve_api(agent, cfg)  # restores stored overrides before the first tick
         backups = asyncio.get_running_loop().create_task(
             keep_backups(cfg.state.dir, cfg.state.backup_interval_s, cfg.state.backups_kept)
         )
+        opened.append(_closing(backups.cancel))
+        close_api = api.close  # one object: the stop path closes it first, then the rest
+        opened.append(close_api)
         # READY only once every device has been read once: the agent must know its
         # site before it controls, and what starts after it may rely on the API's view.
         startup.phase("first sweep", len(agent.trackers), count=lambda: _read_once(agent))
@@ -153,17 +177,36 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         gc.collect()
         gc.freeze()
         agent.start()
+        return agent, close_api
+
+    watcher = loop.create_task(watch_startup(startup))
+    starting = loop.create_task(start())
+    stopping = loop.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        starting.cancel()
+        stopping.cancel()
+        raise
     finally:
         watcher.cancel()
-    # Before READY: a SIGTERM that follows it at once stops us cleanly, not by default.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if not starting.done():
+        where = startup.line()
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        # Nothing is sent before the control loop starts, the last step of startup.
+        line = f"stopping during startup ({where} done); nothing was changed on any device"
+        log.info(line)
+        notifier.stopping(line)
+        for close in reversed(opened):
+            await close()
+        return EXIT_OK
+    stopping.cancel()
+    agent, close_api = starting.result()
     started_s = agent.clock()
     notifier.ready(site_summary(agent))
     watchdog_s = watchdog_period_s()
-    supervisor = asyncio.get_running_loop().create_task(
+    supervisor = loop.create_task(
         supervise(
             notifier,
             healthy=lambda: loop_healthy(agent, started_s),
@@ -176,13 +219,46 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     log.info("stopping: finishing the tick in flight, leaving devices where they are")
     notifier.stopping("stopping: finishing the tick in flight, leaving devices where they are")
     supervisor.cancel()
-    backups.cancel()
-    await api.close()
+    await close_api()
     await agent.stop()
-    await close_drivers(list(agent.trackers.values()))
-    store.close()
-    metrics.close()
+    left = f"stopping: {left_behind(agent.trackers.values())}"
+    log.info(left)
+    notifier.status(left)
+    for close in reversed(opened):
+        if close is not close_api:
+            await close()
     return EXIT_OK
+
+
+def _closing(close: Callable[[], object]) -> Callable[[], Awaitable[object]]:
+    """A synchronous close as an awaitable one."""
+
+    async def closing() -> object:
+        return close()
+
+    return closing
+
+
+def left_behind(trackers: Iterable[DeviceTracker]) -> str:
+    """What the agent leaves on the devices as it stops, in words."""
+    from domain import DeviceKind
+
+    asleep = reduced = gpus = 0
+    for t in trackers:
+        top_w = t.capabilities.power_target_max_w or t.nameplate_power_w
+        lowered = t.power_target_w is not None and t.power_target_w < top_w - 1.0
+        if t.kind is DeviceKind.MINER and t.awake is False:
+            asleep += 1
+        elif t.kind is DeviceKind.MINER and lowered:
+            reduced += 1
+        elif t.kind is DeviceKind.GPU and lowered:
+            gpus += 1
+    if not (asleep or reduced or gpus):
+        return "no device asleep or held below its full level"
+    return (
+        f"{asleep} miner(s) asleep, {reduced} at reduced targets, {gpus} GPU(s) at reduced "
+        "limits; they stay so until the agent starts again"
+    )
 
 
 def startup_extend_s(step_deadline_s: float) -> float:
@@ -223,27 +299,53 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _plan_once(config_path: str) -> int:
-    from agent.inventory import build_trackers
+    from agent.inventory import build_trackers, close_drivers
     from agent.loop import Agent
-    from policies.capping import plan as capping_plan
 
     cfg = load_config(config_path)
     agent = Agent(cfg, await build_trackers(cfg))
-    await agent.sweep()
-    snap, limits = agent.snapshot(), agent.limits()
-    plan = capping_plan(snap, limits, agent.params, None)
+    try:
+        # What `run` would plan: the configured policy, the overrides in the store, the
+        # schedule in force (in ``limits``).
+        in_force = _overrides_in_force(agent)
+        await agent.sweep()
+        snap, limits = agent.snapshot(), agent.limits()
+        plan = agent.plan(snap, limits)
+    finally:
+        await close_drivers(list(agent.trackers.values()))
+    for ov in in_force:
+        print(f"override {ov.id}: {ov.describe()} (by {ov.actor})")
     print(
         f"effective cap {limits.effective_cap_w:.0f} W (from {limits.cap_source}); "
         f"worst case now {snap.budget_w + limits.overhead_w:.0f} W"
     )
-    print(f"plan: {plan.mode}: {plan.reason}; planned {plan.planned_w:.0f} W")
+    print(f"plan ({cfg.policy.name}): {plan.mode}: {plan.reason}; planned {plan.planned_w:.0f} W")
     for sp in plan.setpoints:
         print(f"  {sp.device_id}: {sp.reason}")
     return EXIT_OK
 
 
+def _overrides_in_force(agent: Agent) -> list[Override]:
+    """Apply the stored overrides in force to ``agent``, reading the store only (nothing
+    expired or ended: that is the running agent's to record)."""
+    from agent.overrides import OverrideManager
+    from agent.store import DB_NAME, Store
+
+    path = Path(agent.config.state.dir) / DB_NAME
+    if not path.exists():
+        return []
+    store = Store.read_only(path)
+    try:
+        manager = OverrideManager(agent, store, max_ttl_s=agent.config.api.max_override_ttl_s)
+        return manager.apply_in_force()
+    finally:
+        store.close()
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Read the site once and print the plan without sending anything."""
+    from agent.store import StoreError
+
     if not args.dry_run:
         print("siteagent plan: only --dry-run is supported (nothing is ever sent)", file=sys.stderr)
         return EXIT_USAGE
@@ -252,6 +354,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
+    except StoreError as e:
+        print(f"siteagent plan: cannot read the overrides: {e}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

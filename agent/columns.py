@@ -234,15 +234,39 @@ class TrackerColumns:
         return Snapshot(now_s, devices, table=tab)
 
 
+class DuplicateDeviceError(ValueError):
+    """A second device under an id already taken: it would hide the first from the accounting."""
+
+
+def clash_message(device_id: str, first: DeviceTracker, second: DeviceTracker) -> str:
+    """Says which two devices (kind, address) share ``device_id``."""
+    return (
+        f"device id {device_id!r} is taken twice: by a {first.kind} at {first.address} and "
+        f"by a {second.kind} at {second.address}; every device and domain needs its own id"
+    )
+
+
 class Trackers(dict[str, "DeviceTracker"]):
-    """The agent's trackers by id; counts changes, so columns are rebuilt when it changes."""
+    """The agent's trackers by id; counts changes, so columns are rebuilt when it changes.
+
+    A tracker never replaces another under the same id (``DuplicateDeviceError``):
+    the one replaced would draw power that no snapshot counts.
+    """
 
     version = 0
+
+    def __init__(self, items: Iterable[tuple[str, DeviceTracker]] = ()) -> None:
+        super().__init__()
+        for key, value in items:
+            self[key] = value
 
     def _changed(self) -> None:
         self.version += 1
 
     def __setitem__(self, key: str, value: DeviceTracker) -> None:
+        old = self.get(key)
+        if old is not None and old is not value:
+            raise DuplicateDeviceError(clash_message(key, old, value))
         super().__setitem__(key, value)
         self._changed()
 
@@ -263,8 +287,9 @@ class Trackers(dict[str, "DeviceTracker"]):
         super().clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value  # one at a time, so a clash is refused here too
         self._changed()
-        super().update(*args, **kwargs)
 
     def setdefault(self, key: str, default: DeviceTracker) -> DeviceTracker:
         self._changed()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 
+from agent.columns import Trackers
 from agent.config import (
     Config,
     GpuNodeConfig,
@@ -19,7 +21,7 @@ from agent.credentials import NO_CREDENTIALS, MinerCredentials, load_credentials
 from agent.devices import Connector, DeviceTracker, MinerDriver, close_quietly
 from agent.gpus import FixedLoad, GpuDevice, GpuNode
 from agent.inventory_store import InventoryStore, KnownMiner, backend_of, identity_key
-from domain import DeviceError, DeviceKind, DevicePermissionError, MinerIdentity
+from domain import DeviceError, DeviceKind, DevicePermissionError, DeviceRefused, MinerIdentity
 from domain.credentials import Login
 from drivers.asic import AsicDriver
 from drivers.gpu import GpuNodeDriver
@@ -298,6 +300,10 @@ async def build_trackers(
     """
     creds = credentials(cfg)
     listed = [tracker_for(cfg, m, creds) for m in cfg.inventory.miners]
+    gpus = [t for n in cfg.gpu_nodes for t in gpu_trackers(cfg, n, node_driver(cfg, n))]
+    # Configured ids must differ (the second would hide the first from every snapshot):
+    # refused before identification, which takes minutes at scale.
+    taken = Trackers((t.device_id, t) for t in [*listed, *gpus])
     scanned = scan_addresses(cfg)
     drivers = await _survey(cfg, store, [t.address for t in listed] + scanned, on_identified, creds)
     for t in listed:
@@ -309,16 +315,62 @@ async def build_trackers(
         drv = drivers.get(address)
         if drv is not None and drv.identity is not None:
             t = discovered_tracker(cfg, address, drv.identity, creds)
-            if t.device_id in creds.miners:
+            old = taken.get(t.device_id)
+            if old is not None:
+                # A miner on the wire under a taken id is still drawing power.
+                await close_quietly([drv], "an identification driver")
+                t = counted_only(t, old)
+            elif t.device_id in creds.miners:
                 # Identified with the credentials for its address; its own (by the id
                 # found) are used when the tracker connects, on its first read.
                 await close_quietly([drv], "an identification driver")
             else:
                 _adopt_driver(t, drv)
+            taken[t.device_id] = t
             trackers.append(t)
-    for n in cfg.gpu_nodes:
-        trackers.extend(gpu_trackers(cfg, n, node_driver(cfg, n)))
+    trackers.extend(gpus)
     return trackers
+
+
+def counted_only(t: DeviceTracker, taken_by: DeviceTracker) -> DeviceTracker:
+    """A device found under an id ``taken_by`` holds: tracked under its own id, never
+    read or controlled, so it counts at its nameplate (worst case) in every snapshot."""
+    placeholder_id = f"{t.device_id}@{t.address}"
+    log.warning(
+        "%s at %s: id already taken by a %s at %s; not controlled, counted at its "
+        "nameplate %.0f W as %s until the ids differ",
+        t.device_id,
+        t.address,
+        taken_by.kind,
+        taken_by.address,
+        t.nameplate_power_w,
+        placeholder_id,
+    )
+
+    async def refuse() -> MinerDriver:
+        raise DeviceRefused(f"id {t.device_id!r} is taken by the device at {taken_by.address}")
+
+    out = DeviceTracker(
+        placeholder_id,
+        address=t.address,
+        domain=t.domain,
+        nameplate_power_w=t.nameplate_power_w,
+        nameplate_hashrate_ths=t.nameplate_hashrate_ths,
+        sleep_power_w=t.sleep_power_w,
+        connect=refuse,
+        kind=t.kind,
+    )
+    out.next_read_s = math.inf  # never read: unknown, so at its worst case
+    return out
+
+
+def same_device(old: DeviceTracker, new: DeviceTracker) -> bool:
+    """Whether ``new`` (found by a scan at another address) is ``old`` moved: same kind,
+    and ``old``'s own identity, where known, gives ``new``'s id."""
+    if old.kind is not new.kind:
+        return False
+    ident = old.driver.identity if old.driver is not None else None
+    return ident is None or discovered_id(old.address, ident) == new.device_id
 
 
 def startup_addresses(cfg: Config) -> int:

@@ -52,6 +52,22 @@ NOT_SENT_IN_TIME = "not sent: the tick's actuation deadline passed before its tu
 V = TypeVar("V")
 
 
+def _change_words(what: str, old_w: float | None, new_w: float | None) -> str:
+    """A cap's change in words: 'cap from ovr-1 (6000 W) added'."""
+    if new_w is None:
+        return f"{what} ({old_w or 0:.0f} W) removed"
+    if old_w is None:
+        return f"{what} ({new_w:.0f} W) added"
+    return f"{what} changed from {old_w:.0f} W to {new_w:.0f} W"
+
+
+def _same_device(old: DeviceTracker, new: DeviceTracker) -> bool:
+    # Imported here: agent.inventory brings pyasic, which only a scanning agent needs.
+    from agent.inventory import same_device
+
+    return same_device(old, new)
+
+
 class OverrideRefused(Exception):
     """An override the agent will not apply; the message says why."""
 
@@ -123,6 +139,8 @@ class Agent:
         self._sweep_lock = asyncio.Lock()
         self._scheduler: AsyncIOScheduler | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # Devices that refused a command: (refusals in a row, clock time of the next try).
+        self._refused: dict[str, tuple[int, float]] = {}
         self.last_plan: Plan | None = None
         self.last_tick: TickRecord | None = None
         # When (clock) the last tick ended: the watchdog asks that ticks keep ending.
@@ -142,20 +160,23 @@ class Agent:
         """Add, change or (with None) drop one cap constraint (W); a drop ticks at once."""
         if cap_w is None and source == SITE_CAP_SOURCE:
             raise ValueError("the site's own cap cannot be removed")
-        self._changing(lambda: _put(self._caps, source, cap_w), f"site cap from {source}")
+        what = _change_words(f"cap from {source}", self._caps.get(source), cap_w)
+        self._changing(lambda: _put(self._caps, source, cap_w), what)
 
     def set_domain_cap(self, domain_id: str, source: str, cap_w: float | None) -> None:
         """Add, change or drop one cap (W) on a domain; KeyError for an unknown domain."""
         if domain_id not in self._domain_caps:
             raise KeyError(domain_id)
         caps = self._domain_caps[domain_id]
-        self._changing(lambda: _put(caps, source, cap_w), f"{domain_id} cap from {source}")
+        what = _change_words(f"{domain_id} cap from {source}", caps.get(source), cap_w)
+        self._changing(lambda: _put(caps, source, cap_w), what)
 
     def set_mode(self, source: str, mode: str | None) -> None:
         """Set (or with None clear) an operator mode: monitor-only, mining-off or ai-min."""
         if mode is not None and mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-        self._changing(lambda: _put(self._modes, source, mode), f"mode from {source}")
+        what = f"mode {mode} from {source} set" if mode else f"mode from {source} cleared"
+        self._changing(lambda: _put(self._modes, source, mode), what)
 
     def set_pin(
         self, source: str, device_id: str, power_w: float | None, *, exclude: bool = False
@@ -165,7 +186,7 @@ class Agent:
         A pin that would take any domain's worst case over its limit is refused.
         """
         if power_w is None and not exclude:
-            self._changing(lambda: self._pins.pop(source, None), f"pin from {source}")
+            self._changing(lambda: self._pins.pop(source, None), f"pin from {source} cleared")
             return
         t = self.trackers.get(device_id)
         if t is None:
@@ -176,7 +197,8 @@ class Agent:
                 raise OverrideRefused(f"a pin needs a power of 0 W or more, not {power_w}")
             self._check_pin_fits(t, power_w)
         pin = Pin(device_id, power_w, exclude, source)
-        self._changing(lambda: _put(self._pins, source, pin), f"pin from {source}")
+        held = "excluded from control" if exclude else f"pinned at {power_w:.0f} W"
+        self._changing(lambda: _put(self._pins, source, pin), f"{device_id} {held} by {source}")
 
     def clear_source(self, source: str) -> None:
         """Drop every cap, mode and pin set under one source (an override's id)."""
@@ -189,7 +211,20 @@ class Agent:
             self._modes.pop(source, None)
             self._pins.pop(source, None)
 
-        self._changing(drop, f"everything from {source}")
+        self._changing(drop, f"{source} ended ({self._held_by(source)})")
+
+    def _held_by(self, source: str) -> str:
+        """What ``source`` holds, in words: 'cap 6000 W, mode mining-off'."""
+        held = []
+        if source != SITE_CAP_SOURCE and source in self._caps:
+            held.append(f"cap {self._caps[source]:.0f} W")
+        held += [f"{d} cap {c[source]:.0f} W" for d, c in self._domain_caps.items() if source in c]
+        if source in self._modes:
+            held.append(f"mode {self._modes[source]}")
+        pin = self._pins.get(source)
+        if pin is not None:
+            held.append(f"{'exclusion' if pin.exclude else 'pin'} of {pin.device_id}")
+        return ", ".join(held) or "nothing in force"
 
     def _check_pin_fits(self, t: DeviceTracker, power_w: float) -> None:
         now = self.clock()
@@ -214,12 +249,15 @@ class Agent:
         before = self.limits()
         change()
         after = self.limits()
-        log.info(
-            "%s changed; effective cap %.0f W -> %.0f W",
-            what,
-            before.effective_cap_w,
-            after.effective_cap_w,
-        )
+        if after.effective_cap_w == before.effective_cap_w:
+            log.info("%s; no change of effective cap (%.0f W)", what, after.effective_cap_w)
+        else:
+            log.info(
+                "%s: effective cap %.0f W -> %.0f W",
+                what,
+                before.effective_cap_w,
+                after.effective_cap_w,
+            )
         lowered = after.effective_cap_w < before.effective_cap_w or any(
             a.limit_w < b.limit_w for a, b in zip(after.domains, before.domains, strict=True)
         )
@@ -345,6 +383,7 @@ class Agent:
         if self.monitor_only:
             held = tuple((c, "monitor-only override: nothing is sent") for c in ordered.now)
             ordered = Ordered((), held + ordered.deferred)
+        ordered = self._hold_refused(ordered, snap.time_s)
         plan_duration = time.perf_counter() - started
         # At most control.concurrency at once, in the tick's order: a cap drop at a
         # 10,000-miner site changes thousands, and each call in flight holds its own
@@ -394,6 +433,20 @@ class Agent:
         if self.on_tick is not None:
             self.on_tick(record)
         return record
+
+    def _hold_refused(self, ordered: Ordered, now_s: float) -> Ordered:
+        """Hold changes for devices that refused one, until their back-off ends: a device
+        that refuses is not asked again every tick (holding a change sends less, never more)."""
+        waiting = {d for d, (_, retry_s) in self._refused.items() if retry_s > now_s}
+        if not waiting or not any(c.device_id in waiting for c in ordered.now):
+            return ordered
+        held = tuple(
+            (c, "refused its last command; asked again after its back-off")
+            for c in ordered.now
+            if c.device_id in waiting
+        )
+        now = tuple(c for c in ordered.now if c.device_id not in waiting)
+        return Ordered(now, held + ordered.deferred)
 
     def plan(self, snap: Snapshot, limits: Limits) -> Plan:
         """The configured policy's plan for this snapshot (capping unless `economic`)."""
@@ -450,7 +503,16 @@ class Agent:
         except DeviceRefused as e:
             # Refused outright: nothing changed on the device.
             self.actuation_errors[c.kind] += 1
-            log.warning("%s: %s refused: %s", c.device_id, c.kind, e)
+            refusals, _ = self._refused.get(c.device_id, (0, 0.0))
+            # One line when it starts refusing, one when it accepts again; between, back off.
+            if refusals == 0:
+                log.warning("%s: %s refused: %s; retrying with back-off", c.device_id, c.kind, e)
+            else:
+                log.debug("%s: %s refused again: %s", c.device_id, c.kind, e)
+            delay_s = min(
+                self.config.control.interval_s * 2**refusals, self.config.telemetry.max_backoff_s
+            )
+            self._refused[c.device_id] = (refusals + 1, self.clock() + delay_s)
             t.next_read_s = 0.0
             return False
         except (TimeoutError, DeviceError) as e:
@@ -465,6 +527,9 @@ class Agent:
             return False
         if c.kind in ("sleep", "wake"):
             self.actuations[c.kind] += 1
+        refused = self._refused.pop(c.device_id, None)
+        if refused is not None:
+            log.info("%s: %s accepted again after %d refusal(s)", c.device_id, c.kind, refused[0])
         t.record_command(c.kind, c.old_w, c.new_w, c.set_target_w, self.clock())
         return True
 
@@ -531,6 +596,13 @@ class Agent:
             if old is None:
                 log.info("%s (%s): new device, now tracked", t.device_id, t.address)
                 self.trackers[t.device_id] = t
+            elif old.address != t.address and not _same_device(old, t):
+                # Another device under a taken id: counted (once), never controlled.
+                if f"{t.device_id}@{t.address}" not in self.trackers:
+                    from agent.inventory import counted_only
+
+                    placeholder = counted_only(t, old)
+                    self.trackers[placeholder.device_id] = placeholder
             elif old.address != t.address:
                 log.warning("%s: moved from %s to %s", t.device_id, old.address, t.address)
                 if old.driver is not None:

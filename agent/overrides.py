@@ -435,6 +435,27 @@ class OverrideManager:
             log.info("overrides: %d restored, %d ended while down", len(restored), len(ended))
         return restored, ended
 
+    def apply_in_force(self) -> list[Override]:
+        """Apply the stored overrides in force now, writing nothing (``plan --dry-run``):
+        one that expired or that the agent refuses is left out, not ended."""
+        now = self.wall_clock()
+        applied: list[Override] = []
+        stored = sorted(
+            self.store.open_overrides(),
+            key=lambda o: (_RESTORE_ORDER.get(o.kind, 3), o.created_at_unix_s, o.id),
+        )
+        for ov in stored:
+            if ov.expires_at_unix_s <= now:
+                continue
+            try:
+                self._apply(ov)
+            except OverrideError as e:
+                log.warning("override %s (%s) left out: %s", ov.id, ov.describe(), e.reason)
+                continue
+            self._active[ov.id] = ov
+            applied.append(ov)
+        return applied
+
     # -- internals ---------------------------------------------------------------
 
     def _check_cap(self, ov: Override, admin: bool) -> list[Override]:

@@ -153,6 +153,18 @@ class Store:
             self._save_mark()
 
     @classmethod
+    def read_only(cls, path: str | Path) -> Store:
+        """Open an existing database for reading only: no schema, no journal change, no writes."""
+        store = cls.__new__(cls)
+        store.path = Path(path)
+        try:
+            store._db = sqlite3.connect(f"{store.path.resolve().as_uri()}?mode=ro", uri=True)
+            store._db.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as e:
+            raise StoreError(f"{store.path}: {e}") from e
+        return store
+
+    @classmethod
     def in_dir(cls, state_dir: str | Path) -> Store:
         """Open (creating if needed) the database in a state directory."""
         return cls(Path(state_dir) / DB_NAME)

@@ -817,3 +817,32 @@ def test_the_column_diff_on_the_edges_the_random_sites_rarely_reach() -> None:
     assert [(c.device_id, c.kind) for c in reference_diff(p, snap)] == want
     for s in (snap, replace(snap, table=DeviceTable.of(devices))):
         assert diff(p, s) == reference_diff(p, snap)
+
+
+# -- a plan that leaves devices out ---------------------------------------------
+
+
+@st.composite
+def partial_plans(draw: st.DrawFn) -> tuple[Site, Plan, float]:
+    """A plan that names only some of the site's devices: the rest still draw power."""
+    site, p, ramp = draw(orderings())
+    keep = [sp for sp in p.setpoints if draw(st.booleans())]
+    return site, replace(p, setpoints=tuple(keep)), ramp
+
+
+@FAST
+@given(partial_plans())
+def test_devices_missing_from_the_plan_still_count_at_their_worst_case(
+    case: tuple[Site, Plan, float],
+) -> None:
+    site, p, ramp = case
+    o = order_changes(p, site.snapshot, site.limits, max_increase_w=ramp)
+    planned = {sp.device_id for sp in p.setpoints}
+    assert all(c.device_id in planned for c in o.now)
+    raised = [c for c in o.now if not c.is_decrease]
+    # Every device of the snapshot counts, in the plan or not, at its budget (worst case).
+    before = worst_case_w(site, [])
+    after = worst_case_w(site, raised)
+    for node in site.nodes:
+        limit = site.limit_w(node)
+        assert after[node] <= max(limit, before[node]) + 1e-3, (node, after[node], limit)
