@@ -39,7 +39,7 @@ async def test_two_refusing_miners_warn_once_each_back_off_and_say_when_they_acc
                 "site": {"cap_w": 100_000},
                 "inventory": {"miners": [{"address": m.address} for m in site.miners]},
                 "policy": {"min_off_s": 0},
-                "telemetry": {"timeout_s": 3.0, "stale_after_s": 1e9, "max_backoff_s": 60},
+                "telemetry": {"timeout_s": 3.0, "stale_after_s": 86_400.0, "max_backoff_s": 60},
                 "control": {"interval_s": 5},
             }
         )
