@@ -53,8 +53,12 @@ class DomainTree:
         return self._chains[domain]
 
     def chains(self, domains: Sequence[str]) -> IntArr:
-        """Per domain, its chain as node indices (the site last), padded by repeating the site."""
-        rows = [[self.index[k] for k in self.chain(dom)] for dom in domains]
+        """Per domain, its chain as node indices (the site last), padded by repeating the site.
+
+        A parent the limits do not list has no limit to keep and no index: left out.
+        """
+        index = self.index
+        rows = [[index[k] for k in self.chain(dom) if k in index] for dom in domains]
         depth = max((len(c) for c in rows), default=1)
         if not rows:
             return np.zeros((0, depth), np.intp)
