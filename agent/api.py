@@ -44,7 +44,7 @@ from agent.overrides import (
 )
 from agent.store import Store
 from domain import DeviceKind, DeviceStatus
-from policies.capping import DomainTree, domain_loads_w
+from domain.site import DomainTree, domain_codes, domain_loads_w
 
 log = logging.getLogger("siteagent.api")
 
@@ -686,8 +686,9 @@ def _status(s: Services) -> StatusView:
     record = agent.last_tick
     configured = {d.id: d.limit_w for d in agent.config.domains}
     tree = DomainTree(limits)
-    measured = domain_loads_w(tree, ((d, _measured_w(d)) for d in snap.devices), 0.0)
-    worst = domain_loads_w(tree, ((d, d.budget_w) for d in snap.devices), 0.0)
+    names, code = domain_codes([d.domain for d in snap.devices])
+    measured = domain_loads_w(tree, names, code, [_measured_w(d) for d in snap.devices])
+    worst = domain_loads_w(tree, names, code, [d.budget_w for d in snap.devices])
     now = s.wall_clock()
     return StatusView(
         site=agent.config.site.name,

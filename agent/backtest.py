@@ -39,13 +39,12 @@ from domain import (
     DomainLimit,
     Limits,
     MinerCapabilities,
-    Plan,
     Snapshot,
 )
-from policies.capping import SITE, CappingParams, DomainTree
-from policies.capping import plan as capping_plan
-from policies.economic import EconomicParams
-from policies.economic import plan as economic_plan
+from domain.site import SITE, DomainTree, domain_codes, domain_loads_w
+from policies import POLICIES, Policy, PolicyParams, PolicyState, get_policy
+from policies.capping import CappingParams
+from policies.economic_params import EconomicParams
 from policies.prices import PricePoint, Prices
 from sim.gpu import H100_SXM, capacity_frac
 from sim.power import HASHRATE_POWER_EXPONENT, SIM_MODELS, PowerTiming, SimModel
@@ -54,7 +53,6 @@ STEP_S = 300.0
 SEED = 20250105
 TIMING = PowerTiming()
 
-Policy = Callable[[Snapshot, Limits, Prices, Plan | None], Plan]
 # Told before each step: (what runs: a policy or the optimum, steps done, steps in all).
 Progress = Callable[[str, int, int], None]
 
@@ -262,7 +260,9 @@ def run_policy(
     eff = max(0.0, site.cap_w - site.safety_margin_w)
     limits = Limits(site.cap_w, eff, "site", site.overhead_w, site.domains)
     tree = DomainTree(limits)
-    previous: Plan | None = None
+    # Each step's draw per device, miners then GPUs, summed per domain by the one rule.
+    names, code = domain_codes([m.domain for m in site.miners] + [g.domain for g in site.gpus])
+    state = PolicyState()
     step_h = step_s / 3600.0
     t0 = series[0].timestamp_unix_s if series else 0.0
     last_demand = series[0].ai_demand_frac if series else None
@@ -326,8 +326,7 @@ def run_policy(
             point.ai_usd_per_gpu_hour,
             None,
         )
-        p = policy(Snapshot(now, tuple(devices)), limits, prices, previous)
-        previous = p
+        p, state = policy.plan(Snapshot(now, tuple(devices)), limits, prices, state)
         for sp in p.setpoints:
             i = sp.device_id
             if i in level:
@@ -341,15 +340,14 @@ def run_policy(
             elif i in limit and sp.power_target_w is not None:
                 limit[i] = sp.power_target_w
         # Account the step at settled power.
-        load: dict[str, float] = defaultdict(float)
+        draw_w: list[float] = []
         miner_w = gpu_w = 0.0
         revenue_h = 0.0
         for m in site.miners:
             i = m.device_id
             w = level[i] if awake[i] else timing.sleep_power_w
             miner_w += w
-            for node in tree.chain(m.domain):
-                load[node] += w
+            draw_w.append(w)
             if awake[i]:
                 ths = miner_hashrate_ths(m.model, w)
                 revenue_h += point.hashprice_usd_per_th_day / 24.0 * ths
@@ -357,11 +355,10 @@ def run_policy(
             i = g.device_id
             w = gpu_draw_w(limit[i], demand)
             gpu_w += w
-            for node in tree.chain(g.domain):
-                load[node] += w
+            draw_w.append(w)
             served = min(demand, capacity_frac(limit[i], H100_SXM.power_limit_max_w))
             revenue_h += point.ai_usd_per_gpu_hour * served
-        load[SITE] += site.overhead_w
+        load = domain_loads_w(tree, names, code, draw_w, site.overhead_w)
         total = miner_w + gpu_w + site.overhead_w
         if any(load[n] > tree.limit_w[n] + 1e-6 for n in tree.limit_w if n != SITE) or (
             total > site.cap_w + 1e-6
@@ -376,17 +373,10 @@ def run_policy(
 
 
 def policies(capping: CappingParams | None = None) -> dict[str, Policy]:
-    """The policies a backtest compares, by name."""
+    """The policies a backtest compares: every registered one, by name."""
     cp = capping or CappingParams()
-    ep = EconomicParams(capping=cp)
-
-    def cap(s: Snapshot, lim: Limits, _: Prices, prev: Plan | None) -> Plan:
-        return capping_plan(s, lim, cp, prev)
-
-    def econ(s: Snapshot, lim: Limits, pr: Prices, prev: Plan | None) -> Plan:
-        return economic_plan(s, lim, pr, ep, prev)
-
-    return {"efficiency-capping": cap, "economic": econ}
+    params = PolicyParams(cp, EconomicParams(capping=cp))
+    return {name: get_policy(name, params) for name in POLICIES}
 
 
 # -- the offline optimum -------------------------------------------------------------

@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from policies import PolicyName
+
 # Bounds that no real value reaches, so a slip of the keyboard (a cap of 1e15 W, a
 # timeout of a century) is refused instead of quietly switching a safeguard off.
 MAX_POWER_W = 1e10  # 10 GW: more than any site, and than any price or rate kept in these types
@@ -215,7 +217,7 @@ class PriorityClassConfig(_Strict):
 class PolicyConfig(_Strict):
     """The capping policy and its hysteresis band, as fractions of the effective cap."""
 
-    name: Literal["efficiency-capping", "economic"] = "efficiency-capping"
+    name: PolicyName = "efficiency-capping"  # a name in policies.POLICIES
     capping_threshold: Fraction = 1.0
     capping_target: Fraction = 0.97
     uncapping_threshold: Fraction = 0.92

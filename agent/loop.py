@@ -36,8 +36,9 @@ from domain import (
     Plan,
     Snapshot,
 )
-from policies.capping import CappingParams, DomainTree
-from policies.capping import plan as capping_plan
+from domain.site import DomainTree
+from policies import PolicyParams, PolicyState, get_policy
+from policies.capping import CappingParams
 from policies.prices import Prices
 
 log = logging.getLogger("siteagent.loop")
@@ -130,6 +131,12 @@ class Agent:
         self.price_feed = PriceFeed(config, alarms=self.alarms)
         self.prices: Callable[[], Prices] = self.price_feed.prices
         self.economic_params = economic_params(config)
+        # The configured policy, chosen by name (its module imported only now), and what it
+        # derived last tick; the agent hands that back with each snapshot.
+        self.policy = get_policy(
+            config.policy.name, PolicyParams(self.params, self.economic_params)
+        )
+        self.policy_state = PolicyState()
         self._caps: dict[str, float] = {SITE_CAP_SOURCE: config.site.cap_w}
         self._domain_caps: dict[str, dict[str, float]] = {d.id: {} for d in config.domains}
         self._modes: dict[str, str] = {}
@@ -449,15 +456,11 @@ class Agent:
         return Ordered(now, held + ordered.deferred)
 
     def plan(self, snap: Snapshot, limits: Limits) -> Plan:
-        """The configured policy's plan for this snapshot (capping unless `economic`)."""
-        if self.config.policy.name == "economic":
-            # Imported here: it brings numba and llvmlite (about 64 MB of RSS), which an
-            # agent on the capping policy never needs (``siteagent run`` imports and
-            # compiles it before its first tick when the policy is economic).
-            from policies.economic import plan as economic_plan
-
-            return economic_plan(snap, limits, self.prices(), self.economic_params, self.last_plan)
-        return capping_plan(snap, limits, self.params, self.last_plan)
+        """The configured policy's plan for this snapshot, against the last plan adopted."""
+        state = PolicyState(self.last_plan, self.policy_state.derived)
+        prices = self.prices() if self.policy.reads_prices else None
+        plan, self.policy_state = self.policy.plan(snap, limits, prices, state)
+        return plan
 
     def _ramp_allowance(self, now_s: float) -> float:
         # Increases are rate-limited: what one step may add is the ramp rate over

@@ -13,7 +13,6 @@ worst-case budgets, decide which changes go out now and which wait.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,8 +28,8 @@ from domain import (
     Snapshot,
     setpoint_rows,
 )
+from domain.site import SITE, DomainTree, domain_loads_w
 from domain.table import STATE_CODE, DeviceTable
-from policies.capping import SITE, DomainTree
 
 SLEEP, WAKE, LOWER, RAISE = "sleep", "wake", "lower", "raise"
 _SLEEPING = STATE_CODE[DeviceState.SLEEPING]
@@ -132,13 +131,9 @@ def diff(plan: Plan, snapshot: Snapshot) -> list[Change]:
 
 def worst_case_loads_w(tree: DomainTree, snapshot: Snapshot, overhead_w: float) -> dict[str, float]:
     """Every domain's worst-case power (W): the devices' budgets below it, overhead at the site."""
-    load: dict[str, float] = defaultdict(float)
-    load[SITE] += overhead_w
     tab = table_of(snapshot)
-    for dom, w in tab.statics.domain_sums_w(tab.budget_w).items():
-        for node in tree.chain(dom):
-            load[node] += w
-    return load
+    names, code = tab.statics.domain_codes
+    return domain_loads_w(tree, names, code, tab.budget_w, overhead_w)
 
 
 def order_changes(

@@ -39,8 +39,8 @@ from domain import (
     Snapshot,
 )
 from domain.table import DeviceTable
-from policies import economic
-from policies.economic import EconomicParams, miner_revenue_usd_per_h, plan
+from policies import PolicyState
+from policies.economic import EconomicParams, EconomicPolicy, miner_revenue_usd_per_h
 from policies.prices import Prices
 
 PRICES = Prices(0.05, 0.06, 2.0)
@@ -188,12 +188,34 @@ def trackers_for(snap: Snapshot) -> list[DeviceTracker]:
     return out
 
 
+class Planner:
+    """Plans as the agent does: through the policy's interface, handing its state back."""
+
+    def __init__(self, params: EconomicParams) -> None:
+        self.policy = EconomicPolicy(params)
+        self.state = PolicyState()
+
+    def plan(
+        self, snap: Snapshot, limits: Limits, prices: Prices, prev: Plan | None = None
+    ) -> Plan:
+        """The next plan; what the policy derived is kept for the next call."""
+        p, self.state = self.policy.plan(snap, limits, prices, replace(self.state, previous=prev))
+        return p
+
+    def forget(self) -> None:
+        """Drop what the policy derived, as after a restart."""
+        self.state = PolicyState()
+
+
+PLANNER = Planner(EconomicParams())
+
+
 def agent_tick(
     cols: TrackerColumns, limits: Limits, params: EconomicParams, prev: Plan, now_s: float
 ) -> tuple[Plan, list[Change]]:
     """What a control tick computes before it sends anything: snapshot, plan, safe order."""
     snap = cols.snapshot(now_s, 30.0)
-    p = plan(snap, limits, PRICES, params, prev)
+    p = PLANNER.plan(snap, limits, PRICES, prev)
     return p, list(order_changes(p, snap, limits, max_increase_w=1e6).now)
 
 
@@ -216,7 +238,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     snap, limits = site(args.miners, args.gpus)
-    params = EconomicParams()
+    params = PLANNER.policy.params
     rng = random.Random(2)
     base = median_s(
         lambda: sorted(snap.devices, key=lambda d: (-value_usd_per_kwh(d), d.device_id)),
@@ -224,8 +246,8 @@ def main() -> None:
     )
 
     def cold() -> Plan:
-        economic._last_whole = None  # as after a restart or a change of devices
-        return plan(snap, limits, PRICES, params)
+        PLANNER.forget()  # as after a restart or a change of devices
+        return PLANNER.plan(snap, limits, PRICES)
 
     p = cold()
     t_cold = median_s(cold, args.runs)
@@ -235,13 +257,13 @@ def main() -> None:
     for _ in range(args.runs):
         s = next_tick(snap, prev, rng)
         t = time.perf_counter()
-        nxt = plan(s, limits, PRICES, params, prev)
+        nxt = PLANNER.plan(s, limits, PRICES, prev)
         ticks.append(time.perf_counter() - t)
         prev = nxt
     t_tick = statistics.median(ticks)
     # The same ticks from a snapshot that carries its columns (as the agent's does).
     col_snap = replace(snap, table=DeviceTable.of(snap.devices))
-    prev = plan(col_snap, limits, PRICES, params)
+    prev = PLANNER.plan(col_snap, limits, PRICES)
     assert isinstance(prev.setpoints, SetpointTable)
     row_of = {d.device_id: i for i, d in enumerate(snap.devices)}
     rows = [row_of[i] for i in prev.setpoints.ids]
@@ -249,13 +271,13 @@ def main() -> None:
     for _ in range(args.runs):
         s = next_table(col_snap, prev, rows, rng)
         t = time.perf_counter()
-        nxt = plan(s, limits, PRICES, params, prev)
+        nxt = PLANNER.plan(s, limits, PRICES, prev)
         col_ticks.append(time.perf_counter() - t)
         prev = nxt
     t_cols = statistics.median(col_ticks)
     # A whole tick as the agent computes it, from its trackers' columns.
     cols = TrackerColumns(trackers_for(snap))
-    prev = plan(cols.snapshot(1.0, 30.0), limits, PRICES, params)
+    prev = PLANNER.plan(cols.snapshot(1.0, 30.0), limits, PRICES)
     agent_ticks, sent = [], []
     for k in range(args.runs + 3):
         t = time.perf_counter()

@@ -24,6 +24,7 @@ from operator import attrgetter, is_
 import numpy as np
 import numpy.typing as npt
 
+from domain.site import domain_codes
 from domain.types import (
     DeviceKind,
     DeviceReading,
@@ -93,18 +94,12 @@ class DeviceStatics:
     @cached_property
     def domain_codes(self) -> tuple[tuple[str, ...], npt.NDArray[np.intp]]:
         """The distinct domains (first seen first), and each row's index into them."""
-        uniq = {dom: i for i, dom in enumerate(dict.fromkeys(self.domains))}
-        return tuple(uniq), np.fromiter(map(uniq.__getitem__, self.domains), np.intp, len(self))
+        return domain_codes(self.domains)
 
     @cached_property
     def power_target(self) -> BoolArr:
         """Per row: whether the device takes a power target (W)."""
         return flags([c.power_target for c in self.capabilities])
-
-    def domain_sums_w(self, w: FloatArr) -> dict[str, float]:
-        """``w`` (one value per row, W) summed per domain the rows sit in."""
-        names, code = self.domain_codes
-        return dict(zip(names, np.bincount(code, w, len(names)).tolist(), strict=True))
 
     @classmethod
     def of(

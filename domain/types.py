@@ -7,6 +7,7 @@ seconds (monotonic unless named ``_unix_s``), ``_c`` degrees Celsius.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
@@ -38,6 +39,16 @@ class DeviceState(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+class PlanMode(enum.StrEnum):
+    """Why a plan is what it is; every policy answers with one of these."""
+
+    CAP = "cap"  # some domain heads over its capping threshold: shed to the target
+    RESTORE = "restore"  # the site is below its uncapping threshold: fill back up
+    HOLD = "hold"  # inside the band, or nothing to change: the previous setpoints
+    OVERRIDE = "override"  # the operator's directives changed: plan again at once
+    ECONOMIC = "economic"  # merit order by net value under every domain's target
+
+
 @dataclass(frozen=True, slots=True)
 class MinerCapabilities:
     """What a device lets us control, in watts: a miner's power target or a GPU's power limit."""
@@ -52,14 +63,31 @@ class MinerCapabilities:
 
     def clamp_power_target_w(self, power_w: float) -> float:
         """Clamp a wanted power target (W) into the device's range and onto its step."""
-        lo = self.power_target_min_w if self.power_target_min_w is not None else power_w
-        hi = self.power_target_max_w if self.power_target_max_w is not None else power_w
-        clamped = min(max(power_w, lo), hi)
-        step = self.power_target_step_w
-        if step > 0:
-            # Round down onto the step so a clamped target never exceeds what was asked.
-            clamped = lo + ((clamped - lo) // step) * step
-        return float(clamped)
+        lo, hi = self.power_target_min_w, self.power_target_max_w
+        return float(
+            clamp_power_w(
+                power_w,
+                math.nan if lo is None else lo,
+                math.nan if hi is None else hi,
+                self.power_target_step_w,
+            )
+        )
+
+
+def clamp_power_w(power_w: float, lo_w: float, hi_w: float, step_w: float) -> float:
+    """Clamp a wanted power (W) into [lo_w, hi_w] and down onto lo_w + k * step_w.
+
+    NaN for a bound means none; a step of 0 or less means any value. The one
+    clamping rule: ``MinerCapabilities`` runs it as Python, the numba kernels of
+    ``policies.fill`` compile this very function (so it stays plain scalar code).
+    """
+    lo = power_w if math.isnan(lo_w) else lo_w
+    hi = power_w if math.isnan(hi_w) else hi_w
+    clamped = min(max(power_w, lo), hi)
+    if step_w > 0:
+        # Round down onto the step so a clamped target never exceeds what was asked.
+        clamped = lo + ((clamped - lo) // step_w) * step_w
+    return clamped
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,8 +412,7 @@ def _as_list(col: Column) -> list[Any]:
 class Plan:
     """A policy's answer: a setpoint for every controllable device.
 
-    ``mode`` is ``cap`` (shedding to the capping target), ``restore`` (filling
-    back up to it) or ``hold`` (inside the hysteresis band, nothing changes).
+    ``mode`` is a ``PlanMode`` (compared equal to its value, e.g. ``"cap"``).
     """
 
     time_s: float

@@ -17,13 +17,14 @@ efficient first. Devices the agent cannot control count at their worst case.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from domain import DeviceKind, DeviceStatus, Limits, Pin, Plan, Setpoint, Snapshot
+from domain import DeviceKind, DeviceStatus, Limits, Pin, Plan, PlanMode, Setpoint, Snapshot
+from domain.site import SITE, DomainTree, domain_codes, domain_loads_w
+from policies import PolicyState
+from policies.prices import Prices
 
-SITE = "site"
 MOVABLE_KINDS = frozenset({DeviceKind.MINER, DeviceKind.GPU})
 # Shedding order between kinds: the lower the rank, the later its power is taken.
 # A kilowatt of inference earns an order of magnitude more than one of hashing
@@ -40,33 +41,6 @@ class CappingParams:
     uncapping_threshold: float = 0.92
     min_off_s: float = 300.0
     max_wakes_per_hour: int = 0  # 0: no limit beyond min_off_s
-
-
-class DomainTree:
-    """The power-delivery tree: each domain's limit (W) and its ancestors up to the site."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.limit_w: dict[str, float] = {SITE: limits.effective_cap_w}
-        self._parent: dict[str, str] = {}
-        for d in limits.domains:
-            self.limit_w[d.domain_id] = d.limit_w
-            self._parent[d.domain_id] = d.parent or SITE
-        self._chains: dict[str, tuple[str, ...]] = {}
-
-    def chain(self, domain: str) -> tuple[str, ...]:
-        """The domain and all above it, the site last; unknown domains sit under the site."""
-        cached = self._chains.get(domain)
-        if cached is not None:
-            return cached
-        out: list[str] = []
-        node: str | None = domain if domain in self.limit_w else SITE
-        while node is not None and node not in out:
-            out.append(node)
-            node = self._parent.get(node) if node != SITE else None
-        if out[-1] != SITE:
-            out.append(SITE)
-        self._chains[domain] = tuple(out)
-        return self._chains[domain]
 
 
 def wake_blocked(d: DeviceStatus, now_s: float, params: CappingParams) -> str | None:
@@ -95,16 +69,12 @@ def max_level_w(d: DeviceStatus) -> float:
     return d.nameplate_power_w
 
 
-def domain_loads_w(
-    tree: DomainTree, items: Iterable[tuple[DeviceStatus, float]], overhead_w: float
+def _loads_w(
+    tree: DomainTree, items: Sequence[tuple[DeviceStatus, float]], overhead_w: float
 ) -> dict[str, float]:
-    """Sum per-device power (W) into every domain above each device; overhead goes to the site."""
-    load: dict[str, float] = defaultdict(float)
-    load[SITE] += overhead_w
-    for d, w in items:
-        for node in tree.chain(d.domain):
-            load[node] += w
-    return load
+    """Per node: the power (W) of ``items`` below it, the overhead at the site."""
+    names, code = domain_codes([d.domain for d, _ in items])
+    return domain_loads_w(tree, names, code, [w for _, w in items], overhead_w)
 
 
 def plan(
@@ -131,7 +101,7 @@ def plan(
         sp = prev.get(d.device_id)
         return max(d.expected_w, sp.planned_w) if sp is not None else d.expected_w
 
-    load = domain_loads_w(
+    load = _loads_w(
         tree,
         [(d, d.budget_w) for d in fixed]
         + [(d, max(sp.planned_w, d.expected_w)) for d, sp in pinned]
@@ -150,20 +120,20 @@ def plan(
             f"{worst} heading for {load[worst]:.0f} W, above its capping threshold "
             f"{params.capping_threshold * tree.limit_w[worst]:.0f} W"
         )
-        return _fill(ctx, "cap", why)
+        return _fill(ctx, PlanMode.CAP, why)
     if previous is not None and previous.directives_key != key:
-        return _fill(ctx, "override", f"operator directives changed ({key})")
+        return _fill(ctx, PlanMode.OVERRIDE, f"operator directives changed ({key})")
     if load[SITE] < params.uncapping_threshold * site_cap:
         why = (
             f"site heading for {load[SITE]:.0f} W, below its uncapping threshold "
             f"{params.uncapping_threshold * site_cap:.0f} W"
         )
-        filled = _fill(ctx, "restore", why)
+        filled = _fill(ctx, PlanMode.RESTORE, why)
         held = _hold(ctx, prev, load[SITE], why)
         if _same_setpoints(filled.setpoints, held.setpoints):
             return Plan(
                 held.time_s,
-                "hold",
+                PlanMode.HOLD,
                 held.effective_cap_w,
                 held.planned_w,
                 why + "; nothing more can be restored",
@@ -177,6 +147,22 @@ def plan(
         f"{params.capping_threshold * site_cap:.0f}] W"
     )
     return _hold(ctx, prev, load[SITE], why)
+
+
+@dataclass(frozen=True, slots=True)
+class CappingPolicy:
+    """The capping policy behind the registry's interface; it derives nothing between ticks."""
+
+    params: CappingParams
+    name: str = "efficiency-capping"
+    reads_prices: bool = False
+
+    def plan(
+        self, snapshot: Snapshot, limits: Limits, prices: Prices | None, state: PolicyState
+    ) -> tuple[Plan, PolicyState]:
+        """``plan`` against the state's previous plan; prices play no part."""
+        p = plan(snapshot, limits, self.params, state.previous)
+        return p, PolicyState(p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +210,7 @@ def _hold(ctx: _Ctx, prev: Mapping[str, Setpoint], heading_w: float, why: str) -
         setpoints.append(sp)
     return Plan(
         ctx.snapshot.time_s,
-        "hold",
+        PlanMode.HOLD,
         ctx.limits.effective_cap_w,
         heading_w,
         why,
@@ -239,12 +225,12 @@ def _merit(d: DeviceStatus) -> tuple[int, float, str]:
     return (KIND_RANK.get(d.kind, 2), d.efficiency_j_per_th, d.device_id)
 
 
-def _fill(ctx: _Ctx, mode: str, why: str) -> Plan:
+def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
     snapshot, limits, params, tree = ctx.snapshot, ctx.limits, ctx.params, ctx.tree
     frac = params.capping_target
     avail = {node: frac * limit for node, limit in tree.limit_w.items()}
     counted = [(d, d.budget_w) for d in ctx.fixed] + [(d, sp.planned_w) for d, sp in ctx.pinned]
-    for node, w in domain_loads_w(tree, counted, limits.overhead_w).items():
+    for node, w in _loads_w(tree, counted, limits.overhead_w).items():
         avail[node] -= w
     # Operator modes: no miner wakes or rises with mining off; no GPU rises with AI at minimum.
     held_down = {DeviceKind.MINER} if limits.mining_off else set()

@@ -43,14 +43,17 @@ from domain import (
     Limits,
     MinerCapabilities,
     Plan,
+    PlanMode,
     Setpoint,
     SetpointTable,
     Snapshot,
 )
+from domain.site import DomainTree, by_depth, node_loads
 from domain.table import DeviceStatics, DeviceTable
+from domain.types import clamp_power_w
+from policies import PolicyState
 from policies.capping import (
     MOVABLE_KINDS,
-    DomainTree,
     max_level_w,
     pinned_setpoint,
 )
@@ -69,11 +72,9 @@ from policies.fill import (
     FloatArr,
     IntArr,
     Segments,
-    by_depth,
     clamp_w,
     fill,
     jit,
-    node_loads,
 )
 from policies.prices import Prices
 
@@ -114,6 +115,30 @@ def gpu_demand_frac(d: DeviceStatus, prices: Prices, params: EconomicParams) -> 
     return params.default_utilization_frac
 
 
+@dataclass(frozen=True, slots=True)
+class EconomicPolicy:
+    """The economic policy behind the registry's interface.
+
+    Between ticks it keeps what it derived from the devices that rarely change
+    (``_Whole``: chains, static columns, the merit order) in the state's
+    ``derived``, reused while snapshots bring the very same statics object.
+    """
+
+    params: EconomicParams
+    name: str = "economic"
+    reads_prices: bool = True
+
+    def plan(
+        self, snapshot: Snapshot, limits: Limits, prices: Prices | None, state: PolicyState
+    ) -> tuple[Plan, PolicyState]:
+        """``plan`` against the state's previous plan, reusing what it derived last."""
+        if prices is None:
+            raise ValueError("the economic policy plans with prices; none were given")
+        last = state.derived if isinstance(state.derived, _Whole) else None
+        p, whole = _plan(snapshot, limits, prices, self.params, state.previous, last)
+        return p, PolicyState(p, whole)
+
+
 def plan(
     snapshot: Snapshot,
     limits: Limits,
@@ -122,25 +147,39 @@ def plan(
     previous: Plan | None = None,
 ) -> Plan:
     """Plan setpoints (W) that earn most under every domain's capping target."""
+    return _plan(snapshot, limits, prices, params, previous, None)[0]
+
+
+def _plan(
+    snapshot: Snapshot,
+    limits: Limits,
+    prices: Prices,
+    params: EconomicParams,
+    previous: Plan | None,
+    last: _Whole | None,
+) -> tuple[Plan, _Whole]:
+    """``plan``, reusing ``last`` (what the previous plan derived) where it still holds."""
     cp = params.capping
     tree = DomainTree(limits)
-    names = list(tree.limit_w)
+    names = list(tree.names)
     key = limits.directives_key
     pins = {p.device_id: p for p in limits.pins}
     tab = snapshot.table
     if tab is None:
-        last = _last_whole
         tab = DeviceTable.of(snapshot.devices, None if last is None else last.statics)
-    whole = _whole(tab.statics, limits, tree, names)
+    whole = _whole(tab.statics, limits, tree, names, last)
     movable = tab.controllable & whole.movable_kind
     fixed = ~movable
     pinned: list[tuple[DeviceStatus, Setpoint]] = []
+    pinned_rows: list[int] = []
     for i in whole.rows_of(pins):
         d = snapshot.devices[i]
         if movable[i] and not pins[d.device_id].exclude:
             pinned.append(pinned_setpoint(d, pins[d.device_id]))
+            pinned_rows.append(i)
             fixed[i] = False
         movable[i] = False
+    pinned_nodes = whole.nodes[np.array(pinned_rows, np.intp)]
     st = whole.subset(movable)
     cols = _Columns(tab, st, len(names))
     n = len(st.rows)
@@ -149,19 +188,17 @@ def plan(
     fixed_w = np.where(fixed, tab.budget_w, 0.0)
     fixed_load = node_loads(whole.nodes, fixed_w, len(names))
     fixed_load[0] += limits.overhead_w  # names[0] is the site
-    index = whole.node_index
-    for d, sp in pinned:
-        for k in tree.chain(d.domain):
-            fixed_load[index[k]] += sp.planned_w
+    pinned_w = np.array([sp.planned_w for _, sp in pinned], float)
+    fixed_load += node_loads(pinned_nodes, pinned_w, len(names))
     fixed_total_w = float(fixed_w.sum()) + sum(sp.planned_w for _, sp in pinned)
     limit = np.array([tree.limit_w[k] for k in names])
 
     # Heading load, as the capping policy counts it, decides the mode.
     heading_w = np.where(prev.known, np.maximum(cols.expected_w, prev.planned_w), cols.expected_w)
     heading = cols.node_loads(heading_w) + fixed_load
-    for d, sp in pinned:  # pins count at the higher of plan and expectation here
-        for k in tree.chain(d.domain):
-            heading[index[k]] += max(sp.planned_w, d.expected_w) - sp.planned_w
+    # Pins count at the higher of plan and expectation here.
+    pinned_up_w = np.array([max(sp.planned_w, d.expected_w) for d, sp in pinned], float) - pinned_w
+    heading += node_loads(pinned_nodes, pinned_up_w, len(names))
     over = np.flatnonzero(heading > cp.capping_threshold * limit)
 
     # Contract floors are kept only within each domain's limit: caps win over floors.
@@ -219,7 +256,7 @@ def plan(
         or bool((prev.awake != on).any())
         or not np.array_equal(prev.target_w, target, equal_nan=True)
     )
-    mode = "cap" if over.size else "economic"
+    mode = PlanMode.CAP if over.size else PlanMode.ECONOMIC
     if over.size:
         worst = int(over[np.argmax(heading[over] / limit[over])])
         reason = (
@@ -229,7 +266,7 @@ def plan(
     else:
         reason = f"merit order by net value per kWh under each domain's target; {prices.note}"
     if not over.size and not changed:
-        mode = "hold"
+        mode = PlanMode.HOLD
     rank = cols.pos + 1
     texts = _Reasons(
         mode, n, cols, on, level, rank, best, why, why_node, why_room, names, segs.why_aux
@@ -246,7 +283,10 @@ def plan(
         st.rows[cols.order],
     )
     broken = tuple(sorted(cols.ids[i] for i in segs.broken.tolist()))
-    return Plan(snapshot.time_s, mode, limits.effective_cap_w, planned, reason, table, key, broken)
+    result = Plan(
+        snapshot.time_s, mode, limits.effective_cap_w, planned, reason, table, key, broken
+    )
+    return result, whole
 
 
 # Why a device is where it is, as a code per device; words are made on demand.
@@ -280,12 +320,9 @@ class _Whole:
     ) -> None:
         n = len(statics)
         self.statics, self.key = statics, key
-        self.node_index = {k: i for i, k in enumerate(names)}
         domains, dom_idx = statics.domain_codes
-        rows = [[self.node_index[k] for k in tree.chain(dom)] for dom in domains]
-        depth = max((len(c) for c in rows), default=1)
-        table = np.array([c + [c[-1]] * (depth - len(c)) for c in rows], np.intp)
-        self.chains = table[dom_idx] if n else np.zeros((0, depth), np.intp)
+        table = tree.chains(domains)
+        self.chains = table[dom_idx] if n else np.zeros((0, table.shape[1]), np.intp)
         self.nodes = by_depth(self.chains, len(names))
         kinds, caps = statics.kinds, statics.capabilities
         self.is_gpu = np.fromiter((k is DeviceKind.GPU for k in kinds), bool, n)
@@ -325,17 +362,18 @@ class _Whole:
         return built
 
 
-_last_whole: _Whole | None = None
-
-
-def _whole(statics: DeviceStatics, limits: Limits, tree: DomainTree, names: list[str]) -> _Whole:
-    global _last_whole
+def _whole(
+    statics: DeviceStatics,
+    limits: Limits,
+    tree: DomainTree,
+    names: list[str],
+    last: _Whole | None,
+) -> _Whole:
+    """``last`` while it was derived from the very same statics under the same tree."""
     key = (tuple(names), tuple((d.domain_id, d.parent) for d in limits.domains))
-    last = _last_whole
     if last is not None and last.statics is statics and last.key == key:
         return last
-    _last_whole = built = _Whole(statics, key, tree, names)
-    return built
+    return _Whole(statics, key, tree, names)
 
 
 class _Static:
@@ -815,8 +853,9 @@ def _gpu_segments(
         for k, i in enumerate(g.tolist()):
             contract = params.contract_floor_w.get(cols.ids[i], 0.0)
             if contract > lo[k]:
-                caps_clamp = cols.clamp(np.array([i]), np.array([contract]))
-                floor[k] = max(float(caps_clamp[0]), lo[k])
+                c = cols.clamp
+                clamped = clamp_power_w(contract, c.lo_w[i], c.hi_w[i], c.step_w[i])
+                floor[k] = max(float(clamped), lo[k])
         contract_w = floor
         floor, broken = _floors_within(cols, s, g, contract_w, room_w)
         s.why_aux[g[broken]] = contract_w[broken]

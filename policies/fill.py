@@ -21,7 +21,8 @@ there); ``policies.economic.warm_up`` does that before the control loop's first
 tick. ``NUMBA_DISABLE_JIT=1`` runs the same loop as Python, for a debugger.
 
 tests/test_fill.py checks it, segment for segment, against a loop written
-independently over the policies' own ``MinerCapabilities.clamp_power_target_w``.
+independently over ``MinerCapabilities.clamp_power_target_w``; both clamp with
+``domain.types.clamp_power_w``, the kernel through numba's compiled form of it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from typing import Any, cast
 import numba
 import numpy as np
 import numpy.typing as npt
+
+from domain.site import by_depth
+from domain.types import clamp_power_w
 
 FloatArr = npt.NDArray[np.float64]
 IntArr = npt.NDArray[np.intp]
@@ -57,21 +61,12 @@ class Segments:
 
 @dataclass(frozen=True, slots=True)
 class Clamp:
-    """Per device: where a cut may land (a power target's range and step); NaN for none."""
+    """Per device: where a cut may land (a power target's range and step, for
+    ``domain.types.clamp_power_w``); NaN for none."""
 
     lo_w: FloatArr
     hi_w: FloatArr
     step_w: FloatArr
-
-    def __call__(self, idx: IntArr, w: FloatArr) -> FloatArr:
-        """``MinerCapabilities.clamp_power_target_w`` for devices ``idx``, vectorised."""
-        lo = np.where(np.isnan(self.lo_w[idx]), w, self.lo_w[idx])
-        hi = np.where(np.isnan(self.hi_w[idx]), w, self.hi_w[idx])
-        c = np.minimum(np.maximum(w, lo), hi)
-        step = self.step_w[idx]
-        stepped = step > 0
-        safe = np.where(stepped, step, 1.0)
-        return np.where(stepped, lo + ((c - lo) // safe) * safe, c)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +184,7 @@ def _fill_loop(
         elif width[q] <= r:
             status[q] = WHOLE
         else:
-            # Cut to the room, as MinerCapabilities.clamp_power_target_w would, never down.
+            # Cut to the room (the one clamping rule), never down.
             b = level[d]
             c = clamp_w(b + max(r, 0.0), lo_w[d], hi_w[d], step_w[d])
             status[q] = CUT
@@ -202,16 +197,6 @@ def _fill_loop(
             level[d] = level_w[q]
         for k in range(depth):
             room[nodes[d, k]] -= used[q]
-
-
-def _clamp_w(w: float, lo_w: float, hi_w: float, step_w: float) -> float:
-    """``MinerCapabilities.clamp_power_target_w`` of ``w``; NaN bounds for none."""
-    lo = w if np.isnan(lo_w) else lo_w
-    hi = w if np.isnan(hi_w) else hi_w
-    c = min(max(w, lo), hi)
-    if step_w > 0:
-        c = lo + ((c - lo) // step_w) * step_w
-    return c
 
 
 # Kernels numba could not cache on disk here (compiled afresh in each process).
@@ -235,32 +220,6 @@ def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     return cast(Callable[..., Any], compiled)
 
 
-clamp_w = jit(_clamp_w)
+# The one clamping rule, compiled from its own source for the kernels.
+clamp_w = jit(clamp_power_w)
 _kernel = jit(_fill_loop)
-
-
-def by_depth(chains: IntArr, n_nodes: int) -> IntArr:
-    """Each device's nodes by depth below the site (site first; one row per device), with
-    ``n_nodes`` where its chain ended.
-
-    Each node then sits in one column, so a column grouped by node groups every
-    device under that node.
-    """
-    length = 1 + np.argmax(chains == chains[:, -1:], axis=1)  # up to the first site entry
-    rows = np.arange(len(chains))
-    cols = [
-        np.where(k < length, chains[rows, np.maximum(length - 1 - k, 0)], n_nodes)
-        for k in range(chains.shape[1])
-    ]
-    return np.ascontiguousarray(np.stack(cols, axis=1), np.intp)
-
-
-def node_loads(nodes: IntArr, w: FloatArr, n_nodes: int) -> FloatArr:
-    """Per node: the sum of ``w`` (one value per device) over the devices below it.
-
-    ``nodes`` is ``by_depth`` of the devices' chains.
-    """
-    out = np.zeros(n_nodes + 1)
-    for k in range(nodes.shape[1]):
-        out += np.bincount(nodes[:, k], weights=w, minlength=n_nodes + 1)
-    return out[:n_nodes]

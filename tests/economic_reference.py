@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+from site_reference import reference_loads_w as domain_loads_w
+
 from domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, Snapshot
+from domain.site import DomainTree
 from policies.capping import (
     MOVABLE_KINDS,
-    DomainTree,
-    domain_loads_w,
     max_level_w,
     min_level_w,
     pinned_setpoint,

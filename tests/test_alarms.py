@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from metrics_reference import build_registry
 from prometheus_client import generate_latest
 
 from agent.alarms import CAP_UNMEETABLE, CONTRACT_FLOOR_BROKEN, PRICES_STALE, AlarmEvent, Alarms
@@ -24,7 +25,7 @@ from agent.client import status_table
 from agent.config import parse_config
 from agent.inventory import build_trackers, close_drivers
 from agent.loop import Agent
-from agent.metrics import build_registry, families, render_text
+from agent.metrics import families, render_text
 from domain import DeviceKind
 from sim.gpu import SimGpuSite
 from sim.site import SimSite

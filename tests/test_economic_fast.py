@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from test_economic import sites
 
 from domain import Limits, Pin, Plan, SetpointTable, Snapshot, setpoint_rows
-from policies import economic
-from policies.economic import EconomicParams, plan
+from policies import PolicyState
+from policies.economic import EconomicParams, EconomicPolicy, plan
 from policies.prices import Prices
 
 Case = tuple[Snapshot, Limits, Prices, EconomicParams, dict[str, str]]
@@ -52,11 +52,12 @@ def moved(snap: Snapshot, **change: object) -> Snapshot:
 @given(sites())
 def test_columns_kept_between_ticks_give_the_plan_a_cold_start_gives(case: Case) -> None:
     snap, lim, prices, params, _ = case
-    plan(snap, lim, prices, params)  # keeps this site's columns
+    policy = EconomicPolicy(params)
+    _, kept = policy.plan(snap, lim, prices, PolicyState())  # this site's columns, kept
+    assert kept.derived is not None
     later = moved(snap, expected_w=1234.0, awake=True)
-    warm = plan(later, lim, prices, params)
-    economic._last_whole = None
-    cold = plan(later, lim, prices, params)
+    warm, _ = policy.plan(later, lim, prices, PolicyState(None, kept.derived))
+    cold, _ = policy.plan(later, lim, prices, PolicyState())
     assert list(warm.setpoints) == list(cold.setpoints)  # reasons included
     # A nameplate that changed under the same capability object is read again.
     bigger = moved(snap, nameplate_power_w=5000.0)

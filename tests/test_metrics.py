@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from metrics_reference import build_registry
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -29,7 +30,6 @@ from agent.devices import DeviceTracker
 from agent.loop import Agent
 from agent.metrics import (
     CONTENT_TYPE,
-    build_registry,
     families,
     loop_healthy,
     render_text,

@@ -14,7 +14,6 @@ from test_economic_fast import same_setpoints
 
 from domain import DeviceState, Limits, Pin, Snapshot
 from domain.table import AWAKE_CODE, STATES, DeviceStatics, DeviceTable
-from policies import economic
 from policies.economic import EconomicParams, plan
 from policies.prices import Prices
 
@@ -90,9 +89,7 @@ def test_a_plan_from_columns_is_the_plan_from_objects(case: Case, data: st.DataO
     )
     lim = replace(lim, pins=pins)
     objects = Snapshot(snap.time_s, devices)
-    economic._last_whole = None
     want = plan(objects, lim, prices, params)
-    economic._last_whole = None
     columns = replace(objects, table=DeviceTable.of(devices))
     got = plan(columns, lim, prices, params)
     same_setpoints(got, want)
