@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from domain import DeviceKind, Limits, Plan, Snapshot
-from policies.capping import MOVABLE_KINDS, max_level_w, min_level_w
+import numpy as np
+
+from domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, SetpointTable, Snapshot
+from domain.table import DeviceTable
+from policies.capping import (
+    MOVABLE_KINDS,
+    SITE,
+    DomainTree,
+    max_level_w,
+    min_level_w,
+)
 
 log = logging.getLogger("siteagent.alarms")
 
@@ -120,41 +129,92 @@ def _cap_text(limits: Limits) -> str:
     return f"cap {limits.effective_cap_w:.0f} W from {limits.cap_source}"
 
 
+def _limit_text(tree: DomainTree, limits: Limits, node: str) -> str:
+    """The limit of ``node``, in words: the site's cap and its source, or a domain's limit."""
+    if node == SITE:
+        return _cap_text(limits)
+    return f"domain {node} limit {tree.limit_w[node]:.0f} W"
+
+
+def _domain_loads_w(
+    snap: Snapshot, limits: Limits, plan: Plan, tree: DomainTree
+) -> dict[str, float]:
+    """What the plan leaves in every domain and the site (W): each planned device at its
+    planned level, every other at its worst case, the overhead in the site."""
+    table = snap.table if snap.table is not None else DeviceTable.of(snap.devices)
+    level_w = np.array(table.budget_w, dtype=float)
+    rows = table.statics.rows
+    setpoints = plan.setpoints
+    if isinstance(setpoints, SetpointTable) and setpoints.rows is not None:
+        head: Sequence[Setpoint] = setpoints.head
+        level_w[np.asarray(setpoints.rows, dtype=np.intp)] = np.asarray(setpoints.planned_w)
+    else:
+        head = setpoints
+    for sp in head:
+        i = rows.get(sp.device_id)
+        if i is not None:
+            level_w[i] = sp.planned_w
+    load = dict.fromkeys(tree.limit_w, 0.0)
+    load[SITE] += limits.overhead_w
+    for leaf, w in table.statics.domain_sums_w(level_w).items():
+        for node in tree.chain(leaf):
+            load[node] += w
+    return load
+
+
 def floor_alarm_reason(
-    plan: Plan, limits: Limits, node_floors_w: Mapping[str, tuple[float, tuple[str, ...]]]
+    snap: Snapshot,
+    plan: Plan,
+    limits: Limits,
+    node_floors_w: Mapping[str, tuple[float, tuple[str, ...]]],
 ) -> str | None:
-    """Why contract floors are broken (None if none is): the nodes, their floors, the cap.
+    """Why contract floors are broken (None if none is): the nodes, their floors, and the
+    limit that took the power (the site's cap, or the domain nearest its limit).
 
     ``node_floors_w`` maps each GPU node id to its contract floor (W) and its GPUs' ids.
     """
     broken = set(plan.broken_floors)
     if not broken:
         return None
-    parts = []
+    tree = DomainTree(limits)
+    load = _domain_loads_w(snap, limits, plan, tree) if limits.domains else {}
+    domain_of = {d.device_id: d.domain for d in snap.devices if d.device_id in broken}
+
+    def binding(gpu: str) -> str:
+        chain = tree.chain(domain_of.get(gpu, SITE))
+        if not load:
+            return SITE
+        return max(chain, key=lambda n: (load[n] / tree.limit_w[n], n == SITE))
+
+    parts: dict[str, list[str]] = {}
     for node, (floor_w, gpus) in sorted(node_floors_w.items()):
-        if broken.intersection(gpus):
+        ids = broken.intersection(gpus)
+        if ids:
             kept = sum(sp.planned_w for g in gpus if (sp := plan.setpoint_for(g)) is not None)
-            parts.append(f"{node} ({floor_w:.0f} W, {kept:.0f} W kept)")
-    nodes = ", ".join(parts) or ", ".join(sorted(broken))
-    return f"contract floor of {nodes} broken: {_cap_text(limits)}"
+            by = binding(min(ids))
+            parts.setdefault(by, []).append(f"{node} ({floor_w:.0f} W, {kept:.0f} W kept)")
+    if not parts:
+        parts[SITE] = sorted(broken)
+    return "; ".join(
+        f"contract floor of {', '.join(nodes)} broken: {_limit_text(tree, limits, by)}"
+        for by, nodes in sorted(parts.items(), key=lambda kv: (kv[0] != SITE, kv[0]))
+    )
 
 
-def unmeetable_reason(snap: Snapshot, limits: Limits, plan: Plan) -> str | None:
-    """Why no plan can bring the site under its effective cap (None if one can).
-
-    The plan already counts what it cannot shed at its worst case (devices not
-    controllable at their budget, pins at the pin, movable devices at their own
-    minimum, contract floors aside); only when it is over the cap is that worked out
-    device by device, to say what holds it there.
-    """
-    cap = limits.effective_cap_w
-    if plan.planned_w <= cap + UNMEETABLE_TOLERANCE_W:
-        return None
+def _worst_case_text(
+    devices: Iterable[DeviceStatus],
+    limits: Limits,
+    plan: Plan,
+    overhead_w: float,
+    at_least_w: float = 0.0,
+) -> str:
+    """What holds ``devices`` (and ``overhead_w``) up, worked out device by device (W);
+    the worst case shown is at least ``at_least_w``."""
     pinned = {p.device_id for p in limits.pins if not p.exclude}
     excluded = {p.device_id for p in limits.pins if p.exclude}
     blind: dict[str, int] = {}
     blind_w = fixed_w = held_w = least_w = 0.0
-    for d in snap.devices:
+    for d in devices:
         if d.kind not in MOVABLE_KINDS:
             fixed_w += d.budget_w  # node overheads, auxiliaries: nothing to command
         elif not d.controllable:
@@ -173,14 +233,40 @@ def unmeetable_reason(snap: Snapshot, limits: Limits, plan: Plan) -> str | None:
                 least_w += min_level_w(d) if caps.power_target else max_level_w(d)
         else:
             least_w += min_level_w(d)
-    worst_w = blind_w + fixed_w + held_w + least_w + limits.overhead_w
+    worst_w = blind_w + fixed_w + held_w + least_w + overhead_w
     what = " and ".join(f"{n} {k}(s)" for k, n in sorted(blind.items())) or "no device"
     return (
-        f"worst case {max(worst_w, plan.planned_w):.0f} W of which {blind_w:.0f} W is {what} "
+        f"worst case {max(worst_w, at_least_w):.0f} W of which {blind_w:.0f} W is {what} "
         f"unreachable or unconfirmed, counted at their worst case (nameplate); "
-        f"{fixed_w + limits.overhead_w:.0f} W fixed loads and overhead, {held_w:.0f} W pinned "
-        f"or excluded, {least_w:.0f} W the rest at their minimum; {_cap_text(limits)}"
+        f"{fixed_w + overhead_w:.0f} W fixed loads and overhead, {held_w:.0f} W pinned "
+        f"or excluded, {least_w:.0f} W the rest at their minimum"
     )
+
+
+def unmeetable_reason(snap: Snapshot, limits: Limits, plan: Plan) -> str | None:
+    """Why no plan can bring the site under its effective cap, or a domain under its
+    limit (None if one can): each limit broken, named, and what holds it there.
+
+    The plan already counts what it cannot shed at its worst case (devices not
+    controllable at their budget, pins at the pin, movable devices at their own
+    minimum, contract floors aside); only when it is over a limit is that worked out
+    device by device, to say what holds it there.
+    """
+    parts = []
+    cap = limits.effective_cap_w
+    if plan.planned_w > cap + UNMEETABLE_TOLERANCE_W:
+        text = _worst_case_text(snap.devices, limits, plan, limits.overhead_w, plan.planned_w)
+        parts.append(f"{text}; {_cap_text(limits)}")
+    if limits.domains:
+        tree = DomainTree(limits)
+        load = _domain_loads_w(snap, limits, plan, tree)
+        for dom in sorted(limits.domains, key=lambda d: d.domain_id):
+            if load[dom.domain_id] <= dom.limit_w + UNMEETABLE_TOLERANCE_W:
+                continue
+            members = [d for d in snap.devices if dom.domain_id in tree.chain(d.domain)]
+            text = _worst_case_text(members, limits, plan, 0.0)
+            parts.append(f"{text}; {_limit_text(tree, limits, dom.domain_id)}")
+    return "; and ".join(parts) or None
 
 
 def check_tick(
@@ -191,5 +277,5 @@ def check_tick(
     node_floors_w: Mapping[str, tuple[float, tuple[str, ...]]],
 ) -> None:
     """Raise or clear the alarms a control tick decides: broken floors, an unmeetable cap."""
-    alarms.update(CONTRACT_FLOOR_BROKEN, floor_alarm_reason(plan, limits, node_floors_w))
+    alarms.update(CONTRACT_FLOOR_BROKEN, floor_alarm_reason(snap, plan, limits, node_floors_w))
     alarms.update(CAP_UNMEETABLE, unmeetable_reason(snap, limits, plan))

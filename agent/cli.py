@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("siteagent")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+# sysexits' EX_CONFIG (systemd shows it as status=78/CONFIG): `run` cannot start until an
+# operator acts (a store it refuses), so the unit does not restart it every few seconds.
+EXIT_NEEDS_OPERATOR = 78
 
 
 def _version() -> str:
@@ -284,6 +287,8 @@ def _warm_up_economic() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM."""
+    import sqlite3
+
     from agent.api import ApiStartError
     from agent.store import StoreError
 
@@ -292,7 +297,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
-    except (ApiStartError, StoreError, OSError) as e:
+    except StoreError as e:
+        if not isinstance(e.__cause__, OSError | sqlite3.Error):
+            # The store's check refused it (damaged, emptied, writes lost): it stays so
+            # until an operator restores or moves it, so no restart (systemd/README.md).
+            print(
+                f"siteagent run: cannot start: {e} (exit {EXIT_NEEDS_OPERATOR}: not restarted "
+                "until an operator acts)",
+                file=sys.stderr,
+            )
+            return EXIT_NEEDS_OPERATOR
+        # The file system or SQLite failed while opening it: may pass, systemd retries.
+        print(f"siteagent run: cannot start: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except (ApiStartError, OSError) as e:
         # Port taken, state directory unusable: say so in one line (systemd restarts us).
         print(f"siteagent run: cannot start: {e}", file=sys.stderr)
         return EXIT_FAIL

@@ -6,15 +6,24 @@ one read among the node's GPUs (single flight: whoever asks while a read is in
 flight waits for it), and ``GpuDevice`` presents one GPU with the interface the
 trackers use. A node's fixed overhead (CPUs, fans) is a ``FixedLoad`` device:
 always counted, never controlled.
+
+The node owns the tasks it shares: the loop reads each GPU under its own timeout,
+so every waiter may give up on a hung node while its read goes on until the
+driver's own timeout ends it. The node retrieves that outcome itself (a failure
+then is already counted by the waiters' timeouts; a driver bug that nobody was
+waiting for is logged once, with its traceback).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from domain import (
+    DeviceError,
     DeviceFaulted,
     DeviceLost,
     DeviceReading,
@@ -24,6 +33,10 @@ from domain import (
     MinerIdentity,
 )
 from drivers.gpu import GpuInfo, GpuNodeDriver, GpuReading
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class GpuNode:
@@ -44,15 +57,45 @@ class GpuNode:
         self._reading: asyncio.Task[dict[int, GpuReading]] | None = None
         self._last: tuple[float, dict[int, GpuReading]] | None = None
         self._limits_w: dict[int, float] = {}
+        self._waiting = 0
         self.drained = False
+        # The latest shared connect/read's failure (None after a success).
+        self.last_error: BaseException | None = None
+
+    def _share(self, what: str, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Start a task the node's GPUs share; the node retrieves its outcome."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.driver.node_id}: {what}")
+        task.add_done_callback(self._retrieve)
+        return task
+
+    def _retrieve(self, task: asyncio.Task[Any]) -> None:
+        # Retrieved here whether or not a waiter is left: otherwise a read that
+        # outlives every waiter's timeout is reported by asyncio as never retrieved.
+        if task.cancelled():
+            return
+        error = task.exception()
+        self.last_error = error
+        if error is None or isinstance(error, DeviceError) or self._waiting:
+            # A device failure is counted by the waiters (or by their timeouts);
+            # a waiter still there takes the error and the loop logs it.
+            return
+        log.error("%s failed after every reader had given up", task.get_name(), exc_info=error)
+
+    async def _wait(self, task: asyncio.Task[T]) -> T:
+        """Wait for a shared task; a waiter's own timeout cancels only its wait."""
+        self._waiting += 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            self._waiting -= 1
 
     async def connect(self) -> dict[int, GpuInfo]:
         """Enumerate the node's GPUs (once; concurrent callers share the attempt)."""
         if self.infos is not None:
             return self.infos
         if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.create_task(self._connect())
-        return await asyncio.shield(self._connecting)
+            self._connecting = self._share("connect", self._connect())
+        return await self._wait(self._connecting)
 
     async def _connect(self) -> dict[int, GpuInfo]:
         infos = {g.index: g for g in await self.driver.connect()}
@@ -65,8 +108,8 @@ class GpuNode:
         if last is not None and self.clock() - last[0] <= self.max_age_s:
             return last[1]
         if self._reading is None or self._reading.done():
-            self._reading = asyncio.create_task(self._read())
-        return await asyncio.shield(self._reading)
+            self._reading = self._share("read", self._read())
+        return await self._wait(self._reading)
 
     async def _read(self) -> dict[int, GpuReading]:
         result = {r.index: r for r in await self.driver.read()}

@@ -77,15 +77,25 @@ async def sites() -> AsyncIterator[tuple[SimSite, SimGpuSite]]:
 
 
 def site_config(
-    miners: SimSite, gpus: SimGpuSite, tmp_path: Path, *, ghost: bool = False, **extra: Any
+    miners: SimSite,
+    gpus: SimGpuSite,
+    tmp_path: Path,
+    *,
+    ghost: bool = False,
+    ghost_domain: str | None = None,
+    domains: list[dict[str, Any]] | None = None,
+    **extra: Any,
 ) -> Any:
     node = gpus.inventory()[0]
     listed: list[dict[str, Any]] = [{"address": m.address} for m in miners.miners]
     if ghost:
         listed.append({"address": GHOST, "id": "ghost", "nameplate_power_w": 3500})
+        if ghost_domain is not None:
+            listed[-1]["domain"] = ghost_domain
     return parse_config(
         {
             "site": {"cap_w": 100_000},
+            "domains": domains or [],
             "inventory": {"miners": listed},
             "gpu_nodes": [
                 {
@@ -207,5 +217,80 @@ async def test_a_cap_no_plan_can_meet_raises_one_alarm_and_no_line_per_tick(
         assert sum(m.startswith(f"alarm {CAP_UNMEETABLE}") for m in messages) == 1
         ticks = [m for m in messages if m.startswith("tick:")]
         assert len(ticks) <= 3, ticks  # not one per tick
+    finally:
+        await close_drivers(list(agent.trackers.values()))
+
+
+async def test_a_domain_limit_no_plan_can_meet_raises_the_alarm_naming_the_domain(
+    sites: tuple[SimSite, SimGpuSite], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    miners, gpus = sites
+    # The rack's one miner does not answer: it counts at its 3500 W nameplate,
+    # whatever the plan does. The rack's 4000 W holds that; the site's cap is far off.
+    domains = [
+        {"id": "feeder-f", "limit_w": 50_000},
+        {"id": "rack-g", "limit_w": 4000, "parent": "feeder-f"},
+    ]
+    cfg = site_config(miners, gpus, tmp_path, ghost=True, ghost_domain="rack-g", domains=domains)
+    agent = Agent(cfg, await build_trackers(cfg))
+    services, http = api(agent)
+    try:
+        await agent.sweep()
+        await settle(agent, 2)
+        assert agent.alarms.active() == ()
+        # The rack's limit comes down to 3000 W (a breaker derated): no plan meets it.
+        agent.set_domain_cap("rack-g", "ovr-rack", 3000.0)
+        with caplog.at_level(logging.INFO):
+            await settle(agent, 4)
+        alarm = agent.alarms.get(CAP_UNMEETABLE)
+        assert alarm is not None
+        assert alarm.reason == (
+            "worst case 3500 W of which 3500 W is 1 miner(s) unreachable or unconfirmed, "
+            "counted at their worst case (nameplate); 0 W fixed loads and overhead, 0 W "
+            "pinned or excluded, 0 W the rest at their minimum; domain rack-g limit 3000 W"
+        )
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum(m.startswith(f"alarm {CAP_UNMEETABLE}") for m in messages) == 1
+        # `status` says why.
+        status = (await http.get("/v1/status")).json()
+        assert [a["name"] for a in status["alarms"]] == [CAP_UNMEETABLE]
+        assert "domain rack-g limit 3000 W" in status_table(status)
+        # The derating ends: the rack's 4000 W holds the miner again, the alarm clears.
+        agent.set_domain_cap("rack-g", "ovr-rack", None)
+        await settle(agent, 1)
+        assert agent.alarms.active() == ()
+    finally:
+        await http.aclose()
+        await close_drivers(list(agent.trackers.values()))
+        services.store.close()
+
+
+async def test_a_contract_floor_broken_by_a_domain_names_the_domain_not_the_site_cap(
+    sites: tuple[SimSite, SimGpuSite], tmp_path: Path
+) -> None:
+    miners, gpus = sites
+    node = gpus.nodes[0]
+    # The GPU node's rack holds its overhead, the GPUs at their 200 W minimum and 800 W
+    # of the 1600 W contract above it; the site's cap (100 kW) has room for all.
+    rack_w = node.overhead_w + 4 * 200.0 + 800.0
+    cfg = site_config(
+        miners,
+        gpus,
+        tmp_path,
+        domains=[{"id": "rack-ai", "limit_w": rack_w}],
+        contract_floor_w=2400,
+        domain="rack-ai",
+    )
+    agent = Agent(cfg, await build_trackers(cfg))
+    try:
+        await agent.sweep()
+        await settle(agent, 4)
+        assert agent.last_plan is not None and agent.last_plan.broken_floors
+        alarm = agent.alarms.get(CONTRACT_FLOOR_BROKEN)
+        assert alarm is not None
+        assert alarm.reason.startswith("contract floor of gpu-a (2400 W, "), alarm.reason
+        assert alarm.reason.endswith(f"broken: domain rack-ai limit {rack_w:.0f} W"), alarm.reason
+        assert "cap 100000" not in alarm.reason
+        assert agent.alarms.get(CAP_UNMEETABLE) is None  # the rack's limit is met
     finally:
         await close_drivers(list(agent.trackers.values()))

@@ -24,6 +24,7 @@ import pytest
 from test_store import drop_wal_transactions
 
 from agent.auth import Scope, create_token
+from agent.cli import EXIT_NEEDS_OPERATOR
 
 PORT_RE = re.compile(r"override API on http://127\.0\.0\.1:(\d+)")
 
@@ -209,8 +210,10 @@ def test_an_emptied_store_is_refused_then_restored_from_its_backup(
     third = start(config)
     procs.append(third)
     code, out = third.exit_and_output()
-    assert code == 1, out
+    # Not 1, which systemd retries every RestartSec: an emptied store stays emptied.
+    assert code == EXIT_NEEDS_OPERATOR == 78, out
     assert f"{db} is empty (0 bytes); not starting on it" in out
+    assert "(exit 78: not restarted until an operator acts)" in out
     assert "siteagent run --restore-backup" in out
     assert "override API on" not in out
 
@@ -250,7 +253,7 @@ def test_a_wal_damaged_after_kill_9_is_refused_not_started_short(
     second = start(config)
     procs.append(second)
     code, out = second.exit_and_output()
-    assert code == 1, out
+    assert code == EXIT_NEEDS_OPERATOR, out
     assert "it holds 30 override(s)" in out and "but 31 override(s)" in out
     assert f"{last} (cap site 18700 W by alice" in out
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import parser, startup_extend_s
+from agent.cli import EXIT_FAIL, EXIT_NEEDS_OPERATOR, EXIT_USAGE, parser, startup_extend_s
 from agent.config import parse_config
 from agent.inventory import identify_deadline_s
 
@@ -143,3 +143,32 @@ def test_unit_agrees_with_the_agent_defaults() -> None:
     # Stopping waits out the tick in flight, whose actuations are bounded by their timeout.
     (stop,) = svc["TimeoutStopSec"]
     assert seconds(stop) > control.actuation_timeout_s + cfg.telemetry.timeout_s
+
+
+def test_the_unit_restarts_transient_failures_but_not_what_needs_an_operator() -> None:
+    svc = unit_entries(UNIT.read_text())["Service"]
+    assert svc["Restart"] == ["on-failure"]
+    (prevent,) = svc["RestartPreventExitStatus"]
+    codes = {int(c) for c in prevent.split()}
+    # A refused config or credentials file, a refused store: the same line every
+    # RestartSec until someone acts, so the unit stays failed instead.
+    assert codes == {EXIT_USAGE, EXIT_NEEDS_OPERATOR}
+    # A port taken or an unusable state directory may pass: restarted.
+    assert EXIT_FAIL not in codes
+
+
+def test_systemd_names_the_exit_codes_as_the_readme_does() -> None:
+    tool = _systemd_analyze()
+    out = subprocess.run(
+        [tool, "exit-status", str(EXIT_USAGE), str(EXIT_NEEDS_OPERATOR)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    # What `systemctl status` shows after the code (status=78/CONFIG).
+    names = {int(f[1]): f[0] for f in (line.split() for line in out.stdout.splitlines()[1:])}
+    assert names == {EXIT_USAGE: "INVALIDARGUMENT", EXIT_NEEDS_OPERATOR: "CONFIG"}
+    readme = (UNIT.parent / "README.md").read_text()
+    for code, name in names.items():
+        assert f"status={code}/{name}" in readme
