@@ -21,14 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, SetpointTable, Snapshot
+from domain.site import SITE, DomainTree, domain_loads_w
 from domain.table import DeviceTable
-from policies.capping import (
-    MOVABLE_KINDS,
-    SITE,
-    DomainTree,
-    max_level_w,
-    min_level_w,
-)
+from policies.capping import MOVABLE_KINDS, max_level_w, min_level_w
 
 log = logging.getLogger("siteagent.alarms")
 
@@ -154,12 +149,8 @@ def _domain_loads_w(
         i = rows.get(sp.device_id)
         if i is not None:
             level_w[i] = sp.planned_w
-    load = dict.fromkeys(tree.limit_w, 0.0)
-    load[SITE] += limits.overhead_w
-    for leaf, w in table.statics.domain_sums_w(level_w).items():
-        for node in tree.chain(leaf):
-            load[node] += w
-    return load
+    names, code = table.statics.domain_codes
+    return domain_loads_w(tree, names, code, level_w, limits.overhead_w)
 
 
 def floor_alarm_reason(
