@@ -107,6 +107,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     from agent.inventory_store import InventoryStore
     from agent.loop import Agent
     from agent.metrics import loop_healthy, serve_metrics, site_summary
+    from agent.runtime import OverrideRuntime
     from agent.sdnotify import (
         Notifier,
         StartupProgress,
@@ -114,7 +115,6 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         watch_startup,
         watchdog_period_s,
     )
-    from agent.runtime import OverrideRuntime
     from agent.store import prepare_store
 
     cfg = load_config(config_path)

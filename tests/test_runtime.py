@@ -82,9 +82,7 @@ def cap(cap_w: float, ttl_s: float) -> CapRequest:
 
 def expiries(runtime: OverrideRuntime) -> list[tuple[str, str | None, str]]:
     return [
-        (r.actor, r.override_id, r.result)
-        for r in runtime.store.audit(100)
-        if r.action == "expire"
+        (r.actor, r.override_id, r.result) for r in runtime.store.audit(100) if r.action == "expire"
     ]
 
 
@@ -106,9 +104,7 @@ def open_runtime(agent: Agent, cfg: Config, timers: Timers) -> OverrideRuntime:
     )
 
 
-async def test_an_override_ends_at_its_expiry_with_no_api_at_all(
-    agent: Agent, cfg: Config
-) -> None:
+async def test_an_override_ends_at_its_expiry_with_no_api_at_all(agent: Agent, cfg: Config) -> None:
     timers = Timers()
     runtime = open_runtime(agent, cfg, timers)
     runtime.start()
