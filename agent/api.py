@@ -451,7 +451,7 @@ _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "no such override"},
     409: {"model": ErrorBody, "description": "refused: conflicts with the site's state"},
 }
-_NOT_FOUND = {**_ERRORS, 404: {"model": ErrorBody, "description": "no such override"}}
+_NOT_FOUND = {**_ERRORS, 404: _WRITE_ERRORS[404]}
 
 
 def _client(request: Request) -> str:
