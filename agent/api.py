@@ -15,7 +15,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal, Self
 
 import uvicorn
@@ -242,17 +242,7 @@ class AuditView(BaseModel):
     @classmethod
     def of(cls, r: AuditRecord) -> Self:
         """The view of one stored audit record."""
-        return cls(
-            seq=r.seq or 0,
-            time_unix_s=r.time_unix_s,
-            actor=r.actor,
-            client=r.client,
-            action=r.action,
-            request=r.request,
-            status=r.status,
-            result=r.result,
-            override_id=r.override_id,
-        )
+        return cls(**{**asdict(r), "seq": r.seq or 0})
 
 
 # -- audit and body limit ------------------------------------------------------------

@@ -74,21 +74,17 @@ class OverrideRuntime:
 
     def __init__(
         self,
-        agent: Agent,
-        store: Store,
+        manager: OverrideManager,
         *,
-        max_ttl_s: float,
-        wall_clock: Callable[[], float] = time.time,
         call_later: CallLater | None = None,
         backup_interval_s: float | None = None,
         backups_kept: int = 1,
     ) -> None:
-        self.agent = agent
-        self.store = store
-        self.wall_clock = wall_clock
-        self.manager = OverrideManager(
-            agent, store, max_ttl_s=max_ttl_s, wall_clock=wall_clock, on_change=self._rearm
-        )
+        self.manager = manager
+        self.agent = manager.agent
+        self.store = manager.store
+        self.wall_clock = manager.wall_clock
+        manager.on_change = self._rearm
         self._call_later = call_later
         self._backup_interval_s = backup_interval_s
         self._backups_kept = backups_kept
@@ -97,7 +93,7 @@ class OverrideRuntime:
         self._started = False
         self._closed = False
         self._failing = False
-        self._audit = alarm_auditor(store)
+        self._audit = alarm_auditor(manager.store)
 
     @classmethod
     def open(
@@ -107,18 +103,17 @@ class OverrideRuntime:
         *,
         wall_clock: Callable[[], float] = time.time,
         call_later: CallLater | None = None,
-        backups: bool = True,
     ) -> OverrideRuntime:
         """Open the store in ``[state] dir``, restore its overrides into ``agent``, audit alarms."""
         store = Store.in_dir(cfg.state.dir)
         try:
+            manager = OverrideManager(
+                agent, store, max_ttl_s=cfg.api.max_override_ttl_s, wall_clock=wall_clock
+            )
             runtime = cls(
-                agent,
-                store,
-                max_ttl_s=cfg.api.max_override_ttl_s,
-                wall_clock=wall_clock,
+                manager,
                 call_later=call_later,
-                backup_interval_s=cfg.state.backup_interval_s if backups else None,
+                backup_interval_s=cfg.state.backup_interval_s,
                 backups_kept=cfg.state.backups_kept,
             )
             runtime.manager.restore()

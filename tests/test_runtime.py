@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from agent.auth import Scope, TokenEntry, TokenStore, hash_token
 from agent.config import Config
 from agent.loop import Agent
 from agent.overrides import CapRequest, PinRequest
-from agent.runtime import RECHECK_S, OverrideRuntime
+from agent.runtime import RECHECK_S, RETRY_S, OverrideRuntime
 
 START_UNIX_S = 1_700_000_000.0
 HOST = "127.1.215.1"
@@ -104,69 +105,80 @@ def open_runtime(agent: Agent, cfg: Config, timers: Timers) -> OverrideRuntime:
     )
 
 
-async def test_an_override_ends_at_its_expiry_with_no_api_at_all(agent: Agent, cfg: Config) -> None:
+@pytest.fixture
+async def running(agent: Agent, cfg: Config) -> AsyncIterator[tuple[OverrideRuntime, Timers]]:
+    """A started runtime on injected time, and no API."""
     timers = Timers()
     runtime = open_runtime(agent, cfg, timers)
     runtime.start()
-    try:
-        assert timers.pending_s() == []  # nothing in force: no timer
-        ov, _ = runtime.manager.create(cap(25_000, 0.5), actor="alice", client="-", admin=False)
-        assert agent.limits().cap_source == ov.id
-        assert timers.pending_s() == [0.5]  # one timer, at the expiry: no polling
-        timers.advance(0.375)
-        assert agent.limits().cap_source == ov.id and expiries(runtime) == []
-        timers.advance(0.125)
-        assert agent.limits().cap_source == "site"
-        assert runtime.manager.active() == []
-        assert expiries(runtime) == [
-            ("siteagent", ov.id, f"expired at its end time ({ov.expires_at_unix_s:.0f})")
-        ]
-        stored = runtime.store.get_override(ov.id)
-        assert stored is not None and stored.state(timers.wall_clock()) == "expired"
-        assert timers.pending_s() == []
-    finally:
-        await runtime.close()
+    yield runtime, timers
+    await runtime.close()
+
+
+async def test_an_override_ends_at_its_expiry_with_no_api_at_all(
+    running: tuple[OverrideRuntime, Timers], agent: Agent
+) -> None:
+    runtime, timers = running
+    assert timers.pending_s() == []  # nothing in force: no timer
+    ov, _ = runtime.manager.create(cap(25_000, 0.5), actor="alice", client="-", admin=False)
+    assert agent.limits().cap_source == ov.id
+    assert timers.pending_s() == [0.5]  # one timer, at the expiry: no polling
+    timers.advance(0.375)
+    assert agent.limits().cap_source == ov.id and expiries(runtime) == []
+    timers.advance(0.125)
+    assert agent.limits().cap_source == "site"
+    assert runtime.manager.active() == []
+    assert expiries(runtime) == [
+        ("siteagent", ov.id, f"expired at its end time ({ov.expires_at_unix_s:.0f})")
+    ]
+    stored = runtime.store.get_override(ov.id)
+    assert stored is not None and stored.state(timers.wall_clock()) == "expired"
+    assert timers.pending_s() == []
 
 
 async def test_the_timer_follows_the_next_expiry_as_overrides_come_and_go(
-    agent: Agent, cfg: Config
+    running: tuple[OverrideRuntime, Timers], agent: Agent
 ) -> None:
-    timers = Timers()
-    runtime = open_runtime(agent, cfg, timers)
-    runtime.start()
-    try:
-        long, _ = runtime.manager.create(cap(30_000, 8), actor="alice", client="-", admin=False)
-        assert timers.pending_s() == [8.0]
-        short, _ = runtime.manager.create(
-            PinRequest(kind="pin", device_id="m0001", power_w=2000, ttl_s=2, reason="rig"),
-            actor="alice",
-            client="-",
-            admin=False,
-        )
-        assert timers.pending_s() == [2.0]
-        runtime.manager.cancel(short.id, actor="alice", admin=False, reason="done")
-        assert timers.pending_s() == [8.0]
-        timers.advance(8)
-        assert [i for _, i, _ in expiries(runtime)] == [long.id]
-        assert timers.pending_s() == []
-    finally:
-        await runtime.close()
+    runtime, timers = running
+    long, _ = runtime.manager.create(cap(30_000, 8), actor="alice", client="-", admin=False)
+    assert timers.pending_s() == [8.0]
+    short, _ = runtime.manager.create(
+        PinRequest(kind="pin", device_id="m0001", power_w=2000, ttl_s=2, reason="rig"),
+        actor="alice",
+        client="-",
+        admin=False,
+    )
+    assert timers.pending_s() == [2.0]
+    runtime.manager.cancel(short.id, actor="alice", admin=False, reason="done")
+    assert timers.pending_s() == [8.0]
+    timers.advance(8)
+    assert [i for _, i, _ in expiries(runtime)] == [long.id]
+    assert timers.pending_s() == []
 
 
 async def test_a_step_of_the_wall_clock_is_noticed_within_the_recheck(
-    agent: Agent, cfg: Config
+    running: tuple[OverrideRuntime, Timers],
 ) -> None:
-    timers = Timers()
-    runtime = open_runtime(agent, cfg, timers)
-    runtime.start()
-    try:
-        ov, _ = runtime.manager.create(cap(25_000, 3600), actor="alice", client="-", admin=False)
-        assert timers.pending_s() == [RECHECK_S]
-        timers.step_wall(3600)
-        timers.advance(RECHECK_S)
-        assert runtime.manager.active() == [] and [i for _, i, _ in expiries(runtime)] == [ov.id]
-    finally:
-        await runtime.close()
+    runtime, timers = running
+    ov, _ = runtime.manager.create(cap(25_000, 3600), actor="alice", client="-", admin=False)
+    assert timers.pending_s() == [RECHECK_S]
+    timers.step_wall(3600)
+    timers.advance(RECHECK_S)
+    assert runtime.manager.active() == [] and [i for _, i, _ in expiries(runtime)] == [ov.id]
+
+
+async def test_an_expiry_the_store_refuses_is_retried_and_logged_once(
+    running: tuple[OverrideRuntime, Timers], agent: Agent, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime, timers = running
+    ov, _ = runtime.manager.create(cap(25_000, 1), actor="alice", client="-", admin=False)
+    runtime.store.close()  # every write now fails, as on a full disk
+    with caplog.at_level(logging.INFO, logger="siteagent.overrides"):
+        timers.advance(1 + 5 * RETRY_S)
+    failures = [r for r in caplog.records if "expiring overrides failed" in r.getMessage()]
+    assert len(failures) == 1
+    # Not recorded means not ended: the cap stays in force, and expiry keeps trying.
+    assert agent.limits().cap_source == ov.id and timers.pending_s() == [RETRY_S]
 
 
 async def test_stored_overrides_are_restored_at_open_and_expire_on_time(
