@@ -15,11 +15,11 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal, Self
 
 import uvicorn
-from fastapi import Body, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -27,10 +27,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent.alarms import AlarmEvent
 from agent.auth import FailureLimiter, Principal, TokenStore, ssl_options, tokens_path
 from agent.auth import Scope as TokenScope
-from agent.config import Config
+from agent.config import ApiConfig, Config
 from agent.devices import DeviceTracker
 from agent.loop import MODES, Agent
 from agent.overrides import (
@@ -42,6 +41,7 @@ from agent.overrides import (
     request_models,
     ttl_too_long,
 )
+from agent.runtime import OverrideRuntime
 from agent.store import Store
 from domain import DeviceKind, DeviceStatus
 from domain.site import DomainTree, domain_codes, domain_loads_w
@@ -51,7 +51,6 @@ log = logging.getLogger("siteagent.api")
 API_VERSION = "1"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 AUDIT_KEY = "siteagent.audit"
-EXPIRY_POLL_S = 0.25
 
 
 # -- response models ----------------------------------------------------------------
@@ -240,6 +239,11 @@ class AuditView(BaseModel):
     result: str
     override_id: str | None
 
+    @classmethod
+    def of(cls, r: AuditRecord) -> Self:
+        """The view of one stored audit record."""
+        return cls(**{**asdict(r), "seq": r.seq or 0})
+
 
 # -- audit and body limit ------------------------------------------------------------
 
@@ -395,14 +399,30 @@ class GuardMiddleware:
 
 @dataclass(slots=True)
 class Services:
-    """What the handlers work with."""
+    """What the handlers work with: the override runtime, and who may call."""
 
-    agent: Agent
-    manager: OverrideManager
-    store: Store
+    runtime: OverrideRuntime
     tokens: TokenStore
     limiter: FailureLimiter
-    wall_clock: Callable[[], float] = time.time
+
+    @property
+    def agent(self) -> Agent:
+        """The agent the overrides steer."""
+        return self.runtime.agent
+
+    @property
+    def manager(self) -> OverrideManager:
+        """The overrides in force."""
+        return self.runtime.manager
+
+    @property
+    def store(self) -> Store:
+        """Overrides and the audit log."""
+        return self.runtime.store
+
+    def wall_clock(self) -> float:
+        """Now (Unix s), by the runtime's clock."""
+        return self.runtime.wall_clock()
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -421,6 +441,7 @@ _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "no such override"},
     409: {"model": ErrorBody, "description": "refused: conflicts with the site's state"},
 }
+_NOT_FOUND = {**_ERRORS, 404: _WRITE_ERRORS[404]}
 
 
 def _client(request: Request) -> str:
@@ -435,172 +456,177 @@ def _audit(request: Request) -> AuditContext:
     return ctx
 
 
-def create_app(services: Services, *, max_body_bytes: int = 16_384) -> ASGIApp:
-    """The API as an ASGI app, wrapped in the body limit and the audit trail."""
-    s = services
-    app = FastAPI(
-        title="siteagent",
-        version=API_VERSION,
-        description=__doc__,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url="/openapi.json",
-    )
-    bearer = HTTPBearer(auto_error=False, description="a token from `siteagent token create`")
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
 
-    def require(needed: TokenScope) -> Callable[..., Awaitable[Principal]]:
-        async def check(
-            request: Request,
-            creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-        ) -> Principal:
-            client = _client(request)
-            wait_s = s.limiter.blocked_for_s(client)
-            if wait_s > 0:
-                raise StarletteHTTPException(
-                    429,
-                    f"too many failed authentications from {client}; retry in {wait_s:.0f} s",
-                    headers={"Retry-After": str(max(1, round(wait_s)))},
-                )
-            principal = None if creds is None else s.tokens.check(creds.credentials)
-            if principal is None:
-                s.limiter.failed(client)
-                what = "missing bearer token" if creds is None else "unknown token"
-                raise StarletteHTTPException(401, what, headers={"WWW-Authenticate": "Bearer"})
-            _audit(request).actor = principal.name
-            if principal.scope < needed:
-                raise StarletteHTTPException(
-                    403,
-                    f"token {principal.name!r} has scope {principal.scope.label}; "
-                    f"this needs {needed.label}",
-                )
-            return principal
 
-        return check
+Svc = Annotated[Services, Depends(_services)]
+_bearer = HTTPBearer(auto_error=False, description="a token from `siteagent token create`")
 
-    override_request = request_models(s.manager.max_ttl_s)
-    reader = Depends(require(TokenScope.READ))
-    operator = Depends(require(TokenScope.OPERATE))
 
-    @app.exception_handler(OverrideError)
-    async def _override_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, OverrideError)
-        return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+def require(needed: TokenScope) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: the caller's token, checked for ``needed``; 401/403/429 otherwise."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        errors = [
-            FieldError(
-                loc=".".join(str(p) for p in e.get("loc", ())), msg=str(e.get("msg", "invalid"))
+    async def check(
+        request: Request,
+        s: Svc,
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        client = _client(request)
+        wait_s = s.limiter.blocked_for_s(client)
+        if wait_s > 0:
+            raise StarletteHTTPException(
+                429,
+                f"too many failed authentications from {client}; retry in {wait_s:.0f} s",
+                headers={"Retry-After": str(max(1, round(wait_s)))},
             )
-            for e in exc.errors()
-        ]
-        summary = "; ".join(f"{e.loc}: {e.msg}" for e in errors[:5]) or "invalid request"
-        # A ttl over the maximum is the one refusal an operator can fix in the config:
-        # say the maximum and its key instead of the validator's words.
-        for e in exc.errors():
-            if e.get("loc", ())[-1:] == ("ttl_s",) and e.get("type") == "less_than_equal":
-                summary = ttl_too_long(float(e["input"]), s.manager.max_ttl_s)
-                break
-        body = ErrorBody(detail=summary, errors=errors)
-        return JSONResponse(body.model_dump(), status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        return JSONResponse(
-            {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
-        )
-
-    # -- reads ---------------------------------------------------------------------
-
-    @app.get("/v1/status", response_model=StatusView, responses=_ERRORS, tags=["read"])
-    async def status(_: Annotated[Principal, reader]) -> StatusView:
-        """Site power, cap, effective cap and what sets it, the mining/AI split."""
-        return _status(s)
-
-    @app.get("/v1/devices", response_model=list[DeviceView], responses=_ERRORS, tags=["read"])
-    async def devices(_: Annotated[Principal, reader]) -> list[DeviceView]:
-        """Every device as the agent sees it now."""
-        pinned = {o.device_id: o.id for o in s.manager.active() if o.device_id is not None}
-        trackers = s.agent.trackers
-        return [
-            _device(d, pinned.get(d.device_id), trackers.get(d.device_id))
-            for d in s.agent.snapshot().devices
-        ]
-
-    @app.get(
-        "/v1/plan",
-        response_model=PlanView,
-        responses={**_ERRORS, 404: {"model": ErrorBody, "description": "no tick yet"}},
-        tags=["read"],
-    )
-    async def plan(_: Annotated[Principal, reader]) -> PlanView:
-        """The last tick's plan with every setpoint's reason, what was sent and held back."""
-        return _plan(s)
-
-    @app.get("/v1/overrides", response_model=list[OverrideView], responses=_ERRORS, tags=["read"])
-    async def overrides(
-        _: Annotated[Principal, reader],
-        state: Annotated[Literal["active", "all"], Query()] = "active",
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> list[OverrideView]:
-        """Active overrides (oldest first), or with state=all the newest of every state."""
-        now = s.wall_clock()
-        active = state == "active"
-        found = s.manager.active()[:limit] if active else s.store.recent_overrides(limit)
-        return [OverrideView.of(o, now) for o in found]
-
-    @app.get(
-        "/v1/overrides/{override_id}",
-        response_model=OverrideView,
-        responses={**_ERRORS, 404: {"model": ErrorBody, "description": "no such override"}},
-        tags=["read"],
-    )
-    async def get_override(
-        _: Annotated[Principal, reader],
-        override_id: Annotated[str, Path(min_length=1, max_length=64)],
-    ) -> OverrideView:
-        """One override, any state."""
-        ov = s.manager.get(override_id)
-        if ov is None:
-            raise OverrideError(404, f"no override {override_id!r}")
-        return OverrideView.of(ov, s.wall_clock())
-
-    @app.get("/v1/audit", response_model=list[AuditView], responses=_ERRORS, tags=["read"])
-    async def audit(
-        _: Annotated[Principal, reader],
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
-    ) -> list[AuditView]:
-        """The newest audit records, newest first; page back with before=SEQ."""
-        return [
-            AuditView(
-                seq=r.seq or 0,
-                time_unix_s=r.time_unix_s,
-                actor=r.actor,
-                client=r.client,
-                action=r.action,
-                request=r.request,
-                status=r.status,
-                result=r.result,
-                override_id=r.override_id,
+        principal = None if creds is None else s.tokens.check(creds.credentials)
+        if principal is None:
+            s.limiter.failed(client)
+            what = "missing bearer token" if creds is None else "unknown token"
+            raise StarletteHTTPException(401, what, headers={"WWW-Authenticate": "Bearer"})
+        _audit(request).actor = principal.name
+        if principal.scope < needed:
+            raise StarletteHTTPException(
+                403,
+                f"token {principal.name!r} has scope {principal.scope.label}; "
+                f"this needs {needed.label}",
             )
-            for r in s.store.audit(limit, before)
-        ]
+        return principal
 
-    # -- writes --------------------------------------------------------------------
+    return check
 
-    @app.post(
+
+Reader = Annotated[Principal, Depends(require(TokenScope.READ))]
+Operator = Annotated[Principal, Depends(require(TokenScope.OPERATE))]
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+async def _override_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OverrideError)
+    return JSONResponse({"detail": exc.reason}, status_code=exc.status)
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        FieldError(loc=".".join(str(p) for p in e.get("loc", ())), msg=str(e.get("msg", "invalid")))
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{e.loc}: {e.msg}" for e in errors[:5]) or "invalid request"
+    # A ttl over the maximum is the one refusal an operator can fix in the config:
+    # say the maximum and its key instead of the validator's words.
+    for e in exc.errors():
+        if e.get("loc", ())[-1:] == ("ttl_s",) and e.get("type") == "less_than_equal":
+            summary = ttl_too_long(float(e["input"]), _services(request).manager.max_ttl_s)
+            break
+    body = ErrorBody(detail=summary, errors=errors)
+    return JSONResponse(body.model_dump(), status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse(
+        {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+_HANDLERS: tuple[tuple[type[Exception], Callable[[Request, Exception], Awaitable[Any]]], ...] = (
+    (OverrideError, _override_error),
+    (RequestValidationError, _invalid),
+    (StarletteHTTPException, _http_error),
+)
+
+
+# -- reads -----------------------------------------------------------------------------
+
+reads = APIRouter(tags=["read"])
+
+
+@reads.get("/v1/status", response_model=StatusView, responses=_ERRORS)
+async def status(_: Reader, s: Svc) -> StatusView:
+    """Site power, cap, effective cap and what sets it, the mining/AI split."""
+    return _status(s)
+
+
+@reads.get("/v1/devices", response_model=list[DeviceView], responses=_ERRORS)
+async def devices(_: Reader, s: Svc) -> list[DeviceView]:
+    """Every device as the agent sees it now."""
+    pinned = {o.device_id: o.id for o in s.manager.active() if o.device_id is not None}
+    trackers = s.agent.trackers
+    return [
+        _device(d, pinned.get(d.device_id), trackers.get(d.device_id))
+        for d in s.agent.snapshot().devices
+    ]
+
+
+@reads.get(
+    "/v1/plan",
+    response_model=PlanView,
+    responses={**_ERRORS, 404: {"model": ErrorBody, "description": "no tick yet"}},
+)
+async def plan(_: Reader, s: Svc) -> PlanView:
+    """The last tick's plan with every setpoint's reason, what was sent and held back."""
+    return _plan(s)
+
+
+@reads.get("/v1/overrides", response_model=list[OverrideView], responses=_ERRORS)
+async def overrides(
+    _: Reader,
+    s: Svc,
+    state: Annotated[Literal["active", "all"], Query()] = "active",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[OverrideView]:
+    """Active overrides (oldest first), or with state=all the newest of every state."""
+    now = s.wall_clock()
+    active = state == "active"
+    found = s.manager.active()[:limit] if active else s.store.recent_overrides(limit)
+    return [OverrideView.of(o, now) for o in found]
+
+
+@reads.get("/v1/overrides/{override_id}", response_model=OverrideView, responses=_NOT_FOUND)
+async def get_override(
+    _: Reader, s: Svc, override_id: Annotated[str, Path(min_length=1, max_length=64)]
+) -> OverrideView:
+    """One override, any state."""
+    ov = s.manager.get(override_id)
+    if ov is None:
+        raise OverrideError(404, f"no override {override_id!r}")
+    return OverrideView.of(ov, s.wall_clock())
+
+
+@reads.get("/v1/audit", response_model=list[AuditView], responses=_ERRORS)
+async def audit(
+    _: Reader,
+    s: Svc,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+) -> list[AuditView]:
+    """The newest audit records, newest first; page back with before=SEQ."""
+    return [AuditView.of(r) for r in s.store.audit(limit, before)]
+
+
+# -- writes ----------------------------------------------------------------------------
+
+
+def writes(max_ttl_s: float) -> APIRouter:
+    """The override writes; a request's ``ttl_s`` is bounded by ``max_ttl_s`` (s)."""
+    router = APIRouter(tags=["write"])
+    override_request = request_models(max_ttl_s)
+
+    @router.post(
         "/v1/overrides",
         response_model=OverrideView,
         status_code=201,
         responses={**_WRITE_ERRORS, 200: {"model": OverrideView, "description": "a replay"}},
-        tags=["write"],
     )
     async def create_override(
         request: Request,
-        principal: Annotated[Principal, operator],
+        principal: Operator,
+        s: Svc,
         body: Annotated[override_request, Body()],  # type: ignore[valid-type]
     ) -> JSONResponse:
         """Create an override (operate; replacing other caps takes admin); 200 on a replay."""
@@ -620,51 +646,71 @@ def create_app(services: Services, *, max_body_bytes: int = 16_384) -> ASGIApp:
         view = OverrideView.of(ov, s.wall_clock())
         return JSONResponse(view.model_dump(), status_code=201 if created else 200)
 
-    @app.delete(
+    router.add_api_route(
         "/v1/overrides/{override_id}",
+        cancel_override,
+        methods=["DELETE"],
         response_model=OverrideView,
         responses=_WRITE_ERRORS,
-        tags=["write"],
     )
-    async def cancel_override(
-        request: Request,
-        principal: Annotated[Principal, operator],
-        override_id: Annotated[str, Path(min_length=1, max_length=64)],
-        reason: Annotated[str, Query(min_length=1, max_length=500)],
-    ) -> OverrideView:
-        """Cancel an active override; another actor's cap takes admin to lift."""
-        ctx = _audit(request)
-        ctx.override_id = override_id
-        ov = s.manager.cancel(
-            override_id,
-            actor=principal.name,
-            admin=principal.scope >= TokenScope.ADMIN,
-            reason=reason,
-        )
-        ctx.result = f"cancelled: {ov.id} {ov.describe()} ({reason})"
-        return OverrideView.of(ov, s.wall_clock())
-
-    @app.post(
+    router.add_api_route(
         "/v1/overrides/resume",
+        resume,
+        methods=["POST"],
         response_model=list[OverrideView],
         responses=_WRITE_ERRORS,
-        tags=["write"],
     )
-    async def resume(
-        request: Request,
-        principal: Annotated[Principal, operator],
-        body: Annotated[EndRequest, Body()],
-    ) -> list[OverrideView]:
-        """End every mode override (monitor-only, mining-off, ai-min): normal operation."""
-        ended = s.manager.resume(actor=principal.name, reason=body.reason)
-        _audit(
-            request
-        ).result = f"resumed: ended {', '.join(o.id for o in ended) or 'nothing'} ({body.reason})"
-        now = s.wall_clock()
-        return [OverrideView.of(o, now) for o in ended]
+    return router
 
+
+async def cancel_override(
+    request: Request,
+    principal: Operator,
+    s: Svc,
+    override_id: Annotated[str, Path(min_length=1, max_length=64)],
+    reason: Annotated[str, Query(min_length=1, max_length=500)],
+) -> OverrideView:
+    """Cancel an active override; another actor's cap takes admin to lift."""
+    ctx = _audit(request)
+    ctx.override_id = override_id
+    ov = s.manager.cancel(
+        override_id,
+        actor=principal.name,
+        admin=principal.scope >= TokenScope.ADMIN,
+        reason=reason,
+    )
+    ctx.result = f"cancelled: {ov.id} {ov.describe()} ({reason})"
+    return OverrideView.of(ov, s.wall_clock())
+
+
+async def resume(
+    request: Request, principal: Operator, s: Svc, body: Annotated[EndRequest, Body()]
+) -> list[OverrideView]:
+    """End every mode override (monitor-only, mining-off, ai-min): normal operation."""
+    ended = s.manager.resume(actor=principal.name, reason=body.reason)
+    ended_ids = ", ".join(o.id for o in ended) or "nothing"
+    _audit(request).result = f"resumed: ended {ended_ids} ({body.reason})"
+    now = s.wall_clock()
+    return [OverrideView.of(o, now) for o in ended]
+
+
+def create_app(services: Services, *, max_body_bytes: int = 16_384) -> ASGIApp:
+    """The API as an ASGI app, wrapped in the body limit and the audit trail."""
+    app = FastAPI(
+        title="siteagent",
+        version=API_VERSION,
+        description=__doc__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.services = services
+    app.include_router(reads)
+    app.include_router(writes(services.manager.max_ttl_s))
+    for exc, handler in _HANDLERS:
+        app.add_exception_handler(exc, handler)
     return GuardMiddleware(
-        app, store=s.store, max_body_bytes=max_body_bytes, wall_clock=s.wall_clock
+        app, store=services.store, max_body_bytes=max_body_bytes, wall_clock=services.wall_clock
     )
 
 
@@ -805,7 +851,7 @@ class ApiStartError(Exception):
 
 
 class ApiServer:
-    """A running API: the uvicorn server, the expiry task and the store."""
+    """A running API: the uvicorn server over an override runtime (closed with it if its own)."""
 
     def __init__(
         self,
@@ -814,38 +860,30 @@ class ApiServer:
         serving: asyncio.Task[None],
         port: int,
         scheme: str,
+        *,
+        owns_runtime: bool = False,
     ) -> None:
         self.services = services
         self.server = server
         self.serving = serving
         self.port = port
         self.scheme = scheme
-        self._expiry = asyncio.get_running_loop().create_task(self._expire_forever())
+        self.owns_runtime = owns_runtime
 
     @property
     def manager(self) -> OverrideManager:
         """The override manager behind the API."""
         return self.services.manager
 
-    async def _expire_forever(self) -> None:
-        while True:
-            await asyncio.sleep(EXPIRY_POLL_S)
-            try:
-                self.services.manager.expire_due()
-            except Exception:
-                log.exception("expiring overrides failed; trying again")
-
     async def close(self) -> None:
-        """Stop taking requests, let those in flight finish, close the store."""
-        self._expiry.cancel()
+        """Stop taking requests, let those in flight finish; close the runtime if it is its own."""
         self.server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._expiry
         try:
             await asyncio.wait_for(self.serving, timeout=5.0)
         except (TimeoutError, Exception):
             self.serving.cancel()
-        self.services.store.close()
+        if self.owns_runtime:
+            await self.services.runtime.close()
 
 
 def _check_tls_files(cfg: Config) -> None:
@@ -895,51 +933,26 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-# The status of an audit record the agent wrote itself, not an HTTP request's.
-AGENT_AUDIT_STATUS = 0
-
-
-def alarm_auditor(store: Store) -> Callable[[AlarmEvent], None]:
-    """A listener that appends an audit record for each alarm raised or cleared."""
-
-    def audit(event: AlarmEvent) -> None:
-        a = event.alarm
-        if event.raised:
-            action, result = f"alarm raised: {a.name}", a.reason
-        else:
-            action = f"alarm cleared: {a.name}"
-            result = f"cleared after {event.duration_s:.0f} s; was: {a.reason}"
-        store.append_audit(
-            AuditRecord(
-                time_unix_s=event.time_unix_s,
-                actor="siteagent",
-                client="local",
-                action=action,
-                request="",
-                status=AGENT_AUDIT_STATUS,
-                result=result,
-            )
-        )
-
-    return audit
-
-
 def make_services(
     agent: Agent,
     cfg: Config,
     *,
+    runtime: OverrideRuntime | None = None,
     wall_clock: Callable[[], float] = time.time,
     auth_clock: Callable[[], float] = time.monotonic,
     tokens: TokenStore | None = None,
 ) -> Services:
-    """Open the store, restore the stored overrides into the agent, load the tokens."""
-    api = cfg.api
-    store = Store.in_dir(cfg.state.dir)
-    manager = OverrideManager(agent, store, max_ttl_s=api.max_override_ttl_s, wall_clock=wall_clock)
-    manager.restore()
-    agent.alarms.subscribe(alarm_auditor(store))
+    """The handlers' services over ``runtime`` (of ``agent``), loading the tokens.
+
+    Without a runtime, one is opened on ``cfg`` (restoring the stored overrides into
+    ``agent``) and not started: its owner expires overrides and closes it.
+    """
+    if runtime is None:
+        runtime = OverrideRuntime.open(agent, cfg, wall_clock=wall_clock)
+    elif runtime.agent is not agent:
+        raise ValueError("the override runtime steers another agent than the API's")
     if tokens is None:
-        token_file = tokens_path(api, cfg.state.dir)
+        token_file = tokens_path(cfg.api, cfg.state.dir)
         tokens = TokenStore(token_file)
         if not tokens.entries():
             log.warning(
@@ -947,28 +960,39 @@ def make_services(
                 "`siteagent token create NAME --scope operate`",
                 token_file,
             )
-    return Services(
-        agent=agent,
-        manager=manager,
-        store=store,
-        tokens=tokens,
-        limiter=FailureLimiter(api.auth_failures_per_minute, clock=auth_clock),
-        wall_clock=wall_clock,
-    )
+    limiter = FailureLimiter(cfg.api.auth_failures_per_minute, clock=auth_clock)
+    return Services(runtime=runtime, tokens=tokens, limiter=limiter)
 
 
 async def serve_api(
     agent: Agent,
     cfg: Config,
     *,
+    runtime: OverrideRuntime | None = None,
     wall_clock: Callable[[], float] = time.time,
     auth_clock: Callable[[], float] = time.monotonic,
 ) -> ApiServer:
-    """Restore stored overrides into the agent, then serve the API on ``[api]`` host:port."""
-    api = cfg.api
+    """Serve the API on ``[api]`` host:port over ``runtime``.
+
+    Without a runtime (tests, benches), the server opens and starts its own, which
+    restores the stored overrides, and closes it when it closes.
+    """
     _check_tls_files(cfg)
-    services = make_services(agent, cfg, wall_clock=wall_clock, auth_clock=auth_clock)
-    store = services.store
+    own = runtime is None
+    services = make_services(
+        agent, cfg, runtime=runtime, wall_clock=wall_clock, auth_clock=auth_clock
+    )
+    if own:
+        services.runtime.start()
+    try:
+        return await _serve(services, cfg.api, owns_runtime=own)
+    except BaseException:
+        if own:
+            await services.runtime.close()
+        raise
+
+
+async def _serve(services: Services, api: ApiConfig, *, owns_runtime: bool) -> ApiServer:
     app = create_app(services, max_body_bytes=api.max_body_bytes)
     sock = _bind(api.host, api.port)
     tls = ssl_options(api)
@@ -986,14 +1010,12 @@ async def serve_api(
         config.load()
     except Exception as e:
         sock.close()
-        store.close()
         raise ApiStartError(f"API did not start: {e}") from e
     server = _Server(config)
     serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
         if serving.done():
             sock.close()
-            store.close()
             err = serving.exception()
             raise ApiStartError(f"API did not start: {err!r}") from err
         await asyncio.sleep(0.01)
@@ -1003,4 +1025,4 @@ async def serve_api(
     warning = plain_http_warning(api.host, port, tls=bool(tls))
     if warning is not None:
         log.warning("%s", warning)
-    return ApiServer(services, server, serving, port, scheme)
+    return ApiServer(services, server, serving, port, scheme, owns_runtime=owns_runtime)

@@ -110,6 +110,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     from agent.inventory_store import InventoryStore
     from agent.loop import Agent
     from agent.metrics import loop_healthy, serve_metrics, site_summary
+    from agent.runtime import OverrideRuntime
     from agent.sdnotify import (
         Notifier,
         StartupProgress,
@@ -117,7 +118,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         watch_startup,
         watchdog_period_s,
     )
-    from agent.store import keep_backups, prepare_store
+    from agent.store import prepare_store
 
     cfg = load_config(config_path)
     # Before minutes of identification: a damaged override store refuses the start now.
@@ -159,11 +160,12 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
         opened.append(_closing(metrics.close))
         log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
-        api = await serve_api(agent, cfg)  # restores stored overrides before the first tick
-        backups = asyncio.get_running_loop().create_task(
-            keep_backups(cfg.state.dir, cfg.state.backup_interval_s, cfg.state.backups_kept)
-        )
-        opened.append(_closing(backups.cancel))
+        # Restores the stored overrides before the first tick; expires them and backs the
+        # store up with or without the API, and closes after the agent has stopped.
+        runtime = OverrideRuntime.open(agent, cfg)
+        opened.append(runtime.close)
+        runtime.start()
+        api = await serve_api(agent, cfg, runtime=runtime)
         close_api = api.close  # one object: the stop path closes it first, then the rest
         opened.append(close_api)
         # READY only once every device has been read once: the agent must know its

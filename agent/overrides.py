@@ -254,12 +254,15 @@ class OverrideManager:
         max_ttl_s: float,
         wall_clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = new_override_id,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.agent = agent
         self.store = store
         self.max_ttl_s = max_ttl_s
         self.wall_clock = wall_clock
         self.new_id = new_id
+        # Told when the overrides in force change: whoever times expiry re-arms on it.
+        self.on_change = on_change
         self._active: dict[str, Override] = {}
 
     # -- reading -----------------------------------------------------------------
@@ -330,6 +333,7 @@ class OverrideManager:
         self._active[ov.id] = ov
         for r in replaced:
             self._drop(r.id)
+        self._changed()
         log.info(
             "override %s by %s: %s for %.0f s (%s)",
             ov.id,
@@ -360,6 +364,7 @@ class OverrideManager:
         now = self.wall_clock()
         self.store.end_overrides([Ending(ov.id, CANCELLED, actor, now, reason)])
         self._drop(ov.id)
+        self._changed()
         log.info("override %s (%s) cancelled by %s", ov.id, ov.describe(), actor)
         return replace(
             ov, ended_at_unix_s=now, end_state=CANCELLED, ended_by=actor, end_reason=reason
@@ -372,6 +377,8 @@ class OverrideManager:
         self.store.end_overrides([Ending(o.id, CANCELLED, actor, now, reason) for o in modes])
         for o in modes:
             self._drop(o.id)
+        if modes:
+            self._changed()
         return [
             replace(o, ended_at_unix_s=now, end_state=CANCELLED, ended_by=actor, end_reason=reason)
             for o in modes
@@ -390,6 +397,7 @@ class OverrideManager:
             self._drop(o.id)
             log.info("override %s (%s) expired", o.id, o.describe())
             self._audit_system("expire", o, f"expired at its end time ({o.expires_at_unix_s:.0f})")
+        self._changed()
         return due
 
     def next_expiry_unix_s(self) -> float | None:
@@ -433,6 +441,7 @@ class OverrideManager:
             restored.append(ov)
         if restored or ended:
             log.info("overrides: %d restored, %d ended while down", len(restored), len(ended))
+        self._changed()
         return restored, ended
 
     def apply_in_force(self) -> list[Override]:
@@ -533,6 +542,10 @@ class OverrideManager:
         except KeyError as e:
             a.clear_source(ov.id)
             raise OverrideError(409, f"unknown domain {e.args[0]!r}") from e
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _drop(self, override_id: str) -> None:
         self._active.pop(override_id, None)
