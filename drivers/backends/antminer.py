@@ -23,11 +23,9 @@ or a connection closed without an answer -> faulted; any status other than
 from __future__ import annotations
 
 import asyncio
-import json
+from collections.abc import Mapping
 from typing import Any
 
-import httpx
-from pyasic import settings
 from pyasic.config import MinerConfig, MiningModeConfig
 from pyasic.miners.backends.antminer import AntminerModern
 
@@ -39,8 +37,10 @@ from domain.errors import (
     DeviceUnreachable,
 )
 from domain.types import DeviceState, MinerCapabilities, MinerIdentity
-from drivers.backends.base import Behaviour, Sample, no_answer, translate_rpc
+from drivers.backends.base import Behaviour, Field, FieldReader, Fields, Moved, Sample
 from drivers.backends.nameplate import lookup
+from drivers.transport.http import KeptDigest
+from drivers.transport.rpc import rpc_call, translate_rpc
 
 MODE_NORMAL, MODE_SLEEP, MODE_LOW = 0, 1, 3
 # The miner mode is read again at least this often (readings), and whenever the
@@ -85,51 +85,32 @@ def _power(row: dict[str, Any]) -> float | None:
     return float(str(raw).split()[0])
 
 
-class _KeptDigest:
-    """pyasic's web GETs for identification and readings, the digest challenge kept.
+def _row(stats: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = stats["STATS"][1]
+    return row
 
-    pyasic (0.79.0) makes a new ``httpx.DigestAuth`` on every web call
-    (``pyasic/web/antminer.py:63``, in ``AntminerModernWebAPI.send_command``), so
-    every call is two HTTP exchanges: a 401 carrying the challenge, then the
-    authorised request. httpx's ``DigestAuth`` answers a known challenge at once
-    (and takes a new one when the miner sends a 401 again, as for a stale nonce
-    or a changed password), so a reading keeps one per miner: one exchange
-    instead of two. Everything else is pyasic's ``send_command``
-    (``web/antminer.py:42-83``): the URL, the client and its transport, the
-    error dicts. Writes, and the conf read before a write, stay pyasic's own.
-    Identification's ``get_system_info`` goes through here too, so the first
-    reading already knows the challenge.
-    """
 
-    def __init__(self, web: Any) -> None:
-        self.web = web
-        self._auth: httpx.DigestAuth | None = None
-        self._creds: tuple[str, str] | None = None
-
-    async def get_miner_conf(self) -> dict[str, Any]:
-        return await self.get("get_miner_conf")
-
-    async def get_system_info(self) -> dict[str, Any]:
-        return await self.get("get_system_info")
-
-    async def get(self, command: str) -> dict[str, Any]:
-        web = self.web
-        creds = (str(web.username), str(web.pwd))
-        if self._auth is None or creds != self._creds:
-            self._auth, self._creds = httpx.DigestAuth(*creds), creds
-        url = f"http://{web.ip}:{web.port}/cgi-bin/{command}.cgi"
-        try:
-            async with httpx.AsyncClient(transport=settings.transport()) as client:
-                data = await client.get(url, auth=self._auth)
-        except httpx.HTTPError as e:
-            return {"success": False, "message": f"HTTP error occurred: {e!s}"}
-        if data.status_code == 200:
-            try:
-                reply: dict[str, Any] = data.json()
-            except json.JSONDecodeError:
-                return {"success": False, "message": "Failed to decode JSON"}
-            return reply
-        return {"success": False, "message": "Unknown error occurred"}
+# What a reading carries and where it comes from: ``stats`` (4028) every reading, the
+# miner mode (web ``get_miner_conf``) when it may have moved. The mode moves only by a
+# write (the agent's: read again after it) or by hand, and a mode change shows in the
+# hashrate (and power, where reported): the conf is read again after any write, after
+# a restart, when hashrate moves by more than MODE_HASHRATE_FRAC or starts or stops,
+# when reported power moves by more than MODE_POWER_FRAC, and once every
+# MODE_REFRESH_READS readings.
+FIELDS = Fields(
+    (
+        Field("hashrate_ths", "stats", lambda s: float(_row(s)["GHS 5s"]) / 1000.0),
+        Field("elapsed_s", "stats", lambda s: int(_row(s).get("Elapsed", 0))),
+        Field("temperature_c", "stats", lambda s: _max_temp(_row(s))),
+        Field("reported_w", "stats", lambda s: _power(_row(s))),
+        Field("mode", "conf", lambda c: int(c["bitmain-work-mode"]), slow=True),
+    ),
+    watch=(
+        Moved("hashrate_ths", frac=MODE_HASHRATE_FRAC, floor=0.0, zero=True),
+        Moved("reported_w", frac=MODE_POWER_FRAC),
+    ),
+    every=MODE_REFRESH_READS,
+)
 
 
 class AntminerBackend:
@@ -148,14 +129,11 @@ class AntminerBackend:
             float(round(self._plate.power_w * self._plate.low_mode_frac)) if self._plate else None
         )
         self._elapsed_s: int | None = None
-        # The miner mode as last read (web conf), and the hashrate and power seen then;
-        # read again only when a reading gives reason to (see ``read``).
-        self._mode: int | None = None
-        self._mode_seen: tuple[float, float | None] = (0.0, None)
-        self._mode_reads = 0
+        self._restarted = False  # the reading being made saw the uptime fall
+        self.fields = FieldReader(FIELDS, self.address)
         # Mode to wake into (the mining mode before sleep, or one set while asleep).
         self._wake_mode = MODE_NORMAL
-        self._read_web = _KeptDigest(miner.web)
+        self._read_web = KeptDigest(miner.web)
 
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
         """Socket / JSON errors of the 4028 API (the web errors are mapped where they occur)."""
@@ -164,10 +142,7 @@ class AntminerBackend:
     # -- transport ---------------------------------------------------------------------
 
     async def _rpc(self, what: str, coro: Any) -> dict[str, Any]:
-        reply = await coro
-        if not reply:
-            raise no_answer(self.address, what)
-        return dict(reply)
+        return await rpc_call(self.address, what, coro)
 
     async def _web(self, what: str, coro: Any) -> dict[str, Any]:
         reply = await coro
@@ -189,9 +164,9 @@ class AntminerBackend:
 
     async def _conf(self, what: str, *, reading: bool = False) -> tuple[dict[str, Any], int]:
         if not reading:
-            self._mode = None  # a write may follow: whatever happens, read the mode again
-        web = self._read_web if reading else self.miner.web
-        conf = await self._web(what, web.get_miner_conf())
+            self.fields.forget()  # a write may follow: whatever happens, read the mode again
+        call = self._read_web.get("get_miner_conf") if reading else self.miner.web.get_miner_conf()
+        conf = await self._web(what, call)
         try:
             mode = int(conf["bitmain-work-mode"])
         except (LookupError, TypeError, ValueError) as e:
@@ -215,7 +190,7 @@ class AntminerBackend:
     async def identify(self) -> MinerIdentity:
         """MAC and serial (web get_system_info), firmware (version), power report (stats)."""
         info, version, stats = await asyncio.gather(
-            self._web("get_system_info", self._read_web.get_system_info()),
+            self._web("get_system_info", self._read_web.get("get_system_info")),
             self._rpc("version", self.miner.rpc.version()),
             self._rpc("stats", self.miner.rpc.stats()),
         )
@@ -249,34 +224,33 @@ class AntminerBackend:
             nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
         )
 
-    async def read(self) -> Sample:
-        """``stats`` (4028), and the miner conf (web, for the mode) when the mode may have moved.
+    async def _fetch(self, sources: tuple[str, ...]) -> dict[str, Any]:
+        """The replies of ``FIELDS``' sources: ``stats`` on 4028, the conf on the web."""
+        if sources == FIELDS.slow_sources:
+            conf, _ = await self._conf("read", reading=True)
+            return {"conf": conf}
+        return {"stats": await self._rpc("stats", self.miner.rpc.stats())}
 
-        The mode moves only by a write (the agent's: read again after it) or by hand,
-        and a mode change shows in the hashrate (and power, where reported): the conf
-        is read again after any write, after a restart, when hashrate moves by more
-        than ``MODE_HASHRATE_FRAC`` or starts or stops, when reported power moves by
-        more than ``MODE_POWER_FRAC``, and at least every ``MODE_REFRESH_READS`` readings.
-        """
-        stats = await self._rpc("stats", self.miner.rpc.stats())
-        try:
-            row = stats["STATS"][1]
-            hashrate_ths = float(row["GHS 5s"]) / 1000.0
-            elapsed = int(row.get("Elapsed", 0))
-            temperature_c = _max_temp(row)
-            reported_w = _power(row)
-        except (LookupError, TypeError, AttributeError, ValueError) as e:
-            raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
-        errors: tuple[str, ...] = ()
-        restarted = self._elapsed_s is not None and elapsed < self._elapsed_s
-        if restarted:
-            errors = ("mining restarted (uptime reset)",)
+    def _restart_seen(self, v: Mapping[str, Any]) -> bool:
+        """Whether mining restarted since the last reading (its uptime fell)."""
+        elapsed = v["elapsed_s"]
+        self._restarted = self._elapsed_s is not None and elapsed < self._elapsed_s
         self._elapsed_s = elapsed
-        mode = self._mode
-        if mode is None or restarted or self._mode_stale(hashrate_ths, reported_w):
-            _, mode = await self._conf("read", reading=True)
-            self._mode, self._mode_seen, self._mode_reads = mode, (hashrate_ths, reported_w), 0
-        self._mode_reads += 1
+        return self._restarted
+
+    async def read(self) -> Sample:
+        """``stats`` (4028), and the miner conf (web, for the mode) when the mode may
+        have moved (``FIELDS``)."""
+        v = await self.fields.read(self._fetch, self._restart_seen)
+        hashrate_ths, temperature_c, reported_w, mode = (
+            v["hashrate_ths"],
+            v["temperature_c"],
+            v["reported_w"],
+            v["mode"],
+        )
+        errors: tuple[str, ...] = ()
+        if self._restarted:
+            errors = ("mining restarted (uptime reset)",)
         target_w: float | None = None
         estimate: float | None = SLEEP_ESTIMATE_W
         if mode == MODE_SLEEP:
@@ -304,21 +278,6 @@ class AntminerBackend:
             power_target_w=target_w,
             power_estimated=self._plate is not None,
             errors=errors,
-        )
-
-    def _mode_stale(self, hashrate_ths: float, power_w: float | None) -> bool:
-        """Whether the mode last read may no longer be the miner's."""
-        seen_ths, seen_w = self._mode_seen
-        if self._mode_reads >= MODE_REFRESH_READS or (seen_ths > 0) != (hashrate_ths > 0):
-            return True
-        if abs(hashrate_ths - seen_ths) > MODE_HASHRATE_FRAC * seen_ths:
-            return True
-        if (seen_w is None) != (power_w is None):
-            return True
-        return (
-            seen_w is not None
-            and power_w is not None
-            and abs(power_w - seen_w) > MODE_POWER_FRAC * max(seen_w, 1.0)
         )
 
     async def set_power_target(self, watt: int) -> float:

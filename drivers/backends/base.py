@@ -1,32 +1,43 @@
-"""What every firmware adapter provides, and the error mapping they share.
+"""What every firmware adapter provides: its protocol, its table of fields, one reader.
 
 An adapter (one module per firmware) is the thin vendor level of STYLE.md: it
-calls pyasic, names quantities, converts units and says what the device can
-do. ``drivers.asic.AsicDriver`` is the level above: deadlines, clamping,
+says what to read (a table of ``Field``s, fast and slow) and what it means,
+names quantities, converts units and says what the device can do; how to talk
+is ``drivers.transport``'s. ``drivers.asic.AsicDriver`` is the level above: deadlines, clamping,
 write-only-on-change and the re-read-before-retry rule, the same for all.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import resource
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import aiohttp
-import httpx
-from pyasic.errors import APIError
-
-from domain.errors import (
-    DeviceError,
-    DeviceFaulted,
-    DevicePermissionError,
-    DeviceRefused,
-    DeviceUnreachable,
-)
+from domain.errors import DeviceError, DeviceFaulted
 from domain.types import DeviceState, MinerCapabilities, MinerIdentity
+
+# How the adapters talk (and how those failures are named) lives in drivers.transport;
+# these names stay here for the adapters and tests that import them from base.
+from drivers.transport.http import translate_http
+from drivers.transport.rpc import no_answer, translate_rpc
+from drivers.transport.rules import KEPT_CONNECTIONS, KeepBudget
+
+__all__ = [
+    "KEPT_CONNECTIONS",
+    "Backend",
+    "Behaviour",
+    "Field",
+    "FieldReader",
+    "Fields",
+    "KeepBudget",
+    "Moved",
+    "Sample",
+    "level_capabilities",
+    "no_answer",
+    "translate_http",
+    "translate_rpc",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +73,7 @@ class Backend(Protocol):
 
     name: str
     behaviour: Behaviour
+    fields: FieldReader  # its table of fields, read fast every time and slow every Nth
 
     async def identify(self) -> MinerIdentity: ...
 
@@ -74,82 +86,6 @@ class Backend(Protocol):
     async def wake(self) -> None: ...
 
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError: ...
-
-
-def translate_rpc(address: str, what: str, e: BaseException, *, control: bool) -> DeviceError:
-    """Map an error of pyasic's socket / HTTP clients to one of ours (not raised here).
-
-    pyasic's RPC clients raise ``APIError`` both for an answer that is not JSON
-    ("Decode Error ...") and for a well-formed error status (``STATUS: E``). The
-    first is a broken device; the second is the firmware declining: a refusal
-    for a control call, a fault for a read (a read that is declined is useless).
-    """
-    cause: BaseException = e.__cause__ if isinstance(e, APIError) and e.__cause__ else e
-    msg = f"{address}: {what}: {type(cause).__name__}: {cause}"
-    if isinstance(cause, TimeoutError):
-        return DeviceUnreachable(f"{address}: {what}: no answer in time")
-    if isinstance(cause, ConnectionRefusedError):
-        return DeviceUnreachable(msg)
-    if isinstance(cause, ConnectionError):
-        return DeviceFaulted(msg)
-    if isinstance(cause, OSError):
-        return DeviceUnreachable(msg)
-    if isinstance(cause, APIError):
-        text = str(cause)
-        if "Decode Error" in text or "decode error" in text:
-            return DeviceFaulted(msg)
-        if "No data" in text or "Connection refused" in text:
-            return DeviceUnreachable(msg)
-        low = text.lower()
-        # Whatsminer: wrong admin password ("check token err") or write API
-        # disabled ("can't access write cmd"); LuxOS / VNish: bad session.
-        if any(w in low for w in ("token", "write cmd", "unauthor", "session", "password")):
-            return DevicePermissionError(msg)
-        return DeviceRefused(msg) if control else DeviceFaulted(msg)
-    if isinstance(cause, (LookupError, TypeError, ValueError, AttributeError)):
-        return DeviceFaulted(f"{address}: {what}: missing or malformed field: {cause!r}")
-    return DeviceFaulted(msg)
-
-
-def no_answer(address: str, what: str) -> DeviceUnreachable:
-    """pyasic's socket client returns ``{}`` when the connection is refused."""
-    return DeviceUnreachable(f"{address}: {what}: no answer (connection refused or empty reply)")
-
-
-def _http_cause(e: BaseException) -> BaseException | None:
-    """The httpx, aiohttp or JSON error behind ``e``, following ``__cause__`` and
-    ``__context__``."""
-    cur: BaseException | None = e
-    for _ in range(8):
-        if cur is None:
-            return None
-        if isinstance(cur, httpx.HTTPError | aiohttp.ClientError | json.JSONDecodeError):
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def translate_http(address: str, what: str, e: BaseException, *, control: bool) -> DeviceError:
-    """Map an error of pyasic's raising web clients to one of ours (not raised).
-
-    Those clients (``VNishWebAPI.send_command`` among them) re-raise httpx's
-    errors as ``APIError`` from inside the ``except`` block without ``from``:
-    the transport error survives only as the implicit ``__context__``. The
-    VNish adapter's own client raises aiohttp's ``from``. A timeout or a
-    connection never made is unreachable; anything else the
-    transport or the JSON parser rejected (a reply that is not HTTP, a
-    connection dropped mid-answer, a body that is not JSON) is faulted. The
-    rest (an ``APIError`` of its own, a missing field) goes to ``translate_rpc``.
-    """
-    cause = None if isinstance(e, TimeoutError) else _http_cause(e)
-    if cause is None:
-        return translate_rpc(address, what, e, control=control)
-    msg = f"{address}: {what}: {type(cause).__name__}: {cause}"
-    if isinstance(cause, httpx.TimeoutException | TimeoutError):
-        return DeviceUnreachable(f"{address}: {what}: no answer in time")
-    if isinstance(cause, httpx.ConnectError | aiohttp.ClientConnectorError):
-        return DeviceUnreachable(msg)
-    return DeviceFaulted(msg)
 
 
 def level_capabilities(watts: Sequence[float], default_w: float) -> MinerCapabilities:
@@ -168,39 +104,131 @@ def level_capabilities(watts: Sequence[float], default_w: float) -> MinerCapabil
     )
 
 
-class KeepBudget:
-    """How many miners may keep a connection open: half the process's descriptors.
+# -- a reading as a table of fields: fast ones every time, slow ones every Nth ---------
 
-    A kept connection holds a descriptor for as long as the miner is driven. Past this
-    many, a miner's connection lives for one reading or call (as pyasic's does), so the
-    other half stays for the connections other firmwares open per request (bounded
-    by the telemetry concurrency), the API, the database and SSH. One budget serves
-    every firmware that keeps connections (Braiins OS channels, VNish web
-    connections), so together they never take more than that half. ``limit``
-    overrides the soft ``RLIMIT_NOFILE``, read again at each ``take``.
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One value a reading carries: the request it comes from and how it is read there.
+
+    A fast field is read every reading; a slow one (a target, a mode, a temperature
+    the loop needs only now and then) on the miner's phase of every ``Fields.every``
+    readings, and whenever a watched fast value moved (``Moved``) or a write made it
+    stale. ``parse`` takes the reply of ``source`` and raises (``LookupError``,
+    ``TypeError``, ``ValueError``, ``AttributeError`` or a ``DeviceError``) on one
+    it cannot read.
     """
 
-    def __init__(self, limit: int | None = None) -> None:
-        self._limit = limit
-        self.held = 0
-
-    def limit(self) -> int:
-        """Miners (connections) that may be kept now."""
-        if self._limit is not None:
-            return self._limit
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return 1 << 30 if soft == resource.RLIM_INFINITY else soft // 2
-
-    def take(self) -> bool:
-        """Whether one more miner may keep its connection (if so it is counted)."""
-        if self.held >= self.limit():
-            return False
-        self.held += 1
-        return True
-
-    def give(self) -> None:
-        """A miner that kept its connection is no longer driven."""
-        self.held = max(0, self.held - 1)
+    name: str
+    source: str
+    parse: Callable[[Any], Any]
+    slow: bool = False
 
 
-KEPT_CONNECTIONS = KeepBudget()
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A fast field whose move since the slow fields were read makes them stale.
+
+    ``frac`` None: any change. Otherwise a move by more than ``frac`` of
+    ``max(value then, floor)``, a value appearing or vanishing (None), and with
+    ``zero`` a value starting or stopping (crossing 0, as a hashrate).
+    """
+
+    name: str
+    frac: float | None = None
+    floor: float = 1.0
+    zero: bool = False
+
+    def moved(self, then: Any, now: Any) -> bool:
+        """Whether ``now`` is far enough from ``then``."""
+        if self.frac is None:
+            return bool(then != now)
+        if then is None or now is None:
+            return (then is None) != (now is None)
+        if self.zero and (then > 0) != (now > 0):
+            return True
+        return bool(abs(now - then) > self.frac * max(then, self.floor))
+
+
+@dataclass(frozen=True, slots=True)
+class Fields:
+    """One firmware's table: its fields, the fast values watched, the slow period."""
+
+    fields: tuple[Field, ...]
+    watch: tuple[Moved, ...] = ()
+    every: int = 12
+    fast: tuple[Field, ...] = field(init=False)
+    slow: tuple[Field, ...] = field(init=False)
+    fast_sources: tuple[str, ...] = field(init=False)
+    slow_sources: tuple[str, ...] = field(init=False)
+    # Each reader of this table takes the next phase, so one firmware's miners made one
+    # after another (an inventory loaded in order) spread their slow reads evenly over
+    # the ``every`` readings, whatever other firmware sits between them.
+    phases: Iterator[int] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phases", itertools.count())
+        fast = tuple(f for f in self.fields if not f.slow)
+        slow = tuple(f for f in self.fields if f.slow)
+        object.__setattr__(self, "fast", fast)
+        object.__setattr__(self, "slow", slow)
+        object.__setattr__(self, "fast_sources", tuple(dict.fromkeys(f.source for f in fast)))
+        object.__setattr__(self, "slow_sources", tuple(dict.fromkeys(f.source for f in slow)))
+
+
+Fetch = Callable[[tuple[str, ...]], Awaitable[Mapping[str, Any]]]
+
+
+class FieldReader:
+    """One miner's reading of a ``Fields`` table: fast fields every time, slow ones on
+    the miner's own phase of every ``every`` readings (so no sweep carries all the
+    miners' slow reads), and whenever they may have moved.
+
+    Slow fields are read on the first reading, after ``forget`` (a write), when
+    ``also`` says so (a restart the adapter saw), when a watched fast value moved
+    since they were read, and on reading ``k`` where ``k % every == phase``: once
+    in every ``every`` readings, never older than that.
+    """
+
+    __slots__ = ("_reads", "_seen", "_slow", "address", "phase", "table")
+
+    def __init__(self, table: Fields, address: str, phase: int | None = None) -> None:
+        self.table = table
+        self.address = address
+        self.phase = (next(table.phases) if phase is None else phase) % table.every
+        self._reads = 0  # readings made so far
+        self._slow: dict[str, Any] | None = None  # the slow fields as last read
+        self._seen: tuple[Any, ...] = ()  # the watched fast values then
+
+    def forget(self) -> None:
+        """The slow fields may have changed (a write): read them with the next reading."""
+        self._slow = None
+
+    def _parse(self, fields: tuple[Field, ...], replies: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return {f.name: f.parse(replies[f.source]) for f in fields}
+        except (LookupError, TypeError, AttributeError, ValueError) as e:
+            raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
+
+    def _stale(self, values: Mapping[str, Any]) -> bool:
+        if self._slow is None or self._reads % self.table.every == self.phase:
+            return True
+        return any(
+            w.moved(then, values[w.name])
+            for w, then in zip(self.table.watch, self._seen, strict=True)
+        )
+
+    async def read(
+        self, fetch: Fetch, also: Callable[[Mapping[str, Any]], bool] | None = None
+    ) -> dict[str, Any]:
+        """Every field by name: ``fetch(sources)`` gives the replies by source, once for
+        the fast sources and, when the slow fields are due, once for the slow ones."""
+        table = self.table
+        values = self._parse(table.fast, await fetch(table.fast_sources))
+        if table.slow and ((also is not None and also(values)) or self._stale(values)):
+            self._slow = self._parse(table.slow, await fetch(table.slow_sources))
+            self._seen = tuple(values[w.name] for w in table.watch)
+        self._reads += 1
+        if self._slow:
+            values.update(self._slow)
+        return values

@@ -17,48 +17,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyasic.errors import APIError
 from pyasic.miners.backends.luxminer import LUXMiner
 
 from domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
 from domain.types import DeviceState, MinerIdentity
-from drivers.backends.base import (
-    Behaviour,
-    Sample,
-    level_capabilities,
-    no_answer,
-    translate_rpc,
-)
+from drivers.backends.base import Behaviour, Field, FieldReader, Fields, Sample, level_capabilities
 from drivers.backends.nameplate import lookup
+from drivers.transport.rpc import multicommand, rpc_call, translate_rpc
 
 # Below this share of the lowest profile, a miner that hashes nothing is asleep.
 SLEEP_FRAC = 0.1
 
 
-# (API class, commands) -> the commands pyasic's check keeps.
-_CHECKED: dict[tuple[type[Any], tuple[str, ...]], list[str]] = {}
+def _max_chip_c(temps: list[dict[str, Any]]) -> float | None:
+    chips = [float(t["Chip"]) for t in temps[0].get("TEMPS", [])]
+    return max(chips) if chips else None
 
 
-async def _multicommand(rpc: Any, commands: tuple[str, ...]) -> dict[str, Any]:
-    """pyasic's ``multicommand`` with its command check done once per API class.
-
-    pyasic (0.79.0, ``pyasic/rpc/base.py:117``) checks every name against
-    ``get_commands()`` on each call: ``dir()`` of the API object, twice, and a
-    ``getattr`` per attribute, ~0.3 ms, as much as the rest of a reading. The
-    answer depends only on the class, so it is kept; the rest is pyasic's own
-    (``base.py:118-125``): one ``+``-joined command, the split fallback on
-    ``APIError``, the ``multicommand`` mark.
-    """
-    key = (type(rpc), commands)
-    valid = _CHECKED.get(key)
-    if valid is None:
-        valid = _CHECKED[key] = list(rpc._check_commands(*commands))
-    try:
-        data: dict[str, Any] = await rpc.send_command("+".join(valid), allow_warning=True)
-    except APIError:
-        data = await rpc._send_split_multicommand(*commands)
-    data["multicommand"] = True
-    return data
+# What a reading carries: four commands in one ``summary+power+config+temps`` request,
+# every reading (nothing slow).
+FIELDS = Fields(
+    (
+        Field("ghs", "summary", lambda r: float(r[0]["SUMMARY"][0]["GHS 5s"])),
+        Field("power_w", "power", lambda r: float(r[0]["POWER"][0]["Watts"])),
+        Field("profile", "config", lambda r: str(r[0]["CONFIG"][0]["Profile"])),
+        Field("temperature_c", "temps", _max_chip_c),
+    )
+)
 
 
 class LuxOSBackend:
@@ -73,6 +58,7 @@ class LuxOSBackend:
         self.address = str(miner.ip)
         self._profiles: list[tuple[str, float]] = []  # (name, W), lowest first
         self._lowest_w = 0.0
+        self.fields = FieldReader(FIELDS, self.address)
 
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
         """Socket / JSON errors and LUXminer's STATUS E replies."""
@@ -87,13 +73,10 @@ class LuxOSBackend:
         return err
 
     async def _rpc(self, what: str, coro: Any) -> dict[str, Any]:
-        reply = await coro
-        if not reply:
-            raise no_answer(self.address, what)
-        return dict(reply)
+        return await rpc_call(self.address, what, coro)
 
     async def _multi(self, what: str, *commands: str) -> dict[str, Any]:
-        d = await self._rpc(what, _multicommand(self.miner.rpc, commands))
+        d = await self._rpc(what, multicommand(self.miner.rpc, commands))
         if not any(c in d for c in commands):
             # pyasic's multicommand answers both a refused connection and a
             # garbage reply with {"multicommand": True} (it falls back to single
@@ -133,16 +116,13 @@ class LuxOSBackend:
             nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
         )
 
+    async def _fetch(self, sources: tuple[str, ...]) -> dict[str, Any]:
+        return await self._multi("read", *sources)
+
     async def read(self) -> Sample:
         """Power, hashrate, temperatures and profile in one ``summary+power+config+temps``."""
-        d = await self._multi("read", "summary", "power", "config", "temps")
-        try:
-            ghs = float(d["summary"][0]["SUMMARY"][0]["GHS 5s"])
-            power_w = float(d["power"][0]["POWER"][0]["Watts"])
-            profile = str(d["config"][0]["CONFIG"][0]["Profile"])
-            temps = [float(t["Chip"]) for t in d["temps"][0].get("TEMPS", [])]
-        except (LookupError, TypeError, AttributeError, ValueError) as e:
-            raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
+        v = await self.fields.read(self._fetch)
+        ghs, power_w, profile = v["ghs"], v["power_w"], v["profile"]
         target_w = next((w for n, w in self._profiles if n == profile), None)
         errors: tuple[str, ...] = ()
         state = DeviceState.MINING
@@ -155,7 +135,7 @@ class LuxOSBackend:
             power_w=power_w,
             state=state,
             hashrate_ths=ghs / 1000.0,
-            temperature_c=max(temps) if temps else None,
+            temperature_c=v["temperature_c"],
             power_target_w=target_w,
             errors=errors,
         )

@@ -49,18 +49,16 @@ pyasic quirks worked around (pyasic 0.79.0):
 - ``VNishWebAPI`` builds a new httpx client and transport for every request
   (web/vnish.py:37, :66), so every reading opens a TCP connection: most of a
   reading's CPU at 10,000 miners. ``_KeptConnectionWebAPI`` is pyasic's client
-  with one kept-alive connection per miner, on aiohttp (see there for why and
-  for what is retried).
+  on ``drivers.transport.http.KeptSession``: one kept-alive connection per miner,
+  on aiohttp (see there for why and for what is retried).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import warnings
-import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,12 +74,24 @@ from domain.types import DeviceState, MinerIdentity
 from drivers.backends.base import (
     KEPT_CONNECTIONS,
     Behaviour,
+    Field,
+    FieldReader,
+    Fields,
+    Moved,
     Sample,
     level_capabilities,
-    no_answer,
-    translate_http,
 )
 from drivers.backends.nameplate import lookup
+from drivers.transport.http import KEEPALIVE_EXPIRY_S, KeptSession, translate_http
+from drivers.transport.rpc import no_answer
+
+__all__ = [
+    "FIELDS",
+    "KEEPALIVE_BUDGET",
+    "KEEPALIVE_EXPIRY_S",
+    "PRESET_REFRESH_READS",
+    "VNishBackend",
+]
 
 # The running preset is read again at least this often (readings), and whenever power
 # moves by more than this fraction since it was read.
@@ -96,33 +106,8 @@ _SLEEP_STATES = frozenset({"stopped", "shutting-down"})
 _TO_THS = {"GH/s": 1e-3, "TH/s": 1.0, "MH/s": 1e-6}
 
 
-# A kept web connection idle this long (s) is closed by us rather than reused. It must
-# outlast the time between two readings of one miner, which is the telemetry interval
-# only while a sweep fits in it: at 15 s, 10,000 simulated miners (a sweep of 20-40 s
-# on 2 shared cores) found every connection expired and paid a new one per reading
-# on top of the kept client's cost: 35.1 s of CPU a sweep, against 23.3 s at 120 s
-# and 33.4 s with pyasic's own client (one connection per request; all three with
-# httpx). A miner that closes an idle connection first costs nothing extra: aiohttp
-# drops a pooled connection whose peer has closed, and a read cut as it goes out is
-# sent again.
-KEEPALIVE_EXPIRY_S = 120.0
-
 # The budget of kept connections this process shares with the Braiins OS channels.
 KEEPALIVE_BUDGET = KEPT_CONNECTIONS
-
-
-def _stale(e: BaseException) -> bool:
-    """Whether a request failed as a connection closed under it (idle timeout, web
-    server restart, reboot) rather than as no connection made at all."""
-    return isinstance(e, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError) and not (
-        isinstance(e, aiohttp.ClientConnectorError)
-    )
-
-
-@functools.cache
-def _timeout(seconds: float) -> aiohttp.ClientTimeout:
-    """pyasic's per-request timeout (httpx's ``timeout=``: connect, pool and each read)."""
-    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds)
 
 
 class _KeptConnectionWebAPI(VNishWebAPI):  # type: ignore[misc]  # pyasic is untyped
@@ -142,20 +127,18 @@ class _KeptConnectionWebAPI(VNishWebAPI):  # type: ignore[misc]  # pyasic is unt
     connection whose exchange did not finish (a timeout, a cancel, a cut) rather
     than pooling it, so a late answer is never read as the next request's.
 
-    What differs from pyasic: a read (GET) or ``unlock`` that fails as a
-    connection closed under it (``_stale``) is sent once more, on a fresh
-    connection (aiohttp does this itself for a GET); a write (POST) is never
-    sent again after a transport error, even where pyasic's
-    ``get_data_retries`` would (these APIs have no idempotency key: the driver
-    reads state before any retry), and its error is raised ``from`` the
-    transport's.
+    What differs from pyasic: a request goes out on the miner's ``KeptSession``
+    (``drivers.transport.http``: one connection kept while ``KEEPALIVE_BUDGET``
+    allows); a read (GET) or ``unlock`` that fails as a connection closed under it
+    is sent once more, on a fresh connection; a write (POST) is never sent again
+    after a transport error, even where pyasic's ``get_data_retries`` would (these
+    APIs have no idempotency key: the driver reads state before any retry), and its
+    error is raised ``from`` the transport's.
     """
 
     def __init__(self, ip: str) -> None:
         super().__init__(ip)
-        self._client: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._release: weakref.finalize[Any, Any] | None = None
+        self.session = KeptSession(KEEPALIVE_BUDGET)
         # One parsed URL per command: parsing the string costs a fifth of a request.
         self._urls: dict[str, yarl.URL] = {}
 
@@ -168,71 +151,20 @@ class _KeptConnectionWebAPI(VNishWebAPI):  # type: ignore[misc]  # pyasic is unt
     @property
     def keeps_connection(self) -> bool:
         """Whether this miner's client keeps its connection between requests."""
-        return self._release is not None and self._release.alive
-
-    def _http(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        if self._client is not None and self._loop is loop:
-            return self._client
-        if self._client is not None:
-            # A connection belongs to the loop that opened it, gone by now: close its
-            # sockets without that loop (the synchronous part of the connector's close).
-            connector = self._client.connector
-            self._client.detach()
-            if connector is not None:
-                connector._close()
-        self._drop_budget()
-        kept = KEEPALIVE_BUDGET.take()
-        if kept:
-            self._release = weakref.finalize(self, KEEPALIVE_BUDGET.give)
-        connector = aiohttp.TCPConnector(
-            limit=1, force_close=not kept, keepalive_timeout=KEEPALIVE_EXPIRY_S if kept else None
-        )
-        # The web API answers tokens in headers, never cookies.
-        self._client = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
-        )
-        self._loop = loop
-        return self._client
-
-    def _drop_budget(self) -> None:
-        if self._release is not None:
-            self._release()  # runs once: gives the kept connection back
-            self._release = None
+        return self.session.keeps_connection
 
     async def aclose(self) -> None:
         """Close the kept connection (a later request opens a new one)."""
-        client, self._client, self._loop = self._client, None, None
-        self._drop_budget()
-        if client is not None:
-            await client.close()
-
-    async def _request(
-        self,
-        method: str,
-        url: yarl.URL,
-        *,
-        headers: dict[str, str] | None = None,
-        json_body: Any = None,
-        limit_s: float = 5.0,
-    ) -> tuple[int, bytes]:
-        """One exchange: the status and the whole body (``limit_s``: connect, each read)."""
-        async with self._http().request(
-            method, url, headers=headers, json=json_body, timeout=_timeout(limit_s)
-        ) as response:
-            return response.status, await response.read()
+        await self.session.aclose()
 
     async def auth(self) -> str | None:
         """pyasic's ``unlock`` on the kept connection: the token, or None / the old one."""
         url = self._url("unlock")
         try:
-            try:
-                status, body = await self._request("POST", url, json_body={"pw": self.pwd})
-            except aiohttp.ClientError as e:
-                if not _stale(e):
-                    raise
-                # the failed connection is closed: the pool opens a fresh one
-                status, body = await self._request("POST", url, json_body={"pw": self.pwd})
+            # A login asks nothing of the miner: a read, sent once more if cut.
+            status, body = await self.session.request(
+                "POST", url, write=False, json_body={"pw": self.pwd}
+            )
         except (aiohttp.ClientError, TimeoutError):
             warnings.warn(f"Could not authenticate web token with miner: {self}", stacklevel=2)
         else:
@@ -266,9 +198,10 @@ class _KeptConnectionWebAPI(VNishWebAPI):  # type: ignore[misc]  # pyasic is unt
                 auth = "Bearer " + auth
             headers = {"Authorization": auth}
             try:
-                status, body = await self._request(
+                status, body = await self.session.request(
                     "POST" if post else "GET",
                     url,
+                    write=post,
                     headers=headers,
                     json_body=parameters if post else None,
                     limit_s=timeout,
@@ -302,6 +235,62 @@ def _kept_web(miner: VNish) -> _KeptConnectionWebAPI:
     kept.username, kept.pwd, kept.port, kept.token = web.username, web.pwd, web.port, web.token
     miner.web = kept
     return kept
+
+
+def _miner(summary: dict[str, Any]) -> dict[str, Any]:
+    miner: dict[str, Any] = summary["miner"]
+    return miner
+
+
+def _power_w(summary: dict[str, Any]) -> float | None:
+    miner = _miner(summary)
+    power = miner.get("power_consumption", miner.get("power_usage"))
+    return float(power) if power is not None else None
+
+
+def _chip_c(summary: dict[str, Any]) -> float | None:
+    chip = (_miner(summary).get("chip_temp") or {}).get("max")
+    return float(chip) if chip is not None else None
+
+
+def _failed(summary: dict[str, Any]) -> list[str]:
+    return [
+        str(c.get("status", {}).get("description", f"chain {c.get('id')}"))
+        for c in _miner(summary).get("chains", [])
+        if c.get("status", {}).get("state") == "failure"
+    ]
+
+
+def _current_preset(perf: dict[str, Any]) -> dict[str, Any]:
+    current = perf.get("current_preset") or {}
+    if not isinstance(current, dict):
+        raise TypeError(f"malformed preset: {current!r}")
+    return current
+
+
+# What a reading carries and where it comes from: ``summary`` every reading, the
+# running preset (``perf-summary``) when it may have moved. Between the agent's own
+# writes the preset moves only by hand or by the firmware's preset switcher (off once
+# the agent has written one): it is read again after any write, when the state
+# changes or mining restarts, when power moves by more than PRESET_POWER_FRAC since
+# it was read, and once every PRESET_REFRESH_READS readings.
+FIELDS = Fields(
+    (
+        Field("state", "summary", lambda s: str(_miner(s)["miner_status"]["miner_state"])),
+        Field(
+            "state_s",
+            "summary",
+            lambda s: float(_miner(s)["miner_status"].get("miner_state_time", 0)),
+        ),
+        Field("power_w", "summary", _power_w),
+        Field("hr_realtime", "summary", lambda s: float(_miner(s)["hr_realtime"])),
+        Field("temperature_c", "summary", _chip_c),
+        Field("failed", "summary", _failed),
+        Field("preset", "perf-summary", _current_preset, slow=True),
+    ),
+    watch=(Moved("state"), Moved("power_w", frac=PRESET_POWER_FRAC)),
+    every=PRESET_REFRESH_READS,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,11 +330,8 @@ class VNishBackend:
         self._presets: list[Preset] = []  # usable, lowest first
         self._ths_per_unit = 1e-3
         self._last_state: tuple[str, float] | None = None
-        # The running preset as last read (``perf-summary``), and what the miner was
-        # doing then; re-read only when a reading gives reason to (see ``read``).
-        self._preset: dict[str, Any] | None = None
-        self._preset_seen: tuple[str, float | None] | None = None
-        self._preset_reads = 0
+        self._restarted = False  # the reading being made saw mining restart
+        self.fields = FieldReader(FIELDS, self.address)
 
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
         """aiohttp errors of the web client, socket / JSON errors of the 4028 API."""
@@ -446,55 +432,41 @@ class VNishBackend:
             nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
         )
 
+    async def _fetch(self, sources: tuple[str, ...]) -> dict[str, Any]:
+        """The replies of ``FIELDS``' sources: each a web call of pyasic's client
+        (``perf-summary`` is its ``perf_summary``)."""
+        web = self.miner.web
+        return {
+            source: await self._web_dict(source, getattr(web, source.replace("-", "_")))
+            for source in sources
+        }
+
+    def _restart_seen(self, v: Mapping[str, Any]) -> bool:
+        """Whether mining restarted since the last reading (same state, its time fell)."""
+        last = self._last_state
+        self._restarted = last is not None and last[0] == v["state"] and v["state_s"] < last[1]
+        return self._restarted
+
     async def read(self) -> Sample:
         """Power, hashrate, temperature, state (``summary``) and preset (``perf-summary``).
 
         One web call (``summary``), plus ``perf-summary`` when the running preset may
-        have moved, and one ``unlock`` on first contact or after the miner dropped
-        the session. Between the agent's own writes the preset moves only by hand
-        or by the firmware's preset switcher (off once the agent has written one):
-        it is read again after any write, when the state changes or mining restarts,
-        when power moves by more than ``PRESET_POWER_FRAC`` since it was read, and
-        at least every ``PRESET_REFRESH_READS`` readings.
+        have moved (``FIELDS``), and one ``unlock`` on first contact or after the miner
+        dropped the session.
         """
-        web = self.miner.web
         await self._login("read")
-        summary = await self._web_dict("summary", web.summary)
-        try:
-            miner = summary["miner"]
-            status = miner["miner_status"]
-            state_name = str(status["miner_state"])
-            state_s = float(status.get("miner_state_time", 0))
-            power = miner.get("power_consumption", miner.get("power_usage"))
-            power_w = float(power) if power is not None else None
-            hashrate_ths = float(miner["hr_realtime"]) * self._ths_per_unit
-            chip = (miner.get("chip_temp") or {}).get("max")
-            temperature_c = float(chip) if chip is not None else None
-            failed = [
-                str(c.get("status", {}).get("description", f"chain {c.get('id')}"))
-                for c in miner.get("chains", [])
-                if c.get("status", {}).get("state") == "failure"
-            ]
-        except (LookupError, TypeError, AttributeError, ValueError) as e:
-            raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
-        last = self._last_state
-        restarted = last is not None and last[0] == state_name and state_s < last[1]
-        if restarted or self._preset_stale(state_name, power_w):
-            perf = await self._web_dict("perf-summary", web.perf_summary)
-            current = perf.get("current_preset") or {}
-            if not isinstance(current, dict):
-                raise DeviceFaulted(f"{self.address}: read: malformed preset: {current!r}")
-            self._preset, self._preset_seen, self._preset_reads = current, (state_name, power_w), 0
-        self._preset_reads += 1
-        current = self._preset or {}
+        v = await self.fields.read(self._fetch, self._restart_seen)
+        state_name, power_w, failed = v["state"], v["power_w"], v["failed"]
+        hashrate_ths = v["hr_realtime"] * self._ths_per_unit
+        current = v["preset"]
         preset = str(current["name"]) if current.get("name") is not None else None
         target_w = next((p.watts for p in self._presets if p.name == preset), None)
         if target_w is None and preset is not None and preset != "disabled":
             target_w = _preset_watts(current)
         errors: tuple[str, ...] = ()
-        if restarted:
+        if self._restarted:
             errors = ("mining restarted (uptime reset)",)
-        self._last_state = (state_name, state_s)
+        self._last_state = (state_name, v["state_s"])
         if state_name in _SLEEP_STATES:
             state = DeviceState.SLEEPING
         else:
@@ -507,21 +479,10 @@ class VNishBackend:
             power_w=power_w,
             state=state,
             hashrate_ths=hashrate_ths,
-            temperature_c=temperature_c,
+            temperature_c=v["temperature_c"],
             power_target_w=target_w,
             errors=errors,
         )
-
-    def _preset_stale(self, state_name: str, power_w: float | None) -> bool:
-        """Whether the preset last read may no longer be the running one."""
-        seen = self._preset_seen
-        if self._preset is None or seen is None or self._preset_reads >= PRESET_REFRESH_READS:
-            return True
-        if seen[0] != state_name or (seen[1] is None) != (power_w is None):
-            return True
-        if seen[1] is None or power_w is None:
-            return False
-        return abs(power_w - seen[1]) > PRESET_POWER_FRAC * max(seen[1], 1.0)
 
     async def set_power_target(self, watt: int) -> float:
         """Highest preset at or below ``watt`` (preset switcher off); returns its W.
@@ -530,7 +491,7 @@ class VNishBackend:
         preset (and the switcher) changed, reads ``settings`` again to check.
         Nothing is written when that preset is already set and the switcher off.
         """
-        self._preset = None  # whatever happens, read the preset again
+        self.fields.forget()  # whatever happens, read the preset again
         fitting = [p for p in self._presets if p.watts <= watt]
         if not fitting:
             raise DeviceRefused(f"{self.address}: no preset at or below {watt} W")
@@ -565,14 +526,14 @@ class VNishBackend:
 
     async def sleep(self) -> None:
         """``mining/stop`` (the web API stays up, power falls to tens of W)."""
-        self._preset = None
+        self.fields.forget()
         reply = await self._web_dict("mining stop", self.miner.web.stop_mining, control=True)
         if reply.get("success") is False:
             raise DeviceRefused(f"{self.address}: mining stop: {reply}")
 
     async def wake(self) -> None:
         """``mining/start``."""
-        self._preset = None
+        self.fields.forget()
         reply = await self._web_dict("mining start", self.miner.web.start_mining, control=True)
         if reply.get("success") is False:
             raise DeviceRefused(f"{self.address}: mining start: {reply}")

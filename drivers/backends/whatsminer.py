@@ -21,8 +21,9 @@ from pyasic.miners.backends.btminer import BTMinerV2
 
 from domain.errors import DeviceError, DeviceFaulted
 from domain.types import DeviceState, MinerCapabilities, MinerIdentity
-from drivers.backends.base import Behaviour, Sample, no_answer, translate_rpc
+from drivers.backends.base import Behaviour, Field, FieldReader, Fields, Sample
 from drivers.backends.nameplate import lookup
+from drivers.transport.rpc import no_answer, rpc_call, translate_rpc
 
 # Share of the ceiling assumed as the lowest accepted power limit.
 MIN_LIMIT_FRAC = 0.5
@@ -34,6 +35,25 @@ def _first(reply: dict[str, Any], key: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise TypeError(f"{key} is not an object")
     return row
+
+
+def _temperature_c(summary: dict[str, Any]) -> float | None:
+    row = _first(summary, "SUMMARY")
+    temp = row.get("Chip Temp Max", row.get("Temperature"))
+    return float(temp) if temp is not None else None
+
+
+# What a reading carries: ``summary`` every reading (nothing slow); ``status`` only when
+# nothing hashes, to tell sleep apart (``WhatsminerBackend.read``).
+FIELDS = Fields(
+    (
+        Field("power_w", "summary", lambda s: float(_first(s, "SUMMARY")["Power"])),
+        Field("hashrate_ths", "summary", lambda s: float(_first(s, "SUMMARY")["MHS 1m"]) / 1e6),
+        Field("limit_w", "summary", lambda s: float(_first(s, "SUMMARY")["Power Limit"])),
+        Field("temperature_c", "summary", _temperature_c),
+        Field("elapsed_s", "summary", lambda s: int(_first(s, "SUMMARY").get("Elapsed", 0))),
+    )
+)
 
 
 # What ``type(name, bases, {})`` puts in a class of its own (Protocol and ABC bookkeeping).
@@ -83,17 +103,14 @@ class WhatsminerBackend:
         self.miner = miner
         self.address = str(miner.ip)
         self._elapsed_s: int | None = None
+        self.fields = FieldReader(FIELDS, self.address)
 
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError:
         """Socket / JSON errors, and btminer's STATUS E replies."""
         return translate_rpc(self.address, what, e, control=control)
 
     async def _rpc(self, what: str, coro: Any) -> dict[str, Any]:
-        reply = await coro
-        # pyasic's socket client answers a refused connection with {} instead of raising.
-        if not reply:
-            raise no_answer(self.address, what)
-        return dict(reply)
+        return await rpc_call(self.address, what, coro)
 
     async def _write(self, what: str, coro: Any) -> dict[str, Any]:
         try:
@@ -141,19 +158,14 @@ class WhatsminerBackend:
             nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
         )
 
+    async def _fetch(self, sources: tuple[str, ...]) -> dict[str, Any]:
+        return {"summary": await self._rpc("summary", self.miner.rpc.summary())}
+
     async def read(self) -> Sample:
         """One ``summary`` (plus ``status`` only when nothing hashes, to tell sleep apart)."""
-        summary = await self._rpc("summary", self.miner.rpc.summary())
-        try:
-            row = _first(summary, "SUMMARY")
-            power_w = float(row["Power"])
-            hashrate_ths = float(row["MHS 1m"]) / 1e6
-            target_w = float(row["Power Limit"]) or None
-            temp = row.get("Chip Temp Max", row.get("Temperature"))
-            temperature_c = float(temp) if temp is not None else None
-            elapsed = int(row.get("Elapsed", 0))
-        except (LookupError, TypeError, AttributeError, ValueError) as e:
-            raise DeviceFaulted(f"{self.address}: read: missing or malformed field: {e!r}") from e
+        v = await self.fields.read(self._fetch)
+        power_w, hashrate_ths, elapsed = v["power_w"], v["hashrate_ths"], v["elapsed_s"]
+        target_w, temperature_c = v["limit_w"] or None, v["temperature_c"]
         errors: tuple[str, ...] = ()
         if self._elapsed_s is not None and elapsed < self._elapsed_s:
             errors = ("mining service restarted (uptime reset)",)
