@@ -57,41 +57,6 @@ FIELDS = Fields(
 
 
 # What ``type(name, bases, {})`` puts in a class of its own (Protocol and ABC bookkeeping).
-_GENERATED = frozenset(
-    {
-        "__module__",
-        "__doc__",
-        "__parameters__",
-        "_is_protocol",
-        "__subclasshook__",
-        "__abstractmethods__",
-        "_abc_impl",
-    }
-)
-# (class name, bases) -> the first class pyasic built for it.
-_SHARED_CLASSES: dict[tuple[str, tuple[type, ...]], type] = {}
-
-
-def _share_class(miner: BTMinerV2) -> None:
-    """Move ``miner`` to the one class of its model and API version.
-
-    pyasic builds a new class for every Whatsminer it makes (0.79.0,
-    ``pyasic/miners/backends/btminer.py:57``: ``type(cls.__name__, bases,
-    {})(ip=ip, version=version)`` in ``BTMiner.__new__``, picking the V2 or V3
-    API class by firmware version): ~60 objects the garbage collector walks on
-    every full collection, per miner, and a few kB. At 10,000 miners that is
-    0.6 M objects and much of a sweep's CPU in collections. The classes differ
-    only by identity (empty bodies), so miners with the same name and bases
-    share the first one.
-    """
-    cls = type(miner)
-    if not vars(cls).keys() <= _GENERATED:
-        return
-    shared = _SHARED_CLASSES.setdefault((cls.__name__, cls.__bases__), cls)
-    if shared is not cls:
-        miner.__class__ = shared
-
-
 class WhatsminerBackend:
     """One Whatsminer (btminer API V2)."""
 
@@ -99,7 +64,6 @@ class WhatsminerBackend:
     behaviour = Behaviour(target_change_restarts=True, restart_s=5.0, settle_s=20.0, wake_s=10.0)
 
     def __init__(self, miner: BTMinerV2) -> None:
-        _share_class(miner)
         self.miner = miner
         self.address = str(miner.ip)
         self._elapsed_s: int | None = None
