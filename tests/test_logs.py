@@ -73,7 +73,7 @@ async def test_two_refusing_miners_warn_once_each_back_off_and_say_when_they_acc
             assert len(again) == 2 and all(r.levelno == logging.INFO for r in again)
             assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         finally:
-            await close_drivers(list(agent.trackers.values()))
+            await close_drivers(agent.fleet.links())
 
 
 async def test_a_cap_override_says_what_changed_in_words(caplog: pytest.LogCaptureFixture) -> None:
