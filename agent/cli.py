@@ -168,9 +168,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         startup.phase("first sweep", len(agent.fleet), count=lambda: _read_once(agent))
         t = time.perf_counter()
         await agent.sweep()
-        log.info(
-            "first sweep of %d device(s) in %.1f s", len(agent.fleet), time.perf_counter() - t
-        )
+        log.info("first sweep of %d device(s) in %.1f s", len(agent.fleet), time.perf_counter() - t)
         startup.phase("starting the control loop")
         # Drivers, trackers and pyasic's objects live as long as the agent: keep them out
         # of the collector's passes (10-26% less CPU per sweep at 10,000 miners, bench/).

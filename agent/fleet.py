@@ -36,7 +36,6 @@ from domain import (
     Snapshot,
 )
 from domain.table import (
-    AWAKE_CODE,
     STATE_CODE,
     STATES,
     DeviceStatics,
@@ -182,8 +181,8 @@ class Fleet:
         self._pending: list[Pending | None] = []
         # Wake times (clock s), oldest first, of rows woken in the last hour (or since checked).
         self._wakes: dict[int, list[float]] = {}
-        # GPU nodes down: node id -> (the error its GPUs share, the rows failing with it).
-        self._nodes_down: dict[str, tuple[str, set[int]]] = {}
+        # A GPU node's devices failing together: (node id, their error) -> their rows.
+        self._nodes_down: dict[tuple[str, str], set[int]] = {}
         self._statics: DeviceStatics | None = None
         for link in links:
             self.add(link)
@@ -349,7 +348,7 @@ class Fleet:
             )
             self._read_only[row] = None
             self.read_only[row] = False
-        elif code == _UNREACHABLE or code == _FAULTED:
+        elif code in (_UNREACHABLE, _FAULTED):
             self._recovered(row, link, reading.state)
         state = reading.state
         self._readings[row] = reading
@@ -390,14 +389,17 @@ class Fleet:
 
     def _recovered(self, row: int, link: DeviceLink, state: DeviceState) -> None:
         node = link.node
-        down = None if node is None else self._nodes_down.get(node)
-        if node is not None and down is not None and row in down[1]:
-            # One of a node's GPUs back: the node's line says so when the last one is.
-            down[1].discard(row)
-            if not down[1]:
-                del self._nodes_down[node]
-                log.info("%s (%s): recovered, %s", node, link.address, state)
-            return
+        if node is not None:
+            episodes = [key for key, rows in self._nodes_down.items() if row in rows]
+            for key in episodes:
+                # One of a node's devices back: the node's line says so when the last one is.
+                rows = self._nodes_down[key]
+                rows.discard(row)
+                if not rows:
+                    del self._nodes_down[key]
+                    log.info("%s (%s): recovered, %s", node, link.address, state)
+            if episodes:
+                return
         log.info(
             "%s (%s): recovered, %s after %d failed read(s)",
             link.device_id,
@@ -430,19 +432,18 @@ class Fleet:
 
     def _failed(self, row: int, link: DeviceLink, state: DeviceState, text: str) -> None:
         node = link.node
-        if node is not None:
-            # A node that goes down takes its GPUs with it, each failing with the node's
-            # error: one line for the node, not one per GPU.
-            down = self._nodes_down.get(node)
-            if down is None:
-                self._nodes_down[node] = (text, {row})
-                log.warning("%s (%s): %s (%s)", node, link.address, state, text)
-                return
-            if down[0] == text:
-                down[1].add(row)
-                log.debug("%s (%s): %s with its node", link.device_id, link.address, state)
-                return
-        log.warning("%s (%s): %s (%s)", link.device_id, link.address, state, text)
+        if node is None:
+            log.warning("%s (%s): %s (%s)", link.device_id, link.address, state, text)
+            return
+        # A node that goes down takes its GPUs with it, each failing with the node's
+        # error: one line for the node, not one per GPU.
+        down = self._nodes_down.get((node, text))
+        if down is None:
+            self._nodes_down[node, text] = {row}
+            log.warning("%s (%s): %s %s (%s)", node, link.address, link.device_id, state, text)
+        else:
+            down.add(row)
+            log.debug("%s (%s): %s, as others of %s", link.device_id, link.address, state, node)
 
     def mark_read_only(self, row: int, error: Exception) -> None:
         """The device refused our credentials: send it nothing more and count it at its

@@ -50,9 +50,7 @@ def credentials(cfg: Config) -> MinerCredentials:
     return load_credentials(cfg.inventory.credentials_file)
 
 
-def tracker_for(
-    cfg: Config, m: MinerConfig, creds: MinerCredentials | None = None
-) -> DeviceLink:
+def tracker_for(cfg: Config, m: MinerConfig, creds: MinerCredentials | None = None) -> DeviceLink:
     """A link to one configured miner; it connects on its first read (``creds``:
     loaded from ``cfg`` when not given)."""
     creds = credentials(cfg) if creds is None else creds

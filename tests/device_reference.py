@@ -10,7 +10,7 @@ change from a reading is one rule of the fleet's (``confirms``), used here as it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.devices import MinerDriver
 from agent.fleet import Pending, confirms, shown_error
@@ -40,7 +40,9 @@ class ReferenceDevice:
     nameplate_power_is_default: bool = False
     nameplate_hashrate_is_default: bool = False
     driver: MinerDriver | None = None
-    capabilities: MinerCapabilities = MinerCapabilities(power_target=False)
+    capabilities: MinerCapabilities = field(
+        default_factory=lambda: MinerCapabilities(power_target=False)
+    )
     last_good: DeviceReading | None = None
     last_ok_s: float | None = None
     state: DeviceState = DeviceState.UNKNOWN

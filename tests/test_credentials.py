@@ -20,18 +20,18 @@ from typing import Any
 import httpx
 import pytest
 from test_api import auth, token_store
-from test_fleet import STALE_S, check, new_link, reference
 from test_devices import CAPS, StubDriver
+from test_fleet import STALE_S, check, new_link, reference
 from test_loop import make_config
 
 from agent.api import create_app, make_services
 from agent.config import Config
-from agent.fleet import Fleet
 from agent.credentials import (
     NO_FILE_SOURCE,
     CredentialsError,
     load_credentials,
 )
+from agent.fleet import Fleet
 from agent.inventory import build_trackers, close_drivers
 from agent.loop import Agent
 from agent.metrics import families, render_text
@@ -195,9 +195,9 @@ def test_read_only_counts_at_nameplate_unless_a_fresh_reading_says_asleep() -> N
     driver = StubDriver(MinerIdentity("Bitmain", "S19", "fw", None, None, CAPS, 3600.0, 210.0))
     fleet.attach(0, driver)
     ref.attach(driver)
-    for r in [DeviceReading("d0", 1000.0, 2000.0, DeviceState.MINING, power_target_w=2000.0)]:
-        fleet.record_reading(0, r, 1000.0, 60.0)
-        ref.record_reading(r, 1000.0, 60.0)
+    r = DeviceReading("d0", 1000.0, 2000.0, DeviceState.MINING, power_target_w=2000.0)
+    fleet.record_reading(0, r, 1000.0, 60.0)
+    ref.record_reading(r, 1000.0, 60.0)
     assert status(1000.0).budget_w == 2000.0
     err = DevicePermissionError("authentication failed for braiins at 127.1.0.1")
     fleet.mark_read_only(0, err)
@@ -264,17 +264,17 @@ async def test_refused_credentials_make_the_miner_read_only_with_one_warning(
         await ticks(agent, 4)
 
         assert untouched(site), "a write landed with refused credentials"
-        (t,) = agent.fleet.records()
-        assert t.read_only is not None
-        assert f"authentication failed for {fw} at {addr}" in t.read_only
+        (d0,) = agent.fleet.records()
+        assert d0.read_only is not None
+        assert f"authentication failed for {fw} at {addr}" in d0.read_only
         expected_source = str(creds) if creds is not None else "no credentials file"
-        assert expected_source in t.read_only
+        assert expected_source in d0.read_only
         (d,) = agent.snapshot().devices
         assert not d.controllable
         assert d.last_error is not None and d.last_error.startswith("read-only: authentication")
         # Counted at its worst case: it mines, so at its nameplate (or more).
         assert d.state is not DeviceState.SLEEPING
-        assert d.budget_w >= t.nameplate_power_w
+        assert d.budget_w >= d0.nameplate_power_w
         assert sum(agent.actuation_errors.values()) <= 1  # asked once at most, not per tick
         warnings = [
             r

@@ -14,8 +14,8 @@ from agent.fleet import Fleet
 from domain import (
     DeviceFaulted,
     DeviceReading,
-    DeviceStatus,
     DeviceState,
+    DeviceStatus,
     DeviceUnreachable,
     MinerCapabilities,
     MinerIdentity,
@@ -497,3 +497,39 @@ def test_asic_driver_settle_times_follow_the_firmware() -> None:
     assert drv.settle_s("wake") == 40.0
     assert drv.settle_s("lower") == 25.0 and drv.settle_s("raise") == 25.0
     assert drv.settle_s("sleep") == 20.0
+
+
+def test_a_nodes_gpus_failing_with_the_nodes_error_warn_once_and_recover_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    links = [
+        DeviceLink(
+            f"n1/gpu{i}",
+            address="10.0.0.9",
+            domain="rack",
+            nameplate_power_w=700.0,
+            nameplate_hashrate_ths=0.0,
+            sleep_power_w=0.0,
+            connect=_never_connect,
+            node="n1",
+        )
+        for i in range(3)
+    ]
+    fleet = Fleet(links)
+    caplog.set_level(logging.DEBUG, logger="siteagent.devices")
+    fleet.record_failure(0, DeviceUnreachable("gpu 0 fell off the bus"), 1.0, 5.0, 60.0)
+    for row in range(3):
+        fleet.record_failure(row, DeviceUnreachable("n1: connect refused"), 2.0, 5.0, 60.0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # The GPU that failed alone says so; the node's failure is one line for the node.
+    assert warnings == [
+        "n1 (10.0.0.9): n1/gpu0 unreachable (DeviceUnreachable: gpu 0 fell off the bus)",
+        "n1 (10.0.0.9): n1/gpu1 unreachable (DeviceUnreachable: n1: connect refused)",
+    ]
+    caplog.clear()
+    for row in range(3):
+        r = DeviceReading(f"n1/gpu{row}", 3.0, 300.0, DeviceState.RUNNING)
+        fleet.record_reading(row, r, 3.0, CONFIRM_S)
+    infos = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    # One line as each failure's last device is back.
+    assert infos == ["n1 (10.0.0.9): recovered, running"] * 2

@@ -128,6 +128,4 @@ async def test_ai_at_minimum_drains_the_node_and_resuming_undrains_it(
     agent.clear_source("ovr-ai")
     await settle(agent, 4)
     assert not node.drained
-    assert all(
-        t.power_target_w == 700.0 for t in agent.fleet.records() if t.kind is DeviceKind.GPU
-    )
+    assert all(t.power_target_w == 700.0 for t in agent.fleet.records() if t.kind is DeviceKind.GPU)

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.fleet import DuplicateDeviceError
 from agent.config import Config, MinerConfig, parse_config
+from agent.fleet import DuplicateDeviceError
 from agent.inventory import build_trackers, gpu_trackers, node_driver, scan, tracker_for
 from agent.loop import Agent
 from domain import DeviceState
