@@ -65,7 +65,7 @@ def build_agent(n: int, seed: int = 1) -> Agent:
     """n miners in racks of 40 under 10 feeders, all read just now, the site 10% over its cap."""
     rng = random.Random(seed)
     racks = (n + 39) // 40
-    domains = [{"id": f"feeder-{i}", "limit_w": 1e12} for i in range(10)]
+    domains = [{"id": f"feeder-{i}", "limit_w": 1e9} for i in range(10)]
     domains += [
         {"id": f"rack-{i}", "limit_w": 40 * 3600.0, "parent": f"feeder-{i % 10}"}
         for i in range(racks)
