@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent.auth import FailureLimiter, Principal, TokenStore, ssl_options, tokens_path
 from agent.auth import Scope as TokenScope
 from agent.config import ApiConfig, Config
-from agent.devices import DeviceTracker
+from agent.devices import DeviceLink
 from agent.loop import MODES, Agent
 from agent.overrides import (
     AuditRecord,
@@ -556,9 +556,9 @@ async def status(_: Reader, s: Svc) -> StatusView:
 async def devices(_: Reader, s: Svc) -> list[DeviceView]:
     """Every device as the agent sees it now."""
     pinned = {o.device_id: o.id for o in s.manager.active() if o.device_id is not None}
-    trackers = s.agent.trackers
+    fleet = s.agent.fleet
     return [
-        _device(d, pinned.get(d.device_id), trackers.get(d.device_id))
+        _device(d, pinned.get(d.device_id), fleet.get_link(d.device_id))
         for d in s.agent.snapshot().devices
     ]
 
@@ -775,7 +775,7 @@ def _status(s: Services) -> StatusView:
     )
 
 
-def _device(d: DeviceStatus, override: str | None, t: DeviceTracker | None) -> DeviceView:
+def _device(d: DeviceStatus, override: str | None, t: DeviceLink | None) -> DeviceView:
     r = d.reading
     ident = None if t is None or t.driver is None else t.driver.identity
     return DeviceView(

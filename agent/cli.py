@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from agent.config import ConfigError, load_config
 
 if TYPE_CHECKING:
-    from agent.devices import DeviceTracker
+    from agent.fleet import DeviceRecord
     from agent.loop import Agent
     from agent.overrides import Override
 
@@ -170,12 +170,10 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         opened.append(close_api)
         # READY only once every device has been read once: the agent must know its
         # site before it controls, and what starts after it may rely on the API's view.
-        startup.phase("first sweep", len(agent.trackers), count=lambda: _read_once(agent))
+        startup.phase("first sweep", len(agent.fleet), count=lambda: _read_once(agent))
         t = time.perf_counter()
         await agent.sweep()
-        log.info(
-            "first sweep of %d device(s) in %.1f s", len(agent.trackers), time.perf_counter() - t
-        )
+        log.info("first sweep of %d device(s) in %.1f s", len(agent.fleet), time.perf_counter() - t)
         startup.phase("starting the control loop")
         # Drivers, trackers and pyasic's objects live as long as the agent: keep them out
         # of the collector's passes (10-26% less CPU per sweep at 10,000 miners, bench/).
@@ -226,7 +224,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     supervisor.cancel()
     await close_api()
     await agent.stop()
-    left = f"stopping: {left_behind(agent.trackers.values())}"
+    left = f"stopping: {left_behind(agent.fleet.records())}"
     log.info(left)
     notifier.status(left)
     for close in reversed(opened):
@@ -244,12 +242,12 @@ def _closing(close: Callable[[], object]) -> Callable[[], Awaitable[object]]:
     return closing
 
 
-def left_behind(trackers: Iterable[DeviceTracker]) -> str:
+def left_behind(devices: Iterable[DeviceRecord]) -> str:
     """What the agent leaves on the devices as it stops, in words."""
     from domain import DeviceKind
 
     asleep = reduced = gpus = 0
-    for t in trackers:
+    for t in devices:
         top_w = t.capabilities.power_target_max_w or t.nameplate_power_w
         lowered = t.power_target_w is not None and t.power_target_w < top_w - 1.0
         if t.kind is DeviceKind.MINER and t.awake is False:
@@ -274,7 +272,7 @@ def startup_extend_s(step_deadline_s: float) -> float:
 
 def _read_once(agent: Agent) -> int:
     """Devices the first sweep has read (or failed to read) so far."""
-    return sum(1 for t in agent.trackers.values() if t.last_ok_s is not None or t.failures)
+    return agent.fleet.tried()
 
 
 def _warm_up_economic() -> None:
@@ -332,7 +330,7 @@ async def _plan_once(config_path: str) -> int:
         snap, limits = agent.snapshot(), agent.limits()
         plan = agent.plan(snap, limits)
     finally:
-        await close_drivers(list(agent.trackers.values()))
+        await close_drivers(agent.fleet.links())
     for ov in in_force:
         print(f"override {ov.id}: {ov.describe()} (by {ov.actor})")
     print(

@@ -4,7 +4,7 @@ A node driver reads all of a node's GPUs in one command, but the loop tracks
 each GPU as its own device (each has its own power limit). ``GpuNode`` shares
 one read among the node's GPUs (single flight: whoever asks while a read is in
 flight waits for it), and ``GpuDevice`` presents one GPU with the interface the
-trackers use. A node's fixed overhead (CPUs, fans) is a ``FixedLoad`` device:
+agent uses. A node's fixed overhead (CPUs, fans) is a ``FixedLoad`` device:
 always counted, never controlled.
 
 The node owns the tasks it shares: the loop reads each GPU under its own timeout,
@@ -144,7 +144,7 @@ class GpuNode:
 
 
 class GpuDevice:
-    """One GPU of a node, as the trackers see a device."""
+    """One GPU of a node, as the fleet sees a device."""
 
     def __init__(self, device_id: str, node: GpuNode, index: int) -> None:
         self.device_id = device_id

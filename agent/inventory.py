@@ -7,7 +7,6 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from agent.columns import Trackers
 from agent.config import (
     Config,
     GpuNodeConfig,
@@ -18,7 +17,8 @@ from agent.config import (
     parse_address_range,
 )
 from agent.credentials import NO_CREDENTIALS, MinerCredentials, load_credentials
-from agent.devices import Connector, DeviceTracker, MinerDriver, close_quietly
+from agent.devices import Connector, DeviceLink, MinerDriver, close_quietly
+from agent.fleet import DuplicateDeviceError, clash_message
 from agent.gpus import FixedLoad, GpuDevice, GpuNode
 from agent.inventory_store import InventoryStore, KnownMiner, backend_of, identity_key
 from domain import DeviceError, DeviceKind, DevicePermissionError, DeviceRefused, MinerIdentity
@@ -50,15 +50,13 @@ def credentials(cfg: Config) -> MinerCredentials:
     return load_credentials(cfg.inventory.credentials_file)
 
 
-def tracker_for(
-    cfg: Config, m: MinerConfig, creds: MinerCredentials | None = None
-) -> DeviceTracker:
-    """A tracker for one configured miner; it connects on its first read (``creds``:
+def tracker_for(cfg: Config, m: MinerConfig, creds: MinerCredentials | None = None) -> DeviceLink:
+    """A link to one configured miner; it connects on its first read (``creds``:
     loaded from ``cfg`` when not given)."""
     creds = credentials(cfg) if creds is None else creds
     inv = cfg.inventory
     device_id = m.id or default_id(m.address)
-    return DeviceTracker(
+    return DeviceLink(
         device_id,
         address=m.address,
         domain=m.domain or SITE_DOMAIN,
@@ -101,12 +99,12 @@ def discovered_id(address: str, ident: MinerIdentity) -> str:
 
 def discovered_tracker(
     cfg: Config, address: str, ident: MinerIdentity, creds: MinerCredentials | None = None
-) -> DeviceTracker:
-    """A tracker for a miner found by a scan (``creds``: loaded from ``cfg`` when not given)."""
+) -> DeviceLink:
+    """A link to a miner found by a scan (``creds``: loaded from ``cfg`` when not given)."""
     creds = credentials(cfg) if creds is None else creds
     inv = cfg.inventory
     device_id = discovered_id(address, ident)
-    return DeviceTracker(
+    return DeviceLink(
         device_id,
         address=address,
         domain=inv.scan_domain or SITE_DOMAIN,
@@ -173,7 +171,7 @@ async def _identify_one(
     except DevicePermissionError as e:
         if not listed:
             # A miner is there but refuses our credentials: say so (once per scan). A
-            # listed one says it as its tracker becomes read-only.
+            # listed one says it as it becomes read-only.
             log.warning("identify: %s: %s", address, e)
         return None
     except DeviceError as e:
@@ -258,7 +256,7 @@ async def _survey(
 
 def _discovered(
     cfg: Config, drivers: Mapping[str, AsicDriver], creds: MinerCredentials
-) -> list[DeviceTracker]:
+) -> list[DeviceLink]:
     return [
         discovered_tracker(cfg, a, d.identity, creds)
         for a, d in drivers.items()
@@ -266,22 +264,22 @@ def _discovered(
     ]
 
 
-async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceTracker]:
+async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceLink]:
     """Identify the miners in the scan ranges; record new, moved and missing ones in the store.
 
-    The trackers connect on their first read: the agent keeps the trackers it
+    The links connect on their first read: the agent keeps the links it
     has, so identification's drivers are closed here rather than left open.
     """
     creds = credentials(cfg)  # read again: a fixed password is taken at the next scan
     drivers = await _survey(cfg, store, scan_addresses(cfg), None, creds)
-    trackers = _discovered(cfg, drivers, creds)
+    links = _discovered(cfg, drivers, creds)
     await close_quietly(drivers.values(), "an identification driver")
-    return trackers
+    return links
 
 
-def _adopt_driver(t: DeviceTracker, drv: AsicDriver) -> None:
-    drv.device_id = t.device_id  # readings carry the tracker's id, not the address
-    t.attach(drv)
+def _adopt_driver(t: DeviceLink, drv: AsicDriver) -> None:
+    drv.device_id = t.device_id  # readings carry the device's id, not the address
+    t.driver = drv  # the fleet adopts what it identified as it takes the link in
 
 
 async def build_trackers(
@@ -289,11 +287,11 @@ async def build_trackers(
     store: InventoryStore | None = None,
     *,
     on_identified: Callable[[], object] | None = None,
-) -> list[DeviceTracker]:
+) -> list[DeviceLink]:
     """Trackers for every listed miner, every miner found in the scan ranges, every GPU node.
 
     Listed and scanned miners are identified here, together and bounded by
-    ``inventory.discovery_concurrency``; each tracker keeps the driver its
+    ``inventory.discovery_concurrency``; each link keeps the driver its
     identification connected, so the first sweep only reads. A listed miner
     that did not answer connects on a later read. ``on_identified`` is called as
     each address (``startup_addresses``) finishes.
@@ -303,14 +301,16 @@ async def build_trackers(
     gpus = [t for n in cfg.gpu_nodes for t in gpu_trackers(cfg, n, node_driver(cfg, n))]
     # Configured ids must differ (the second would hide the first from every snapshot):
     # refused before identification, which takes minutes at scale.
-    taken = Trackers((t.device_id, t) for t in [*listed, *gpus])
+    taken: dict[str, DeviceLink] = {}
+    for t in [*listed, *gpus]:
+        _take(taken, t)
     scanned = scan_addresses(cfg)
     drivers = await _survey(cfg, store, [t.address for t in listed] + scanned, on_identified, creds)
     for t in listed:
         drv = drivers.get(t.address)
         if drv is not None:
             _adopt_driver(t, drv)
-    trackers = listed
+    links = listed
     for address in scanned:
         drv = drivers.get(address)
         if drv is not None and drv.identity is not None:
@@ -322,17 +322,23 @@ async def build_trackers(
                 t = counted_only(t, old)
             elif t.device_id in creds.miners:
                 # Identified with the credentials for its address; its own (by the id
-                # found) are used when the tracker connects, on its first read.
+                # found) are used when the link connects, on its first read.
                 await close_quietly([drv], "an identification driver")
             else:
                 _adopt_driver(t, drv)
-            taken[t.device_id] = t
-            trackers.append(t)
-    trackers.extend(gpus)
-    return trackers
+            _take(taken, t)
+            links.append(t)
+    links.extend(gpus)
+    return links
 
 
-def counted_only(t: DeviceTracker, taken_by: DeviceTracker) -> DeviceTracker:
+def _take(taken: dict[str, DeviceLink], t: DeviceLink) -> None:
+    old = taken.setdefault(t.device_id, t)
+    if old is not t:
+        raise DuplicateDeviceError(clash_message(t.device_id, old, t))
+
+
+def counted_only(t: DeviceLink, taken_by: DeviceLink) -> DeviceLink:
     """A device found under an id ``taken_by`` holds: tracked under its own id, never
     read or controlled, so it counts at its nameplate (worst case) in every snapshot."""
     placeholder_id = f"{t.device_id}@{t.address}"
@@ -343,28 +349,29 @@ def counted_only(t: DeviceTracker, taken_by: DeviceTracker) -> DeviceTracker:
         t.address,
         taken_by.kind,
         taken_by.address,
-        t.nameplate_power_w,
+        t.spec.nameplate_power_w,
         placeholder_id,
     )
 
     async def refuse() -> MinerDriver:
         raise DeviceRefused(f"id {t.device_id!r} is taken by the device at {taken_by.address}")
 
-    out = DeviceTracker(
+    spec = t.spec
+    out = DeviceLink(
         placeholder_id,
         address=t.address,
-        domain=t.domain,
-        nameplate_power_w=t.nameplate_power_w,
-        nameplate_hashrate_ths=t.nameplate_hashrate_ths,
-        sleep_power_w=t.sleep_power_w,
+        domain=spec.domain,
+        nameplate_power_w=spec.nameplate_power_w,
+        nameplate_hashrate_ths=spec.nameplate_hashrate_ths,
+        sleep_power_w=spec.sleep_power_w,
         connect=refuse,
-        kind=t.kind,
+        kind=spec.kind,
     )
     out.next_read_s = math.inf  # never read: unknown, so at its worst case
     return out
 
 
-def same_device(old: DeviceTracker, new: DeviceTracker) -> bool:
+def same_device(old: DeviceLink, new: DeviceLink) -> bool:
     """Whether ``new`` (found by a scan at another address) is ``old`` moved: same kind,
     and ``old``'s own identity, where known, gives ``new``'s id."""
     if old.kind is not new.kind:
@@ -403,8 +410,8 @@ def node_driver(cfg: Config, n: GpuNodeConfig) -> GpuNodeDriver:
     )
 
 
-def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[DeviceTracker]:
-    """One tracker per GPU of a node (connected on first read), plus its fixed overhead."""
+def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[DeviceLink]:
+    """One link per GPU of a node (connected on first read), plus its fixed overhead."""
     node = GpuNode(driver, max_age_s=min(0.5, cfg.telemetry.interval_s / 2))
     domain = n.domain or SITE_DOMAIN
 
@@ -425,7 +432,7 @@ def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[D
     for i in range(n.gpus):
         device_id = gpu_device_id(n.id, i)
         out.append(
-            DeviceTracker(
+            DeviceLink(
                 device_id,
                 address=n.host,
                 domain=domain,
@@ -434,12 +441,13 @@ def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[D
                 sleep_power_w=0.0,
                 connect=gpu_connector(device_id, i),
                 kind=DeviceKind.GPU,
+                node=n.id,
             )
         )
     if n.overhead_w > 0:
         device_id = overhead_device_id(n.id)
         out.append(
-            DeviceTracker(
+            DeviceLink(
                 device_id,
                 address=n.host,
                 domain=domain,
@@ -453,12 +461,12 @@ def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[D
     return out
 
 
-async def close_drivers(trackers: list[DeviceTracker]) -> None:
+async def close_drivers(links: list[DeviceLink]) -> None:
     """Close every GPU node once (SSH sessions; NVML limits restored where configured),
     and every miner driver that keeps a connection open (VNish's web connection)."""
-    miners = [t.driver for t in trackers if isinstance(t.driver, AsicDriver)]
+    miners = [t.driver for t in links if isinstance(t.driver, AsicDriver)]
     await close_quietly(miners, "a miner driver")
-    nodes = {id(t.driver.node): t.driver.node for t in trackers if isinstance(t.driver, GpuDevice)}
+    nodes = {id(t.driver.node): t.driver.node for t in links if isinstance(t.driver, GpuDevice)}
     results = await asyncio.gather(
         *(n.driver.close() for n in nodes.values()), return_exceptions=True
     )

@@ -19,9 +19,9 @@ from typing import TypeVar
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.alarms import Alarms, check_tick
-from agent.columns import TrackerColumns, Trackers
 from agent.config import Config, cron_trigger
-from agent.devices import DeviceTracker, MinerDriver, close_quietly
+from agent.devices import DeviceLink, MinerDriver, close_quietly
+from agent.fleet import Fleet
 from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from agent.prices import PriceFeed, economic_params, node_contract_floors
 from agent.safety import Change, Ordered, order_changes, worst_case_loads_w
@@ -62,7 +62,7 @@ def _change_words(what: str, old_w: float | None, new_w: float | None) -> str:
     return f"{what} changed from {old_w:.0f} W to {new_w:.0f} W"
 
 
-def _same_device(old: DeviceTracker, new: DeviceTracker) -> bool:
+def _same_device(old: DeviceLink, new: DeviceLink) -> bool:
     # Imported here: agent.inventory brings pyasic, which only a scanning agent needs.
     from agent.inventory import same_device
 
@@ -95,22 +95,20 @@ class TickRecord:
 
 
 class Agent:
-    """Owns the trackers, the cap sources and the loop; the only place IO meets decisions."""
+    """Owns the fleet, the cap sources and the loop; the only place IO meets decisions."""
 
     def __init__(
         self,
         config: Config,
-        trackers: Iterable[DeviceTracker],
+        links: Iterable[DeviceLink],
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_tick: Callable[[TickRecord], None] | None = None,
-        rescan: Callable[[], Awaitable[list[DeviceTracker]]] | None = None,
+        rescan: Callable[[], Awaitable[list[DeviceLink]]] | None = None,
     ) -> None:
         self.config = config
-        self.trackers = Trackers((t.device_id, t) for t in trackers)
-        self._columns: TrackerColumns | None = None
-        self._columns_version = -1
+        self.fleet = Fleet(links)
         self.clock = clock
         self.on_tick = on_tick
         self.rescan = rescan
@@ -195,14 +193,13 @@ class Agent:
         if power_w is None and not exclude:
             self._changing(lambda: self._pins.pop(source, None), f"pin from {source} cleared")
             return
-        t = self.trackers.get(device_id)
-        if t is None:
+        if device_id not in self.fleet:
             raise OverrideRefused(f"unknown device {device_id!r}")
         if not exclude:
             assert power_w is not None
             if power_w < 0:
                 raise OverrideRefused(f"a pin needs a power of 0 W or more, not {power_w}")
-            self._check_pin_fits(t, power_w)
+            self._check_pin_fits(self.fleet.row(device_id), power_w)
         pin = Pin(device_id, power_w, exclude, source)
         held = "excluded from control" if exclude else f"pinned at {power_w:.0f} W"
         self._changing(lambda: _put(self._pins, source, pin), f"{device_id} {held} by {source}")
@@ -233,11 +230,13 @@ class Agent:
             held.append(f"{'exclusion' if pin.exclude else 'pin'} of {pin.device_id}")
         return ", ".join(held) or "nothing in force"
 
-    def _check_pin_fits(self, t: DeviceTracker, power_w: float) -> None:
+    def _check_pin_fits(self, row: int, power_w: float) -> None:
         now = self.clock()
         stale = self.config.telemetry.stale_after_s
-        current = t.budget_w(now, stale)
-        level = t.sleep_power_w if power_w == 0 else power_w
+        fleet = self.fleet
+        current = fleet.budget_w(row, now, stale)
+        t = fleet.link(row)
+        level = float(fleet.sleep_w[row]) if power_w == 0 else power_w
         delta = level - current
         if delta <= 0:
             return  # a pin that lowers a device never breaks a cap
@@ -319,44 +318,43 @@ class Agent:
             started = time.perf_counter()
             now = self.clock()
             sem = asyncio.Semaphore(self.config.telemetry.concurrency)
-            due = [t for t in self.trackers.values() if t.next_read_s <= now]
-            await asyncio.gather(*(self._read_one(t, sem) for t in due))
+            links = self.fleet.links()
+            due = [row for row, link in enumerate(links) if link.next_read_s <= now]
+            await asyncio.gather(*(self._read_one(row, sem) for row in due))
             self.sweeps += 1
             self.last_sweep_s = self.clock()
             self.sweep_durations.observe(time.perf_counter() - started)
 
-    async def _read_one(self, t: DeviceTracker, sem: asyncio.Semaphore) -> None:
+    async def _read_one(self, row: int, sem: asyncio.Semaphore) -> None:
         tcfg = self.config.telemetry
+        fleet = self.fleet
+        t = fleet.link(row)
         async with sem:
             try:
                 async with asyncio.timeout(tcfg.timeout_s):
                     if t.driver is None:
-                        t.attach(await t.connect())
+                        fleet.attach(row, await t.connect())
                     assert t.driver is not None
                     reading = await t.driver.read()
             except TimeoutError:
                 err = DeviceUnreachable(f"no answer within {tcfg.timeout_s:.1f} s")
-                t.record_failure(err, self.clock(), tcfg.interval_s, tcfg.max_backoff_s)
+                fleet.record_failure(row, err, self.clock(), tcfg.interval_s, tcfg.max_backoff_s)
                 return
             except DeviceError as e:
-                t.record_failure(e, self.clock(), tcfg.interval_s, tcfg.max_backoff_s)
+                fleet.record_failure(row, e, self.clock(), tcfg.interval_s, tcfg.max_backoff_s)
                 return
             except Exception as e:
                 # A driver bug must not take the loop down: the device is faulted, we go on.
                 log.exception("%s: unexpected error while reading", t.device_id)
-                t.record_failure(e, self.clock(), tcfg.interval_s, tcfg.max_backoff_s)
+                fleet.record_failure(row, e, self.clock(), tcfg.interval_s, tcfg.max_backoff_s)
                 return
-        t.record_reading(reading, self.clock(), self.config.control.confirm_timeout_s)
+        fleet.record_reading(row, reading, self.clock(), self.config.control.confirm_timeout_s)
 
     # -- control -----------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        """Freeze every tracker's view at this instant (columns, devices made on demand)."""
-        cols = self._columns
-        if cols is None or not cols.valid or self._columns_version != self.trackers.version:
-            cols = self._columns = TrackerColumns(self.trackers.values())
-            self._columns_version = self.trackers.version
-        return cols.snapshot(self.clock(), self.config.telemetry.stale_after_s)
+        """Freeze every device's view at this instant (columns, devices made on demand)."""
+        return self.fleet.snapshot(self.clock(), self.config.telemetry.stale_after_s)
 
     def request_tick(self) -> None:
         """Run a control tick as soon as the current one (if any) ends."""
@@ -483,9 +481,10 @@ class Agent:
             sem.release()
 
     async def _apply_now(self, c: Change, deadline: float) -> bool:
-        t = self.trackers[c.device_id]
-        driver = t.driver
-        if driver is None or t.read_only is not None:
+        fleet = self.fleet
+        row = fleet.row(c.device_id)
+        driver = fleet.link(row).driver
+        if driver is None or fleet.read_only[row]:
             return False
         try:
             async with asyncio.timeout_at(deadline):
@@ -501,7 +500,7 @@ class Agent:
         except DevicePermissionError as e:
             # Our credentials refused: nothing changed; it is read-only from now on.
             self.actuation_errors[c.kind] += 1
-            t.mark_read_only(e)
+            fleet.mark_read_only(row, e)
             return False
         except DeviceRefused as e:
             # Refused outright: nothing changed on the device.
@@ -516,7 +515,7 @@ class Agent:
                 self.config.control.interval_s * 2**refusals, self.config.telemetry.max_backoff_s
             )
             self._refused[c.device_id] = (refusals + 1, self.clock() + delay_s)
-            t.next_read_s = 0.0
+            fleet.read_soon(row)
             return False
         except (TimeoutError, DeviceError) as e:
             self.actuation_errors[c.kind] += 1
@@ -525,15 +524,15 @@ class Agent:
             # sent but unconfirmed, it counts at the higher of its old and new level
             # until a fresh reading says which; no retry before that reading
             # (these APIs have no idempotency key).
-            t.record_command(c.kind, c.old_w, c.new_w, c.set_target_w, self.clock())
-            t.next_read_s = 0.0
+            fleet.record_command(row, c.kind, c.old_w, c.new_w, c.set_target_w, self.clock())
+            fleet.read_soon(row)
             return False
         if c.kind in ("sleep", "wake"):
             self.actuations[c.kind] += 1
         refused = self._refused.pop(c.device_id, None)
         if refused is not None:
             log.info("%s: %s accepted again after %d refusal(s)", c.device_id, c.kind, refused[0])
-        t.record_command(c.kind, c.old_w, c.new_w, c.set_target_w, self.clock())
+        fleet.record_command(row, c.kind, c.old_w, c.new_w, c.set_target_w, self.clock())
         return True
 
     # -- scheduling --------------------------------------------------------------
@@ -587,35 +586,33 @@ class Agent:
         sched.start()
         self._scheduler = sched
 
-    def adopt(self, found: Iterable[DeviceTracker]) -> list[MinerDriver]:
+    def adopt(self, found: Iterable[DeviceLink]) -> list[MinerDriver]:
         """Take in what a scan found: new devices join; a known one at a new address moves.
 
-        Returns the drivers of moved devices, which no tracker holds any more (the
+        Returns the drivers of moved devices, which no link holds any more (the
         caller closes them: ``close_dropped``).
         """
         dropped: list[MinerDriver] = []
         for t in found:
-            old = self.trackers.get(t.device_id)
+            old = self.fleet.get_link(t.device_id)
             if old is None:
                 log.info("%s (%s): new device, now tracked", t.device_id, t.address)
-                self.trackers[t.device_id] = t
+                self.fleet.add(t)
             elif old.address != t.address and not _same_device(old, t):
                 # Another device under a taken id: counted (once), never controlled.
-                if f"{t.device_id}@{t.address}" not in self.trackers:
+                if f"{t.device_id}@{t.address}" not in self.fleet:
                     from agent.inventory import counted_only
 
-                    placeholder = counted_only(t, old)
-                    self.trackers[placeholder.device_id] = placeholder
+                    self.fleet.add(counted_only(t, old))
             elif old.address != t.address:
                 log.warning("%s: moved from %s to %s", t.device_id, old.address, t.address)
-                if old.driver is not None:
-                    dropped.append(old.driver)
-                old.address, old.connect, old.driver = t.address, t.connect, None
-                old.next_read_s = 0.0
+                driver = self.fleet.move(self.fleet.row(t.device_id), t)
+                if driver is not None:
+                    dropped.append(driver)
         return dropped
 
     async def close_dropped(self, drivers: list[MinerDriver]) -> None:
-        """Close drivers no tracker holds (what they keep open: VNish and Braiins OS
+        """Close drivers no link holds (what they keep open: VNish and Braiins OS
         connections), once the sweep and the tick that may still be using them end."""
         if not drivers:
             return

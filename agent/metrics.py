@@ -608,7 +608,7 @@ def serve_metrics(agent: Agent, host: str, port: int, *, version: str = "unknown
 def site_summary(agent: Agent) -> str:
     """One line for systemd's STATUS: plan mode, site power against the cap, device states."""
     record = agent.last_tick
-    n = len(agent.trackers)
+    n = len(agent.fleet)
     if record is None:
         return f"{n} device(s), {agent.sweeps} sweep(s); waiting for the first control tick"
     v = make_view(record, agent.clock())

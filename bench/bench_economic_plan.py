@@ -2,9 +2,9 @@
 
 Run: .venv/bin/python bench/bench_economic_plan.py [--miners 45000 --gpus 5000]
 
-Also times a whole control tick's computation as the agent does it (its trackers'
+Also times a whole control tick's computation as the agent does it (its fleet's
 columns into a snapshot, the plan, the safe ordering of the changes), from
-trackers read once each.
+devices read once each.
 The site has three levels below the site cap: 10 feeders, racks of 40 devices
 under them. Prints the median of several runs and the ratio to the baseline of
 sorting every device by its net value per kWh (which any merit order must do).
@@ -22,8 +22,8 @@ from dataclasses import replace
 import numpy as np
 from benchlib import median_s, mining_status
 
-from agent.columns import TrackerColumns
-from agent.devices import DeviceTracker, MinerDriver
+from agent.devices import DeviceLink, MinerDriver
+from agent.fleet import Fleet
 from agent.safety import Change, order_changes
 from domain import (
     DeviceKind,
@@ -155,7 +155,7 @@ def next_table(snap: Snapshot, p: Plan, rows: list[int], rng: random.Random) -> 
 
 
 class _Driver:
-    """A connected driver as far as a tracker asks: its identity."""
+    """A connected driver as far as the fleet asks: its identity."""
 
     def __init__(self, d: DeviceStatus) -> None:
         self.identity = MinerIdentity(
@@ -164,14 +164,16 @@ class _Driver:
 
 
 async def _no_connect() -> MinerDriver:
-    raise AssertionError("bench trackers are connected already")
+    raise AssertionError("bench devices are connected already")
 
 
-def trackers_for(snap: Snapshot) -> list[DeviceTracker]:
-    """One tracker per device, connected and read once, as the agent has after a sweep."""
-    out = []
+def fleet_for(snap: Snapshot) -> tuple[Fleet, float]:
+    """The devices connected and read once, as the agent has them after a sweep; and
+    the time (s) the readings took to record, per device."""
+    fleet = Fleet()
+    readings = []
     for d in snap.devices:
-        t = DeviceTracker(
+        t = DeviceLink(
             d.device_id,
             address="127.0.0.1",
             domain=d.domain,
@@ -181,11 +183,14 @@ def trackers_for(snap: Snapshot) -> list[DeviceTracker]:
             connect=_no_connect,
             kind=d.kind,
         )
-        t.attach(_Driver(d))  # type: ignore[arg-type]
+        t.driver = _Driver(d)  # type: ignore[assignment]
+        fleet.add(t)
         r = d.reading or DeviceReading(d.device_id, 0.0, d.expected_w, d.state)
-        t.record_reading(replace(r, power_target_w=d.power_target_w), snap.time_s, 60.0)
-        out.append(t)
-    return out
+        readings.append(replace(r, power_target_w=d.power_target_w))
+    started = time.perf_counter()
+    for row, r in enumerate(readings):
+        fleet.record_reading(row, r, snap.time_s, 60.0)
+    return fleet, (time.perf_counter() - started) / max(1, len(readings))
 
 
 class Planner:
@@ -211,23 +216,22 @@ PLANNER = Planner(EconomicParams())
 
 
 def agent_tick(
-    cols: TrackerColumns, limits: Limits, params: EconomicParams, prev: Plan, now_s: float
+    fleet: Fleet, limits: Limits, params: EconomicParams, prev: Plan, now_s: float
 ) -> tuple[Plan, list[Change]]:
     """What a control tick computes before it sends anything: snapshot, plan, safe order."""
-    snap = cols.snapshot(now_s, 30.0)
+    snap = fleet.snapshot(now_s, 30.0)
     p = PLANNER.plan(snap, limits, PRICES, prev)
     return p, list(order_changes(p, snap, limits, max_increase_w=1e6).now)
 
 
-def applied(cols: TrackerColumns, changes: list[Change], now_s: float) -> None:
+def applied(fleet: Fleet, changes: list[Change], now_s: float) -> None:
     """The changes sent and taken, and a reading that shows each (outside the timing)."""
-    by_id = {t.device_id: t for t in cols.trackers}
     for c in changes:
-        t = by_id[c.device_id]
-        t.record_command(c.kind, c.old_w, c.new_w, c.set_target_w, now_s)
+        row = fleet.row(c.device_id)
+        fleet.record_command(row, c.kind, c.old_w, c.new_w, c.set_target_w, now_s)
         state = DeviceState.SLEEPING if c.kind == "sleep" else DeviceState.MINING
-        r = DeviceReading(t.device_id, now_s, c.new_w, state, power_target_w=c.set_target_w)
-        t.record_reading(r, now_s, 60.0)
+        r = DeviceReading(c.device_id, now_s, c.new_w, state, power_target_w=c.set_target_w)
+        fleet.record_reading(row, r, now_s, 60.0)
 
 
 def main() -> None:
@@ -275,19 +279,19 @@ def main() -> None:
         col_ticks.append(time.perf_counter() - t)
         prev = nxt
     t_cols = statistics.median(col_ticks)
-    # A whole tick as the agent computes it, from its trackers' columns.
-    cols = TrackerColumns(trackers_for(snap))
-    prev = PLANNER.plan(cols.snapshot(1.0, 30.0), limits, PRICES)
+    # A whole tick as the agent computes it, from its fleet's columns.
+    fleet, t_record = fleet_for(snap)
+    prev = PLANNER.plan(fleet.snapshot(1.0, 30.0), limits, PRICES)
     agent_ticks, sent = [], []
     for k in range(args.runs + 3):
         t = time.perf_counter()
-        prev, changes = agent_tick(cols, limits, params, prev, 2.0 + k)
+        prev, changes = agent_tick(fleet, limits, params, prev, 2.0 + k)
         if k >= 3:  # after the cap's first sheds and restores: a steady tick
             agent_ticks.append(time.perf_counter() - t)
             sent.append(len(changes))
-        applied(cols, changes, 2.0 + k)
+        applied(fleet, changes, 2.0 + k)
     t_agent = statistics.median(agent_ticks)
-    t_status = median_s(lambda: tuple(t.status(2.0, 30.0) for t in cols.trackers), 3)
+    t_snap = median_s(lambda: fleet.snapshot(2.0, 30.0), args.runs)
     t_words = median_s(lambda: tuple(p.setpoints), max(1, args.runs // 2))
     awake = sum(1 for sp in p.setpoints if sp.awake)
     print(
@@ -303,14 +307,12 @@ def main() -> None:
         "  (the snapshot carries its DeviceTable, as the agent's does)"
     )
     print(
-        f"agent tick (snapshot from its trackers' columns, plan, safe order): "
+        f"agent tick (snapshot from its fleet's columns, plan, safe order): "
         f"{t_agent * 1000:8.1f} ms  ({t_agent / base:5.1f}x sort; "
         f"changes sent per tick: {min(sent)}-{max(sent)})"
     )
-    print(
-        f"  for scale: freezing every tracker into a DeviceStatus (the former snapshot): "
-        f"{t_status * 1000:8.1f} ms"
-    )
+    print(f"  of which the snapshot of every device: {t_snap * 1000:8.1f} ms")
+    print(f"recording one reading, per device: {t_record * 1e6:8.2f} us")
     print(f"every setpoint and reason made (API/explain of all): {t_words * 1000:8.1f} ms")
 
 

@@ -27,7 +27,7 @@ import httpx
 from agent.api import serve_api
 from agent.auth import Scope, create_token
 from agent.config import parse_config
-from agent.devices import DeviceTracker, MinerDriver
+from agent.devices import DeviceLink, MinerDriver
 from agent.loop import Agent
 from domain import DeviceReading, DeviceState, MinerCapabilities, MinerIdentity
 
@@ -86,7 +86,7 @@ class Recorder:
         self.asleep = False
 
 
-def trackers(n: int, stamps: list[float]) -> list[DeviceTracker]:
+def links(n: int, stamps: list[float]) -> list[DeviceLink]:
     """n recording miners, 40 to a rack."""
 
     def connector(d: Recorder) -> Callable[[], Any]:
@@ -96,7 +96,7 @@ def trackers(n: int, stamps: list[float]) -> list[DeviceTracker]:
         return connect
 
     return [
-        DeviceTracker(
+        DeviceLink(
             f"m{i:05d}",
             address=f"bench-{i}",
             domain="site",
@@ -126,7 +126,7 @@ async def bench(n: int, runs: int) -> None:
         )
         stamps: list[float] = []
         ticked = asyncio.Event()
-        agent = Agent(cfg, trackers(n, stamps), on_tick=lambda _: ticked.set())
+        agent = Agent(cfg, links(n, stamps), on_tick=lambda _: ticked.set())
         await agent.sweep()
         await agent.tick()
         server = await serve_api(agent, cfg)

@@ -29,7 +29,7 @@ from benchlib import median_s
 from prometheus_client import generate_latest, make_wsgi_app
 
 from agent.config import parse_config
-from agent.devices import DeviceTracker
+from agent.devices import DeviceLink
 from agent.loop import Agent
 from agent.metrics import families, render_text, serve_metrics
 from domain import DeviceReading, DeviceState, MinerCapabilities, MinerIdentity
@@ -65,7 +65,7 @@ class StillDriver:
         return self._identity
 
     async def read(self) -> DeviceReading:
-        """Never called: readings are fed to the trackers directly."""
+        """Never called: readings are fed to the fleet directly."""
         raise NotImplementedError
 
     async def set_power_target(self, power_w: float) -> float:
@@ -94,7 +94,8 @@ def build_agent(n: int, seed: int = 1) -> Agent:
     ]
     cfg = parse_config({"site": {"cap_w": n * 3300.0 * 0.9}, "domains": domains})
     clock_s = 1000.0
-    trackers = []
+    agent = Agent(cfg, [], clock=lambda: clock_s)
+    fleet = agent.fleet
     for i in range(n):
         nameplate = rng.choice([3010.0, 3068.0, 3500.0, 3510.0])
         caps = MinerCapabilities(
@@ -104,29 +105,30 @@ def build_agent(n: int, seed: int = 1) -> Agent:
             can_sleep=True,
         )
         ident = MinerIdentity("bench", "S19", "bench", None, None, caps, nameplate, 100.0)
-        t = DeviceTracker(
+        hashrate = rng.choice([104.0, 140.0, 200.0, 234.0])
+        t = DeviceLink(
             f"m{i:06d}",
             address=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
             domain=f"rack-{i // 40}",
             nameplate_power_w=nameplate,
-            nameplate_hashrate_ths=rng.choice([104.0, 140.0, 200.0, 234.0]),
+            nameplate_hashrate_ths=hashrate,
             sleep_power_w=25.0,
             connect=_no_connect,
         )
-        t.attach(StillDriver(ident))
+        t.driver = StillDriver(ident)
+        row = fleet.add(t)
         reading = DeviceReading(
             t.device_id,
             clock_s - rng.uniform(0, 5),
             nameplate * rng.uniform(0.95, 1.0),
             DeviceState.MINING,
-            hashrate_ths=t.nameplate_hashrate_ths * rng.uniform(0.9, 1.0),
+            hashrate_ths=hashrate * rng.uniform(0.9, 1.0),
             temperature_c=rng.uniform(55, 80),
             power_target_w=nameplate,
             power_estimated=i % 7 == 0,
         )
-        t.record_reading(reading, clock_s, 120.0)
-        trackers.append(t)
-    return Agent(cfg, trackers, clock=lambda: clock_s)
+        fleet.record_reading(row, reading, clock_s, 120.0)
+    return agent
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import Config, parse_config
-from agent.devices import DeviceTracker, MinerDriver
+from agent.devices import DeviceLink, MinerDriver
 from agent.loop import Agent
 from domain import DeviceReading, DeviceState, MinerCapabilities, MinerIdentity
 
@@ -113,7 +113,7 @@ def fake_trackers(
     *,
     nameplate_w: float = 3000.0,
     domain: Callable[[int], str] = lambda i: "site",
-) -> list[DeviceTracker]:
+) -> list[DeviceLink]:
     """n recording miners, m0000..; connected on their first read."""
 
     def connector(driver: RecordingDriver) -> Callable[[], Any]:
@@ -127,7 +127,7 @@ def fake_trackers(
         device_id = f"m{i:04d}"
         d = RecordingDriver(device_id, nameplate_w, log)
         out.append(
-            DeviceTracker(
+            DeviceLink(
                 device_id,
                 address=f"fake-{i}",
                 domain=domain(i),

@@ -184,14 +184,14 @@ async def test_a_cap_below_a_contract_floor_wins_loudly_on_the_simulated_site(
         assert agent.alarms.active() == ()
         assert all(
             (t.power_target_w or 0.0) >= 600.0
-            for t in agent.trackers.values()
+            for t in agent.fleet.records()
             if t.kind is DeviceKind.GPU
         )
         cleared = [r for r in services.store.audit(100) if r.action.startswith("alarm cleared")]
         assert len(cleared) == 1 and cleared[0].result.startswith("cleared after ")
     finally:
         await http.aclose()
-        await close_drivers(list(agent.trackers.values()))
+        await close_drivers(agent.fleet.links())
         services.store.close()
 
 
@@ -218,7 +218,7 @@ async def test_a_cap_no_plan_can_meet_raises_one_alarm_and_no_line_per_tick(
         ticks = [m for m in messages if m.startswith("tick:")]
         assert len(ticks) <= 3, ticks  # not one per tick
     finally:
-        await close_drivers(list(agent.trackers.values()))
+        await close_drivers(agent.fleet.links())
 
 
 async def test_a_domain_limit_no_plan_can_meet_raises_the_alarm_naming_the_domain(
@@ -261,7 +261,7 @@ async def test_a_domain_limit_no_plan_can_meet_raises_the_alarm_naming_the_domai
         assert agent.alarms.active() == ()
     finally:
         await http.aclose()
-        await close_drivers(list(agent.trackers.values()))
+        await close_drivers(agent.fleet.links())
         services.store.close()
 
 
@@ -293,4 +293,4 @@ async def test_a_contract_floor_broken_by_a_domain_names_the_domain_not_the_site
         assert "cap 100000" not in alarm.reason
         assert agent.alarms.get(CAP_UNMEETABLE) is None  # the rack's limit is met
     finally:
-        await close_drivers(list(agent.trackers.values()))
+        await close_drivers(agent.fleet.links())

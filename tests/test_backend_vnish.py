@@ -17,7 +17,7 @@ import pytest
 from pyasic.miners.backends.vnish import VNish
 from pyasic.web.vnish import VNishWebAPI
 
-from agent.devices import Connector, DeviceTracker, MinerDriver
+from agent.devices import Connector, DeviceLink, MinerDriver
 from agent.inventory import close_drivers
 from agent.inventory_store import backend_of
 from domain.errors import (
@@ -544,9 +544,9 @@ def already(d: AsicDriver) -> Connector:
 
 async def test_the_agent_closes_the_kept_connections_on_its_way_out(site: SimSite) -> None:
     drivers = [await connect(site, i) for i in range(3)]
-    trackers = []
+    links = []
     for d in drivers:
-        t = DeviceTracker(
+        t = DeviceLink(
             d.device_id,
             address=d.address,
             domain="site",
@@ -555,10 +555,10 @@ async def test_the_agent_closes_the_kept_connections_on_its_way_out(site: SimSit
             sleep_power_w=SLEEP_W,
             connect=already(d),
         )
-        t.attach(d)
-        trackers.append(t)
+        t.driver = d
+        links.append(t)
     assert all(sim(site, i).open_http_connections == 1 for i in range(3))
-    await close_drivers(trackers)
+    await close_drivers(links)
     await until(lambda: all(sim(site, i).open_http_connections == 0 for i in range(3)))
 
 

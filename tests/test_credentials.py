@@ -20,18 +20,18 @@ from typing import Any
 import httpx
 import pytest
 from test_api import auth, token_store
-from test_columns import STALE_S, check, new_tracker
 from test_devices import CAPS, StubDriver
+from test_fleet import STALE_S, check, new_link, reference
 from test_loop import make_config
 
 from agent.api import create_app, make_services
-from agent.columns import TrackerColumns
 from agent.config import Config
 from agent.credentials import (
     NO_FILE_SOURCE,
     CredentialsError,
     load_credentials,
 )
+from agent.fleet import Fleet
 from agent.inventory import build_trackers, close_drivers
 from agent.loop import Agent
 from agent.metrics import families, render_text
@@ -185,24 +185,34 @@ def test_a_secret_never_shows_itself(secret_dir: Path) -> None:
 
 
 def test_read_only_counts_at_nameplate_unless_a_fresh_reading_says_asleep() -> None:
-    t = new_tracker(0)
-    cols = TrackerColumns([t])
-    t.attach(StubDriver(MinerIdentity("Bitmain", "S19", "fw", None, None, CAPS, 3600.0, 210.0)))
-    t.record_reading(
-        DeviceReading("d0", 1000.0, 2000.0, DeviceState.MINING, power_target_w=2000.0), 1000.0, 60.0
-    )
-    assert t.status(1000.0, STALE_S).budget_w == 2000.0
-    t.mark_read_only(DevicePermissionError("authentication failed for braiins at 127.1.0.1"))
-    t.record_reading(DeviceReading("d0", 1001.0, 2000.0, DeviceState.MINING), 1001.0, 60.0)
-    d = t.status(1001.0, STALE_S)
-    assert d.budget_w == t.nameplate_power_w and not d.controllable
+    link = new_link(0)
+    fleet, ref = Fleet([link]), reference(link)
+
+    def status(now_s: float) -> Any:
+        check(fleet, [ref], now_s)  # the fleet and the per-device specification agree
+        return fleet.snapshot(now_s, STALE_S).devices[0]
+
+    driver = StubDriver(MinerIdentity("Bitmain", "S19", "fw", None, None, CAPS, 3600.0, 210.0))
+    fleet.attach(0, driver)
+    ref.attach(driver)
+    r = DeviceReading("d0", 1000.0, 2000.0, DeviceState.MINING, power_target_w=2000.0)
+    fleet.record_reading(0, r, 1000.0, 60.0)
+    ref.record_reading(r, 1000.0, 60.0)
+    assert status(1000.0).budget_w == 2000.0
+    err = DevicePermissionError("authentication failed for braiins at 127.1.0.1")
+    fleet.mark_read_only(0, err)
+    ref.mark_read_only(err)
+    r = DeviceReading("d0", 1001.0, 2000.0, DeviceState.MINING)
+    fleet.record_reading(0, r, 1001.0, 60.0)
+    ref.record_reading(r, 1001.0, 60.0)
+    d = status(1001.0)
+    assert d.budget_w == d.nameplate_power_w == 3600.0 and not d.controllable
     assert d.last_error == "read-only: authentication failed for braiins at 127.1.0.1"
-    check(cols, [t], 1001.0)  # the vectorised form agrees
-    t.record_reading(DeviceReading("d0", 1002.0, 20.0, DeviceState.SLEEPING), 1002.0, 60.0)
-    assert t.status(1002.0, STALE_S).budget_w == t.sleep_power_w
-    check(cols, [t], 1002.0)
-    assert t.status(1002.0 + STALE_S + 1, STALE_S).budget_w == t.nameplate_power_w
-    check(cols, [t], 1002.0 + STALE_S + 1)
+    r = DeviceReading("d0", 1002.0, 20.0, DeviceState.SLEEPING)
+    fleet.record_reading(0, r, 1002.0, 60.0)
+    ref.record_reading(r, 1002.0, 60.0)
+    assert status(1002.0).budget_w == d.sleep_power_w
+    assert status(1002.0 + STALE_S + 1).budget_w == d.nameplate_power_w
 
 
 # -- against the simulators --------------------------------------------------------------
@@ -254,17 +264,17 @@ async def test_refused_credentials_make_the_miner_read_only_with_one_warning(
         await ticks(agent, 4)
 
         assert untouched(site), "a write landed with refused credentials"
-        (t,) = trackers
-        assert t.read_only is not None
-        assert f"authentication failed for {fw} at {addr}" in t.read_only
+        (d0,) = agent.fleet.records()
+        assert d0.read_only is not None
+        assert f"authentication failed for {fw} at {addr}" in d0.read_only
         expected_source = str(creds) if creds is not None else "no credentials file"
-        assert expected_source in t.read_only
+        assert expected_source in d0.read_only
         (d,) = agent.snapshot().devices
         assert not d.controllable
         assert d.last_error is not None and d.last_error.startswith("read-only: authentication")
         # Counted at its worst case: it mines, so at its nameplate (or more).
         assert d.state is not DeviceState.SLEEPING
-        assert d.budget_w >= t.nameplate_power_w
+        assert d.budget_w >= d0.nameplate_power_w
         assert sum(agent.actuation_errors.values()) <= 1  # asked once at most, not per tick
         warnings = [
             r
@@ -311,8 +321,8 @@ async def test_the_right_password_from_a_0600_file_lets_writes_land(
             await ticks(agent, 1)
             if not untouched(site):
                 break
-        assert not untouched(site), [t.last_error for t in trackers]
-        assert all(t.read_only is None for t in trackers)
+        assert not untouched(site), [t.last_error for t in agent.fleet.records()]
+        assert all(t.read_only is None for t in agent.fleet.records())
         await agent.stop()
     finally:
         await close_drivers(trackers)

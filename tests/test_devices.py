@@ -1,17 +1,21 @@
-"""DeviceTracker: worst-case accounting, confirmation of changes, failure logging and backoff."""
+"""One device in the fleet: worst-case accounting, confirmation of changes, failure logging
+and backoff."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from agent.devices import DeviceTracker, MinerDriver
+from agent.devices import DeviceLink, MinerDriver
+from agent.fleet import Fleet
 from domain import (
     DeviceFaulted,
     DeviceReading,
     DeviceState,
+    DeviceStatus,
     DeviceUnreachable,
     MinerCapabilities,
     MinerIdentity,
@@ -57,15 +61,60 @@ async def _never_connect() -> MinerDriver:
     raise AssertionError("not used")
 
 
-def tracker(*, attach: bool = True) -> DeviceTracker:
-    t = DeviceTracker(
-        "m1",
-        address="10.0.0.1",
-        domain="rack",
-        nameplate_power_w=NAMEPLATE_W,
-        nameplate_hashrate_ths=200.0,
-        sleep_power_w=SLEEP_W,
-        connect=_never_connect,
+class One:
+    """One device in a fleet of its own, told what happens and asked as the loop does;
+    its state is read from the fleet's record of it (``fleet[device_id]``)."""
+
+    def __init__(self, link: DeviceLink) -> None:
+        self.link = link
+        self.fleet = Fleet([link])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fleet[self.link.device_id], name)
+
+    def attach(self, driver: MinerDriver) -> None:
+        self.fleet.attach(0, driver)
+
+    def record_reading(self, r: DeviceReading, now_s: float, confirm_timeout_s: float) -> None:
+        self.fleet.record_reading(0, r, now_s, confirm_timeout_s)
+
+    def record_failure(
+        self, e: Exception, now_s: float, interval_s: float, max_backoff_s: float
+    ) -> None:
+        self.fleet.record_failure(0, e, now_s, interval_s, max_backoff_s)
+
+    def record_command(
+        self, kind: str, old_w: float, new_w: float, target_w: float | None, now_s: float
+    ) -> None:
+        self.fleet.record_command(0, kind, old_w, new_w, target_w, now_s)
+
+    def mark_read_only(self, e: Exception) -> None:
+        self.fleet.mark_read_only(0, e)
+
+    def status(self, now_s: float, stale_after_s: float) -> DeviceStatus:
+        return self.fleet.snapshot(now_s, stale_after_s).devices[0]
+
+    def budget_w(self, now_s: float, stale_after_s: float) -> float:
+        return self.status(now_s, stale_after_s).budget_w
+
+    def expected_w(self, now_s: float, stale_after_s: float) -> float:
+        return self.status(now_s, stale_after_s).expected_w
+
+    def wakes_in_last_hour(self, now_s: float) -> int:
+        return self.fleet.wakes_in_last_hour(0, now_s)
+
+
+def tracker(*, attach: bool = True) -> One:
+    t = One(
+        DeviceLink(
+            "m1",
+            address="10.0.0.1",
+            domain="rack",
+            nameplate_power_w=NAMEPLATE_W,
+            nameplate_hashrate_ths=200.0,
+            sleep_power_w=SLEEP_W,
+            connect=_never_connect,
+        )
     )
     if attach:
         ident = MinerIdentity("Bitmain", "S19", "braiins", None, None, CAPS, NAMEPLATE_W, 200.0)
@@ -203,7 +252,6 @@ def test_unreachable_but_known_asleep_counts_at_sleep_power() -> None:
     t.record_command("sleep", 3000.0, SLEEP_W, None, 1.0)
     t.record_reading(sleeping(2.0), 2.0, CONFIRM_S)
     t.record_failure(DeviceUnreachable("timeout"), 3.0, 5.0, 60.0)
-    assert t.known_asleep()
     assert t.budget_w(3.0, STALE_S) == SLEEP_W
 
 
@@ -212,7 +260,6 @@ def test_unreachable_with_sleep_unconfirmed_counts_at_nameplate() -> None:
     t.record_reading(mining(0.0, 3000.0, 3000.0), 0.0, CONFIRM_S)
     t.record_command("sleep", 3000.0, SLEEP_W, None, 1.0)
     t.record_failure(DeviceUnreachable("timeout"), 2.0, 5.0, 60.0)
-    assert not t.known_asleep()
     assert t.budget_w(2.0, STALE_S) == NAMEPLATE_W
 
 
@@ -336,7 +383,6 @@ def test_says_sleeping_but_still_draws_is_not_known_asleep() -> None:
     assert t.pending is None
     assert t.budget_w(CONFIRM_S + 5, STALE_S) == 1500.0
     t.record_failure(DeviceUnreachable("timeout"), CONFIRM_S + 6, 5.0, 60.0)
-    assert not t.known_asleep()
     assert t.budget_w(CONFIRM_S + 6, STALE_S) == NAMEPLATE_W
 
 
@@ -403,17 +449,17 @@ def test_wakes_are_counted_over_the_last_hour() -> None:
     assert t.wakes_in_last_hour(300.0) == 3
     assert t.wakes_in_last_hour(3650.0) == 2  # the first has aged out
     assert t.status(3650.0, 30.0).wakes_last_hour == 2
-    assert t.wakes_s == [100.0, 200.0]
-    assert t.wakes_in_last_hour(3801.0) == 0 and t.wakes_s == []
+    assert t.wakes_in_last_hour(3750.0) == 1
+    assert t.wakes_in_last_hour(3801.0) == 0
 
 
-def test_a_tracker_has_slots_not_an_instance_dict() -> None:
-    """10,000 trackers at a site: each instance dict would be ~1.5 kB more; a misspelt
+def test_a_link_has_slots_not_an_instance_dict() -> None:
+    """10,000 links at a site: each instance dict would be ~0.5 kB more; a misspelt
     attribute is an error, not a silent new field."""
-    t = tracker()
-    assert not hasattr(t, "__dict__")
+    link = tracker().link
+    assert not hasattr(link, "__dict__")
     with pytest.raises(AttributeError):
-        t.power_targt_w = 1000.0
+        link.next_read = 1000.0  # type: ignore[attr-defined]
 
 
 class SlowFirmwareDriver(StubDriver):
@@ -451,3 +497,39 @@ def test_asic_driver_settle_times_follow_the_firmware() -> None:
     assert drv.settle_s("wake") == 40.0
     assert drv.settle_s("lower") == 25.0 and drv.settle_s("raise") == 25.0
     assert drv.settle_s("sleep") == 20.0
+
+
+def test_a_nodes_gpus_failing_with_the_nodes_error_warn_once_and_recover_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    links = [
+        DeviceLink(
+            f"n1/gpu{i}",
+            address="10.0.0.9",
+            domain="rack",
+            nameplate_power_w=700.0,
+            nameplate_hashrate_ths=0.0,
+            sleep_power_w=0.0,
+            connect=_never_connect,
+            node="n1",
+        )
+        for i in range(3)
+    ]
+    fleet = Fleet(links)
+    caplog.set_level(logging.DEBUG, logger="siteagent.devices")
+    fleet.record_failure(0, DeviceUnreachable("gpu 0 fell off the bus"), 1.0, 5.0, 60.0)
+    for row in range(3):
+        fleet.record_failure(row, DeviceUnreachable("n1: connect refused"), 2.0, 5.0, 60.0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # The GPU that failed alone says so; the node's failure is one line for the node.
+    assert warnings == [
+        "n1 (10.0.0.9): n1/gpu0 unreachable (DeviceUnreachable: gpu 0 fell off the bus)",
+        "n1 (10.0.0.9): n1/gpu1 unreachable (DeviceUnreachable: n1: connect refused)",
+    ]
+    caplog.clear()
+    for row in range(3):
+        r = DeviceReading(f"n1/gpu{row}", 3.0, 300.0, DeviceState.RUNNING)
+        fleet.record_reading(row, r, 3.0, CONFIRM_S)
+    infos = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    # One line as each failure's last device is back.
+    assert infos == ["n1 (10.0.0.9): recovered, running"] * 2

@@ -56,8 +56,8 @@ async def make_agent(gpus: SimGpuSite) -> Agent:
 
 async def sweep_now(agent: Agent) -> None:
     """A sweep that reads every device now, whatever its back-off says."""
-    for t in agent.trackers.values():
-        t.next_read_s = 0.0
+    for link in agent.fleet.links():
+        link.next_read_s = 0.0
     await agent.sweep()
 
 
@@ -113,8 +113,8 @@ async def test_a_hung_node_over_several_sweeps_leaves_no_unretrieved_task(
     agent = await make_agent(gpus)
     await sweep_now(agent)
     gpu_ids = [gpu_device_id("gpu-h", i) for i in range(4)]
-    assert all(agent.trackers[i].state is DeviceState.RUNNING for i in gpu_ids)
-    device = agent.trackers[gpu_ids[0]].driver
+    assert all(agent.fleet[i].state is DeviceState.RUNNING for i in gpu_ids)
+    device = agent.fleet[gpu_ids[0]].driver
     assert isinstance(device, GpuDevice)
     node = device.node
     await gpus.nodes[0].set_fault("hang")
@@ -124,8 +124,8 @@ async def test_a_hung_node_over_several_sweeps_leaves_no_unretrieved_task(
         # the read's timeout, while the node's shared read goes on to its own.
         await sweep_now(agent)
         for i in gpu_ids:
-            assert agent.trackers[i].state is DeviceState.UNREACHABLE
-            assert "no answer within" in (agent.trackers[i].last_error or "")
+            assert agent.fleet[i].state is DeviceState.UNREACHABLE
+            assert "no answer within" in (agent.fleet[i].last_error or "")
         await drops.reach(sweep)
         # A failed shared read is collected once the next sweep starts a new one.
         assert never_retrieved(caplog, capfd) == ""
@@ -141,8 +141,8 @@ async def test_a_hung_node_over_several_sweeps_leaves_no_unretrieved_task(
     assert len(unreachable) == 4, [r.getMessage() for r in unreachable]
     await gpus.nodes[0].set_fault("none")
     await sweep_now(agent)
-    assert all(agent.trackers[i].state is DeviceState.RUNNING for i in gpu_ids)
-    await close_drivers(list(agent.trackers.values()))
+    assert all(agent.fleet[i].state is DeviceState.RUNNING for i in gpu_ids)
+    await close_drivers(agent.fleet.links())
     assert never_retrieved(caplog, capfd) == ""
 
 
@@ -159,7 +159,7 @@ async def test_a_node_hung_from_the_start_shares_one_connect_and_leaves_nothing_
     for sweep in range(1, 4):
         await sweep_now(agent)
         for i in gpu_ids:
-            t = agent.trackers[i]
+            t = agent.fleet[i]
             assert t.driver is None and t.state is DeviceState.UNREACHABLE
         await drops.reach(sweep)
         assert never_retrieved(caplog, capfd) == ""
@@ -169,8 +169,8 @@ async def test_a_node_hung_from_the_start_shares_one_connect_and_leaves_nothing_
             assert d.budget_w == d.nameplate_power_w == 700.0
     await gpus.nodes[0].set_fault("none")
     await sweep_now(agent)
-    assert all(agent.trackers[i].state is DeviceState.RUNNING for i in gpu_ids)
-    await close_drivers(list(agent.trackers.values()))
+    assert all(agent.fleet[i].state is DeviceState.RUNNING for i in gpu_ids)
+    await close_drivers(agent.fleet.links())
 
 
 class _BuggyDriver:

@@ -81,7 +81,7 @@ async def test_mining_is_shed_before_any_gpu_and_gpus_only_below_that(
     assert sum(1 for k in kinds.values() if k is DeviceKind.GPU) == 4
     assert all(d.controllable for d in snap.devices if d.kind is DeviceKind.GPU)
     gpu_ids = [i for i, k in kinds.items() if k is DeviceKind.GPU]
-    limits_before = {i: agent.trackers[i].power_target_w for i in gpu_ids}
+    limits_before = {i: agent.fleet[i].power_target_w for i in gpu_ids}
     node = gpus.nodes[0]
     gpu_max_w = 4 * 700.0 + node.overhead_w
     # Room for the GPU node at full limits plus a little mining: miners sleep, GPUs untouched.
@@ -89,22 +89,22 @@ async def test_mining_is_shed_before_any_gpu_and_gpus_only_below_that(
     await settle(agent)
     states = {d.device_id: d.state for d in agent.snapshot().devices}
     assert all(states[m] is DeviceState.SLEEPING for m, k in kinds.items() if k is DeviceKind.MINER)
-    assert {i: agent.trackers[i].power_target_w for i in gpu_ids} == limits_before
+    assert {i: agent.fleet[i].power_target_w for i in gpu_ids} == limits_before
     # Below that, the GPUs' limits come down, and the true site power is under the cap.
     cap = (node.overhead_w + 4 * 400.0 + 3 * 25.0) / 0.97
     agent.set_cap("test", cap)
     await settle(agent, 12)
-    limits_after = [agent.trackers[i].power_target_w or 700.0 for i in gpu_ids]
+    limits_after = [agent.fleet[i].power_target_w or 700.0 for i in gpu_ids]
     # 1600 W shared in merit order (ties by id): the first GPUs keep more.
     assert sum(limits_after) <= 4 * 400.0 + 1.0
     assert min(limits_after) >= 200.0 and limits_after == sorted(limits_after, reverse=True)
     now = time.monotonic()
     assert miners.total_power_w(now) + gpus.total_power_w(now) <= cap
     # Shutdown closes each node's SSH session once.
-    device = agent.trackers[gpu_ids[0]].driver
+    device = agent.fleet[gpu_ids[0]].driver
     assert isinstance(device, GpuDevice) and isinstance(device.node.driver, SshNodeDriver)
     assert device.node.driver.link._conn is not None
-    await close_drivers(list(agent.trackers.values()))
+    await close_drivers(agent.fleet.links())
     assert device.node.driver.link._conn is None
 
 
@@ -122,12 +122,10 @@ async def test_ai_at_minimum_drains_the_node_and_resuming_undrains_it(
     assert not node.drained
     agent.set_mode("ovr-ai", "ai-min")
     await settle(agent, 4)
-    gpu_limits = [t.power_target_w for t in agent.trackers.values() if t.kind is DeviceKind.GPU]
+    gpu_limits = [t.power_target_w for t in agent.fleet.records() if t.kind is DeviceKind.GPU]
     assert gpu_limits == [200.0] * 4
     assert node.drained
     agent.clear_source("ovr-ai")
     await settle(agent, 4)
     assert not node.drained
-    assert all(
-        t.power_target_w == 700.0 for t in agent.trackers.values() if t.kind is DeviceKind.GPU
-    )
+    assert all(t.power_target_w == 700.0 for t in agent.fleet.records() if t.kind is DeviceKind.GPU)

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.columns import DuplicateDeviceError
 from agent.config import Config, MinerConfig, parse_config
+from agent.fleet import DuplicateDeviceError
 from agent.inventory import build_trackers, gpu_trackers, node_driver, scan, tracker_for
 from agent.loop import Agent
 from domain import DeviceState
@@ -74,10 +74,10 @@ async def test_a_scanned_miner_under_a_listed_id_is_counted_and_the_site_stays_u
     agent = Agent(cfg, await build_trackers(cfg))
     first, _, third = site.miners
     try:
-        listed = agent.trackers[mac_id(third.mac)]
+        listed = agent.fleet[mac_id(third.mac)]
         assert listed.address == first.address
         # The scanned miner is counted at its nameplate under an id of its own, never read.
-        placeholder = agent.trackers[f"{mac_id(third.mac)}@{third.address}"]
+        placeholder = agent.fleet[f"{mac_id(third.mac)}@{third.address}"]
         assert placeholder.driver is None
         await agent.sweep()
         await settle(agent)
@@ -89,7 +89,7 @@ async def test_a_scanned_miner_under_a_listed_id_is_counted_and_the_site_stays_u
     finally:
         from agent.inventory import close_drivers
 
-        await close_drivers(list(agent.trackers.values()))
+        await close_drivers(agent.fleet.links())
 
 
 async def test_a_rescan_never_moves_a_listed_miner_onto_another_with_its_id(
@@ -105,18 +105,18 @@ async def test_a_rescan_never_moves_a_listed_miner_onto_another_with_its_id(
         dropped = agent.adopt(await scan(scanning))
         assert dropped == []
         # The listed miner stays where it is; the newcomer is counted, not controlled.
-        assert agent.trackers[mac_id(third.mac)].address == first.address
-        assert f"{mac_id(third.mac)}@{third.address}" in agent.trackers
+        assert agent.fleet[mac_id(third.mac)].address == first.address
+        assert f"{mac_id(third.mac)}@{third.address}" in agent.fleet
         # A second scan finds it again: nothing more is added.
-        n = len(agent.trackers)
+        n = len(agent.fleet)
         agent.adopt(await scan(scanning))
-        assert len(agent.trackers) == n
+        assert len(agent.fleet) == n
         await settle(agent)
         assert site.total_power_w(time.monotonic()) <= cap_w
     finally:
         from agent.inventory import close_drivers
 
-        await close_drivers(list(agent.trackers.values()))
+        await close_drivers(agent.fleet.links())
 
 
 def gpu_site_config() -> Config:

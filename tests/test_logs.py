@@ -15,9 +15,11 @@ from agent.config import parse_config
 from agent.inventory import build_trackers, close_drivers
 from agent.loop import Agent
 from sim.faults import Fault
+from sim.gpu import GpuFault, SimGpuSite
 from sim.site import SimSite
 
 BASE = "127.1.204.31"
+GPU_BASE = "127.2.211.1"
 
 
 class Clock:
@@ -73,7 +75,69 @@ async def test_two_refusing_miners_warn_once_each_back_off_and_say_when_they_acc
             assert len(again) == 2 and all(r.levelno == logging.INFO for r in again)
             assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         finally:
-            await close_drivers(list(agent.trackers.values()))
+            await close_drivers(agent.fleet.links())
+
+
+async def test_a_gpu_node_that_goes_down_warns_once_for_the_node_and_says_once_it_is_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with SimGpuSite(1, 4, base_address=GPU_BASE, port=0, seed=3) as site:
+        (node,) = site.inventory()
+        cfg = parse_config(
+            {
+                "site": {"cap_w": 100_000},
+                "gpu_nodes": [
+                    {
+                        "id": "gpu-a",
+                        "host": node["address"],
+                        "port": node["port"],
+                        "username": node["username"],
+                        "client_key": node["client_key"],
+                        "known_hosts": node["known_hosts"],
+                        "gpus": node["gpus"],
+                    }
+                ],
+                "telemetry": {"timeout_s": 2.0, "max_backoff_s": 60},
+            }
+        )
+        clock = Clock()
+        agent = Agent(cfg, await build_trackers(cfg), clock=clock)
+        try:
+            await agent.sweep()
+            assert {d.state.value for d in agent.snapshot().devices} == {"running"}
+            caplog.set_level(logging.INFO, logger="siteagent")
+            await site.set_fault(node["address"], GpuFault.DISCONNECT)
+            for _ in range(3):
+                # Past every back-off, and past the node's cached read: each sweep asks.
+                clock.now_s += 120.0
+                await asyncio.sleep(0.6)
+                await agent.sweep()
+            assert {d.state.value for d in agent.snapshot().devices} == {"unreachable"}
+            # The device lines (the SSH driver says what happened to its session itself).
+            devices = [r for r in caplog.records if r.name == "siteagent.devices"]
+            warnings = [r.getMessage() for r in devices if r.levelno >= logging.WARNING]
+            assert len(warnings) == 1, warnings
+            assert warnings[0].startswith("gpu-a (") and "unreachable" in warnings[0]
+            caplog.clear()
+            await site.set_fault(node["address"], GpuFault.NONE)
+            for _ in range(60):  # until the SSH driver's own back-off lets it reconnect
+                clock.now_s += 120.0
+                await asyncio.sleep(0.3)
+                await agent.sweep()
+                if {d.state.value for d in agent.snapshot().devices} == {"running"}:
+                    break
+            assert {d.state.value for d in agent.snapshot().devices} == {"running"}
+            lines = [
+                r
+                for r in caplog.records
+                if r.name == "siteagent.devices" and r.levelno >= logging.INFO
+            ]
+            assert [r.levelno for r in lines] == [logging.INFO], [r.getMessage() for r in lines]
+            assert (
+                lines[0].getMessage().startswith("gpu-a (") and "recovered" in lines[0].getMessage()
+            )
+        finally:
+            await close_drivers(agent.fleet.links())
 
 
 async def test_a_cap_override_says_what_changed_in_words(caplog: pytest.LogCaptureFixture) -> None:

@@ -101,10 +101,10 @@ async def test_unreachable_and_garbage_miners_count_at_nameplate_and_loop_goes_o
     site.set_fault(garbage, "garbage")
     await site.ready()
     caplog.set_level(logging.INFO, logger="siteagent.devices")
-    for t in agent.trackers.values():
+    for t in agent.fleet.links():
         t.next_read_s = 0.0
     await agent.sweep()
-    by_addr = {t.address: t for t in agent.trackers.values()}
+    by_addr = {t.address: t for t in agent.fleet.records()}
     snap = {d.device_id: d for d in agent.snapshot().devices}
     s, g = snap[by_addr[silent].device_id], snap[by_addr[garbage].device_id]
     assert s.state is DeviceState.UNREACHABLE
@@ -112,7 +112,7 @@ async def test_unreachable_and_garbage_miners_count_at_nameplate_and_loop_goes_o
     assert s.budget_w >= s.nameplate_power_w and g.budget_w >= g.nameplate_power_w
     assert not s.controllable and not g.controllable
     # A second failed sweep logs nothing new: one line on the change only.
-    for t in agent.trackers.values():
+    for t in agent.fleet.links():
         t.next_read_s = 0.0
     await agent.sweep()
     failures = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -122,7 +122,7 @@ async def test_unreachable_and_garbage_miners_count_at_nameplate_and_loop_goes_o
     site.set_fault(silent, "none")
     site.set_fault(garbage, "none")
     await site.ready()
-    for t in agent.trackers.values():
+    for t in agent.fleet.links():
         t.next_read_s = 0.0
     await agent.sweep()
     recovered = [r for r in caplog.records if "recovered" in r.getMessage()]
@@ -254,6 +254,6 @@ async def test_a_tick_sends_at_most_control_concurrency_changes_at_once(
     late = [c.device_id for c, why in record.ordered.deferred if why == NOT_SENT_IN_TIME]
     assert late == planned[6:]
     # Cut, they count at their worst case until read; not sent, they count as before.
-    cut = agent.trackers[planned[3]]
+    cut = agent.fleet[planned[3]]
     assert cut.pending is not None
-    assert agent.trackers[planned[6]].pending is None
+    assert agent.fleet[planned[6]].pending is None

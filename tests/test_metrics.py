@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from agent.config import parse_config
-from agent.devices import DeviceTracker
+from agent.devices import DeviceLink
 from agent.loop import Agent
 from agent.metrics import (
     CONTENT_TYPE,
@@ -54,8 +54,8 @@ async def _never_connect() -> Any:
     raise AssertionError("the metrics tests never connect to a device")
 
 
-def tracker(device_id: str, domain: str, nameplate_w: float = 3000.0) -> DeviceTracker:
-    return DeviceTracker(
+def link(device_id: str, domain: str, nameplate_w: float = 3000.0) -> DeviceLink:
+    return DeviceLink(
         device_id,
         address="127.0.0.1",
         domain=domain,
@@ -79,10 +79,13 @@ def make_agent(clock: FakeClock, port: int = 0) -> Agent:
             "metrics": {"host": "127.0.0.1", "port": port},
         }
     )
-    ts = [tracker("m1", "rack-a"), tracker("m2", "rack-a"), tracker("m3", "rack-b")]
-    ts.append(tracker("m4", "rack-b"))
+    links = [link("m1", "rack-a"), link("m2", "rack-a"), link("m3", "rack-b")]
+    links.append(link("m4", "rack-b"))
+    agent = Agent(cfg, links, clock=clock)
     now = clock()
-    ts[0].record_reading(
+    fleet = agent.fleet
+    fleet.record_reading(
+        0,
         DeviceReading(
             "m1",
             now - 2,
@@ -95,11 +98,11 @@ def make_agent(clock: FakeClock, port: int = 0) -> Agent:
         now - 2,
         120.0,
     )
-    ts[1].record_reading(
-        DeviceReading("m2", now, 2500.0, DeviceState.MINING, power_estimated=True), now, 120.0
+    fleet.record_reading(
+        1, DeviceReading("m2", now, 2500.0, DeviceState.MINING, power_estimated=True), now, 120.0
     )
-    ts[2].record_reading(DeviceReading("m3", now, 20.0, DeviceState.SLEEPING), now, 120.0)
-    return Agent(cfg, ts, clock=clock)
+    fleet.record_reading(2, DeviceReading("m3", now, 20.0, DeviceState.SLEEPING), now, 120.0)
+    return agent
 
 
 def parse(agent: Agent) -> dict[str, list[Sample]]:
@@ -259,8 +262,8 @@ async def test_status_line_and_health() -> None:
 
 
 async def test_sweep_records_its_duration() -> None:
-    agent = make_agent(FakeClock())
-    agent.trackers.clear()
+    clock = FakeClock()
+    agent = Agent(make_agent(clock).config, [], clock=clock)
     await agent.sweep()
     s = parse(agent)
     assert one(s, "siteagent_sweep_duration_seconds_count") == 1

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safety_reference import reference_diff
 
-from agent.devices import DeviceTracker, MinerDriver
+from agent.devices import DeviceLink, MinerDriver
+from agent.fleet import Fleet
 from agent.safety import Change, diff, order_changes
 from domain import (
     DeviceKind,
@@ -526,7 +527,7 @@ class Harness:
     p_read: float = 0.9
     p_flip_reachable: float = 0.03
     max_delay_ticks: int = 3
-    trackers: dict[str, DeviceTracker] = field(default_factory=dict)
+    fleet: Fleet = field(default_factory=Fleet)
     last_plan: Plan | None = None
     last_increase_s: float | None = None
     last_sleep_s: dict[str, float] = field(default_factory=dict)
@@ -534,7 +535,7 @@ class Harness:
 
     def __post_init__(self) -> None:
         for m in self.models:
-            t = DeviceTracker(
+            t = DeviceLink(
                 m.device_id,
                 address=m.device_id,
                 domain=m.domain,
@@ -544,8 +545,8 @@ class Harness:
                 connect=_no_connect,
             )
             ident = MinerIdentity("sim", "model", "fw", None, None, m.caps, m.nameplate_w)
-            t.attach(ConnectedDriver(ident))
-            self.trackers[m.device_id] = t
+            t.driver = ConnectedDriver(ident)
+            self.fleet.add(t)
 
     def true_loads_w(self) -> dict[str, float]:
         return loads_w(
@@ -572,14 +573,16 @@ class Harness:
             m.step(k, rng)
             if rng.random() < self.p_flip_reachable:
                 m.reachable = not m.reachable
-            t = self.trackers[m.device_id]
-            if t.next_read_s > now:
+            fleet, row = self.fleet, self.fleet.row(m.device_id)
+            if fleet.link(row).next_read_s > now:
                 continue
             if not m.reachable:
-                t.record_failure(DeviceUnreachable("timeout"), now, INTERVAL_S, MAX_BACKOFF_S)
+                err = DeviceUnreachable("timeout")
+                fleet.record_failure(row, err, now, INTERVAL_S, MAX_BACKOFF_S)
             elif rng.random() < self.p_read:
-                t.record_reading(before if read_before else m.reading(now), now, CONFIRM_S)
-        snap = Snapshot(now, tuple(t.status(now, STALE_S) for t in self.trackers.values()))
+                r = before if read_before else m.reading(now)
+                fleet.record_reading(row, r, now, CONFIRM_S)
+        snap = self.fleet.snapshot(now, STALE_S)
         p = plan(snap, self.limits, self.params, self.last_plan)
         since = INTERVAL_S if self.last_increase_s is None else now - self.last_increase_s
         ramp = self.ramp_w_per_s * min(max(since, 0.0), INTERVAL_S)
@@ -588,9 +591,9 @@ class Harness:
         assert len(kinds) <= 1, f"tick {k}: increases and decreases together: {o.now}"
         models = {m.device_id: m for m in self.models}
         for c in o.now:
-            m, t = models[c.device_id], self.trackers[c.device_id]
+            m, row = models[c.device_id], self.fleet.row(c.device_id)
             if not m.reachable:
-                t.next_read_s = 0.0
+                self.fleet.read_soon(row)
                 continue
             if c.kind == "wake":
                 slept = self.last_sleep_s.get(c.device_id)
@@ -606,7 +609,7 @@ class Harness:
                 m.command(due, c.kind)
                 if c.kind == "sleep":
                     self.last_sleep_s[c.device_id] = now
-            t.record_command(c.kind, c.old_w, c.new_w, applied, now)
+            self.fleet.record_command(row, c.kind, c.old_w, c.new_w, applied, now)
             self.sent.append((k, c.device_id, c.kind))
         if any(not c.is_decrease for c in o.now):
             self.last_increase_s = now

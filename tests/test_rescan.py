@@ -53,7 +53,7 @@ async def test_a_miner_that_moves_keeps_its_device_and_the_store_remembers(
         assert moved.mac == leaving.mac
         assert agent.rescan is not None
         # The driver of the old address is closed (its kept connection with it).
-        old = agent.trackers[device_id].driver
+        old = agent.fleet[device_id].driver
         assert old is not None
         closed: list[object] = []
         close = getattr(old, "close")  # noqa: B009  # not in the MinerDriver protocol
@@ -65,10 +65,10 @@ async def test_a_miner_that_moves_keeps_its_device_and_the_store_remembers(
         monkeypatch.setattr(old, "close", recording_close)
         await agent._scan_job()
         assert closed == [old]
-        assert len(agent.trackers) == 2
-        assert agent.trackers[device_id].address == NEW_ADDRESS
+        assert len(agent.fleet) == 2
+        assert agent.fleet[device_id].address == NEW_ADDRESS
         await agent.sweep()
-        assert agent.trackers[device_id].state is DeviceState.MINING
+        assert agent.fleet[device_id].state is DeviceState.MINING
         known = {m.key: m for m in store.miners()}
         assert known["mac:" + leaving.mac.upper()].address == NEW_ADDRESS
         # The store outlives the agent.

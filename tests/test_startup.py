@@ -21,7 +21,7 @@ import pytest
 from agent import inventory
 from agent.cli import _run_agent, startup_extend_s
 from agent.config import parse_config
-from agent.devices import DeviceTracker
+from agent.devices import DeviceLink
 from agent.inventory import build_trackers, identify, identify_deadline_s, known_by_address
 from agent.inventory_store import InventoryStore
 from agent.loop import Agent
@@ -200,7 +200,7 @@ async def test_a_stalled_startup_stops_extending(
 
     async def stalls(
         cfg: object, store: object, *, on_identified: object = None
-    ) -> list[DeviceTracker]:
+    ) -> list[DeviceLink]:
         assert callable(on_identified)
         on_identified()
         await asyncio.sleep(0.3)
@@ -259,7 +259,7 @@ async def test_build_trackers_hands_its_drivers_to_the_trackers(tmp_path: Path) 
         agent = Agent(cfg, trackers)
         await agent.sweep()
         for a in addrs:
-            r = by_address[a].last_good
+            r = agent.fleet[by_address[a].device_id].last_good
             assert r is not None and r.device_id == by_address[a].device_id
         store.close()
 
