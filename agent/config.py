@@ -28,7 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from policies import PolicyName
+from siteagent.domain.site import SITE
+from siteagent.policies import PolicyName
 
 # Bounds that no real value reaches, so a slip of the keyboard (a cap of 1e15 W, a
 # timeout of a century) is refused instead of quietly switching a safeguard off.
@@ -36,7 +37,7 @@ MAX_POWER_W = 1e10  # 10 GW: more than any site, and than any price or rate kept
 MAX_DURATION_S = 366 * 24 * 3600.0  # a year
 PositiveW = Annotated[float, Field(gt=0, le=MAX_POWER_W)]
 # The root of the domain tree; a domain of this name would replace the site cap.
-SITE_DOMAIN_ID = "site"
+SITE_DOMAIN_ID = SITE  # the vocabulary's one name for the root (domain.site)
 NonNegW = Annotated[float, Field(ge=0, le=MAX_POWER_W)]
 PositiveS = Annotated[float, Field(gt=0, le=MAX_DURATION_S)]
 Fraction = Annotated[float, Field(gt=0, le=1)]

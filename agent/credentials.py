@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import ConfigError, ConfigProblem
-from domain.credentials import Login, Secret
-from drivers.backends import BACKENDS, LOGIN_BACKENDS
+from siteagent.agent.config import ConfigError, ConfigProblem
+from siteagent.domain.credentials import Login, Secret
+from siteagent.drivers.backends import BACKENDS, LOGIN_BACKENDS
 
 # The systemd credential's name (LoadCredential=miner-credentials:/etc/...).
 SYSTEMD_CREDENTIAL = "miner-credentials"

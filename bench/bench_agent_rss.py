@@ -88,7 +88,7 @@ def run_agent(
                 [
                     sys.executable,
                     "-m",
-                    "agent.cli",
+                    "siteagent.agent.tools.cli",
                     "--log-level",
                     "warning",
                     "run",

@@ -22,26 +22,26 @@ from dataclasses import replace
 import numpy as np
 from benchlib import median_s, mining_status
 
-from agent.devices import DeviceLink, MinerDriver
-from agent.fleet import Fleet
-from agent.safety import Change, order_changes
-from domain import (
+from siteagent.agent.control.devices import DeviceDriver, DeviceLink
+from siteagent.agent.control.fleet import Fleet
+from siteagent.agent.control.safety import Change, order_changes
+from siteagent.domain import (
+    DeviceControls,
+    DeviceIdentity,
     DeviceKind,
     DeviceReading,
     DeviceState,
     DeviceStatus,
     DomainLimit,
     Limits,
-    MinerCapabilities,
-    MinerIdentity,
     Plan,
     SetpointTable,
     Snapshot,
 )
-from domain.table import DeviceTable
-from policies import PolicyState
-from policies.economic import EconomicParams, EconomicPolicy, miner_revenue_usd_per_h
-from policies.prices import Prices
+from siteagent.domain.table import DeviceTable
+from siteagent.policies import PolicyState
+from siteagent.policies.economic import EconomicParams, EconomicPolicy, miner_revenue_usd_per_h
+from siteagent.policies.prices import Prices
 
 PRICES = Prices(0.05, 0.06, 2.0)
 
@@ -55,7 +55,7 @@ def site(miners: int, gpus: int, seed: int = 1) -> tuple[Snapshot, Limits]:
         if i < miners:
             devices.append(mining_status(f"m{i:06d}", rack, rng))
         else:
-            caps = MinerCapabilities(
+            caps = DeviceControls(
                 power_target=True, power_target_min_w=200.0, power_target_max_w=700.0
             )
             util = rng.uniform(0.2, 1.0)
@@ -158,12 +158,12 @@ class _Driver:
     """A connected driver as far as the fleet asks: its identity."""
 
     def __init__(self, d: DeviceStatus) -> None:
-        self.identity = MinerIdentity(
+        self.identity = DeviceIdentity(
             "bench", "bench", "bench", None, None, d.capabilities, d.nameplate_power_w
         )
 
 
-async def _no_connect() -> MinerDriver:
+async def _no_connect() -> DeviceDriver:
     raise AssertionError("bench devices are connected already")
 
 

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from drivers.ssh import SshNodeDriver
+from siteagent.drivers.ssh import SshNodeDriver
 
 GOAL_S = 2.0
 
@@ -63,7 +63,7 @@ async def run(args: argparse.Namespace) -> int:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sim.serve",
+        "siteagent.sim.serve",
         "--miners",
         "0",
         "--gpu-nodes",

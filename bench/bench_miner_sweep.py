@@ -133,7 +133,7 @@ async def _bounded(n: int, items: list[Any], fn: Any) -> list[Any]:
 async def sweep_agent(miners: list[dict[str, Any]], conc: int, timeout_s: float) -> dict[str, Any]:
     """(a): build drivers from the inventory, sweep once (the agent's first sweep, timed
     apart), then time one steady sweep: what the agent does every interval."""
-    from drivers.asic import AsicDriver
+    from siteagent.drivers.asic import AsicDriver
 
     t0 = time.perf_counter()
     drivers = await _bounded(
@@ -611,7 +611,7 @@ def start_sims(
             [
                 sys.executable,
                 "-m",
-                "sim.serve",
+                "siteagent.sim.serve",
                 "--miners",
                 str(n),
                 "--mix",

@@ -24,12 +24,12 @@ from typing import Any
 
 import httpx
 
-from agent.api import serve_api
-from agent.auth import Scope, create_token
-from agent.config import parse_config
-from agent.devices import DeviceLink, MinerDriver
-from agent.loop import Agent
-from domain import DeviceReading, DeviceState, MinerCapabilities, MinerIdentity
+from siteagent.agent.api.auth import Scope, create_token
+from siteagent.agent.api.http import serve_api
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.devices import DeviceDriver, DeviceLink
+from siteagent.agent.control.loop import Agent
+from siteagent.domain import DeviceControls, DeviceIdentity, DeviceReading, DeviceState
 
 NAMEPLATE_W = 3000.0
 SLEEP_W = 25.0
@@ -43,13 +43,13 @@ class Recorder:
         self.stamps = stamps
         self.target_w = NAMEPLATE_W
         self.asleep = False
-        self.identity: MinerIdentity | None = MinerIdentity(
+        self.identity: DeviceIdentity | None = DeviceIdentity(
             make="bench",
             model="recorder",
             firmware="1",
             mac=None,
             serial=None,
-            capabilities=MinerCapabilities(
+            capabilities=DeviceControls(
                 power_target=True,
                 power_target_min_w=NAMEPLATE_W / 2,
                 power_target_max_w=NAMEPLATE_W,
@@ -90,7 +90,7 @@ def links(n: int, stamps: list[float]) -> list[DeviceLink]:
     """n recording miners, 40 to a rack."""
 
     def connector(d: Recorder) -> Callable[[], Any]:
-        async def connect() -> MinerDriver:
+        async def connect() -> DeviceDriver:
             return d
 
         return connect

@@ -12,13 +12,13 @@ import random
 
 from benchlib import median_s, mining_status
 
-from agent.safety import order_changes
-from domain import (
+from siteagent.agent.control.safety import order_changes
+from siteagent.domain import (
     DomainLimit,
     Limits,
     Snapshot,
 )
-from policies.capping import CappingParams, plan
+from siteagent.policies.capping import CappingParams, plan
 
 
 def site(n: int, seed: int = 1) -> tuple[Snapshot, Limits]:

@@ -28,12 +28,12 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from benchlib import median_s
 from prometheus_client import generate_latest, make_wsgi_app
 
-from agent.config import parse_config
-from agent.devices import DeviceLink
-from agent.loop import Agent
-from agent.metrics import families, render_text, serve_metrics
-from domain import DeviceReading, DeviceState, MinerCapabilities, MinerIdentity
-from policies.capping import plan
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.devices import DeviceLink
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.ops.metrics import families, render_text, serve_metrics
+from siteagent.domain import DeviceControls, DeviceIdentity, DeviceReading, DeviceState
+from siteagent.policies.capping import plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from metrics_reference import build_registry
@@ -56,11 +56,11 @@ def _fetch_gzip(url: str) -> int:
 class StillDriver:
     """A miner that accepts every command at once; the bench never reads through it."""
 
-    def __init__(self, identity: MinerIdentity) -> None:
+    def __init__(self, identity: DeviceIdentity) -> None:
         self._identity = identity
 
     @property
-    def identity(self) -> MinerIdentity | None:
+    def identity(self) -> DeviceIdentity | None:
         """What the miner identified as."""
         return self._identity
 
@@ -98,13 +98,13 @@ def build_agent(n: int, seed: int = 1) -> Agent:
     fleet = agent.fleet
     for i in range(n):
         nameplate = rng.choice([3010.0, 3068.0, 3500.0, 3510.0])
-        caps = MinerCapabilities(
+        caps = DeviceControls(
             power_target=True,
             power_target_min_w=nameplate * 0.5,
             power_target_max_w=nameplate,
             can_sleep=True,
         )
-        ident = MinerIdentity("bench", "S19", "bench", None, None, caps, nameplate, 100.0)
+        ident = DeviceIdentity("bench", "S19", "bench", None, None, caps, nameplate, 100.0)
         hashrate = rng.choice([104.0, 140.0, 200.0, 234.0])
         t = DeviceLink(
             f"m{i:06d}",

@@ -7,7 +7,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from domain import DeviceKind, DeviceState, DeviceStatus, MinerCapabilities
+from siteagent.domain import DeviceControls, DeviceKind, DeviceState, DeviceStatus
 
 NAMEPLATES_W = (3010.0, 3068.0, 3500.0, 3510.0)
 HASHRATES_THS = (104.0, 140.0, 200.0, 234.0)
@@ -26,7 +26,7 @@ def median_s(fn: Callable[[], object], runs: int) -> float:
 def mining_status(device_id: str, domain: str, rng: random.Random) -> DeviceStatus:
     """A controllable miner at full power, its target range half to full nameplate."""
     nameplate = rng.choice(NAMEPLATES_W)
-    caps = MinerCapabilities(
+    caps = DeviceControls(
         power_target=True,
         power_target_min_w=nameplate * 0.5,
         power_target_max_w=nameplate,

@@ -5,7 +5,7 @@ both build on it and never on each other; ``agent/`` ties them together.
 All quantities carry their unit in the field name (W, TH/s, s, degC).
 """
 
-from domain.errors import (
+from siteagent.domain.errors import (
     DeviceError,
     DeviceFaulted,
     DeviceLost,
@@ -13,15 +13,15 @@ from domain.errors import (
     DeviceRefused,
     DeviceUnreachable,
 )
-from domain.types import (
+from siteagent.domain.types import (
+    DeviceControls,
+    DeviceIdentity,
     DeviceKind,
     DeviceReading,
     DeviceState,
     DeviceStatus,
     DomainLimit,
     Limits,
-    MinerCapabilities,
-    MinerIdentity,
     Pin,
     Plan,
     PlanMode,
@@ -32,8 +32,10 @@ from domain.types import (
 )
 
 __all__ = [
+    "DeviceControls",
     "DeviceError",
     "DeviceFaulted",
+    "DeviceIdentity",
     "DeviceKind",
     "DeviceLost",
     "DevicePermissionError",
@@ -44,8 +46,6 @@ __all__ = [
     "DeviceUnreachable",
     "DomainLimit",
     "Limits",
-    "MinerCapabilities",
-    "MinerIdentity",
     "Pin",
     "Plan",
     "PlanMode",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from domain.types import Limits
+from siteagent.domain.types import Limits
 
 SITE = "site"
 

@@ -24,13 +24,13 @@ from operator import attrgetter, is_
 import numpy as np
 import numpy.typing as npt
 
-from domain.site import domain_codes
-from domain.types import (
+from siteagent.domain.site import domain_codes
+from siteagent.domain.types import (
+    DeviceControls,
     DeviceKind,
     DeviceReading,
     DeviceState,
     DeviceStatus,
-    MinerCapabilities,
     RowsOnDemand,
 )
 
@@ -78,7 +78,7 @@ class DeviceStatics:
     ids: tuple[str, ...]
     kinds: tuple[DeviceKind, ...]
     domains: tuple[str, ...]
-    capabilities: tuple[MinerCapabilities, ...]
+    capabilities: tuple[DeviceControls, ...]
     nameplate_power_w: FloatArr
     nameplate_hashrate_ths: FloatArr
     sleep_power_w: FloatArr

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 import numpy as np
 
 if TYPE_CHECKING:
-    from domain.table import DeviceTable
+    from siteagent.domain.table import DeviceTable
 
 T = TypeVar("T")
 
@@ -50,7 +50,7 @@ class PlanMode(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class MinerCapabilities:
+class DeviceControls:
     """What a device lets us control, in watts: a miner's power target or a GPU's power limit."""
 
     power_target: bool
@@ -78,7 +78,7 @@ def clamp_power_w(power_w: float, lo_w: float, hi_w: float, step_w: float) -> fl
     """Clamp a wanted power (W) into [lo_w, hi_w] and down onto lo_w + k * step_w.
 
     NaN for a bound means none; a step of 0 or less means any value. The one
-    clamping rule: ``MinerCapabilities`` runs it as Python, the numba kernels of
+    clamping rule: ``DeviceControls`` runs it as Python, the numba kernels of
     ``policies.fill`` compile this very function (so it stays plain scalar code).
     """
     lo = power_w if math.isnan(lo_w) else lo_w
@@ -91,17 +91,19 @@ def clamp_power_w(power_w: float, lo_w: float, hi_w: float, step_w: float) -> fl
 
 
 @dataclass(frozen=True, slots=True)
-class MinerIdentity:
-    """Who a miner is, as identified once over its management API."""
+class DeviceIdentity:
+    """Who a device is, as identified once: a miner over its management API (firmware,
+    MAC, nameplate hashrate), a GPU through NVML or nvidia-smi (no firmware or hashrate)."""
 
     make: str
     model: str
     firmware: str
     mac: str | None
     serial: str | None
-    capabilities: MinerCapabilities
+    capabilities: DeviceControls
     nameplate_power_w: float | None = None
-    nameplate_hashrate_ths: float | None = None
+    nameplate_hashrate_ths: float | None = None  # None: the device does not hash
+    kind: DeviceKind = DeviceKind.MINER
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,7 @@ class DeviceStatus:
     nameplate_power_w: float
     nameplate_hashrate_ths: float
     sleep_power_w: float
-    capabilities: MinerCapabilities
+    capabilities: DeviceControls
     budget_w: float
     expected_w: float
     controllable: bool

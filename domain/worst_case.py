@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from domain.table import STATE_CODE, BoolArr, CodeArr, FloatArr
-from domain.types import DeviceState
+from siteagent.domain.table import STATE_CODE, BoolArr, CodeArr, FloatArr
+from siteagent.domain.types import DeviceState
 
 # A lowered miner is confirmed once it reads no more than this above its new level.
 CONFIRM_SLACK_FRAC = 0.02

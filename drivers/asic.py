@@ -23,18 +23,18 @@ from typing import TypeVar
 
 import pyasic
 
-from domain.credentials import Login
-from domain.errors import (
+from siteagent.domain.credentials import Login
+from siteagent.domain.errors import (
     DeviceError,
     DeviceFaulted,
     DevicePermissionError,
     DeviceRefused,
     DeviceUnreachable,
 )
-from domain.types import DeviceReading, DeviceState, MinerIdentity
-from drivers.backends import known_backend, select_backend
-from drivers.backends.base import Backend, translate_rpc
-from drivers.backends.nameplate import NAMEPLATE
+from siteagent.domain.types import DeviceIdentity, DeviceReading, DeviceState
+from siteagent.drivers.backends import known_backend, select_backend
+from siteagent.drivers.backends.base import Backend, translate_rpc
+from siteagent.drivers.backends.nameplate import NAMEPLATE
 
 __all__ = ["NAMEPLATE", "AsicDriver", "discover"]
 
@@ -61,7 +61,7 @@ class AsicDriver:
     ) -> None:
         self.device_id = device_id
         self.address = address
-        self.identity: MinerIdentity | None = None
+        self.identity: DeviceIdentity | None = None
         self.timeout_s = timeout_s
         self.backend = backend
         self._clock = clock
@@ -165,7 +165,7 @@ class AsicDriver:
             f"password for this miner in {self.login.source} ({detail})"
         )
 
-    async def identify(self) -> MinerIdentity:
+    async def identify(self) -> DeviceIdentity:
         """(Re)read identity and capabilities (power-target range W, sleep) from the miner."""
         self.identity = await self._call("identify", self.backend.identify, control=False)
         return self.identity
@@ -284,14 +284,14 @@ async def _get_backend(
 
 async def discover(
     addresses: Iterable[str], *, concurrency: int = 50, timeout_s: float = 5.0
-) -> list[tuple[str, MinerIdentity]]:
+) -> list[tuple[str, DeviceIdentity]]:
     """Identify miners at ``addresses``, ``concurrency`` at a time (timeout per miner, s)."""
     # Unbounded get_miner() fan-out fails wholesale (PYASIC_NOTES: 1,000 at once
     # identified none), so bound it.
     sem = asyncio.Semaphore(max(1, concurrency))
     addrs = list(addresses)
 
-    async def one(address: str) -> tuple[str, MinerIdentity] | None:
+    async def one(address: str) -> tuple[str, DeviceIdentity] | None:
         async with sem:
             try:
                 drv = await AsicDriver.connect(address, address, timeout_s=timeout_s)

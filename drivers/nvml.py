@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from domain.errors import (
+from siteagent.domain.errors import (
     DeviceError,
     DeviceFaulted,
     DeviceLost,
@@ -31,7 +31,7 @@ from domain.errors import (
     DeviceRefused,
     DeviceUnreachable,
 )
-from drivers.gpu import GpuInfo, GpuReading
+from siteagent.drivers.gpu import GpuInfo, GpuReading
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import asyncssh
 
-from domain.errors import (
+from siteagent.domain.errors import (
     DeviceError,
     DeviceFaulted,
     DeviceLost,
@@ -39,7 +39,7 @@ from domain.errors import (
     DeviceRefused,
     DeviceUnreachable,
 )
-from drivers.gpu import GpuInfo, GpuReading
+from siteagent.drivers.gpu import GpuInfo, GpuReading
 
 log = logging.getLogger(__name__)
 

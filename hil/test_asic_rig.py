@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from domain import DeviceState
-from drivers.asic import AsicDriver
+from siteagent.domain import DeviceState
+from siteagent.drivers.asic import AsicDriver
 
 
 def _rig() -> list[dict[str, Any]]:

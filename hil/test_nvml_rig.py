@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pynvml
 import pytest
 
-from drivers.nvml import NvmlNodeDriver
+from siteagent.drivers.nvml import NvmlNodeDriver
 
 
 def _nvml_or_skip() -> None:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 if TYPE_CHECKING:
-    from domain import Limits, Plan, Snapshot
-    from policies.capping import CappingParams
-    from policies.economic_params import EconomicParams
-    from policies.prices import Prices
+    from siteagent.domain import Limits, Plan, Snapshot
+    from siteagent.policies.capping import CappingParams
+    from siteagent.policies.economic_params import EconomicParams
+    from siteagent.policies.prices import Prices
 
 # The names a configuration may choose (``policy.name``); ``POLICIES`` has one entry each.
 PolicyName = Literal["efficiency-capping", "economic"]
@@ -74,14 +74,14 @@ PolicyFactory = Callable[[PolicyParams], Policy]
 
 
 def _capping(params: PolicyParams) -> Policy:
-    from policies.capping import CappingPolicy
+    from siteagent.policies.capping import CappingPolicy
 
     return CappingPolicy(params.capping)
 
 
 def _economic(params: PolicyParams) -> Policy:
     # Imported here: numba and llvmlite come with it.
-    from policies.economic import EconomicPolicy
+    from siteagent.policies.economic import EconomicPolicy
 
     return EconomicPolicy(params.economic)
 

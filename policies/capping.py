@@ -20,10 +20,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from domain import DeviceKind, DeviceStatus, Limits, Pin, Plan, PlanMode, Setpoint, Snapshot
-from domain.site import SITE, DomainTree, domain_codes, domain_loads_w
-from policies import PolicyState
-from policies.prices import Prices
+from siteagent.domain import (
+    DeviceKind,
+    DeviceStatus,
+    Limits,
+    Pin,
+    Plan,
+    PlanMode,
+    Setpoint,
+    Snapshot,
+)
+from siteagent.domain.site import SITE, DomainTree, domain_codes, domain_loads_w
+from siteagent.policies import PolicyState
+from siteagent.policies.prices import Prices
 
 MOVABLE_KINDS = frozenset({DeviceKind.MINER, DeviceKind.GPU})
 # Shedding order between kinds: the lower the rank, the later its power is taken.

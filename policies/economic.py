@@ -36,34 +36,34 @@ from operator import attrgetter, itemgetter
 import numpy as np
 import numpy.typing as npt
 
-from domain import (
+from siteagent.domain import (
+    DeviceControls,
     DeviceKind,
     DeviceState,
     DeviceStatus,
     Limits,
-    MinerCapabilities,
     Plan,
     PlanMode,
     Setpoint,
     SetpointTable,
     Snapshot,
 )
-from domain.site import DomainTree, by_depth, node_loads
-from domain.table import DeviceStatics, DeviceTable
-from domain.types import clamp_power_w
-from policies import PolicyState
-from policies.capping import (
+from siteagent.domain.site import DomainTree, by_depth, node_loads
+from siteagent.domain.table import DeviceStatics, DeviceTable
+from siteagent.domain.types import clamp_power_w
+from siteagent.policies import PolicyState
+from siteagent.policies.capping import (
     MOVABLE_KINDS,
     max_level_w,
     pinned_setpoint,
 )
 
 # Re-exported: the parameters live apart so that reading them imports no numba.
-from policies.economic_params import EconomicParams as EconomicParams
-from policies.economic_params import GpuCurve as GpuCurve
-from policies.economic_params import PriorityClass as PriorityClass
-from policies.economic_params import PriorityClasses as PriorityClasses
-from policies.fill import (
+from siteagent.policies.economic_params import EconomicParams as EconomicParams
+from siteagent.policies.economic_params import GpuCurve as GpuCurve
+from siteagent.policies.economic_params import PriorityClass as PriorityClass
+from siteagent.policies.economic_params import PriorityClasses as PriorityClasses
+from siteagent.policies.fill import (
     CUT,
     SKIPPED,
     WHOLE,
@@ -76,7 +76,7 @@ from policies.fill import (
     fill,
     jit,
 )
-from policies.prices import Prices
+from siteagent.policies.prices import Prices
 
 # Hashrate ~ power ** 0.85 (the simulator's model and field reports of tuned-down miners).
 HASHRATE_POWER_EXPONENT = 0.85
@@ -1028,7 +1028,7 @@ class _Reasons:
 
 def warm_up() -> None:
     """Compile the plan's kernels now (about 2 s uncached), not in the first tick."""
-    caps = MinerCapabilities(
+    caps = DeviceControls(
         power_target=True, power_target_min_w=1000.0, power_target_max_w=3000.0, can_sleep=True
     )
     d = DeviceStatus(
@@ -1054,7 +1054,7 @@ def warm_up() -> None:
         700.0,
         0.0,
         0.0,
-        MinerCapabilities(power_target=True, power_target_min_w=200.0, power_target_max_w=700.0),
+        DeviceControls(power_target=True, power_target_min_w=200.0, power_target_max_w=700.0),
         700.0,
         700.0,
         True,

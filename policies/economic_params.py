@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from policies.capping import CappingParams
+from siteagent.policies.capping import CappingParams
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ there); ``policies.economic.warm_up`` does that before the control loop's first
 tick. ``NUMBA_DISABLE_JIT=1`` runs the same loop as Python, for a debugger.
 
 tests/test_fill.py checks it, segment for segment, against a loop written
-independently over ``MinerCapabilities.clamp_power_target_w``; both clamp with
+independently over ``DeviceControls.clamp_power_target_w``; both clamp with
 ``domain.types.clamp_power_w``, the kernel through numba's compiled form of it.
 """
 
@@ -35,8 +35,8 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-from domain.site import by_depth
-from domain.types import clamp_power_w
+from siteagent.domain.site import by_depth
+from siteagent.domain.types import clamp_power_w
 
 FloatArr = npt.NDArray[np.float64]
 IntArr = npt.NDArray[np.intp]

@@ -1,7 +1,7 @@
 """Prices as the economic policy sees them: a series lookup, and staleness turned into fallbacks.
 
 Pure: no IO, no clock. Loading a CSV/JSON file or polling an HTTP feed lives in
-``agent/prices.py``; this module only answers "what prices hold at time t, and
+``agent/control/prices.py``; this module only answers "what prices hold at time t, and
 which of them are too old to trust". A stale price is a state, not a crash: each
 stale input is replaced by its stated fallback. Two fallbacks (``PriceFallback.mode``):
 

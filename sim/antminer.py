@@ -23,8 +23,8 @@ import json
 import secrets
 from typing import Any, ClassVar
 
-from sim.base import IDLE_POWER_W, HttpRequest, HttpResponse, SimMinerBase, json_response
-from sim.base import rpc_status as _status
+from siteagent.sim.base import IDLE_POWER_W, HttpRequest, HttpResponse, SimMinerBase, json_response
+from siteagent.sim.base import rpc_status as _status
 
 REALM = "antMiner Configuration"
 USERNAME = "root"

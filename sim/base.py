@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sim.faults import (
+from siteagent.sim.faults import (
     DEFAULT_MISREPORT_FACTOR,
     DEFAULT_SLOW_DELAY_S,
     GARBAGE_BYTES,
@@ -28,8 +28,8 @@ from sim.faults import (
     FaultState,
     GroundTruth,
 )
-from sim.power import MinerPowerModel, PowerTiming, SimModel
-from sim.wire import read_json_request
+from siteagent.sim.power import MinerPowerModel, PowerTiming, SimModel
+from siteagent.sim.wire import read_json_request
 
 DEFAULT_REBOOT_DOWN_S = 5.0
 # What a miner draws while its controller boots or its mining service restarts.

@@ -39,7 +39,7 @@ from h2.errors import ErrorCodes
 from pyasic.web.braiins_os.proto.braiins.bos import ApiVersion, ApiVersionServiceBase
 from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
 
-from sim.faults import (
+from siteagent.sim.faults import (
     DEFAULT_MISREPORT_FACTOR,
     DEFAULT_SLOW_DELAY_S,
     GARBAGE_BYTES,
@@ -47,8 +47,8 @@ from sim.faults import (
     FaultState,
     GroundTruth,
 )
-from sim.power import MinerPowerModel, PowerTiming, SimModel
-from sim.wire import read_json_request
+from siteagent.sim.power import MinerPowerModel, PowerTiming, SimModel
+from siteagent.sim.wire import read_json_request
 
 HTTP_PORT = 80
 RPC_PORT = 4028

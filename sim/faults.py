@@ -10,7 +10,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sim.power import MinerPowerModel, SimModel
+from siteagent.sim.power import MinerPowerModel, SimModel
 
 
 class Fault(enum.StrEnum):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from typing import Any, ClassVar
 
-from sim.base import SimMinerBase, rpc_status
+from siteagent.sim.base import SimMinerBase, rpc_status
 
 LUXOS_VERSION = "2024.11.18.191234-f54cd2ae"
 PROFILE_STEPS = 6  # 50 %, 60 %, ... 100 % of nameplate

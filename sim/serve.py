@@ -29,8 +29,8 @@ import sys
 import time
 from typing import Any
 
-from sim.gpu import SimGpuSite
-from sim.site import SimSite
+from siteagent.sim.gpu import SimGpuSite
+from siteagent.sim.site import SimSite
 
 
 class SimServer:

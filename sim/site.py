@@ -8,14 +8,14 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from sim.antminer import SimAntminer
-from sim.base import SimMinerBase
-from sim.braiins import SimBraiinsMiner
-from sim.faults import Fault
-from sim.luxos import SimLuxOS
-from sim.power import SIM_MODELS, PowerTiming
-from sim.vnish import SimVNish
-from sim.whatsminer import SimWhatsminer
+from siteagent.sim.antminer import SimAntminer
+from siteagent.sim.base import SimMinerBase
+from siteagent.sim.braiins import SimBraiinsMiner
+from siteagent.sim.faults import Fault
+from siteagent.sim.luxos import SimLuxOS
+from siteagent.sim.power import SIM_MODELS, PowerTiming
+from siteagent.sim.vnish import SimVNish
+from siteagent.sim.whatsminer import SimWhatsminer
 
 DEFAULT_MODEL_MIX = ("S19 XP", "S21", "S19j Pro")
 WHATSMINER_MODELS = ("M50S", "M60S", "M30S++")

@@ -62,7 +62,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sim.base import (
+from siteagent.sim.base import (
     DEFAULT_REBOOT_DOWN_S,
     HTTP_ERRORS,
     IDLE_POWER_W,
@@ -74,8 +74,8 @@ from sim.base import (
     read_http_request,
     rpc_status,
 )
-from sim.faults import GARBAGE_BYTES, Fault
-from sim.power import HASHRATE_POWER_EXPONENT
+from siteagent.sim.faults import GARBAGE_BYTES, Fault
+from siteagent.sim.power import HASHRATE_POWER_EXPONENT
 
 VNISH_VERSION = "1.2.7"
 BUILD_TIME = "2025-12-22 19:12:30"

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from passlib.hash import md5_crypt  # type: ignore[import-untyped]
 
-from sim.base import IDLE_POWER_W, SimMinerBase, rpc_status
+from siteagent.sim.base import IDLE_POWER_W, SimMinerBase, rpc_status
 
 FW_VERSION = "20230911.12.Rel"
 API_VERSION = "2.0.5"

@@ -3,7 +3,7 @@
 ``ReferenceDevice`` is one device's memory as plainly as it can be written: what
 the agent read, commanded and has not yet seen confirmed, and from these the power
 to count for it (DESIGN.md invariant 1). The agent keeps every device as columns
-(agent/fleet.py) and computes the same over arrays; tests/test_fleet.py drives
+(agent/control/fleet.py) and computes the same over arrays; tests/test_fleet.py drives
 random histories through both and compares the two field for field. Confirming a
 change from a reading is one rule of the fleet's (``confirms``), used here as it is.
 """
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.devices import MinerDriver
-from agent.fleet import Pending, confirms, shown_error
-from domain import (
+from siteagent.agent.control.devices import DeviceDriver
+from siteagent.agent.control.fleet import Pending, confirms, shown_error
+from siteagent.domain import (
+    DeviceControls,
     DeviceError,
     DeviceFaulted,
     DeviceKind,
@@ -22,9 +23,8 @@ from domain import (
     DeviceReading,
     DeviceState,
     DeviceStatus,
-    MinerCapabilities,
 )
-from domain.worst_case import CONFIRM_SLACK_W, DISOBEY_SLACK_FRAC, DISOBEY_SLACK_W
+from siteagent.domain.worst_case import CONFIRM_SLACK_W, DISOBEY_SLACK_FRAC, DISOBEY_SLACK_W
 
 
 @dataclass
@@ -39,10 +39,8 @@ class ReferenceDevice:
     kind: DeviceKind = DeviceKind.MINER
     nameplate_power_is_default: bool = False
     nameplate_hashrate_is_default: bool = False
-    driver: MinerDriver | None = None
-    capabilities: MinerCapabilities = field(
-        default_factory=lambda: MinerCapabilities(power_target=False)
-    )
+    driver: DeviceDriver | None = None
+    capabilities: DeviceControls = field(default_factory=lambda: DeviceControls(power_target=False))
     last_good: DeviceReading | None = None
     last_ok_s: float | None = None
     state: DeviceState = DeviceState.UNKNOWN
@@ -57,7 +55,7 @@ class ReferenceDevice:
 
     # -- what happens to it ---------------------------------------------------------
 
-    def attach(self, driver: MinerDriver) -> None:
+    def attach(self, driver: DeviceDriver) -> None:
         """Connected: adopt what the driver identified."""
         self.driver = driver
         ident = driver.identity

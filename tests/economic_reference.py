@@ -10,17 +10,17 @@ from itertools import pairwise
 
 from site_reference import reference_loads_w as domain_loads_w
 
-from domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, Snapshot
-from domain.site import DomainTree
-from policies.capping import (
+from siteagent.domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, Snapshot
+from siteagent.domain.site import DomainTree
+from siteagent.policies.capping import (
     MOVABLE_KINDS,
     max_level_w,
     min_level_w,
     pinned_setpoint,
     wake_blocked,
 )
-from policies.economic import EconomicParams, gpu_demand_frac, miner_revenue_usd_per_h
-from policies.prices import Prices
+from siteagent.policies.economic import EconomicParams, gpu_demand_frac, miner_revenue_usd_per_h
+from siteagent.policies.prices import Prices
 
 
 def reference_plan(

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import Config, parse_config
-from agent.devices import DeviceLink, MinerDriver
-from agent.loop import Agent
-from domain import DeviceReading, DeviceState, MinerCapabilities, MinerIdentity
+from siteagent.agent.config import Config, parse_config
+from siteagent.agent.control.devices import DeviceDriver, DeviceLink
+from siteagent.agent.control.loop import Agent
+from siteagent.domain import DeviceControls, DeviceIdentity, DeviceReading, DeviceState
 
 SLEEP_W = 25.0
 
@@ -40,13 +40,13 @@ class RecordingDriver:
         self.log = log
         self.target_w = nameplate_w
         self.asleep = False
-        self.identity: MinerIdentity | None = MinerIdentity(
+        self.identity: DeviceIdentity | None = DeviceIdentity(
             make="fake",
             model="recorder",
             firmware="1",
             mac=None,
             serial=None,
-            capabilities=MinerCapabilities(
+            capabilities=DeviceControls(
                 power_target=True,
                 power_target_min_w=nameplate_w * 0.5,
                 power_target_max_w=nameplate_w,
@@ -117,7 +117,7 @@ def fake_trackers(
     """n recording miners, m0000..; connected on their first read."""
 
     def connector(driver: RecordingDriver) -> Callable[[], Any]:
-        async def connect() -> MinerDriver:
+        async def connect() -> DeviceDriver:
             return driver
 
         return connect

@@ -19,8 +19,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from agent.loop import Agent
-from agent.metrics import Family, HistogramFamily, families
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.ops.metrics import Family, HistogramFamily, families
 
 
 def _to_client(fam: Family | HistogramFamily) -> Metric:

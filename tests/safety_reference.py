@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.safety import LOWER, RAISE, SLEEP, WAKE, Change, current_awake
-from domain import Plan, Snapshot, setpoint_rows
+from siteagent.agent.control.safety import LOWER, RAISE, SLEEP, WAKE, Change, current_awake
+from siteagent.domain import Plan, Snapshot, setpoint_rows
 
 
 def reference_diff(plan: Plan, snapshot: Snapshot) -> list[Change]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from domain import DeviceStatus
-from domain.site import SITE, DomainTree
+from siteagent.domain import DeviceStatus
+from siteagent.domain.site import SITE, DomainTree
 
 
 def reference_loads_w(

@@ -18,17 +18,23 @@ import pytest
 from metrics_reference import build_registry
 from prometheus_client import generate_latest
 
-from agent.alarms import CAP_UNMEETABLE, CONTRACT_FLOOR_BROKEN, PRICES_STALE, AlarmEvent, Alarms
-from agent.api import create_app, make_services
-from agent.auth import Scope, TokenEntry, TokenStore, hash_token
-from agent.client import status_table
-from agent.config import parse_config
-from agent.inventory import build_trackers, close_drivers
-from agent.loop import Agent
-from agent.metrics import families, render_text
-from domain import DeviceKind
-from sim.gpu import SimGpuSite
-from sim.site import SimSite
+from siteagent.agent.api.auth import Scope, TokenEntry, TokenStore, hash_token
+from siteagent.agent.api.http import create_app, make_services
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.alarms import (
+    CAP_UNMEETABLE,
+    CONTRACT_FLOOR_BROKEN,
+    PRICES_STALE,
+    AlarmEvent,
+    Alarms,
+)
+from siteagent.agent.control.inventory import build_devices, close_drivers
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.ops.metrics import families, render_text
+from siteagent.agent.tools.client import status_table
+from siteagent.domain import DeviceKind
+from siteagent.sim.gpu import SimGpuSite
+from siteagent.sim.site import SimSite
 
 MINER_BASE = "127.1.203.1"
 GHOST = "127.1.203.99"  # a configured miner with nothing listening: unreachable
@@ -142,7 +148,7 @@ async def test_a_cap_below_a_contract_floor_wins_loudly_on_the_simulated_site(
     miners, gpus = sites
     # 4 GPUs of 200-700 W; the customer is owed 600 W each.
     cfg = site_config(miners, gpus, tmp_path, contract_floor_w=2400)
-    agent = Agent(cfg, await build_trackers(cfg))
+    agent = Agent(cfg, await build_devices(cfg))
     services, http = api(agent)
     try:
         await agent.sweep()
@@ -200,7 +206,7 @@ async def test_a_cap_no_plan_can_meet_raises_one_alarm_and_no_line_per_tick(
 ) -> None:
     miners, gpus = sites
     cfg = site_config(miners, gpus, tmp_path, ghost=True)
-    agent = Agent(cfg, await build_trackers(cfg))
+    agent = Agent(cfg, await build_devices(cfg))
     try:
         await agent.sweep()
         ghost = next(d for d in agent.snapshot().devices if d.device_id == "ghost")
@@ -232,7 +238,7 @@ async def test_a_domain_limit_no_plan_can_meet_raises_the_alarm_naming_the_domai
         {"id": "rack-g", "limit_w": 4000, "parent": "feeder-f"},
     ]
     cfg = site_config(miners, gpus, tmp_path, ghost=True, ghost_domain="rack-g", domains=domains)
-    agent = Agent(cfg, await build_trackers(cfg))
+    agent = Agent(cfg, await build_devices(cfg))
     services, http = api(agent)
     try:
         await agent.sweep()
@@ -281,7 +287,7 @@ async def test_a_contract_floor_broken_by_a_domain_names_the_domain_not_the_site
         contract_floor_w=2400,
         domain="rack-ai",
     )
-    agent = Agent(cfg, await build_trackers(cfg))
+    agent = Agent(cfg, await build_devices(cfg))
     try:
         await agent.sweep()
         await settle(agent, 4)

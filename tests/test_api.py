@@ -13,10 +13,10 @@ import httpx
 import pytest
 from fakesite import CommandLog, fake_agent, site_config
 
-from agent.api import ApiServer, Services, create_app, make_services, serve_api
-from agent.auth import Scope, TokenEntry, TokenStore, hash_token
-from agent.cli import main as cli_main
-from agent.loop import Agent
+from siteagent.agent.api.auth import Scope, TokenEntry, TokenStore, hash_token
+from siteagent.agent.api.http import ApiServer, Services, create_app, make_services, serve_api
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.tools.cli import main as cli_main
 
 TOKENS = {
     "reader": ("tok-read-0123456789", Scope.READ),

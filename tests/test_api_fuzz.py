@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from agent.api import ApiServer, serve_api
-from agent.auth import Scope, create_token
+from siteagent.agent.api.auth import Scope, create_token
+from siteagent.agent.api.http import ApiServer, serve_api
 
 # Per operation and run; SITEAGENT_FUZZ_EXAMPLES scales it up for a deeper run.
 EXAMPLES = int(os.environ.get("SITEAGENT_FUZZ_EXAMPLES", "25"))

@@ -17,8 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fakesite import fake_agent, site_config
 
-from agent.api import serve_api
-from agent.auth import (
+from siteagent.agent.api.auth import (
     FailureLimiter,
     Principal,
     Scope,
@@ -29,8 +28,9 @@ from agent.auth import (
     parse_tokens,
     ssl_options,
 )
-from agent.cli import main as cli_main
-from agent.config import ApiConfig, ConfigError, parse_config
+from siteagent.agent.api.http import serve_api
+from siteagent.agent.config import ApiConfig, ConfigError, parse_config
+from siteagent.agent.tools.cli import main as cli_main
 
 
 def test_scopes_are_ordered_and_parsed() -> None:

@@ -11,12 +11,21 @@ import pyasic
 import pytest
 from pyasic.miners.backends.antminer import AntminerModern
 
-from domain.errors import DeviceFaulted, DevicePermissionError, DeviceRefused, DeviceUnreachable
-from domain.types import DeviceState
-from drivers.asic import AsicDriver
-from drivers.backends.antminer import MODE_REFRESH_READS, SLEEP_ESTIMATE_W, AntminerBackend
-from sim.antminer import MODE_LOW, MODE_NORMAL, MODE_SLEEP, SimAntminer
-from sim.site import SimSite
+from siteagent.domain.errors import (
+    DeviceFaulted,
+    DevicePermissionError,
+    DeviceRefused,
+    DeviceUnreachable,
+)
+from siteagent.domain.types import DeviceState
+from siteagent.drivers.asic import AsicDriver
+from siteagent.drivers.backends.antminer import (
+    MODE_REFRESH_READS,
+    SLEEP_ESTIMATE_W,
+    AntminerBackend,
+)
+from siteagent.sim.antminer import MODE_LOW, MODE_NORMAL, MODE_SLEEP, SimAntminer
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.150.1"  # this module's own loopback range (127.1.150.x-127.1.159.x)
 TIMEOUT_S = 0.5

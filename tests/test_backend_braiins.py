@@ -16,15 +16,15 @@ import pytest
 from grpclib import Status
 from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
 
-from domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
-from domain.types import DeviceState
-from drivers.asic import AsicDriver
-from drivers.backends import braiins_wire as wire
-from drivers.backends import known_backend
-from drivers.backends.base import KeepBudget
-from drivers.backends.braiins import STREAMS_PER_CONNECTION, BraiinsBackend
-from sim.braiins import SimBraiinsMiner
-from sim.site import SimSite
+from siteagent.domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
+from siteagent.domain.types import DeviceState
+from siteagent.drivers.asic import AsicDriver
+from siteagent.drivers.backends import braiins_wire as wire
+from siteagent.drivers.backends import known_backend
+from siteagent.drivers.backends.base import KeepBudget
+from siteagent.drivers.backends.braiins import STREAMS_PER_CONNECTION, BraiinsBackend
+from siteagent.sim.braiins import SimBraiinsMiner
+from siteagent.sim.site import SimSite
 
 BASE = (
     "127.1.180.1"  # this module's own loopback range (clear of a 10,000-miner bench from 127.1.0.1)

@@ -10,11 +10,11 @@ import pyasic
 import pytest
 from pyasic.miners.backends.luxminer import LUXMiner
 
-from domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
-from domain.types import DeviceState
-from drivers.asic import AsicDriver
-from sim.luxos import SimLuxOS
-from sim.site import SimSite
+from siteagent.domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
+from siteagent.domain.types import DeviceState
+from siteagent.drivers.asic import AsicDriver
+from siteagent.sim.luxos import SimLuxOS
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.130.1"  # this module's own loopback range
 TIMEOUT_S = 0.5

@@ -17,23 +17,23 @@ import pytest
 from pyasic.miners.backends.vnish import VNish
 from pyasic.web.vnish import VNishWebAPI
 
-from agent.devices import Connector, DeviceLink, MinerDriver
-from agent.inventory import close_drivers
-from agent.inventory_store import backend_of
-from domain.errors import (
+from siteagent.agent.control.devices import Connector, DeviceDriver, DeviceLink
+from siteagent.agent.control.inventory import close_drivers
+from siteagent.agent.control.inventory_store import backend_of
+from siteagent.domain.errors import (
     DeviceError,
     DeviceFaulted,
     DevicePermissionError,
     DeviceRefused,
     DeviceUnreachable,
 )
-from domain.types import DeviceState
-from drivers.asic import AsicDriver, discover
-from drivers.backends import BACKENDS
-from drivers.backends.vnish import KEEPALIVE_BUDGET, PRESET_REFRESH_READS, VNishBackend
-from sim.base import IDLE_POWER_W
-from sim.site import SimSite
-from sim.vnish import PRESET_STEP_W, VNISH_VERSION, SimVNish
+from siteagent.domain.types import DeviceState
+from siteagent.drivers.asic import AsicDriver, discover
+from siteagent.drivers.backends import BACKENDS
+from siteagent.drivers.backends.vnish import KEEPALIVE_BUDGET, PRESET_REFRESH_READS, VNishBackend
+from siteagent.sim.base import IDLE_POWER_W
+from siteagent.sim.site import SimSite
+from siteagent.sim.vnish import PRESET_STEP_W, VNISH_VERSION, SimVNish
 
 BASE = "127.1.160.1"  # this module's own loopback range (127.1.160.x-127.1.169.x)
 TIMEOUT_S = 0.5
@@ -536,7 +536,7 @@ async def test_readings_reuse_one_connection_until_closed(site: SimSite) -> None
 
 
 def already(d: AsicDriver) -> Connector:
-    async def connect() -> MinerDriver:
+    async def connect() -> DeviceDriver:
         return d
 
     return connect
@@ -592,7 +592,7 @@ async def test_a_web_server_restart_or_idle_close_is_recovered_without_a_failure
     # The closed connection was seen before use: a new one, one request, no resend.
     assert m.http_connections == n + 1 and dict(m.requests) == {"GET /api/v1/summary": 1}
     # The miner closes a connection left idle.
-    monkeypatch.setattr("sim.vnish.KEEPALIVE_IDLE_S", 0.2)
+    monkeypatch.setattr("siteagent.sim.vnish.KEEPALIVE_IDLE_S", 0.2)
     await drv.read()  # the next wait for a request is the short one
     await until(lambda: m.open_http_connections == 0)
     assert (await drv.read()).state is DeviceState.MINING

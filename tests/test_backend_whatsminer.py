@@ -11,11 +11,16 @@ import pyasic
 import pytest
 from pyasic.miners.backends.btminer import BTMinerV2
 
-from domain.errors import DeviceFaulted, DevicePermissionError, DeviceRefused, DeviceUnreachable
-from domain.types import DeviceState
-from drivers.asic import AsicDriver
-from sim.site import SimSite
-from sim.whatsminer import FW_VERSION, SimWhatsminer
+from siteagent.domain.errors import (
+    DeviceFaulted,
+    DevicePermissionError,
+    DeviceRefused,
+    DeviceUnreachable,
+)
+from siteagent.domain.types import DeviceState
+from siteagent.drivers.asic import AsicDriver
+from siteagent.sim.site import SimSite
+from siteagent.sim.whatsminer import FW_VERSION, SimWhatsminer
 
 BASE = "127.1.120.1"  # this module's own loopback range
 TIMEOUT_S = 0.5

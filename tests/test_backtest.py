@@ -13,8 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.backtest import make_prices, run_backtest, site_from_config, synthetic_site
-from agent.cli import main
+from siteagent.agent.tools.backtest import (
+    make_prices,
+    run_backtest,
+    site_from_config,
+    synthetic_site,
+)
+from siteagent.agent.tools.cli import main
 
 
 def test_economic_beats_capping_and_stays_within_the_optimum() -> None:
@@ -31,7 +36,7 @@ def test_economic_beats_capping_and_stays_within_the_optimum() -> None:
 
 def test_cli_writes_the_plot_and_a_json_report(tmp_path: Path, capsys: object) -> None:
     prices = tmp_path / "p.csv"
-    from agent.prices import write_csv
+    from siteagent.agent.control.prices import write_csv
 
     write_csv(make_prices(days=1), prices)
     png = tmp_path / "out.png"
@@ -65,7 +70,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _backtest(*argv: str, stderr: int | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "backtest", *argv],
+        [sys.executable, "-m", "siteagent.agent.tools.cli", "backtest", *argv],
         capture_output=stderr is None,
         stdout=subprocess.PIPE if stderr is not None else None,
         stderr=stderr,
@@ -78,7 +83,7 @@ def _backtest(*argv: str, stderr: int | None = None) -> subprocess.CompletedProc
 
 def test_json_report_is_nothing_but_json(tmp_path: Path) -> None:
     prices = tmp_path / "p.csv"
-    from agent.prices import write_csv
+    from siteagent.agent.control.prices import write_csv
 
     write_csv(make_prices(days=1), prices)
     r = _backtest("--prices", str(prices), "--miners", "6", "--gpus", "8", "--report", "json")
@@ -116,8 +121,8 @@ def test_a_bad_price_file_is_one_line_and_exit_2(
 
 
 def test_a_bad_plot_folder_is_refused_before_the_replay(tmp_path: Path) -> None:
-    from agent.backtest import BacktestInputError, check_inputs
-    from agent.prices import write_csv
+    from siteagent.agent.control.prices import write_csv
+    from siteagent.agent.tools.backtest import BacktestInputError, check_inputs
 
     prices = tmp_path / "p.csv"
     write_csv(make_prices(days=1), prices)
@@ -139,7 +144,7 @@ def test_a_bad_plot_folder_is_refused_before_the_replay(tmp_path: Path) -> None:
 
 
 def check_message(args: argparse.Namespace) -> str:
-    from agent.backtest import BacktestInputError, check_inputs
+    from siteagent.agent.tools.backtest import BacktestInputError, check_inputs
 
     try:
         check_inputs(args)
@@ -149,7 +154,7 @@ def check_message(args: argparse.Namespace) -> str:
 
 
 def test_progress_shows_on_a_terminal(tmp_path: Path) -> None:
-    from agent.prices import write_csv
+    from siteagent.agent.control.prices import write_csv
 
     prices = tmp_path / "p.csv"
     write_csv(make_prices(days=2), prices)
@@ -176,7 +181,7 @@ def test_progress_shows_on_a_terminal(tmp_path: Path) -> None:
 
 
 def test_a_site_that_loses_money_has_no_ratio_and_says_why() -> None:
-    from agent.config import load_config
+    from siteagent.agent.config import load_config
 
     site = site_from_config(load_config(REPO / "examples" / "site.toml"))
     out = run_backtest(site, make_prices(days=1))
@@ -187,7 +192,7 @@ def test_a_site_that_loses_money_has_no_ratio_and_says_why() -> None:
 
 
 def test_text_report_says_n_a_not_nan(tmp_path: Path) -> None:
-    from agent.prices import write_csv
+    from siteagent.agent.control.prices import write_csv
 
     prices = tmp_path / "p.csv"
     write_csv(make_prices(days=1), prices)

@@ -18,7 +18,7 @@ import pytest
 from grpclib.encoding.proto import ProtoCodec
 from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
 
-from drivers.backends import braiins_wire as wire
+from siteagent.drivers.backends import braiins_wire as wire
 
 RECHECK = "re-check drivers/backends/braiins_wire.py"
 

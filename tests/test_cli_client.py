@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from fakesite import fake_agent, site_config
 
-from agent.api import ApiServer, ApiStartError, serve_api
-from agent.auth import Scope, hash_token
-from agent.cli import main as cli_main
-from agent.cli import parser
-from agent.store import Store
+from siteagent.agent.api.auth import Scope, hash_token
+from siteagent.agent.api.http import ApiServer, ApiStartError, serve_api
+from siteagent.agent.api.store import Store
+from siteagent.agent.tools.cli import main as cli_main
+from siteagent.agent.tools.cli import parser
 
 HOST = "127.1.205.1"
 TOKENS = {
@@ -228,7 +228,7 @@ async def test_a_missing_tls_file_is_named_with_its_key(tmp_path: Path) -> None:
     ],
 )
 def test_plain_http_off_this_machine_warns(host: str, tls: bool, warns: bool) -> None:
-    from agent.api import plain_http_warning
+    from siteagent.agent.api.http import plain_http_warning
 
     text = plain_http_warning(host, 8800, tls=tls)
     assert (text is not None) == warns
@@ -259,7 +259,7 @@ def test_demo_runs_its_gpu_nodes_at_the_gpu_base() -> None:
         [
             sys.executable,
             "-m",
-            "agent.cli",
+            "siteagent.agent.tools.cli",
             "demo",
             *("--miners", "2", "--gpu-nodes", "1", "--gpus-per-node", "1"),
             *("--base", "127.1.205.10", "--gpu-base", "127.2.205.10", "--time-scale", "0.2"),

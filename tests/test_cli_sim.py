@@ -15,7 +15,7 @@ async def test_sim_command_prints_an_inventory_pyasic_agrees_with() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "agent.cli",
+        "siteagent.agent.tools.cli",
         "sim",
         "--miners",
         "5",

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from config_keys import is_float, key_paths
 
-from agent.cli import main
-from agent.config import Config, ConfigError, ConfigProblem, load_config, parse_config
+from siteagent.agent.config import Config, ConfigError, ConfigProblem, load_config, parse_config
+from siteagent.agent.tools.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples").glob("*.toml"))

@@ -24,20 +24,20 @@ from test_devices import CAPS, StubDriver
 from test_fleet import STALE_S, check, new_link, reference
 from test_loop import make_config
 
-from agent.api import create_app, make_services
-from agent.config import Config
-from agent.credentials import (
+from siteagent.agent.api.http import create_app, make_services
+from siteagent.agent.config import Config
+from siteagent.agent.control.fleet import Fleet
+from siteagent.agent.control.inventory import build_devices, close_drivers
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.credentials import (
     NO_FILE_SOURCE,
     CredentialsError,
     load_credentials,
 )
-from agent.fleet import Fleet
-from agent.inventory import build_trackers, close_drivers
-from agent.loop import Agent
-from agent.metrics import families, render_text
-from domain import DevicePermissionError, DeviceReading, DeviceState, MinerIdentity
-from domain.credentials import Login, Secret
-from sim.site import SimSite
+from siteagent.agent.ops.metrics import families, render_text
+from siteagent.domain import DeviceIdentity, DevicePermissionError, DeviceReading, DeviceState
+from siteagent.domain.credentials import Login, Secret
+from siteagent.sim.site import SimSite
 
 FIRMWARES = ["antminer", "braiins", "vnish", "whatsminer"]
 # The simulators' password, and a wrong one the agent is given. Whatsminer's admin
@@ -192,7 +192,7 @@ def test_read_only_counts_at_nameplate_unless_a_fresh_reading_says_asleep() -> N
         check(fleet, [ref], now_s)  # the fleet and the per-device specification agree
         return fleet.snapshot(now_s, STALE_S).devices[0]
 
-    driver = StubDriver(MinerIdentity("Bitmain", "S19", "fw", None, None, CAPS, 3600.0, 210.0))
+    driver = StubDriver(DeviceIdentity("Bitmain", "S19", "fw", None, None, CAPS, 3600.0, 210.0))
     fleet.attach(0, driver)
     ref.attach(driver)
     r = DeviceReading("d0", 1000.0, 2000.0, DeviceState.MINING, power_target_w=2000.0)
@@ -256,7 +256,7 @@ async def test_refused_credentials_make_the_miner_read_only_with_one_warning(
     try:
         m = site.miners[0]
         cfg = config_for(addr, tmp_path, 0.4 * m.nameplate_power_w, creds)
-        trackers = await build_trackers(cfg)
+        trackers = await build_devices(cfg)
         agent = Agent(cfg, trackers)
         await ticks(agent, 4)
         for t in trackers:
@@ -315,7 +315,7 @@ async def test_the_right_password_from_a_0600_file_lets_writes_land(
     try:
         m = site.miners[0]
         cfg = config_for(addr, tmp_path, 0.4 * m.nameplate_power_w, creds)
-        trackers = await build_trackers(cfg)
+        trackers = await build_devices(cfg)
         agent = Agent(cfg, trackers)
         for _ in range(20):
             await ticks(agent, 1)
@@ -335,4 +335,4 @@ async def test_a_0644_file_stops_the_agent_before_it_drives_anything(
     p = write_file(secret_dir / "creds.toml", '[firmware.vnish]\npassword = "x"\n', 0o644)
     cfg = config_for("127.1.202.40", tmp_path, 10_000, p)
     with pytest.raises(CredentialsError, match="chmod 600"):
-        await build_trackers(cfg)
+        await build_devices(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.demo import over_cap, run_demo
+from siteagent.agent.tools.demo import over_cap, run_demo
 
 
 def test_over_cap_ignores_the_correction_window_after_drops_only() -> None:
@@ -60,7 +60,7 @@ async def test_demo_keeps_the_simulated_site_under_its_cap() -> None:
 
 def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     ok = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "check-config", "examples/site.toml"],
+        [sys.executable, "-m", "siteagent.agent.tools.cli", "check-config", "examples/site.toml"],
         capture_output=True,
         text=True,
         check=False,
@@ -69,7 +69,7 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[site]\ncap_w = -1\nbogus = 2\n[policy]\ncapping_target = 2\n")
     res = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "check-config", str(bad)],
+        [sys.executable, "-m", "siteagent.agent.tools.cli", "check-config", str(bad)],
         capture_output=True,
         text=True,
         check=False,
@@ -82,7 +82,7 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
 
 def test_version() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "--version"],
+        [sys.executable, "-m", "siteagent.agent.tools.cli", "--version"],
         capture_output=True,
         text=True,
         check=False,
@@ -96,7 +96,7 @@ def test_run_with_an_unusable_state_dir_exits_with_one_clear_line(tmp_path: Path
     cfg = tmp_path / "site.toml"
     cfg.write_text(f'[site]\ncap_w = 1000\n[state]\ndir = "{blocker}"\n')
     res = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+        [sys.executable, "-m", "siteagent.agent.tools.cli", "run", "--config", str(cfg)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,23 +9,23 @@ from typing import Any
 
 import pytest
 
-from agent.devices import DeviceLink, MinerDriver
-from agent.fleet import Fleet
-from domain import (
+from siteagent.agent.control.devices import DeviceDriver, DeviceLink
+from siteagent.agent.control.fleet import Fleet
+from siteagent.domain import (
+    DeviceControls,
     DeviceFaulted,
+    DeviceIdentity,
     DeviceReading,
     DeviceState,
     DeviceStatus,
     DeviceUnreachable,
-    MinerCapabilities,
-    MinerIdentity,
 )
 
 NAMEPLATE_W = 3500.0
 SLEEP_W = 25.0
 STALE_S = 30.0
 CONFIRM_S = 120.0
-CAPS = MinerCapabilities(
+CAPS = DeviceControls(
     power_target=True,
     power_target_min_w=1500.0,
     power_target_max_w=3600.0,
@@ -37,11 +37,11 @@ CAPS = MinerCapabilities(
 class StubDriver:
     """A connected driver that the tracker only asks for its identity."""
 
-    def __init__(self, identity: MinerIdentity | None) -> None:
+    def __init__(self, identity: DeviceIdentity | None) -> None:
         self._identity = identity
 
     @property
-    def identity(self) -> MinerIdentity | None:
+    def identity(self) -> DeviceIdentity | None:
         return self._identity
 
     async def read(self) -> DeviceReading:
@@ -57,7 +57,7 @@ class StubDriver:
         raise AssertionError("the tracker never commands by itself")
 
 
-async def _never_connect() -> MinerDriver:
+async def _never_connect() -> DeviceDriver:
     raise AssertionError("not used")
 
 
@@ -72,7 +72,7 @@ class One:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.fleet[self.link.device_id], name)
 
-    def attach(self, driver: MinerDriver) -> None:
+    def attach(self, driver: DeviceDriver) -> None:
         self.fleet.attach(0, driver)
 
     def record_reading(self, r: DeviceReading, now_s: float, confirm_timeout_s: float) -> None:
@@ -117,7 +117,7 @@ def tracker(*, attach: bool = True) -> One:
         )
     )
     if attach:
-        ident = MinerIdentity("Bitmain", "S19", "braiins", None, None, CAPS, NAMEPLATE_W, 200.0)
+        ident = DeviceIdentity("Bitmain", "S19", "braiins", None, None, CAPS, NAMEPLATE_W, 200.0)
         t.attach(StubDriver(ident))
     return t
 
@@ -133,13 +133,13 @@ def sleeping(now_s: float) -> DeviceReading:
 def test_attach_adopts_identity_capabilities() -> None:
     t = tracker(attach=False)
     assert t.capabilities.power_target is False
-    ident = MinerIdentity("B", "S21", "fw", None, None, CAPS, 3600.0, 234.0)
+    ident = DeviceIdentity("B", "S21", "fw", None, None, CAPS, 3600.0, 234.0)
     t.attach(StubDriver(ident))
     assert t.capabilities == CAPS
     # Nameplate only ever grows: the worst case must not shrink on a vendor's say-so.
     assert t.nameplate_power_w == 3600.0
     t2 = tracker(attach=False)
-    t2.attach(StubDriver(MinerIdentity("B", "S9", "fw", None, None, CAPS, 1400.0, 14.0)))
+    t2.attach(StubDriver(DeviceIdentity("B", "S9", "fw", None, None, CAPS, 1400.0, 14.0)))
     assert t2.nameplate_power_w == NAMEPLATE_W
 
 
@@ -391,7 +391,7 @@ def test_raise_over_an_unconfirmed_lower_keeps_the_old_level() -> None:
     # old level from the budget, so a miner that had ignored both counted at 1004 W.
     blind = replace(CAPS, reports_power=False)
     t = tracker(attach=False)
-    t.attach(StubDriver(MinerIdentity("B", "S19", "fw", None, None, blind, NAMEPLATE_W, 200.0)))
+    t.attach(StubDriver(DeviceIdentity("B", "S19", "fw", None, None, blind, NAMEPLATE_W, 200.0)))
     t.record_reading(
         DeviceReading("m1", 0.0, None, DeviceState.MINING, power_target_w=2000.0), 0.0, CONFIRM_S
     )
@@ -471,7 +471,7 @@ class SlowFirmwareDriver(StubDriver):
 
 def test_a_change_counts_at_its_worst_case_for_as_long_as_the_firmware_takes() -> None:
     t = tracker(attach=False)
-    t.attach(SlowFirmwareDriver(MinerIdentity("m", "S19", "fw", None, None, CAPS, NAMEPLATE_W)))
+    t.attach(SlowFirmwareDriver(DeviceIdentity("m", "S19", "fw", None, None, CAPS, NAMEPLATE_W)))
     t.record_reading(mining(0.0, 3000.0, 3000.0), 0.0, CONFIRM_S)
     t.record_command("lower", 3000.0, 2000.0, 2000.0, 0.0)
     # Past the configured 120 s but inside the firmware's 300 s: still pending, still
@@ -484,8 +484,8 @@ def test_a_change_counts_at_its_worst_case_for_as_long_as_the_firmware_takes() -
 
 
 def test_asic_driver_settle_times_follow_the_firmware() -> None:
-    from drivers.asic import AsicDriver
-    from drivers.backends.base import Behaviour
+    from siteagent.drivers.asic import AsicDriver
+    from siteagent.drivers.backends.base import Behaviour
 
     class Fw:
         name = "fw"

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from agent.config import parse_config
-from agent.inventory import build_trackers
-from agent.loop import Agent, OverrideRefused
-from domain import DeviceState
-from sim.site import SimSite
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.inventory import build_devices
+from siteagent.agent.control.loop import Agent, OverrideRefused
+from siteagent.domain import DeviceState
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.50.1"
 N = 4
@@ -48,7 +48,7 @@ async def make_agent(site: SimSite, *, rack_w: float | None = None) -> Agent:
             "control": {"interval_s": 60},
         }
     )
-    agent = Agent(cfg, await build_trackers(cfg))
+    agent = Agent(cfg, await build_devices(cfg))
     await agent.sweep()
     return agent
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.inventory_store import InventoryStore
-from domain.types import MinerCapabilities, MinerIdentity
-from drivers.asic import AsicDriver, discover
-from sim.power import SIM_MODELS, PowerTiming
-from sim.site import SimSite
-from sim.whatsminer import SimWhatsminer
+from siteagent.agent.control.inventory_store import InventoryStore
+from siteagent.domain.types import DeviceControls, DeviceIdentity
+from siteagent.drivers.asic import AsicDriver, discover
+from siteagent.sim.power import SIM_MODELS, PowerTiming
+from siteagent.sim.site import SimSite
+from siteagent.sim.whatsminer import SimWhatsminer
 
 BASE = "127.1.140.1"  # this module's own loopback range
 TIMEOUT_S = 1.0
@@ -73,10 +73,10 @@ async def test_from_inventory_skips_the_probes(tmp_path: Path) -> None:
 def test_a_scan_keeps_first_seen_and_moves_last_seen(tmp_path: Path) -> None:
     now = [1000.0]
     store = InventoryStore(tmp_path / "inventory.sqlite", clock=lambda: now[0])
-    caps = MinerCapabilities(power_target=False, can_sleep=True)
+    caps = DeviceControls(power_target=False, can_sleep=True)
 
-    def ident(mac: str) -> MinerIdentity:
-        return MinerIdentity(
+    def ident(mac: str) -> DeviceIdentity:
+        return DeviceIdentity(
             make="WhatsMiner",
             model="M50S",
             firmware="Whatsminer 2024",

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
-from domain.types import DeviceState
-from drivers.asic import AsicDriver, discover
-from drivers.backends.braiins import SLOW_REFRESH_READS, BraiinsBackend
-from sim.site import SimSite
+from siteagent.domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
+from siteagent.domain.types import DeviceState
+from siteagent.drivers.asic import AsicDriver, discover
+from siteagent.drivers.backends.braiins import SLOW_REFRESH_READS, BraiinsBackend
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.11.1"  # this module's own loopback range
 TIMEOUT_S = 0.5

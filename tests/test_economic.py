@@ -8,21 +8,27 @@ from collections.abc import Iterable, Mapping
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain import (
+from siteagent.domain import (
+    DeviceControls,
     DeviceKind,
     DeviceReading,
     DeviceState,
     DeviceStatus,
     DomainLimit,
     Limits,
-    MinerCapabilities,
     Pin,
     Plan,
     Snapshot,
 )
-from policies.capping import CappingParams, max_level_w, min_level_w
-from policies.economic import EconomicParams, GpuCurve, PriorityClass, PriorityClasses, plan
-from policies.prices import Prices
+from siteagent.policies.capping import CappingParams, max_level_w, min_level_w
+from siteagent.policies.economic import (
+    EconomicParams,
+    GpuCurve,
+    PriorityClass,
+    PriorityClasses,
+    plan,
+)
+from siteagent.policies.prices import Prices
 
 SITE = "site"
 NOW_S = 10_000.0
@@ -33,7 +39,7 @@ PARAMS = EconomicParams()
 def miner(
     i: str, j_per_th: float, *, domain: str = SITE, awake: bool = True, since: float | None = None
 ) -> DeviceStatus:
-    caps = MinerCapabilities(
+    caps = DeviceControls(
         power_target=True, power_target_min_w=1500.0, power_target_max_w=3000.0, can_sleep=True
     )
     w = 3000.0 if awake else 20.0
@@ -56,7 +62,7 @@ def miner(
 
 
 def gpu(i: str, util: float | None = 0.5, *, domain: str = SITE) -> DeviceStatus:
-    caps = MinerCapabilities(power_target=True, power_target_min_w=200.0, power_target_max_w=700.0)
+    caps = DeviceControls(power_target=True, power_target_min_w=200.0, power_target_max_w=700.0)
     reading = (
         None
         if util is None
@@ -346,8 +352,8 @@ def test_never_wakes_a_miner_inside_min_off(
 
 
 def test_agent_dispatches_to_the_economic_policy_by_config() -> None:
-    from agent.config import parse_config
-    from agent.loop import Agent
+    from siteagent.agent.config import parse_config
+    from siteagent.agent.control.loop import Agent
 
     cfg = parse_config({"site": {"cap_w": 10_000.0}, "policy": {"name": "economic"}})
     agent = Agent(cfg, [])
@@ -396,8 +402,8 @@ def test_a_priority_class_does_not_take_a_loss() -> None:
 def test_priority_classes_from_the_config() -> None:
     import pytest
 
-    from agent.config import ConfigError, parse_config
-    from agent.prices import economic_params
+    from siteagent.agent.config import ConfigError, parse_config
+    from siteagent.agent.control.prices import economic_params
 
     cfg = parse_config(
         {

@@ -9,10 +9,10 @@ from economic_reference import reference_plan
 from hypothesis import HealthCheck, given, settings
 from test_economic import sites
 
-from domain import Limits, Pin, Plan, SetpointTable, Snapshot, setpoint_rows
-from policies import PolicyState
-from policies.economic import EconomicParams, EconomicPolicy, plan
-from policies.prices import Prices
+from siteagent.domain import Limits, Pin, Plan, SetpointTable, Snapshot, setpoint_rows
+from siteagent.policies import PolicyState
+from siteagent.policies.economic import EconomicParams, EconomicPolicy, plan
+from siteagent.policies.prices import Prices
 
 Case = tuple[Snapshot, Limits, Prices, EconomicParams, dict[str, str]]
 

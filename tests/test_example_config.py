@@ -10,7 +10,7 @@ from typing import Any
 
 from config_keys import key_paths
 
-from agent.config import Config, load_config
+from siteagent.agent.config import Config, load_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "site.toml"
 

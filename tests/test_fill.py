@@ -9,8 +9,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from domain import MinerCapabilities
-from policies.fill import CUT, SKIPPED, WHOLE, Clamp, Filled, Segments, fill
+from siteagent.domain import DeviceControls
+from siteagent.policies.fill import CUT, SKIPPED, WHOLE, Clamp, Filled, Segments, fill
 
 
 def sequential(
@@ -18,7 +18,7 @@ def sequential(
     chains: np.ndarray,
     avail: list[float],
     start: list[float],
-    caps: list[MinerCapabilities],
+    caps: list[DeviceControls],
 ) -> tuple[list[int], list[float], list[float]]:
     """The rule as the policies first wrote it: one segment at a time, in order."""
     room_of = list(avail)
@@ -52,7 +52,7 @@ def sequential(
 @st.composite
 def cases(
     draw: st.DrawFn,
-) -> tuple[Segments, np.ndarray, list[float], list[float], list[MinerCapabilities]]:
+) -> tuple[Segments, np.ndarray, list[float], list[float], list[DeviceControls]]:
     n_nodes = draw(st.integers(1, 7))
     parent = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n_nodes)]
     chain_of = []
@@ -71,7 +71,7 @@ def cases(
         lo = draw(st.integers(0, 2000))
         step = draw(st.sampled_from([0, 1, 7, 100, 250]))
         caps.append(
-            MinerCapabilities(
+            DeviceControls(
                 power_target=True,
                 power_target_min_w=draw(st.sampled_from([None, float(lo)])),
                 power_target_max_w=float(lo + draw(st.integers(0, 4000))),
@@ -110,7 +110,7 @@ def run_fill(
     chains: np.ndarray,
     avail: list[float],
     start: list[float],
-    caps: list[MinerCapabilities],
+    caps: list[DeviceControls],
 ) -> Filled:
     def col(xs: list[float | None]) -> np.ndarray:
         return np.array([np.nan if x is None else x for x in xs])
@@ -126,7 +126,7 @@ def run_fill(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_fill_decides_every_segment_as_the_sequential_rule(
-    case: tuple[Segments, np.ndarray, list[float], list[float], list[MinerCapabilities]],
+    case: tuple[Segments, np.ndarray, list[float], list[float], list[DeviceControls]],
 ) -> None:
     seg, chains, avail, start, caps = case
     status, used, level = sequential(seg, chains, avail, start, caps)
@@ -169,7 +169,7 @@ def test_a_kernel_numba_cannot_cache_is_compiled_uncached_and_still_runs() -> No
     # Under the systemd unit's hardening numba may find nowhere to write its cache
     # and refuses cache=True outright; a function with no source file is refused the
     # same way, so it stands in for that here.
-    from policies import fill as fill_module
+    from siteagent.policies import fill as fill_module
 
     namespace: dict[str, object] = {}
     exec(compile("def nowhere_to_cache(x):\n    return 2 * x + 1\n", "<string>", "exec"), namespace)
@@ -193,7 +193,7 @@ def test_the_economic_plan_warms_up_before_a_tick() -> None:
     # In a fresh interpreter (here every kernel may already be compiled by other tests):
     # nothing is compiled before warm_up, every kernel a plan calls is after it.
     script = (
-        "from policies import economic, fill\n"
+        "from siteagent.policies import economic, fill\n"
         "kernels = (economic._block_loop, fill._kernel)\n"
         "assert not any(k.signatures for k in kernels)\n"
         "economic.warm_up()\n"
@@ -206,9 +206,11 @@ def test_an_agent_on_the_capping_policy_never_imports_numba() -> None:
     # numba and llvmlite cost about 64 MB of RSS; only the economic plan needs them.
     script = (
         "import asyncio, sys\n"
-        "import agent.api, agent.cli, agent.inventory, agent.metrics, agent.prices\n"
-        "from agent.config import parse_config\n"
-        "from agent.loop import Agent\n"
+        "import siteagent.agent.api.http, siteagent.agent.tools.cli\n"
+        "import siteagent.agent.control.inventory, siteagent.agent.control.prices\n"
+        "import siteagent.agent.ops.metrics\n"
+        "from siteagent.agent.config import parse_config\n"
+        "from siteagent.agent.control.loop import Agent\n"
         "def ticked(policy):\n"
         "    cfg = parse_config({'site': {'cap_w': 1000.0}, 'policy': {'name': policy}})\n"
         "    asyncio.run(Agent(cfg, []).tick())\n"

@@ -1,4 +1,4 @@
-"""The fleet's columns (agent/fleet.py, domain/worst_case.py) against the rule written per
+"""The fleet's columns (agent/control/fleet.py, domain/worst_case.py) against the rule written per
 device (tests/device_reference.py), field for field, over random histories."""
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_devices import CAPS, StubDriver, _never_connect
 
-from agent.devices import DeviceLink
-from agent.fleet import DuplicateDeviceError, Fleet
-from domain import (
+from siteagent.agent.control.devices import DeviceLink
+from siteagent.agent.control.fleet import DuplicateDeviceError, Fleet
+from siteagent.domain import (
+    DeviceControls,
     DeviceFaulted,
+    DeviceIdentity,
     DeviceKind,
     DevicePermissionError,
     DeviceReading,
     DeviceState,
     DeviceUnreachable,
-    MinerCapabilities,
-    MinerIdentity,
     Snapshot,
 )
 
@@ -83,8 +83,8 @@ def events(draw: st.DrawFn) -> tuple[float, int, Event]:
         st.sampled_from(
             [
                 CAPS,
-                MinerCapabilities(power_target=False),
-                MinerCapabilities(power_target=False, can_sleep=True),
+                DeviceControls(power_target=False),
+                DeviceControls(power_target=False, can_sleep=True),
             ]
         )
     )
@@ -109,7 +109,7 @@ def events(draw: st.DrawFn) -> tuple[float, int, Event]:
             fleet.record_command(row, kind, old, new, target, now)
             ref.record_command(kind, old, new, target, now)
         elif what == 5:
-            ident = MinerIdentity("Bitmain", "S19", "fw", None, None, caps, nameplate, 210.0)
+            ident = DeviceIdentity("Bitmain", "S19", "fw", None, None, caps, nameplate, 210.0)
             fleet.attach(row, StubDriver(ident))
             ref.attach(StubDriver(ident))
         elif what == 6:
@@ -178,7 +178,7 @@ def test_statics_stay_the_same_object_until_one_of_them_changes() -> None:
     fleet.record_reading(0, DeviceReading("d0", 0.0, 3000.0, DeviceState.MINING), 0.0, CONFIRM_S)
     assert fleet.table(1.0, STALE_S).statics is first  # a reading changes no static
     fleet.attach(
-        1, StubDriver(MinerIdentity("Bitmain", "S19", "fw", None, None, CAPS, 3600.0, 210.0))
+        1, StubDriver(DeviceIdentity("Bitmain", "S19", "fw", None, None, CAPS, 3600.0, 210.0))
     )
     second = fleet.table(2.0, STALE_S).statics
     assert second is not first and second.capabilities[1] is CAPS

@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from agent.config import gpu_device_id, parse_config
-from agent.gpus import GpuDevice, GpuNode
-from agent.inventory import build_trackers, close_drivers
-from agent.loop import Agent
-from domain import DeviceKind, DeviceState
-from domain.errors import DeviceUnreachable
-from drivers.gpu import GpuInfo, GpuNodeDriver, GpuReading
-from sim.gpu import SimGpuSite
+from siteagent.agent.config import gpu_device_id, parse_config
+from siteagent.agent.control.gpus import GpuDevice, GpuNode
+from siteagent.agent.control.inventory import build_devices, close_drivers
+from siteagent.agent.control.loop import Agent
+from siteagent.domain import DeviceKind, DeviceState
+from siteagent.domain.errors import DeviceUnreachable
+from siteagent.drivers.gpu import GpuInfo, GpuNodeDriver, GpuReading
+from siteagent.sim.gpu import SimGpuSite
 
 GPU_BASE = "127.2.216.1"  # this module's own loopback range
 TIMEOUT_S = 0.4
@@ -51,7 +51,7 @@ async def make_agent(gpus: SimGpuSite) -> Agent:
             "control": {"interval_s": 60},
         }
     )
-    return Agent(cfg, await build_trackers(cfg))
+    return Agent(cfg, await build_devices(cfg))
 
 
 async def sweep_now(agent: Agent) -> None:
@@ -87,7 +87,7 @@ class _Drops(logging.Handler):
 @pytest.fixture
 def drops() -> Iterator[_Drops]:
     handler = _Drops()
-    logger = logging.getLogger("drivers.ssh")
+    logger = logging.getLogger("siteagent.drivers.ssh")
     logger.addHandler(handler)
     try:
         yield handler
@@ -217,7 +217,7 @@ async def test_a_driver_bug_after_every_reader_gave_up_is_logged_once_with_its_t
     driver.release.set()
     for _ in range(3):
         await asyncio.sleep(0)
-    bugs = [r for r in caplog.records if r.name == "agent.gpus"]
+    bugs = [r for r in caplog.records if r.name == "siteagent.agent.control.gpus"]
     assert len(bugs) == 1 and bugs[0].levelno == logging.ERROR
     assert "buggy: read failed after every reader had given up" in bugs[0].getMessage()
     assert bugs[0].exc_info is not None and bugs[0].exc_info[0] is ZeroDivisionError

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from agent.config import parse_config
-from agent.gpus import GpuDevice
-from agent.inventory import build_trackers, close_drivers
-from agent.loop import Agent
-from domain import DeviceKind, DeviceState
-from drivers.ssh import SshNodeDriver
-from sim.gpu import SimGpuSite
-from sim.site import SimSite
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.gpus import GpuDevice
+from siteagent.agent.control.inventory import build_devices, close_drivers
+from siteagent.agent.control.loop import Agent
+from siteagent.domain import DeviceKind, DeviceState
+from siteagent.drivers.ssh import SshNodeDriver
+from siteagent.sim.gpu import SimGpuSite
+from siteagent.sim.site import SimSite
 
 MINER_BASE = "127.1.60.1"
 GPU_BASE = "127.2.60.1"
@@ -59,7 +59,7 @@ async def make_agent(miners: SimSite, gpus: SimGpuSite, **node_extra: Any) -> Ag
             "control": {"interval_s": 60},
         }
     )
-    agent = Agent(cfg, await build_trackers(cfg))
+    agent = Agent(cfg, await build_devices(cfg))
     await agent.sweep()
     return agent
 

@@ -13,14 +13,14 @@ from unittest import mock
 import pynvml
 import pytest
 
-from domain.errors import (
+from siteagent.domain.errors import (
     DeviceFaulted,
     DeviceLost,
     DevicePermissionError,
     DeviceUnreachable,
 )
-from drivers.gpu import GpuNodeDriver
-from drivers.nvml import NvmlNodeDriver
+from siteagent.drivers.gpu import GpuNodeDriver
+from siteagent.drivers.nvml import NvmlNodeDriver
 
 # Recorded from an H100 SXM (NVML units: mW, mJ, percent, bytes).
 H100 = {

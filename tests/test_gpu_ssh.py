@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from domain.errors import (
+from siteagent.domain.errors import (
     DeviceFaulted,
     DeviceLost,
     DevicePermissionError,
     DeviceUnreachable,
 )
-from drivers.gpu import GpuNodeDriver
-from drivers.ssh import AuthenticationRefused, HostKeyRefused, SshNodeDriver
-from sim.gpu import LEGACY_UNKNOWN_FIELDS, SimGpuNode, SimGpuSite
+from siteagent.drivers.gpu import GpuNodeDriver
+from siteagent.drivers.ssh import AuthenticationRefused, HostKeyRefused, SshNodeDriver
+from siteagent.sim.gpu import LEGACY_UNKNOWN_FIELDS, SimGpuNode, SimGpuSite
 
 BASE = "127.2.20.1"  # this module's own loopback range
 

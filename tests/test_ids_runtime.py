@@ -8,12 +8,18 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.config import Config, MinerConfig, parse_config
-from agent.fleet import DuplicateDeviceError
-from agent.inventory import build_trackers, gpu_trackers, node_driver, scan, tracker_for
-from agent.loop import Agent
-from domain import DeviceState
-from sim.site import SimSite
+from siteagent.agent.config import Config, MinerConfig, parse_config
+from siteagent.agent.control.fleet import DuplicateDeviceError
+from siteagent.agent.control.inventory import (
+    build_devices,
+    gpu_links,
+    miner_link,
+    node_driver,
+    scan,
+)
+from siteagent.agent.control.loop import Agent
+from siteagent.domain import DeviceState
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.204.1"  # .1 and .2 listed, .3 found by a scan
 GPU_HOST = "127.2.204.1"
@@ -71,7 +77,7 @@ async def test_a_scanned_miner_under_a_listed_id_is_counted_and_the_site_stays_u
 ) -> None:
     cap_w = 0.75 * full_w(site)
     cfg = clash_config(site, cap_w, scan_third=True)
-    agent = Agent(cfg, await build_trackers(cfg))
+    agent = Agent(cfg, await build_devices(cfg))
     first, _, third = site.miners
     try:
         listed = agent.fleet[mac_id(third.mac)]
@@ -87,7 +93,7 @@ async def test_a_scanned_miner_under_a_listed_id_is_counted_and_the_site_stays_u
         # By the simulator's own power, not the agent's view.
         assert site.total_power_w(time.monotonic()) <= cap_w
     finally:
-        from agent.inventory import close_drivers
+        from siteagent.agent.control.inventory import close_drivers
 
         await close_drivers(agent.fleet.links())
 
@@ -98,7 +104,7 @@ async def test_a_rescan_never_moves_a_listed_miner_onto_another_with_its_id(
     cap_w = 0.75 * full_w(site)
     first, _, third = site.miners
     cfg = clash_config(site, cap_w, scan_third=False)
-    agent = Agent(cfg, await build_trackers(cfg))
+    agent = Agent(cfg, await build_devices(cfg))
     try:
         await agent.sweep()
         scanning = clash_config(site, cap_w, scan_third=True)
@@ -114,7 +120,7 @@ async def test_a_rescan_never_moves_a_listed_miner_onto_another_with_its_id(
         await settle(agent)
         assert site.total_power_w(time.monotonic()) <= cap_w
     finally:
-        from agent.inventory import close_drivers
+        from siteagent.agent.control.inventory import close_drivers
 
         await close_drivers(agent.fleet.links())
 
@@ -132,8 +138,8 @@ def gpu_site_config() -> Config:
 
 def test_the_agent_refuses_a_miner_under_a_gpus_id_naming_both_addresses() -> None:
     cfg = gpu_site_config()
-    gpus = gpu_trackers(cfg, cfg.gpu_nodes[0], node_driver(cfg, cfg.gpu_nodes[0]))
-    miner = tracker_for(cfg, MinerConfig(address="127.1.204.9", id="gpu-node-1/gpu0"))
+    gpus = gpu_links(cfg, cfg.gpu_nodes[0], node_driver(cfg, cfg.gpu_nodes[0]))
+    miner = miner_link(cfg, MinerConfig(address="127.1.204.9", id="gpu-node-1/gpu0"))
     with pytest.raises(DuplicateDeviceError) as e:
         Agent(cfg, [*gpus, miner])
     assert "gpu-node-1/gpu0" in str(e.value)
@@ -149,4 +155,4 @@ async def test_build_trackers_refuses_listed_ids_that_clash_before_identifying()
     ]
     cfg = cfg.model_copy(update={"inventory": cfg.inventory.model_copy(update={"miners": miners})})
     with pytest.raises(DuplicateDeviceError, match="gpu-node-1/gpu0"):
-        await build_trackers(cfg)
+        await build_devices(cfg)

@@ -3,12 +3,12 @@ the default; whether it is identified at startup or on a later read."""
 
 from __future__ import annotations
 
-from agent.config import parse_config
-from agent.inventory import build_trackers, close_drivers
-from agent.loop import Agent
-from sim.braiins import SimBraiinsMiner
-from sim.power import SIM_MODELS, PowerTiming
-from sim.site import SimSite
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.inventory import build_devices, close_drivers
+from siteagent.agent.control.loop import Agent
+from siteagent.sim.braiins import SimBraiinsMiner
+from siteagent.sim.power import SIM_MODELS, PowerTiming
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.206.1"  # this module's own loopback range
 LATE = "127.1.206.9"  # a listed miner that answers only after startup
@@ -34,7 +34,7 @@ async def test_listed_miners_keep_their_identified_model_unless_the_config_says(
         }
     )
     async with SimSite(3, base_address=BASE, models=["S19 XP"], backends=["braiins"]):
-        trackers = await build_trackers(cfg)
+        trackers = await build_devices(cfg)
         by_id = {t.device_id: t for t in trackers}
         assert by_id["late"].driver is None  # nothing answered there at startup
         late = SimBraiinsMiner(LATE, SIM_MODELS["S19 XP"], PowerTiming(), index=9)

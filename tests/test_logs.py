@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
-from agent.cli import _setup_logging
-from agent.config import parse_config
-from agent.inventory import build_trackers, close_drivers
-from agent.loop import Agent
-from sim.faults import Fault
-from sim.gpu import GpuFault, SimGpuSite
-from sim.site import SimSite
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.inventory import build_devices, close_drivers
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.tools.cli import _setup_logging
+from siteagent.sim.faults import Fault
+from siteagent.sim.gpu import GpuFault, SimGpuSite
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.204.31"
 GPU_BASE = "127.2.211.1"
@@ -46,7 +46,7 @@ async def test_two_refusing_miners_warn_once_each_back_off_and_say_when_they_acc
             }
         )
         clock = Clock()
-        agent = Agent(cfg, await build_trackers(cfg), clock=clock)
+        agent = Agent(cfg, await build_devices(cfg), clock=clock)
         try:
             await agent.sweep()
             for m in site.miners:
@@ -101,7 +101,7 @@ async def test_a_gpu_node_that_goes_down_warns_once_for_the_node_and_says_once_i
             }
         )
         clock = Clock()
-        agent = Agent(cfg, await build_trackers(cfg), clock=clock)
+        agent = Agent(cfg, await build_devices(cfg), clock=clock)
         try:
             await agent.sweep()
             assert {d.state.value for d in agent.snapshot().devices} == {"running"}
@@ -166,7 +166,7 @@ def test_no_deprecation_warnings_from_asyncssh_at_start() -> None:
     env.pop("PYTHONWARNINGS", None)
     # The sim's GPU nodes import asyncssh, as `run` does for SSH nodes.
     out = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "sim", "--help"],
+        [sys.executable, "-m", "siteagent.agent.tools.cli", "sim", "--help"],
         capture_output=True,
         text=True,
         env=env,

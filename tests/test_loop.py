@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from fakesite import CommandLog, RecordingDriver, fake_agent
 
-from agent.config import Config, parse_config
-from agent.inventory import build_trackers
-from agent.loop import NOT_SENT_IN_TIME, Agent
-from agent.safety import order_changes
-from domain import DeviceState
-from sim.site import SimSite
+from siteagent.agent.config import Config, parse_config
+from siteagent.agent.control.inventory import build_devices
+from siteagent.agent.control.loop import NOT_SENT_IN_TIME, Agent
+from siteagent.agent.control.safety import order_changes
+from siteagent.domain import DeviceState
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.30.1"
 N = 6
@@ -49,7 +49,7 @@ async def site() -> AsyncIterator[SimSite]:
 
 async def make_agent(site: SimSite, cap_w: float) -> Agent:
     cfg = make_config([m.address for m in site.miners], cap_w)
-    trackers = await build_trackers(cfg)
+    trackers = await build_devices(cfg)
     assert len(trackers) == N
     return Agent(cfg, trackers)
 

@@ -25,10 +25,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from agent.config import parse_config
-from agent.devices import DeviceLink
-from agent.loop import Agent
-from agent.metrics import (
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.devices import DeviceLink
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.ops.metrics import (
     CONTENT_TYPE,
     families,
     loop_healthy,
@@ -37,7 +37,7 @@ from agent.metrics import (
     site_summary,
     stale_tick_s,
 )
-from domain import DeviceReading, DeviceState
+from siteagent.domain import DeviceReading, DeviceState
 
 
 class FakeClock:

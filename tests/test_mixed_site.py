@@ -11,9 +11,9 @@ import time
 
 from test_loop import make_config
 
-from agent.inventory import build_trackers, close_drivers
-from agent.loop import Agent
-from sim.site import SimSite
+from siteagent.agent.control.inventory import build_devices, close_drivers
+from siteagent.agent.control.loop import Agent
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.170.1"
 MIX = ["antminer", "braiins", "luxos", "vnish", "whatsminer"]
@@ -31,7 +31,7 @@ async def test_one_cap_over_all_five_firmwares_sheds_every_kind_then_restores() 
         10, base_address=BASE, backends=MIX, settle_s=0.5, pause_s=0.3, wake_s=0.5, restart_s=0.3
     ) as site:
         cfg = make_config([m.address for m in site.miners], cap_w=1e9)
-        trackers = await build_trackers(cfg)
+        trackers = await build_devices(cfg)
         assert len(trackers) == 10
         agent = Agent(cfg, trackers)
         try:

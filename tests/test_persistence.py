@@ -23,8 +23,8 @@ import httpx
 import pytest
 from test_store import drop_wal_transactions
 
-from agent.auth import Scope, create_token
-from agent.cli import EXIT_NEEDS_OPERATOR
+from siteagent.agent.api.auth import Scope, create_token
+from siteagent.agent.tools.cli import EXIT_NEEDS_OPERATOR
 
 PORT_RE = re.compile(r"override API on http://127\.0\.0\.1:(\d+)")
 
@@ -58,7 +58,7 @@ class Proc:
 
 def start(config: Path, *flags: str, notify: str = "") -> Proc:
     popen = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(config), *flags],
+        [sys.executable, "-m", "siteagent.agent.tools.cli", "run", "--config", str(config), *flags],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.overrides import Override
-from agent.store import DB_NAME, Store
-from sim.site import SimSite
+from siteagent.agent.api.overrides import Override
+from siteagent.agent.api.store import DB_NAME, Store
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.204.21"
 
@@ -58,7 +58,7 @@ async def plan_dry_run(cfg: Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "agent.cli",
+        "siteagent.agent.tools.cli",
         "plan",
         "--dry-run",
         "--config",

@@ -9,14 +9,14 @@ from typing import get_args
 import pytest
 from test_economic import NOW_S, gpu, limits, miner
 
-from agent.config import PolicyConfig, parse_config
-from agent.loop import Agent
-from agent.metrics import PLAN_MODES, families, render_text
-from domain import Limits, PlanMode, Snapshot
-from policies import POLICIES, POLICY_NAMES, PolicyParams, PolicyState, get_policy
-from policies.capping import CappingParams
-from policies.economic import EconomicParams
-from policies.prices import Prices
+from siteagent.agent.config import PolicyConfig, parse_config
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.ops.metrics import PLAN_MODES, families, render_text
+from siteagent.domain import Limits, PlanMode, Snapshot
+from siteagent.policies import POLICIES, POLICY_NAMES, PolicyParams, PolicyState, get_policy
+from siteagent.policies.capping import CappingParams
+from siteagent.policies.economic import EconomicParams
+from siteagent.policies.prices import Prices
 
 PRICES = Prices(0.05, 0.05, 2.0)
 

@@ -7,18 +7,18 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from agent.safety import LOWER, RAISE, SLEEP, WAKE, order_changes
-from domain import (
+from siteagent.agent.control.safety import LOWER, RAISE, SLEEP, WAKE, order_changes
+from siteagent.domain import (
+    DeviceControls,
     DeviceKind,
     DeviceState,
     DeviceStatus,
     DomainLimit,
     Limits,
-    MinerCapabilities,
     Plan,
     Snapshot,
 )
-from policies.capping import CappingParams, plan
+from siteagent.policies.capping import CappingParams, plan
 
 NOW_S = 10_000.0
 SLEEP_W = 25.0
@@ -29,8 +29,8 @@ PARAMS = CappingParams(
 
 def caps(
     lo_w: float = 2000.0, hi_w: float = 3000.0, *, step_w: float = 50.0, sleep: bool = True
-) -> MinerCapabilities:
-    return MinerCapabilities(
+) -> DeviceControls:
+    return DeviceControls(
         power_target=True,
         power_target_min_w=lo_w,
         power_target_max_w=hi_w,
@@ -44,7 +44,7 @@ def miner(
     j_per_th: float,
     *,
     level_w: float | None = 3000.0,
-    capabilities: MinerCapabilities | None = None,
+    capabilities: DeviceControls | None = None,
     nameplate_w: float = 3000.0,
     domain: str = "site",
     controllable: bool = True,
@@ -358,7 +358,7 @@ def test_unseen_site_sheds_every_miner_it_can_degrade_to_safe() -> None:
 
 
 def gpu(device_id: str, *, controllable: bool = True) -> DeviceStatus:
-    caps = MinerCapabilities(power_target=True, power_target_min_w=200.0, power_target_max_w=700.0)
+    caps = DeviceControls(power_target=True, power_target_min_w=200.0, power_target_max_w=700.0)
     return DeviceStatus(
         device_id,
         DeviceKind.GPU,
@@ -402,7 +402,7 @@ def test_uncontrollable_devices_are_never_planned() -> None:
 
 
 def test_on_off_miner_without_power_target() -> None:
-    onoff = MinerCapabilities(power_target=False, can_sleep=True)
+    onoff = DeviceControls(power_target=False, can_sleep=True)
     devices = (
         miner("a", 20.0, capabilities=onoff, nameplate_w=3000.0),
         miner("b", 25.0, capabilities=onoff, nameplate_w=3000.0),

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from test_economic import miner
 
-from agent.alarms import PRICES_STALE, Alarms
-from agent.config import parse_config
-from agent.loop import Agent
-from agent.prices import PriceFeed
-from domain import Limits, Snapshot
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.alarms import PRICES_STALE, Alarms
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.control.prices import PriceFeed
+from siteagent.domain import Limits, Snapshot
 
 NOW = 1_800_000_000.0
 HEADER = "timestamp_unix_s,hashprice_usd_per_th_day,electricity_usd_per_kwh,ai_usd_per_gpu_hour\n"

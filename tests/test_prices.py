@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.backtest import make_prices
-from agent.prices import load_series, parse_csv, write_csv
-from policies.prices import PriceFallback, PricePoint, PriceSeries, resolve
+from siteagent.agent.control.prices import load_series, parse_csv, write_csv
+from siteagent.agent.tools.backtest import make_prices
+from siteagent.policies.prices import PriceFallback, PricePoint, PriceSeries, resolve
 
 SERIES = PriceSeries([PricePoint(100.0, 0.05, 0.04, 2.0, 0.5), PricePoint(0.0, 0.06, 0.03, 2.1)])
 FALLBACK = PriceFallback(stale_after_s=60.0, electricity_usd_per_kwh=0.3)

@@ -18,10 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safety_reference import reference_diff
 
-from agent.devices import DeviceLink, MinerDriver
-from agent.fleet import Fleet
-from agent.safety import Change, diff, order_changes
-from domain import (
+from siteagent.agent.control.devices import DeviceDriver, DeviceLink
+from siteagent.agent.control.fleet import Fleet
+from siteagent.agent.control.safety import Change, diff, order_changes
+from siteagent.domain import (
+    DeviceControls,
+    DeviceIdentity,
     DeviceKind,
     DeviceReading,
     DeviceState,
@@ -29,18 +31,16 @@ from domain import (
     DeviceUnreachable,
     DomainLimit,
     Limits,
-    MinerCapabilities,
-    MinerIdentity,
     Pin,
     Plan,
     Setpoint,
     Snapshot,
 )
-from domain.table import DeviceTable
-from policies.capping import CappingParams, max_level_w, min_level_w, plan
-from policies.economic import EconomicParams
-from policies.economic import plan as economic_plan
-from policies.prices import Prices
+from siteagent.domain.table import DeviceTable
+from siteagent.policies.capping import CappingParams, max_level_w, min_level_w, plan
+from siteagent.policies.economic import EconomicParams
+from siteagent.policies.economic import plan as economic_plan
+from siteagent.policies.prices import Prices
 
 SITE = "site"
 NOW_S = 100_000.0
@@ -103,14 +103,14 @@ def domain_trees(draw: st.DrawFn) -> dict[str, str]:
 
 
 @st.composite
-def capabilities(draw: st.DrawFn, nameplate_w: float) -> MinerCapabilities:
+def capabilities(draw: st.DrawFn, nameplate_w: float) -> DeviceControls:
     can_sleep = draw(st.booleans())
     if not draw(st.booleans()):
-        return MinerCapabilities(power_target=False, can_sleep=can_sleep)
+        return DeviceControls(power_target=False, can_sleep=can_sleep)
     lo = round(nameplate_w * draw(st.floats(0.4, 0.9)))
     hi = round(max(lo, nameplate_w * draw(st.floats(0.85, 1.0))))
     step = draw(st.sampled_from([1.0, 5.0, 50.0, 100.0]))
-    return MinerCapabilities(
+    return DeviceControls(
         power_target=True,
         power_target_min_w=float(lo),
         power_target_max_w=float(hi),
@@ -119,7 +119,7 @@ def capabilities(draw: st.DrawFn, nameplate_w: float) -> MinerCapabilities:
     )
 
 
-def on_grid(caps: MinerCapabilities, fraction: float) -> float:
+def on_grid(caps: DeviceControls, fraction: float) -> float:
     """A power target (W) at ``fraction`` of the range, on the step grid."""
     assert caps.power_target_min_w is not None and caps.power_target_max_w is not None
     lo, hi = caps.power_target_min_w, caps.power_target_max_w
@@ -428,7 +428,7 @@ class ModelMiner:
     domain: str
     nameplate_w: float
     hashrate_ths: float
-    caps: MinerCapabilities
+    caps: DeviceControls
     sleep_w: float
     asleep: bool
     target_w: float | None
@@ -484,11 +484,11 @@ class ModelMiner:
 class ConnectedDriver:
     """The identity a connected driver reports; the harness acts for the rest."""
 
-    def __init__(self, identity: MinerIdentity) -> None:
+    def __init__(self, identity: DeviceIdentity) -> None:
         self._identity = identity
 
     @property
-    def identity(self) -> MinerIdentity | None:
+    def identity(self) -> DeviceIdentity | None:
         return self._identity
 
     async def read(self) -> DeviceReading:
@@ -504,7 +504,7 @@ class ConnectedDriver:
         raise NotImplementedError
 
 
-async def _no_connect() -> MinerDriver:
+async def _no_connect() -> DeviceDriver:
     raise NotImplementedError
 
 
@@ -544,7 +544,7 @@ class Harness:
                 sleep_power_w=m.sleep_w,
                 connect=_no_connect,
             )
-            ident = MinerIdentity("sim", "model", "fw", None, None, m.caps, m.nameplate_w)
+            ident = DeviceIdentity("sim", "model", "fw", None, None, m.caps, m.nameplate_w)
             t.driver = ConnectedDriver(ident)
             self.fleet.add(t)
 
@@ -686,7 +686,7 @@ def test_real_power_stays_under_every_limit_tick_after_tick(
 
 
 def scripted_site(n: int, cap_fraction: float, seed: int) -> Harness:
-    caps = MinerCapabilities(
+    caps = DeviceControls(
         power_target=True,
         power_target_min_w=1800.0,
         power_target_max_w=3000.0,
@@ -789,7 +789,7 @@ def test_the_column_diff_of_an_economic_plan_is_the_object_diff(
 
 
 def test_the_column_diff_on_the_edges_the_random_sites_rarely_reach() -> None:
-    caps = MinerCapabilities(
+    caps = DeviceControls(
         power_target=True, power_target_min_w=1000.0, power_target_max_w=3000.0, can_sleep=True
     )
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import parse_config
-from agent.inventory import build_trackers, scan
-from agent.inventory_store import InventoryStore
-from agent.loop import Agent
-from domain import DeviceState
-from sim.braiins import SimBraiinsMiner
-from sim.power import SIM_MODELS, PowerTiming
-from sim.site import SimSite
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.inventory import build_devices, scan
+from siteagent.agent.control.inventory_store import InventoryStore
+from siteagent.agent.control.loop import Agent
+from siteagent.domain import DeviceState
+from siteagent.sim.braiins import SimBraiinsMiner
+from siteagent.sim.power import SIM_MODELS, PowerTiming
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.70.1"
 NEW_ADDRESS = "127.1.70.5"
@@ -34,7 +34,7 @@ async def test_a_miner_that_moves_keeps_its_device_and_the_store_remembers(
     await site.start()
     moved: SimBraiinsMiner | None = None
     try:
-        trackers = await build_trackers(cfg, store)
+        trackers = await build_devices(cfg, store)
         assert len(trackers) == 2
         leaving = site.miners[1]
         device_id = next(t.device_id for t in trackers if t.address == leaving.address)
@@ -56,7 +56,7 @@ async def test_a_miner_that_moves_keeps_its_device_and_the_store_remembers(
         old = agent.fleet[device_id].driver
         assert old is not None
         closed: list[object] = []
-        close = getattr(old, "close")  # noqa: B009  # not in the MinerDriver protocol
+        close = getattr(old, "close")  # noqa: B009  # not in the DeviceDriver protocol
 
         async def recording_close() -> None:
             closed.append(old)

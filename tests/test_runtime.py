@@ -16,12 +16,12 @@ import httpx
 import pytest
 from fakesite import fake_agent, site_config
 
-from agent.api import create_app, make_services, serve_api
-from agent.auth import Scope, TokenEntry, TokenStore, hash_token
-from agent.config import Config
-from agent.loop import Agent
-from agent.overrides import CapRequest, PinRequest
-from agent.runtime import RECHECK_S, RETRY_S, OverrideRuntime
+from siteagent.agent.api.auth import Scope, TokenEntry, TokenStore, hash_token
+from siteagent.agent.api.http import create_app, make_services, serve_api
+from siteagent.agent.api.overrides import CapRequest, PinRequest
+from siteagent.agent.api.runtime import RECHECK_S, RETRY_S, OverrideRuntime
+from siteagent.agent.config import Config
+from siteagent.agent.control.loop import Agent
 
 START_UNIX_S = 1_700_000_000.0
 HOST = "127.1.215.1"

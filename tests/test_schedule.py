@@ -6,8 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from agent.config import cron_trigger, parse_config
-from agent.loop import Agent
+from siteagent.agent.config import cron_trigger, parse_config
+from siteagent.agent.control.loop import Agent
 
 T0 = datetime(2026, 7, 7, 15, 59, 0, tzinfo=UTC)  # a Tuesday
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import Notifier, supervise, watchdog_period_s
+from siteagent.agent.ops.sdnotify import Notifier, supervise, watchdog_period_s
 
 
 @pytest.fixture
@@ -157,7 +157,7 @@ def test_siteagent_run_talks_to_systemd_and_stops_on_sigterm(
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
     env.pop("WATCHDOG_PID", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+        [sys.executable, "-m", "siteagent.agent.tools.cli", "run", "--config", str(cfg)],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pyasic.miners.backends.braiins_os import BOSer
 
-from sim.power import SIM_MODELS, MinerPowerModel, PowerTiming
-from sim.site import SimSite
+from siteagent.sim.power import SIM_MODELS, MinerPowerModel, PowerTiming
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.10.1"  # this module's own loopback range
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim.gpu import (
+from siteagent.sim.gpu import (
     H100_SXM,
     LEGACY_UNKNOWN_FIELDS,
     Demand,
@@ -147,7 +147,7 @@ async def test_serve_lists_gpu_nodes_an_operator_can_use(tmp_path: Path) -> None
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sim.serve",
+        "siteagent.sim.serve",
         "--miners",
         "0",
         "--gpu-nodes",

@@ -9,19 +9,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from site_reference import reference_clamp_w, reference_loads_w
 
-from domain import (
+from siteagent.domain import (
+    DeviceControls,
     DeviceKind,
     DeviceState,
     DeviceStatus,
     DomainLimit,
     Limits,
-    MinerCapabilities,
 )
-from domain.site import SITE, DomainTree, by_depth, domain_codes, domain_loads_w, node_loads
-from domain.types import clamp_power_w
-from policies.fill import clamp_w as compiled_clamp_w
+from siteagent.domain.site import (
+    SITE,
+    DomainTree,
+    by_depth,
+    domain_codes,
+    domain_loads_w,
+    node_loads,
+)
+from siteagent.domain.types import clamp_power_w
+from siteagent.policies.fill import clamp_w as compiled_clamp_w
 
-CAPS = MinerCapabilities(power_target=False)
+CAPS = DeviceControls(power_target=False)
 DOMAINS = ("site", "feeder-a", "feeder-b", "rack-1", "rack-2", "rack-3", "nowhere")
 
 
@@ -106,7 +113,7 @@ def test_one_clamping_rule_in_every_form(
     want = reference_clamp_w(power_w, lo_w, hi_w, step_w)
     lo = math.nan if lo_w is None else lo_w
     hi = math.nan if hi_w is None else hi_w
-    caps = MinerCapabilities(True, lo_w, hi_w, power_target_step_w=step_w)
+    caps = DeviceControls(True, lo_w, hi_w, power_target_step_w=step_w)
     assert caps.clamp_power_target_w(power_w) == want
     assert clamp_power_w(power_w, lo, hi, step_w) == want
     # The numba kernels compile the same source: their answer is the same number.

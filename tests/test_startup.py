@@ -18,16 +18,21 @@ from typing import Any
 
 import pytest
 
-from agent import inventory
-from agent.cli import _run_agent, startup_extend_s
-from agent.config import parse_config
-from agent.devices import DeviceLink
-from agent.inventory import build_trackers, identify, identify_deadline_s, known_by_address
-from agent.inventory_store import InventoryStore
-from agent.loop import Agent
-from agent.sdnotify import Notifier, StartupProgress, watch_startup
-from drivers.asic import AsicDriver
-from sim.site import SimSite
+from siteagent.agent.config import parse_config
+from siteagent.agent.control import inventory
+from siteagent.agent.control.devices import DeviceLink
+from siteagent.agent.control.inventory import (
+    build_devices,
+    identify,
+    identify_deadline_s,
+    known_by_address,
+)
+from siteagent.agent.control.inventory_store import InventoryStore
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.ops.sdnotify import Notifier, StartupProgress, watch_startup
+from siteagent.agent.tools.cli import _run_agent, startup_extend_s
+from siteagent.drivers.asic import AsicDriver
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.230.1"  # this module's own loopback ranges
 STALL_BASE = "127.1.231.1"
@@ -164,7 +169,7 @@ async def test_a_slow_startup_reports_progress_and_extends_until_ready(
         env = dict(os.environ, NOTIFY_SOCKET=path)
         env.pop("WATCHDOG_USEC", None)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.cli", "run", "--config", str(cfg), env=env
+            sys.executable, "-m", "siteagent.agent.tools.cli", "run", "--config", str(cfg), env=env
         )
         try:
             before_ready: list[list[str]] = []
@@ -209,7 +214,7 @@ async def test_a_stalled_startup_stops_extending(
         await asyncio.Event().wait()  # never finishes
         return []
 
-    monkeypatch.setattr(inventory, "build_trackers", stalls)
+    monkeypatch.setattr(inventory, "build_devices", stalls)
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     cfg = _config(tmp_path, [STALL_BASE, "127.1.231.2", "127.1.231.3"])
     task = asyncio.create_task(_run_agent(str(cfg)))
@@ -246,7 +251,7 @@ async def test_build_trackers_hands_its_drivers_to_the_trackers(tmp_path: Path) 
         )
         done: list[int] = []
         store = InventoryStore(tmp_path / "inventory.sqlite")
-        trackers = await build_trackers(cfg, store, on_identified=lambda: done.append(1))
+        trackers = await build_devices(cfg, store, on_identified=lambda: done.append(1))
         assert len(done) == 5  # two listed, three scanned
         by_address = {t.address: t for t in trackers}
         assert sorted(by_address) == sorted([*addrs, "127.1.232.200"])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sim.faults import Fault
-from sim.site import SimSite
+from siteagent.sim.faults import Fault
+from siteagent.sim.site import SimSite
 
 BASE = "127.1.204.41"
 
@@ -63,7 +63,7 @@ async def start_agent(cfg: Path, notify: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "agent.cli",
+        "siteagent.agent.tools.cli",
         "run",
         "--config",
         str(cfg),

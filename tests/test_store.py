@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.inventory_store import InventoryStore
-from agent.overrides import AuditRecord, Ending, Override
-from agent.store import (
+from siteagent.agent.api.overrides import AuditRecord, Ending, Override
+from siteagent.agent.api.store import (
     Store,
     StoreError,
     backup_store,
@@ -18,6 +17,7 @@ from agent.store import (
     keep_backups,
     restore_backup,
 )
+from siteagent.agent.control.inventory_store import InventoryStore
 
 
 def ov(i: int, **kw: object) -> Override:

@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import EXIT_FAIL, EXIT_NEEDS_OPERATOR, EXIT_USAGE, parser, startup_extend_s
-from agent.config import parse_config
-from agent.inventory import identify_deadline_s
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.inventory import identify_deadline_s
+from siteagent.agent.tools.cli import (
+    EXIT_FAIL,
+    EXIT_NEEDS_OPERATOR,
+    EXIT_USAGE,
+    parser,
+    startup_extend_s,
+)
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "siteagent.service"
 BINARY = "/opt/siteagent/venv/bin/siteagent"

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from test_economic import gpu, miner, sites
 from test_economic_fast import same_setpoints
 
-from domain import DeviceState, Limits, Pin, Snapshot
-from domain.table import AWAKE_CODE, STATES, DeviceStatics, DeviceTable
-from policies.economic import EconomicParams, plan
-from policies.prices import Prices
+from siteagent.domain import DeviceState, Limits, Pin, Snapshot
+from siteagent.domain.table import AWAKE_CODE, STATES, DeviceStatics, DeviceTable
+from siteagent.policies.economic import EconomicParams, plan
+from siteagent.policies.prices import Prices
 
 Case = tuple[Snapshot, Limits, Prices, EconomicParams, dict[str, str]]
 

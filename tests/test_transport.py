@@ -19,15 +19,15 @@ import aiohttp
 import pytest
 import yarl
 
-from domain.errors import DeviceError
-from drivers.asic import AsicDriver
-from drivers.backends.antminer import AntminerBackend
-from drivers.transport.http import KeptSession
-from drivers.transport.rules import KeepBudget
-from sim.antminer import SimAntminer
-from sim.braiins import SimBraiinsMiner
-from sim.site import SimSite
-from sim.vnish import SimVNish
+from siteagent.domain.errors import DeviceError
+from siteagent.drivers.asic import AsicDriver
+from siteagent.drivers.backends.antminer import AntminerBackend
+from siteagent.drivers.transport.http import KeptSession
+from siteagent.drivers.transport.rules import KeepBudget
+from siteagent.sim.antminer import SimAntminer
+from siteagent.sim.braiins import SimBraiinsMiner
+from siteagent.sim.site import SimSite
+from siteagent.sim.vnish import SimVNish
 
 # This module's loopback range: 127.1.213.0/24.
 SERVER = "127.1.213.1"

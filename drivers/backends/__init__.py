@@ -12,13 +12,13 @@ from pyasic.miners.backends.luxminer import LUXMiner
 from pyasic.miners.backends.vnish import VNish
 from pyasic.miners.factory import MINER_CLASSES, MinerTypes
 
-from domain.credentials import Login
-from drivers.backends.antminer import AntminerBackend
-from drivers.backends.base import Backend
-from drivers.backends.braiins import BraiinsBackend
-from drivers.backends.luxos import LuxOSBackend
-from drivers.backends.vnish import VNishBackend
-from drivers.backends.whatsminer import WhatsminerBackend
+from siteagent.domain.credentials import Login
+from siteagent.drivers.backends.antminer import AntminerBackend
+from siteagent.drivers.backends.base import Backend
+from siteagent.drivers.backends.braiins import BraiinsBackend
+from siteagent.drivers.backends.luxos import LuxOSBackend
+from siteagent.drivers.backends.vnish import VNishBackend
+from siteagent.drivers.backends.whatsminer import WhatsminerBackend
 
 __all__ = ["BACKENDS", "LOGIN_BACKENDS", "Backend", "known_backend", "select_backend"]
 

@@ -29,18 +29,18 @@ from typing import Any
 from pyasic.config import MinerConfig, MiningModeConfig
 from pyasic.miners.backends.antminer import AntminerModern
 
-from domain.errors import (
+from siteagent.domain.errors import (
     DeviceError,
     DeviceFaulted,
     DevicePermissionError,
     DeviceRefused,
     DeviceUnreachable,
 )
-from domain.types import DeviceState, MinerCapabilities, MinerIdentity
-from drivers.backends.base import Behaviour, Field, FieldReader, Fields, Moved, Sample
-from drivers.backends.nameplate import lookup
-from drivers.transport.http import KeptDigest
-from drivers.transport.rpc import rpc_call, translate_rpc
+from siteagent.domain.types import DeviceControls, DeviceIdentity, DeviceState
+from siteagent.drivers.backends.base import Behaviour, Field, FieldReader, Fields, Moved, Sample
+from siteagent.drivers.backends.nameplate import lookup
+from siteagent.drivers.transport.http import KeptDigest
+from siteagent.drivers.transport.rpc import rpc_call, translate_rpc
 
 MODE_NORMAL, MODE_SLEEP, MODE_LOW = 0, 1, 3
 # The miner mode is read again at least this often (readings), and whenever the
@@ -187,7 +187,7 @@ class AntminerBackend:
 
     # -- the Backend protocol ----------------------------------------------------------
 
-    async def identify(self) -> MinerIdentity:
+    async def identify(self) -> DeviceIdentity:
         """MAC and serial (web get_system_info), firmware (version), power report (stats)."""
         info, version, stats = await asyncio.gather(
             self._web("get_system_info", self._read_web.get("get_system_info")),
@@ -204,13 +204,13 @@ class AntminerBackend:
         model = str(self.miner.raw_model) if self.miner.raw_model is not None else "unknown"
         plate = self._plate
         lo, hi = self._low_w, self._high_w
-        return MinerIdentity(
+        return DeviceIdentity(
             make=str(self.miner.make) if self.miner.make is not None else "AntMiner",
             model=model,
             firmware=f"Antminer stock {fw}".strip(),
             mac=str(mac).upper() if mac else None,
             serial=str(serial) if serial else None,
-            capabilities=MinerCapabilities(
+            capabilities=DeviceControls(
                 # Without a nameplate the two modes have no wattage to plan with.
                 power_target=lo is not None and hi is not None,
                 power_target_min_w=lo,

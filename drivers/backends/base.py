@@ -14,14 +14,14 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from domain.errors import DeviceError, DeviceFaulted
-from domain.types import DeviceState, MinerCapabilities, MinerIdentity
+from siteagent.domain.errors import DeviceError, DeviceFaulted
+from siteagent.domain.types import DeviceControls, DeviceIdentity, DeviceState
 
 # How the adapters talk (and how those failures are named) lives in drivers.transport;
 # these names stay here for the adapters and tests that import them from base.
-from drivers.transport.http import translate_http
-from drivers.transport.rpc import no_answer, translate_rpc
-from drivers.transport.rules import KEPT_CONNECTIONS, KeepBudget
+from siteagent.drivers.transport.http import translate_http
+from siteagent.drivers.transport.rpc import no_answer, translate_rpc
+from siteagent.drivers.transport.rules import KEPT_CONNECTIONS, KeepBudget
 
 __all__ = [
     "KEPT_CONNECTIONS",
@@ -75,7 +75,7 @@ class Backend(Protocol):
     behaviour: Behaviour
     fields: FieldReader  # its table of fields, read fast every time and slow every Nth
 
-    async def identify(self) -> MinerIdentity: ...
+    async def identify(self) -> DeviceIdentity: ...
 
     async def read(self) -> Sample: ...
 
@@ -88,12 +88,12 @@ class Backend(Protocol):
     def translate(self, what: str, e: BaseException, *, control: bool) -> DeviceError: ...
 
 
-def level_capabilities(watts: Sequence[float], default_w: float) -> MinerCapabilities:
+def level_capabilities(watts: Sequence[float], default_w: float) -> DeviceControls:
     """What firmware with discrete power levels (LuxOS profiles, VNish presets) lets us
     set, ``watts`` lowest first: a target from the lowest level to the highest, stepped
     by the smallest gap so that every stepped target is at or above a real level."""
     gaps = [b - a for a, b in itertools.pairwise(watts) if b > a]
-    return MinerCapabilities(
+    return DeviceControls(
         power_target=True,
         power_target_min_w=watts[0],
         power_target_max_w=watts[-1],

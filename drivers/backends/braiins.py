@@ -28,10 +28,10 @@ from pyasic.web.braiins_os.boser import BOSMinerGRPCStub
 from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
 from pyasic.web.braiins_os.proto.braiins.bos.v1 import LoginRequest, MinerStatus, SaveAction
 
-from domain.errors import DeviceError, DeviceFaulted
-from domain.types import DeviceState, MinerCapabilities, MinerIdentity
-from drivers.backends import braiins_wire as wire
-from drivers.backends.base import (
+from siteagent.domain.errors import DeviceError, DeviceFaulted
+from siteagent.domain.types import DeviceControls, DeviceIdentity, DeviceState
+from siteagent.drivers.backends import braiins_wire as wire
+from siteagent.drivers.backends.base import (
     KEPT_CONNECTIONS,
     Behaviour,
     Field,
@@ -41,8 +41,8 @@ from drivers.backends.base import (
     Moved,
     Sample,
 )
-from drivers.backends.nameplate import lookup
-from drivers.transport.grpc import (
+from siteagent.drivers.backends.nameplate import lookup
+from siteagent.drivers.transport.grpc import (
     NO_ANSWER,
     STREAMS_PER_CONNECTION,
     KeptChannel,
@@ -350,7 +350,7 @@ class BraiinsBackend:
         """gRPC status codes carry the refusal / permission distinction here."""
         return translate_grpc(self.address, what, e)
 
-    async def identify(self) -> MinerIdentity:
+    async def identify(self) -> DeviceIdentity:
         """Identity and power-target constraints (W) from GetMinerDetails / GetConstraints."""
         async with self._wire.shared():
             details, constraints = await asyncio.gather(
@@ -368,13 +368,13 @@ class BraiinsBackend:
         plate = lookup(model)
         mac = details.get("macAddress")
         serial = details.get("serialNumber")
-        return MinerIdentity(
+        return DeviceIdentity(
             make=str(self.miner.make) if self.miner.make is not None else "unknown",
             model=model,
             firmware=f"Braiins OS {bos_version}".strip(),
             mac=str(mac).upper() if mac else None,
             serial=str(serial) if serial else None,
-            capabilities=MinerCapabilities(
+            capabilities=DeviceControls(
                 power_target=True,
                 power_target_min_w=lo,
                 power_target_max_w=hi,

@@ -19,11 +19,18 @@ from typing import Any
 
 from pyasic.miners.backends.luxminer import LUXMiner
 
-from domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
-from domain.types import DeviceState, MinerIdentity
-from drivers.backends.base import Behaviour, Field, FieldReader, Fields, Sample, level_capabilities
-from drivers.backends.nameplate import lookup
-from drivers.transport.rpc import multicommand, rpc_call, translate_rpc
+from siteagent.domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
+from siteagent.domain.types import DeviceIdentity, DeviceState
+from siteagent.drivers.backends.base import (
+    Behaviour,
+    Field,
+    FieldReader,
+    Fields,
+    Sample,
+    level_capabilities,
+)
+from siteagent.drivers.backends.nameplate import lookup
+from siteagent.drivers.transport.rpc import multicommand, rpc_call, translate_rpc
 
 # Below this share of the lowest profile, a miner that hashes nothing is asleep.
 SLEEP_FRAC = 0.1
@@ -85,7 +92,7 @@ class LuxOSBackend:
             raise DeviceFaulted(f"{self.address}: {what}: empty reply")
         return d
 
-    async def identify(self) -> MinerIdentity:
+    async def identify(self) -> DeviceIdentity:
         """MAC, serial, version and profiles (one ``version+config+profiles`` request)."""
         d = await self._multi("identify", "version", "config", "profiles")
         try:
@@ -105,7 +112,7 @@ class LuxOSBackend:
         plate = lookup(model)
         default_w = next((w for n, w in self._profiles if n == "default"), watts[-1])
         mac, serial = cfg.get("MACAddr"), cfg.get("SerialNumber")
-        return MinerIdentity(
+        return DeviceIdentity(
             make=str(self.miner.make) if self.miner.make is not None else "AntMiner",
             model=model,
             firmware=f"LuxOS {ver.get('Miner', '')}".strip(),

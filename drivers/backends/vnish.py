@@ -69,9 +69,9 @@ from pyasic.errors import APIError
 from pyasic.miners.backends.vnish import VNish
 from pyasic.web.vnish import VNishWebAPI
 
-from domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
-from domain.types import DeviceState, MinerIdentity
-from drivers.backends.base import (
+from siteagent.domain.errors import DeviceError, DeviceFaulted, DevicePermissionError, DeviceRefused
+from siteagent.domain.types import DeviceIdentity, DeviceState
+from siteagent.drivers.backends.base import (
     KEPT_CONNECTIONS,
     Behaviour,
     Field,
@@ -81,9 +81,9 @@ from drivers.backends.base import (
     Sample,
     level_capabilities,
 )
-from drivers.backends.nameplate import lookup
-from drivers.transport.http import KEEPALIVE_EXPIRY_S, KeptSession, translate_http
-from drivers.transport.rpc import no_answer
+from siteagent.drivers.backends.nameplate import lookup
+from siteagent.drivers.transport.http import KEEPALIVE_EXPIRY_S, KeptSession, translate_http
+from siteagent.drivers.transport.rpc import no_answer
 
 __all__ = [
     "FIELDS",
@@ -391,7 +391,7 @@ class VNishBackend:
 
     # -- the Backend protocol ----------------------------------------------------------
 
-    async def identify(self) -> MinerIdentity:
+    async def identify(self) -> DeviceIdentity:
         """MAC, serial, version (``info``), presets, modded PSU (``settings``): 3 web calls."""
         web = self.miner.web
         await self._login("identify")
@@ -421,7 +421,7 @@ class VNishBackend:
         model = str(self.miner.raw_model) if self.miner.raw_model is not None else "unknown"
         plate = lookup(model)
         stock = [w for w in watts if plate is None or w <= plate.power_w]
-        return MinerIdentity(
+        return DeviceIdentity(
             make=str(self.miner.make) if self.miner.make is not None else "AntMiner",
             model=model,
             firmware=f"VNish {fw}",

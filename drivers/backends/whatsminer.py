@@ -19,11 +19,11 @@ from typing import Any
 
 from pyasic.miners.backends.btminer import BTMinerV2
 
-from domain.errors import DeviceError, DeviceFaulted
-from domain.types import DeviceState, MinerCapabilities, MinerIdentity
-from drivers.backends.base import Behaviour, Field, FieldReader, Fields, Sample
-from drivers.backends.nameplate import lookup
-from drivers.transport.rpc import no_answer, rpc_call, translate_rpc
+from siteagent.domain.errors import DeviceError, DeviceFaulted
+from siteagent.domain.types import DeviceControls, DeviceIdentity, DeviceState
+from siteagent.drivers.backends.base import Behaviour, Field, FieldReader, Fields, Sample
+from siteagent.drivers.backends.nameplate import lookup
+from siteagent.drivers.transport.rpc import no_answer, rpc_call, translate_rpc
 
 # Share of the ceiling assumed as the lowest accepted power limit.
 MIN_LIMIT_FRAC = 0.5
@@ -84,7 +84,7 @@ class WhatsminerBackend:
             # empty answer to ``get_token`` surfaces as KeyError('Msg').
             raise no_answer(self.address, f"{what} (get_token)") from e
 
-    async def identify(self) -> MinerIdentity:
+    async def identify(self) -> DeviceIdentity:
         """MAC and serial (get_miner_info), firmware (get_version), limit (summary)."""
         rpc = self.miner.rpc
         info, version, summary = await asyncio.gather(
@@ -103,13 +103,13 @@ class WhatsminerBackend:
         plate = lookup(model)
         hi = plate.power_w if plate else limit_w
         lo = float(math.ceil(hi * MIN_LIMIT_FRAC))
-        return MinerIdentity(
+        return DeviceIdentity(
             make="WhatsMiner",
             model=model,
             firmware=f"Whatsminer {fw}",
             mac=str(mac).upper() if mac else None,
             serial=str(serial) if serial else None,
-            capabilities=MinerCapabilities(
+            capabilities=DeviceControls(
                 power_target=True,
                 power_target_min_w=lo,
                 power_target_max_w=hi,

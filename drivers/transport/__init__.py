@@ -21,6 +21,6 @@ answer, so nothing is kept and nothing is resent).
 
 from __future__ import annotations
 
-from drivers.transport.rules import KEPT_CONNECTIONS, KeepBudget, once_more_if_dropped
+from siteagent.drivers.transport.rules import KEPT_CONNECTIONS, KeepBudget, once_more_if_dropped
 
 __all__ = ["KEPT_CONNECTIONS", "KeepBudget", "once_more_if_dropped"]

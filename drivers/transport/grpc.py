@@ -27,14 +27,14 @@ from grpclib.exceptions import StreamTerminatedError
 from h2.exceptions import ProtocolError as H2ProtocolError
 from pyasic.errors import APIError
 
-from domain.errors import (
+from siteagent.domain.errors import (
     DeviceError,
     DeviceFaulted,
     DevicePermissionError,
     DeviceRefused,
     DeviceUnreachable,
 )
-from drivers.transport.rules import KEPT_CONNECTIONS, KeepBudget, once_more_if_dropped
+from siteagent.drivers.transport.rules import KEPT_CONNECTIONS, KeepBudget, once_more_if_dropped
 
 T = typing.TypeVar("T")
 

@@ -20,9 +20,9 @@ import httpx
 import yarl
 from pyasic import settings
 
-from domain.errors import DeviceError, DeviceFaulted, DeviceUnreachable
-from drivers.transport.rpc import translate_rpc
-from drivers.transport.rules import KEPT_CONNECTIONS, KeepBudget, once_more_if_dropped
+from siteagent.domain.errors import DeviceError, DeviceFaulted, DeviceUnreachable
+from siteagent.drivers.transport.rpc import translate_rpc
+from siteagent.drivers.transport.rules import KEPT_CONNECTIONS, KeepBudget, once_more_if_dropped
 
 # A kept web connection idle this long (s) is closed by us rather than reused. It must
 # outlast the time between two readings of one miner, which is the telemetry interval

@@ -12,7 +12,7 @@ from typing import Any
 
 from pyasic.errors import APIError
 
-from domain.errors import (
+from siteagent.domain.errors import (
     DeviceError,
     DeviceFaulted,
     DevicePermissionError,

@@ -22,17 +22,18 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from domain import (
+from siteagent.domain import (
+    DeviceControls,
     DeviceError,
     DeviceFaulted,
+    DeviceIdentity,
+    DeviceKind,
     DeviceLost,
     DeviceReading,
     DeviceRefused,
     DeviceState,
-    MinerCapabilities,
-    MinerIdentity,
 )
-from drivers.gpu import GpuInfo, GpuNodeDriver, GpuReading
+from siteagent.drivers.gpu import GpuInfo, GpuNodeDriver, GpuReading
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +161,16 @@ class GpuDevice:
         return infos[self.index]
 
     @property
-    def identity(self) -> MinerIdentity:
+    def identity(self) -> DeviceIdentity:
         """Identity and control range; read-only nodes offer no control."""
         info = self.info
-        return MinerIdentity(
+        return DeviceIdentity(
             make="NVIDIA",
             model=info.name,
             firmware="",
             mac=None,
             serial=info.uuid,
-            capabilities=MinerCapabilities(
+            capabilities=DeviceControls(
                 power_target=not self.node.driver.read_only,
                 power_target_min_w=info.power_limit_min_w,
                 power_target_max_w=info.power_limit_max_w,
@@ -177,7 +178,7 @@ class GpuDevice:
                 can_sleep=False,
             ),
             nameplate_power_w=info.power_limit_max_w,
-            nameplate_hashrate_ths=0.0,
+            kind=DeviceKind.GPU,
         )
 
     async def read(self) -> DeviceReading:
@@ -224,7 +225,7 @@ class FixedLoad:
         self.power_w = power_w
 
     @property
-    def identity(self) -> MinerIdentity | None:
+    def identity(self) -> DeviceIdentity | None:
         """Nothing to identify."""
         return None
 

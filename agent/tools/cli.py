@@ -16,12 +16,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.config import ConfigError, load_config
+from siteagent.agent.config import ConfigError, load_config
 
 if TYPE_CHECKING:
-    from agent.fleet import DeviceRecord
-    from agent.loop import Agent
-    from agent.overrides import Override
+    from siteagent.agent.api.overrides import Override
+    from siteagent.agent.control.fleet import DeviceRecord
+    from siteagent.agent.control.loop import Agent
 
 log = logging.getLogger("siteagent")
 
@@ -78,7 +78,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the simulated-site demo."""
-    from agent.demo import run_demo, summary
+    from siteagent.agent.tools.demo import run_demo, summary
 
     out = sys.stdout
     report = asyncio.run(
@@ -99,26 +99,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
-    from agent.api import serve_api
-    from agent.inventory import (
-        build_trackers,
+    from siteagent.agent.api.http import serve_api
+    from siteagent.agent.api.runtime import OverrideRuntime
+    from siteagent.agent.api.store import prepare_store
+    from siteagent.agent.control.inventory import (
+        build_devices,
         close_drivers,
         identify_deadline_s,
         scan,
         startup_addresses,
     )
-    from agent.inventory_store import InventoryStore
-    from agent.loop import Agent
-    from agent.metrics import loop_healthy, serve_metrics, site_summary
-    from agent.runtime import OverrideRuntime
-    from agent.sdnotify import (
+    from siteagent.agent.control.inventory_store import InventoryStore
+    from siteagent.agent.control.loop import Agent
+    from siteagent.agent.ops.metrics import loop_healthy, serve_metrics, site_summary
+    from siteagent.agent.ops.sdnotify import (
         Notifier,
         StartupProgress,
         supervise,
         watch_startup,
         watchdog_period_s,
     )
-    from agent.store import prepare_store
 
     cfg = load_config(config_path)
     # Before minutes of identification: a damaged override store refuses the start now.
@@ -147,7 +147,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         n_addresses = startup_addresses(cfg)
         startup.phase("identifying miners", n_addresses)
         t = time.perf_counter()
-        trackers = await build_trackers(cfg, store, on_identified=startup.step)
+        trackers = await build_devices(cfg, store, on_identified=startup.step)
         opened.append(lambda: close_drivers(trackers))
         log.info(
             "identified %d device(s) in %d address(es) in %.1f s",
@@ -244,7 +244,7 @@ def _closing(close: Callable[[], object]) -> Callable[[], Awaitable[object]]:
 
 def left_behind(devices: Iterable[DeviceRecord]) -> str:
     """What the agent leaves on the devices as it stops, in words."""
-    from domain import DeviceKind
+    from siteagent.domain import DeviceKind
 
     asleep = reduced = gpus = 0
     for t in devices:
@@ -277,7 +277,7 @@ def _read_once(agent: Agent) -> int:
 
 def _warm_up_economic() -> None:
     """Compile the economic plan's kernels before the first tick, and say what it cost."""
-    from policies import economic, fill
+    from siteagent.policies import economic, fill
 
     t = time.perf_counter()
     economic.warm_up()
@@ -289,8 +289,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM."""
     import sqlite3
 
-    from agent.api import ApiStartError
-    from agent.store import StoreError
+    from siteagent.agent.api.http import ApiStartError
+    from siteagent.agent.api.store import StoreError
 
     try:
         return asyncio.run(_run_agent(args.config, args.restore_backup))
@@ -317,11 +317,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _plan_once(config_path: str) -> int:
-    from agent.inventory import build_trackers, close_drivers
-    from agent.loop import Agent
+    from siteagent.agent.control.inventory import build_devices, close_drivers
+    from siteagent.agent.control.loop import Agent
 
     cfg = load_config(config_path)
-    agent = Agent(cfg, await build_trackers(cfg))
+    agent = Agent(cfg, await build_devices(cfg))
     try:
         # What `run` would plan: the configured policy, the overrides in the store, the
         # schedule in force (in ``limits``).
@@ -346,8 +346,8 @@ async def _plan_once(config_path: str) -> int:
 def _overrides_in_force(agent: Agent) -> list[Override]:
     """Apply the stored overrides in force to ``agent``, reading the store only (nothing
     expired or ended: that is the running agent's to record)."""
-    from agent.overrides import OverrideManager
-    from agent.store import DB_NAME, Store
+    from siteagent.agent.api.overrides import OverrideManager
+    from siteagent.agent.api.store import DB_NAME, Store
 
     path = Path(agent.config.state.dir) / DB_NAME
     if not path.exists():
@@ -362,7 +362,7 @@ def _overrides_in_force(agent: Agent) -> list[Override]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Read the site once and print the plan without sending anything."""
-    from agent.store import StoreError
+    from siteagent.agent.api.store import StoreError
 
     if not args.dry_run:
         print("siteagent plan: only --dry-run is supported (nothing is ever sent)", file=sys.stderr)
@@ -379,13 +379,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     """Run a simulated site until stopped."""
-    from sim.serve import main as sim_main
+    from siteagent.sim.serve import main as sim_main
 
     return sim_main(args.sim_args)
 
 
 def _cmd_backtest(args: argparse.Namespace) -> int:
-    from agent.backtest import cmd_backtest
+    from siteagent.agent.tools.backtest import cmd_backtest
 
     return cmd_backtest(args)
 
@@ -447,7 +447,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("sim_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_sim)
 
-    from agent.client import add_commands
+    from siteagent.agent.tools.client import add_commands
 
     add_commands(sub)  # override, status, token: the API client
     return p

@@ -2,7 +2,7 @@
 
 A ``DeviceLink`` is the IO side of one device and nothing more; what the agent
 knows of the device (readings, failures, commands, its worst case) is the
-``Fleet``'s (agent/fleet.py), which also decides the link's back-off.
+``Fleet``'s (agent/control/fleet.py), which also decides the link's back-off.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from domain import DeviceKind, DeviceReading, MinerIdentity
+from siteagent.domain import DeviceIdentity, DeviceKind, DeviceReading
 
 log = logging.getLogger("siteagent.devices")
 
 
-class MinerDriver(Protocol):
-    """What the agent needs of a miner driver (drivers.asic.AsicDriver provides it)."""
+class DeviceDriver(Protocol):
+    """What the agent needs of a device driver: a miner (drivers.asic.AsicDriver), a GPU
+    (agent.control.gpus.GpuDevice) or a fixed load."""
 
     @property
-    def identity(self) -> MinerIdentity | None: ...
+    def identity(self) -> DeviceIdentity | None: ...
 
     async def read(self) -> DeviceReading: ...
 
@@ -33,7 +34,7 @@ class MinerDriver(Protocol):
     async def wake(self) -> None: ...
 
 
-Connector = Callable[[], Awaitable[MinerDriver]]
+Connector = Callable[[], Awaitable[DeviceDriver]]
 
 
 async def close_quietly(drivers: Iterable[object], what: str) -> None:
@@ -93,7 +94,7 @@ class DeviceLink:
         )
         # The GPU node it is one GPU of (its failures are the node's): logged per node.
         self.node = node
-        self.driver: MinerDriver | None = None
+        self.driver: DeviceDriver | None = None
         self.next_read_s = 0.0
 
     @property

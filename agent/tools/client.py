@@ -89,7 +89,7 @@ class ClientError(Exception):
 
 
 def _config_url(path: str) -> tuple[str, dict[str, Any]]:
-    from agent.config import load_config
+    from siteagent.agent.config import load_config
 
     cfg = load_config(path)
     host = cfg.api.host
@@ -528,11 +528,11 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def cmd_token_create(args: argparse.Namespace) -> int:
     """Create a token, print it once, store only its hash."""
-    from agent.auth import Scope, TokenFileError, create_token, tokens_path
+    from siteagent.agent.api.auth import Scope, TokenFileError, create_token, tokens_path
 
     path = args.tokens_file
     if path is None:
-        from agent.config import ConfigError, load_config
+        from siteagent.agent.config import ConfigError, load_config
 
         try:
             cfg = load_config(args.config)

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from agent.config import SITE_DOMAIN_ID
-from agent.loop import MODES, Agent, OverrideRefused
+from siteagent.agent.config import SITE_DOMAIN_ID
+from siteagent.agent.control.loop import MODES, Agent, OverrideRefused
 
 if TYPE_CHECKING:
-    from agent.store import Store
+    from siteagent.agent.api.store import Store
 
 log = logging.getLogger("siteagent.overrides")
 

@@ -18,14 +18,14 @@ from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from agent.alarms import Alarms, check_tick
-from agent.config import Config, cron_trigger
-from agent.devices import DeviceLink, MinerDriver, close_quietly
-from agent.fleet import Fleet
-from agent.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
-from agent.prices import PriceFeed, economic_params, node_contract_floors
-from agent.safety import Change, Ordered, order_changes, worst_case_loads_w
-from domain import (
+from siteagent.agent.config import Config, cron_trigger
+from siteagent.agent.control.alarms import Alarms, check_tick
+from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
+from siteagent.agent.control.fleet import Fleet
+from siteagent.agent.control.prices import PriceFeed, economic_params, node_contract_floors
+from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
+from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
+from siteagent.domain import (
     DeviceError,
     DevicePermissionError,
     DeviceRefused,
@@ -36,10 +36,10 @@ from domain import (
     Plan,
     Snapshot,
 )
-from domain.site import DomainTree
-from policies import PolicyParams, PolicyState, get_policy
-from policies.capping import CappingParams
-from policies.prices import Prices
+from siteagent.domain.site import DomainTree
+from siteagent.policies import PolicyParams, PolicyState, get_policy
+from siteagent.policies.capping import CappingParams
+from siteagent.policies.prices import Prices
 
 log = logging.getLogger("siteagent.loop")
 
@@ -64,7 +64,7 @@ def _change_words(what: str, old_w: float | None, new_w: float | None) -> str:
 
 def _same_device(old: DeviceLink, new: DeviceLink) -> bool:
     # Imported here: agent.inventory brings pyasic, which only a scanning agent needs.
-    from agent.inventory import same_device
+    from siteagent.agent.control.inventory import same_device
 
     return same_device(old, new)
 
@@ -586,13 +586,13 @@ class Agent:
         sched.start()
         self._scheduler = sched
 
-    def adopt(self, found: Iterable[DeviceLink]) -> list[MinerDriver]:
+    def adopt(self, found: Iterable[DeviceLink]) -> list[DeviceDriver]:
         """Take in what a scan found: new devices join; a known one at a new address moves.
 
         Returns the drivers of moved devices, which no link holds any more (the
         caller closes them: ``close_dropped``).
         """
-        dropped: list[MinerDriver] = []
+        dropped: list[DeviceDriver] = []
         for t in found:
             old = self.fleet.get_link(t.device_id)
             if old is None:
@@ -601,7 +601,7 @@ class Agent:
             elif old.address != t.address and not _same_device(old, t):
                 # Another device under a taken id: counted (once), never controlled.
                 if f"{t.device_id}@{t.address}" not in self.fleet:
-                    from agent.inventory import counted_only
+                    from siteagent.agent.control.inventory import counted_only
 
                     self.fleet.add(counted_only(t, old))
             elif old.address != t.address:
@@ -611,7 +611,7 @@ class Agent:
                     dropped.append(driver)
         return dropped
 
-    async def close_dropped(self, drivers: list[MinerDriver]) -> None:
+    async def close_dropped(self, drivers: list[DeviceDriver]) -> None:
         """Close drivers no link holds (what they keep open: VNish and Braiins OS
         connections), once the sweep and the tick that may still be using them end."""
         if not drivers:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from domain import (
+from siteagent.domain import (
     DeviceState,
     DeviceStatus,
     Limits,
@@ -28,8 +28,8 @@ from domain import (
     Snapshot,
     setpoint_rows,
 )
-from domain.site import SITE, DomainTree, domain_loads_w
-from domain.table import STATE_CODE, DeviceTable
+from siteagent.domain.site import SITE, DomainTree, domain_loads_w
+from siteagent.domain.table import STATE_CODE, DeviceTable
 
 SLEEP, WAKE, LOWER, RAISE = "sleep", "wake", "lower", "raise"
 _SLEEPING = STATE_CODE[DeviceState.SLEEPING]

@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from agent.alarms import AlarmEvent
-from agent.config import Config
-from agent.loop import Agent
-from agent.overrides import AuditRecord, OverrideManager
-from agent.store import Store, keep_backups
+from siteagent.agent.api.overrides import AuditRecord, OverrideManager
+from siteagent.agent.api.store import Store, keep_backups
+from siteagent.agent.config import Config
+from siteagent.agent.control.alarms import AlarmEvent
+from siteagent.agent.control.loop import Agent
 
 log = logging.getLogger("siteagent.overrides")
 

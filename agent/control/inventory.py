@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from agent.config import (
+from siteagent.agent.config import (
     Config,
     GpuNodeConfig,
     MinerConfig,
@@ -16,21 +16,31 @@ from agent.config import (
     overhead_device_id,
     parse_address_range,
 )
-from agent.credentials import NO_CREDENTIALS, MinerCredentials, load_credentials
-from agent.devices import Connector, DeviceLink, MinerDriver, close_quietly
-from agent.fleet import DuplicateDeviceError, clash_message
-from agent.gpus import FixedLoad, GpuDevice, GpuNode
-from agent.inventory_store import InventoryStore, KnownMiner, backend_of, identity_key
-from domain import DeviceError, DeviceKind, DevicePermissionError, DeviceRefused, MinerIdentity
-from domain.credentials import Login
-from drivers.asic import AsicDriver
-from drivers.gpu import GpuNodeDriver
-from drivers.nvml import NvmlNodeDriver
-from drivers.ssh import SshNodeDriver
+from siteagent.agent.control.devices import Connector, DeviceDriver, DeviceLink, close_quietly
+from siteagent.agent.control.fleet import DuplicateDeviceError, clash_message
+from siteagent.agent.control.gpus import FixedLoad, GpuDevice, GpuNode
+from siteagent.agent.control.inventory_store import (
+    InventoryStore,
+    KnownMiner,
+    backend_of,
+    identity_key,
+)
+from siteagent.agent.credentials import NO_CREDENTIALS, MinerCredentials, load_credentials
+from siteagent.domain import (
+    DeviceError,
+    DeviceIdentity,
+    DeviceKind,
+    DevicePermissionError,
+    DeviceRefused,
+)
+from siteagent.domain.credentials import Login
+from siteagent.domain.site import SITE
+from siteagent.drivers.asic import AsicDriver
+from siteagent.drivers.gpu import GpuNodeDriver
+from siteagent.drivers.nvml import NvmlNodeDriver
+from siteagent.drivers.ssh import SshNodeDriver
 
 log = logging.getLogger("siteagent.inventory")
-
-SITE_DOMAIN = "site"
 
 
 def _connector(
@@ -38,7 +48,7 @@ def _connector(
 ) -> Connector:
     logins = creds.for_miner(device_id, address)
 
-    async def connect() -> MinerDriver:
+    async def connect() -> DeviceDriver:
         return await AsicDriver.connect(device_id, address, timeout_s=timeout_s, logins=logins)
 
     return connect
@@ -50,7 +60,7 @@ def credentials(cfg: Config) -> MinerCredentials:
     return load_credentials(cfg.inventory.credentials_file)
 
 
-def tracker_for(cfg: Config, m: MinerConfig, creds: MinerCredentials | None = None) -> DeviceLink:
+def miner_link(cfg: Config, m: MinerConfig, creds: MinerCredentials | None = None) -> DeviceLink:
     """A link to one configured miner; it connects on its first read (``creds``:
     loaded from ``cfg`` when not given)."""
     creds = credentials(cfg) if creds is None else creds
@@ -59,7 +69,7 @@ def tracker_for(cfg: Config, m: MinerConfig, creds: MinerCredentials | None = No
     return DeviceLink(
         device_id,
         address=m.address,
-        domain=m.domain or SITE_DOMAIN,
+        domain=m.domain or SITE,
         nameplate_power_w=m.nameplate_power_w or inv.default_nameplate_power_w,
         nameplate_hashrate_ths=m.nameplate_hashrate_ths or inv.default_nameplate_hashrate_ths,
         sleep_power_w=inv.sleep_power_w,
@@ -70,12 +80,12 @@ def tracker_for(cfg: Config, m: MinerConfig, creds: MinerCredentials | None = No
 
 
 def _known_connector(
-    device_id: str, address: str, ident: MinerIdentity, timeout_s: float, creds: MinerCredentials
+    device_id: str, address: str, ident: DeviceIdentity, timeout_s: float, creds: MinerCredentials
 ) -> Connector:
     logins = creds.for_miner(device_id, address)
 
     # Identified already: connect without pyasic's probes (they cost seconds at 10k miners).
-    async def connect() -> MinerDriver:
+    async def connect() -> DeviceDriver:
         return await AsicDriver.from_inventory(
             device_id,
             address,
@@ -88,7 +98,7 @@ def _known_connector(
     return connect
 
 
-def discovered_id(address: str, ident: MinerIdentity) -> str:
+def discovered_id(address: str, ident: DeviceIdentity) -> str:
     """A discovered miner's device id: from its MAC or serial, so a new address keeps it."""
     key = identity_key(ident, address)
     kind, _, value = key.partition(":")
@@ -97,8 +107,8 @@ def discovered_id(address: str, ident: MinerIdentity) -> str:
     return "miner-" + value.replace(":", "").lower()
 
 
-def discovered_tracker(
-    cfg: Config, address: str, ident: MinerIdentity, creds: MinerCredentials | None = None
+def discovered_link(
+    cfg: Config, address: str, ident: DeviceIdentity, creds: MinerCredentials | None = None
 ) -> DeviceLink:
     """A link to a miner found by a scan (``creds``: loaded from ``cfg`` when not given)."""
     creds = credentials(cfg) if creds is None else creds
@@ -107,7 +117,7 @@ def discovered_tracker(
     return DeviceLink(
         device_id,
         address=address,
-        domain=inv.scan_domain or SITE_DOMAIN,
+        domain=inv.scan_domain or SITE,
         nameplate_power_w=ident.nameplate_power_w or inv.default_nameplate_power_w,
         nameplate_hashrate_ths=ident.nameplate_hashrate_ths or inv.default_nameplate_hashrate_ths,
         sleep_power_w=inv.sleep_power_w,
@@ -258,7 +268,7 @@ def _discovered(
     cfg: Config, drivers: Mapping[str, AsicDriver], creds: MinerCredentials
 ) -> list[DeviceLink]:
     return [
-        discovered_tracker(cfg, a, d.identity, creds)
+        discovered_link(cfg, a, d.identity, creds)
         for a, d in drivers.items()
         if d.identity is not None
     ]
@@ -282,7 +292,7 @@ def _adopt_driver(t: DeviceLink, drv: AsicDriver) -> None:
     t.driver = drv  # the fleet adopts what it identified as it takes the link in
 
 
-async def build_trackers(
+async def build_devices(
     cfg: Config,
     store: InventoryStore | None = None,
     *,
@@ -297,8 +307,8 @@ async def build_trackers(
     each address (``startup_addresses``) finishes.
     """
     creds = credentials(cfg)
-    listed = [tracker_for(cfg, m, creds) for m in cfg.inventory.miners]
-    gpus = [t for n in cfg.gpu_nodes for t in gpu_trackers(cfg, n, node_driver(cfg, n))]
+    listed = [miner_link(cfg, m, creds) for m in cfg.inventory.miners]
+    gpus = [t for n in cfg.gpu_nodes for t in gpu_links(cfg, n, node_driver(cfg, n))]
     # Configured ids must differ (the second would hide the first from every snapshot):
     # refused before identification, which takes minutes at scale.
     taken: dict[str, DeviceLink] = {}
@@ -314,7 +324,7 @@ async def build_trackers(
     for address in scanned:
         drv = drivers.get(address)
         if drv is not None and drv.identity is not None:
-            t = discovered_tracker(cfg, address, drv.identity, creds)
+            t = discovered_link(cfg, address, drv.identity, creds)
             old = taken.get(t.device_id)
             if old is not None:
                 # A miner on the wire under a taken id is still drawing power.
@@ -353,7 +363,7 @@ def counted_only(t: DeviceLink, taken_by: DeviceLink) -> DeviceLink:
         placeholder_id,
     )
 
-    async def refuse() -> MinerDriver:
+    async def refuse() -> DeviceDriver:
         raise DeviceRefused(f"id {t.device_id!r} is taken by the device at {taken_by.address}")
 
     spec = t.spec
@@ -381,7 +391,7 @@ def same_device(old: DeviceLink, new: DeviceLink) -> bool:
 
 
 def startup_addresses(cfg: Config) -> int:
-    """How many addresses ``build_trackers`` identifies: listed miners and scan ranges."""
+    """How many addresses ``build_devices`` identifies: listed miners and scan ranges."""
     return len(cfg.inventory.miners) + len(scan_addresses(cfg))
 
 
@@ -410,20 +420,20 @@ def node_driver(cfg: Config, n: GpuNodeConfig) -> GpuNodeDriver:
     )
 
 
-def gpu_trackers(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[DeviceLink]:
+def gpu_links(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[DeviceLink]:
     """One link per GPU of a node (connected on first read), plus its fixed overhead."""
     node = GpuNode(driver, max_age_s=min(0.5, cfg.telemetry.interval_s / 2))
-    domain = n.domain or SITE_DOMAIN
+    domain = n.domain or SITE
 
     def gpu_connector(device_id: str, index: int) -> Connector:
-        async def connect() -> MinerDriver:
+        async def connect() -> DeviceDriver:
             await node.connect()
             return GpuDevice(device_id, node, index)
 
         return connect
 
     def fixed_connector(device_id: str) -> Connector:
-        async def connect() -> MinerDriver:
+        async def connect() -> DeviceDriver:
             return FixedLoad(device_id, n.overhead_w)
 
         return connect

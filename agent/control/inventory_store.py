@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from domain.types import MinerIdentity
+from siteagent.domain.types import DeviceIdentity
 
 log = logging.getLogger("siteagent.inventory")
 
@@ -48,7 +48,7 @@ _FIRMWARE_BACKENDS = (
 )
 
 
-def backend_of(identity: MinerIdentity) -> str:
+def backend_of(identity: DeviceIdentity) -> str:
     """Backend name from the driver's firmware string ("Braiins OS 24.09" -> "braiins")."""
     for prefix, name in _FIRMWARE_BACKENDS:
         if identity.firmware.startswith(prefix):
@@ -56,7 +56,7 @@ def backend_of(identity: MinerIdentity) -> str:
     return "unknown"
 
 
-def identity_key(identity: MinerIdentity, address: str) -> str:
+def identity_key(identity: DeviceIdentity, address: str) -> str:
     """The miner's lasting key: MAC, else serial, else (weakest) its address."""
     if identity.mac:
         return "mac:" + identity.mac.upper()
@@ -163,7 +163,7 @@ class InventoryStore:
         return self._row(r) if r else None
 
     def record_scan(
-        self, found: Iterable[tuple[str, MinerIdentity]], scanned: Iterable[str]
+        self, found: Iterable[tuple[str, DeviceIdentity]], scanned: Iterable[str]
     ) -> ScanReport:
         """Merge one scan (``found`` among the ``scanned`` addresses); report the changes.
 

@@ -30,24 +30,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.config import Config, default_id, gpu_device_id
-from domain import (
+from siteagent.agent.config import Config, default_id, gpu_device_id
+from siteagent.domain import (
+    DeviceControls,
     DeviceKind,
     DeviceReading,
     DeviceState,
     DeviceStatus,
     DomainLimit,
     Limits,
-    MinerCapabilities,
     Snapshot,
 )
-from domain.site import SITE, DomainTree, domain_codes, domain_loads_w
-from policies import POLICIES, Policy, PolicyParams, PolicyState, get_policy
-from policies.capping import CappingParams
-from policies.economic_params import EconomicParams
-from policies.prices import PricePoint, Prices
-from sim.gpu import H100_SXM, capacity_frac
-from sim.power import HASHRATE_POWER_EXPONENT, SIM_MODELS, PowerTiming, SimModel
+from siteagent.domain.site import SITE, DomainTree, domain_codes, domain_loads_w
+from siteagent.policies import POLICIES, Policy, PolicyParams, PolicyState, get_policy
+from siteagent.policies.capping import CappingParams
+from siteagent.policies.economic_params import EconomicParams
+from siteagent.policies.prices import PricePoint, Prices
+from siteagent.sim.gpu import H100_SXM, capacity_frac
+from siteagent.sim.power import HASHRATE_POWER_EXPONENT, SIM_MODELS, PowerTiming, SimModel
 
 STEP_S = 300.0
 SEED = 20250105
@@ -209,8 +209,8 @@ class PolicyResult:
         }
 
 
-def _miner_caps(m: SimModel) -> MinerCapabilities:
-    return MinerCapabilities(
+def _miner_caps(m: SimModel) -> DeviceControls:
+    return DeviceControls(
         power_target=True,
         power_target_min_w=m.power_target_min_w,
         power_target_max_w=m.power_target_max_w,
@@ -220,7 +220,7 @@ def _miner_caps(m: SimModel) -> MinerCapabilities:
     )
 
 
-GPU_CAPS = MinerCapabilities(
+GPU_CAPS = DeviceControls(
     power_target=True,
     power_target_min_w=H100_SXM.power_limit_min_w,
     power_target_max_w=H100_SXM.power_limit_max_w,
@@ -642,9 +642,9 @@ def plot(
 
 def main() -> None:
     """Regenerate the shipped sample series: python -m agent.backtest."""
-    from agent.prices import write_csv
+    from siteagent.agent.control.prices import write_csv
 
-    out = Path(__file__).parent / "data" / "prices_30d.csv"
+    out = Path(__file__).parent.parent / "data" / "prices_30d.csv"
     write_csv(make_prices(), out)
     print(f"wrote {out}")
 
@@ -662,8 +662,8 @@ def check_inputs(args: Any) -> tuple[BtSite, CappingParams, list[PricePoint]]:
 
     Everything the run needs is checked here, before the replay: the plot folder too.
     """
-    from agent.config import ConfigError, load_config
-    from agent.prices import PriceFormatError, load_series
+    from siteagent.agent.config import ConfigError, load_config
+    from siteagent.agent.control.prices import PriceFormatError, load_series
 
     if args.days is not None and not args.days > 0:
         raise BacktestInputError(f"--days {args.days:g}: expected a number of days above 0")

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.overrides import SYSTEM_ACTOR, AuditRecord, Ending, Override
+from siteagent.agent.api.overrides import SYSTEM_ACTOR, AuditRecord, Ending, Override
 
 log = logging.getLogger("siteagent.store")
 

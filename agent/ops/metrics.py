@@ -31,16 +31,16 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 
-from agent.alarms import ALARM_NAMES
-from agent.safety import table_of
-from domain import DeviceKind, DeviceState, DeviceStatus, PlanMode, setpoint_rows
-from domain.site import DomainTree, domain_loads_w
+from siteagent.agent.control.alarms import ALARM_NAMES
+from siteagent.agent.control.safety import table_of
+from siteagent.domain import DeviceKind, DeviceState, DeviceStatus, PlanMode, setpoint_rows
+from siteagent.domain.site import DomainTree, domain_loads_w
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse
     from wsgiref.types import WSGIApplication as WSGIApp
 
-    from agent.loop import Agent, TickRecord
+    from siteagent.agent.control.loop import Agent, TickRecord
 
 PREFIX = "siteagent_"
 HASHES_PER_TH = 1e12

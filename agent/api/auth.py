@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import ApiConfig
+from siteagent.agent.config import ApiConfig
 
 TOKEN_PREFIX = "sat_"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")

@@ -11,7 +11,7 @@ failed read (for a GPU node's GPUs failing together: one for the node), and
 backs a failing device's link off exponentially.
 
 Each device's IO (driver, connect, next read) is its ``DeviceLink``
-(agent/devices.py); the fleet holds the links in row order.
+(agent/control/devices.py); the fleet holds the links in row order.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from agent.devices import DeviceLink, MinerDriver
-from domain import (
+from siteagent.agent.control.devices import DeviceDriver, DeviceLink
+from siteagent.domain import (
+    DeviceControls,
     DeviceError,
     DeviceFaulted,
     DeviceKind,
     DevicePermissionError,
     DeviceReading,
     DeviceState,
-    MinerCapabilities,
     Snapshot,
 )
-from domain.table import (
+from siteagent.domain.table import (
     STATE_CODE,
     STATES,
     DeviceStatics,
@@ -43,7 +43,7 @@ from domain.table import (
     TableDevices,
     floats,
 )
-from domain.worst_case import (
+from siteagent.domain.worst_case import (
     ACTIVE_STATES,
     CONFIRM_SLACK_FRAC,
     CONFIRM_SLACK_W,
@@ -59,7 +59,7 @@ _UNREACHABLE = STATE_CODE[DeviceState.UNREACHABLE]
 _FAULTED = STATE_CODE[DeviceState.FAULTED]
 _UNKNOWN = STATE_CODE[DeviceState.UNKNOWN]
 _SLEEPING = DeviceState.SLEEPING
-_NO_CONTROL = MinerCapabilities(power_target=False)
+_NO_CONTROL = DeviceControls(power_target=False)
 # The columns (name, dtype, value of a new row); grown together, doubling.
 _COLUMNS: tuple[tuple[str, Any, float], ...] = (
     ("state", np.int8, _UNKNOWN),
@@ -99,8 +99,8 @@ class DeviceRecord:
     kind: DeviceKind
     domain: str
     address: str
-    driver: MinerDriver | None
-    capabilities: MinerCapabilities
+    driver: DeviceDriver | None
+    capabilities: DeviceControls
     nameplate_power_w: float
     nameplate_hashrate_ths: float
     sleep_power_w: float
@@ -172,7 +172,7 @@ class Fleet:
         self._links: list[DeviceLink] = []
         self._rows: dict[str, int] = {}
         self._hashrate_ths: list[float] = []
-        self._capabilities: list[MinerCapabilities] = []
+        self._capabilities: list[DeviceControls] = []
         self._readings: list[DeviceReading | None] = []
         self._last_error: list[str | None] = []
         self._read_only: list[str | None] = []  # why it is read-only, or None
@@ -297,7 +297,7 @@ class Fleet:
 
     # -- what the loop tells it -------------------------------------------------------
 
-    def attach(self, row: int, driver: MinerDriver) -> None:
+    def attach(self, row: int, driver: DeviceDriver) -> None:
         """Use a connected driver; adopt what it identified (nameplate, capabilities)."""
         link = self._links[row]
         link.driver = driver
@@ -318,7 +318,7 @@ class Fleet:
             self._hashrate_ths[row] = ident.nameplate_hashrate_ths
         self._statics = None
 
-    def move(self, row: int, found: DeviceLink) -> MinerDriver | None:
+    def move(self, row: int, found: DeviceLink) -> DeviceDriver | None:
         """The device in ``row`` is now where ``found`` (a scan's link to it) says: drop
         its driver (returned, for the caller to close) and read it at once."""
         own = self._links[row]

@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.alarms import PRICES_STALE, Alarms
-from agent.config import Config, gpu_device_id
-from policies.capping import CappingParams
-from policies.economic_params import EconomicParams, PriorityClass, PriorityClasses
-from policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
+from siteagent.agent.config import Config, gpu_device_id
+from siteagent.agent.control.alarms import PRICES_STALE, Alarms
+from siteagent.policies.capping import CappingParams
+from siteagent.policies.economic_params import EconomicParams, PriorityClass, PriorityClasses
+from siteagent.policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
 
 log = logging.getLogger("siteagent.prices")
 

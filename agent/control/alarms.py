@@ -20,10 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, SetpointTable, Snapshot
-from domain.site import SITE, DomainTree, domain_loads_w
-from domain.table import DeviceTable
-from policies.capping import MOVABLE_KINDS, max_level_w, min_level_w
+from siteagent.domain import (
+    DeviceKind,
+    DeviceStatus,
+    Limits,
+    Plan,
+    Setpoint,
+    SetpointTable,
+    Snapshot,
+)
+from siteagent.domain.site import SITE, DomainTree, domain_loads_w
+from siteagent.domain.table import DeviceTable
+from siteagent.policies.capping import MOVABLE_KINDS, max_level_w, min_level_w
 
 log = logging.getLogger("siteagent.alarms")
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config, load_config
-from agent.inventory import build_trackers, close_drivers
-from agent.loop import Agent, TickRecord
-from domain import DeviceKind, DeviceState
+from siteagent.agent.config import Config, load_config
+from siteagent.agent.control.inventory import build_devices, close_drivers
+from siteagent.agent.control.loop import Agent, TickRecord
+from siteagent.domain import DeviceKind, DeviceState
 
 log = logging.getLogger("siteagent.demo")
 
-DEMO_CONFIG = Path(__file__).resolve().parent / "data" / "demo.toml"
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "demo.toml"
 GRID = "grid-event"
 
 
@@ -63,7 +63,7 @@ class SimClient:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "sim.serve",
+            "siteagent.sim.serve",
             "--miners",
             str(miners),
             "--base",
@@ -188,7 +188,7 @@ async def _run(
     gpu_full_w = sum(700.0 * n["gpus"] + float(n["overhead_w"]) for n in nodes)
     full_w = mining_w + gpu_full_w
     cfg = demo_config(cfg0, sim.inventory, hard_cap_w=full_w)
-    trackers = await build_trackers(cfg)
+    trackers = await build_devices(cfg)
     found = sum(1 for t in trackers if t.kind is DeviceKind.MINER)
     at = f" at {', '.join(str(n['address']) for n in nodes)}" if nodes else ""
     print(

@@ -27,12 +27,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent.auth import FailureLimiter, Principal, TokenStore, ssl_options, tokens_path
-from agent.auth import Scope as TokenScope
-from agent.config import ApiConfig, Config
-from agent.devices import DeviceLink
-from agent.loop import MODES, Agent
-from agent.overrides import (
+from siteagent.agent.api.auth import FailureLimiter, Principal, TokenStore, ssl_options, tokens_path
+from siteagent.agent.api.auth import Scope as TokenScope
+from siteagent.agent.api.overrides import (
     AuditRecord,
     EndRequest,
     Override,
@@ -41,10 +38,13 @@ from agent.overrides import (
     request_models,
     ttl_too_long,
 )
-from agent.runtime import OverrideRuntime
-from agent.store import Store
-from domain import DeviceKind, DeviceStatus
-from domain.site import DomainTree, domain_codes, domain_loads_w
+from siteagent.agent.api.runtime import OverrideRuntime
+from siteagent.agent.api.store import Store
+from siteagent.agent.config import ApiConfig, Config
+from siteagent.agent.control.devices import DeviceLink
+from siteagent.agent.control.loop import MODES, Agent
+from siteagent.domain import DeviceKind, DeviceStatus
+from siteagent.domain.site import DomainTree, domain_codes, domain_loads_w
 
 log = logging.getLogger("siteagent.api")
 

@@ -1,0 +1,1 @@
+"""Tools: the command line, the API client, the demo and the backtest."""
