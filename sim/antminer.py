@@ -111,7 +111,7 @@ class SimAntminer(SimMinerBase):
         m, pw = self.model, self.power
         ghs = pw.hashrate_ths(now) * 1000.0
         chip = pw.chip_temp_c(now)
-        rpm = int(2000 + 3000 * pw.power_w(now) / m.nameplate_power_w)
+        rpm = self.fan_rpm(now)
         row: dict[str, Any] = {
             "STATS": 0,
             "ID": "BTM_SOC0",

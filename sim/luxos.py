@@ -137,7 +137,7 @@ class SimLuxOS(SimMinerBase):
             out["TEMPCTRL"] = [{"Mode": "Auto", "Target": 75, "Hot": 85, "Dangerous": 95}]
             return out
         if cmd == "fans":
-            rpm = int(2000 + 3000 * pw.power_w(now) / m.nameplate_power_w)
+            rpm = self.fan_rpm(now)
             out = rpc_status("S", 202, f"{m.fans} Fan(s)")
             out["FANS"] = [{"ID": i, "RPM": rpm, "Speed": 50} for i in range(m.fans)]
             out["FANCTRL"] = [{"MinFans": m.fans}]

@@ -20,16 +20,17 @@ from sim.whatsminer import SimWhatsminer
 DEFAULT_MODEL_MIX = ("S19 XP", "S21", "S19j Pro")
 WHATSMINER_MODELS = ("M50S", "M60S", "M30S++")
 
-SimMiner = SimBraiinsMiner | SimMinerBase
+SimMiner = SimMinerBase
 
-# Backend name -> (miner class, models it runs when ``models`` names Antminers).
+# Backend name -> miner class (Whatsminers run ``WHATSMINER_MODELS``, the others ``models``).
 BACKEND_CLASSES: dict[str, type[SimMinerBase]] = {
+    "braiins": SimBraiinsMiner,
     "whatsminer": SimWhatsminer,
     "luxos": SimLuxOS,
     "antminer": SimAntminer,
     "vnish": SimVNish,
 }
-BACKEND_NAMES = ("braiins", *BACKEND_CLASSES)
+BACKEND_NAMES = tuple(BACKEND_CLASSES)
 
 
 class SimSite:
@@ -78,18 +79,6 @@ class SimSite:
             backend = backends[i % len(backends)]
             k = i // len(backends)
             address, index = str(base + i), first + i
-            if backend == "braiins":
-                self.miners.append(
-                    SimBraiinsMiner(
-                        address,
-                        SIM_MODELS[models[k % len(models)]],
-                        timing,
-                        index=index,
-                        clock=clock,
-                        **pw,
-                    )
-                )
-                continue
             cls = BACKEND_CLASSES[backend]
             mix = WHATSMINER_MODELS if backend == "whatsminer" else tuple(models)
             self.miners.append(
@@ -124,7 +113,7 @@ class SimSite:
     @staticmethod
     def backend_of(m: SimMiner) -> str:
         """The firmware a simulated miner runs ("braiins", "whatsminer", ...)."""
-        return "braiins" if isinstance(m, SimBraiinsMiner) else m.BACKEND
+        return m.BACKEND
 
     def miner(self, address: str) -> SimMiner:
         """The simulated miner at ``address``."""

@@ -109,7 +109,7 @@ class SimWhatsminer(SimMinerBase):
             return out
         if cmd == "summary":
             out = rpc_status("S", 11, "Summary")
-            rpm = int(2000 + 3000 * pw.power_w(now) / m.nameplate_power_w)
+            rpm = self.fan_rpm(now)
             out["SUMMARY"] = [
                 {
                     "Elapsed": max(0, int(now - pw.started_s)),
