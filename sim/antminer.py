@@ -23,7 +23,15 @@ import json
 import secrets
 from typing import Any, ClassVar
 
-from sim.base import IDLE_POWER_W, HttpRequest, HttpResponse, SimMinerBase, json_response
+from sim.base import (
+    IDLE_POWER_W,
+    POOL_URL,
+    POOL_USER,
+    HttpRequest,
+    HttpResponse,
+    SimMinerBase,
+    json_response,
+)
 from sim.base import rpc_status as _status
 
 REALM = "antMiner Configuration"
@@ -65,9 +73,7 @@ class SimAntminer(SimMinerBase):
         super().__init__(*args, **kwargs)
         self.nonce = secrets.token_hex(16)
         self.mode = MODE_NORMAL
-        self.pools: list[dict[str, str]] = [
-            {"url": "stratum+tcp://pool.invalid:3333", "user": "sim.worker", "pass": "x"}
-        ]
+        self.pools: list[dict[str, str]] = [{"url": POOL_URL, "user": POOL_USER, "pass": "x"}]
         self.writes = 0  # set_miner_conf calls executed (tests check no blind retries)
 
     # -- ground truth ----------------------------------------------------------------

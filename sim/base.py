@@ -419,3 +419,22 @@ def rpc_status(code: str, num: int, msg: str, desc: str = "") -> dict[str, Any]:
         ],
         "id": 1,
     }
+
+
+def pools_reply(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``pools`` reply: the one pool every simulated miner mines on (``extra``: more
+    fields of its row, as a firmware names them)."""
+    out = rpc_status("S", 7, "1 Pool(s)")
+    out["POOLS"] = [
+        {
+            "POOL": 0,
+            "URL": POOL_URL,
+            "Status": "Alive",
+            "Stratum Active": True,
+            "User": POOL_USER,
+            "Accepted": 0,
+            "Rejected": 0,
+            **(extra or {}),
+        }
+    ]
+    return out

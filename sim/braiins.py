@@ -45,6 +45,7 @@ from sim.base import (
     HttpResponse,
     Listener,
     SimMinerBase,
+    pools_reply,
     rpc_status,
 )
 from sim.faults import Fault
@@ -229,21 +230,7 @@ class SimBraiinsMiner(SimMinerBase):
             ]
             return out
         if cmd == "pools":
-            out = rpc_status("S", 7, "1 Pool(s)")
-            out["POOLS"] = [
-                {
-                    "POOL": 0,
-                    "URL": POOL_URL,
-                    "Status": "Alive",
-                    "Stratum Active": True,
-                    "User": POOL_USER,
-                    "Accepted": 0,
-                    "Rejected": 0,
-                    "Get Failures": 0,
-                    "Remote Failures": 0,
-                }
-            ]
-            return out
+            return pools_reply({"Get Failures": 0, "Remote Failures": 0})
         if cmd == "tunerstatus":
             out = rpc_status("S", 100, "Tuner Status")
             target = int(pw.target_w)
@@ -453,10 +440,14 @@ def cooling_state_bytes(m: SimBraiinsMiner, now: float) -> bytes:
     return fans + hottest
 
 
-class _Miner(bos.MinerServiceBase):  # type: ignore[misc]  # pyasic is untyped
+class _OfMiner:
+    """A gRPC service of one simulated miner."""
+
     def __init__(self, m: SimBraiinsMiner) -> None:
         self.m = m
 
+
+class _Miner(_OfMiner, bos.MinerServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def get_miner_details(
         self, get_miner_details_request: bos.GetMinerDetailsRequest
     ) -> bos.GetMinerDetailsResponse:
@@ -502,10 +493,7 @@ class _Miner(bos.MinerServiceBase):  # type: ignore[misc]  # pyasic is untyped
         )
 
 
-class _Performance(bos.PerformanceServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Performance(_OfMiner, bos.PerformanceServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def get_active_performance_mode(
         self, get_performance_mode_request: bos.GetPerformanceModeRequest
     ) -> bos.PerformanceMode:
@@ -529,10 +517,7 @@ class _Performance(bos.PerformanceServiceBase):  # type: ignore[misc]  # pyasic 
         return bos.SetPowerTargetResponse(power_target=_power(watt))
 
 
-class _Actions(bos.ActionsServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Actions(_OfMiner, bos.ActionsServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def pause_mining(
         self, pause_mining_request: bos.PauseMiningRequest
     ) -> bos.PauseMiningResponse:
@@ -552,10 +537,7 @@ class _Actions(bos.ActionsServiceBase):  # type: ignore[misc]  # pyasic is untyp
         return bos.LocateDeviceStatusResponse(enabled=False)
 
 
-class _Configuration(bos.ConfigurationServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Configuration(_OfMiner, bos.ConfigurationServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def get_constraints(
         self, get_constraints_request: bos.GetConstraintsRequest
     ) -> bos.GetConstraintsResponse:
@@ -584,10 +566,7 @@ class _Configuration(bos.ConfigurationServiceBase):  # type: ignore[misc]  # pya
         )
 
 
-class _Cooling(bos.CoolingServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Cooling(_OfMiner, bos.CoolingServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def get_cooling_state(
         self, get_cooling_state_request: bos.GetCoolingStateRequest
     ) -> bos.GetCoolingStateResponse:
@@ -624,10 +603,7 @@ class _ApiVersion(ApiVersionServiceBase):  # type: ignore[misc]  # pyasic is unt
         return ApiVersion(major=1, minor=3, patch=0)
 
 
-class _Auth(bos.AuthenticationServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Auth(_OfMiner, bos.AuthenticationServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def login_stream(
         self, stream: grpclib.server.Stream[bos.LoginRequest, bos.LoginResponse]
     ) -> None:

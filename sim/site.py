@@ -6,12 +6,12 @@ import asyncio
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
-from types import TracebackType
 
 from sim.antminer import SimAntminer
 from sim.base import SimMinerBase
 from sim.braiins import SimBraiinsMiner
 from sim.faults import Fault
+from sim.group import DeviceGroup
 from sim.luxos import SimLuxOS
 from sim.power import SIM_MODELS, PowerTiming
 from sim.vnish import SimVNish
@@ -33,7 +33,7 @@ BACKEND_CLASSES: dict[str, type[SimMinerBase]] = {
 BACKEND_NAMES = tuple(BACKEND_CLASSES)
 
 
-class SimSite:
+class SimSite(DeviceGroup):
     """Starts and stops simulated miners; answers ground-truth power questions."""
 
     def __init__(
@@ -86,29 +86,9 @@ class SimSite:
             )
         self._by_address = {m.address: m for m in self.miners}
 
-    async def start(self) -> None:
-        """Open every miner's listeners."""
-        try:
-            await asyncio.gather(*(m.start() for m in self.miners))
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        """Close every miner's listeners."""
-        await asyncio.gather(*(m.stop() for m in self.miners), return_exceptions=True)
-
-    async def __aenter__(self) -> SimSite:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    def devices(self) -> Sequence[SimMiner]:
+        """The miners, started and stopped together."""
+        return self.miners
 
     @staticmethod
     def backend_of(m: SimMiner) -> str:
