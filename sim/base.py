@@ -323,6 +323,7 @@ class SimMinerBase(GroundTruth):
                 self._starting.discard(port)
             if self._socks.get(port) is not sock:  # shut meanwhile
                 srv.close()
+                self.close_connections(port)
                 self._closing.append(srv)
                 continue
             self._servers[port], self._kinds[port] = srv, kind
