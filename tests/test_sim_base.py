@@ -44,12 +44,18 @@ async def version_reply(sock: socket.socket) -> bytes:
         writer.close()
 
 
+def refused(site: SimSite, backend: str) -> SimMiner:
+    """The site's miner of ``backend``, just set to refuse connections."""
+    m = next(x for x in site.miners if site.backend_of(x) == backend)
+    m.set_fault("refuse")
+    return m
+
+
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 async def test_refuse_closes_every_port_before_set_fault_returns(
     site: SimSite, backend: str
 ) -> None:
-    m = next(x for x in site.miners if site.backend_of(x) == backend)
-    m.set_fault("refuse")
+    m = refused(site, backend)
     for port in PORTS[backend]:
         with pytest.raises(ConnectionRefusedError):
             connect_now(m, port).close()
@@ -60,14 +66,15 @@ async def test_refuse_closes_every_port_before_set_fault_returns(
 async def test_leaving_refuse_binds_at_once_and_answers_once_ready(
     site: SimSite, backend: str
 ) -> None:
-    m = next(x for x in site.miners if site.backend_of(x) == backend)
-    m.set_fault("refuse")
+    m = refused(site, backend)
     await site.ready()
     m.set_fault("none")
-    # Bound before the servers are back: the connection waits in the backlog.
-    sock = connect_now(m, 4028)
+    # Bound before the servers are back: the connections wait in the backlog.
+    socks = {port: connect_now(m, port) for port in PORTS[backend]}
     await site.ready()
-    assert (await version_reply(sock)).startswith(b"{")
+    assert (await version_reply(socks.pop(4028))).startswith(b"{")
+    for sock in socks.values():
+        sock.close()
 
 
 def test_each_firmware_listens_where_the_table_says() -> None:
