@@ -23,7 +23,15 @@ import json
 import secrets
 from typing import Any, ClassVar
 
-from siteagent.sim.base import IDLE_POWER_W, HttpRequest, HttpResponse, SimMinerBase, json_response
+from siteagent.sim.base import (
+    IDLE_POWER_W,
+    POOL_URL,
+    POOL_USER,
+    HttpRequest,
+    HttpResponse,
+    SimMinerBase,
+    json_response,
+)
 from siteagent.sim.base import rpc_status as _status
 
 REALM = "antMiner Configuration"
@@ -65,9 +73,7 @@ class SimAntminer(SimMinerBase):
         super().__init__(*args, **kwargs)
         self.nonce = secrets.token_hex(16)
         self.mode = MODE_NORMAL
-        self.pools: list[dict[str, str]] = [
-            {"url": "stratum+tcp://pool.invalid:3333", "user": "sim.worker", "pass": "x"}
-        ]
+        self.pools: list[dict[str, str]] = [{"url": POOL_URL, "user": POOL_USER, "pass": "x"}]
         self.writes = 0  # set_miner_conf calls executed (tests check no blind retries)
 
     # -- ground truth ----------------------------------------------------------------
@@ -111,7 +117,7 @@ class SimAntminer(SimMinerBase):
         m, pw = self.model, self.power
         ghs = pw.hashrate_ths(now) * 1000.0
         chip = pw.chip_temp_c(now)
-        rpm = int(2000 + 3000 * pw.power_w(now) / m.nameplate_power_w)
+        rpm = self.fan_rpm(now)
         row: dict[str, Any] = {
             "STATS": 0,
             "ID": "BTM_SOC0",

@@ -1,12 +1,19 @@
-"""What the simulated miners of the JSON-socket and HTTP firmwares share.
+"""What every simulated miner shares: its listeners, its faults, and its JSON and HTTP APIs.
 
 One listening socket per port (no duplicates, so 10,000 miners with one port
 each fit under a 20,000 descriptor limit), one request per connection (the
 CGMiner-style API on 4028 answers one JSON document and closes; HTTP answers
-with ``Connection: close``), and the per-miner faults of ``sim.braiins``:
+with ``Connection: close``), and the per-miner faults of ``sim.faults``:
 no answer, slow, garbage, refused connection, refused commands, misreported
 power, plus a spontaneous reboot (listeners gone for ``down_s``, then the miner
 comes back with its uptime reset and ramps up again).
+
+The ports follow a fault at once: ``refuse`` and a reboot close them, and
+leaving those binds them again, before ``set_fault`` returns; only starting the
+servers on them is asynchronous (``ready``), and connections that arrive
+meanwhile wait in the backlog. A firmware whose server on a port depends on
+the fault (``server_kind``: Braiins OS answers raw bytes instead of HTTP/2 on
+its gRPC port under ``garbage``) has it swapped with the port kept bound.
 """
 
 from __future__ import annotations
@@ -16,9 +23,9 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from siteagent.sim.faults import (
     DEFAULT_MISREPORT_FACTOR,
@@ -34,6 +41,19 @@ from siteagent.sim.wire import read_json_request
 DEFAULT_REBOOT_DOWN_S = 5.0
 # What a miner draws while its controller boots or its mining service restarts.
 IDLE_POWER_W = 60.0
+# The one pool every simulated miner mines on.
+POOL_URL = "stratum+tcp://pool.invalid:3333"
+POOL_USER = "sim.worker"
+
+
+class Listener(Protocol):
+    """A server on one listening socket (asyncio's, or grpclib's)."""
+
+    def close(self) -> None:
+        """Stop listening now (the socket is closed)."""
+
+    async def wait_closed(self) -> None:
+        """Wait until it is closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +127,8 @@ class SimMinerBase(GroundTruth):
     RPC_PORT: ClassVar[int] = 4028
     # Bytes after a 4028 reply: cgminer-style firmware ends with a NUL.
     RPC_TRAILER: ClassVar[bytes] = b"\x00"
+    # The first three bytes of the simulated MACs (locally administered).
+    MAC_PREFIX: ClassVar[str] = "02:43:AC"
 
     def __init__(
         self,
@@ -126,10 +148,19 @@ class SimMinerBase(GroundTruth):
         self.power = MinerPowerModel(model, timing, clock())
         self.faults = FaultState()
         self.password = password
-        self.mac = "02:43:AC:" + ":".join(f"{(index >> s) & 0xFF:02X}" for s in (16, 8, 0))
+        self.index = index
+        self.mac = (
+            self.MAC_PREFIX + ":" + ":".join(f"{(index >> s) & 0xFF:02X}" for s in (16, 8, 0))
+        )
         self.serial = f"{prefix}{index:08d}"
         self.hostname = f"sim-{self.BACKEND}-{index:04d}"
-        self._servers: dict[int, asyncio.Server] = {}
+        # Each port's listening socket while the miner is up, and the server on it
+        # (which owns that socket) once started, with the kind it was started as.
+        self._socks: dict[int, socket.socket] = {}
+        self._servers: dict[int, Listener] = {}
+        self._kinds: dict[int, Hashable] = {}
+        self._starting: set[int] = set()
+        self._closing: list[Listener] = []
         self._released = asyncio.Event()
         self._reboot: asyncio.TimerHandle | None = None
         self._pending: asyncio.Task[None] | None = None
@@ -145,7 +176,8 @@ class SimMinerBase(GroundTruth):
 
     async def start(self) -> None:
         """Open the listeners."""
-        await self._open()
+        self._reconcile()
+        await self.ready()
 
     async def stop(self) -> None:
         """Close every listener and release hung connections."""
@@ -155,10 +187,11 @@ class SimMinerBase(GroundTruth):
         if self._pending is not None:
             with contextlib.suppress(Exception):
                 await self._pending
-        await self._close()
+        self._shut()
+        await self._wait_closed()
 
     async def ready(self) -> None:
-        """Wait until the listeners match the last fault set."""
+        """Wait until the servers match the last fault set (the ports already do)."""
         if self._pending is not None:
             await self._pending
 
@@ -173,8 +206,7 @@ class SimMinerBase(GroundTruth):
             delay_s=float(kw.get("delay_s", DEFAULT_SLOW_DELAY_S)),
             factor=float(kw.get("factor", DEFAULT_MISREPORT_FACTOR)),
         )
-        self._released.set()
-        self._released = asyncio.Event()
+        self._release()
         self._reconcile()
 
     def reboot(self, down_s: float = DEFAULT_REBOOT_DOWN_S) -> None:
@@ -182,8 +214,7 @@ class SimMinerBase(GroundTruth):
         now = self.clock()
         self.rebooting = True
         self.power.restart(now, down_s, IDLE_POWER_W)
-        self._released.set()
-        self._released = asyncio.Event()
+        self._release()
         self._reconcile()
         if self._reboot is not None:
             self._reboot.cancel()
@@ -194,25 +225,52 @@ class SimMinerBase(GroundTruth):
 
         self._reboot = asyncio.get_running_loop().call_later(down_s, back)
 
+    # -- what a firmware says about its servers --------------------------------------
+
+    def server_kind(self, port: int) -> Hashable:
+        """Which server ``port`` wants under the current fault; when it changes, the
+        server is swapped (the base serves every port the same way under every fault)."""
+        return None
+
+    async def start_server(self, port: int, sock: socket.socket) -> Listener:
+        """Start the server of ``port`` on its bound, listening ``sock`` (it owns it then)."""
+        handler = self._serve_rpc if port == self.RPC_PORT else self._serve_http
+        return await asyncio.start_server(handler, sock=sock)
+
+    def close_connections(self, port: int) -> None:
+        """End the connections the server on ``port`` keeps open, as it closes (the
+        process behind both is gone); one request per connection keeps none."""
+
+    # -- listeners -------------------------------------------------------------------
+
+    def _release(self) -> None:
+        """Wake connections held by no_answer/slow so they see the new state."""
+        self._released.set()
+        self._released = asyncio.Event()
+
     def _reconcile(self) -> None:
+        """Close or bind the ports for the current state now; (re)start servers next."""
+        if self.faults.fault is Fault.REFUSE or self.rebooting:
+            self._shut()
+        else:
+            self._bind()
         prev = self._pending
 
         async def apply() -> None:
             if prev is not None:
                 with contextlib.suppress(Exception):
                     await prev
-            if self.faults.fault is Fault.REFUSE or self.rebooting:
-                await self._close()
-            else:
-                await self._open()
+            await self._start_servers()
 
         self._pending = asyncio.get_running_loop().create_task(apply())
 
-    async def _open(self) -> None:
+    def _bind(self) -> None:
         for port in self.PORTS:
-            if port in self._servers:
+            if port in self._socks:
                 continue
-            # proto must say TCP so asyncio sets TCP_NODELAY on accepted sockets.
+            # proto must say TCP: asyncio only sets TCP_NODELAY on accepted sockets
+            # whose proto is IPPROTO_TCP, and without it Nagle plus delayed ACKs add
+            # ~40 ms to every exchange on a kept connection.
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -222,15 +280,58 @@ class SimMinerBase(GroundTruth):
                 sock.close()
                 raise
             sock.setblocking(False)
-            handler = self._serve_rpc if port == self.RPC_PORT else self._serve_http
-            self._servers[port] = await asyncio.start_server(handler, sock=sock)
+            self._socks[port] = sock
 
-    async def _close(self) -> None:
-        servers = list(self._servers.values())
-        self._servers.clear()
-        for srv in servers:
-            srv.close()
-        for srv in servers:
+    def _shut(self) -> None:
+        """Close every server and listening socket now: connections are refused at once."""
+        for port in list(self._servers):
+            self._close_server(port)
+        for port, sock in self._socks.items():
+            # A server starting on it closes it when it finds the port shut.
+            if port not in self._starting:
+                sock.close()
+        self._socks.clear()
+
+    def _close_server(self, port: int) -> None:
+        srv = self._servers.pop(port)
+        del self._kinds[port]
+        srv.close()
+        self.close_connections(port)
+        self._closing.append(srv)
+
+    async def _start_servers(self) -> None:
+        """Start the servers the current fault wants on the bound ports."""
+        for port in self.PORTS:
+            sock = self._socks.get(port)
+            kind = self.server_kind(port)
+            if sock is None or (port in self._servers and self._kinds[port] == kind):
+                continue
+            if port in self._servers:
+                # A swap: the dup keeps the port bound while the old server closes.
+                sock = sock.dup()
+                self._socks[port] = sock
+                self._close_server(port)
+            self._starting.add(port)
+            try:
+                srv = await self.start_server(port, sock)
+            except BaseException:
+                sock.close()
+                if self._socks.get(port) is sock:
+                    del self._socks[port]
+                raise
+            finally:
+                self._starting.discard(port)
+            if self._socks.get(port) is not sock:  # shut meanwhile
+                srv.close()
+                self.close_connections(port)
+                self._closing.append(srv)
+                continue
+            self._servers[port], self._kinds[port] = srv, kind
+        await self._wait_closed()
+
+    async def _wait_closed(self) -> None:
+        closing, self._closing = self._closing, []
+        for srv in closing:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 1.0)
 
@@ -319,3 +420,22 @@ def rpc_status(code: str, num: int, msg: str, desc: str = "") -> dict[str, Any]:
         ],
         "id": 1,
     }
+
+
+def pools_reply(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``pools`` reply: the one pool every simulated miner mines on (``extra``: more
+    fields of its row, as a firmware names them)."""
+    out = rpc_status("S", 7, "1 Pool(s)")
+    out["POOLS"] = [
+        {
+            "POOL": 0,
+            "URL": POOL_URL,
+            "Status": "Alive",
+            "Stratum Active": True,
+            "User": POOL_USER,
+            "Accepted": 0,
+            "Rejected": 0,
+            **(extra or {}),
+        }
+    ]
+    return out

@@ -1,6 +1,7 @@
 """A simulated Braiins OS (BOSer) miner that speaks the real protocols on loopback.
 
-Each miner owns one loopback address and serves, on it:
+Each miner owns one loopback address and serves, on it (listeners, faults and
+the JSON API's framing from ``sim.base``):
 
 - HTTP on port 80: a page naming "Braiins OS" (what pyasic's web probe looks for);
 - the CGMiner-style JSON API on TCP 4028: one JSON reply, then close;
@@ -22,12 +23,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import socket
 import struct
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, ClassVar, cast
 
 import grpclib.const
 import grpclib.server
@@ -39,57 +38,46 @@ from h2.errors import ErrorCodes
 from pyasic.web.braiins_os.proto.braiins.bos import ApiVersion, ApiVersionServiceBase
 from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
 
-from siteagent.sim.faults import (
-    DEFAULT_MISREPORT_FACTOR,
-    DEFAULT_SLOW_DELAY_S,
-    GARBAGE_BYTES,
-    Fault,
-    FaultState,
-    GroundTruth,
+from siteagent.sim.base import (
+    POOL_URL,
+    POOL_USER,
+    HttpRequest,
+    HttpResponse,
+    Listener,
+    SimMinerBase,
+    pools_reply,
+    rpc_status,
 )
-from siteagent.sim.power import MinerPowerModel, PowerTiming, SimModel
-from siteagent.sim.wire import read_json_request
+from siteagent.sim.faults import Fault
 
-HTTP_PORT = 80
-RPC_PORT = 4028
 GRPC_PORT = 50051
 
 # A real BOSer login token lives an hour and is refreshed on use.
 TOKEN_TIMEOUT_S = 3600
 BOS_VERSION = "2024-09-03-0-d4b1b5b4-24.09-plus"
 
-
 GARBAGE_GRPC_BYTES = b"\x8b\x00\xff\xfe garbage \x13\x37 no http/2 frame \x00\x01\x02"
 
+_PAGE = (
+    "<!DOCTYPE html><html><head><title>Braiins OS</title></head>"
+    f"<body>Braiins OS {BOS_VERSION} (simulated)</body></html>"
+).encode()
 
-class SimBraiinsMiner(GroundTruth):
-    """One simulated BOSer miner: power model, fault state and its three listeners."""
 
-    def __init__(
-        self,
-        address: str,
-        model: SimModel,
-        timing: PowerTiming,
-        *,
-        index: int = 0,
-        clock: Callable[[], float] = time.monotonic,
-        password: str = "root",
-    ) -> None:
-        self.address = address
-        self.model = model
-        self.clock = clock
-        self.power = MinerPowerModel(model, timing, clock())
-        self.faults = FaultState()
-        self.password = password
-        self.mac = "02:42:AC:" + ":".join(f"{(index >> s) & 0xFF:02X}" for s in (16, 8, 0))
-        self.serial = f"SIMBOS{index:08d}"
-        self.hostname = f"sim-bos-{index:04d}"
-        self.uid = f"sim-{index:08d}"
-        self.token = f"simtoken{index:06d}x"
-        self._http: asyncio.Server | None = None
-        self._rpc: asyncio.Server | None = None
-        self._grpc: grpclib.server.Server | None = None
-        self._raw_grpc: asyncio.Server | None = None
+class SimBraiinsMiner(SimMinerBase):
+    """One simulated BOSer miner: its JSON API's replies, its web page, its gRPC server."""
+
+    BACKEND: ClassVar[str] = "braiins"
+    PORTS: ClassVar[tuple[int, ...]] = (80, 4028, GRPC_PORT)
+    MAC_PREFIX: ClassVar[str] = "02:42:AC"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prefix", "SIMBOS")
+        kwargs.setdefault("password", "root")
+        super().__init__(*args, **kwargs)
+        self.hostname = f"sim-bos-{self.index:04d}"
+        self.uid = f"sim-{self.index:08d}"
+        self.token = f"simtoken{self.index:06d}x"
         # HTTP/2 connections on the gRPC port: open now, accepted so far, requests by
         # method name ("GetMinerStats"), and the calls whose connection is to be cut
         # (method -> for each call to cut, whether the miner carries it out first).
@@ -98,108 +86,31 @@ class SimBraiinsMiner(GroundTruth):
         self.grpc_calls: collections.Counter[str] = collections.Counter()
         self._cuts: dict[str, list[bool]] = {}
         self._fails: dict[str, list[Status]] = {}
-        self._released = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._pending: asyncio.Task[None] | None = None
-        self._socks: dict[int, socket.socket] = {}
         self._details_parts: tuple[bytes, bytes] | None = None
 
-    # -- identity and ground truth ---------------------------------------------------
+    # -- the gRPC port's server --------------------------------------------------------
 
-    # -- lifecycle -------------------------------------------------------------------
-    # Each port has one listening socket that this object owns; the asyncio or
-    # grpclib server on it gets a dup of the descriptor. Swapping servers (a
-    # fault that needs raw bytes on the gRPC port) then never closes the port:
-    # connections arriving in between wait in the backlog instead of being
-    # refused. Binding and closing are synchronous, so ``set_fault`` takes
-    # effect on the wire at once; only attaching the new server is async.
+    def server_kind(self, port: int) -> Hashable:
+        """On the gRPC port: grpclib speaks HTTP/2 unless the fault needs raw bytes."""
+        if port == GRPC_PORT and self.faults.fault in (Fault.NO_ANSWER, Fault.GARBAGE):
+            return "raw"
+        return super().server_kind(port)
 
-    async def start(self) -> None:
-        """Open the listeners the current fault calls for."""
-        self._bind_all()
-        async with self._lock:
-            await self._attach_servers()
+    async def start_server(self, port: int, sock: socket.socket) -> Listener:
+        """grpclib's server (or the raw one) on the gRPC port; the base's on the others."""
+        if port != GRPC_PORT:
+            return await super().start_server(port, sock)
+        if self.server_kind(port) == "raw":
+            return await asyncio.start_server(self._serve_raw_grpc, sock=sock)
+        server = _SimGrpcServer([_Guarded(self)], self)
+        await server.start(sock=sock)
+        return server
 
-    async def stop(self) -> None:
-        """Close every listener and release hung connections."""
-        if self._pending is not None:
-            with contextlib.suppress(Exception):
-                await self._pending
-        self._released.set()
-        async with self._lock:
-            await self._detach(GRPC_PORT, HTTP_PORT, RPC_PORT)
-        self._unbind_all()
-
-    def set_fault(self, fault: str | Fault, **kw: float) -> None:
-        """Switch fault now (``delay_s`` for slow, ``factor`` for misreport_power)."""
-        f = Fault(fault)
-        if f is Fault.REBOOT:
-            down_s = float(kw.get("down_s", 5.0))
-            self.set_fault(Fault.REFUSE)
-            # Controller boot: ~60 W until the mining service is back.
-            self.power.restart(self.clock(), down_s, 60.0)
-            asyncio.get_running_loop().call_later(down_s, self.set_fault, Fault.NONE)
-            return
-        self.faults = FaultState(
-            fault=f,
-            delay_s=float(kw.get("delay_s", DEFAULT_SLOW_DELAY_S)),
-            factor=float(kw.get("factor", DEFAULT_MISREPORT_FACTOR)),
-        )
-        # Wake connections held by no_answer/slow so they see the new state.
-        self._released.set()
-        self._released = asyncio.Event()
-        if f is Fault.REFUSE:
-            self._close_servers_now()
-            self._unbind_all()
-        else:
-            self._bind_all()
-        prev = self._pending
-
-        async def reconfigure() -> None:
-            if prev is not None:
-                with contextlib.suppress(Exception):
-                    await prev
-            async with self._lock:
-                await self._attach_servers()
-
-        self._pending = asyncio.get_running_loop().create_task(reconfigure())
-
-    async def ready(self) -> None:
-        """Wait until the servers match the last fault set (the ports already do)."""
-        if self._pending is not None:
-            await self._pending
-
-    def _bind_all(self) -> None:
-        for port in (HTTP_PORT, RPC_PORT, GRPC_PORT):
-            if port not in self._socks:
-                # proto must say TCP: asyncio only sets TCP_NODELAY on accepted
-                # sockets whose proto is IPPROTO_TCP, and without it Nagle plus
-                # delayed ACKs add ~40 ms to every HTTP/2 exchange.
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind((self.address, port))
-                    sock.listen(128)
-                except OSError:
-                    sock.close()
-                    raise
-                sock.setblocking(False)
-                self._socks[port] = sock
-
-    def _unbind_all(self) -> None:
-        for sock in self._socks.values():
-            sock.close()
-        self._socks.clear()
-
-    def _close_servers_now(self) -> None:
-        for srv in (self._http, self._rpc, self._raw_grpc):
-            if srv is not None:
-                srv.close()
-        if self._grpc is not None:
-            self._grpc.close()
-        # A stopped service's connections end with it (grpclib's Server.close only
-        # stops listening and cancels the handlers in flight).
-        self.drop_connections()
+    def close_connections(self, port: int) -> None:
+        """Kept gRPC connections would go on being served by the server taken away
+        (grpclib's Server.close only stops listening and cancels the calls in flight)."""
+        if port == GRPC_PORT:
+            self.drop_connections()
 
     # -- the gRPC port's connections, for tests -------------------------------------
 
@@ -229,145 +140,28 @@ class SimBraiinsMiner(GroundTruth):
         gRPC ``status`` instead of a reply (the connection stays up)."""
         self._fails[method] = [status] * calls
 
-    async def _detach(self, *ports: int) -> None:
-        """Close the servers on ``ports`` (their sockets stay bound)."""
-        closing: list[Awaitable[None]] = []
-        if HTTP_PORT in ports and self._http is not None:
-            self._http.close()
-            closing.append(self._http.wait_closed())
-            self._http = None
-        if RPC_PORT in ports and self._rpc is not None:
-            self._rpc.close()
-            closing.append(self._rpc.wait_closed())
-            self._rpc = None
-        if GRPC_PORT in ports and self._raw_grpc is not None:
-            self._raw_grpc.close()
-            closing.append(self._raw_grpc.wait_closed())
-            self._raw_grpc = None
-        if GRPC_PORT in ports and self._grpc is not None:
-            self._grpc.close()
-            closing.append(self._grpc.wait_closed())
-            self._grpc = None
-        if GRPC_PORT in ports:
-            # Kept connections would go on being served by the server taken away.
-            self.drop_connections()
-        for c in closing:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(c, 1.0)
-
-    async def _attach_servers(self) -> None:
-        if self.faults.fault is Fault.REFUSE or not self._socks:
-            await self._detach(GRPC_PORT, HTTP_PORT, RPC_PORT)
-            return
-        if self._http is None or not self._http.is_serving():
-            self._http = await asyncio.start_server(
-                self._serve_http, sock=self._socks[HTTP_PORT].dup()
-            )
-        if self._rpc is None or not self._rpc.is_serving():
-            self._rpc = await asyncio.start_server(
-                self._serve_rpc, sock=self._socks[RPC_PORT].dup()
-            )
-        # gRPC port: grpclib speaks HTTP/2 unless the fault needs raw bytes on it.
-        want_raw = self.faults.fault in (Fault.NO_ANSWER, Fault.GARBAGE)
-        if want_raw and (self._raw_grpc is None or not self._raw_grpc.is_serving()):
-            await self._detach(GRPC_PORT)
-            self._raw_grpc = await asyncio.start_server(
-                self._serve_raw_grpc, sock=self._socks[GRPC_PORT].dup()
-            )
-        elif not want_raw and self._grpc is None:
-            await self._detach(GRPC_PORT)
-            server = _SimGrpcServer(_services(self), self)
-            await server.start(sock=self._socks[GRPC_PORT].dup())
-            self._grpc = server
-
-    # -- fault behaviour shared by the protocols -------------------------------------
-
-    async def _hang(self) -> None:
-        """Hold a connection open without answering until released or stopped."""
-        await self._released.wait()
-
-    async def _delay(self) -> bool:
-        """Apply no_answer / slow before answering; False if the caller must not answer."""
-        f = self.faults
-        if f.fault is Fault.NO_ANSWER:
-            await self._hang()
-            return False
-        if f.fault is Fault.SLOW:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(f.delay_s):
-                    await self._released.wait()
-        return True
-
     # -- HTTP (port 80) --------------------------------------------------------------
 
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await reader.readuntil(b"\r\n\r\n")
-            if not await self._delay():
-                return
-            if self.faults.fault is Fault.GARBAGE:
-                writer.write(GARBAGE_BYTES)
-            else:
-                body = (
-                    "<!DOCTYPE html><html><head><title>Braiins OS</title></head>"
-                    f"<body>Braiins OS {BOS_VERSION} (simulated)</body></html>"
-                ).encode()
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
-                    + f"Content-Length: {len(body)}\r\n".encode()
-                    + b"Connection: close\r\n\r\n"
-                    + body
-                )
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
+    def http_request(self, req: HttpRequest) -> HttpResponse:
+        """Every page is the one naming the firmware."""
+        return HttpResponse(200, _PAGE, (("Content-Type", "text/html; charset=utf-8"),))
 
     # -- CGMiner-style JSON API (port 4028) ------------------------------------------
 
-    async def _serve_rpc(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            raw = await read_json_request(reader)
-            if not await self._delay():
-                return
-            if self.faults.fault is Fault.GARBAGE:
-                writer.write(GARBAGE_BYTES)
-            else:
-                writer.write(json.dumps(self.rpc_reply(raw)).encode() + b"\x00")
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    def rpc_reply(self, raw: bytes) -> dict[str, Any]:
-        """The JSON reply to one request on port 4028."""
-        try:
-            req = json.loads(raw)
-            command = str(req["command"])
-        except (ValueError, KeyError, TypeError):
-            return _rpc_status("E", 23, "Invalid JSON")
-        now = self.clock()
-        cmds = command.split("+")
-        if len(cmds) == 1:
-            return self._rpc_one(cmds[0], now)
-        return {c: [self._rpc_one(c, now)] for c in cmds}
-
-    def _rpc_one(self, cmd: str, now_s: float) -> dict[str, Any]:
+    def rpc_command(self, cmd: str, param: Any, req: dict[str, Any]) -> dict[str, Any]:
+        """BOSer's reply to one command of its CGMiner-style API."""
+        now_s = self.clock()
         m, pw = self.model, self.power
         hr_ths = pw.hashrate_ths(now_s)
         mhs = hr_ths * 1e6
         per_board_mhs = mhs / m.hashboards
         elapsed = int(now_s - pw.started_s)
         if cmd == "version":
-            out = _rpc_status("S", 22, "BOSer versions", f"BOSer boser-buildroot {BOS_VERSION}")
+            out = rpc_status("S", 22, "BOSer versions", f"BOSer boser-buildroot {BOS_VERSION}")
             out["VERSION"] = [{"BOSer": BOS_VERSION, "API": "3.7"}]
             return out
         if cmd == "devdetails":
-            out = _rpc_status("S", 69, "Device Details")
+            out = rpc_status("S", 69, "Device Details")
             out["DEVDETAILS"] = [
                 {
                     "DEVDETAILS": i,
@@ -385,7 +179,7 @@ class SimBraiinsMiner(GroundTruth):
             ]
             return out
         if cmd == "summary":
-            out = _rpc_status("S", 11, "Summary")
+            out = rpc_status("S", 11, "Summary")
             out["SUMMARY"] = [
                 {
                     "Elapsed": elapsed,
@@ -401,7 +195,7 @@ class SimBraiinsMiner(GroundTruth):
             ]
             return out
         if cmd in ("devs", "edevs"):
-            out = _rpc_status("S", 9, f"{m.hashboards} ASC(s)")
+            out = rpc_status("S", 9, f"{m.hashboards} ASC(s)")
             out["DEVS"] = [
                 {
                     "ASC": i,
@@ -421,7 +215,7 @@ class SimBraiinsMiner(GroundTruth):
             ]
             return out
         if cmd == "temps":
-            out = _rpc_status("S", 201, f"{m.hashboards} Temp(s)")
+            out = rpc_status("S", 201, f"{m.hashboards} Temp(s)")
             chip = round(pw.chip_temp_c(now_s), 1)
             out["TEMPS"] = [
                 {"TEMPS": i, "ID": i, "Board": round(chip - 10, 1), "Chip": chip}
@@ -429,30 +223,16 @@ class SimBraiinsMiner(GroundTruth):
             ]
             return out
         if cmd == "fans":
-            out = _rpc_status("S", 202, f"{m.fans} Fan(s)")
-            rpm = self._fan_rpm(now_s)
+            out = rpc_status("S", 202, f"{m.fans} Fan(s)")
+            rpm = self.fan_rpm(now_s)
             out["FANS"] = [
                 {"FANS": i, "ID": i, "RPM": rpm, "Speed": rpm * 100 // 6000} for i in range(m.fans)
             ]
             return out
         if cmd == "pools":
-            out = _rpc_status("S", 7, "1 Pool(s)")
-            out["POOLS"] = [
-                {
-                    "POOL": 0,
-                    "URL": "stratum+tcp://pool.invalid:3333",
-                    "Status": "Alive",
-                    "Stratum Active": True,
-                    "User": "sim.worker",
-                    "Accepted": 0,
-                    "Rejected": 0,
-                    "Get Failures": 0,
-                    "Remote Failures": 0,
-                }
-            ]
-            return out
+            return pools_reply({"Get Failures": 0, "Remote Failures": 0})
         if cmd == "tunerstatus":
-            out = _rpc_status("S", 100, "Tuner Status")
+            out = rpc_status("S", 100, "Tuner Status")
             target = int(pw.target_w)
             reported = int(self.reported_power_w(now_s))
             out["TUNERSTATUS"] = [
@@ -474,7 +254,7 @@ class SimBraiinsMiner(GroundTruth):
                 }
             ]
             return out
-        return _rpc_status("E", 14, f"Invalid command: {cmd}")
+        return rpc_status("E", 14, f"Invalid command: {cmd}")
 
     def details_parts(self) -> tuple[bytes, bytes]:
         """GetMinerDetailsResponse's constant fields, encoded once: 1-9 and 16."""
@@ -499,9 +279,6 @@ class SimBraiinsMiner(GroundTruth):
             self._details_parts = (head, tail)
         return self._details_parts
 
-    def _fan_rpm(self, now_s: float) -> int:
-        return int(2000 + 3000 * self.power.power_w(now_s) / self.model.nameplate_power_w)
-
     # -- raw bytes on the gRPC port (no_answer, garbage) -----------------------------
 
     async def _serve_raw_grpc(
@@ -516,7 +293,7 @@ class SimBraiinsMiner(GroundTruth):
                 writer.write(GARBAGE_GRPC_BYTES * 4)
                 await writer.drain()
             else:
-                await self._hang()
+                await self._released.wait()
         except ConnectionError:
             pass
         finally:
@@ -535,20 +312,11 @@ class SimBraiinsMiner(GroundTruth):
 
     def check_control(self, what: str) -> None:
         """Raise the gRPC error a control call gets under refuse_commands."""
-        if self.faults.fault is Fault.REFUSE_COMMANDS:
+        if self.refuse_commands():
             raise GRPCError(
                 Status.FAILED_PRECONDITION,
                 f"{what} rejected: miner is not accepting control commands (simulated)",
             )
-
-
-def _rpc_status(code: str, num: int, msg: str, desc: str = "") -> dict[str, Any]:
-    return {
-        "STATUS": [
-            {"STATUS": code, "When": int(time.time()), "Code": num, "Msg": msg, "Description": desc}
-        ],
-        "id": 1,
-    }
 
 
 # --- gRPC services ------------------------------------------------------------------
@@ -665,17 +433,21 @@ def performance_mode_bytes(m: SimBraiinsMiner) -> bytes:
 def cooling_state_bytes(m: SimBraiinsMiner, now: float) -> bytes:
     """GetCoolingStateResponse: the fans (``position`` is optional: sent when 0) and the
     hottest temperature."""
-    rpm = m._fan_rpm(now)
+    rpm = m.fan_rpm(now)
     fan = _pb_uint(2, rpm)
     fans = b"".join(_pb_msg(1, _pb_uint(1, i, always=True) + fan) for i in range(m.model.fans))
     hottest = _pb_msg(2, _pb_msg(3, _pb_double(1, m.power.chip_temp_c(now))))
     return fans + hottest
 
 
-class _Miner(bos.MinerServiceBase):  # type: ignore[misc]  # pyasic is untyped
+class _OfMiner:
+    """A gRPC service of one simulated miner."""
+
     def __init__(self, m: SimBraiinsMiner) -> None:
         self.m = m
 
+
+class _Miner(_OfMiner, bos.MinerServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def get_miner_details(
         self, get_miner_details_request: bos.GetMinerDetailsRequest
     ) -> bos.GetMinerDetailsResponse:
@@ -721,10 +493,7 @@ class _Miner(bos.MinerServiceBase):  # type: ignore[misc]  # pyasic is untyped
         )
 
 
-class _Performance(bos.PerformanceServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Performance(_OfMiner, bos.PerformanceServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def get_active_performance_mode(
         self, get_performance_mode_request: bos.GetPerformanceModeRequest
     ) -> bos.PerformanceMode:
@@ -748,10 +517,7 @@ class _Performance(bos.PerformanceServiceBase):  # type: ignore[misc]  # pyasic 
         return bos.SetPowerTargetResponse(power_target=_power(watt))
 
 
-class _Actions(bos.ActionsServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Actions(_OfMiner, bos.ActionsServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def pause_mining(
         self, pause_mining_request: bos.PauseMiningRequest
     ) -> bos.PauseMiningResponse:
@@ -771,10 +537,7 @@ class _Actions(bos.ActionsServiceBase):  # type: ignore[misc]  # pyasic is untyp
         return bos.LocateDeviceStatusResponse(enabled=False)
 
 
-class _Configuration(bos.ConfigurationServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Configuration(_OfMiner, bos.ConfigurationServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def get_constraints(
         self, get_constraints_request: bos.GetConstraintsRequest
     ) -> bos.GetConstraintsResponse:
@@ -803,10 +566,7 @@ class _Configuration(bos.ConfigurationServiceBase):  # type: ignore[misc]  # pya
         )
 
 
-class _Cooling(bos.CoolingServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Cooling(_OfMiner, bos.CoolingServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def get_cooling_state(
         self, get_cooling_state_request: bos.GetCoolingStateRequest
     ) -> bos.GetCoolingStateResponse:
@@ -825,8 +585,8 @@ class _Pools(bos.PoolServiceBase):  # type: ignore[misc]  # pyasic is untyped
                     pools=[
                         bos.Pool(
                             uid="0",
-                            url="stratum+tcp://pool.invalid:3333",
-                            user="sim.worker",
+                            url=POOL_URL,
+                            user=POOL_USER,
                             enabled=True,
                             alive=True,
                             active=True,
@@ -843,10 +603,7 @@ class _ApiVersion(ApiVersionServiceBase):  # type: ignore[misc]  # pyasic is unt
         return ApiVersion(major=1, minor=3, patch=0)
 
 
-class _Auth(bos.AuthenticationServiceBase):  # type: ignore[misc]  # pyasic is untyped
-    def __init__(self, m: SimBraiinsMiner) -> None:
-        self.m = m
-
+class _Auth(_OfMiner, bos.AuthenticationServiceBase):  # type: ignore[misc]  # pyasic is untyped
     async def login_stream(
         self, stream: grpclib.server.Stream[bos.LoginRequest, bos.LoginResponse]
     ) -> None:
@@ -912,10 +669,6 @@ class _Guarded:
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return self.handlers
-
-
-def _services(m: SimBraiinsMiner) -> list[Any]:
-    return [_Guarded(m)]
 
 
 class _Unanswered:

@@ -65,6 +65,10 @@ class GroundTruth:
         """True wall power (W) at ``now_s`` (default: the miner's clock)."""
         return self.power.power_w(self.clock() if now_s is None else now_s)
 
+    def fan_rpm(self, now_s: float) -> int:
+        """Fan speed (RPM) at ``now_s``: the simulator's own law, rising with true power."""
+        return int(2000 + 3000 * self.power.power_w(now_s) / self.model.nameplate_power_w)
+
     def reported_power_w(self, now_s: float) -> float:
         """Power (W) as the firmware reports it (a fault may skew it)."""
         p = self.power.power_w(now_s)

@@ -36,13 +36,14 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import asyncssh
+
+from siteagent.sim.group import DeviceGroup
 
 DEFAULT_USERNAME = "siteagent"
 DRAW_TAU_S = 0.2  # draw settles within about a second (99% in 0.92 s)
@@ -535,7 +536,7 @@ class SimGpuNode:
         return _Result(stdout=out + "All done.\n")
 
 
-class SimGpuSite:
+class SimGpuSite(DeviceGroup):
     """Starts and stops simulated GPU nodes on consecutive loopback addresses.
 
     Keys live in ``key_dir`` (a fresh temporary directory unless given): the
@@ -599,32 +600,20 @@ class SimGpuSite:
         p.write_text("".join(f"{n.known_hosts_pattern} {n.host_key_line}\n" for n in self.nodes))
         return p
 
+    def devices(self) -> Sequence[SimGpuNode]:
+        """The nodes, started and stopped together."""
+        return self.nodes
+
     async def start(self) -> None:
         """Open every node's SSH listener and write known_hosts."""
-        try:
-            await asyncio.gather(*(n.start() for n in self.nodes))
-        except BaseException:
-            await self.stop()
-            raise
+        await super().start()
         self.write_known_hosts()
 
     async def stop(self) -> None:
         """Close every node's listener and connections; remove a temporary key dir."""
-        await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
+        await super().stop()
         if self._own_dir:
             shutil.rmtree(self.key_dir, ignore_errors=True)
-
-    async def __aenter__(self) -> SimGpuSite:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def node(self, address: str) -> SimGpuNode:
         """The simulated node at ``address``."""

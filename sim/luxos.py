@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from typing import Any, ClassVar
 
-from siteagent.sim.base import SimMinerBase, rpc_status
+from siteagent.sim.base import SimMinerBase, pools_reply, rpc_status
 
 LUXOS_VERSION = "2024.11.18.191234-f54cd2ae"
 PROFILE_STEPS = 6  # 50 %, 60 %, ... 100 % of nameplate
@@ -137,7 +137,7 @@ class SimLuxOS(SimMinerBase):
             out["TEMPCTRL"] = [{"Mode": "Auto", "Target": 75, "Hot": 85, "Dangerous": 95}]
             return out
         if cmd == "fans":
-            rpm = int(2000 + 3000 * pw.power_w(now) / m.nameplate_power_w)
+            rpm = self.fan_rpm(now)
             out = rpc_status("S", 202, f"{m.fans} Fan(s)")
             out["FANS"] = [{"ID": i, "RPM": rpm, "Speed": 50} for i in range(m.fans)]
             out["FANCTRL"] = [{"MinFans": m.fans}]
@@ -147,20 +147,7 @@ class SimLuxOS(SimMinerBase):
             out["GROUPS"] = [{"GROUP": 0, "Name": "default", "Quota": 1}]
             return out
         if cmd == "pools":
-            out = rpc_status("S", 7, "1 Pool(s)")
-            out["POOLS"] = [
-                {
-                    "POOL": 0,
-                    "GROUP": 0,
-                    "URL": "stratum+tcp://pool.invalid:3333",
-                    "User": "sim.worker",
-                    "Status": "Alive",
-                    "Stratum Active": True,
-                    "Accepted": 0,
-                    "Rejected": 0,
-                }
-            ]
-            return out
+            return pools_reply({"GROUP": 0})
         if cmd == "stats":
             ghs = pw.hashrate_ths(now) * 1000.0
             chip = int(pw.chip_temp_c(now))

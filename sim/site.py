@@ -6,12 +6,12 @@ import asyncio
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
-from types import TracebackType
 
 from siteagent.sim.antminer import SimAntminer
 from siteagent.sim.base import SimMinerBase
 from siteagent.sim.braiins import SimBraiinsMiner
 from siteagent.sim.faults import Fault
+from siteagent.sim.group import DeviceGroup
 from siteagent.sim.luxos import SimLuxOS
 from siteagent.sim.power import SIM_MODELS, PowerTiming
 from siteagent.sim.vnish import SimVNish
@@ -20,19 +20,20 @@ from siteagent.sim.whatsminer import SimWhatsminer
 DEFAULT_MODEL_MIX = ("S19 XP", "S21", "S19j Pro")
 WHATSMINER_MODELS = ("M50S", "M60S", "M30S++")
 
-SimMiner = SimBraiinsMiner | SimMinerBase
+SimMiner = SimMinerBase
 
-# Backend name -> (miner class, models it runs when ``models`` names Antminers).
+# Backend name -> miner class (Whatsminers run ``WHATSMINER_MODELS``, the others ``models``).
 BACKEND_CLASSES: dict[str, type[SimMinerBase]] = {
+    "braiins": SimBraiinsMiner,
     "whatsminer": SimWhatsminer,
     "luxos": SimLuxOS,
     "antminer": SimAntminer,
     "vnish": SimVNish,
 }
-BACKEND_NAMES = ("braiins", *BACKEND_CLASSES)
+BACKEND_NAMES = tuple(BACKEND_CLASSES)
 
 
-class SimSite:
+class SimSite(DeviceGroup):
     """Starts and stops simulated miners; answers ground-truth power questions."""
 
     def __init__(
@@ -78,18 +79,6 @@ class SimSite:
             backend = backends[i % len(backends)]
             k = i // len(backends)
             address, index = str(base + i), first + i
-            if backend == "braiins":
-                self.miners.append(
-                    SimBraiinsMiner(
-                        address,
-                        SIM_MODELS[models[k % len(models)]],
-                        timing,
-                        index=index,
-                        clock=clock,
-                        **pw,
-                    )
-                )
-                continue
             cls = BACKEND_CLASSES[backend]
             mix = WHATSMINER_MODELS if backend == "whatsminer" else tuple(models)
             self.miners.append(
@@ -97,34 +86,14 @@ class SimSite:
             )
         self._by_address = {m.address: m for m in self.miners}
 
-    async def start(self) -> None:
-        """Open every miner's listeners."""
-        try:
-            await asyncio.gather(*(m.start() for m in self.miners))
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def stop(self) -> None:
-        """Close every miner's listeners."""
-        await asyncio.gather(*(m.stop() for m in self.miners), return_exceptions=True)
-
-    async def __aenter__(self) -> SimSite:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    def devices(self) -> Sequence[SimMiner]:
+        """The miners, started and stopped together."""
+        return self.miners
 
     @staticmethod
     def backend_of(m: SimMiner) -> str:
         """The firmware a simulated miner runs ("braiins", "whatsminer", ...)."""
-        return "braiins" if isinstance(m, SimBraiinsMiner) else m.BACKEND
+        return m.BACKEND
 
     def miner(self, address: str) -> SimMiner:
         """The simulated miner at ``address``."""

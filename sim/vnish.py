@@ -245,11 +245,10 @@ class SimVNish(SimMinerBase):
             self.http_request(req)
         return True
 
-    async def _close(self) -> None:
-        # The connections go with the listeners (the process behind both is gone);
-        # closed first, and with no await in between, so none is accepted after.
-        self.restart_web()
-        await super()._close()
+    def close_connections(self, port: int) -> None:
+        """The web connections go with the web server (the process behind both is gone)."""
+        if port == 80:
+            self.restart_web()
 
     # -- CGMiner API (4028) ----------------------------------------------------------
 
@@ -323,7 +322,7 @@ class SimVNish(SimMinerBase):
         m, pw = self.model, self.power
         chip = round(pw.chip_temp_c(now))
         watts = self.reported_power_w(now)
-        rpm = int(2000 + 3000 * pw.power_w(now) / m.nameplate_power_w)
+        rpm = self.fan_rpm(now)
         state, _ = self.miner_state(now)
         row: dict[str, Any] = {
             "Elapsed": elapsed,
@@ -569,7 +568,7 @@ class SimVNish(SimMinerBase):
         state, state_s = self.miner_state(now)
         running = self._find(self.running)
         nominal = (running.hashrate_ths if running else m.nameplate_hashrate_ths) * 1000.0
-        rpm = int(2000 + 3000 * pw.power_w(now) / m.nameplate_power_w)
+        rpm = self.fan_rpm(now)
         return {
             "miner": {
                 "miner_status": {"miner_state": state, "miner_state_time": int(state_s)},

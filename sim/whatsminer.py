@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from passlib.hash import md5_crypt  # type: ignore[import-untyped]
 
-from siteagent.sim.base import IDLE_POWER_W, SimMinerBase, rpc_status
+from siteagent.sim.base import IDLE_POWER_W, SimMinerBase, pools_reply, rpc_status
 
 FW_VERSION = "20230911.12.Rel"
 API_VERSION = "2.0.5"
@@ -109,7 +109,7 @@ class SimWhatsminer(SimMinerBase):
             return out
         if cmd == "summary":
             out = rpc_status("S", 11, "Summary")
-            rpm = int(2000 + 3000 * pw.power_w(now) / m.nameplate_power_w)
+            rpm = self.fan_rpm(now)
             out["SUMMARY"] = [
                 {
                     "Elapsed": max(0, int(now - pw.started_s)),
@@ -179,19 +179,7 @@ class SimWhatsminer(SimMinerBase):
             ]
             return out
         if cmd == "pools":
-            out = rpc_status("S", 7, "1 Pool(s)")
-            out["POOLS"] = [
-                {
-                    "POOL": 0,
-                    "URL": "stratum+tcp://pool.invalid:3333",
-                    "Status": "Alive",
-                    "Stratum Active": True,
-                    "User": "sim.worker",
-                    "Accepted": 0,
-                    "Rejected": 0,
-                }
-            ]
-            return out
+            return pools_reply()
         if cmd == "get_psu":
             return _ok(131, {"name": "P221B", "fan_speed": "3000", "vin": "230"})
         if cmd == "get_error_code":
