@@ -684,11 +684,6 @@ class _Unanswered:
         pass
 
 
-# Closed streams h2 remembers per connection (2**16 by default, ~200 B each): a kept
-# connection would grow for days; a few cover late frames on a closed stream.
-CLOSED_STREAMS_KEPT = 16
-
-
 class _SimH2Protocol(H2Protocol):
     """grpclib's server protocol for one connection, known to its miner so that the
     miner can count and end it."""
@@ -701,9 +696,6 @@ class _SimH2Protocol(H2Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.transport = cast(asyncio.Transport, transport)
-        closed = getattr(self.connection._connection, "_closed_streams", None)
-        if closed is not None and hasattr(closed, "_size_limit"):
-            closed._size_limit = CLOSED_STREAMS_KEPT
         self.miner._grpc_conns.add(self)
         self.miner.grpc_connections += 1
 

@@ -99,8 +99,8 @@ def test_plan_modes_name_every_mode_a_policy_plans_in() -> None:
 def test_an_agent_on_the_capping_policy_chooses_it_without_numba() -> None:
     code = (
         "import sys\n"
-        "from agent.config import parse_config\n"
-        "from agent.loop import Agent\n"
+        "from siteagent.agent.config import parse_config\n"
+        "from siteagent.agent.control.loop import Agent\n"
         "agent = Agent(parse_config({'site': {'cap_w': 1000.0}}), [])\n"
         "assert agent.policy.name == 'efficiency-capping'\n"
         "assert 'numba' not in sys.modules, 'numba imported by choosing the capping policy'\n"
