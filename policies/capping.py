@@ -29,6 +29,7 @@ tests/test_capping_fast.py compares the two plan for plan, reasons included.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ from siteagent.domain import (
 )
 from siteagent.domain.site import SITE, DomainTree, by_depth, domain_loads_w
 from siteagent.domain.table import KIND_CODE, DeviceStatics, DeviceTable
-from siteagent.domain.types import clamp_power_w_array
+from siteagent.domain.types import clamp_power_w, clamp_power_w_array
 from siteagent.policies import PolicyState
 from siteagent.policies.prices import Prices
 
@@ -351,8 +352,8 @@ class _Ledger:
 
     def __init__(self, nodes: IntArr, n_nodes: int) -> None:
         self.n, self.depth = nodes.shape
-        self.n_nodes = n_nodes
-        # (depth, devices, place in their node's turn, column, the columns' nodes, turns)
+        self.nodes, self.n_nodes = nodes, n_nodes
+        # (depth, devices, their cells, the cells before them, the columns' nodes, turns)
         self.parts: list[tuple[int, IntArr, IntArr, IntArr, IntArr, int]] = []
         for k in range(self.depth):
             col = nodes[:, k]
@@ -361,30 +362,35 @@ class _Ledger:
             starts = np.concatenate(([0], np.cumsum(every)[:-1]))
             counts = every[:n_nodes]
             place = np.empty(self.n, np.intp)
-            place[order] = np.arange(self.n) - starts[col[order]] if self.n else 0
+            place[order] = np.arange(self.n) - starts[col[order]]
             size_class = np.ceil(np.log2(np.maximum(counts, 1))).astype(np.intp)
             for c in np.unique(size_class[counts > 0]).tolist():
                 group = np.flatnonzero((counts > 0) & (size_class == c))
                 column = np.full(n_nodes + 1, -1, np.intp)
                 column[group] = np.arange(len(group))
                 dev = np.flatnonzero(column[col] >= 0)
-                self.parts.append(
-                    (k, dev, place[dev], column[col[dev]], group, int(counts[group].max()))
-                )
+                cell = place[dev] * len(group) + column[col[dev]]
+                turns = int(counts[group].max())
+                self.parts.append((k, dev, cell + len(group), cell, group, turns))
 
-    def run(self, start_w: FloatArr, take_w: FloatArr) -> tuple[FloatArr, FloatArr]:
-        """Per device (merit order) each node's room just before its turn (n x depth,
-        +inf where its chain is shorter), and each node's room after every turn."""
-        before = np.full((self.n, self.depth), np.inf)
+    def run(self, start_w: FloatArr, take_w: FloatArr) -> tuple[FloatArr, FloatArr, FloatArr]:
+        """Per device (merit order) the least room of its nodes just before its turn, each
+        node's room then (depth x n, +inf where its chain is shorter), and each node's
+        room after every turn."""
+        before = np.full((self.depth, self.n), np.inf)
         end = np.array(start_w, float)
-        for k, dev, place, column, group, turns in self.parts:
-            ledger = np.zeros((turns + 1, len(group)))
-            ledger[0] = start_w[group]
-            ledger[place + 1, column] = take_w[dev]
-            room = np.subtract.accumulate(ledger, axis=0)
-            before[dev, k] = room[place, column]
-            end[group] = room[turns]
-        return before, end
+        for k, dev, cell, cell_before, group, turns in self.parts:
+            g = len(group)
+            ledger = np.zeros((turns + 1) * g)
+            ledger[:g] = start_w[group]
+            ledger[cell] = take_w[dev]
+            room = np.subtract.accumulate(ledger.reshape(turns + 1, g), axis=0).ravel()
+            before[k, dev] = room[cell_before]
+            end[group] = room[turns * g :]
+        least = before[0].copy()
+        for k in range(1, self.depth):
+            np.minimum(least, before[k], out=least)
+        return least, before, end
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,29 +402,39 @@ class _Phase:
     least_w: FloatArr  # the take at no room
     most_w: FloatArr  # the take at unbounded room
     monotone: BoolArr  # the take never falls as the room grows
+    take_one: Callable[[float, int], float]  # take(room, i): for device ``i``, in Python floats
 
 
-def _settle(ledger: _Ledger, start_w: FloatArr, ph: _Phase) -> tuple[FloatArr, FloatArr, FloatArr]:
-    """Every device's take (W) in one pass, its nodes' rooms at its turn (W, n x depth),
-    and each node's room after the pass.
+def _settle(
+    ledger: _Ledger, start_w: FloatArr, ph: _Phase
+) -> tuple[FloatArr, FloatArr, FloatArr, FloatArr]:
+    """Every device's take (W) in one pass, the room at its turn (W), its nodes' rooms
+    then (depth x n), and each node's room after the pass.
 
     Rooms only shrink as takes grow, so with every open device taking its most the
     rooms are lower bounds, with its least upper bounds; a device whose take is the
     same anywhere between is settled. The first open device's room is exact, so
-    each round settles at least one.
+    each round settles at least one. Where devices in turn share out what little is
+    left (each one's room depends on the one before), rounds settle few; once a
+    round fails to halve the open devices, the stretch from the first open one to
+    the last is walked one device at a time.
     """
     lo_t = np.where(ph.may, ph.least_w, 0.0)
     hi_t = np.where(ph.may, ph.most_w, 0.0)
+    last_open = 2 * ledger.n + 1  # no round yet
     while True:
-        before, end = ledger.run(start_w, hi_t)
+        room_lo, before, end = ledger.run(start_w, hi_t)
         open_ = lo_t != hi_t
-        if not open_.any():
-            return hi_t, before, end
-        room_lo = before.min(axis=1)
+        n_open = int(np.count_nonzero(open_))
+        if not n_open:
+            return hi_t, room_lo, before, end
+        if 2 * n_open > last_open:
+            took = _walk(ledger, ph, lo_t, open_, before)
+            return (took, *ledger.run(start_w, took))
+        last_open = n_open
         idx = np.flatnonzero(open_ & ph.monotone)
         lo_t[idx] = np.maximum(lo_t[idx], ph.take(room_lo[idx], idx))
-        before, end = ledger.run(start_w, lo_t)
-        room_hi = before.min(axis=1)
+        room_hi, before, end = ledger.run(start_w, lo_t)
         idx = np.flatnonzero(lo_t != hi_t)
         t = ph.take(room_hi[idx], idx)
         mono = ph.monotone[idx]
@@ -428,7 +444,39 @@ def _settle(ledger: _Ledger, start_w: FloatArr, ph: _Phase) -> tuple[FloatArr, F
         moved = ~mono & exact & (lo_t[idx] != t)
         lo_t[idx[moved]] = t[moved]
         if not moved.any() and not (lo_t != hi_t).any():
-            return lo_t, before, end
+            return lo_t, room_hi, before, end
+
+
+def _walk(
+    ledger: _Ledger, ph: _Phase, took: FloatArr, open_: BoolArr, before: FloatArr
+) -> FloatArr:
+    """The takes (W) with the open devices settled one after another, as the plain rule
+    does; ``before`` is a run's rooms in which every device before the first open one
+    is settled (so each node's room is exact at the first device below it from there)."""
+    took = took.copy()
+    where = np.flatnonzero(open_)
+    first, last = int(where[0]), int(where[-1]) + 1
+    dummy = ledger.n_nodes
+    rows = ledger.nodes[first:last].tolist()
+    is_open = open_[first:last].tolist()
+    known = took[first:last].tolist()
+    rooms = before[:, first:last].T.tolist()
+    avail: dict[int, float] = {}
+    for j, (chain, opened, t, room_at) in enumerate(zip(rows, is_open, known, rooms, strict=True)):
+        room = math.inf
+        for k, node in enumerate(chain):
+            if node == dummy:
+                continue
+            r = avail.setdefault(node, room_at[k])
+            if r < room:
+                room = r
+        if opened:
+            t = ph.take_one(room, first + j)
+            took[first + j] = t
+        for node in chain:
+            if node != dummy:
+                avail[node] -= t
+    return took
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,7 +611,7 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
     awake = ~can_sleep
     level = np.where(can_sleep, sleep_w, lo)
     why_code[~can_sleep] = _CANNOT_SLEEP
-    _, avail = lay.ledger.run(avail, level)
+    _, _, avail = lay.ledger.run(avail, level)
 
     # Wake limits (no flapping): the minimum time off, and the wakes an hour.
     now_s = snapshot.time_s
@@ -582,6 +630,20 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
 
     def raise_take(room: FloatArr, idx: IntArr) -> FloatArr:
         return _raised_w(room, idx, raise_lo, span, clamp_args) - raise_lo[idx]
+
+    def wake_one(room: float, i: int) -> float:
+        c = float(cost[i])
+        return c if c <= room else 0.0
+
+    def raise_one(room: float, i: int) -> float:
+        lo_i = float(lo[i])
+        wanted = clamp_power_w(
+            lo_i + min(max(room, 0.0), float(span[i])),
+            float(lay.cap_min[i]),
+            float(lay.cap_max[i]),
+            float(lay.cap_step[i]),
+        )
+        return wanted - lo_i
 
     # Kind by kind (GPUs, then miners), wake best-first at the minimum level while
     # every domain above has room, then raise awake devices best-first.
@@ -602,15 +664,15 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
                 np.where(may, np.minimum(cost, 0.0), 0.0),
                 np.where(may, np.maximum(cost, 0.0), 0.0),
                 cost >= 0,
+                wake_one,
             )
-            _, before, avail = _settle(lay.ledger, avail, wake)
-            woken = may & (cost <= before.min(axis=1))
+            _, room, before, avail = _settle(lay.ledger, avail, wake)
+            woken = may & (cost <= room)
             awake = awake | woken
             level = np.where(woken, lo, level)
             failed = may & ~woken
             why_code[failed] = _ASLEEP_BUDGET
-            room, node = _room(lay, before, failed)
-            room_at[failed], node_at[failed] = room, node
+            room_at[failed], node_at[failed] = room[failed], _node(lay, room, before, failed)
 
         # Raise awake devices best-first towards their maximum.
         up = group & awake
@@ -625,9 +687,9 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
                 _fill_at(n, idx, raise_take(np.full(len(idx), -np.inf), idx)),
                 _fill_at(n, idx, raise_take(np.full(len(idx), np.inf), idx)),
                 np.ones(n, bool),
+                raise_one,
             )
-            _, before, avail = _settle(lay.ledger, avail, rise)
-            room = before.min(axis=1)
+            _, room, before, avail = _settle(lay.ledger, avail, rise)
             wanted = _raised_w(room[idx], idx, raise_lo, span, clamp_args)
             level[idx] = wanted
             top = wanted >= hi[idx]
@@ -636,8 +698,7 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
             why_code[bound] = _BOUND
             mask = np.zeros(n, bool)
             mask[bound] = True
-            _, node = _room(lay, before, mask)
-            node_at[bound] = node
+            node_at[bound] = _node(lay, room, before, mask)
 
     target = np.where(awake & power_target, level, tab.power_target_w[m])
     planned = limits.overhead_w + sum(fixed_w.tolist() + pinned_w.tolist()) + sum(level.tolist())
@@ -667,14 +728,13 @@ def _raised_w(
     return clamp_power_w_array(want, clamp[0][idx], clamp[1][idx], clamp[2][idx])
 
 
-def _room(lay: _Layout, before: FloatArr, which: BoolArr) -> tuple[FloatArr, IntArr]:
-    """For the devices ``which``: the room at their turn (W) and the node that has it (the
-    name that sorts first among equals)."""
-    vals = before[which]
-    nodes = lay.nodes[which]
-    room = vals.min(axis=1) if len(vals) else np.zeros(0)
-    ranked = np.where(vals == room[:, None], lay.name_rank[nodes], len(lay.names) + 1)
-    return room, nodes[np.arange(len(nodes)), np.argmin(ranked, axis=1)]
+def _node(lay: _Layout, room: FloatArr, before: FloatArr, which: BoolArr) -> IntArr:
+    """For the devices ``which``: the node whose room is theirs at their turn (of equal
+    rooms, the one whose name sorts first, as ``min`` over (room, name) pairs picks)."""
+    vals = before[:, which]
+    nodes = lay.nodes[which].T
+    ranked = np.where(vals == room[which], lay.name_rank[nodes], len(lay.names) + 1)
+    return nodes[np.argmin(ranked, axis=0), np.arange(nodes.shape[1])]
 
 
 class _Reasons:

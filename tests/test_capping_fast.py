@@ -257,7 +257,10 @@ def test_every_room_is_the_float_of_one_subtraction_after_another(data: st.DataO
     takes = [data.draw(st.floats(-1e4, 1e4)) for _ in range(n)]
     start = [data.draw(st.floats(-1e5, 1e5)) for _ in tree.names]
     nodes = by_depth(tree.chains(domains), len(tree.names))
-    before, end = _Ledger(nodes, len(tree.names)).run(np.array([*start, np.inf]), np.array(takes))
+    _, before, end = _Ledger(nodes, len(tree.names)).run(
+        np.array([*start, np.inf]), np.array(takes)
+    )
+    before = before.T
     avail = dict(zip(tree.names, start, strict=True))
     for i, (dom, w) in enumerate(zip(domains, takes, strict=True)):
         rooms = {k: avail[k] for k in tree.chain(dom)}
