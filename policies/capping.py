@@ -732,9 +732,10 @@ def _node(lay: _Layout, room: FloatArr, before: FloatArr, which: BoolArr) -> Int
     """For the devices ``which``: the node whose room is theirs at their turn (of equal
     rooms, the one whose name sorts first, as ``min`` over (room, name) pairs picks)."""
     vals = before[:, which]
-    nodes = lay.nodes[which].T
+    nodes: IntArr = lay.nodes[which].T
     ranked = np.where(vals == room[which], lay.name_rank[nodes], len(lay.names) + 1)
-    return nodes[np.argmin(ranked, axis=0), np.arange(nodes.shape[1])]
+    picked: IntArr = nodes[np.argmin(ranked, axis=0), np.arange(nodes.shape[1])]
+    return picked
 
 
 class _Reasons:

@@ -11,6 +11,7 @@ field for field: mode, reason, planned power, and every setpoint with its words.
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import numpy as np
@@ -268,3 +269,58 @@ def test_every_room_is_the_float_of_one_subtraction_after_another(data: st.DataO
         for k in tree.chain(dom):
             avail[k] -= w
     assert end[: len(tree.names)].tolist() == [avail[k] for k in tree.names]
+
+
+def racked_site(n: int, seed: int) -> tuple[Snapshot, Snapshot, Limits]:
+    """n miners at full power, and the same asleep: 40 to a rack, racks under 10 feeders,
+    four models (bench/bench_plan.py's site); the limits cap the site at 60%."""
+    rng = random.Random(seed)
+    awake, asleep = [], []
+    for i in range(n):
+        nameplate = rng.choice((3010.0, 3068.0, 3500.0, 3510.0))
+        caps = DeviceControls(
+            power_target=True,
+            power_target_min_w=nameplate * 0.5,
+            power_target_max_w=nameplate,
+            can_sleep=True,
+        )
+        d = DeviceStatus(
+            f"m{i:06d}",
+            DeviceKind.MINER,
+            f"rack-{i // 40}",
+            DeviceState.MINING,
+            nameplate,
+            rng.choice((104.0, 140.0, 200.0, 234.0)),
+            25.0,
+            caps,
+            nameplate,
+            nameplate,
+            True,
+            power_target_w=nameplate,
+            awake=True,
+        )
+        awake.append(d)
+        asleep.append(
+            replace(d, state=DeviceState.SLEEPING, budget_w=25.0, expected_w=25.0, awake=False)
+        )
+    feeders = [DomainLimit(f"feeder-{i}", 1e12) for i in range(10)]
+    racks = [
+        DomainLimit(f"rack-{i}", 40 * 3300.0, parent=f"feeder-{i % 10}")
+        for i in range((n + 39) // 40)
+    ]
+    full = sum(d.nameplate_power_w for d in awake)
+    limits = Limits(full, 0.6 * full, "t", domains=tuple(feeders + racks))
+    return Snapshot(NOW_S, tuple(awake)), Snapshot(NOW_S, tuple(asleep)), limits
+
+
+def test_a_site_whose_racks_share_out_the_last_of_the_site_budget() -> None:
+    """Racks nearly full when the site's room runs out: each miner's room hangs on the one
+    before it, the stretch the plan walks one miner at a time (bench/bench_plan.py's site)."""
+    for n, seed in ((400, 1), (1000, 2), (2000, 3)):
+        snap, asleep, limits = racked_site(n, seed)
+        lifted = replace(limits, effective_cap_w=limits.site_cap_w)
+        want = reference_plan(asleep, lifted, CappingParams())
+        assert want.mode == "restore"
+        assert_same_plan(plan(asleep, lifted, CappingParams()), want)
+        capped = reference_plan(snap, limits, CappingParams())
+        assert_same_plan(plan(snap, limits, CappingParams()), capped)
