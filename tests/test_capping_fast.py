@@ -11,6 +11,7 @@ field for field: mode, reason, planned power, and every setpoint with its words.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
@@ -34,6 +35,7 @@ from siteagent.domain import (
 )
 from siteagent.domain.site import DomainTree, by_depth
 from siteagent.domain.table import DeviceTable
+from siteagent.domain.types import clamp_power_w, clamp_power_w_array
 from siteagent.policies import PolicyState
 from siteagent.policies.capping import CappingParams, CappingPolicy, _Ledger, plan
 
@@ -324,3 +326,25 @@ def test_a_site_whose_racks_share_out_the_last_of_the_site_budget() -> None:
         assert_same_plan(plan(asleep, lifted, CappingParams()), want)
         capped = reference_plan(snap, limits, CappingParams())
         assert_same_plan(plan(snap, limits, CappingParams()), capped)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(-1e4, 1e4),
+            st.one_of(st.just(math.nan), st.floats(0, 5000)),
+            st.one_of(st.just(math.nan), st.floats(0, 5000)),
+            st.sampled_from([0.0, -1.0, 0.1, 1.0, 7.0, 50.0, 100.0]),
+        ),
+        max_size=20,
+    )
+)
+def test_the_clamp_over_arrays_is_the_one_clamping_rule(
+    cases: list[tuple[float, float, float, float]],
+) -> None:
+    p, lo, hi, step = (
+        (np.array(c, float) for c in zip(*cases, strict=True)) if cases else [np.zeros(0)] * 4
+    )
+    got = clamp_power_w_array(p, lo, hi, step).tolist()
+    assert got == [clamp_power_w(*c) for c in cases]
