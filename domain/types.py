@@ -371,6 +371,11 @@ class SetpointTable(RowsOnDemand[Setpoint]):
         """The setpoints given whole, ahead of the columns."""
         return self._head
 
+    @property
+    def reasons(self) -> Callable[[int], str]:
+        """The words of column ``i``'s setpoint, made when called."""
+        return self._reason
+
     def __len__(self) -> int:
         return len(self._head) + len(self._ids)
 

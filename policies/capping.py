@@ -559,13 +559,9 @@ def _hold(ctx: _Ctx, heading_w: float, why: str) -> Plan:
     awake = np.where(prev.known, prev.awake, found_awake)
     target = np.where(prev.known, prev.target_w, target_now)
     level = np.where(prev.known, prev.planned_w, found_level)
-    sps, at = prev.setpoints, prev.at
-
-    def reason(i: int) -> str:
-        k = int(at[i])
-        return sps[k].reason if k >= 0 else "hold: left as found"
-
-    table = SetpointTable([sp for _, sp in ctx.pinned], lay.ids, awake, target, level, reason, m)
+    table = SetpointTable(
+        [sp for _, sp in ctx.pinned], lay.ids, awake, target, level, _Held.of(prev), m
+    )
     return Plan(
         ctx.snapshot.time_s,
         PlanMode.HOLD,
@@ -575,6 +571,51 @@ def _hold(ctx: _Ctx, heading_w: float, why: str) -> Plan:
         table,
         ctx.key,
     )
+
+
+class _Held:
+    """The words of a held plan's setpoints: the previous plan's, where it had one.
+
+    Each device's words are found at their source (the plan that made them, and
+    its column), never through a chain of the holds between: a site that holds for
+    days keeps one level of indirection, and no plan alive but those that made words.
+    """
+
+    def __init__(self, sources: list[Callable[[int], str]], source: IntArr, col: IntArr) -> None:
+        self.sources, self.source, self.col = sources, source, col
+
+    @classmethod
+    def of(cls, prev: _Previous) -> _Held:
+        """The words of the previous plan's setpoints at ``prev.at`` (-1: left as found)."""
+        sps, at = prev.setpoints, prev.at
+        known = at >= 0
+        if isinstance(sps, SetpointTable):
+            h = len(sps.head)
+            in_head = known & (at < h)
+            in_cols = known & ~in_head
+            col = np.where(in_cols, at - h, -1)
+            reasons = sps.reasons
+            sources: list[Callable[[int], str]]
+            if isinstance(reasons, _Held):
+                inner = np.where(in_cols, col, 0)
+                source = np.where(in_cols, reasons.source[inner], -1)
+                col = np.where(in_cols, reasons.col[inner], -1)
+                sources = list(reasons.sources)
+            else:
+                source = np.where(in_cols, 0, -1)
+                sources = [reasons]
+            if in_head.any():
+                head = sps.head
+                sources.append(lambda k: head[k].reason)
+                source = np.where(in_head, len(sources) - 1, source)
+                col = np.where(in_head, at, col)
+            return cls(sources, source, col)
+        whole = tuple(sps)
+        return cls([lambda k: whole[k].reason], np.where(known, 0, -1), at)
+
+    def __call__(self, i: int) -> str:
+        s = int(self.source[i])
+        return self.sources[s](int(self.col[i])) if s >= 0 else "hold: left as found"
 
 
 def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:

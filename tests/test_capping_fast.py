@@ -348,3 +348,18 @@ def test_the_clamp_over_arrays_is_the_one_clamping_rule(
     )
     got = clamp_power_w_array(p, lo, hi, step).tolist()
     assert got == [clamp_power_w(*c) for c in cases]
+
+
+def test_words_held_for_thousands_of_ticks_are_still_the_words_of_the_plan_that_made_them() -> None:
+    snap, _, limits = racked_site(80, 4)
+    full = limits.site_cap_w
+    # Racks with room to spare; the site heads for 95% of its cap: inside the band.
+    lim = Limits(full / 0.95, full / 0.95, "t")
+    pin = replace(lim, pins=(Pin("m000000", 2000.0, source="op"),))
+    first = plan(snap, pin, CappingParams(), plan(snap, lim, CappingParams()))
+    assert first.mode == "override"
+    p = first
+    for _ in range(3000):  # a day and more of ticks
+        p = plan(replace(snap, time_s=p.time_s + 30.0), pin, CappingParams(), p)
+        assert p.mode == "hold"
+    assert list(p.setpoints) == list(first.setpoints)
