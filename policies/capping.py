@@ -597,9 +597,12 @@ class _Held:
             reasons = sps.reasons
             sources: list[Callable[[int], str]]
             if isinstance(reasons, _Held):
-                inner = np.where(in_cols, col, 0)
-                source = np.where(in_cols, reasons.source[inner], -1)
-                col = np.where(in_cols, reasons.col[inner], -1)
+                rows = np.flatnonzero(in_cols)
+                inner = col[rows]
+                source = np.full(len(at), -1, np.intp)
+                source[rows] = reasons.source[inner]
+                col = np.full(len(at), -1, np.intp)
+                col[rows] = reasons.col[inner]
                 sources = list(reasons.sources)
             else:
                 source = np.where(in_cols, 0, -1)

@@ -363,3 +363,13 @@ def test_words_held_for_thousands_of_ticks_are_still_the_words_of_the_plan_that_
         p = plan(replace(snap, time_s=p.time_s + 30.0), pin, CappingParams(), p)
         assert p.mode == "hold"
     assert list(p.setpoints) == list(first.setpoints)
+
+
+def test_a_site_with_nothing_to_move_holds_tick_after_tick() -> None:
+    lost = replace(racked_site(1, 5)[0].devices[0], controllable=False)
+    snap = Snapshot(NOW_S, (lost,))
+    lim = Limits(lost.budget_w / 0.95, lost.budget_w / 0.95, "t")
+    p = plan(snap, lim, CappingParams())
+    for _ in range(3):
+        p = plan(snap, lim, CappingParams(), p)
+        assert p.mode == "hold" and list(p.setpoints) == []
