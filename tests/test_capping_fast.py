@@ -365,11 +365,12 @@ def test_words_held_for_thousands_of_ticks_are_still_the_words_of_the_plan_that_
     assert list(p.setpoints) == list(first.setpoints)
 
 
-def test_a_site_with_nothing_to_move_holds_tick_after_tick() -> None:
-    lost = replace(racked_site(1, 5)[0].devices[0], controllable=False)
-    snap = Snapshot(NOW_S, (lost,))
-    lim = Limits(lost.budget_w / 0.95, lost.budget_w / 0.95, "t")
-    p = plan(snap, lim, CappingParams())
-    for _ in range(3):
-        p = plan(snap, lim, CappingParams(), p)
-        assert p.mode == "hold" and list(p.setpoints) == []
+def test_a_hold_after_a_hold_of_nothing_to_move() -> None:
+    miner = racked_site(1, 5)[0].devices[0]
+    lim = Limits(miner.budget_w / 0.95, miner.budget_w / 0.95, "t")  # inside the band
+    lost = Snapshot(NOW_S, (replace(miner, controllable=False),))
+    back = Snapshot(NOW_S + 5.0, (miner,))
+    p = plan(lost, lim, CappingParams(), plan(lost, lim, CappingParams()))
+    assert p.mode == "hold" and list(p.setpoints) == []
+    p = plan(back, lim, CappingParams(), p)  # it answers again: left as found
+    assert p.mode == "hold" and [sp.reason for sp in p.setpoints] == ["hold: left as found"]
