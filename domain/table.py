@@ -66,6 +66,17 @@ def flags(values: Sequence[bool]) -> BoolArr:
     return out
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ControlColumns:
+    """``DeviceControls`` as columns, one entry per device (W; NaN for none)."""
+
+    power_target: BoolArr
+    power_target_min_w: FloatArr
+    power_target_max_w: FloatArr
+    power_target_step_w: FloatArr
+    can_sleep: BoolArr
+
+
 @dataclass(frozen=True, eq=False)
 class DeviceStatics:
     """What a snapshot's devices have that rarely changes, one entry per device.
@@ -100,6 +111,30 @@ class DeviceStatics:
     def power_target(self) -> BoolArr:
         """Per row: whether the device takes a power target (W)."""
         return flags([c.power_target for c in self.capabilities])
+
+    @cached_property
+    def kind_codes(self) -> CodeArr:
+        """Per row: the kind, as an index into ``KINDS``."""
+        return codes([KIND_CODE[k] for k in self.kinds])
+
+    @cached_property
+    def id_rank(self) -> npt.NDArray[np.intp]:
+        """Per row: the place of its id among all ids sorted (a fixed tie-break)."""
+        rank = np.empty(len(self.ids), np.intp)
+        rank[np.argsort(np.array(self.ids, dtype=str), kind="stable")] = np.arange(len(self.ids))
+        return rank
+
+    @cached_property
+    def controls(self) -> ControlColumns:
+        """The capabilities as columns."""
+        caps = self.capabilities
+        return ControlColumns(
+            power_target=self.power_target,
+            power_target_min_w=floats([c.power_target_min_w for c in caps]),
+            power_target_max_w=floats([c.power_target_max_w for c in caps]),
+            power_target_step_w=floats([c.power_target_step_w for c in caps]),
+            can_sleep=flags([c.can_sleep for c in caps]),
+        )
 
     @classmethod
     def of(

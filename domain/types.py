@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import numpy as np
+import numpy.typing as npt
 
 if TYPE_CHECKING:
     from siteagent.domain.table import DeviceTable
@@ -88,6 +89,25 @@ def clamp_power_w(power_w: float, lo_w: float, hi_w: float, step_w: float) -> fl
         # Round down onto the step so a clamped target never exceeds what was asked.
         clamped = lo + ((clamped - lo) // step_w) * step_w
     return clamped
+
+
+def clamp_power_w_array(
+    power_w: npt.NDArray[np.float64],
+    lo_w: npt.NDArray[np.float64],
+    hi_w: npt.NDArray[np.float64],
+    step_w: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """``clamp_power_w`` elementwise over arrays (W), for planners that compile nothing.
+
+    The same operations in the same order, so each element is the very float
+    ``clamp_power_w`` gives (tests/test_site.py compares them).
+    """
+    lo = np.where(np.isnan(lo_w), power_w, lo_w)
+    hi = np.where(np.isnan(hi_w), power_w, hi_w)
+    clamped = np.minimum(np.maximum(power_w, lo), hi)
+    stepped = step_w > 0
+    step = np.where(stepped, step_w, 1.0)
+    return np.where(stepped, lo + ((clamped - lo) // step) * step, clamped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +370,11 @@ class SetpointTable(RowsOnDemand[Setpoint]):
     def head(self) -> tuple[Setpoint, ...]:
         """The setpoints given whole, ahead of the columns."""
         return self._head
+
+    @property
+    def reasons(self) -> Callable[[int], str]:
+        """The words of column ``i``'s setpoint, made when called."""
+        return self._reason
 
     def __len__(self) -> int:
         return len(self._head) + len(self._ids)

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+from capping_reference import wake_blocked
 from site_reference import reference_loads_w as domain_loads_w
 
 from siteagent.domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, Snapshot
 from siteagent.domain.site import DomainTree
-from siteagent.policies.capping import (
-    MOVABLE_KINDS,
-    max_level_w,
-    min_level_w,
-    pinned_setpoint,
-    wake_blocked,
-)
+from siteagent.policies.capping import MOVABLE_KINDS, max_level_w, min_level_w, pinned_setpoint
 from siteagent.policies.economic import EconomicParams, gpu_demand_frac, miner_revenue_usd_per_h
 from siteagent.policies.prices import Prices
 
