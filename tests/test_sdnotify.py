@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +72,20 @@ def drain(s: socket.socket) -> list[list[str]]:
         return out
     finally:
         s.settimeout(2.0)
+
+
+def not_blocking(s: socket.socket, send: Callable[[], bool]) -> bool:
+    """``send()`` on a thread: its result, or a failure if it blocked (then drained free)."""
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(send()), daemon=True)
+    thread.start()
+    thread.join(timeout=10.0)  # a bound on waiting, not a timing
+    blocked = thread.is_alive()
+    while thread.is_alive():
+        drain(s)
+        thread.join(timeout=0.05)
+    assert not blocked, "the send blocked on a full socket"
+    return result[0]
 
 
 def test_ready_status_watchdog_stopping(listener: tuple[socket.socket, str]) -> None:
@@ -230,7 +244,7 @@ def test_a_full_socket_drops_and_coalesces_never_blocks(
     assert fill(path) > 0
     n = Notifier(path)
     caplog.set_level(logging.INFO, logger="siteagent.sdnotify")
-    assert not n.ready("starting")
+    assert not not_blocking(s, lambda: n.ready("starting"))
     assert not n.notify("WATCHDOG=1", "STATUS=tick 1")
     assert not n.status("tick 2")
     assert n.dropped == 3
