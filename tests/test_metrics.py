@@ -11,10 +11,10 @@ import socket
 import subprocess
 import threading
 import time
-import zlib
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -283,9 +283,11 @@ def test_a_full_notify_socket_does_not_stop_the_loop(
         }
     )
     agent = Agent(cfg, [])
-    stop = threading.Event()
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     async def run_agent() -> None:
+        stop = asyncio.Event()
+        running.append((asyncio.get_running_loop(), stop))
         notifier = Notifier(path)
         notifier.ready("first sweep done")
         agent.start()
@@ -294,8 +296,7 @@ def test_a_full_notify_socket_does_not_stop_the_loop(
                 notifier, healthy=lambda: True, status=lambda: site_summary(agent), period_s=0.01
             )
         )
-        while not stop.is_set():
-            await asyncio.sleep(0.01)
+        await stop.wait()
         supervisor.cancel()
         await agent.stop()
 
@@ -308,7 +309,8 @@ def test_a_full_notify_socket_does_not_stop_the_loop(
     while agent.ticks < 10 and time.monotonic() < give_up_s:
         time.sleep(0.05)
     ticks = agent.ticks
-    stop.set()
+    loop, stop = running[0]
+    loop.call_soon_threadsafe(stop.set)
     # Drain so that a send blocked on the full queue returns and the thread can end.
     while thread.is_alive() and time.monotonic() < give_up_s + 10.0:
         drain(s)
