@@ -340,7 +340,9 @@ async def test_scrapes_render_each_tick_once_and_never_during_a_tick() -> None:
     clock = FakeClock()
     agent = make_agent(clock)
     scrapes = Scrapes(agent, version="1")
-    assert b"siteagent_device_" not in b"".join(scrapes.body(gzipped=False))
+    before = b"".join(scrapes.body(gzipped=False))
+    assert b"siteagent_ticks_total 0.0" in before and b"siteagent_device_" not in before
+    assert gzip.decompress(b"".join(scrapes.body(gzipped=True))) == before
     await agent.tick()
     first = b"".join(scrapes.body(gzipped=False))
     b"".join(scrapes.body(gzipped=False))
@@ -373,7 +375,9 @@ async def test_scrapes_render_each_tick_once_and_never_during_a_tick() -> None:
     await asyncio.to_thread(renderer.join, 10.0)
     # The renderer resumed after the tick and rendered its record, the newest.
     assert scrapes.renders == 2
-    s = parse_text(b"".join(scrapes.body(gzipped=False)).decode())
+    plain = b"".join(scrapes.body(gzipped=False))
+    assert gzip.decompress(b"".join(scrapes.body(gzipped=True))) == plain
+    s = parse_text(plain.decode())
     assert s["siteagent_ticks_total"][0].value == 3
     assert one(s, "siteagent_last_tick_age_seconds") == 0
     assert one(s, "siteagent_device_power_watts", device="m1", measured="true") == 2900
