@@ -7,8 +7,10 @@ One path renders the latest immutable ``TickRecord`` on each scrape:
 tests/metrics_reference.py keeps that exposition as the specification the
 text must equal). No IO, no awaits, and no lock but the one that copies a
 duration histogram. Devices that disappear from the snapshot drop
-out of the exposition by themselves. The scrape runs on prometheus-client's
-HTTP thread; it only reads attributes the loop replaces whole.
+out of the exposition by themselves. The served path (``Scrapes``) renders
+the per-device families once per tick on a thread of its own, pausing while a
+tick runs, and a scrape (on the HTTP server's thread) renders only the
+site-wide head; both only read attributes the loop replaces whole.
 
 Every quantity is one line in a table of small frozen descriptions
 (``SITE_METRICS``, ``DEVICE_METRICS``, ``DOMAIN_METRICS``) rendered by one code
