@@ -9,10 +9,12 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from siteagent.agent.control.devices import DeviceLink
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.ops.metrics import (
     CONTENT_TYPE,
+    Scrapes,
     families,
     loop_healthy,
     render_text,
@@ -307,6 +310,77 @@ async def test_http_server_serves_text_and_gzip() -> None:
         assert gzip.decompress(zipped) == plain
     finally:
         server.close()
+
+
+async def test_served_exposition_is_the_specification_plain_and_gzipped() -> None:
+    """The served body (the head rendered at the scrape, the device families once per
+    tick) is the reference exposition; gzipped, it is one gzip member."""
+    clock = FakeClock()
+    agent = make_agent(clock)
+    agent.set_cap("override", 15_000)
+    await agent.tick()
+    server = serve_metrics(agent, "127.0.0.1", 0, version="3")
+    try:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        plain, _ = await asyncio.to_thread(_fetch, url, {})
+        zipped, _ = await asyncio.to_thread(_fetch, url, {"Accept-Encoding": "gzip"})
+    finally:
+        server.close()
+    theirs = generate_latest(build_registry(agent, version="3")).decode()
+    assert same_exposition(plain.decode(), theirs)
+    # A decoder that reads one member only (as some clients do) gets the whole text.
+    one_member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert one_member.decompress(zipped) == plain
+    assert one_member.eof and one_member.unused_data == b""
+
+
+async def test_scrapes_render_each_tick_once_and_never_during_a_tick() -> None:
+    """While a tick runs, a scrape serves the previous tick's render and the renderer
+    waits; after the tick it renders the new one, once, whatever the scrapes."""
+    clock = FakeClock()
+    agent = make_agent(clock)
+    scrapes = Scrapes(agent, version="1")
+    before = b"".join(scrapes.body(gzipped=False))
+    assert b"siteagent_ticks_total 0.0" in before and b"siteagent_device_" not in before
+    assert gzip.decompress(b"".join(scrapes.body(gzipped=True))) == before
+    await agent.tick()
+    first = b"".join(scrapes.body(gzipped=False))
+    b"".join(scrapes.body(gzipped=False))
+    assert scrapes.renders == 1
+    assert parse_text(first.decode())["siteagent_ticks_total"][0].value == 1
+    # A second tick, not yet rendered, when the third begins.
+    clock.t += 1.0
+    await agent.tick()
+    plan = agent.plan
+    during: list[bytes] = []
+    renderer = threading.Thread(target=scrapes.refresh)
+
+    def plan_while_scraped(*args: Any) -> Any:
+        assert agent.ticking
+        during.append(b"".join(scrapes.body(gzipped=False)))
+        renderer.start()
+        # A bound on waiting: a renderer that does not wait ends in milliseconds.
+        renderer.join(timeout=0.5)
+        during.append(b"alive" if renderer.is_alive() else b"done")
+        return plan(*args)
+
+    agent.plan = plan_while_scraped  # type: ignore[method-assign,assignment]
+    await agent.tick()
+    assert during[1] == b"alive", "the renderer rendered while a tick ran"
+    assert scrapes.renders == 1
+    # A scrape during the tick served the first tick's render, with the live counters.
+    seen = parse_text(during[0].decode())
+    assert seen["siteagent_ticks_total"][0].value == 2
+    assert one(seen, "siteagent_last_tick_age_seconds") == pytest.approx(1.0)
+    await asyncio.to_thread(renderer.join, 10.0)
+    # The renderer resumed after the tick and rendered its record, the newest.
+    assert scrapes.renders == 2
+    plain = b"".join(scrapes.body(gzipped=False))
+    assert gzip.decompress(b"".join(scrapes.body(gzipped=True))) == plain
+    s = parse_text(plain.decode())
+    assert s["siteagent_ticks_total"][0].value == 3
+    assert one(s, "siteagent_last_tick_age_seconds") == 0
+    assert one(s, "siteagent_device_power_watts", device="m1", measured="true") == 2900
 
 
 def _fetch(url: str, headers: dict[str, str]) -> tuple[bytes, str]:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from siteagent.agent.config import parse_config
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.ops.metrics import site_summary
 from siteagent.agent.ops.sdnotify import Notifier, supervise, watchdog_period_s
 
 
@@ -40,6 +46,46 @@ def nothing_waiting(s: socket.socket) -> bool:
     finally:
         s.settimeout(2.0)
     return False
+
+
+def fill(path: str) -> int:
+    """Send to the socket until its queue is full (nobody reads it); how many were queued."""
+    n = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        while True:
+            try:
+                s.sendto(b"FILLER=1", path)
+            except BlockingIOError:
+                return n
+            n += 1
+
+
+def drain(s: socket.socket) -> list[list[str]]:
+    """Every message waiting on the socket, without waiting for more."""
+    out = []
+    s.setblocking(False)
+    try:
+        while True:
+            out.append(s.recv(4096).decode().split("\n"))
+    except BlockingIOError:
+        return out
+    finally:
+        s.settimeout(2.0)
+
+
+def not_blocking(s: socket.socket, send: Callable[[], bool]) -> bool:
+    """``send()`` on a thread: its result, or a failure if it blocked (then drained free)."""
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(send()), daemon=True)
+    thread.start()
+    thread.join(timeout=10.0)  # a bound on waiting, not a timing
+    blocked = thread.is_alive()
+    while thread.is_alive():
+        drain(s)
+        thread.join(timeout=0.05)
+    assert not blocked, "the send blocked on a full socket"
+    return result[0]
 
 
 def test_ready_status_watchdog_stopping(listener: tuple[socket.socket, str]) -> None:
@@ -186,3 +232,90 @@ def test_siteagent_run_talks_to_systemd_and_stops_on_sigterm(
         assert proc.stderr is not None
         log = proc.stderr.read()
     assert "metrics on http://127.0.0.1:" in log, log
+
+
+def test_a_full_socket_drops_and_coalesces_never_blocks(
+    listener: tuple[socket.socket, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """systemd not draining its socket: each message is dropped at once (no blocking send);
+    the newest READY/STATUS go out with the next message once it drains; a ping is not
+    carried (it vouched for the loop when it was sent); one warning, one recovery line."""
+    s, path = listener
+    assert fill(path) > 0
+    n = Notifier(path)
+    caplog.set_level(logging.INFO, logger="siteagent.sdnotify")
+    assert not not_blocking(s, lambda: n.ready("starting"))
+    assert not n.notify("WATCHDOG=1", "STATUS=tick 1")
+    assert not n.status("tick 2")
+    assert n.dropped == 3
+    assert n.pending == ("READY=1", "STATUS=tick 2")
+    assert all(m == ["FILLER=1"] for m in drain(s))
+    assert n.watchdog()
+    assert received(s) == ["READY=1", "STATUS=tick 2", "WATCHDOG=1"]
+    assert not n.pending
+    assert nothing_waiting(s)
+    # A dropped ping is not carried to a later message.
+    fill(path)
+    assert not n.watchdog()
+    assert not n.pending
+    drain(s)
+    assert n.status("stalled")
+    assert received(s) == ["STATUS=stalled"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r for r in caplog.records if "again" in r.getMessage()]
+    assert len(warnings) == 2 and "queue is full" in warnings[0].getMessage()
+    assert len(infos) == 2
+
+
+def test_a_full_notify_socket_does_not_stop_the_loop(
+    listener: tuple[socket.socket, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """READY, then the scheduled ticks and the supervisor's STATUS/WATCHDOG every period,
+    with systemd's socket full and never read: the ticks go on (issue 20: the daemon
+    froze after READY, no sweeps, no ticks, no API)."""
+    s, path = listener
+    fill(path)
+    cfg = parse_config(
+        {
+            "site": {"cap_w": 10_000},
+            "control": {"interval_s": 0.05},
+            "telemetry": {"interval_s": 0.05},
+        }
+    )
+    agent = Agent(cfg, [])
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def run_agent() -> None:
+        stop = asyncio.Event()
+        running.append((asyncio.get_running_loop(), stop))
+        notifier = Notifier(path)
+        notifier.ready("first sweep done")
+        agent.start()
+        supervisor = asyncio.create_task(
+            supervise(
+                notifier, healthy=lambda: True, status=lambda: site_summary(agent), period_s=0.01
+            )
+        )
+        await stop.wait()
+        supervisor.cancel()
+        await agent.stop()
+
+    caplog.set_level(logging.INFO, logger="siteagent.sdnotify")
+    # The loop runs on its own thread, so a blocking send freezes that thread, not the test.
+    thread = threading.Thread(target=asyncio.run, args=(run_agent(),), daemon=True)
+    thread.start()
+    # A bound on waiting, not a timed assertion: 10 ticks need 0.5 s at 20 per second.
+    give_up_s = time.monotonic() + 30.0
+    while agent.ticks < 10 and time.monotonic() < give_up_s:
+        time.sleep(0.05)
+    ticks = agent.ticks
+    loop, stop = running[0]
+    loop.call_soon_threadsafe(stop.set)
+    # Drain so that a send blocked on the full queue returns and the thread can end.
+    while thread.is_alive() and time.monotonic() < give_up_s + 10.0:
+        drain(s)
+        thread.join(timeout=0.05)
+    assert ticks >= 10, f"the loop stopped ticking after {ticks} tick(s)"
+    assert not thread.is_alive()
+    full = [r for r in caplog.records if "queue is full" in r.getMessage()]
+    assert len(full) == 1

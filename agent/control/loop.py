@@ -140,6 +140,8 @@ class Agent:
         self._modes: dict[str, str] = {}
         self._pins: dict[str, Pin] = {}
         self._tick_lock = asyncio.Lock()
+        # Read by other threads (the metrics renderer waits while a tick runs).
+        self.ticking = False
         self._tick_waiting = False
         self._sweep_lock = asyncio.Lock()
         self._scheduler: AsyncIOScheduler | None = None
@@ -375,7 +377,11 @@ class Agent:
         """One control tick; never overlaps another."""
         async with self._tick_lock:
             self._tick_waiting = False
-            return await self._tick()
+            self.ticking = True
+            try:
+                return await self._tick()
+            finally:
+                self.ticking = False
 
     async def _tick(self) -> TickRecord:
         started = time.perf_counter()

@@ -7,6 +7,15 @@ call is a no-op. The watchdog wants ``WATCHDOG=1`` within ``$WATCHDOG_USEC``;
 we ping at half that, and only while the caller says the loop is healthy, so a
 stalled loop is restarted by systemd rather than kept alive by a timer.
 
+The send never blocks: the daemon's event loop sends these, and a notify
+socket that systemd does not drain (its queue full) blocked a plain ``sendto``
+and froze the loop (no sweeps, no ticks, no API). A message that finds the
+socket full, or no socket, is dropped; the newest value of each of its fields
+is kept and goes out with the next message (coalesced), so READY, STOPPING,
+the latest STATUS and the latest extension still arrive once the socket drains.
+``WATCHDOG=1`` is not carried: it vouches for the loop at the moment it is
+sent, and the next period's ping (sent only while healthy) replaces it.
+
 Startup is held to the same rule: ``StartupProgress`` asks for more time
 (``EXTEND_TIMEOUT_USEC``) only when a step of startup has finished since it
 last asked, so ``TimeoutStartSec`` bounds a stall, not a large site's startup.
@@ -24,12 +33,19 @@ from collections.abc import Awaitable, Callable, Mapping
 log = logging.getLogger("siteagent.sdnotify")
 
 
+# Not carried over to the next message when dropped: see the module's docstring.
+_NOT_CARRIED = frozenset({"WATCHDOG"})
+
+
 class Notifier:
     """Sends notifications to systemd; does nothing when not started by it."""
 
     def __init__(self, socket_path: str | None) -> None:
         self.socket_path = socket_path or None
-        self._failed = False
+        self._failing = False
+        # Fields of dropped messages, newest value per key, in first-dropped order.
+        self._pending: dict[str, str] = {}
+        self.dropped = 0  # messages dropped since start
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
@@ -42,27 +58,56 @@ class Notifier:
         """Whether there is a socket to notify."""
         return self.socket_path is not None
 
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """``KEY=value`` fields of dropped messages that the next message will carry."""
+        return tuple(f"{k}={v}" for k, v in self._pending.items())
+
     def notify(self, *fields: str) -> bool:
-        """Send ``KEY=value`` fields in one datagram; True if it was sent."""
+        """Send ``KEY=value`` fields in one datagram, never blocking; True if it was sent.
+
+        A message that cannot be sent now (socket full or missing) is dropped; its
+        fields but ``WATCHDOG`` ride along with the next message, newest value per key.
+        """
         if self.socket_path is None:
             return False
         address = self.socket_path
         if address.startswith("@"):
             address = "\0" + address[1:]
-        payload = "\n".join(f.replace("\n", " ") for f in fields).encode()
+        message = dict(self._pending)
+        for f in fields:
+            # A newline would split the field into a second, bogus assignment.
+            key, _, value = f.replace("\n", " ").partition("=")
+            message[key] = value
+        payload = "\n".join(f"{k}={v}" for k, v in message.items()).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.setblocking(False)
                 s.sendto(payload, address)
-        except OSError as e:
-            # Log the first failure and the recovery only: a watchdog ping fails every period.
-            if not self._failed:
-                log.warning("cannot notify systemd at %s: %s", self.socket_path, e)
-            self._failed = True
+        except BlockingIOError:
+            self._dropped(message, "its queue is full (systemd is not reading it)")
             return False
-        if self._failed:
+        except OSError as e:
+            self._dropped(message, str(e))
+            return False
+        self._pending.clear()
+        if self._failing:
             log.info("notifying systemd at %s again", self.socket_path)
-            self._failed = False
+            self._failing = False
         return True
+
+    def _dropped(self, message: dict[str, str], why: str) -> None:
+        self.dropped += 1
+        self._pending = {k: v for k, v in message.items() if k not in _NOT_CARRIED}
+        # Log the first failure and the recovery only: a watchdog ping fails every period.
+        if not self._failing:
+            log.warning(
+                "cannot notify systemd at %s: %s; dropping notifications until it can be "
+                "sent, then sending the newest of each",
+                self.socket_path,
+                why,
+            )
+            self._failing = True
 
     def ready(self, status: str | None = None) -> bool:
         """Startup finished (READY=1), with an optional status line."""
