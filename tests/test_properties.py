@@ -859,21 +859,12 @@ def rack_site(racks: int, per_rack: int, room: int) -> tuple[Site, Plan]:
     """Racks of sleeping miners, each rack with room for ``room`` of them awake, and a plan
     that wakes every miner, rack by rack."""
     caps = DeviceControls(power_target=False, can_sleep=True)
+    asleep = DeviceStatus(
+        "", DeviceKind.MINER, "", DeviceState.SLEEPING, 3000.0, 100.0, 20.0, caps, 20.0, 20.0,
+        True, awake=False,
+    )  # fmt: skip
     devices = tuple(
-        DeviceStatus(
-            f"r{r:02d}m{i}",
-            DeviceKind.MINER,
-            f"rack{r:02d}",
-            DeviceState.SLEEPING,
-            3000.0,
-            100.0,
-            20.0,
-            caps,
-            20.0,
-            20.0,
-            True,
-            awake=False,
-        )  # fmt: skip
+        replace(asleep, device_id=f"r{r:02d}m{i}", domain=f"rack{r:02d}")
         for r in range(racks)
         for i in range(per_rack)
     )
