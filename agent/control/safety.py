@@ -281,7 +281,7 @@ def order_changes(
     nodes = by_depth(tree.chains(names), n_nodes)[code[rows]]
     admit = _Admission(tree, load, nodes, delta_w, max_increase_w)
     taken = admit.run()
-    reasons = _Reasons(admit, taken, [tab.statics.domains[r] for r in rows.tolist()])
+    reasons = _Reasons(admit, taken, rows, tab.statics.domains)
     return Ordered(
         ChangeRows(cols, increases[taken]),
         DeferredRows(cols, increases[~taken], reasons.at(np.flatnonzero(~taken))),
@@ -383,8 +383,15 @@ class _Reasons:
     """Why each held-back increase waits, worked out when first asked: the ramp left and
     the loads as they stood when its turn came (after the increases let through before it)."""
 
-    def __init__(self, admit: _Admission, taken: npt.NDArray[np.bool_], domains: list[str]) -> None:
-        self._admit, self._taken, self._domains = admit, taken, domains
+    def __init__(
+        self,
+        admit: _Admission,
+        taken: npt.NDArray[np.bool_],
+        rows: IntArr,
+        domains: Sequence[str],
+    ) -> None:
+        self._admit, self._taken = admit, taken
+        self._rows, self._domains = rows, domains
         self._ready = False
         self._passed: list[int] = []
         self._ramp: list[float] = []
@@ -407,11 +414,14 @@ class _Reasons:
         for i in self._passed:
             ramp -= deltas[i]
             self._ramp.append(ramp)
-            for node in admit.tree.chain(self._domains[i]):
+            for node in admit.tree.chain(self._domain(i)):
                 load[node] += deltas[i]
                 self._node_w[node].append(load[node])
                 self._node_at[node].append(i)
         self._ready = True
+
+    def _domain(self, i: int) -> str:
+        return self._domains[int(self._rows[i])]
 
     def reason(self, j: int) -> str:
         """Why increase ``j`` waits."""
@@ -422,7 +432,7 @@ class _Reasons:
         if delta > ramp_left:
             return f"ramp limit: {ramp_left:.0f} W of increase left this step"
         limit_w = self._admit.tree.limit_w
-        chain = self._admit.tree.chain(self._domains[j])
+        chain = self._admit.tree.chain(self._domain(j))
         load = {k: self._node_w[k][bisect_left(self._node_at[k], j)] for k in chain}
         blocked = [k for k in chain if load[k] + delta > limit_w[k] + 1e-6]
         node = blocked[-1] if SITE in blocked else blocked[0]
