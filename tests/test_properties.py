@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safety_reference import reference_diff
+from safety_reference import reference_diff, reference_order_changes
 
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink
 from siteagent.agent.control.fleet import Fleet
@@ -34,6 +34,7 @@ from siteagent.domain import (
     Pin,
     Plan,
     Setpoint,
+    SetpointTable,
     Snapshot,
 )
 from siteagent.domain.table import DeviceTable
@@ -820,6 +821,97 @@ def test_the_column_diff_on_the_edges_the_random_sites_rarely_reach() -> None:
     assert [(c.device_id, c.kind) for c in reference_diff(p, snap)] == want
     for s in (snap, replace(snap, table=DeviceTable.of(devices))):
         assert diff(p, s) == reference_diff(p, snap)
+
+
+# -- the column ordering against the plain one ------------------------------------
+
+
+@st.composite
+def restorings(draw: st.DrawFn) -> tuple[Site, Plan, float]:
+    """A plan of increases only (its decreases dropped), so every one meets the admission test."""
+    site, p, _ = draw(orderings())
+    p = draw(st.one_of(st.just(p), any_plans(site)))
+    up = {c.device_id for c in reference_diff(p, site.snapshot) if not c.is_decrease}
+    kept = tuple(sp for sp in p.setpoints if sp.device_id in up)
+    ramp = draw(st.sampled_from([0.0, 300.0, 1000.0, 2500.0, 5000.0, 20_000.0, 1e12]))
+    return site, replace(p, setpoints=kept), ramp
+
+
+def assert_orders_as_the_reference(site: Site, p: Plan, ramp: float, columns: bool) -> None:
+    snap = site.snapshot
+    if columns:
+        snap = replace(snap, table=DeviceTable.of(snap.devices))
+    o = order_changes(p, snap, site.limits, max_increase_w=ramp)
+    now, deferred = reference_order_changes(p, site.snapshot, site.limits, max_increase_w=ramp)
+    assert list(o.now) == now
+    assert list(o.deferred) == deferred
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(orderings(), restorings()), st.booleans())
+def test_the_column_ordering_sends_and_holds_what_the_plain_ordering_does(
+    case: tuple[Site, Plan, float], columns: bool
+) -> None:
+    assert_orders_as_the_reference(*case, columns)
+
+
+def rack_site(racks: int, per_rack: int, room: int) -> tuple[Site, Plan]:
+    """Racks of sleeping miners, each rack with room for ``room`` of them awake, and a plan
+    that wakes every miner, rack by rack."""
+    caps = DeviceControls(power_target=False, can_sleep=True)
+    asleep = DeviceStatus(
+        "", DeviceKind.MINER, "", DeviceState.SLEEPING, 3000.0, 100.0, 20.0, caps, 20.0, 20.0,
+        True, awake=False,
+    )  # fmt: skip
+    devices = tuple(
+        replace(asleep, device_id=f"r{r:02d}m{i}", domain=f"rack{r:02d}")
+        for r in range(racks)
+        for i in range(per_rack)
+    )
+    rack_w = per_rack * 20.0 + room * 2980.0
+    domains = tuple(DomainLimit(f"rack{r:02d}", rack_w + 1.0) for r in range(racks))
+    limits = Limits(1e9, 1e9, "test", domains=domains)
+    parent = {d.domain_id: SITE for d in domains}
+    setpoints = tuple(Setpoint(d.device_id, True, None, 3000.0, "wake") for d in devices)
+    site = Site(Snapshot(NOW_S, devices), limits, CappingParams(), parent)
+    return site, Plan(NOW_S, "restore", 1e9, 0.0, "wake all", setpoints)
+
+
+def test_many_racks_that_each_fill_up_order_as_the_plain_ordering() -> None:
+    # Each rack's second wake is the first that does not fit, and fits until its rack's
+    # first is let through: one round of the columns per rack, more than they take
+    # before they go on one change at a time.
+    site, p = rack_site(racks=30, per_rack=3, room=1)
+    for columns in (False, True):
+        assert_orders_as_the_reference(site, p, 1e12, columns)
+    o = order_changes(p, site.snapshot, site.limits, max_increase_w=1e12)
+    assert len(o.now) == 30
+    assert len(o.deferred) == 60
+    assert "worst case: rack00 would reach" in o.deferred[0][1]
+
+
+def test_ordering_a_plan_of_columns_makes_no_setpoint_words() -> None:
+    # 50,000 reasons cost more than the ordering: only the changes read make theirs.
+    site, p = rack_site(racks=4, per_rack=5, room=2)
+    asked: list[int] = []
+
+    def words(i: int) -> str:
+        asked.append(i)
+        return "wake"
+
+    n = len(p.setpoints)
+    table = SetpointTable(
+        (),
+        [sp.device_id for sp in p.setpoints],
+        [True] * n,
+        [float("nan")] * n,
+        [3000.0] * n,
+        words,
+    )
+    o = order_changes(replace(p, setpoints=table), site.snapshot, site.limits, max_increase_w=1e12)
+    assert (len(o.now), len(o.deferred), asked) == (8, 12, [])
+    assert o.now[1].setpoint.reason == "wake"
+    assert asked == [1]
 
 
 # -- a plan that leaves devices out ---------------------------------------------

@@ -392,8 +392,9 @@ class Agent:
             plan, snap, limits, max_increase_w=self._ramp_allowance(snap.time_s)
         )
         if self.monitor_only:
-            held = tuple((c, "monitor-only override: nothing is sent") for c in ordered.now)
-            ordered = Ordered((), held + ordered.deferred)
+            ordered = ordered.hold_all("monitor-only override: nothing is sent")
+        # The changes to send, made once: rows made on demand are made anew at each read.
+        ordered = Ordered(tuple(ordered.now), ordered.deferred)
         ordered = self._hold_refused(ordered, snap.time_s)
         plan_duration = time.perf_counter() - started
         # At most control.concurrency at once, in the tick's order: a cap drop at a
@@ -417,7 +418,7 @@ class Agent:
                 self.config.control.actuation_timeout_s,
             )
             sent = tuple(c for c, ok in outcome if ok is not None)
-            ordered = Ordered(sent, late + ordered.deferred)
+            ordered = ordered.holding(sent, late)
         if any(not c.is_decrease for c in ordered.now):
             self.last_increase_s = snap.time_s
         self.last_plan = plan
@@ -457,7 +458,7 @@ class Agent:
             if c.device_id in waiting
         )
         now = tuple(c for c in ordered.now if c.device_id not in waiting)
-        return Ordered(now, held + ordered.deferred)
+        return ordered.holding(now, held)
 
     def plan(self, snap: Snapshot, limits: Limits) -> Plan:
         """The configured policy's plan for this snapshot, against the last plan adopted."""
