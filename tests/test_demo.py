@@ -30,7 +30,9 @@ def test_over_cap_ignores_the_correction_window_after_drops_only() -> None:
 
 
 @pytest.mark.slow
-async def test_demo_keeps_the_simulated_site_under_its_cap() -> None:
+async def test_demo_keeps_the_simulated_site_under_its_cap(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     out = io.StringIO()
     report = await run_demo(
         10,
@@ -56,6 +58,8 @@ async def test_demo_keeps_the_simulated_site_under_its_cap() -> None:
     assert lowered[-1]["site_power_w"] <= lowered[-1]["cap_w"]
     lines = out.getvalue().splitlines()
     assert sum(1 for line in lines if line.startswith("t=")) >= 10
+    # The simulator it spawns starts as `siteagent sim` does: no warnings at import.
+    assert "DeprecationWarning" not in capfd.readouterr().err
 
 
 def test_check_config_cli_exit_codes(tmp_path: Path) -> None:

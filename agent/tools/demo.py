@@ -60,10 +60,13 @@ class SimClient:
     @classmethod
     async def start(cls, miners: int, base: str, sim_args: list[str]) -> SimClient:
         """Spawn the simulator and read its inventory line."""
+        # Through `siteagent sim`, so the simulator starts as the command does (its log
+        # setup and warning filters, e.g. asyncssh's DSA deprecations at import).
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "siteagent.sim.serve",
+            "siteagent.agent.tools.cli",
+            "sim",
             "--miners",
             str(miners),
             "--base",
