@@ -33,6 +33,8 @@ class DomainTree:
             self.limit_w[d.domain_id] = d.limit_w
             self._parent[d.domain_id] = d.parent or SITE
         self._chains: dict[str, tuple[str, ...]] = {}
+        # A plan asks for the same domains' chains several times (layout, loads, ledger).
+        self._chain_tables: dict[tuple[str, ...], IntArr] = {}
         # Node i is names[i]; the site is node 0.
         self.names: tuple[str, ...] = tuple(self.limit_w)
         self.index: dict[str, int] = {k: i for i, k in enumerate(self.names)}
@@ -57,6 +59,14 @@ class DomainTree:
 
         A parent the limits do not list has no limit to keep and no index: left out.
         """
+        key = tuple(domains)
+        table = self._chain_tables.get(key)
+        if table is None:
+            table = self._chain_tables[key] = self._chain_table(key)
+            table.flags.writeable = False  # shared by every caller
+        return table
+
+    def _chain_table(self, domains: Sequence[str]) -> IntArr:
         index = self.index
         rows = [[index[k] for k in self.chain(dom) if k in index] for dom in domains]
         depth = max((len(c) for c in rows), default=1)

@@ -118,6 +118,13 @@ class DeviceStatics:
         return codes([KIND_CODE[k] for k in self.kinds])
 
     @cached_property
+    def id_array(self) -> npt.NDArray[np.object_]:
+        """The ids as an object array, so a plan picks many by rows without a Python loop."""
+        out = np.empty(len(self.ids), object)
+        out[:] = self.ids
+        return out
+
+    @cached_property
     def id_rank(self) -> npt.NDArray[np.intp]:
         """Per row: the place of its id among all ids sorted (a fixed tie-break)."""
         rank = np.empty(len(self.ids), np.intp)

@@ -292,7 +292,7 @@ class _Layout:
         self.by_row = np.argsort(m, kind="stable")
         n = len(m)
         self.n = n
-        self.ids: list[str] = [statics.ids[i] for i in m.tolist()]
+        self.ids: list[str] = statics.id_array[m].tolist()
         self.kind_rank, self.eff = rank[order], eff[order]
         self.is_miner = kinds[order] == _MINER
         c = statics.controls
