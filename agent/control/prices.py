@@ -20,13 +20,16 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from siteagent.agent.config import Config, gpu_device_id
 from siteagent.agent.control.alarms import PRICES_STALE, Alarms
 from siteagent.policies.capping import CappingParams
 from siteagent.policies.economic_params import EconomicParams, PriorityClass, PriorityClasses
 from siteagent.policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
+
+if TYPE_CHECKING:
+    from siteagent.agent.control.price_sources import SourcesFeed
 
 log = logging.getLogger("siteagent.prices")
 
@@ -183,6 +186,12 @@ class PriceFeed:
         self._fallback = fallback(cfg)
         # Prices that went stale before this were never fresh to this run ("hold" needs it).
         self.started_unix_s = wall_clock()
+        self.sources: SourcesFeed | None = None
+        if cfg.prices.source == "sources":
+            # Imported here: price_sources builds on this module.
+            from siteagent.agent.control.price_sources import SourcesFeed
+
+            self.sources = SourcesFeed(cfg, self.started_unix_s)
 
     @property
     def live(self) -> bool:
@@ -192,6 +201,10 @@ class PriceFeed:
     async def refresh(self) -> None:
         """Re-read the file or poll the endpoint; keep the last good series on failure."""
         p = self.cfg.prices
+        if self.sources is not None:
+            await self.sources.refresh()
+            self.last_error = self.sources.last_error
+            return
         try:
             if p.source == "file":
                 if p.path is None:
@@ -218,6 +231,9 @@ class PriceFeed:
         if not self.live:
             return static_prices(self.cfg)
         now = self.wall_clock()
+        if self.sources is not None:
+            self.sources.started_unix_s = self.started_unix_s
+            return self.sources.prices(now, self.alarms)
         point = self.series.at(now) if self.series is not None else None
         source = self.cfg.prices.source
         prices = resolve(
