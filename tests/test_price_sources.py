@@ -25,6 +25,7 @@ from siteagent.agent.control.loop import Agent
 from siteagent.agent.control.price_sources import (
     IntervalSeries,
     contract_usd_per_gpu_hour,
+    electricity_sources,
     load_backtest_series,
     parse_ercot_spp,
     parse_hashprice_index,
@@ -178,6 +179,30 @@ def test_ai_contract_price_by_period() -> None:
     assert contract_usd_per_gpu_hour(ai, utc("2027-01-01T06:00")) == 2.1
 
 
+def test_a_path_with_a_pattern_reads_every_report_it_matches(tmp_path: Path) -> None:
+    for f in (DAM_SPRING, DAM_FALL):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "copy-of-fall.csv").write_bytes(DAM_FALL.read_bytes())  # the same prices again
+    cfg = sources_config(
+        electricity={
+            "kind": "ercot",
+            "market": "dam",
+            "settlement_point": "HB_NORTH",
+            "path": str(tmp_path / "*.csv"),
+        }
+    )
+    (source,) = electricity_sources(cfg)
+    s = source.load()
+    assert len(s) == 23 + 25
+    assert last(s, utc("2024-03-10T07:30")) == pytest.approx(0.01563)
+    assert last(s, utc("2024-11-03T07:30")) == pytest.approx(0.02171)
+    # Two files that disagree on an hour: refused, naming both.
+    other = DAM_FALL.read_text().replace('"21.71","Y"', '"99.99","Y"')
+    (tmp_path / "revised.csv").write_text(other)
+    with pytest.raises(PriceFormatError, match=r"revised\.csv: the price at 2024-11-03 07:00 UTC"):
+        source.load()
+
+
 # ---------------------------------------------------------------- bad rows: file and line
 
 
@@ -230,6 +255,7 @@ def test_the_real_time_report_read_as_day_ahead_is_named() -> None:
         ),
         ('{"data": [{"timestamp": "2024-11-03T07:00:00Z", "price": "44.1"}]}', r"data\[0\]: price"),
         ('{"data": [{"timestamp": "2024-11-03T07:00:00Z", "price": -3}]}', r"data\[0\]: price -3"),
+        ('{"data": [{"timestamp": "2024-11-03T07:00:00Z", "price": 0}]}', r"data\[0\]: price 0,"),
         ('{"data": []}', r"hp\.json: found list, expected"),
         ('{"data": [\n{"timestamp": 1,\n', r"hp\.json:3: not JSON"),
     ],

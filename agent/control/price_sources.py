@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
+import glob
 import io
 import json
 import logging
@@ -293,11 +294,12 @@ def parse_hashprice_index(
             if (
                 isinstance(price, bool)
                 or not isinstance(price, (int, float))
-                or not 0 <= price * per_th * TH_PER_PH <= MAX_USD_PER_PH_DAY
+                or not 0 < price * per_th * TH_PER_PH <= MAX_USD_PER_PH_DAY
             ):
+                # Mining always earns something: a zero is a broken index, not a price.
                 raise ValueError(
                     f"price {price!r}, expected a number of $ per {unit.split('_')[2].upper()}"
-                    " per day, at least 0"
+                    " per day above 0"
                 )
         except ValueError as e:
             raise PriceFormatError(f"{spot}: {e}") from None
@@ -357,8 +359,24 @@ class LiveSource:
     last_error: str | None = None
 
     def load(self) -> IntervalSeries:
-        """Read and parse the source now (blocking)."""
-        return self.parse(_text(self.place), self.place)
+        """Read and parse the source now (blocking); a path with * ? [ reads every match."""
+        if re.match(r"https?://", self.place) or not glob.has_magic(self.place):
+            return self.parse(_text(self.place), self.place)
+        # ERCOT posts a report per day (DAM) or per interval (RTM): a folder a download
+        # job fills is read whole, e.g. today's and tomorrow's day-ahead files.
+        files = sorted(glob.glob(self.place))
+        if not files:
+            raise PriceFormatError(f"{self.place}: no file matches, expected at least one")
+        points: dict[float, tuple[IntervalPrice, str]] = {}
+        for f in files:
+            for q in self.parse(_text(f), f).points:
+                seen = points.setdefault(q.start_unix_s, (q, f))
+                if seen[0] != q:
+                    raise PriceFormatError(
+                        f"{f}: the price at {_utc(q.start_unix_s)} differs from the one in "
+                        f"{seen[1]}, expected one price per interval across the files"
+                    )
+        return IntervalSeries(q for q, _ in points.values())
 
     async def refresh(self) -> None:
         """Read it again; on failure keep the last good series (logged once until it recovers)."""
