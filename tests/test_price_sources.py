@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import threading
 import tomllib
@@ -354,7 +355,7 @@ async def test_the_price_job_fetches_ercot_hashprice_and_the_contract_over_http(
 
 
 async def test_a_source_that_stops_updating_raises_the_alarm_and_falls_back(
-    served: Served,
+    served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
     served.files["/rtm.csv"] = RTM_FALL.read_bytes()
     clock = [utc("2024-11-03T12:00")]
@@ -392,8 +393,11 @@ async def test_a_source_that_stops_updating_raises_the_alarm_and_falls_back(
     assert last().electricity_usd_per_kwh == 0.25
     # A broken file keeps the last good series; the alarm says why it was not replaced.
     served.files["/rtm.csv"] = BAD_ROW.read_bytes().replace(b"HourEnding", b"DeliveryHour")
-    await feed.refresh()
-    alarm = alarms.get(PRICES_STALE)
+    with caplog.at_level(logging.INFO, logger="siteagent.prices"):
+        await feed.refresh()
+        await feed.refresh()
+    feed_lines = [r for r in caplog.records if r.name == "siteagent.prices"]
+    assert [r.levelname for r in feed_lines] == ["WARNING"]  # once, not once per poll
     assert feed.prices().stale == ("electricity",)
     alarm = alarms.get(PRICES_STALE)
     assert alarm is not None and "last read failed" in alarm.reason
@@ -401,7 +405,10 @@ async def test_a_source_that_stops_updating_raises_the_alarm_and_falls_back(
     # A fresh report clears it.
     served.files["/rtm.csv"] = RTM_FALL.read_bytes()
     clock[0] = utc("2024-11-03T12:00")
-    await feed.refresh()
+    with caplog.at_level(logging.INFO, logger="siteagent.prices"):
+        await feed.refresh()
+    feed_lines = [r for r in caplog.records if r.name == "siteagent.prices"]
+    assert "ERCOT RTM HB_NORTH readable again" in feed_lines[-1].getMessage()
     assert feed.prices().stale == () and alarms.active() == ()
 
 

@@ -21,7 +21,6 @@ import dataclasses
 import glob
 import io
 import json
-import logging
 import math
 import re
 import urllib.request
@@ -41,10 +40,8 @@ from siteagent.agent.config import (
     HashpricePricesConfig,
 )
 from siteagent.agent.control.alarms import PRICES_STALE, Alarms
-from siteagent.agent.control.prices import PriceFormatError, fallback
+from siteagent.agent.control.prices import PriceFormatError, fallback, read_outcome
 from siteagent.policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
-
-log = logging.getLogger("siteagent.prices")
 
 # ERCOT settles in Central Prevailing Time: CST in winter, CDT in summer.
 CPT = ZoneInfo("America/Chicago")
@@ -383,13 +380,9 @@ class LiveSource:
         try:
             series = await asyncio.to_thread(self.load)
         except (OSError, ValueError, csv.Error, zipfile.BadZipFile) as e:
-            if self.last_error is None:
-                log.warning("prices: %s failed, keeping the last good series: %s", self.name, e)
-            self.last_error = str(e)
+            self.last_error = read_outcome(self.name, self.last_error, e)
             return
-        if self.last_error is not None:
-            log.info("prices: %s readable again", self.name)
-        self.last_error = None
+        self.last_error = read_outcome(self.name, self.last_error, None)
         self.series = series
 
 

@@ -166,6 +166,18 @@ def economic_params(cfg: Config) -> EconomicParams:
     )
 
 
+def read_outcome(name: str, last_error: str | None, error: Exception | None) -> str | None:
+    """The last error after a read of ``name`` (None: it succeeded); one log line when
+    reads start failing, one when they recover, none while nothing changes."""
+    if error is not None:
+        if last_error is None:
+            log.warning("prices: %s failed, keeping the last good series: %s", name, error)
+        return str(error)
+    if last_error is not None:
+        log.info("prices: %s readable again", name)
+    return None
+
+
 class PriceFeed:
     """The configured price source: static values, or a file or HTTP series refreshed on a
     schedule. A refresh that fails keeps the last good series (logged once until it
@@ -217,13 +229,9 @@ class PriceFeed:
             else:
                 return
         except (OSError, ValueError) as e:
-            if self.last_error is None:
-                log.warning("prices: %s failed, keeping the last good series: %s", p.source, e)
-            self.last_error = str(e)
+            self.last_error = read_outcome(p.source, self.last_error, e)
             return
-        if self.last_error is not None:
-            log.info("prices: %s readable again", p.source)
-        self.last_error = None
+        self.last_error = read_outcome(p.source, self.last_error, None)
         self.series = series
 
     def prices(self) -> Prices:
