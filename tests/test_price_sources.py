@@ -32,6 +32,7 @@ from siteagent.agent.control.price_sources import (
     parse_hashprice_index,
 )
 from siteagent.agent.control.prices import PriceFeed, PriceFormatError
+from siteagent.agent.tools.backtest import run_backtest, synthetic_site
 from siteagent.policies.prices import PriceSeries
 
 FIXTURES = Path(__file__).parent / "fixtures" / "prices"
@@ -587,3 +588,20 @@ def test_the_backtest_series_from_published_files(tmp_path: Path) -> None:
     cfg = sources_config(electricity={**electricity, "path": str(holed)})
     with pytest.raises(PriceFormatError, match="no electricity price for 2024-11-03 10:15 UTC"):
         load_backtest_series(cfg)
+
+
+def test_the_backtest_replays_the_series_the_loader_returns() -> None:
+    cfg = sources_config(
+        electricity={
+            "kind": "ercot",
+            "market": "rtm",
+            "settlement_point": "HB_NORTH",
+            "path": str(RTM_FALL),
+        },
+        hashprice={"kind": "hashrate-index", "path": str(HASHPRICE)},
+        ai={"kind": "contract", "usd_per_gpu_hour": 2.0},
+    )
+    report = run_backtest(synthetic_site(6, 2), list(load_backtest_series(cfg).points))
+    assert report["steps"] == 25 * 12
+    assert all(p["seconds_over_cap"] == 0 for p in report["policies"])
+    assert report["optimum"]["margin_usd"] > 0
