@@ -193,13 +193,43 @@ def _http_url(value: str | None) -> str | None:
 HttpUrl = Annotated[str | None, AfterValidator(_http_url)]
 
 
-def _one_place(kind: str, path: str | None, url: str | None, keys: str = "path/url") -> None:
-    if (path is None) == (url is None):
-        p, u = keys.split("/")
-        raise ValueError(
-            f"found {p}={path!r} and {u}={url!r}, expected exactly one of {p} (a local "
-            f"file) or {u} (http/https) for the {kind} prices"
+def _one_place(kind: str, path: str | None, url: str | None, keys: str = "path/url") -> str | None:
+    if (path is None) != (url is None):
+        return None
+    p, u = keys.split("/")
+    return (
+        f"found {p}={path!r} and {u}={url!r}, expected exactly one of {p} (a local "
+        f"file) or {u} (http/https) for the {kind} prices"
+    )
+
+
+def _ercot_places(
+    market: str, path: str | None, url: str | None, dam_path: str | None, dam_url: str | None
+) -> str | None:
+    if market == "rtm-dam":
+        return _one_place(f"ERCOT {market}", path, url) or _one_place(
+            "ERCOT day-ahead", dam_path, dam_url, "dam_path/dam_url"
         )
+    if dam_path is not None or dam_url is not None:
+        return (
+            f"found dam_path/dam_url with market = {market!r}, expected them "
+            'only with market = "rtm-dam"'
+        )
+    return _one_place(f"ERCOT {market}", path, url)
+
+
+def _sources_unused(source: str, named: list[str]) -> str | None:
+    if source == "sources" and not named:
+        return (
+            "found source = 'sources' without [prices.electricity], [prices.hashprice] "
+            "or [prices.ai], expected at least one of them"
+        )
+    if source != "sources" and named:
+        return (
+            f"found [prices.{named[0]}] with source = {source!r} (it would be "
+            "ignored), expected source = 'sources'"
+        )
+    return None
 
 
 class ErcotPricesConfig(_Strict):
@@ -220,14 +250,7 @@ class ErcotPricesConfig(_Strict):
 
     @model_validator(mode="after")
     def _places(self) -> ErcotPricesConfig:
-        _one_place(f"ERCOT {self.market}", self.path, self.url)
-        if self.market == "rtm-dam":
-            _one_place("ERCOT day-ahead", self.dam_path, self.dam_url, "dam_path/dam_url")
-        elif self.dam_path is not None or self.dam_url is not None:
-            raise ValueError(
-                f"found dam_path/dam_url with market = {self.market!r}, expected them "
-                'only with market = "rtm-dam"'
-            )
+        _raise_if(_ercot_places(self.market, self.path, self.url, self.dam_path, self.dam_url))
         return self
 
 
@@ -243,7 +266,7 @@ class HashpricePricesConfig(_Strict):
 
     @model_validator(mode="after")
     def _places(self) -> HashpricePricesConfig:
-        _one_place("hashprice", self.path, self.url)
+        _raise_if(_one_place("hashprice", self.path, self.url))
         return self
 
 
@@ -308,16 +331,7 @@ class PricesConfig(_Strict):
     @model_validator(mode="after")
     def _sources_used(self) -> PricesConfig:
         named = [k for k in ("electricity", "hashprice", "ai") if getattr(self, k) is not None]
-        if self.source == "sources" and not named:
-            raise ValueError(
-                "found source = 'sources' without [prices.electricity], [prices.hashprice] "
-                "or [prices.ai], expected at least one of them"
-            )
-        if self.source != "sources" and named:
-            raise ValueError(
-                f"found [prices.{named[0]}] with source = {self.source!r} (it would be "
-                "ignored), expected source = 'sources'"
-            )
+        _raise_if(_sources_unused(self.source, named))
         return self
 
 
@@ -694,6 +708,25 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
                 'policy.name = "economic", or no [[policy.priority_classes]]',
             )
         )
+    prices = _table(data, "prices")
+    source = _value(PricesConfig, prices, "source")
+    if isinstance(source, str):
+        named = [k for k in ("electricity", "hashprice", "ai") if k in prices]
+        problems += _rule("prices", _sources_unused(source, named))
+    places = _values(
+        ErcotPricesConfig,
+        _table(prices, "electricity"),
+        "market",
+        "path",
+        "url",
+        "dam_path",
+        "dam_url",
+    )
+    if places is not None:
+        problems += _rule("prices.electricity", _ercot_places(*places))
+    places = _values(HashpricePricesConfig, _table(prices, "hashprice"), "path", "url")
+    if "hashprice" in prices and places is not None:
+        problems += _rule("prices.hashprice", _one_place("hashprice", *places))
     tls = _values(ApiConfig, _table(data, "api"), "tls_cert", "tls_key", "tls_client_ca")
     if tls is not None:
         problems += _rule("api", _tls_unpaired(*tls))

@@ -549,6 +549,26 @@ def test_config_problems_name_the_key(prices: dict[str, Any], says: str) -> None
     assert says in str(e.value)
 
 
+def test_a_source_rule_is_reported_beside_a_bad_number_in_one_pass() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(
+            {
+                "site": {"cap_w": 10_000},
+                "prices": {
+                    "source": "sources",
+                    "poll_interval_s": -1,
+                    "electricity": {**ERCOT, "url": "https://e.example/x", "stale_after_s": 0},
+                },
+            }
+        )
+    paths = [p.path for p in e.value.problems]
+    assert paths == [
+        "prices.poll_interval_s",
+        "prices.electricity.stale_after_s",
+        "prices.electricity",
+    ]
+
+
 def test_the_documented_example_parses() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "prices.md").read_text()
     example = re.search(r"```toml\n(.*?)```", doc, re.S)
