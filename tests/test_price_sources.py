@@ -378,9 +378,8 @@ async def test_a_source_that_stops_updating_raises_the_alarm_and_falls_back(
     assert fresh.stale == () and alarms.active() == ()
     # The report's last interval ends at 06:00 UTC on the 4th; 15 min on, it is stale:
     # the last fresh price holds for stale_hold_s, and the alarm names the source.
-    last = feed.prices  # the same feed, later
     clock[0] = utc("2024-11-04T06:20")
-    held = last()
+    held = feed.prices()
     assert held.stale == ("electricity",)
     assert held.electricity_usd_per_kwh == pytest.approx(
         parse_ercot_spp(RTM_FALL.read_text(), "rtm", "HB_NORTH").points[-1].value
@@ -391,9 +390,10 @@ async def test_a_source_that_stops_updating_raises_the_alarm_and_falls_back(
     assert "holding the last fresh prices" in alarm.reason
     # Past the hold: the high price.
     clock[0] = utc("2024-11-04T07:00")
-    assert last().electricity_usd_per_kwh == 0.25
-    # A broken file keeps the last good series; the alarm says why it was not replaced.
-    served.files["/rtm.csv"] = BAD_ROW.read_bytes().replace(b"HourEnding", b"DeliveryHour")
+    assert feed.prices().electricity_usd_per_kwh == 0.25
+    # A report with a bad row is refused and the last good series kept; the alarm says
+    # why it was not replaced, by URL and line.
+    served.files["/rtm.csv"] = RTM_FALL.read_bytes().replace(b'"19.75","Y"', b'"#VALUE!","Y"')
     with caplog.at_level(logging.INFO, logger="siteagent.prices"):
         await feed.refresh()
         await feed.refresh()
@@ -402,7 +402,7 @@ async def test_a_source_that_stops_updating_raises_the_alarm_and_falls_back(
     assert feed.prices().stale == ("electricity",)
     alarm = alarms.get(PRICES_STALE)
     assert alarm is not None and "last read failed" in alarm.reason
-    assert f"{served.url('/rtm.csv')}:1: header" in alarm.reason
+    assert f"{served.url('/rtm.csv')}:42: price '#VALUE!'" in alarm.reason
     # A fresh report clears it.
     served.files["/rtm.csv"] = RTM_FALL.read_bytes()
     clock[0] = utc("2024-11-03T12:00")

@@ -6,7 +6,8 @@ sees the prices go stale and uses the stated fallbacks.
 
 CSV columns (header row required): ``timestamp_unix_s, hashprice_usd_per_th_day,
 electricity_usd_per_kwh, ai_usd_per_gpu_hour`` and optionally ``ai_demand_frac``.
-JSON: a list of objects with the same keys.
+JSON: a list of objects with the same keys. Prices as their publishers write them
+(ERCOT, a hashprice index, a contract; ``source = "sources"``): ``price_sources.py``.
 """
 
 from __future__ import annotations
