@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -183,13 +184,134 @@ class InventoryConfig(_Strict):
     credentials_file: str | None = None
 
 
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not re.match(r"https?://[^/\s]+", value):
+        raise ValueError(f"found {value!r}, expected an http:// or https:// URL")
+    return value
+
+
+HttpUrl = Annotated[str | None, AfterValidator(_http_url)]
+
+
+def _one_place(kind: str, path: str | None, url: str | None, keys: str = "path/url") -> str | None:
+    if (path is None) != (url is None):
+        return None
+    p, u = keys.split("/")
+    return (
+        f"found {p}={path!r} and {u}={url!r}, expected exactly one of {p} (a local "
+        f"file) or {u} (http/https) for the {kind} prices"
+    )
+
+
+def _ercot_places(
+    market: str, path: str | None, url: str | None, dam_path: str | None, dam_url: str | None
+) -> str | None:
+    if market == "rtm-dam":
+        return _one_place(f"ERCOT {market}", path, url) or _one_place(
+            "ERCOT day-ahead", dam_path, dam_url, "dam_path/dam_url"
+        )
+    if dam_path is not None or dam_url is not None:
+        return (
+            f"found dam_path/dam_url with market = {market!r}, expected them "
+            'only with market = "rtm-dam"'
+        )
+    return _one_place(f"ERCOT {market}", path, url)
+
+
+def _sources_unused(source: str, named: list[str]) -> str | None:
+    if source == "sources" and not named:
+        return (
+            "found source = 'sources' without [prices.electricity], [prices.hashprice] "
+            "or [prices.ai], expected at least one of them"
+        )
+    if source != "sources" and named:
+        return (
+            f"found [prices.{named[0]}] with source = {source!r} (it would be "
+            "ignored), expected source = 'sources'"
+        )
+    return None
+
+
+class ErcotPricesConfig(_Strict):
+    """Electricity from ERCOT settlement point prices as published (docs/prices.md)."""
+
+    kind: Literal["ercot"]
+    # "dam": day-ahead hourly; "rtm": real-time 15-min; "rtm-dam": real time, the
+    # day-ahead price while the real-time report is stale.
+    market: Literal["dam", "rtm", "rtm-dam"]
+    settlement_point: Annotated[str, Field(min_length=1)]  # e.g. HB_NORTH, LZ_WEST
+    path: str | None = None
+    url: HttpUrl = None
+    dam_path: str | None = None  # market = "rtm-dam": the day-ahead report
+    dam_url: HttpUrl = None
+    # Delivery (TDSP) and retail charges added to the wholesale price ($/kWh).
+    adder_usd_per_kwh: Annotated[float, Field(ge=-1, le=1)] = 0.0
+    stale_after_s: PositiveS | None = None  # none: prices.stale_after_s
+
+    @model_validator(mode="after")
+    def _places(self) -> ErcotPricesConfig:
+        _raise_if(_ercot_places(self.market, self.path, self.url, self.dam_path, self.dam_url))
+        return self
+
+
+class HashpricePricesConfig(_Strict):
+    """Hashprice from a hashprice index's JSON as published (docs/prices.md)."""
+
+    kind: Literal["hashrate-index"]
+    path: str | None = None
+    url: HttpUrl = None
+    # The index's unit: the query's hashunit (PHS or THS), in USD.
+    unit: Literal["usd_per_ph_day", "usd_per_th_day"] = "usd_per_ph_day"
+    stale_after_s: PositiveS | None = None  # none: prices.stale_after_s
+
+    @model_validator(mode="after")
+    def _places(self) -> HashpricePricesConfig:
+        _raise_if(_one_place("hashprice", self.path, self.url))
+        return self
+
+
+class AiPricePeriodConfig(_Strict):
+    """A period of an AI contract with its own price per GPU-hour."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+    usd_per_gpu_hour: NonNegW
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AiPricePeriodConfig:
+        if self.end <= self.start:
+            raise ValueError(
+                f"found end {self.end} not after start {self.start}, expected end > start"
+            )
+        return self
+
+
+class AiContractPricesConfig(_Strict):
+    """The AI price per GPU-hour from a contract, optionally by period."""
+
+    kind: Literal["contract"]
+    usd_per_gpu_hour: NonNegW  # outside every period of the schedule
+    schedule: list[AiPricePeriodConfig] = []
+
+    @model_validator(mode="after")
+    def _apart(self) -> AiContractPricesConfig:
+        periods = sorted(self.schedule, key=lambda p: p.start)
+        for a, b in pairwise(periods):
+            if b.start < a.end:
+                raise ValueError(
+                    f"found schedule periods {a.start}..{a.end} and {b.start}..{b.end} "
+                    "overlapping, expected periods apart"
+                )
+        return self
+
+
 class PricesConfig(_Strict):
     """Prices: static values, or a series from a file or an HTTP feed, with stale fallbacks."""
 
     hashprice_usd_per_th_day: NonNegW = 0.05
     electricity_usd_per_kwh: NonNegW = 0.05
     ai_usd_per_gpu_hour: NonNegW = 2.0
-    source: Literal["static", "file", "http"] = "static"
+    source: Literal["static", "file", "http", "sources"] = "static"
     path: str | None = None
     url: str | None = None
     poll_interval_s: PositiveS = 300.0
@@ -200,6 +322,17 @@ class PricesConfig(_Strict):
     # start) for stale_hold_s, then the high price; "high": the high price at once.
     stale_fallback: Literal["hold", "high"] = "hold"
     stale_hold_s: NonNegW = 3600.0
+    # source = "sources": each price from its own published source (docs/prices.md);
+    # a price without one is the static value above.
+    electricity: ErcotPricesConfig | None = None
+    hashprice: HashpricePricesConfig | None = None
+    ai: AiContractPricesConfig | None = None
+
+    @model_validator(mode="after")
+    def _sources_used(self) -> PricesConfig:
+        named = [k for k in ("electricity", "hashprice", "ai") if getattr(self, k) is not None]
+        _raise_if(_sources_unused(self.source, named))
+        return self
 
 
 class PriorityClassConfig(_Strict):
@@ -575,6 +708,25 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
                 'policy.name = "economic", or no [[policy.priority_classes]]',
             )
         )
+    prices = _table(data, "prices")
+    source = _value(PricesConfig, prices, "source")
+    if isinstance(source, str):
+        named = [k for k in ("electricity", "hashprice", "ai") if k in prices]
+        problems += _rule("prices", _sources_unused(source, named))
+    places = _values(
+        ErcotPricesConfig,
+        _table(prices, "electricity"),
+        "market",
+        "path",
+        "url",
+        "dam_path",
+        "dam_url",
+    )
+    if places is not None:
+        problems += _rule("prices.electricity", _ercot_places(*places))
+    places = _values(HashpricePricesConfig, _table(prices, "hashprice"), "path", "url")
+    if "hashprice" in prices and places is not None:
+        problems += _rule("prices.hashprice", _one_place("hashprice", *places))
     tls = _values(ApiConfig, _table(data, "api"), "tls_cert", "tls_key", "tls_client_ca")
     if tls is not None:
         problems += _rule("api", _tls_unpaired(*tls))

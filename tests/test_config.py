@@ -277,6 +277,27 @@ FULL: dict[str, Any] = {
         ],
     },
     "policy": {"name": "economic", "priority_classes": [{"name": "c", "devices": ["node/*"]}]},
+    "prices": {
+        "source": "sources",
+        "electricity": {
+            "kind": "ercot",
+            "market": "dam",
+            "settlement_point": "HB_NORTH",
+            "path": "/p",
+        },
+        "hashprice": {"kind": "hashrate-index", "path": "/h.json"},
+        "ai": {
+            "kind": "contract",
+            "usd_per_gpu_hour": 2.0,
+            "schedule": [
+                {
+                    "start": datetime(2026, 12, 1, tzinfo=UTC),
+                    "end": datetime(2027, 1, 1, tzinfo=UTC),
+                    "usd_per_gpu_hour": 2.5,
+                }
+            ],
+        },
+    },
 }
 FLOAT_KEYS = [path for path, annotation in key_paths(Config) if is_float(annotation)]
 

@@ -6,7 +6,8 @@ sees the prices go stale and uses the stated fallbacks.
 
 CSV columns (header row required): ``timestamp_unix_s, hashprice_usd_per_th_day,
 electricity_usd_per_kwh, ai_usd_per_gpu_hour`` and optionally ``ai_demand_frac``.
-JSON: a list of objects with the same keys.
+JSON: a list of objects with the same keys. Prices as their publishers write them
+(ERCOT, a hashprice index, a contract; ``source = "sources"``): ``price_sources.py``.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from siteagent.agent.config import Config, gpu_device_id
 from siteagent.agent.control.alarms import PRICES_STALE, Alarms
 from siteagent.policies.capping import CappingParams
 from siteagent.policies.economic_params import EconomicParams, PriorityClass, PriorityClasses
 from siteagent.policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
+
+if TYPE_CHECKING:
+    from siteagent.agent.control.price_sources import SourcesFeed
 
 log = logging.getLogger("siteagent.prices")
 
@@ -163,6 +167,18 @@ def economic_params(cfg: Config) -> EconomicParams:
     )
 
 
+def read_outcome(name: str, last_error: str | None, error: Exception | None) -> str | None:
+    """The last error after a read of ``name`` (None: it succeeded); one log line when
+    reads start failing, one when they recover, none while nothing changes."""
+    if error is not None:
+        if last_error is None:
+            log.warning("prices: %s failed, keeping the last good series: %s", name, error)
+        return str(error)
+    if last_error is not None:
+        log.info("prices: %s readable again", name)
+    return None
+
+
 class PriceFeed:
     """The configured price source: static values, or a file or HTTP series refreshed on a
     schedule. A refresh that fails keeps the last good series (logged once until it
@@ -183,6 +199,12 @@ class PriceFeed:
         self._fallback = fallback(cfg)
         # Prices that went stale before this were never fresh to this run ("hold" needs it).
         self.started_unix_s = wall_clock()
+        self.sources: SourcesFeed | None = None
+        if cfg.prices.source == "sources":
+            # Imported here: price_sources builds on this module.
+            from siteagent.agent.control.price_sources import SourcesFeed
+
+            self.sources = SourcesFeed(cfg, self.started_unix_s)
 
     @property
     def live(self) -> bool:
@@ -192,6 +214,10 @@ class PriceFeed:
     async def refresh(self) -> None:
         """Re-read the file or poll the endpoint; keep the last good series on failure."""
         p = self.cfg.prices
+        if self.sources is not None:
+            await self.sources.refresh()
+            self.last_error = self.sources.last_error
+            return
         try:
             if p.source == "file":
                 if p.path is None:
@@ -204,13 +230,9 @@ class PriceFeed:
             else:
                 return
         except (OSError, ValueError) as e:
-            if self.last_error is None:
-                log.warning("prices: %s failed, keeping the last good series: %s", p.source, e)
-            self.last_error = str(e)
+            self.last_error = read_outcome(p.source, self.last_error, e)
             return
-        if self.last_error is not None:
-            log.info("prices: %s readable again", p.source)
-        self.last_error = None
+        self.last_error = read_outcome(p.source, self.last_error, None)
         self.series = series
 
     def prices(self) -> Prices:
@@ -218,6 +240,9 @@ class PriceFeed:
         if not self.live:
             return static_prices(self.cfg)
         now = self.wall_clock()
+        if self.sources is not None:
+            self.sources.started_unix_s = self.started_unix_s
+            return self.sources.prices(now, self.alarms)
         point = self.series.at(now) if self.series is not None else None
         source = self.cfg.prices.source
         prices = resolve(
