@@ -8,13 +8,10 @@ Only Modbus reads are sent (function codes 3 and 4); nothing is written.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-import tomllib
-from pathlib import Path
 from typing import Any
 
-import pytest
+from rig import rig
 
 from siteagent.agent.config import MeterConfig, parse_config
 from siteagent.drivers.meter import meter_driver
@@ -24,13 +21,7 @@ DEFAULT_RIG_CAP_W = 10_000_000.0
 
 
 def _rig_meters() -> list[tuple[MeterConfig, dict[str, Any]]]:
-    path = os.environ.get("SITEAGENT_RIG")
-    if not path:
-        pytest.skip("no rig: set SITEAGENT_RIG to a rig file (see hil/README.md)")
-    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    entries: list[dict[str, Any]] = data.get("meters", [])
-    if not entries:
-        pytest.skip(f"rig file {path} lists no [[meters]]")
+    path, data, entries = rig("meters")
     # The rig-only keys are taken out; the rest must be a valid [[meters]] entry.
     extras = [{k: e.pop(k) for k in ("reads",) if k in e} for e in entries]
     cap_w = float(data.get("cap_w", DEFAULT_RIG_CAP_W))
