@@ -10,7 +10,9 @@ not add up to the total, the same answer ``frozen_after_reads`` times) is a
 ``MeterError`` naming what was wrong, never a number: the loop then falls back
 to the device sum, so a broken meter can never uncap the site.
 
-Only this module imports pymodbus on the agent's side.
+Only this module imports pymodbus on the agent's side. pymodbus logs a warning
+of its own (logger ``pymodbus.logging``) on each failed connect; the agent's
+logging setup decides whether those reach the journal.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "SUNSPEC_BASES",
     "MeterDriver",
     "MeterError",
+    "MeterErrorKind",
     "MeterReading",
     "meter_driver",
 ]
@@ -421,6 +424,9 @@ class MeterDriver:
         )
         self._last_regs: tuple[int, ...] | None = None
         self._lost = asyncio.Event()  # set when the current connection closes
+        # One read at a time (the sweep and a fast guard may both ask): reads share
+        # one connection, the discovered layout and the frozen count.
+        self._lock = asyncio.Lock()
         self._same_reads = 0
 
     @property
@@ -433,6 +439,10 @@ class MeterDriver:
 
     async def read(self) -> MeterReading:
         """Read power and phases (W), frequency (Hz), imported energy (Wh); MeterError if not."""
+        async with self._lock:
+            return await self._read()
+
+    async def _read(self) -> MeterReading:
         if self._layout is None:
             self._layout = await self._discover()
         layout = self._layout
