@@ -14,8 +14,9 @@ Faults, settable while it runs (``await meter.set_fault(name, **options)``):
 - ``frozen``: keeps serving the last values.
 - ``garbage``: ``what="not_implemented"`` (W = 0x8000, or NaN for a float
   model, the default), ``"nan"`` (NaN; 0x8000 on an integer model),
-  ``"scale"`` (a scale factor 1000 times too large), ``"negative"`` (import
-  served as export).
+  ``"scale"`` (a scale factor 1000 times too large), ``"scale_low"`` (1000
+  times too small: a plausible small load, which only a comparison with the
+  devices' own reports can tell), ``"negative"`` (import served as export).
 - ``frequency_dip``: ``hz`` (default 59.5) for ``duration_s`` (default 1 s).
 - ``clear``: all of the above off, the listener back if it was closed.
 """
@@ -41,7 +42,9 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 __all__ = ["METER_FAULTS", "SIM_MAP", "MeterTruth", "SimMeter", "energy_counter"]
 
 METER_FAULTS = ("unreachable", "frozen", "garbage", "frequency_dip", "clear")
-GARBAGE_KINDS = ("not_implemented", "nan", "scale", "negative")
+GARBAGE_KINDS = ("not_implemented", "nan", "scale", "scale_low", "negative")
+# How much a wrong scale factor skews the served power: 10 ** 3 up, or down.
+_SCALE_SHIFT = {"scale": 3, "scale_low": -3}
 SUNS = (0x5375, 0x6E53)  # "SunS"
 NOT_IMPLEMENTED_INT16 = 0x8000
 NAN_REGS = (0x7FC0, 0x0000)  # float32 quiet NaN, big-endian words
@@ -295,7 +298,7 @@ def _fill_int(regs: list[int], at: int, o: dict[str, int], m: _Measured) -> None
     regs[at + o["W"]] = _s16(round(m.power_w / scale))
     for name, p in zip(("WphA", "WphB", "WphC"), m.phase_w, strict=False):
         regs[at + o[name]] = _s16(round(p / scale))
-    regs[at + o["W_SF"]] = _s16(sf + 3 if m.garbage == "scale" else sf)
+    regs[at + o["W_SF"]] = _s16(sf + _SCALE_SHIFT.get(m.garbage or "", 0))
     if m.garbage in ("not_implemented", "nan"):
         regs[at + o["W"]] = NOT_IMPLEMENTED_INT16
     regs[at + o["Hz"]] = _s16(round(m.frequency_hz * 100))
@@ -307,7 +310,7 @@ def _fill_int(regs: list[int], at: int, o: dict[str, int], m: _Measured) -> None
 
 def _fill_float(regs: list[int], at: int, o: dict[str, int], m: _Measured) -> None:
     """Model 213: float32 values, NaN where not implemented."""
-    k = 1000.0 if m.garbage == "scale" else 1.0
+    k = 10.0 ** _SCALE_SHIFT.get(m.garbage or "", 0)
     nan = m.garbage in ("not_implemented", "nan")
     regs[at + o["W"]], regs[at + o["W"] + 1] = NAN_REGS if nan else _f32(m.power_w * k)
     for name, p in zip(("WphA", "WphB", "WphC"), m.phase_w, strict=False):
@@ -318,7 +321,7 @@ def _fill_float(regs: list[int], at: int, o: dict[str, int], m: _Measured) -> No
 
 def _fill_map(regs: list[int], m: _Measured) -> None:
     """``SIM_MAP``: int32 deciwatts and uint32 Wh low word first, uint16 centihertz."""
-    k = 1000.0 if m.garbage == "scale" else 1.0
+    k = 10.0 ** _SCALE_SHIFT.get(m.garbage or "", 0)
     regs[0], regs[1] = _u32_little(round(m.power_w * k * 10))
     if m.garbage in ("not_implemented", "nan"):
         regs[0], regs[1] = 0x0000, 0x8000  # int32 minimum: the usual "no value"
