@@ -7,6 +7,7 @@ The site test runs the real agent against simulated Braiins OS miners on
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ import pytest
 from fakesite import fake_agent, site_config
 from prometheus_client.parser import text_string_to_metric_families
 from test_api import auth, token_store
+from test_plan_dry_run import digest, plan_dry_run, write_config
 
 from siteagent.agent.api.events import EventBook, EventError, GridEvent
 from siteagent.agent.api.http import Services, create_app, make_services
-from siteagent.agent.api.store import Store
+from siteagent.agent.api.store import DB_NAME, Store
 from siteagent.agent.config import Config, parse_config
 from siteagent.agent.control.inventory import build_devices
 from siteagent.agent.control.loop import Agent
@@ -438,3 +440,53 @@ async def test_metrics_show_events_in_force_the_next_one_and_opt_state(env: Env)
         ("siteagent_grid_event_opted_in", (("event", "next"),)): 1.0,
         ("siteagent_grid_event_opted_in", (("event", "later"),)): 0.0,
     }
+
+
+# -- plan --dry-run --------------------------------------------------------------------
+
+
+async def test_dry_run_plans_under_a_stored_event_in_force(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    store = Store.in_dir(state)
+    book = EventBook(store, limits_w={"site": 39_000})
+    now = time.time()
+    book.add(
+        ven_event(
+            id="ev-6kw",
+            source="api:alice",
+            start_unix_s=now - 60,
+            duration_s=3600,
+            target_w=6_000.0,
+        ),
+        "alice",
+    )
+    store.close()
+    before = digest(state)
+    async with SimSite(2, base_address="127.5.2.1") as site:
+        cfg = write_config(tmp_path, [m.address for m in site.miners], "efficiency-capping")
+        code, out, err = await plan_dry_run(cfg)
+    assert code == 0, err
+    assert "effective cap 6000 W (from event:ev-6kw)" in out, out
+    # Read only: nothing written.
+    assert digest(state) == before
+
+
+def test_a_store_from_before_events_reads_as_holding_none(tmp_path: Path) -> None:
+    Store.in_dir(tmp_path).close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute("DROP TABLE events")  # as an agent before events left it
+    db.commit()
+    db.close()
+    old = Store.read_only(tmp_path / DB_NAME)
+    try:
+        assert old.events() == [] and old.get_event("x") is None
+    finally:
+        old.close()
+    # Opened for writing, it gains the table (the schema's CREATE ... IF NOT EXISTS).
+    store = Store.in_dir(tmp_path)
+    try:
+        book = EventBook(store, limits_w={"site": 40_000})
+        book.add(ven_event(), "ven")
+        assert [e.id for e in store.events()] == ["oadr-1"]
+    finally:
+        store.close()
