@@ -236,7 +236,7 @@ async def test_a_domain_event_lowers_that_domain_only(env: Env) -> None:
     [
         (
             {"duration_s": None, "end": "2020-01-01T00:00:00+00:00"},
-            422,
+            409,
             "is not after start",
         ),
         ({"start": "2026-08-14T16:00"}, 422, "without a UTC offset"),
@@ -244,8 +244,13 @@ async def test_a_domain_event_lowers_that_domain_only(env: Env) -> None:
         ({"domain": "r9"}, 409, "unknown domain 'r9'"),
         (
             {"start": "2020-08-14T16:00:00-05:00", "duration_s": 3600},
-            422,
+            409,
             "a past event cannot be added",
+        ),
+        (
+            {"duration_s": None, "end": "2999-01-01T00:00:00Z"},
+            409,
+            "longer than an event may last (7 days)",
         ),
         ({"duration_s": None}, 422, "give either duration_s or end"),
         ({"end": "2099-01-01T00:00:00Z"}, 422, "give either duration_s or end"),
