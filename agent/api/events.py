@@ -340,11 +340,11 @@ class EventBook:
 
         def change() -> None:
             self.store.write_event(new, record)
-            live = dict(self._live)
-            if new.cancelled_unix_s is None and new.end_unix_s > self.wall_clock():
+            now = self.wall_clock()
+            # Events over are dropped here: memory holds what is not over yet.
+            live = {i: e for i, e in self._live.items() if e.end_unix_s > now and i != new.id}
+            if new.cancelled_unix_s is None and new.end_unix_s > now:
                 live[new.id] = new
-            else:
-                live.pop(new.id, None)
             # Replaced whole: the metrics' thread reads the old or the new dict, never half.
             self._live = live
 
