@@ -51,6 +51,8 @@ MODES = frozenset({MONITOR_ONLY, MINING_OFF, AI_MIN})
 NOT_SENT_IN_TIME = "not sent: the tick's actuation deadline passed before its turn"
 
 V = TypeVar("V")
+# Every job: never two at once, missed runs coalesced into one, however late.
+JOB_OPTIONS = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
 
 
 def _change_words(what: str, old_w: float | None, new_w: float | None) -> str:
@@ -160,6 +162,8 @@ class Agent:
         self.sweep_durations = Durations(SWEEP_BUCKETS_S)
         self.tick_durations = Durations(TICK_BUCKETS_S)
         self.last_sweep_s: float | None = None
+        # The last reload (SIGHUP): whether it was applied, and when (Unix s); None before one.
+        self.last_reload: tuple[bool, float] | None = None
 
     # -- limits ------------------------------------------------------------------
 
@@ -548,7 +552,7 @@ class Agent:
         """Schedule telemetry sweeps and control ticks on the running event loop."""
         sched = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
         first = datetime.now() + timedelta(seconds=0.01)
-        common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        common = JOB_OPTIONS
         sched.add_job(
             self._sweep_job,
             "interval",
@@ -565,14 +569,7 @@ class Agent:
             next_run_time=first + timedelta(seconds=self.config.control.interval_s),
             **common,
         )
-        # A window or event that lowers the cap ticks at its start, not up to a tick later.
-        for w, trigger in self._windows:
-            sched.add_job(self._tick_soon, trigger, id=f"window:{w.name}", **common)
-        for e in self.config.schedule.events:
-            if e.start > self.wall_clock():
-                sched.add_job(
-                    self._tick_soon, "date", run_date=e.start, id=f"event:{e.name}", **common
-                )
+        self._schedule_windows(sched)
         if self.price_feed.live:
             sched.add_job(
                 self._price_job,
@@ -592,6 +589,95 @@ class Agent:
             )
         sched.start()
         self._scheduler = sched
+
+    def _schedule_windows(self, sched: AsyncIOScheduler) -> None:
+        # A window or event that lowers the cap ticks at its start, not up to a tick later.
+        common = JOB_OPTIONS
+        for w, trigger in self._windows:
+            sched.add_job(self._tick_soon, trigger, id=f"window:{w.name}", **common)
+        for e in self.config.schedule.events:
+            if e.start > self.wall_clock():
+                sched.add_job(
+                    self._tick_soon, "date", run_date=e.start, id=f"event:{e.name}", **common
+                )
+
+    def domains_in_use(self) -> dict[str, list[str]]:
+        """Domain -> what needs it now: the tracked devices in it and the sources of its caps."""
+        out: dict[str, list[str]] = {}
+        for t in self.fleet.links():
+            out.setdefault(t.domain, []).append(t.device_id)
+        for domain_id, caps in self._domain_caps.items():
+            for source in caps:
+                out.setdefault(domain_id, []).append(f"a cap from {source}")
+        out.pop(SITE_CAP_SOURCE, None)  # the root of the tree, never a configured domain
+        return out
+
+    async def reconfigure(self, config: Config, added: Iterable[DeviceLink] = ()) -> bool:
+        """Put a reloaded ``config`` in force between ticks, adopting ``added`` devices.
+
+        The caller has validated it (``agent.control.reload``): every domain a
+        tracked device or a cap needs is still there. A tick sees the old config or
+        the new one, never half of each. Returns whether the limits got tighter (a tick
+        is then requested at once). Drivers of moved devices are closed here.
+        """
+        async with self._tick_lock:
+            before = self.limits()
+            old, self.config = self.config, config
+            self._windows = [(w, cron_trigger(w.cron, w.timezone)) for w in config.schedule.windows]
+            self._domain_caps = {d.id: self._domain_caps.get(d.id, {}) for d in config.domains}
+            self._caps[SITE_CAP_SOURCE] = config.site.cap_w
+            self.economic_params = economic_params(config)
+            self.params = self.economic_params.capping
+            self._node_floors = node_contract_floors(config)
+            if old.policy != config.policy or old.gpu_nodes != config.gpu_nodes:
+                # Policies are pure between ticks: the plan adopted last (kept) is all a new
+                # one needs; what the old one derived is its own, so it starts afresh.
+                self.policy = get_policy(
+                    config.policy.name, PolicyParams(self.params, self.economic_params)
+                )
+                self.policy_state = PolicyState()
+            self.price_feed.reconfigure(config)
+            dropped = self.adopt(added)
+            if self._scheduler is not None:
+                self._reschedule(self._scheduler, old)
+            after = self.limits()
+        limits = {d.domain_id: d.limit_w for d in before.domains}
+        tighter = after.effective_cap_w < before.effective_cap_w or any(
+            d.limit_w < limits.get(d.domain_id, float("inf")) for d in after.domains
+        )
+        if tighter or after.directives_key != before.directives_key:
+            self.request_tick()
+        await self.close_dropped(dropped)
+        return tighter
+
+    def _reschedule(self, sched: AsyncIOScheduler, old: Config) -> None:
+        """Bring the scheduler's jobs in line with a reloaded config."""
+        new = self.config
+        for job_id, was_s, now_s in (
+            ("telemetry", old.telemetry.interval_s, new.telemetry.interval_s),
+            ("control", old.control.interval_s, new.control.interval_s),
+            ("inventory", old.inventory.scan_interval_s, new.inventory.scan_interval_s),
+        ):
+            if was_s != now_s and sched.get_job(job_id) is not None:
+                sched.reschedule_job(job_id, trigger="interval", seconds=now_s)
+        for job in sched.get_jobs():
+            if job.id.startswith(("window:", "event:")):
+                job.remove()
+        self._schedule_windows(sched)
+        if old.prices == new.prices:
+            return
+        if sched.get_job("prices") is not None:
+            sched.remove_job("prices")
+        if self.price_feed.live:
+            # Read at once: a new source's first prices should not wait a whole interval.
+            sched.add_job(
+                self._price_job,
+                "interval",
+                seconds=new.prices.poll_interval_s,
+                id="prices",
+                next_run_time=datetime.now(),
+                **JOB_OPTIONS,
+            )
 
     def adopt(self, found: Iterable[DeviceLink]) -> list[DeviceDriver]:
         """Take in what a scan found: new devices join; a known one at a new address moves.
