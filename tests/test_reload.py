@@ -13,9 +13,11 @@ import re
 import signal
 import socket
 import sys
+import tomllib
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -389,3 +391,49 @@ def test_a_removed_miner_stays_tracked_and_is_named() -> None:
         "inventory.miners: 127.9.0.1 (miner-127-9-0-1) removed; still tracked and counted "
         "(at its worst case once unreachable) until a restart",
     )
+
+
+async def _reloaded(agent: Agent, tmp_path: Path, text: str) -> None:
+    """Reload ``agent`` from a file holding ``text``, and check it was applied."""
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    result = await Reloader(path, agent).reload()
+    assert result.ok, result.line
+
+
+async def test_a_shorter_control_interval_reschedules_the_ticks(tmp_path: Path) -> None:
+    agent = Agent(parse_config({"site": {"cap_w": 10_000}, "control": {"interval_s": 600}}), [])
+    agent.start()
+    try:
+        await _reloaded(agent, tmp_path, "[site]\ncap_w = 10000\n[control]\ninterval_s = 0.1\n")
+        ticks = agent.ticks
+
+        async def ticking() -> bool:
+            return agent.ticks >= ticks + 3  # never, at one tick per 600 s
+
+        await until(ticking)
+    finally:
+        await agent.stop()
+
+
+async def test_a_demand_response_event_added_by_a_reload_ticks_at_its_start(
+    tmp_path: Path,
+) -> None:
+    quiet = "[site]\ncap_w = 10000\n[control]\ninterval_s = 600\n[telemetry]\ninterval_s = 600\n"
+    agent = Agent(parse_config(tomllib.loads(quiet)), [])
+    agent.start()
+    try:
+        start_at = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+        event = (
+            f'[[schedule.events]]\nname = "ers"\nstart = {start_at}\n'
+            "duration_s = 600\ntarget_w = 1000\n"
+        )
+        await _reloaded(agent, tmp_path, quiet + event)
+
+        async def in_force() -> bool:
+            last = agent.last_tick
+            return last is not None and last.limits.cap_source == "demand-response:ers"
+
+        await until(in_force)  # no control tick is due for 600 s: the event's own job ran it
+    finally:
+        await agent.stop()

@@ -620,21 +620,26 @@ class Agent:
         the new one, never half of each. Returns whether the limits got tighter (a tick
         is then requested at once). Drivers of moved devices are closed here.
         """
+        old = self.config
+        econ = economic_params(config)
+        policy = None
+        if old.policy != config.policy or old.gpu_nodes != config.gpu_nodes:
+            # Made off the event loop: a first switch to the economic policy imports numba.
+            params = PolicyParams(econ.capping, econ)
+            policy = await asyncio.to_thread(get_policy, config.policy.name, params)
         async with self._tick_lock:
             before = self.limits()
-            old, self.config = self.config, config
+            self.config = config
             self._windows = [(w, cron_trigger(w.cron, w.timezone)) for w in config.schedule.windows]
             self._domain_caps = {d.id: self._domain_caps.get(d.id, {}) for d in config.domains}
             self._caps[SITE_CAP_SOURCE] = config.site.cap_w
-            self.economic_params = economic_params(config)
-            self.params = self.economic_params.capping
+            self.economic_params = econ
+            self.params = econ.capping
             self._node_floors = node_contract_floors(config)
-            if old.policy != config.policy or old.gpu_nodes != config.gpu_nodes:
+            if policy is not None:
                 # Policies are pure between ticks: the plan adopted last (kept) is all a new
                 # one needs; what the old one derived is its own, so it starts afresh.
-                self.policy = get_policy(
-                    config.policy.name, PolicyParams(self.params, self.economic_params)
-                )
+                self.policy = policy
                 self.policy_state = PolicyState()
             self.price_feed.reconfigure(config)
             dropped = self.adopt(added)
