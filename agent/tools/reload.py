@@ -87,13 +87,26 @@ class Reloader:
             try:
                 await self.reload()
             except Exception:
-                log.exception("reload failed; the config in force stays")
+                log.exception("reload failed while reading or applying the config")
             again = self._again
 
     async def reload(self) -> ReloadResult:
         """Read, validate and (if valid) apply the config file; the result is also ``last``."""
         started = time.perf_counter()
         self._notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            return await self._reload(started)
+        except Exception as e:
+            # Not a problem of the file (those are refused above): say so, and raise it.
+            self.agent.alarms.raise_alarm(CONFIG_RELOAD_FAILED, f"reload failed: {e!r}")
+            self.agent.last_reload = (False, self.wall_clock())
+            raise
+        finally:
+            # Always: systemd holds the unit in "reloading" until it hears READY=1.
+            status = self.status() if self.status is not None else "reload done"
+            self._notify("READY=1", f"STATUS={status}")
+
+    async def _reload(self, started: float) -> ReloadResult:
         agent = self.agent
         try:
             # Off the event loop: validating thousands of listed miners takes a while.
@@ -155,8 +168,6 @@ class Reloader:
                     + ("" if plan is None else "".join(f"; {n}" for n in plan.restart_only)),
                 )
             )
-        status = self.status() if self.status is not None else result.line
-        self._notify("READY=1", f"STATUS={status}")
         return result
 
     def _notify(self, *fields: str) -> None:
