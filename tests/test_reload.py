@@ -28,6 +28,7 @@ from siteagent.agent.control.devices import DeviceDriver, DeviceLink
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.control.reload import plan_reload
 from siteagent.agent.tools.reload import Reloader
+from siteagent.sim.gpu import SimGpuSite
 from siteagent.sim.site import SimSite
 
 # This module's own loopback range: 127.9.0.0/16, one /24 per test.
@@ -38,6 +39,7 @@ CAP_BASE, BAD_BASE, RESTART_BASE, WINDOW_BASE, ADD_BASE = (
     "127.9.4.1",
     "127.9.5.1",
 )
+GPU_MINER_BASE, GPU_BASE = "127.9.6.1", "127.9.7.1"
 WAIT_S = 60.0  # an upper bound for each step on a loaded machine, never a timing goal
 
 
@@ -336,6 +338,35 @@ async def test_an_added_miner_is_adopted(
 
         await until(read)
         await power_under(site, 1.2 * one_w)
+
+
+async def test_an_added_gpu_node_is_adopted(
+    tmp_path: Path, listener: tuple[socket.socket, str], daemon: list[Daemon]
+) -> None:
+    async with (
+        SimSite(1, base_address=GPU_MINER_BASE, settle_s=0.3) as site,
+        SimGpuSite(1, 2, base_address=GPU_BASE, port=0, key_dir=tmp_path / "keys") as gpus,
+    ):
+        addresses = [m.address for m in site.miners]
+        d = await start(daemon, tmp_path, listener, site_toml(tmp_path, addresses, 100_000))
+        n = gpus.inventory()[0]
+        node = (
+            f'[[gpu_nodes]]\nid = "gpu-a"\nhost = "{n["address"]}"\nport = {n["port"]}\n'
+            f'username = "{n["username"]}"\nclient_key = "{n["client_key"]}"\n'
+            f'known_hosts = "{n["known_hosts"]}"\ngpus = {n["gpus"]}\n'
+            f"overhead_w = {n['overhead_w']}\n"
+        )
+        mark = await d.reload(site_toml(tmp_path, addresses, 100_000, node))
+        applied = await d.line(r"reload: .* applied: (.*)", mark)
+        assert "1 GPU node(s) added" in applied[1]
+
+        async def read() -> bool:
+            text = await d.metrics()
+            return all(
+                f'siteagent_device_power_watts{{device="gpu-a/gpu{i}"' in text for i in range(2)
+            )
+
+        await until(read)  # each GPU connected over SSH and read
 
 
 # -- in process ------------------------------------------------------------------
