@@ -28,6 +28,7 @@ from siteagent.agent.control.devices import DeviceDriver, DeviceLink
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.control.reload import plan_reload
 from siteagent.agent.tools.reload import Reloader
+from siteagent.sim.faults import Fault
 from siteagent.sim.gpu import SimGpuSite
 from siteagent.sim.site import SimSite
 
@@ -39,7 +40,7 @@ CAP_BASE, BAD_BASE, RESTART_BASE, WINDOW_BASE, ADD_BASE = (
     "127.9.4.1",
     "127.9.5.1",
 )
-GPU_MINER_BASE, GPU_BASE = "127.9.6.1", "127.9.7.1"
+GPU_MINER_BASE, GPU_BASE, STARTUP_BASE = "127.9.6.1", "127.9.7.1", "127.9.8.1"
 WAIT_S = 60.0  # an upper bound for each step on a loaded machine, never a timing goal
 
 
@@ -54,14 +55,14 @@ def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
 
 
 async def notified(s: socket.socket, field_: str) -> list[list[str]]:
-    """Datagrams (as fields) up to and including the first carrying ``field_``."""
+    """Datagrams (as fields) up to and including the first with a field starting ``field_``."""
     got: list[list[str]] = []
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(WAIT_S):
         while True:
             fields = (await loop.sock_recv(s, 4096)).decode().split("\n")
             got.append(fields)
-            if field_ in fields:
+            if any(f.startswith(field_) for f in fields):
                 return got
 
 
@@ -156,9 +157,15 @@ async def daemon(
 
 
 async def start(
-    started: list[Daemon], tmp_path: Path, listener: tuple[socket.socket, str], text: str
+    started: list[Daemon],
+    tmp_path: Path,
+    listener: tuple[socket.socket, str],
+    text: str,
+    *,
+    until_field: str = "READY=1",
 ) -> Daemon:
-    """Write ``text`` as the config and run the agent on it until READY=1."""
+    """Write ``text`` as the config and run the agent on it until it notifies ``until_field``
+    (a prefix: READY=1 by default)."""
     s, path = listener
     cfg = tmp_path / "siteagent.toml"
     cfg.write_text(text)
@@ -177,7 +184,7 @@ async def start(
     d = Daemon(proc, cfg, s)
     d.reader = asyncio.get_running_loop().create_task(d._read())
     started.append(d)
-    await notified(s, "READY=1")
+    await notified(s, until_field)
     return d
 
 
@@ -367,6 +374,28 @@ async def test_an_added_gpu_node_is_adopted(
             )
 
         await until(read)  # each GPU connected over SSH and read
+
+
+async def test_a_sighup_during_startup_is_done_once_startup_ends(
+    tmp_path: Path, listener: tuple[socket.socket, str], daemon: list[Daemon]
+) -> None:
+    async with SimSite(1, base_address=STARTUP_BASE, settle_s=0.3) as site:
+        addresses = [m.address for m in site.miners]
+        # Accept and never answer: identification takes its whole deadline.
+        site.set_fault(addresses[0], Fault.NO_ANSWER)
+        text = site_toml(tmp_path, addresses, 100_000)
+        d = await start(daemon, tmp_path, listener, text, until_field="STATUS=identifying miners")
+        mark = await d.reload(site_toml(tmp_path, addresses, 50_000))
+        await d.line(r"siteagent\.reload: asked during startup; done once startup ends", mark)
+        site.set_fault(addresses[0], Fault.NONE)
+        await notified(d.notify, "READY=1")
+        applied = await d.line(r"reload: .* applied: (.*)", mark)
+        assert "site.cap_w" in applied[1]
+
+        async def capped() -> bool:  # at the tick the lowered cap asks for
+            return await d.metric("siteagent_site_cap_watts") == 50_000
+
+        await until(capped)
 
 
 # -- in process ------------------------------------------------------------------
