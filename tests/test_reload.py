@@ -497,3 +497,22 @@ async def test_a_demand_response_event_added_by_a_reload_ticks_at_its_start(
         await until(in_force)  # no control tick is due for 600 s: the event's own job ran it
     finally:
         await agent.stop()
+
+
+async def test_a_reload_switches_the_policy_and_its_parameters_between_ticks(
+    tmp_path: Path,
+) -> None:
+    agent = Agent(parse_config({"site": {"cap_w": 10_000}}), [])
+    await agent.tick()
+    assert agent.policy.name == "efficiency-capping"
+    assert agent.policy_state.derived is not None  # its layout, kept for the next plan
+    await _reloaded(
+        agent,
+        tmp_path,
+        '[site]\ncap_w = 10000\n[policy]\nname = "economic"\ncapping_target = 0.95\n'
+        "keep_margin_usd_per_kwh = 0.02\n",
+    )
+    assert agent.policy.name == "economic"
+    assert agent.params.capping_target == 0.95
+    assert agent.economic_params.keep_margin_usd_per_kwh == 0.02
+    assert agent.policy_state.derived is None  # what the old policy derived is not handed on

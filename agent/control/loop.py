@@ -22,7 +22,12 @@ from siteagent.agent.config import Config, cron_trigger
 from siteagent.agent.control.alarms import Alarms, check_tick
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import Fleet
-from siteagent.agent.control.prices import PriceFeed, economic_params, node_contract_floors
+from siteagent.agent.control.prices import (
+    PriceFeed,
+    economic_params,
+    node_contract_floors,
+    static_prices,
+)
 from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
 from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from siteagent.domain import (
@@ -37,7 +42,7 @@ from siteagent.domain import (
     Snapshot,
 )
 from siteagent.domain.site import DomainTree
-from siteagent.policies import PolicyParams, PolicyState, get_policy
+from siteagent.policies import Policy, PolicyParams, PolicyState, get_policy
 from siteagent.policies.capping import CappingParams
 from siteagent.policies.prices import Prices
 
@@ -69,6 +74,17 @@ def _same_device(old: DeviceLink, new: DeviceLink) -> bool:
     from siteagent.agent.control.inventory import same_device
 
     return same_device(old, new)
+
+
+def _primed_policy(
+    name: str, params: PolicyParams, snap: Snapshot, limits: Limits, prices: Prices
+) -> Policy:
+    """The policy ``name``, made and run once (its plan discarded), for a worker thread: a
+    first switch imports and compiles what it needs (the economic policy: numba, 1-3 s),
+    which would otherwise hold the event loop in the next tick. Policies are pure."""
+    policy = get_policy(name, params)
+    policy.plan(snap, limits, prices, PolicyState())
+    return policy
 
 
 class OverrideRefused(Exception):
@@ -624,9 +640,11 @@ class Agent:
         econ = economic_params(config)
         policy = None
         if old.policy != config.policy or old.gpu_nodes != config.gpu_nodes:
-            # Made off the event loop: a first switch to the economic policy imports numba.
             params = PolicyParams(econ.capping, econ)
-            policy = await asyncio.to_thread(get_policy, config.policy.name, params)
+            snap, limits = self.snapshot(), self.limits()
+            policy = await asyncio.to_thread(
+                _primed_policy, config.policy.name, params, snap, limits, static_prices(config)
+            )
         async with self._tick_lock:
             before = self.limits()
             self.config = config
@@ -646,9 +664,9 @@ class Agent:
             if self._scheduler is not None:
                 self._reschedule(self._scheduler, old)
             after = self.limits()
-        limits = {d.domain_id: d.limit_w for d in before.domains}
+        was_w = {d.domain_id: d.limit_w for d in before.domains}
         tighter = after.effective_cap_w < before.effective_cap_w or any(
-            d.limit_w < limits.get(d.domain_id, float("inf")) for d in after.domains
+            d.limit_w < was_w.get(d.domain_id, float("inf")) for d in after.domains
         )
         if tighter or after.directives_key != before.directives_key:
             self.request_tick()
