@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from siteagent.agent.api.store import DB_NAME, Store
-from siteagent.agent.config import parse_config
+from siteagent.agent.config import ConfigError, parse_config
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.control.reload import plan_reload
@@ -516,3 +516,16 @@ async def test_a_reload_switches_the_policy_and_its_parameters_between_ticks(
     assert agent.params.capping_target == 0.95
     assert agent.economic_params.keep_margin_usd_per_kwh == 0.02
     assert agent.policy_state.derived is None  # what the old policy derived is not handed on
+
+
+async def test_a_domain_capped_since_the_check_is_not_dropped(tmp_path: Path) -> None:
+    # The check runs again under the tick lock: an override made while the file was read
+    # (here: before reconfigure is called at all) keeps its domain.
+    domains = [{"id": "rack-1", "limit_w": 5000}]
+    agent = Agent(parse_config({"site": {"cap_w": 10_000}, "domains": domains}), [])
+    agent.set_domain_cap("rack-1", "ovr-1", 3000)
+    with pytest.raises(ConfigError) as refused:
+        await agent.reconfigure(parse_config({"site": {"cap_w": 8000}}))
+    assert "domain 'rack-1' removed while a cap from ovr-1 use(s) it" in str(refused.value)
+    assert agent.config.site.cap_w == 10_000  # nothing of it applied
+    assert [(d.domain_id, d.limit_w) for d in agent.limits().domains] == [("rack-1", 3000)]

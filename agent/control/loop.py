@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from siteagent.agent.config import Config, cron_trigger
+from siteagent.agent.config import Config, ConfigError, cron_trigger
 from siteagent.agent.control.alarms import Alarms, check_tick
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import Fleet
@@ -28,6 +28,7 @@ from siteagent.agent.control.prices import (
     node_contract_floors,
     static_prices,
 )
+from siteagent.agent.control.reload import reload_problems
 from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
 from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from siteagent.domain import (
@@ -631,10 +632,10 @@ class Agent:
     async def reconfigure(self, config: Config, added: Iterable[DeviceLink] = ()) -> bool:
         """Put a reloaded ``config`` in force between ticks, adopting ``added`` devices.
 
-        The caller has validated it (``agent.control.reload``): every domain a
-        tracked device or a cap needs is still there. A tick sees the old config or
-        the new one, never half of each. Returns whether the limits got tighter (a tick
-        is then requested at once). Drivers of moved devices are closed here.
+        A tick sees the old config or the new one, never half of each. ConfigError,
+        nothing changed, if it drops a domain a tracked device or a cap in force still
+        uses (``agent.control.reload.reload_problems``). Returns whether the limits got
+        tighter (a tick is then requested at once). Drivers of moved devices are closed.
         """
         old = self.config
         econ = economic_params(config)
@@ -646,6 +647,10 @@ class Agent:
                 _primed_policy, config.policy.name, params, snap, limits, static_prices(config)
             )
         async with self._tick_lock:
+            # Again under the lock: a scan or an override may have come since the check.
+            problems = reload_problems(config, self.domains_in_use())
+            if problems:
+                raise ConfigError("the reloaded config", problems)
             before = self.limits()
             self.config = config
             self._windows = [(w, cron_trigger(w.cron, w.timezone)) for w in config.schedule.windows]

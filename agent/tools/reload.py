@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,16 +109,18 @@ class Reloader:
     async def _reload(self, started: float) -> ReloadResult:
         agent = self.agent
         try:
-            # Off the event loop: validating thousands of listed miners takes a while.
-            new = await asyncio.to_thread(load_config, self.config_path)
-            problems = reload_problems(new, agent.domains_in_use())
-            if problems:
-                raise ConfigError(self.config_path, problems)
-            plan = plan_reload(agent.config, new, tracked_addresses(agent.fleet.links()))
+            # Off the event loop: validating and comparing thousands of listed miners.
+            new, plan = await asyncio.to_thread(
+                _read_and_plan,
+                self.config_path,
+                agent.config,
+                agent.domains_in_use(),
+                tracked_addresses(agent.fleet.links()),
+            )
             added = _links(new, plan)
+            tighter = await agent.reconfigure(new, added)
         except ConfigError as e:
             return self._refused(e.problems, started)
-        tighter = await agent.reconfigure(new, added)
         for line in plan.restart_only:
             log.warning("%s", line)
         took_ms = (time.perf_counter() - started) * 1000
@@ -206,6 +208,18 @@ class ReloadSignal:
     def stop(self) -> None:
         """The agent is stopping: signals from now on reload nothing."""
         self._stopped = True
+
+
+def _read_and_plan(
+    path: str, old: Config, in_use: Mapping[str, Iterable[str]], tracked: Mapping[str, str]
+) -> tuple[Config, ReloadPlan]:
+    """The new config and what it changes; ConfigError listing every problem (a worker
+    thread's work: it reads only frozen configs and the copies it is handed)."""
+    new = load_config(path)
+    problems = reload_problems(new, in_use)
+    if problems:
+        raise ConfigError(path, problems)
+    return new, plan_reload(old, new, tracked)
 
 
 def _links(new: Config, plan: ReloadPlan) -> list[DeviceLink]:
