@@ -84,7 +84,11 @@ def _primed_policy(
     first switch imports and compiles what it needs (the economic policy: numba, 1-3 s),
     which would otherwise hold the event loop in the next tick. Policies are pure."""
     policy = get_policy(name, params)
-    policy.plan(snap, limits, prices, PolicyState())
+    try:
+        policy.plan(snap, limits, prices, PolicyState())
+    except Exception as e:
+        # Only a warm-up, its plan discarded: the next tick plans for real (and says why).
+        log.debug("policy %s: warm-up plan failed: %s", name, e)
     return policy
 
 

@@ -34,15 +34,17 @@ RESTART = "takes effect after a restart"
 # Sections a running agent has bound at start: its listening sockets (API, metrics),
 # the API's tokens, TLS files and limits, and the store's directory and backups.
 RESTART_SECTIONS = ("api", "metrics", "state")
-# Keys that new devices take at once, and tracked devices only after a restart.
+# Keys applied now but in part only: what a tracked device's link or driver holds
+# (made at its adoption) keeps the old value until a restart.
 FOR_NEW_DEVICES = "applies to devices adopted from now on; tracked ones keep theirs until a restart"
-NEW_DEVICE_KEYS = (
-    "inventory.default_nameplate_power_w",
-    "inventory.default_nameplate_hashrate_ths",
-    "inventory.sleep_power_w",
-    "inventory.credentials_file",
-    "telemetry.timeout_s",
-)
+PARTLY_LIVE = {
+    "inventory.default_nameplate_power_w": FOR_NEW_DEVICES,
+    "inventory.default_nameplate_hashrate_ths": FOR_NEW_DEVICES,
+    "inventory.sleep_power_w": FOR_NEW_DEVICES,
+    "inventory.credentials_file": FOR_NEW_DEVICES,
+    "telemetry.timeout_s": "bounds each read now; drivers already made keep their own "
+    "timeouts until a restart",
+}
 # What a GPU node's running link holds: all but its contract floor, which the policy reads.
 GPU_NODE_LIVE_KEYS = frozenset({"contract_floor_w"})
 
@@ -139,8 +141,8 @@ def plan_reload(old: Config, new: Config, tracked: Mapping[str, str]) -> ReloadP
         section = path.partition(".")[0]
         if section in RESTART_SECTIONS:
             restart.append(f"{path} changed; {RESTART}")
-        elif path in NEW_DEVICE_KEYS:
-            restart.append(f"{path} changed; {FOR_NEW_DEVICES}")
+        elif path in PARTLY_LIVE:
+            restart.append(f"{path} changed; {PARTLY_LIVE[path]}")
             live.append(path)
         elif path not in ("inventory.miners", "gpu_nodes"):
             live.append(path)
