@@ -495,3 +495,18 @@ def test_a_store_from_before_events_reads_as_holding_none(tmp_path: Path) -> Non
         assert [e.id for e in store.events()] == ["oadr-1"]
     finally:
         store.close()
+
+
+async def test_a_reload_that_adds_a_domain_lets_events_name_it(env: Env) -> None:
+    # The book reads domains and their limits from the config in force, not the one at start.
+    new = site_config(
+        str(env.cfg.state.dir),
+        cap_w=40_000,
+        domains=[{"id": "r1", "limit_w": 16_000}, {"id": "r2", "limit_w": 12_000}],
+    )
+    await env.agent.reconfigure(new)
+    book = env.book
+    start = time.time() + 3_600
+    book.add(ven_event(domain="r2", start_unix_s=start, ramp_up_s=100.0, target_w=6_000.0), "ven")
+    # Half way up the ramp: half way from r2's limit (12 kW) to the target (6 kW).
+    assert book.in_force(start - 50) == {"openadr:oadr-1": (9_000.0, "r2")}

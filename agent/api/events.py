@@ -189,13 +189,25 @@ class EventBook:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self.limits_w = dict(limits_w)
+        self._limits_w = dict(limits_w)
+        self._limits_of: tuple[Config, dict[str, float]] | None = None
         self.wall_clock = wall_clock
         now = wall_clock()
         self._live: dict[str, GridEvent] = {
             e.id: e for e in store.events() if e.cancelled_unix_s is None and e.end_unix_s > now
         }
         self._agent: Agent | None = None
+
+    @property
+    def limits_w(self) -> dict[str, float]:
+        """Domain id -> limit (W) a ramp starts from: the config in force once attached (a
+        reload may change domains and limits), else the limits the book was opened with."""
+        if self._agent is None:
+            return self._limits_w
+        cfg = self._agent.config
+        if self._limits_of is None or self._limits_of[0] is not cfg:
+            self._limits_of = (cfg, configured_limits_w(cfg))
+        return self._limits_of[1]
 
     def attach(self, agent: Agent) -> None:
         """Feed ``agent``: its caps include the events in force; it ticks at each start."""

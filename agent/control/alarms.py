@@ -38,7 +38,9 @@ log = logging.getLogger("siteagent.alarms")
 CONTRACT_FLOOR_BROKEN = "contract-floor-broken"
 CAP_UNMEETABLE = "cap-unmeetable"
 PRICES_STALE = "prices-stale"
-ALARM_NAMES = (CAP_UNMEETABLE, CONTRACT_FLOOR_BROKEN, PRICES_STALE)
+# The last reload (SIGHUP) was refused: the file on disk is not the config in force.
+CONFIG_RELOAD_FAILED = "config-reload-failed"
+ALARM_NAMES = (CAP_UNMEETABLE, CONTRACT_FLOOR_BROKEN, PRICES_STALE, CONFIG_RELOAD_FAILED)
 # A plan this far (W) above the cap is one no plan could avoid, not a rounding.
 UNMEETABLE_TOLERANCE_W = 1.0
 

@@ -18,12 +18,18 @@ from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from siteagent.agent.config import SITE_DOMAIN_ID, Config, cron_trigger
+from siteagent.agent.config import SITE_DOMAIN_ID, Config, ConfigError, cron_trigger
 from siteagent.agent.control.alarms import Alarms, check_tick
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import Fleet
 from siteagent.agent.control.grid import GridCaps
-from siteagent.agent.control.prices import PriceFeed, economic_params, node_contract_floors
+from siteagent.agent.control.prices import (
+    PriceFeed,
+    economic_params,
+    node_contract_floors,
+    static_prices,
+)
+from siteagent.agent.control.reload import reload_problems
 from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
 from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from siteagent.domain import (
@@ -38,7 +44,7 @@ from siteagent.domain import (
     Snapshot,
 )
 from siteagent.domain.site import DomainTree
-from siteagent.policies import PolicyParams, PolicyState, get_policy
+from siteagent.policies import Policy, PolicyParams, PolicyState, get_policy
 from siteagent.policies.capping import CappingParams
 from siteagent.policies.prices import Prices
 
@@ -52,6 +58,8 @@ MODES = frozenset({MONITOR_ONLY, MINING_OFF, AI_MIN})
 NOT_SENT_IN_TIME = "not sent: the tick's actuation deadline passed before its turn"
 
 V = TypeVar("V")
+# Every job: never two at once, missed runs coalesced into one, however late.
+JOB_OPTIONS = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
 
 
 def _change_words(what: str, old_w: float | None, new_w: float | None) -> str:
@@ -68,6 +76,21 @@ def _same_device(old: DeviceLink, new: DeviceLink) -> bool:
     from siteagent.agent.control.inventory import same_device
 
     return same_device(old, new)
+
+
+def _primed_policy(
+    name: str, params: PolicyParams, snap: Snapshot, limits: Limits, prices: Prices
+) -> Policy:
+    """The policy ``name``, made and run once (its plan discarded), for a worker thread: a
+    first switch imports and compiles what it needs (the economic policy: numba, 1-3 s),
+    which would otherwise hold the event loop in the next tick. Policies are pure."""
+    policy = get_policy(name, params)
+    try:
+        policy.plan(snap, limits, prices, PolicyState())
+    except Exception as e:
+        # Only a warm-up, its plan discarded: the next tick plans for real (and says why).
+        log.debug("policy %s: warm-up plan failed: %s", name, e)
+    return policy
 
 
 class OverrideRefused(Exception):
@@ -164,6 +187,8 @@ class Agent:
         self.sweep_durations = Durations(SWEEP_BUCKETS_S)
         self.tick_durations = Durations(TICK_BUCKETS_S)
         self.last_sweep_s: float | None = None
+        # The last reload (SIGHUP): whether it was applied, and when (Unix s); None before one.
+        self.last_reload: tuple[bool, float] | None = None
 
     # -- limits ------------------------------------------------------------------
 
@@ -607,7 +632,7 @@ class Agent:
         """Schedule telemetry sweeps and control ticks on the running event loop."""
         sched = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
         first = datetime.now() + timedelta(seconds=0.01)
-        common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        common = JOB_OPTIONS
         sched.add_job(
             self._sweep_job,
             "interval",
@@ -624,14 +649,7 @@ class Agent:
             next_run_time=first + timedelta(seconds=self.config.control.interval_s),
             **common,
         )
-        # A window or event that lowers the cap ticks at its start, not up to a tick later.
-        for w, trigger in self._windows:
-            sched.add_job(self._tick_soon, trigger, id=f"window:{w.name}", **common)
-        for e in self.config.schedule.events:
-            if e.start > self.wall_clock():
-                sched.add_job(
-                    self._tick_soon, "date", run_date=e.start, id=f"event:{e.name}", **common
-                )
+        self._schedule_windows(sched)
         if self.price_feed.live:
             sched.add_job(
                 self._price_job,
@@ -653,6 +671,106 @@ class Agent:
         self._scheduler = sched
         for key in list(self._tick_times):
             self._schedule_tick_at(key)
+
+    def _schedule_windows(self, sched: AsyncIOScheduler) -> None:
+        # A window or event that lowers the cap ticks at its start, not up to a tick later.
+        common = JOB_OPTIONS
+        for w, trigger in self._windows:
+            sched.add_job(self._tick_soon, trigger, id=f"window:{w.name}", **common)
+        for e in self.config.schedule.events:
+            if e.start > self.wall_clock():
+                sched.add_job(
+                    self._tick_soon, "date", run_date=e.start, id=f"event:{e.name}", **common
+                )
+
+    def domains_in_use(self) -> dict[str, list[str]]:
+        """Domain -> what needs it now: the tracked devices in it and the sources of its caps."""
+        out: dict[str, list[str]] = {}
+        for t in self.fleet.links():
+            out.setdefault(t.domain, []).append(t.device_id)
+        for domain_id, caps in self._domain_caps.items():
+            for source in caps:
+                out.setdefault(domain_id, []).append(f"a cap from {source}")
+        out.pop(SITE_CAP_SOURCE, None)  # the root of the tree, never a configured domain
+        return out
+
+    async def reconfigure(self, config: Config, added: Iterable[DeviceLink] = ()) -> bool:
+        """Put a reloaded ``config`` in force between ticks, adopting ``added`` devices.
+
+        A tick sees the old config or the new one, never half of each. ConfigError,
+        nothing changed, if it drops a domain a tracked device or a cap in force still
+        uses (``agent.control.reload.reload_problems``). Returns whether the limits got
+        tighter (a tick is then requested at once). Drivers of moved devices are closed.
+        """
+        old = self.config
+        econ = economic_params(config)
+        policy = None
+        if old.policy != config.policy or old.gpu_nodes != config.gpu_nodes:
+            params = PolicyParams(econ.capping, econ)
+            snap, limits = self.snapshot(), self.limits()
+            policy = await asyncio.to_thread(
+                _primed_policy, config.policy.name, params, snap, limits, static_prices(config)
+            )
+        async with self._tick_lock:
+            # Again under the lock: a scan or an override may have come since the check.
+            problems = reload_problems(config, self.domains_in_use())
+            if problems:
+                raise ConfigError("the reloaded config", problems)
+            before = self.limits()
+            self.config = config
+            self._windows = [(w, cron_trigger(w.cron, w.timezone)) for w in config.schedule.windows]
+            self._domain_caps = {d.id: self._domain_caps.get(d.id, {}) for d in config.domains}
+            self._caps[SITE_CAP_SOURCE] = config.site.cap_w
+            self.economic_params = econ
+            self.params = econ.capping
+            self._node_floors = node_contract_floors(config)
+            if policy is not None:
+                # Policies are pure between ticks: the plan adopted last (kept) is all a new
+                # one needs; what the old one derived is its own, so it starts afresh.
+                self.policy = policy
+                self.policy_state = PolicyState()
+            self.price_feed.reconfigure(config)
+            dropped = self.adopt(added)
+            if self._scheduler is not None:
+                self._reschedule(self._scheduler, old)
+            after = self.limits()
+        was_w = {d.domain_id: d.limit_w for d in before.domains}
+        tighter = after.effective_cap_w < before.effective_cap_w or any(
+            d.limit_w < was_w.get(d.domain_id, float("inf")) for d in after.domains
+        )
+        if tighter or after.directives_key != before.directives_key:
+            self.request_tick()
+        await self.close_dropped(dropped)
+        return tighter
+
+    def _reschedule(self, sched: AsyncIOScheduler, old: Config) -> None:
+        """Bring the scheduler's jobs in line with a reloaded config."""
+        new = self.config
+        for job_id, was_s, now_s in (
+            ("telemetry", old.telemetry.interval_s, new.telemetry.interval_s),
+            ("control", old.control.interval_s, new.control.interval_s),
+            ("inventory", old.inventory.scan_interval_s, new.inventory.scan_interval_s),
+        ):
+            if was_s != now_s and sched.get_job(job_id) is not None:
+                sched.reschedule_job(job_id, trigger="interval", seconds=now_s)
+        for job in sched.get_jobs():
+            if job.id.startswith(("window:", "event:")):
+                job.remove()
+        self._schedule_windows(sched)
+        if old.prices == new.prices:
+            return
+        if sched.get_job("prices") is not None:
+            sched.remove_job("prices")
+        if self.price_feed.live:
+            # Read at once: a new source's first prices should not wait a whole interval.
+            sched.add_job(
+                self._price_job,
+                "interval",
+                seconds=new.prices.poll_interval_s,
+                id="prices",
+                next_run_time=datetime.now(),
+                **JOB_OPTIONS,
+            )
 
     def adopt(self, found: Iterable[DeviceLink]) -> list[DeviceDriver]:
         """Take in what a scan found: new devices join; a known one at a new address moves.

@@ -206,6 +206,15 @@ class PriceFeed:
 
             self.sources = SourcesFeed(cfg, self.started_unix_s)
 
+    def reconfigure(self, cfg: Config) -> None:
+        """Take reloaded prices settings; a new source drops the old source's series."""
+        p, q = self.cfg.prices, cfg.prices
+        if (p.source, p.path, p.url) != (q.source, q.path, q.url):
+            self.series = None
+            self.last_error = None
+        self.cfg = cfg
+        self._fallback = fallback(cfg)
+
     @property
     def live(self) -> bool:
         """Whether prices come from a file or feed that needs refreshing."""

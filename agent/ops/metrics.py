@@ -434,6 +434,19 @@ def head_families(
         yield _one("last_sweep_age_seconds", "gauge", "Time since the last telemetry sweep.", age_s)
     yield from _alarm_families(agent)
     yield from grid_event_families(agent)
+    ok, at_unix_s = agent.last_reload or (True, 0.0)
+    yield _one(
+        "config_reload_last_success",
+        "gauge",
+        "1 if the last config reload (SIGHUP) was applied (or none yet), 0 if it was refused.",
+        float(ok),
+    )
+    yield _one(
+        "config_reload_last_timestamp_seconds",
+        "gauge",
+        "When (Unix time) the last config reload was applied or refused; 0 before any.",
+        at_unix_s,
+    )
     if v is None:
         return
     record = v.record

@@ -119,6 +119,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         watch_startup,
         watchdog_period_s,
     )
+    from siteagent.agent.tools.reload import Reloader, ReloadSignal
 
     cfg = load_config(config_path)
     # Before minutes of identification: a damaged override store refuses the start now.
@@ -130,6 +131,9 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (`systemctl reload`) re-reads the config; by default it would end the process.
+    hangup = ReloadSignal()
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     # Every identification and reading ends within its deadline, so a startup that
     # finishes nothing for three of them is stuck: systemd may end it then.
     startup = StartupProgress(
@@ -156,7 +160,8 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
             time.perf_counter() - t,
         )
         log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
-        agent = Agent(cfg, trackers, rescan=lambda: scan(cfg, store))
+        # The config in force, not the one read at start: a reload may change the ranges.
+        agent = Agent(cfg, trackers, rescan=lambda: scan(agent.config, store))
         metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
         opened.append(_closing(metrics.close))
         log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
@@ -166,6 +171,15 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         opened.append(runtime.close)
         runtime.start()
         api = await serve_api(agent, cfg, runtime=runtime)
+        hangup.prepare(
+            Reloader(
+                config_path,
+                agent,
+                store=runtime.store,
+                notifier=notifier,
+                status=lambda: site_summary(agent),
+            )
+        )
         close_api = api.close  # one object: the stop path closes it first, then the rest
         opened.append(close_api)
         # READY only once every device has been read once: the agent must know its
@@ -208,6 +222,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     agent, close_api = starting.result()
     started_s = agent.clock()
     notifier.ready(site_summary(agent))
+    hangup.start()
     watchdog_s = watchdog_period_s()
     supervisor = loop.create_task(
         supervise(
@@ -219,6 +234,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         )
     )
     await stop.wait()
+    hangup.stop()
     log.info("stopping: finishing the tick in flight, leaving devices where they are")
     notifier.stopping("stopping: finishing the tick in flight, leaving devices where they are")
     supervisor.cancel()
