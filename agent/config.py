@@ -820,9 +820,33 @@ def _unique_ids(data: Mapping[str, Any]) -> list[ConfigProblem]:
     return problems
 
 
+def _unique_schedule_names(data: Mapping[str, Any]) -> list[ConfigProblem]:
+    """Each window's and each event's name once: the name is the cap's source (in logs,
+    metrics and the audit) and the id of the tick scheduled at its start."""
+    problems: list[ConfigProblem] = []
+    schedule = _table(data, "schedule")
+    for key in ("windows", "events"):
+        first: dict[str, int] = {}
+        for i, row in _rows(schedule, key):
+            name = _text(row, "name")
+            if name is None:
+                continue
+            if name in first:
+                problems.append(
+                    ConfigProblem(
+                        f"schedule.{key}[{i}].name",
+                        f"{name!r}, also schedule.{key}[{first[name]}].name",
+                        f"a name used once among schedule.{key}",
+                    )
+                )
+            else:
+                first[name] = i
+    return problems
+
+
 def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
     """The models' cross-key rules on the raw document, and rules across sections."""
-    problems: list[ConfigProblem] = []
+    problems: list[ConfigProblem] = _unique_schedule_names(data)
     policy = _table(data, "policy")
     band = _values(
         PolicyConfig, policy, "uncapping_threshold", "capping_target", "capping_threshold"

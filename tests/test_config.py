@@ -562,3 +562,21 @@ def test_cron_lines_apscheduler_would_misread_are_refused(cron: str) -> None:
         parse_config({"site": {"cap_w": 1000}, "schedule": {"windows": [window]}})
     (p,) = info.value.problems
     assert p.path == "schedule.windows[0]" and repr(cron) in p.found
+
+
+def test_a_window_or_event_name_used_twice_is_refused_naming_both() -> None:
+    # The name is the cap's source and the id of the tick at its start: twice, the daemon
+    # failed at start (and a reload after its swap) with the scheduler's duplicate-id error.
+    window = {"name": "peak", "cron": "0 15 * * *", "duration_s": 60, "cap_w": 100}
+    event = {"name": "ers", "start": datetime(2026, 8, 14, tzinfo=UTC), "duration_s": 60}
+    schedule = {
+        "windows": [window, {**window, "cap_w": 50}],
+        "events": [{**event, "target_w": 10}, {**event, "target_w": 20}],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config({"site": {"cap_w": 1000}, "schedule": schedule})
+    found = {(p.path, p.found) for p in info.value.problems}
+    assert found == {
+        ("schedule.windows[1].name", "'peak', also schedule.windows[0].name"),
+        ("schedule.events[1].name", "'ers', also schedule.events[0].name"),
+    }
