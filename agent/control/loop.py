@@ -24,7 +24,7 @@ from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quie
 from siteagent.agent.control.fleet import Fleet
 from siteagent.agent.control.prices import PriceFeed, economic_params, node_contract_floors
 from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
-from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
+from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations, VenStatus
 from siteagent.domain import (
     DeviceError,
     DevicePermissionError,
@@ -160,6 +160,8 @@ class Agent:
         self.sweep_durations = Durations(SWEEP_BUCKETS_S)
         self.tick_durations = Durations(TICK_BUCKETS_S)
         self.last_sweep_s: float | None = None
+        # The OpenADR VEN's state for the metrics, when one runs (agent/grid/openadr.py).
+        self.ven_status: VenStatus | None = None
 
     # -- limits ------------------------------------------------------------------
 
