@@ -707,6 +707,10 @@ def create_app(services: Services, *, max_body_bytes: int = 16_384) -> ASGIApp:
     app.state.services = services
     app.include_router(reads)
     app.include_router(writes(services.manager.max_ttl_s))
+    # Imported here: the event routes use this module's dependencies (tokens, audit).
+    from siteagent.agent.api.event_routes import router as event_router
+
+    app.include_router(event_router)
     for exc, handler in _HANDLERS:
         app.add_exception_handler(exc, handler)
     return GuardMiddleware(

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from siteagent.agent.api.events import EventBook, configured_limits_w
 from siteagent.agent.api.overrides import AuditRecord, OverrideManager
 from siteagent.agent.api.store import Store, keep_backups
 from siteagent.agent.config import Config
@@ -94,6 +95,14 @@ class OverrideRuntime:
         self._closed = False
         self._failing = False
         self._audit = alarm_auditor(manager.store)
+        # Run-time grid events (API, OpenADR VEN), from the same store; the agent takes
+        # their caps and ticks at their starts.
+        self.events = EventBook(
+            manager.store,
+            limits_w=configured_limits_w(self.agent.config),
+            wall_clock=manager.wall_clock,
+        )
+        self.events.attach(self.agent)
 
     @classmethod
     def open(

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from siteagent.agent.api.events import GridEvent, event_from_json, event_to_json
 from siteagent.agent.api.overrides import SYSTEM_ACTOR, AuditRecord, Ending, Override
 
 log = logging.getLogger("siteagent.store")
@@ -71,6 +72,14 @@ CREATE TABLE IF NOT EXISTS audit (
     status INTEGER NOT NULL,
     result TEXT NOT NULL,
     override_id TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    start_unix_s REAL NOT NULL,
+    end_unix_s REAL NOT NULL,
+    cancelled_unix_s REAL,
+    modified_seq INTEGER NOT NULL,
+    body TEXT NOT NULL
 );
 """
 
@@ -263,32 +272,73 @@ class Store:
         ).fetchall()
         return [_override_from_row(*r) for r in rows]
 
+    # -- grid events -------------------------------------------------------------
+
+    def write_event(self, event: GridEvent, record: AuditRecord) -> int:
+        """Insert or replace one grid event with its audit record, in one transaction.
+
+        One transaction: the audit sequence number in the acknowledged-writes mark
+        then covers the event, so a store that lost the event's write is refused.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO events (id, start_unix_s, end_unix_s, cancelled_unix_s,"
+                " modified_seq, body) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    event.id,
+                    event.start_unix_s,
+                    event.end_unix_s,
+                    event.cancelled_unix_s,
+                    event.modified_seq,
+                    event_to_json(event),
+                ),
+            )
+            seq = self._insert_audit(db, record)
+        self._audit_seq = seq
+        self._save_mark()
+        return seq
+
+    def get_event(self, event_id: str) -> GridEvent | None:
+        """One grid event by id, or None."""
+        row = self._db.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()
+        return None if row is None else event_from_json(row[0])
+
+    def events(self) -> list[GridEvent]:
+        """Every grid event stored, any state, by start."""
+        rows = self._db.execute("SELECT body FROM events ORDER BY start_unix_s, id").fetchall()
+        return [event_from_json(r[0]) for r in rows]
+
     # -- audit -------------------------------------------------------------------
 
     def append_audit(self, record: AuditRecord) -> int:
         """Append one audit record; returns its sequence number."""
+        with self._transaction() as db:
+            seq = self._insert_audit(db, record)
+        self._audit_seq = seq
+        self._save_mark()
+        return seq
+
+    @staticmethod
+    def _insert_audit(db: sqlite3.Connection, record: AuditRecord) -> int:
         request = record.request
         if len(request) > MAX_AUDIT_REQUEST_CHARS:
             request = request[:MAX_AUDIT_REQUEST_CHARS] + "...(cut)"
-        with self._transaction() as db:
-            cur = db.execute(
-                "INSERT INTO audit (time_unix_s, actor, client, action, request, status,"
-                " result, override_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.time_unix_s,
-                    record.actor,
-                    record.client,
-                    record.action,
-                    request,
-                    record.status,
-                    record.result,
-                    record.override_id,
-                ),
-            )
-            seq = cur.lastrowid
+        cur = db.execute(
+            "INSERT INTO audit (time_unix_s, actor, client, action, request, status,"
+            " result, override_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.time_unix_s,
+                record.actor,
+                record.client,
+                record.action,
+                request,
+                record.status,
+                record.result,
+                record.override_id,
+            ),
+        )
+        seq = cur.lastrowid
         assert seq is not None
-        self._audit_seq = seq
-        self._save_mark()
         return seq
 
     def audit(self, limit: int, before_seq: int | None = None) -> list[AuditRecord]:

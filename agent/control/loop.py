@@ -11,17 +11,18 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from siteagent.agent.config import Config, cron_trigger
+from siteagent.agent.config import SITE_DOMAIN_ID, Config, cron_trigger
 from siteagent.agent.control.alarms import Alarms, check_tick
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import Fleet
+from siteagent.agent.control.grid import GridCaps
 from siteagent.agent.control.prices import PriceFeed, economic_params, node_contract_floors
 from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
 from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations, VenStatus
@@ -139,6 +140,9 @@ class Agent:
         self._domain_caps: dict[str, dict[str, float]] = {d.id: {} for d in config.domains}
         self._modes: dict[str, str] = {}
         self._pins: dict[str, Pin] = {}
+        # Run-time grid events (the event book), and the instants a tick is due at (their starts).
+        self.grid_caps: GridCaps | None = None
+        self._tick_times: dict[str, datetime] = {}
         self._tick_lock = asyncio.Lock()
         # Read by other threads (the metrics renderer waits while a tick runs).
         self.ticking = False
@@ -274,6 +278,45 @@ class Agent:
         if lowered or after.directives_key != before.directives_key:
             self.request_tick()
 
+    def change_caps(self, change: Callable[[], object], what: str) -> None:
+        """Make a change to a cap source kept outside the agent (the event book), as
+        ``set_cap`` does: logged, and a tick at once when it lowers a cap."""
+        self._changing(change, what)
+
+    def set_grid_caps(self, caps: GridCaps | None) -> None:
+        """Take run-time grid events' caps (site and domain) into the limits from now on."""
+        self._changing(lambda: setattr(self, "grid_caps", caps), "grid events source set")
+
+    def tick_at(self, key: str, when_unix_s: float | None) -> None:
+        """Run a control tick at a wall-clock instant (an event's start); None forgets it."""
+        if when_unix_s is None:
+            self._tick_times.pop(key, None)
+        else:
+            self._tick_times[key] = datetime.fromtimestamp(when_unix_s, UTC)
+        self._schedule_tick_at(key)
+
+    def _schedule_tick_at(self, key: str) -> None:
+        sched = self._scheduler
+        if sched is None:
+            return  # start() schedules what is due
+        job_id = f"tick-at:{key}"
+        if sched.get_job(job_id) is not None:
+            sched.remove_job(job_id)
+        when = self._tick_times.get(key)
+        if when is not None and when > self.wall_clock():
+            sched.add_job(
+                self._tick_soon,
+                "date",
+                run_date=when,
+                id=job_id,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
+
+    def _grid_caps_now(self, now: datetime) -> Mapping[str, tuple[float, str]]:
+        return {} if self.grid_caps is None else self.grid_caps.in_force(now.timestamp())
+
     @property
     def monitor_only(self) -> bool:
         """Whether an operator asked for no actuation at all."""
@@ -291,15 +334,30 @@ class Agent:
         for e in self.config.schedule.events:
             if e.start <= now < e.start + timedelta(seconds=e.duration_s):
                 out[f"demand-response:{e.name}"] = e.target_w
+        for source, (cap_w, domain) in self._grid_caps_now(now).items():
+            if domain == SITE_DOMAIN_ID:
+                out[source] = cap_w
         return out
 
     def limits(self) -> Limits:
         """Every limit in force now, combined into the effective cap."""
-        caps = {**self._caps, **self.scheduled_caps()}
+        now = self.wall_clock()
+        caps = {**self._caps, **self.scheduled_caps(now)}
         source, cap = min(caps.items(), key=lambda kv: (kv[1], kv[0]))
         effective = max(0.0, cap - self.config.site.safety_margin_w)
+        grid = self._grid_caps_now(now)
         domains = tuple(
-            DomainLimit(d.id, min([d.limit_w, *self._domain_caps[d.id].values()]), d.parent)
+            DomainLimit(
+                d.id,
+                min(
+                    [
+                        d.limit_w,
+                        *self._domain_caps[d.id].values(),
+                        *(c for c, dom in grid.values() if dom == d.id),
+                    ]
+                ),
+                d.parent,
+            )
             for d in self.config.domains
         )
         modes = set(self._modes.values())
@@ -594,6 +652,8 @@ class Agent:
             )
         sched.start()
         self._scheduler = sched
+        for key in list(self._tick_times):
+            self._schedule_tick_at(key)
 
     def adopt(self, found: Iterable[DeviceLink]) -> list[DeviceDriver]:
         """Take in what a scan found: new devices join; a known one at a new address moves.
