@@ -34,10 +34,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from openleadr import OpenADRClient
 
+from siteagent.agent.api.events import OPT_IN as BOOK_IN
+from siteagent.agent.api.events import OPT_OUT as BOOK_OUT
+from siteagent.agent.api.events import EventBook, GridEvent
 from siteagent.agent.config import OpenAdrConfig
 from siteagent.agent.control.alarms import VTN_UNREACHABLE, unshed
 from siteagent.agent.control.loop import Agent
@@ -84,26 +87,6 @@ class IntervalCap:
     start_unix_s: float
     duration_s: float
     target_w: float
-
-
-class Book(Protocol):
-    """What the VEN needs of the event book (``agent/api/events.EventBook``)."""
-
-    def add(self, event: Any, actor: str) -> Any:
-        """Add or modify an event by id."""
-        ...
-
-    def cancel(self, event_id: str, actor: str, reason: str) -> Any:
-        """End an event now."""
-        ...
-
-    def get(self, event_id: str) -> Any:
-        """One event by id, or None."""
-        ...
-
-    def list(self, include_past: bool = False) -> Sequence[Any]:
-        """The events not cancelled and not over."""
-        ...
 
 
 def book_id(event_id: str) -> str:
@@ -250,10 +233,9 @@ class Ven:
     def __init__(
         self,
         agent: Agent,
-        book: Book,
+        book: EventBook,
         cfg: OpenAdrConfig,
         *,
-        make_event: Callable[..., Any],
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         check_s: float = CHECK_S,
@@ -261,8 +243,6 @@ class Ven:
         self.agent = agent
         self.book = book
         self.cfg = cfg
-        # The book's event type (``GridEvent``), given by whoever wires the book in.
-        self.make_event = make_event
         self.wall_clock = wall_clock
         self.rng = rng or random.SystemRandom()
         self.check_s = check_s
@@ -274,7 +254,6 @@ class Ven:
         self.failing_since: float | None = None
         self.failure: str | None = None
         self._failure_said = False
-        self._registering_said = False
         self._task: asyncio.Task[None] | None = None
         self._filter = _LibraryLog(self._failed)
         self._publish()
@@ -330,14 +309,19 @@ class Ven:
 
     async def _supervise(self) -> None:
         """Register (again) whenever the VEN is not registered; say what fails, once."""
+        loop = asyncio.get_running_loop()
+        next_try = loop.time()
         while True:
             client = self.client
-            if client is None or client.registration_id is None:
-                await self._register()
+            unregistered = client is None or client.registration_id is None
+            # openleadr tries once; the VEN tries again at its own interval.
+            if unregistered and loop.time() >= next_try and not await self._register():
+                next_try = loop.time() + self.cfg.poll_interval_s
             self._check()
             await asyncio.sleep(self.check_s)
 
-    async def _register(self) -> None:
+    async def _register(self) -> bool:
+        """Register with a new client; whether the VTN took the registration."""
         if self.registered:
             log.warning("OpenADR: registration with %s lost; registering again", self.cfg.vtn_url)
             self.registered = False
@@ -352,9 +336,7 @@ class Ven:
         if client.registration_id is None:
             self._failed(self.failure or "the VTN gave no registration id")
             await self._close_client()
-            # openleadr tries once; the VEN tries again at its own interval.
-            await asyncio.sleep(self.cfg.poll_interval_s)
-            return
+            return False
         self.registered = True
         log.info(
             "OpenADR: registered with %s as VEN %s (registration %s)",
@@ -363,6 +345,7 @@ class Ven:
             client.registration_id,
         )
         self._publish()
+        return True
 
     # -- the VTN's health ----------------------------------------------------------
 
@@ -494,7 +477,7 @@ class Ven:
         for c in caps:
             wanted.add(stem + c.suffix)
             self.book.add(
-                self.make_event(
+                GridEvent(
                     id=stem + c.suffix,
                     name=f"openadr {event_id}"[:128],
                     source=stem,
@@ -502,7 +485,7 @@ class Ven:
                     duration_s=c.duration_s,
                     target_w=c.target_w,
                     ramp_up_s=ramp_up_s if c.start_unix_s == first else 0.0,
-                    opt="in" if opt == OPT_IN else "out",
+                    opt=BOOK_IN if opt == OPT_IN else BOOK_OUT,
                 ),
                 ACTOR,
             )
@@ -523,7 +506,7 @@ class Ven:
         for c in caps:
             held = self.book.get(stem + c.suffix)
             if held is not None and held.cancelled_unix_s is None:
-                offset_s = float(held.start_unix_s) - c.start_unix_s
+                offset_s = held.start_unix_s - c.start_unix_s
                 if 0.0 <= offset_s <= window_s:
                     return offset_s
         return self.rng.uniform(0.0, window_s)

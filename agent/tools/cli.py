@@ -165,6 +165,13 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         runtime = OverrideRuntime.open(agent, cfg)
         opened.append(runtime.close)
         runtime.start()
+        if cfg.openadr is not None:
+            # Its events go into the runtime's book; it stops before the store closes.
+            from siteagent.agent.grid.openadr import Ven
+
+            ven = Ven(agent, runtime.events, cfg.openadr)
+            await ven.start()
+            opened.append(ven.stop)
         api = await serve_api(agent, cfg, runtime=runtime)
         close_api = api.close  # one object: the stop path closes it first, then the rest
         opened.append(close_api)
