@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import random
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from openleadr import OpenADRServer, objects
+
+from siteagent.agent.api.runtime import OverrideRuntime
+from siteagent.agent.config import Config, parse_config
+from siteagent.agent.control.devices import DeviceLink
+from siteagent.agent.control.inventory import build_devices
+from siteagent.agent.control.loop import Agent, TickRecord
+from siteagent.agent.grid.openadr import Ven
+from siteagent.agent.ops.metrics import site_power_w
+from siteagent.sim.site import SimSite
 
 PREFIX = "/OpenADR2/Simple/2.0b"
 VEN_ID = "ven-site"
@@ -301,3 +312,171 @@ async def until(what: str, ok: Callable[[], object], timeout_s: float = 20.0) ->
         if loop.time() > deadline:
             raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
         await asyncio.sleep(0.05)
+
+
+# -- a site with a VEN: config, agent, book, simulated miners ------------------------------
+
+HOST = "127.6.0.1"
+SIM_BASE = "127.6.1.1"
+N_MINERS = 6
+
+
+def config(
+    tmp_path: Path,
+    vtn_url: str,
+    *,
+    site: dict[str, Any] | None = None,
+    addresses: list[str] | None = None,
+    **openadr: Any,
+) -> Config:
+    """A site whose VEN polls ``vtn_url``; fast telemetry and ticks; state under tmp_path."""
+    data: dict[str, Any] = {
+        "site": {"cap_w": 100_000, "safety_margin_w": 0, "correction_window_s": 5, **(site or {})},
+        "policy": {"min_off_s": 0, "restore_ramp_w_per_s": 1_000_000},
+        "telemetry": {"interval_s": 0.5, "timeout_s": 1.0, "stale_after_s": 30},
+        "control": {"interval_s": 1, "actuation_timeout_s": 3, "confirm_timeout_s": 30},
+        "state": {"dir": str(tmp_path / "state")},
+        "openadr": {
+            "vtn_url": vtn_url,
+            "ven_name": "site-test",
+            "report_interval_s": 1,
+            "simple_levels_w": [9_000, 6_000, 3_000],
+            "opt_out_when": "never",
+            "alarm_after_s": 2,
+            **openadr,
+        },
+    }
+    if addresses:
+        data["inventory"] = {"scan": [f"{addresses[0]}-{addresses[-1]}"], "sleep_power_w": 25}
+    return parse_config(data)
+
+
+class Site:
+    """A real Agent and its override runtime (the event book) on one state dir, and a VEN."""
+
+    def __init__(self, cfg: Config, agent: Agent, runtime: OverrideRuntime, ven: Ven) -> None:
+        self.cfg, self.agent, self.runtime, self.ven = cfg, agent, runtime, ven
+        self.book = runtime.events
+
+    @classmethod
+    async def open(
+        cls,
+        cfg: Config,
+        links: list[DeviceLink] | None = None,
+        *,
+        seed: int = 1,
+        on_tick: Callable[[TickRecord], None] | None = None,
+    ) -> Site:
+        """Open the store, restore its events into a new Agent, read the devices, start
+        the VEN."""
+        assert cfg.openadr is not None
+        agent = Agent(cfg, links or [], on_tick=on_tick)
+        runtime = OverrideRuntime.open(agent, cfg)
+        runtime.start()
+        if links:
+            await agent.sweep()  # as `siteagent run`: the VEN starts once the site is read
+        ven = Ven(agent, runtime.events, cfg.openadr, rng=random.Random(seed), check_s=0.1)
+        await ven.start()
+        return cls(cfg, agent, runtime, ven)
+
+    async def close(self) -> None:
+        """Stop the VEN and the agent, close the store (the events stay in it)."""
+        await self.ven.stop()
+        await self.agent.stop()
+        await self.runtime.close()
+
+
+@dataclass(frozen=True)
+class Compliance:
+    """One event against the simulated site: what the simulator drew, when the agent shed."""
+
+    target_w: float
+    start_unix_s: float
+    window_s: float
+    samples: tuple[tuple[float, float], ...]  # (unix s, the simulator's own power W)
+    sheds_unix_s: tuple[float, ...]  # ticks that sent a decrease the device took
+    reports_w: tuple[float, ...]  # TELEMETRY_USAGE values the VTN received
+    tick_powers_w: tuple[float, ...]  # site power the agent saw at each tick
+
+    @property
+    def after_window(self) -> list[float]:
+        """The simulator's power (W) from start + correction window to the end."""
+        return [w for t, w in self.samples if t >= self.start_unix_s + self.window_s]
+
+    @property
+    def seconds_over(self) -> float:
+        """Sampled time (s) over the target after the correction window (0.05 s samples)."""
+        return 0.05 * sum(1 for w in self.after_window if w > self.target_w)
+
+    @property
+    def last_shed_s(self) -> float | None:
+        """From the start to the last shed command sent (s); None if nothing was shed."""
+        return max(self.sheds_unix_s) - self.start_unix_s if self.sheds_unix_s else None
+
+
+async def compliance_run(
+    tmp_path: Path,
+    *,
+    via: str = "openadr",
+    ramp_up_s: float | None = None,
+    duration_s: float = 12.0,
+) -> Compliance:
+    """A cap of half the miners' nameplate from now + 3 s for ``duration_s``, against a real
+    Agent and simulated miners on loopback: by an OpenADR event from openleadr's VTN
+    (``via="openadr"``), or, as the baseline, by ``Agent.set_cap`` at the start."""
+    sim = SimSite(n_miners=N_MINERS, base_address=SIM_BASE, settle_s=0.5, pause_s=0.3, wake_s=0.5)
+    await sim.start()
+    vtn = await Vtn(HOST).start()
+    sheds: list[float] = []
+    powers: list[float] = []
+
+    def on_tick(record: TickRecord) -> None:
+        powers.append(site_power_w(record))
+        sent = set(record.applied)
+        if any(c.is_decrease and c.device_id in sent for c in record.ordered.now):
+            sheds.append(time.time())
+
+    try:
+        full_w = sum(m.nameplate_power_w for m in sim.miners)
+        cfg = config(
+            tmp_path, vtn.url, site={"cap_w": full_w * 2}, addresses=[m.address for m in sim.miners]
+        )
+        site = await Site.open(cfg, await build_devices(cfg), on_tick=on_tick)
+        try:
+            site.agent.start()
+            await until("registered", lambda: site.ven.registered)
+            target_w = 0.5 * full_w
+            start = time.time() + 3.0
+            if via == "openadr":
+                vtn.add(
+                    "ev-c",
+                    "LOAD_DISPATCH",
+                    "setpoint",
+                    [(start, duration_s, target_w / 1000)],
+                    unit=("W", "k"),
+                    ramp_up_s=ramp_up_s,
+                )
+                await until("in the book", lambda: site.book.get("openadr:ev-c") is not None)
+            samples: list[tuple[float, float]] = []
+            capped = False
+            while time.time() < start + duration_s:
+                if via != "openadr" and not capped and time.time() >= start:
+                    site.agent.set_cap("baseline", target_w)
+                    capped = True
+                samples.append((time.time(), sim.total_power_w(time.monotonic())))
+                await asyncio.sleep(0.05)
+            lead_s = ramp_up_s or 0.0
+            return Compliance(
+                target_w=target_w,
+                start_unix_s=start,
+                window_s=cfg.site.correction_window_s,
+                samples=tuple(samples),
+                sheds_unix_s=tuple(t for t in sheds if t >= start - lead_s),
+                reports_w=tuple(vtn.reports_w),
+                tick_powers_w=tuple(powers),
+            )
+        finally:
+            await site.close()
+    finally:
+        await vtn.stop()
+        await sim.stop()

@@ -45,7 +45,7 @@ from siteagent.agent.config import OpenAdrConfig
 from siteagent.agent.control.alarms import VTN_UNREACHABLE, unshed
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.control.prices import node_contract_floors
-from siteagent.agent.ops.metrics import VenStatus, site_power_w
+from siteagent.agent.ops.metrics import VenStatus, snapshot_power_w
 from siteagent.domain import DeviceKind
 from siteagent.policies.capping import min_level_w
 
@@ -114,7 +114,7 @@ def signal_target_w(
     *,
     simple_levels_w: Sequence[float],
     site_cap_w: float,
-    site_power_w: float | None,
+    site_power_w: float,
 ) -> float | None:
     """The cap (W) one interval's payload asks for; None for no cap; Unsupported if unknown.
 
@@ -125,11 +125,6 @@ def signal_target_w(
     """
     name, kind = signal["signal_name"], signal["signal_type"]
 
-    def now_w() -> float:
-        if site_power_w is None:
-            raise Unsupported(f"{name} {kind} is relative to the site's power, not yet read")
-        return site_power_w
-
     if name == "SIMPLE":
         level = round(payload)
         if level <= 0:
@@ -139,13 +134,13 @@ def signal_target_w(
     if name == "LOAD_DISPATCH" and kind == "setpoint":
         return max(0.0, payload * _power_factor_w(signal))
     if name == "LOAD_DISPATCH" and kind == "delta":
-        return max(0.0, now_w() + payload * _power_factor_w(signal))
+        return max(0.0, site_power_w + payload * _power_factor_w(signal))
     if name == "LOAD_CONTROL" and kind == "x-loadControlCapacity":
         return max(0.0, min(payload, 1.0)) * site_cap_w
     if name == "LOAD_CONTROL" and kind == "x-loadControlSetpoint":
         return max(0.0, payload * _power_factor_w(signal))
     if name == "LOAD_CONTROL" and kind == "x-loadControlPercentOffset":
-        return max(0.0, now_w() * (1.0 + payload / 100.0))
+        return max(0.0, site_power_w * (1.0 + payload / 100.0))
     raise Unsupported(f"signal {name} of type {kind}")
 
 
@@ -154,7 +149,7 @@ def interval_caps(
     *,
     simple_levels_w: Sequence[float],
     site_cap_w: float,
-    site_power_w: float | None,
+    site_power_w: float,
 ) -> list[IntervalCap]:
     """Every interval of every signal the VEN understands, as caps (before randomisation).
 
@@ -195,14 +190,18 @@ def interval_caps(
     return caps
 
 
-def least_site_power_w(agent: Agent) -> float | None:
+def site_power_now_w(agent: Agent) -> float:
+    """The site's power now (W): the meter if any, else the devices' last readings plus
+    the overhead (call it once the agent has read its devices)."""
+    return snapshot_power_w(agent.snapshot(), agent.config.site.overhead_w)
+
+
+def least_site_power_w(agent: Agent) -> float:
     """The least the site can draw now (W): overhead, what cannot be shed at its worst
-    case, every device at its minimum, contract floors kept; None before the first tick."""
-    record = agent.last_tick
-    if record is None:
-        return None
-    snap, limits = record.snapshot, record.limits
-    least_w = unshed(snap.devices, limits, record.plan).total_w + limits.overhead_w
+    case (a device not yet read or unreachable at nameplate), every other device at its
+    minimum, pins as the last plan holds them, contract floors kept."""
+    snap, limits = agent.snapshot(), agent.limits()
+    least_w = unshed(snap.devices, limits, agent.last_plan).total_w + limits.overhead_w
     # A contract floor holds its node's GPUs above their own minimum.
     gpus = {d.device_id: d for d in snap.devices if d.kind is DeviceKind.GPU and d.controllable}
     for floor_w, ids in node_contract_floors(agent.config).values():
@@ -405,13 +404,10 @@ class Ven:
 
     # -- reports -------------------------------------------------------------------
 
-    def report_power_w(self) -> list[tuple[Any, float]] | float:
+    def report_power_w(self) -> float:
         """The site's power now (W) for TELEMETRY_USAGE: the meter if any, else the devices'
-        measured sum plus overhead; nothing before the first tick."""
-        record = self.agent.last_tick
-        if record is None:
-            return []
-        return site_power_w(record)
+        measured sum plus overhead."""
+        return site_power_now_w(self.agent)
 
     # -- events --------------------------------------------------------------------
 
@@ -438,13 +434,12 @@ class Ven:
         return opt
 
     def _take(self, event_id: str, event: dict[str, Any]) -> str:
-        record = self.agent.last_tick
         try:
             caps = interval_caps(
                 event,
                 simple_levels_w=self.cfg.simple_levels_w,
                 site_cap_w=self.agent.config.site.cap_w,
-                site_power_w=None if record is None else site_power_w(record),
+                site_power_w=site_power_now_w(self.agent),
             )
         except Unsupported as e:
             log.warning("OpenADR: event %s opted out: %s", event_id, e)
@@ -453,12 +448,7 @@ class Ven:
         opt = OPT_IN
         least_w = least_site_power_w(self.agent)
         lowest_w = min((c.target_w for c in caps), default=None)
-        if (
-            self.cfg.opt_out_when == "floor"
-            and lowest_w is not None
-            and least_w is not None
-            and lowest_w < least_w
-        ):
+        if self.cfg.opt_out_when == "floor" and lowest_w is not None and lowest_w < least_w:
             opt = OPT_OUT
             log.warning(
                 "OpenADR: event %s opted out: its target %.0f W is below the %.0f W the site "

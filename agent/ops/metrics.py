@@ -38,7 +38,14 @@ import numpy as np
 
 from siteagent.agent.control.alarms import ALARM_NAMES
 from siteagent.agent.control.safety import table_of
-from siteagent.domain import DeviceKind, DeviceState, DeviceStatus, PlanMode, setpoint_rows
+from siteagent.domain import (
+    DeviceKind,
+    DeviceState,
+    DeviceStatus,
+    PlanMode,
+    Snapshot,
+    setpoint_rows,
+)
 from siteagent.domain.site import DomainTree, domain_loads_w
 
 if TYPE_CHECKING:
@@ -142,10 +149,16 @@ class View:
 
 def site_power_w(record: TickRecord) -> float:
     """Site power (W) at a tick: the meter when there is one, else readings plus overhead."""
-    meter = record.snapshot.meter_power_w
+    return snapshot_power_w(record.snapshot, record.limits.overhead_w)
+
+
+def snapshot_power_w(snap: Snapshot, overhead_w: float) -> float:
+    """Site power (W) in a snapshot: the meter when there is one, else readings plus
+    ``overhead_w``."""
+    meter = snap.meter_power_w
     if meter is not None:
         return meter
-    return record.snapshot.measured_w + record.limits.overhead_w
+    return snap.measured_w + overhead_w
 
 
 def _worst_case_w(record: TickRecord) -> float:
