@@ -33,6 +33,7 @@ from siteagent.sim.site import SimSite
 PREFIX = "/OpenADR2/Simple/2.0b"
 VEN_ID = "ven-site"
 POLL_S = 1
+SLOW_S = 11.0  # longer than openleadr's read timeout (10 s)
 
 
 def free_port(host: str) -> int:
@@ -183,7 +184,8 @@ class Vtn:
 
 
 class Proxy:
-    """An HTTP hop in front of a VTN that passes, answers garbage, or is gone."""
+    """An HTTP hop in front of a VTN that passes, answers garbage, answers late (after
+    openleadr's 10 s read timeout), or is gone."""
 
     def __init__(self, host: str, target: str) -> None:
         self.host = host
@@ -201,6 +203,8 @@ class Proxy:
         body = await request.read()
         if self.mode == "garbage":
             return web.Response(text="<oadrPayload><unclosed", content_type="application/xml")
+        if self.mode == "slow":
+            await asyncio.sleep(SLOW_S)
         async with ClientSession() as s:
             url = self.target + request.path.removeprefix(PREFIX)
             async with s.post(url, data=body, headers={"content-type": "application/xml"}) as r:

@@ -324,6 +324,40 @@ async def test_a_vtn_that_misbehaves_is_said_once_and_the_events_stay(
         await proxy.stop()
 
 
+async def test_a_slow_vtn_is_said_once_and_the_events_stay(
+    vtn: Vtn, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="siteagent.openadr")
+    proxy = Proxy(HOST, f"http://{HOST}:{vtn.port}/OpenADR2/Simple/2.0b")
+    await proxy.start()
+    site = await Site.open(config(tmp_path, proxy.url))
+    try:
+        vtn.add("ev-s", "SIMPLE", "level", [(time.time() - 1, 600, 2)])
+        await until("in force", lambda: "openadr:ev-s" in site.book.in_force(time.time()))
+        await until("registered", lambda: site.ven.registered)
+        proxy.mode = "slow"
+
+        def failing() -> list[str]:
+            return [
+                r.getMessage() for r in caplog.records if "does not answer well" in r.getMessage()
+            ]
+
+        await until("slowness said", failing, timeout_s=30)
+        assert "Timeout" in failing()[0]
+        assert site.agent.limits().cap_source == "openadr:ev-s"
+        proxy.mode = "pass"
+        await until(
+            "recovery said",
+            lambda: any("answers again" in r.getMessage() for r in caplog.records),
+            timeout_s=30,
+        )
+        assert len(failing()) == 1
+        assert site.agent.limits().cap_source == "openadr:ev-s"
+    finally:
+        await site.close()
+        await proxy.stop()
+
+
 async def test_a_vtn_whose_certificate_the_ca_does_not_sign_is_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

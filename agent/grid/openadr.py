@@ -309,13 +309,25 @@ class Ven:
     async def _supervise(self) -> None:
         """Register (again) whenever the VEN is not registered; say what fails, once."""
         loop = asyncio.get_running_loop()
+        # Apart from registering: a registration waits out openleadr's timeouts (up to
+        # 15 s a request), and what fails meanwhile is said all the same.
+        watch = loop.create_task(self._watch())
         next_try = loop.time()
+        try:
+            while True:
+                client = self.client
+                unregistered = client is None or client.registration_id is None
+                # openleadr tries once; the VEN tries again at its own interval.
+                if unregistered and loop.time() >= next_try and not await self._register():
+                    next_try = loop.time() + self.cfg.poll_interval_s
+                await asyncio.sleep(self.check_s)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    async def _watch(self) -> None:
         while True:
-            client = self.client
-            unregistered = client is None or client.registration_id is None
-            # openleadr tries once; the VEN tries again at its own interval.
-            if unregistered and loop.time() >= next_try and not await self._register():
-                next_try = loop.time() + self.cfg.poll_interval_s
             self._check()
             await asyncio.sleep(self.check_s)
 
