@@ -5,6 +5,7 @@ misbehaving or unverified VTN changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -280,82 +281,79 @@ async def test_a_restart_in_the_middle_of_an_event_keeps_it_and_its_random_start
         await second.close()
 
 
-async def test_a_vtn_that_misbehaves_is_said_once_and_the_events_stay(
-    vtn: Vtn, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="siteagent.openadr")
+@contextlib.asynccontextmanager
+async def behind_proxy(
+    vtn: Vtn, tmp_path: Path, event_id: str
+) -> AsyncIterator[tuple[Site, Proxy]]:
+    """A site whose VEN reaches ``vtn`` through a proxy, registered, with one event in force."""
     proxy = Proxy(HOST, f"http://{HOST}:{vtn.port}/OpenADR2/Simple/2.0b")
     await proxy.start()
     site = await Site.open(config(tmp_path, proxy.url))
     try:
-        vtn.add("ev-m", "SIMPLE", "level", [(time.time() - 1, 600, 1)])
-        await until("in force", lambda: "openadr:ev-m" in site.book.in_force(time.time()))
+        vtn.add(event_id, "SIMPLE", "level", [(time.time() - 1, 600, 1)])
+        source = f"openadr:{event_id}"
+        await until("in force", lambda: source in site.book.in_force(time.time()))
+        await until("registered", lambda: site.ven.registered)
+        yield site, proxy
+    finally:
+        await site.close()
+        await proxy.stop()
 
-        def said(text: str) -> list[logging.LogRecord]:
-            return [
-                r for r in caplog.records if r.name == "siteagent.openadr" and text in r.message
-            ]
 
+def said(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    """The VEN's log lines that contain ``text``."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "siteagent.openadr" and text in r.getMessage()
+    ]
+
+
+async def test_a_vtn_that_misbehaves_is_said_once_and_the_events_stay(
+    vtn: Vtn, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="siteagent.openadr")
+    async with behind_proxy(vtn, tmp_path, "ev-m") as (site, proxy):
+        failing = "does not answer well"
         # Malformed XML: one line, naming it; the event stays in force.
         proxy.mode = "garbage"
-        await until("malformed said", lambda: said("does not answer well"))
+        await until("malformed said", lambda: said(caplog, failing))
         polls = site.ven.events_received
         await asyncio.sleep(3 * 1.0 + 0.5)  # three more polls, each answered with garbage
-        assert len(said("does not answer well")) == 1
-        assert "XML" in said("does not answer well")[0].message
+        assert len(said(caplog, failing)) == 1
+        assert "XML" in said(caplog, failing)[0]
         assert site.ven.events_received == polls
         assert site.agent.limits().cap_source == "openadr:ev-m"
         status = site.agent.ven_status
         assert status is not None and not status.connected
         proxy.mode = "pass"
-        await until("recovery said", lambda: said("answers again"))
+        await until("recovery said", lambda: said(caplog, "answers again"))
         assert site.agent.ven_status is not None and site.agent.ven_status.connected
         # Unreachable: said once, the alarm after alarm_after_s, the event still in force.
         await proxy.stop()
-        await until("unreachable said", lambda: len(said("does not answer well")) == 2)
+        await until("unreachable said", lambda: len(said(caplog, failing)) == 2)
         await until("alarm", lambda: site.agent.alarms.get(VTN_UNREACHABLE) is not None)
         assert site.agent.limits().cap_source == "openadr:ev-m"
         await proxy.start()
-        await until("recovered", lambda: len(said("answers again")) == 2)
+        await until("recovered", lambda: len(said(caplog, "answers again")) == 2)
         assert site.agent.alarms.get(VTN_UNREACHABLE) is None
         assert entry(site, "openadr:ev-m") is not None
-    finally:
-        await site.close()
-        await proxy.stop()
 
 
 async def test_a_slow_vtn_is_said_once_and_the_events_stay(
     vtn: Vtn, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="siteagent.openadr")
-    proxy = Proxy(HOST, f"http://{HOST}:{vtn.port}/OpenADR2/Simple/2.0b")
-    await proxy.start()
-    site = await Site.open(config(tmp_path, proxy.url))
-    try:
-        vtn.add("ev-s", "SIMPLE", "level", [(time.time() - 1, 600, 2)])
-        await until("in force", lambda: "openadr:ev-s" in site.book.in_force(time.time()))
-        await until("registered", lambda: site.ven.registered)
+    async with behind_proxy(vtn, tmp_path, "ev-s") as (site, proxy):
+        # Past openleadr's 10 s read timeout: one line, naming it; the event stays.
         proxy.mode = "slow"
-
-        def failing() -> list[str]:
-            return [
-                r.getMessage() for r in caplog.records if "does not answer well" in r.getMessage()
-            ]
-
-        await until("slowness said", failing, timeout_s=30)
-        assert "Timeout" in failing()[0]
+        await until("slowness said", lambda: said(caplog, "does not answer well"), timeout_s=30)
+        assert "Timeout" in said(caplog, "does not answer well")[0]
         assert site.agent.limits().cap_source == "openadr:ev-s"
         proxy.mode = "pass"
-        await until(
-            "recovery said",
-            lambda: any("answers again" in r.getMessage() for r in caplog.records),
-            timeout_s=30,
-        )
-        assert len(failing()) == 1
+        await until("recovery said", lambda: said(caplog, "answers again"), timeout_s=30)
+        assert len(said(caplog, "does not answer well")) == 1
         assert site.agent.limits().cap_source == "openadr:ev-s"
-    finally:
-        await site.close()
-        await proxy.stop()
 
 
 async def test_a_vtn_whose_certificate_the_ca_does_not_sign_is_refused(
