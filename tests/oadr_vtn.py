@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from openleadr import OpenADRServer, objects
+from openleadr import OpenADRServer, objects, utils
 
 from siteagent.agent.api.runtime import OverrideRuntime
 from siteagent.agent.config import Config, parse_config
@@ -176,6 +176,18 @@ class Vtn:
         if ramp_up_s is not None:
             period.ramp_up_period = dt.timedelta(seconds=ramp_up_s)
         event.active_period = period
+
+    def modify(self, event_id: str, payloads: list[float]) -> None:
+        """Change an event's interval payloads, as a VTN modifies an event (its modification
+        number goes up, so the VEN's on_update_event hears it)."""
+        assert self.server is not None
+        event = utils.find_by(self.server.events[VEN_ID], "event_descriptor.event_id", event_id)
+        for interval, payload in zip(event.event_signals[0].intervals, payloads, strict=True):
+            interval.signal_payload = payload
+        utils.increment_event_modification_number(event)
+        self.opts.pop(event_id, None)
+        self.server.event_callbacks[event_id] = (event, self._opt)
+        self.server.events_updated[VEN_ID] = True
 
     def cancel(self, event_id: str) -> None:
         """Cancel an event (openleadr marks it and raises its modification number)."""

@@ -226,6 +226,41 @@ async def test_the_vtn_cancels_and_the_cap_ends(vtn: Vtn, tmp_path: Path) -> Non
         await site.close()
 
 
+async def test_a_modified_event_changes_its_caps_and_one_cancelled_here_is_refused(
+    vtn: Vtn, tmp_path: Path
+) -> None:
+    site = await Site.open(config(tmp_path, vtn.url))
+    try:
+        start = round(time.time()) + 120.0
+        vtn.add(
+            "ev-mod",
+            "LOAD_DISPATCH",
+            "setpoint",
+            [(start, 300, 4.5), (start + 300, 300, 3.0)],
+            unit=("W", "k"),
+        )
+        vtn.add("ev-here", "SIMPLE", "level", [(start, 300, 1)])
+        await until("both in the book", lambda: len(site.book.list()) == 3)
+        await until("both answered", lambda: len(vtn.opts) == 2)
+        # An operator cancels one here; the VTN then modifies both.
+        site.book.cancel("openadr:ev-here", "operator", "not today")
+        vtn.modify("ev-mod", [4.0, 2.5])
+        vtn.modify("ev-here", [2])
+        await until("both answered again", lambda: len(vtn.opts) == 2)
+        first, second = entry(site, "openadr:ev-mod:0"), entry(site, "openadr:ev-mod:1")
+        assert first is not None and second is not None
+        assert (first.target_w, second.target_w) == (4_000.0, 2_500.0)
+        assert first.modified_seq == second.modified_seq == 1
+        assert (first.start_unix_s, second.start_unix_s) == (start, start + 300)
+        # The one cancelled here stays cancelled, and the VTN hears that the site is out.
+        assert vtn.opts == {"ev-mod": "optIn", "ev-here": "optOut"}
+        here = entry(site, "openadr:ev-here")
+        assert here is not None and here.cancelled_unix_s is not None
+        assert site.book.in_force(start + 1) == {"openadr:ev-mod": (4_000.0, "site")}
+    finally:
+        await site.close()
+
+
 async def test_opt_out_when_the_target_is_below_what_cannot_be_shed(
     vtn: Vtn, tmp_path: Path
 ) -> None:

@@ -40,7 +40,7 @@ from openleadr import OpenADRClient
 
 from siteagent.agent.api.events import OPT_IN as BOOK_IN
 from siteagent.agent.api.events import OPT_OUT as BOOK_OUT
-from siteagent.agent.api.events import EventBook, GridEvent
+from siteagent.agent.api.events import EventBook, EventError, GridEvent
 from siteagent.agent.config import OpenAdrConfig
 from siteagent.agent.control.alarms import VTN_UNREACHABLE, unshed
 from siteagent.agent.control.loop import Agent
@@ -433,6 +433,12 @@ class Ven:
                 self._end(event_id, "cancelled by the VTN")
                 return self._answer(OPT_IN)
             return self._answer(self._take(event_id, event))
+        except EventError as e:
+            # The book refused it (an operator cancelled it here): the VTN hears no.
+            log.warning("OpenADR: event %s opted out: the event book refused it: %s", event_id, e)
+            with contextlib.suppress(Exception):
+                self._end(event_id, f"refused by the book: {e}", quiet=True)
+            return self._answer(OPT_OUT)
         except Exception as e:
             # Never let an event through half-taken: say it, opt out, keep the rest.
             log.exception("OpenADR: event %s could not be taken; opting out", event_id)
