@@ -13,7 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from oadr_vtn import HOST, Proxy, Site, Vtn, compliance_run, config, make_ca, make_leaf, until
+from oadr_vtn import (
+    HOST,
+    Proxy,
+    Site,
+    Vtn,
+    compliance_run,
+    config,
+    free_port,
+    make_ca,
+    make_leaf,
+    until,
+)
+from openleadr import OpenADRClient
 
 from siteagent.agent.api.events import GridEvent
 from siteagent.agent.config import ConfigError, parse_config
@@ -342,6 +354,35 @@ def said(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
         for r in caplog.records
         if r.name == "siteagent.openadr" and text in r.getMessage()
     ]
+
+
+async def test_openleadr_still_reports_a_failed_request_where_the_ven_listens() -> None:
+    """The fence around the one clever part: the VEN hears of a failed request from
+    openleadr's client log records made in ``OpenADRClient._perform_request`` (at WARNING
+    or above). If openleadr moves or drops them, this says so plainly."""
+    vtn_url = f"http://{HOST}:{free_port(HOST)}/OpenADR2/Simple/2.0b"  # nothing listens
+    client = OpenADRClient(ven_name="fence", vtn_url=vtn_url, show_fingerprint=False)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger = logging.getLogger("openleadr")
+    logger.addHandler(handler)
+    try:
+        assert await client.poll() == (None, {})
+    finally:
+        logger.removeHandler(handler)
+        await client.stop()
+    failed = [r for r in records if r.module == "client" and r.levelno >= logging.WARNING]
+    assert failed, "openleadr no longer logs a failed request: the VEN would hear of none"
+    where = {r.funcName for r in failed}
+    assert where == {"_perform_request"}, (
+        f"openleadr now logs a failed request from {where}, not _perform_request: "
+        "update _LibraryLog in agent/grid/openadr.py"
+    )
 
 
 async def test_a_vtn_that_misbehaves_is_said_once_and_the_events_stay(

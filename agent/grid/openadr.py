@@ -18,7 +18,8 @@ so off loopback the config requires https with all three (``agent/config.py``).
 
 A VTN that misbehaves (unreachable, slow, malformed XML) is noticed through
 openleadr's own account of each request (its ``_perform_request`` log records,
-taken by a filter and not printed: they repeat at every poll); the VEN says so in
+taken by a filter and not printed: they repeat at every poll; the one clever part,
+fenced by a test in tests/test_openadr.py that names a change); the VEN says so in
 one line, raises the ``vtn-unreachable`` alarm after ``alarm_after_s``, and says
 when the VTN answers again. The book keeps the events meanwhile.
 """
