@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import logging
 import statistics
 import sys
@@ -30,7 +32,7 @@ from oadr_vtn import Compliance, compliance_run
 async def runs(via: str, n: int, duration_s: float, ramp_up_s: float | None) -> list[Compliance]:
     out = []
     for _ in range(n):
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             out.append(
                 await compliance_run(Path(tmp), via=via, ramp_up_s=ramp_up_s, duration_s=duration_s)
             )
@@ -39,12 +41,14 @@ async def runs(via: str, n: int, duration_s: float, ramp_up_s: float | None) -> 
 
 def line(name: str, results: list[Compliance]) -> float:
     sheds = [r.last_shed_s for r in results if r.last_shed_s is not None]
+    unders = [r.under_after_s for r in results if r.under_after_s is not None]
     over = sum(r.seconds_over for r in results)
     peak = max(max(r.after_window) / r.target_w for r in results)
     last = statistics.median(sheds) if sheds else float("nan")
     print(
-        f"{name:34s} last shed after start: median {last:6.2f} s "
-        f"(runs: {', '.join(f'{s:.2f}' for s in sheds)}); over target after the "
+        f"{name:30s} last shed command after start: median {last:5.2f} s "
+        f"(runs {', '.join(f'{s:.2f}' for s in sheds)}); site under target (simulator's "
+        f"power) after {', '.join(f'{u:.2f}' for u in unders)} s; over target after the "
         f"{results[0].window_s:.0f} s window: {over:.2f} s; peak {peak:.2f} x target"
     )
     return last
@@ -55,8 +59,8 @@ async def main() -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--duration", type=float, default=12.0)
     args = p.parse_args()
-    # The VTN's own lines (one per poll and report) would bury the figures.
-    logging.getLogger("openleadr").setLevel(logging.WARNING)
+    # The VTN's own lines (one per poll and report, a banner per start) would bury them.
+    logging.getLogger("openleadr").setLevel(logging.ERROR)
     base = line(
         "baseline: Agent.set_cap at start", await runs("cap", args.runs, args.duration, None)
     )

@@ -425,6 +425,15 @@ class Compliance:
         return 0.05 * sum(1 for w in self.after_window if w > self.target_w)
 
     @property
+    def under_after_s(self) -> float | None:
+        """From the start until the simulator's power went under the target for good (s);
+        None if it was over at the end."""
+        if not self.samples or self.samples[-1][1] > self.target_w:
+            return None
+        over = [t for t, w in self.samples if w > self.target_w]
+        return max(0.0, (max(over) if over else self.start_unix_s) - self.start_unix_s)
+
+    @property
     def last_shed_s(self) -> float | None:
         """From the start to the last shed command sent (s); None if nothing was shed."""
         return max(self.sheds_unix_s) - self.start_unix_s if self.sheds_unix_s else None
@@ -477,6 +486,8 @@ async def compliance_run(
             capped = False
             while time.time() < start + duration_s:
                 if via != "openadr" and not capped and time.time() >= start:
+                    # The baseline's start is when the cap is set (the loop wakes late).
+                    start = time.time()
                     site.agent.set_cap("baseline", target_w)
                     capped = True
                 samples.append((time.time(), sim.total_power_w(time.monotonic())))
