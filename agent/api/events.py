@@ -65,6 +65,8 @@ OPENADR_PREFIX = "openadr:"
 API_PREFIX = "api:"
 CONFIG_PREFIX = "config:"
 EVENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The longest event the API takes (s): a week, longer than any programme's event.
+MAX_EVENT_S = 7 * 86400
 # An event's status in its audit record: a change the agent made, like an override's expiry.
 AUDIT_STATUS = 200
 
@@ -338,11 +340,11 @@ class EventBook:
 
         def change() -> None:
             self.store.write_event(new, record)
-            live = dict(self._live)
-            if new.cancelled_unix_s is None and new.end_unix_s > self.wall_clock():
+            now = self.wall_clock()
+            # Events over are dropped here: memory holds what is not over yet.
+            live = {i: e for i, e in self._live.items() if e.end_unix_s > now and i != new.id}
+            if new.cancelled_unix_s is None and new.end_unix_s > now:
                 live[new.id] = new
-            else:
-                live.pop(new.id, None)
             # Replaced whole: the metrics' thread reads the old or the new dict, never half.
             self._live = live
 
@@ -391,11 +393,23 @@ Instant = Annotated[datetime, Field(strict=False)]
 class EventRequest(BaseModel):
     """Add (or modify, by id) a demand-response event: a cap of target_w from start."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        allow_inf_nan=False,
+        # Exactly one of the two (not null), in the schema too (``event_of_request`` checks).
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["duration_s"], "properties": {"duration_s": {"type": "number"}}},
+                {"required": ["end"], "properties": {"end": {"type": "string"}}},
+            ]
+        },
+    )
 
     name: Name
     start: Instant = Field(description="ISO 8601 with a UTC offset: 2026-08-14T16:00-05:00")
-    duration_s: Annotated[float, Field(gt=0, le=7 * 86400)] | None = Field(
+    duration_s: Annotated[float, Field(gt=0, le=MAX_EVENT_S)] | None = Field(
         default=None, description="how long (s); or give end"
     )
     end: Instant | None = Field(default=None, description="when it ends; or give duration_s")
@@ -410,7 +424,10 @@ class EventRequest(BaseModel):
 def event_of_request(
     req: EventRequest, *, actor: str, now_unix_s: float, new_id: Callable[[], str] = new_event_id
 ) -> GridEvent:
-    """The event an API request asks for; EventError (422) if its times do not make one."""
+    """The event an API request asks for; EventError if its times do not make one.
+
+    422 for what the schema says too (an offset, duration_s or end); 409 for times that
+    are well formed but make no event now (an end not after the start, an event over)."""
     for key, t in (("start", req.start), ("end", req.end)):
         if t is not None and t.utcoffset() is None:
             raise EventError(
@@ -424,14 +441,21 @@ def event_of_request(
     if req.end is not None:
         end = req.end.timestamp()
         if end <= start:
-            raise EventError(422, f"end {_iso(req.end)} is not after start {_iso(req.start)}")
+            raise EventError(409, f"end {_iso(req.end)} is not after start {_iso(req.start)}")
         duration_s = end - start
+        if duration_s > MAX_EVENT_S:
+            raise EventError(
+                409,
+                f"from start {_iso(req.start)} to end {_iso(req.end)} is "
+                f"{duration_s / 86400:.1f} days, longer than an event may last "
+                f"({MAX_EVENT_S / 86400:.0f} days)",
+            )
     else:
         assert req.duration_s is not None
         duration_s = req.duration_s
     if start + duration_s <= now_unix_s:
         raise EventError(
-            422,
+            409,
             f"the event ends at {_iso_unix(start + duration_s)}, before now "
             f"({_iso_unix(now_unix_s)}); a past event cannot be added",
         )

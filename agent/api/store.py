@@ -300,13 +300,24 @@ class Store:
 
     def get_event(self, event_id: str) -> GridEvent | None:
         """One grid event by id, or None."""
+        if not self._has_events():
+            return None
         row = self._db.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()
         return None if row is None else event_from_json(row[0])
 
     def events(self) -> list[GridEvent]:
         """Every grid event stored, any state, by start."""
+        if not self._has_events():
+            return []
         rows = self._db.execute("SELECT body FROM events ORDER BY start_unix_s, id").fetchall()
         return [event_from_json(r[0]) for r in rows]
+
+    def _has_events(self) -> bool:
+        # A store made before events, opened read-only (``plan --dry-run``), has no table.
+        found = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+        ).fetchone()
+        return found is not None
 
     # -- audit -------------------------------------------------------------------
 

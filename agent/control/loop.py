@@ -289,9 +289,10 @@ class Agent:
 
     def tick_at(self, key: str, when_unix_s: float | None) -> None:
         """Run a control tick at a wall-clock instant (an event's start); None forgets it."""
-        if when_unix_s is None:
-            self._tick_times.pop(key, None)
-        else:
+        now = self.wall_clock()
+        # Instants gone by are done with (APScheduler drops its date jobs once run).
+        self._tick_times = {k: t for k, t in self._tick_times.items() if t > now and k != key}
+        if when_unix_s is not None:
             self._tick_times[key] = datetime.fromtimestamp(when_unix_s, UTC)
         self._schedule_tick_at(key)
 

@@ -461,6 +461,7 @@ def head_families(
     yield from _alarm_families(agent)
     if agent.ven_status is not None:
         yield from _ven_families(agent.ven_status)
+    yield from grid_event_families(agent)
     if v is None:
         return
     record = v.record
@@ -583,6 +584,47 @@ def _ven_families(ven: VenStatus) -> Iterator[Family]:
         "Opt-in and opt-out answers the VEN gave its VTN.",
         ("opt",),
         [(("in",), float(ven.opted_in)), (("out",), float(ven.opted_out))],
+    )
+
+
+def grid_event_families(agent: Agent) -> Iterator[Family]:
+    """Run-time grid events (the event book): in force, the next one, each one's opt state.
+
+    A handful of samples read from memory, so rendered at each scrape with the head;
+    the ``event`` label is bounded by the events not yet over."""
+    book = agent.grid_caps
+    if book is None:
+        return
+    states = book.states(agent.wall_clock().timestamp())
+    yield _one(
+        "grid_events_in_force",
+        "gauge",
+        "Grid events (demand response) whose cap is in force now, ramp-up included.",
+        float(sum(e.in_force for e in states)),
+    )
+    upcoming = [e for e in states if e.opted_in and not e.in_force]
+    if upcoming:
+        nxt = min(upcoming, key=lambda e: e.start_unix_s)
+        yield _one(
+            "grid_event_next_start_timestamp_seconds",
+            "gauge",
+            "When (Unix time) the next opted-in grid event starts (absent when none).",
+            nxt.start_unix_s,
+        )
+        yield _one(
+            "grid_event_next_target_watts",
+            "gauge",
+            "Cap the next opted-in grid event sets (absent when none).",
+            nxt.target_w,
+        )
+    if not states:
+        return
+    yield Family(
+        PREFIX + "grid_event_opted_in",
+        "gauge",
+        "1 if the site takes part in the grid event, 0 if opted out; events not yet over.",
+        ("event",),
+        [((e.event_id,), float(e.opted_in)) for e in states],
     )
 
 

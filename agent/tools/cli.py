@@ -363,7 +363,13 @@ def _overrides_in_force(agent: Agent) -> list[Override]:
     store = Store.read_only(path)
     try:
         manager = OverrideManager(agent, store, max_ttl_s=agent.config.api.max_override_ttl_s)
-        return manager.apply_in_force()
+        applied = manager.apply_in_force()
+        # The stored grid events too (read now: the book keeps them in memory). Set, not
+        # ``set_grid_caps``: a dry run asks for no tick.
+        from siteagent.agent.api.events import EventBook, configured_limits_w
+
+        agent.grid_caps = EventBook(store, limits_w=configured_limits_w(agent.config))
+        return applied
     finally:
         store.close()
 

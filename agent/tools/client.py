@@ -467,6 +467,10 @@ def _dispatch(args: argparse.Namespace, client: ApiClient, out: TextIO) -> int:
     if args.command == "devices":
         _emit(args, client.request("GET", "/v1/devices"), devices_table, out)
         return EXIT_OK
+    if args.command == "event":
+        from siteagent.agent.tools.event_cli import event_command
+
+        return event_command(args, client, out)
     if args.command == "audit":
         params: dict[str, Any] = {"limit": args.limit}
         if args.before is not None:
@@ -637,6 +641,10 @@ def add_commands(sub: Any) -> None:
     for p in (c, m, pn, ex, ls, cn):
         _connection_options(p)
     o.set_defaults(func=cmd_client)
+
+    from siteagent.agent.tools.event_cli import add_event_commands
+
+    add_event_commands(sub)
 
     t = sub.add_parser("token", help="manage API tokens")
     tsub = t.add_subparsers(dest="token_command", required=True)
