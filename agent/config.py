@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
@@ -529,6 +530,58 @@ class ScheduleConfig(_Strict):
     events: list[DemandResponseConfig] = []
 
 
+def _vtn_unverified(
+    vtn_url: str, cert: str | None, key: str | None, ca_file: str | None
+) -> str | None:
+    """Why the VEN could not verify this VTN (None if it can): off loopback, openleadr
+    checks the VTN's certificate only over https with cert, key and ca_file all set."""
+    if (cert is None) != (key is None):
+        return (
+            f"found cert={cert!r} and key={key!r}, expected both set (TLS with a client "
+            "certificate) or neither"
+        )
+    url = urlsplit(vtn_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return f"found vtn_url {vtn_url!r}, expected an http:// or https:// URL with a host"
+    host = url.hostname
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a host name: may resolve anywhere
+    if loopback:
+        return None
+    if url.scheme != "https" or cert is None or ca_file is None:
+        return (
+            f"found vtn_url {vtn_url!r} (off loopback) with cert={cert!r}, key={key!r}, "
+            f"ca_file={ca_file!r}, expected an https:// vtn_url and cert, key and ca_file "
+            "all set: the VEN takes events only from a VTN whose certificate ca_file signs"
+        )
+    return None
+
+
+class OpenAdrConfig(_Strict):
+    """The OpenADR 2.0b VEN (agent/grid/openadr.py): which VTN, who we are, how to answer."""
+
+    vtn_url: Annotated[str, Field(min_length=1)]
+    ven_name: Annotated[str, Field(min_length=1)]
+    ven_id: str | None = None
+    poll_interval_s: PositiveS = 10.0
+    cert: str | None = None
+    key: str | None = None
+    ca_file: str | None = None
+    # SIMPLE levels 1, 2, 3 -> site cap (W); 0 means no cap at that level.
+    simple_levels_w: Annotated[list[NonNegW], Field(min_length=3, max_length=3)] = [0.0, 0.0, 0.0]
+    opt_out_when: Literal["floor", "never"] = "floor"
+    report_interval_s: PositiveS = 60.0
+    # After this long without a good answer from the VTN, the vtn-unreachable alarm.
+    alarm_after_s: PositiveS = 300.0
+
+    @model_validator(mode="after")
+    def _vtn_verified(self) -> OpenAdrConfig:
+        _raise_if(_vtn_unverified(self.vtn_url, self.cert, self.key, self.ca_file))
+        return self
+
+
 class StateConfig(_Strict):
     """Where state lives."""
 
@@ -677,6 +730,7 @@ class Config(_Strict):
     metrics: ListenConfig = ListenConfig(port=9800)
     state: StateConfig = StateConfig()
     meters: list[MeterConfig] = []
+    openadr: OpenAdrConfig | None = None
 
     @model_validator(mode="after")
     def _meter_bounds(self) -> Config:
@@ -919,6 +973,9 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
                     'policy.name = "economic" (which keeps the floor), or no floor',
                 )
             )
+    vtn = _values(OpenAdrConfig, _table(data, "openadr"), "vtn_url", "cert", "key", "ca_file")
+    if vtn is not None:
+        problems += _rule("openadr", _vtn_unverified(*vtn))
     for i, w in _rows(_table(data, "schedule"), "windows"):
         cron = _values(CapWindowConfig, w, "cron", "timezone")
         if cron is not None:

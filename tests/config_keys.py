@@ -38,5 +38,8 @@ def key_paths(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, A
 
 
 def is_float(annotation: Any) -> bool:
-    """Whether a leaf holds a float (or an optional one, with or without constraints)."""
+    """Whether a leaf holds a float (or an optional one, with or without constraints);
+    a list of floats is not one (its items are checked where it is defined)."""
+    if get_origin(annotation) is list:
+        return False
     return annotation is float or any(is_float(a) for a in get_args(annotation))

@@ -316,6 +316,7 @@ FULL: dict[str, Any] = {
             },
         }
     ],
+    "openadr": {"vtn_url": "http://127.0.0.1:8080/OpenADR2/Simple/2.0b", "ven_name": "v"},
 }
 FLOAT_KEYS = [path for path, annotation in key_paths(Config) if is_float(annotation)]
 

@@ -40,7 +40,14 @@ CAP_UNMEETABLE = "cap-unmeetable"
 PRICES_STALE = "prices-stale"
 # The last reload (SIGHUP) was refused: the file on disk is not the config in force.
 CONFIG_RELOAD_FAILED = "config-reload-failed"
-ALARM_NAMES = (CAP_UNMEETABLE, CONTRACT_FLOOR_BROKEN, PRICES_STALE, CONFIG_RELOAD_FAILED)
+VTN_UNREACHABLE = "vtn-unreachable"  # the OpenADR VTN has not answered well for a while
+ALARM_NAMES = (
+    CAP_UNMEETABLE,
+    CONTRACT_FLOOR_BROKEN,
+    PRICES_STALE,
+    CONFIG_RELOAD_FAILED,
+    VTN_UNREACHABLE,
+)
 # A plan this far (W) above the cap is one no plan could avoid, not a rounding.
 UNMEETABLE_TOLERANCE_W = 1.0
 
@@ -202,15 +209,25 @@ def floor_alarm_reason(
     )
 
 
-def _worst_case_text(
-    devices: Iterable[DeviceStatus],
-    limits: Limits,
-    plan: Plan,
-    overhead_w: float,
-    at_least_w: float = 0.0,
-) -> str:
-    """What holds ``devices`` (and ``overhead_w``) up, worked out device by device (W);
-    the worst case shown is at least ``at_least_w``."""
+@dataclass(frozen=True, slots=True)
+class Unshed:
+    """What no plan can shed, in parts (W): devices unreachable or unconfirmed (at their
+    worst case), fixed loads, pinned or excluded devices, the rest at their minimum."""
+
+    blind_w: float
+    fixed_w: float
+    held_w: float
+    least_w: float
+    blind: Mapping[str, int]  # unreachable or unconfirmed devices by kind
+
+    @property
+    def total_w(self) -> float:
+        """The least (W) these devices can draw under any plan."""
+        return self.blind_w + self.fixed_w + self.held_w + self.least_w
+
+
+def unshed(devices: Iterable[DeviceStatus], limits: Limits, plan: Plan | None) -> Unshed:
+    """What ``devices`` draw at the least under any plan (pins at ``plan``'s level)."""
     pinned = {p.device_id for p in limits.pins if not p.exclude}
     excluded = {p.device_id for p in limits.pins if p.exclude}
     blind: dict[str, int] = {}
@@ -224,7 +241,7 @@ def _worst_case_text(
         elif d.device_id in excluded:
             held_w += d.budget_w
         elif d.device_id in pinned:
-            sp = plan.setpoint_for(d.device_id)
+            sp = None if plan is None else plan.setpoint_for(d.device_id)
             held_w += d.budget_w if sp is None else sp.planned_w
         elif d.kind is DeviceKind.MINER:
             caps = d.capabilities
@@ -234,8 +251,22 @@ def _worst_case_text(
                 least_w += min_level_w(d) if caps.power_target else max_level_w(d)
         else:
             least_w += min_level_w(d)
-    worst_w = blind_w + fixed_w + held_w + least_w + overhead_w
-    what = " and ".join(f"{n} {k}(s)" for k, n in sorted(blind.items())) or "no device"
+    return Unshed(blind_w, fixed_w, held_w, least_w, blind)
+
+
+def _worst_case_text(
+    devices: Iterable[DeviceStatus],
+    limits: Limits,
+    plan: Plan,
+    overhead_w: float,
+    at_least_w: float = 0.0,
+) -> str:
+    """What holds ``devices`` (and ``overhead_w``) up, worked out device by device (W);
+    the worst case shown is at least ``at_least_w``."""
+    u = unshed(devices, limits, plan)
+    blind_w, fixed_w, held_w, least_w = u.blind_w, u.fixed_w, u.held_w, u.least_w
+    worst_w = u.total_w + overhead_w
+    what = " and ".join(f"{n} {k}(s)" for k, n in sorted(u.blind.items())) or "no device"
     return (
         f"worst case {max(worst_w, at_least_w):.0f} W of which {blind_w:.0f} W is {what} "
         f"unreachable or unconfirmed, counted at their worst case (nameplate); "

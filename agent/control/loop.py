@@ -31,7 +31,7 @@ from siteagent.agent.control.prices import (
 )
 from siteagent.agent.control.reload import reload_problems
 from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
-from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
+from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations, VenStatus
 from siteagent.domain import (
     DeviceError,
     DevicePermissionError,
@@ -189,6 +189,8 @@ class Agent:
         self.last_sweep_s: float | None = None
         # The last reload (SIGHUP): whether it was applied, and when (Unix s); None before one.
         self.last_reload: tuple[bool, float] | None = None
+        # The OpenADR VEN's state for the metrics, when one runs (agent/grid/openadr.py).
+        self.ven_status: VenStatus | None = None
 
     # -- limits ------------------------------------------------------------------
 

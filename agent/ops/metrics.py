@@ -38,7 +38,14 @@ import numpy as np
 
 from siteagent.agent.control.alarms import ALARM_NAMES
 from siteagent.agent.control.safety import table_of
-from siteagent.domain import DeviceKind, DeviceState, DeviceStatus, PlanMode, setpoint_rows
+from siteagent.domain import (
+    DeviceKind,
+    DeviceState,
+    DeviceStatus,
+    PlanMode,
+    Snapshot,
+    setpoint_rows,
+)
 from siteagent.domain.site import DomainTree, domain_loads_w
 
 if TYPE_CHECKING:
@@ -95,6 +102,18 @@ class Durations:
 
 
 @dataclass(frozen=True, slots=True)
+class VenStatus:
+    """The OpenADR VEN as the metrics show it; the VEN replaces it whole on each change."""
+
+    registered: bool
+    connected: bool  # the VTN's last answer was a good one
+    last_answer_unix_s: float | None  # when the VTN last answered well
+    events_received: int  # event messages (new or changed events) taken from the VTN
+    opted_in: int  # opt-in answers sent
+    opted_out: int  # opt-out answers sent
+
+
+@dataclass(frozen=True, slots=True)
 class View:
     """One scrape's frozen view: the last tick, and what is derived from it once per scrape."""
 
@@ -116,7 +135,7 @@ class View:
     @property
     def site_power_w(self) -> float:
         """Site power (W): the meter when there is one, else device readings plus overhead."""
-        return _site_power_w(self.record)
+        return site_power_w(self.record)
 
     @property
     def worst_case_w(self) -> float:
@@ -128,11 +147,18 @@ class View:
         return None if d.reading_age_s is None else d.reading_age_s + self.lag_s
 
 
-def _site_power_w(record: TickRecord) -> float:
-    meter = record.snapshot.meter_power_w
+def site_power_w(record: TickRecord) -> float:
+    """Site power (W) at a tick: the meter when there is one, else readings plus overhead."""
+    return snapshot_power_w(record.snapshot, record.limits.overhead_w)
+
+
+def snapshot_power_w(snap: Snapshot, overhead_w: float) -> float:
+    """Site power (W) in a snapshot: the meter when there is one, else readings plus
+    ``overhead_w``."""
+    meter = snap.meter_power_w
     if meter is not None:
         return meter
-    return record.snapshot.measured_w + record.limits.overhead_w
+    return snap.measured_w + overhead_w
 
 
 def _worst_case_w(record: TickRecord) -> float:
@@ -433,6 +459,8 @@ def head_families(
         age_s = max(0.0, now_s - agent.last_sweep_s)
         yield _one("last_sweep_age_seconds", "gauge", "Time since the last telemetry sweep.", age_s)
     yield from _alarm_families(agent)
+    if agent.ven_status is not None:
+        yield from _ven_families(agent.ven_status)
     yield from grid_event_families(agent)
     ok, at_unix_s = agent.last_reload or (True, 0.0)
     yield _one(
@@ -534,6 +562,41 @@ def _alarm_families(agent: Agent) -> Iterator[Family]:
         "When (Unix time) the alarm was raised; 0 when it is not raised.",
         ("alarm",),
         [((name,), raised[name].since_unix_s if name in raised else 0.0) for name in ALARM_NAMES],
+    )
+
+
+def _ven_families(ven: VenStatus) -> Iterator[Family]:
+    yield _one(
+        "openadr_registered",
+        "gauge",
+        "1 while the VEN is registered with its VTN.",
+        float(ven.registered),
+    )
+    yield _one(
+        "openadr_connected",
+        "gauge",
+        "1 while the VTN's last answer was a good one.",
+        float(ven.connected),
+    )
+    if ven.last_answer_unix_s is not None:
+        yield _one(
+            "openadr_last_answer_timestamp_seconds",
+            "gauge",
+            "When (Unix time) the VTN last answered a poll or request well.",
+            ven.last_answer_unix_s,
+        )
+    yield _one(
+        "openadr_events_received_total",
+        "counter",
+        "Events (new or changed) the VEN took from its VTN.",
+        float(ven.events_received),
+    )
+    yield Family(
+        PREFIX + "openadr_opt_answers_total",
+        "counter",
+        "Opt-in and opt-out answers the VEN gave its VTN.",
+        ("opt",),
+        [(("in",), float(ven.opted_in)), (("out",), float(ven.opted_out))],
     )
 
 
@@ -843,7 +906,7 @@ def site_summary(agent: Agent) -> str:
         states[d.state.value] = states.get(d.state.value, 0) + 1
     by_state = ", ".join(f"{k} {states[k]}" for k in sorted(states)) or "no devices"
     return (
-        f"{record.plan.mode}: site {_site_power_w(record) / 1000:.1f} kW "
+        f"{record.plan.mode}: site {site_power_w(record) / 1000:.1f} kW "
         f"(worst case {_worst_case_w(record) / 1000:.1f} kW) of effective cap "
         f"{limits.effective_cap_w / 1000:.1f} kW from {limits.cap_source}; "
         f"{n} device(s): {by_state}"

@@ -188,6 +188,14 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         t = time.perf_counter()
         await agent.sweep()
         log.info("first sweep of %d device(s) in %.1f s", len(agent.fleet), time.perf_counter() - t)
+        if cfg.openadr is not None:
+            # Once the site is read: the VEN answers events by what the site can shed. Its
+            # events go into the runtime's book; it stops before the store closes.
+            from siteagent.agent.grid.openadr import Ven
+
+            ven = Ven(agent, runtime.events, cfg.openadr)
+            await ven.start()
+            opened.append(ven.stop)
         startup.phase("starting the control loop")
         # Drivers, trackers and pyasic's objects live as long as the agent: keep them out
         # of the collector's passes (10-26% less CPU per sweep at 10,000 miners, bench/).
