@@ -38,7 +38,9 @@ log = logging.getLogger("siteagent.alarms")
 CONTRACT_FLOOR_BROKEN = "contract-floor-broken"
 CAP_UNMEETABLE = "cap-unmeetable"
 PRICES_STALE = "prices-stale"
-ALARM_NAMES = (CAP_UNMEETABLE, CONTRACT_FLOOR_BROKEN, PRICES_STALE)
+METER_FAULT = "meter-fault"  # a meter stale, frozen or answering garbage: the fallback counts
+UNDER_FREQUENCY = "under-frequency"  # the armed block is shed and held
+ALARM_NAMES = (CAP_UNMEETABLE, CONTRACT_FLOOR_BROKEN, PRICES_STALE, METER_FAULT, UNDER_FREQUENCY)
 # A plan this far (W) above the cap is one no plan could avoid, not a rounding.
 UNMEETABLE_TOLERANCE_W = 1.0
 

@@ -1,0 +1,354 @@
+"""The site's meters in the loop: freshness, the unexplained load, the fallback.
+
+Each meter is read by its own task at its own interval (not per tick). The driver
+(drivers/meter.py) judges each answer and says why one is unusable (garbage: NaN,
+a wrong scale, negative import where there can be none; frozen: the same answer
+``frozen_after_reads`` times in a row); here a meter is *garbage* or *frozen* from
+such an answer until a good reading, *stale* when no good reading came for
+``stale_after_s`` (no answer, a timeout), else *fresh*. A meter that is not fresh
+raises one alarm (``meter-fault``) and is replaced by the fallback.
+
+The unexplained load of a domain is its meter minus the devices' measured sum below
+it: cooling, losses, lighting and miners that under-report. The plan counts it in
+place of the constant ``site.overhead_w``. It is filtered by a *windowed maximum*
+over ``metering.unexplained_window_s``, not an average: an average lags a rise, and
+lagging a rise is what takes a site over its cap, while a maximum follows a rise at
+the next sample and forgets a fall only after the window (the cost is a little
+headroom, never the cap). While it rises fast, the latest value is extrapolated at
+its rate of rise over ``metering.rise_horizon_s`` (the worst-case bound until the
+next tick). A fall below zero (devices over-reporting, or a shed the devices have
+not yet reported) is not credited: the plan never counts less than the devices.
+
+The fallback, for a meter that is not fresh: the device sum, plus the configured
+overhead, plus the largest unexplained load seen over ``metering.fallback_window_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from siteagent.agent.control.alarms import METER_FAULT, Alarms
+from siteagent.agent.control.fleet import Fleet
+from siteagent.domain.site import DomainTree, domain_loads_w
+
+log = logging.getLogger("siteagent.meter")
+
+# The driver's kinds of failure (drivers.meter.MeterErrorKind) that mark a meter bad at
+# once; any other failure (unreachable, timeout) makes it stale once its last good ages.
+BAD_KINDS = {"garbage": "garbage", "map": "garbage", "frozen": "frozen"}
+
+
+class MeterState(enum.StrEnum):
+    """What a meter's readings are worth now."""
+
+    FRESH = "fresh"
+    STALE = "stale"
+    FROZEN = "frozen"
+    GARBAGE = "garbage"
+
+
+class MeterSample(Protocol):
+    """What the loop needs of one meter reading (drivers.meter.MeterReading)."""
+
+    @property
+    def power_w(self) -> float: ...
+
+    @property
+    def frequency_hz(self) -> float | None: ...
+
+
+class MeterSpec(Protocol):
+    """What the loop needs of one meter's config (agent.config.MeterConfig)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def domain(self) -> str: ...
+
+    @property
+    def interval_s(self) -> float: ...
+
+    @property
+    def timeout_s(self) -> float: ...
+
+    @property
+    def stale_after_s(self) -> float | None: ...  # None: 3 x interval_s
+
+
+class MeterReader(Protocol):
+    """A meter driver (drivers.meter.MeterDriver)."""
+
+    async def read(self) -> MeterSample: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MeteringParams:
+    """How readings become the planned load (s; W)."""
+
+    unexplained_window_s: float = 10.0
+    rise_horizon_s: float = 5.0
+    fallback_window_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class MeterView:
+    """One meter as the tick sees it (W; Hz; s)."""
+
+    meter_id: str
+    domain: str
+    state: MeterState
+    reason: str | None  # why it is not fresh
+    power_w: float | None  # the last good reading, while fresh
+    frequency_hz: float | None  # the last good reading's, while fresh
+    device_sum_w: float  # the devices' measured sum below the domain at the last sample
+    estimated_w: float  # without the meter: that sum plus the domain's configured overhead
+    unexplained_w: float | None  # the last sample's meter minus device sum
+    planned_unexplained_w: float  # what the plan counts beside the devices
+    age_s: float | None  # of the last good reading
+
+
+class _Track:
+    """One meter's state: its last good reading, its repeats, its unexplained history."""
+
+    def __init__(self, spec: MeterSpec) -> None:
+        self.spec = spec
+        self.good_s: float | None = None  # when the last good reading came (clock s)
+        self.power_w: float | None = None
+        self.frequency_hz: float | None = None
+        self.bad: tuple[MeterState, str] | None = None  # frozen or garbage, with why
+        self.error: str | None = None  # the last read's failure
+        self.device_sum_w = 0.0
+        self.unexplained_w: float | None = None
+        # (clock s, W) of every good sample's unexplained load, over the fallback window.
+        self.history: deque[tuple[float, float]] = deque()
+
+
+class Meters:
+    """Every configured meter: what each says, what it is worth, what the plan counts."""
+
+    def __init__(
+        self,
+        specs: Iterable[MeterSpec],
+        params: MeteringParams,
+        alarms: Alarms,
+        *,
+        overhead_w: Mapping[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._tracks = {s.id: _Track(s) for s in specs}
+        self.params = params
+        self.alarms = alarms
+        # The configured overhead per domain, which the fallback keeps counting.
+        self.overhead_w = dict(overhead_w or {})
+        self.clock = clock
+        self.samples = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._tracks)
+
+    def ids(self) -> list[str]:
+        """The meters' ids, as configured."""
+        return list(self._tracks)
+
+    def spec(self, meter_id: str) -> MeterSpec:
+        """One meter's config."""
+        return self._tracks[meter_id].spec
+
+    def by_domain(self) -> dict[str, str]:
+        """Each metered domain's meter id (one meter per domain)."""
+        return {t.spec.domain: m for m, t in self._tracks.items()}
+
+    # -- what the meters say -----------------------------------------------------------
+
+    def record(
+        self, meter_id: str, reading: MeterSample, device_sum_w: float, now_s: float
+    ) -> MeterState:
+        """Take one reading and the devices' measured sum (W) below its domain at ``now_s``."""
+        t = self._tracks[meter_id]
+        self.samples += 1
+        t.error, t.bad = None, None
+        t.good_s, t.power_w, t.frequency_hz = now_s, reading.power_w, reading.frequency_hz
+        t.device_sum_w = device_sum_w
+        t.unexplained_w = reading.power_w - device_sum_w
+        t.history.append((now_s, t.unexplained_w))
+        horizon = now_s - max(self.params.fallback_window_s, self.params.unexplained_window_s)
+        while t.history and t.history[0][0] < horizon:
+            t.history.popleft()
+        return self._judged(meter_id, now_s)
+
+    def record_failure(
+        self, meter_id: str, kind: str, error: BaseException, now_s: float
+    ) -> MeterState:
+        """A read that failed, of the driver's ``kind``: garbage or frozen at once, else
+        stale once its last good reading ages."""
+        t = self._tracks[meter_id]
+        t.error = str(error) or type(error).__name__
+        bad = BAD_KINDS.get(kind)
+        if bad is not None:
+            t.bad = (MeterState(bad), t.error)
+        return self._judged(meter_id, now_s)
+
+    def state(self, meter_id: str, now_s: float) -> tuple[MeterState, str | None]:
+        """A meter's state at ``now_s`` and why it is not fresh."""
+        t = self._tracks[meter_id]
+        if t.bad is not None:
+            return t.bad
+        stale_s = t.spec.stale_after_s or 3 * t.spec.interval_s
+        if t.good_s is None or now_s - t.good_s > stale_s:
+            since = "never read" if t.good_s is None else f"{now_s - t.good_s:.1f} s"
+            why = f"no good reading ({since}; stale after {stale_s:.1f} s)"
+            return MeterState.STALE, why + (f": {t.error}" if t.error else "")
+        return MeterState.FRESH, None
+
+    def _judged(self, meter_id: str, now_s: float) -> MeterState:
+        state, _ = self.state(meter_id, now_s)
+        self.check(now_s)
+        return state
+
+    def check(self, now_s: float) -> None:
+        """Raise, update or clear the meter alarm for every meter's state at ``now_s``."""
+        faults = []
+        for m in self._tracks:
+            state, why = self.state(m, now_s)
+            if state is not MeterState.FRESH:
+                fallback_w = self.planned_unexplained_w(m, now_s)
+                faults.append(
+                    f"meter {m} ({self._tracks[m].spec.domain}) {state.value}: {why}; "
+                    f"counting the device sum + {fallback_w:.0f} W"
+                )
+        self.alarms.update(METER_FAULT, "; ".join(faults) or None)
+
+    # -- what the plan counts ----------------------------------------------------------
+
+    def planned_unexplained_w(self, meter_id: str, now_s: float) -> float:
+        """What the plan counts beside the devices in the meter's domain (W).
+
+        Fresh: the windowed maximum of the unexplained load, or its fast rise
+        extrapolated, whichever is higher, never below zero. Not fresh: the
+        configured overhead plus the largest unexplained load seen over the fallback
+        window.
+        """
+        t = self._tracks[meter_id]
+        state, _ = self.state(meter_id, now_s)
+        if state is MeterState.FRESH:
+            return max(0.0, self._window_max_w(t, now_s), self._rising_w(t))
+        seen = self._seen_max_w(t, now_s - self.params.fallback_window_s)
+        return self.overhead_w.get(t.spec.domain, 0.0) + max(0.0, seen)
+
+    @staticmethod
+    def _seen_max_w(t: _Track, since_s: float) -> float:
+        return max((w for s, w in t.history if s >= since_s), default=0.0)
+
+    def _window_max_w(self, t: _Track, now_s: float) -> float:
+        return self._seen_max_w(t, now_s - self.params.unexplained_window_s)
+
+    def _rising_w(self, t: _Track) -> float:
+        """The latest unexplained load, carried on at its last rate of rise (W)."""
+        if len(t.history) < 2:
+            return 0.0
+        (s0, w0), (s1, w1) = t.history[-2], t.history[-1]
+        if w1 <= w0 or s1 <= s0:
+            return w1
+        return w1 + (w1 - w0) / (s1 - s0) * self.params.rise_horizon_s
+
+    def views(self, now_s: float) -> tuple[MeterView, ...]:
+        """Every meter as the tick sees it at ``now_s``."""
+        out = []
+        for m, t in self._tracks.items():
+            state, why = self.state(m, now_s)
+            fresh = state is MeterState.FRESH
+            out.append(
+                MeterView(
+                    meter_id=m,
+                    domain=t.spec.domain,
+                    state=state,
+                    reason=why,
+                    power_w=t.power_w if fresh else None,
+                    frequency_hz=t.frequency_hz if fresh else None,
+                    device_sum_w=t.device_sum_w,
+                    estimated_w=t.device_sum_w + self.overhead_w.get(t.spec.domain, 0.0),
+                    unexplained_w=t.unexplained_w if fresh else None,
+                    planned_unexplained_w=self.planned_unexplained_w(m, now_s),
+                    age_s=None if t.good_s is None else max(0.0, now_s - t.good_s),
+                )
+            )
+        return tuple(out)
+
+
+def domain_unexplained_w(
+    views: Sequence[MeterView], parents: Mapping[str, str | None], root: str, overhead_w: float
+) -> tuple[float, dict[str, float]]:
+    """What the plan counts beside the devices: at the root (the site), and in each domain
+    below it (W).
+
+    A metered domain counts its meter's planned unexplained load; an unmetered one the
+    sum of its children's; the site counts its own meter's, or without one the
+    configured overhead plus its children's (a feeder's unexplained load is the site's
+    load too).
+    """
+    planned = {v.domain: v.planned_unexplained_w for v in views}
+    children: dict[str, list[str]] = {}
+    for d, p in parents.items():
+        children.setdefault(p or root, []).append(d)
+    below: dict[str, float] = {}
+
+    def walk(node: str) -> float:
+        total = sum(walk(c) for c in children.get(node, []))
+        if node in planned:
+            total = planned[node]
+        below[node] = total
+        return total
+
+    site_w = walk(root)
+    if root not in planned:
+        site_w += overhead_w
+    below.pop(root, None)
+    return site_w, {d: w for d, w in below.items() if w > 0}
+
+
+def measured_sums_w(fleet: Fleet, tree: DomainTree) -> dict[str, float]:
+    """Every domain's devices' measured sum (W) as last read; unread devices count zero."""
+    st = fleet.statics()
+    names, code = st.domain_codes
+    w = np.nan_to_num(fleet.reading_power_w[: len(fleet)], nan=0.0)
+    return domain_loads_w(tree, names, code, w)
+
+
+async def read_forever(
+    meter_id: str,
+    reader: MeterReader,
+    spec: MeterSpec,
+    on_reading: Callable[[str, MeterSample], None],
+    on_failure: Callable[[str, BaseException], None],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Read one meter at its interval, each read under its timeout, until cancelled.
+
+    A failure is logged at debug level only: the meter alarm is its one line.
+    """
+    while True:
+        started = clock()
+        try:
+            async with asyncio.timeout(spec.timeout_s):
+                reading = await reader.read()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.debug("meter %s: read failed: %s", meter_id, e or type(e).__name__)
+            on_failure(meter_id, e)
+        else:
+            on_reading(meter_id, reading)
+        await asyncio.sleep(max(0.0, spec.interval_s - (clock() - started)))
