@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -445,6 +446,133 @@ class StateConfig(_Strict):
     backups_kept: Annotated[int, Field(ge=1, le=10_000)] = 24
 
 
+RegisterType = Literal["int16", "uint16", "int32", "uint32", "float32"]
+_REGISTER_WORDS = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2}
+METER_QUANTITIES = (
+    "power_w",
+    "phase_a_w",
+    "phase_b_w",
+    "phase_c_w",
+    "frequency_hz",
+    "energy_import_wh",
+)
+
+
+class RegisterConfig(_Strict):
+    """Where one quantity lives in a meter's registers; value = raw x scale, in the key's unit."""
+
+    address: Annotated[int, Field(ge=0, le=65535)]
+    type: RegisterType
+    scale: float = 1.0
+    word_order: Literal["big", "little"] = "big"  # "little": the low 16-bit word first
+    function: Literal["holding", "input"] = "holding"  # Modbus function code 3 or 4
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_nonzero(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("found 0, expected a non-zero factor (raw x scale = the value)")
+        return value
+
+
+class MeterMapConfig(_Strict):
+    """A register map for a meter that does not speak SunSpec; power_w is required."""
+
+    power_w: RegisterConfig  # total real power, import positive
+    phase_a_w: RegisterConfig | None = None
+    phase_b_w: RegisterConfig | None = None
+    phase_c_w: RegisterConfig | None = None
+    frequency_hz: RegisterConfig | None = None
+    energy_import_wh: RegisterConfig | None = None
+
+
+def _meter_kind_mismatch(kind: str, has_map: bool) -> str | None:
+    if kind == "map" and not has_map:
+        return (
+            "found kind = 'map' without a [meters.map] table, expected a map with at least "
+            "power_w = { address = ..., type = ... }, or kind = 'sunspec'"
+        )
+    if kind == "sunspec" and has_map:
+        return (
+            "found a [meters.map] table with kind = 'sunspec' (which ignores it), "
+            "expected kind = 'map', or no map"
+        )
+    return None
+
+
+def _map_overlaps(spans: list[tuple[str, int, int, str]]) -> str | None:
+    """Two quantities reading the same registers: a map copied with a slip."""
+    spans = sorted(spans, key=lambda s: (s[3], s[1]))
+    for (a, lo_a, hi_a, fa), (b, lo_b, _, fb) in itertools.pairwise(spans):
+        if fa == fb and lo_b < hi_a:
+            return (
+                f"found {a} (registers {lo_a}-{hi_a - 1}) and {b} (from {lo_b}) overlapping, "
+                "expected each quantity in registers of its own"
+            )
+    return None
+
+
+def _meter_timing(interval_s: float, timeout_s: float, stale_after_s: float | None) -> str | None:
+    if timeout_s > interval_s:
+        return (
+            f"found timeout_s {timeout_s:g} > interval_s {interval_s:g}, expected a read "
+            "to end before the next one starts (timeout_s <= interval_s)"
+        )
+    if stale_after_s is not None and stale_after_s <= interval_s:
+        return (
+            f"found stale_after_s {stale_after_s:g} <= interval_s {interval_s:g}, expected "
+            "stale_after_s longer than one interval (default: 3 x interval_s)"
+        )
+    return None
+
+
+class MeterConfig(_Strict):
+    """A Modbus TCP power meter: the site's point of interconnection, or a domain's feeder."""
+
+    id: Annotated[str, Field(min_length=1)]
+    domain: Annotated[str, Field(min_length=1)] = SITE_DOMAIN_ID
+    address: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 502
+    unit_id: Annotated[int, Field(ge=0, le=255)] = 1
+    kind: Literal["sunspec", "map"] = "sunspec"
+    sunspec_base: Literal[0, 40000, 50000] | None = None  # None: discover (40000, 0, 50000)
+    map: MeterMapConfig | None = None
+    interval_s: PositiveS = 1.0
+    timeout_s: PositiveS = 0.5
+    stale_after_s: PositiveS | None = None  # None: 3 x interval_s
+    frozen_after_reads: Annotated[int, Field(ge=2, le=100_000)] = 10
+    max_power_w: PositiveW | None = None  # None: 2 x the cap of its domain
+    import_only: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_ip(cls, value: str) -> str:
+        return MinerConfig._address_is_ip(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MeterConfig:
+        _raise_if(_meter_kind_mismatch(self.kind, self.map is not None))
+        _raise_if(_meter_timing(self.interval_s, self.timeout_s, self.stale_after_s))
+        if self.map is not None:
+            _raise_if(_map_overlaps(_map_spans(self.map.model_dump())))
+        if self.stale_after_s is None:
+            return self.model_copy(update={"stale_after_s": 3 * self.interval_s})
+        return self
+
+
+def _map_spans(regmap: Mapping[str, Any]) -> list[tuple[str, int, int, str]]:
+    """(quantity, first register, end, function) of each well-formed entry of a map."""
+    out = []
+    for name, reg in regmap.items():
+        if not isinstance(reg, Mapping):
+            continue
+        address, type_ = reg.get("address"), reg.get("type")
+        if isinstance(address, int) and type_ in _REGISTER_WORDS:
+            function = str(reg.get("function", "holding"))
+            out.append((name, address, address + _REGISTER_WORDS[type_], function))
+    return out
+
+
 class Config(_Strict):
     """The whole configuration file."""
 
@@ -462,6 +590,22 @@ class Config(_Strict):
     api: ApiConfig = ApiConfig()
     metrics: ListenConfig = ListenConfig(port=9800)
     state: StateConfig = StateConfig()
+    meters: list[MeterConfig] = []
+
+    @model_validator(mode="after")
+    def _meter_bounds(self) -> Config:
+        # A meter's plausibility bound defaults to twice the cap of what it meters:
+        # a reading beyond it is a wrong scale factor or map, not the site's load.
+        caps = {d.id: d.limit_w for d in self.domains} | {SITE_DOMAIN_ID: self.site.cap_w}
+        if all(m.max_power_w is not None for m in self.meters):
+            return self
+        meters = [
+            m
+            if m.max_power_w is not None
+            else m.model_copy(update={"max_power_w": 2 * caps.get(m.domain, self.site.cap_w)})
+            for m in self.meters
+        ]
+        return self.model_copy(update={"meters": meters})
 
 
 def _table(data: object, key: str) -> Mapping[str, Any]:
@@ -710,6 +854,7 @@ def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:
             problems.append(ConfigProblem(f"gpu_nodes[{i}].domain", repr(domain), choices))
     problems.extend(_unique_ids(data))
     problems.extend(_rules(data))
+    problems.extend(_meter_rules(data, known))
     scan_domain = _text(inventory, "scan_domain")
     if scan_domain is not None and scan_domain not in known:
         problems.append(ConfigProblem("inventory.scan_domain", repr(scan_domain), choices))
@@ -720,6 +865,45 @@ def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:
         problems.append(
             ConfigProblem("site.safety_margin_w", str(margin_w), f"less than site.cap_w ({cap_w})")
         )
+    return problems
+
+
+def _meter_rules(data: Mapping[str, Any], domains: set[str]) -> list[ConfigProblem]:
+    """Each meter on a known domain, one meter per domain, ids unique, maps that make sense."""
+    problems: list[ConfigProblem] = []
+    choices = f"{SITE_DOMAIN_ID!r} (the whole site) or one of {sorted(domains)}"
+    by_domain: dict[str, int] = {}
+    ids: dict[str, int] = {}
+    for i, m in _rows(data, "meters"):
+        domain = _text(m, "domain") or SITE_DOMAIN_ID
+        if domain != SITE_DOMAIN_ID and domain not in domains:
+            problems.append(ConfigProblem(f"meters[{i}].domain", repr(domain), choices))
+        elif domain in by_domain:
+            problems.append(
+                ConfigProblem(
+                    f"meters[{i}].domain",
+                    f"{domain!r}, also the domain of meters[{by_domain[domain]}]",
+                    "one meter per domain (the site's POI meter, a feeder's meter)",
+                )
+            )
+        else:
+            by_domain[domain] = i
+        meter_id = _text(m, "id")
+        if meter_id is not None and meter_id in ids:
+            problems.append(
+                ConfigProblem(
+                    f"meters[{i}].id", f"{meter_id!r}, also meters[{ids[meter_id]}]", "unique ids"
+                )
+            )
+        elif meter_id is not None:
+            ids[meter_id] = i
+        kind = _value(MeterConfig, m, "kind")
+        if isinstance(kind, str):
+            problems += _rule(f"meters[{i}]", _meter_kind_mismatch(kind, "map" in m))
+        timing = _values(MeterConfig, m, "interval_s", "timeout_s", "stale_after_s")
+        if timing is not None:
+            problems += _rule(f"meters[{i}]", _meter_timing(*timing))
+        problems += _rule(f"meters[{i}]", _map_overlaps(_map_spans(_table(m, "map"))))
     return problems
 
 

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from config_keys import is_float, key_paths
 
-from siteagent.agent.config import Config, ConfigError, ConfigProblem, load_config, parse_config
+from siteagent.agent.config import (
+    METER_QUANTITIES,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    load_config,
+    parse_config,
+)
 from siteagent.agent.tools.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,6 +284,17 @@ FULL: dict[str, Any] = {
         ],
     },
     "policy": {"name": "economic", "priority_classes": [{"name": "c", "devices": ["node/*"]}]},
+    "meters": [
+        {
+            "id": "poi",
+            "address": "10.0.0.9",
+            "kind": "map",
+            "map": {
+                q: {"address": 1000 + 2 * i, "type": "int32"}
+                for i, q in enumerate(METER_QUANTITIES)
+            },
+        }
+    ],
 }
 FLOAT_KEYS = [path for path, annotation in key_paths(Config) if is_float(annotation)]
 
