@@ -799,7 +799,31 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
     )
     if block is not None:
         problems += _rule("frequency_response", _block_unset(*block))
+    problems += _frequency_meter_unknown(data)
     return problems
+
+
+def _frequency_meter_unknown(data: Mapping[str, Any]) -> list[ConfigProblem]:
+    """An enabled under-frequency response needs a meter whose frequency it reads."""
+    fr = _table(data, "frequency_response")
+    if _value(FrequencyResponseConfig, fr, "enabled") is not True:
+        return []
+    meters = _rows(data, "meters")
+    ids = [i for _, m in meters if isinstance(i := _text(m, "id"), str)]
+    named = _text(fr, "meter")
+    if named is not None:
+        if named in ids:
+            return []
+        return [ConfigProblem("frequency_response.meter", repr(named), f"one of {ids}")]
+    if any((_text(m, "domain") or SITE_DOMAIN_ID) == SITE_DOMAIN_ID for _, m in meters):
+        return []
+    return [
+        ConfigProblem(
+            "frequency_response.meter",
+            "no meter named and no meter at the site",
+            "a [[meters]] entry at the site (the POI meter), or meter = the id of one",
+        )
+    ]
 
 
 def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:

@@ -195,3 +195,10 @@ def test_an_enabled_response_without_a_block_is_refused_naming_the_key(tmp_path:
         uf_config(tmp_path)
     text = str(err.value)
     assert "frequency_response" in text and "block_w" in text
+
+
+def test_a_response_reading_an_unknown_meter_is_refused_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        uf_config(tmp_path, block_w=1000.0, meter="feeder-9")
+    text = str(err.value)
+    assert "frequency_response.meter" in text and "'feeder-9'" in text and "poi" in text
