@@ -69,9 +69,13 @@ class GroundTruth:
         """Fan speed (RPM) at ``now_s``: the simulator's own law, rising with true power."""
         return int(2000 + 3000 * self.power.power_w(now_s) / self.model.nameplate_power_w)
 
+    # The firmware's own under-estimate (stock Antminers estimate, not measure): reported
+    # power is true power x (1 - under_report_frac). Set per backend by SimSite.
+    under_report_frac: float = 0.0
+
     def reported_power_w(self, now_s: float) -> float:
-        """Power (W) as the firmware reports it (a fault may skew it)."""
-        p = self.power.power_w(now_s)
+        """Power (W) as the firmware reports it (under-reporting and a fault may skew it)."""
+        p = self.power.power_w(now_s) * (1.0 - self.under_report_frac)
         if self.faults.fault is Fault.MISREPORT_POWER:
             p *= self.faults.factor
         return p

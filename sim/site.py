@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from siteagent.sim.antminer import SimAntminer
+from siteagent.sim.aux import AuxLoad
 from siteagent.sim.base import SimMinerBase
 from siteagent.sim.braiins import SimBraiinsMiner
 from siteagent.sim.faults import Fault
@@ -50,6 +51,8 @@ class SimSite(DeviceGroup):
         backends: Sequence[str] = ("braiins",),
         restart_s: float = 5.0,
         password: str | None = None,
+        aux: AuxLoad | None = None,
+        under_report: Mapping[str, float] | None = None,
     ) -> None:
         base = ipaddress.IPv4Address(base_address)
         if not base.is_loopback:
@@ -63,6 +66,12 @@ class SimSite(DeviceGroup):
         bad = [b for b in backends if b not in BACKEND_NAMES]
         if bad or not backends:
             raise ValueError(f"unknown backend(s) {bad}; known: {list(BACKEND_NAMES)}")
+        under = dict(under_report or {})
+        bad = [b for b in under if b not in BACKEND_NAMES]
+        if bad:
+            raise ValueError(f"under-report for unknown backend(s) {bad}; known: {BACKEND_NAMES}")
+        if any(not 0.0 <= f < 1.0 for f in under.values()):
+            raise ValueError(f"under-report fractions {under}: expected 0 to below 1")
         timing = PowerTiming(
             settle_s=settle_s,
             pause_s=pause_s,
@@ -81,10 +90,14 @@ class SimSite(DeviceGroup):
             address, index = str(base + i), first + i
             cls = BACKEND_CLASSES[backend]
             mix = WHATSMINER_MODELS if backend == "whatsminer" else tuple(models)
-            self.miners.append(
-                cls(address, SIM_MODELS[mix[k % len(mix)]], timing, index=index, clock=clock, **pw)
+            miner = cls(
+                address, SIM_MODELS[mix[k % len(mix)]], timing, index=index, clock=clock, **pw
             )
+            miner.under_report_frac = under.get(backend, 0.0)
+            self.miners.append(miner)
         self._by_address = {m.address: m for m in self.miners}
+        # Cooling and auxiliaries: none unless asked for, so the defaults stay the sum.
+        self.aux = aux if aux is not None else AuxLoad(t0_s=clock())
 
     def devices(self) -> Sequence[SimMiner]:
         """The miners, started and stopped together."""
@@ -100,9 +113,24 @@ class SimSite(DeviceGroup):
         return self._by_address[address]
 
     def total_power_w(self, now_s: float | None = None) -> float:
-        """True site power (W), summed over miners, at ``now_s`` (default: now)."""
+        """True miner power (W), summed over miners, at ``now_s`` (default: now)."""
         t = self.clock() if now_s is None else now_s
         return sum(m.power_w(t) for m in self.miners)
+
+    def aux_power_w(self, it_w: float, now_s: float) -> float:
+        """Auxiliary power (W) for an IT load of ``it_w`` at ``now_s``."""
+        return self.aux.power_w(it_w, now_s)
+
+    def true_power_w(self, now_s: float | None = None, other_it_w: float = 0.0) -> float:
+        """What the site's meter sees (W): miners, ``other_it_w`` (GPU nodes) and auxiliaries."""
+        t = self.clock() if now_s is None else now_s
+        it_w = self.total_power_w(t) + other_it_w
+        return it_w + self.aux_power_w(it_w, t)
+
+    def reported_power_w(self, now_s: float | None = None) -> float:
+        """The sum of what the miners report (W): under-reported where a firmware does."""
+        t = self.clock() if now_s is None else now_s
+        return sum(m.reported_power_w(t) for m in self.miners)
 
     def set_fault(self, address: str, fault: str | Fault, **kw: float) -> None:
         """Inject a fault on one miner (``delay_s`` for slow, ``factor`` for misreport)."""
