@@ -14,10 +14,18 @@ place of the constant ``site.overhead_w``. It is filtered by a *windowed maximum
 over ``metering.unexplained_window_s``, not an average: an average lags a rise, and
 lagging a rise is what takes a site over its cap, while a maximum follows a rise at
 the next sample and forgets a fall only after the window (the cost is a little
-headroom, never the cap). While it rises fast, the latest value is extrapolated at
-its rate of rise over ``metering.rise_horizon_s`` (the worst-case bound until the
-next tick). A fall below zero (devices over-reporting, or a shed the devices have
-not yet reported) is not credited: the plan never counts less than the devices.
+headroom, never the cap). While it climbs to new highs, the latest value is carried
+on at the rate of its excess over the window's earlier maximum for
+``metering.rise_horizon_s`` (the worst-case bound until the next tick). A fall
+below zero (devices over-reporting, or a shed the devices have not yet reported) is
+not credited: the plan never counts less than the devices.
+
+Why the meter minus the devices' *measured* sum, not their expected one: a device's
+true draw is at least what it reports (the simulated and real firmwares that
+misreport under-report), so the meter plus each device's possible rise above its
+reading bounds the site's worst case. The price is that a miner's under-reporting
+is counted twice (in the unexplained load, and in its budget at its commanded
+level): a site whose miners under-report by 10 % plans about that much lower.
 
 The fallback, for a meter that is not fresh: the device sum, plus the configured
 overhead, plus the largest unexplained load seen over ``metering.fallback_window_s``.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import time
 from collections import deque
@@ -243,7 +252,7 @@ class Meters:
         t = self._tracks[meter_id]
         state, _ = self.state(meter_id, now_s)
         if state is MeterState.FRESH:
-            return max(0.0, self._window_max_w(t, now_s), self._rising_w(t))
+            return max(0.0, self._window_max_w(t, now_s), self._rising_w(t, now_s))
         seen = self._seen_max_w(t, now_s - self.params.fallback_window_s)
         return self.overhead_w.get(t.spec.domain, 0.0) + max(0.0, seen)
 
@@ -254,14 +263,25 @@ class Meters:
     def _window_max_w(self, t: _Track, now_s: float) -> float:
         return self._seen_max_w(t, now_s - self.params.unexplained_window_s)
 
-    def _rising_w(self, t: _Track) -> float:
-        """The latest unexplained load, carried on at its last rate of rise (W)."""
+    def _rising_w(self, t: _Track, now_s: float) -> float:
+        """The latest unexplained load, carried on while it climbs to new highs (W).
+
+        Only a rise above everything else in the window is carried on, at the rate of
+        that excess: a return to the usual level after a dip (the meter saw a shed the
+        devices had not yet reported) is not a rise, and carrying it on would shed more
+        for nothing.
+        """
         if len(t.history) < 2:
             return 0.0
-        (s0, w0), (s1, w1) = t.history[-2], t.history[-1]
-        if w1 <= w0 or s1 <= s0:
+        (s0, _), (s1, w1) = t.history[-2], t.history[-1]
+        since = now_s - self.params.unexplained_window_s
+        prior = max(
+            (w for s, w in itertools.islice(t.history, len(t.history) - 1) if s >= since),
+            default=None,
+        )
+        if prior is None or w1 <= prior or s1 <= s0:
             return w1
-        return w1 + (w1 - w0) / (s1 - s0) * self.params.rise_horizon_s
+        return w1 + (w1 - prior) / (s1 - s0) * self.params.rise_horizon_s
 
     def views(self, now_s: float) -> tuple[MeterView, ...]:
         """Every meter as the tick sees it at ``now_s``."""
