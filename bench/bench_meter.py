@@ -187,8 +187,8 @@ def config(
                 "id": "poi",
                 "address": METER_HOST,
                 "port": meter_port,
-                "interval_s": 0.25 if fast else 0.05,
-                "timeout_s": 0.25 if fast else 0.05,
+                "interval_s": 0.25 if fast else 0.1,
+                "timeout_s": 0.25 if fast else 0.1,
             }
         ]
     return parse_config(data)
@@ -352,7 +352,7 @@ async def part_d(n: int, runs: int, port: int) -> None:
     meter = await start_meter(site, port)
     print(
         f"(d) under-frequency: {n} miners, block {block_w / 1e6:.1f} MW (sleep), "
-        "trigger 59.7 Hz for 0 s, meter read every 50 ms"
+        "trigger 59.7 Hz for 0 s, meter read every 100 ms"
     )
     print(f"{'sent':>6} {'trigger->first':>15} {'trigger->last':>14} {'dip->trigger':>13}")
     lasts: list[float] = []

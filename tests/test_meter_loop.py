@@ -267,15 +267,15 @@ def test_the_unexplained_load_is_held_at_its_recent_maximum_and_a_rise_is_carrie
     for t, w in [(12.0, 1200.0), (13.0, 1100.0)]:
         meters.record("m", reading(10_000.0 + w), 10_000.0, t)
     assert meters.planned_unexplained_w("m", 13.0) == 1200.0
-    # A new high, 400 W above the window's earlier maximum within 1 s: carried on for the
-    # 2 s horizon at that rate.
-    meters.record("m", reading(10_000.0 + 1600.0), 10_000.0, 14.0)
-    assert meters.planned_unexplained_w("m", 14.0) == 1600.0 + 400.0 * 2.0
+    # A steady climb of 100 W/s to new highs: carried on at that rate for the 2 s horizon.
+    for t in range(20, 26):
+        meters.record("m", reading(10_000.0 + 2000.0 + 100.0 * t), 10_000.0, float(t))
+    assert meters.planned_unexplained_w("m", 25.0) == pytest.approx(4500.0 + 100.0 * 2.0)
     # A return to the usual level after a dip (a shed the devices had not reported yet)
-    # is no rise: the plan counts the window's maximum, nothing carried on.
-    meters.record("m", reading(10_000.0 - 3000.0), 10_000.0, 15.0)
-    meters.record("m", reading(10_000.0 + 1600.0), 10_000.0, 16.0)
-    assert meters.planned_unexplained_w("m", 16.0) == 1600.0
+    # is no new high: the plan counts the window's maximum, nothing carried on.
+    meters.record("m", reading(10_000.0 - 3000.0), 10_000.0, 26.0)
+    meters.record("m", reading(10_000.0 + 4500.0), 10_000.0, 27.0)
+    assert meters.planned_unexplained_w("m", 27.0) == 4500.0
     # Devices over-reporting (a negative excess) are never credited.
     fresh = Meters([_Spec()], MeteringParams(10.0, 2.0, 900.0), Alarms())
     fresh.record("m", reading(9000.0), 10_000.0, 0.0)

@@ -163,7 +163,7 @@ class FrequencyResponse:
             f"frequency {frequency_hz:.3f} Hz below {self.params.trigger_hz:.3f} Hz for "
             f"{self.params.trigger_s:.2f} s: shedding {len(self.armed.changes)} miner(s) "
             f"({self.armed.power_w:.0f} W, {self.params.action}), held until it has been "
-            f"back for {self.params.restore_after_s:.0f} s",
+            f"back for {self.params.restore_after_s:g} s",
         )
         return Event.TRIGGER
 

@@ -15,8 +15,8 @@ over ``metering.unexplained_window_s``, not an average: an average lags a rise, 
 lagging a rise is what takes a site over its cap, while a maximum follows a rise at
 the next sample and forgets a fall only after the window (the cost is a little
 headroom, never the cap). While it climbs to new highs, the latest value is carried
-on at the rate of its excess over the window's earlier maximum for
-``metering.rise_horizon_s`` (the worst-case bound until the next tick). A fall
+on at the window's rate of rise for ``metering.rise_horizon_s`` (the worst-case
+bound until the next tick). A fall
 below zero (devices over-reporting, or a shed the devices have not yet reported) is
 not credited: the plan never counts less than the devices.
 
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import logging
 import time
 from collections import deque
@@ -266,22 +265,24 @@ class Meters:
     def _rising_w(self, t: _Track, now_s: float) -> float:
         """The latest unexplained load, carried on while it climbs to new highs (W).
 
-        Only a rise above everything else in the window is carried on, at the rate of
-        that excess: a return to the usual level after a dip (the meter saw a shed the
-        devices had not yet reported) is not a rise, and carrying it on would shed more
-        for nothing.
+        Only a rise above everything else in the window is carried on, at the window's
+        least-squares rate of rise: a steady climb at its rate; a step (a chiller
+        starting) barely, as the window's maximum already holds it; a return to the
+        usual level after a dip (a shed the meter saw before the devices reported it)
+        not at all, as it is no new high.
         """
-        if len(t.history) < 2:
+        if len(t.history) < 3:
             return 0.0
-        (s0, _), (s1, w1) = t.history[-2], t.history[-1]
         since = now_s - self.params.unexplained_window_s
-        prior = max(
-            (w for s, w in itertools.islice(t.history, len(t.history) - 1) if s >= since),
-            default=None,
-        )
-        if prior is None or w1 <= prior or s1 <= s0:
+        recent = [(s, w) for s, w in t.history if s >= since]
+        w1 = t.history[-1][1]
+        if len(recent) < 3 or w1 <= max(w for _, w in recent[:-1]):
             return w1
-        return w1 + (w1 - prior) / (s1 - s0) * self.params.rise_horizon_s
+        times = np.array([s for s, _ in recent])
+        values = np.array([w for _, w in recent])
+        dt = times - times.mean()
+        slope = float((dt * (values - values.mean())).sum() / max((dt * dt).sum(), 1e-9))
+        return w1 + max(0.0, slope) * self.params.rise_horizon_s
 
     def views(self, now_s: float) -> tuple[MeterView, ...]:
         """Every meter as the tick sees it at ``now_s``."""
