@@ -267,15 +267,22 @@ def test_the_unexplained_load_is_held_at_its_recent_maximum_and_a_rise_is_carrie
     for t, w in [(12.0, 1200.0), (13.0, 1100.0)]:
         meters.record("m", reading(10_000.0 + w), 10_000.0, t)
     assert meters.planned_unexplained_w("m", 13.0) == 1200.0
-    # A steady climb of 100 W/s to new highs: carried on at that rate for the 2 s horizon.
-    for t in range(20, 26):
+    # A steady climb of 100 W/s to new highs over the whole window: carried on at that
+    # rate for the 2 s horizon.
+    for t in range(16, 27):
         meters.record("m", reading(10_000.0 + 2000.0 + 100.0 * t), 10_000.0, float(t))
-    assert meters.planned_unexplained_w("m", 25.0) == pytest.approx(4500.0 + 100.0 * 2.0)
+    assert meters.planned_unexplained_w("m", 26.0) == pytest.approx(4600.0 + 100.0 * 2.0)
     # A return to the usual level after a dip (a shed the devices had not reported yet)
     # is no new high: the plan counts the window's maximum, nothing carried on.
-    meters.record("m", reading(10_000.0 - 3000.0), 10_000.0, 26.0)
-    meters.record("m", reading(10_000.0 + 4500.0), 10_000.0, 27.0)
-    assert meters.planned_unexplained_w("m", 27.0) == 4500.0
+    meters.record("m", reading(10_000.0 - 3000.0), 10_000.0, 27.0)
+    meters.record("m", reading(10_000.0 + 4600.0), 10_000.0, 28.0)
+    assert meters.planned_unexplained_w("m", 28.0) == 4600.0
+    # A step within one sample: held by the window's maximum, carried on only at its rate
+    # over the window (from 3900 W at t=19, the oldest sample in it, over 10 s, for 2 s),
+    # not at its one-sample rate (5000 W in 0.1 s).
+    meters.record("m", reading(10_000.0 + 9600.0), 10_000.0, 28.1)
+    expected_w = 9600.0 + (9600.0 - 3900.0) / 10.0 * 2.0
+    assert meters.planned_unexplained_w("m", 28.1) == pytest.approx(expected_w)
     # Devices over-reporting (a negative excess) are never credited.
     fresh = Meters([_Spec()], MeteringParams(10.0, 2.0, 900.0), Alarms())
     fresh.record("m", reading(9000.0), 10_000.0, 0.0)

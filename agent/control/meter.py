@@ -15,8 +15,8 @@ over ``metering.unexplained_window_s``, not an average: an average lags a rise, 
 lagging a rise is what takes a site over its cap, while a maximum follows a rise at
 the next sample and forgets a fall only after the window (the cost is a little
 headroom, never the cap). While it climbs to new highs, the latest value is carried
-on at the window's rate of rise for ``metering.rise_horizon_s`` (the worst-case
-bound until the next tick). A fall
+on at its rate of rise over the window for ``metering.rise_horizon_s`` (the
+worst-case bound until the next tick). A fall
 below zero (devices over-reporting, or a shed the devices have not yet reported) is
 not credited: the plan never counts less than the devices.
 
@@ -265,24 +265,23 @@ class Meters:
     def _rising_w(self, t: _Track, now_s: float) -> float:
         """The latest unexplained load, carried on while it climbs to new highs (W).
 
-        Only a rise above everything else in the window is carried on, at the window's
-        least-squares rate of rise: a steady climb at its rate; a step (a chiller
-        starting) barely, as the window's maximum already holds it; a return to the
-        usual level after a dip (a shed the meter saw before the devices reported it)
-        not at all, as it is no new high.
+        Only a rise above everything else in the window is carried on, at its rate
+        over the window (from the window's oldest sample, over at least the window's
+        length): a steady climb at its rate; a step (a chiller starting) at a fraction
+        of it, the window's maximum holding the step itself; a return to the usual
+        level after a dip (a shed the meter saw before the devices reported it) not at
+        all, being no new high. Over less than the window's length a rate would turn
+        one noisy sample into a site's worth.
         """
-        if len(t.history) < 3:
+        window_s = self.params.unexplained_window_s
+        recent = [(s, w) for s, w in t.history if s >= now_s - window_s]
+        if len(recent) < 2:
             return 0.0
-        since = now_s - self.params.unexplained_window_s
-        recent = [(s, w) for s, w in t.history if s >= since]
-        w1 = t.history[-1][1]
-        if len(recent) < 3 or w1 <= max(w for _, w in recent[:-1]):
+        (s0, w0), (s1, w1) = recent[0], recent[-1]
+        if w1 <= max(w for _, w in recent[:-1]):
             return w1
-        times = np.array([s for s, _ in recent])
-        values = np.array([w for _, w in recent])
-        dt = times - times.mean()
-        slope = float((dt * (values - values.mean())).sum() / max((dt * dt).sum(), 1e-9))
-        return w1 + max(0.0, slope) * self.params.rise_horizon_s
+        rate = (w1 - w0) / max(s1 - s0, window_s)
+        return w1 + max(0.0, rate) * self.params.rise_horizon_s
 
     def views(self, now_s: float) -> tuple[MeterView, ...]:
         """Every meter as the tick sees it at ``now_s``."""
