@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 from fakesite import SLEEP_W, CommandLog, RecordingDriver
+from test_meter_loop import meter_config
 
 from siteagent.agent.api.runtime import alarm_auditor
 from siteagent.agent.api.store import Store
-from siteagent.agent.config import ConfigError, parse_config
+from siteagent.agent.config import Config, ConfigError
 from siteagent.agent.control.alarms import UNDER_FREQUENCY
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink
 from siteagent.agent.control.frequency import SOURCE
@@ -57,31 +58,11 @@ def links(
     return out, drivers
 
 
-def uf_config(state_dir: Path, **fr: Any) -> Any:
-    return parse_config(
-        {
-            "site": {"name": "uf", "cap_w": 100_000.0},
-            "policy": {"min_off_s": 0, "restore_ramp_w_per_s": 1e9},
-            "telemetry": {"interval_s": 60, "stale_after_s": 3600},
-            "control": {"interval_s": 60},
-            "state": {"dir": str(state_dir)},
-            "meters": [
-                {
-                    "id": "poi",
-                    "address": METER_HOST,
-                    "port": PORT,
-                    "interval_s": 0.05,
-                    "timeout_s": 0.05,
-                }
-            ],
-            "frequency_response": {
-                "enabled": True,
-                "trigger_hz": 59.7,
-                "trigger_s": 0.1,
-                "restore_after_s": 1.0,
-                **fr,
-            },
-        }
+def uf_config(state_dir: Path, **fr: Any) -> Config:
+    """The metered fake site of test_meter_loop, with an under-frequency response."""
+    response = {"enabled": True, "trigger_hz": 59.7, "trigger_s": 0.1, "restore_after_s": 1.0}
+    return meter_config(
+        state_dir, PORT, cap_w=100_000.0, host=METER_HOST, frequency_response=response | fr
     )
 
 

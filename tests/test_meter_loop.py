@@ -22,7 +22,7 @@ from fakesite import SLEEP_W, CommandLog, RecordingDriver, fake_trackers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from siteagent.agent.config import Config, parse_config
+from siteagent.agent.config import Config, MeterConfig, parse_config
 from siteagent.agent.control.alarms import METER_FAULT
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.control.meter import MeteringParams, Meters, MeterState
@@ -37,7 +37,13 @@ NAMEPLATE_W = 3000.0
 
 
 def meter_config(
-    state_dir: Path, port: int, *, cap_w: float, overhead_w: float = 500.0, **extra: Any
+    state_dir: Path,
+    port: int,
+    *,
+    cap_w: float,
+    overhead_w: float = 500.0,
+    host: str = METER_HOST,
+    **extra: Any,
 ) -> Config:
     """A fake site with a SunSpec meter at the POI; timers slow so the test drives ticks."""
     return parse_config(
@@ -50,7 +56,7 @@ def meter_config(
             "meters": [
                 {
                     "id": "poi",
-                    "address": METER_HOST,
+                    "address": host,
                     "port": port,
                     "interval_s": 0.05,
                     "timeout_s": 0.05,
@@ -252,14 +258,15 @@ def reading(power_w: float, hz: float = 60.0) -> MeterReading:
     return MeterReading(0.0, power_w, (), hz, None)
 
 
-class _Spec:
-    id, domain, interval_s, timeout_s, stale_after_s = "m", SITE, 1.0, 0.5, 3.0
+SPEC = MeterConfig.model_validate(
+    {"id": "m", "address": METER_HOST, "interval_s": 1.0, "timeout_s": 0.5, "stale_after_s": 3.0}
+)
 
 
 def test_the_unexplained_load_is_held_at_its_recent_maximum_and_a_rise_is_carried_on() -> None:
     from siteagent.agent.control.alarms import Alarms
 
-    meters = Meters([_Spec()], MeteringParams(10.0, 2.0, 900.0), Alarms())
+    meters = Meters([SPEC], MeteringParams(10.0, 2.0, 900.0), Alarms())
     for t, w in [(0.0, 1000.0), (1.0, 3000.0), (2.0, 1500.0), (3.0, 1200.0)]:
         meters.record("m", reading(10_000.0 + w), 10_000.0, t)
     # A fall is forgotten only after the window: the 3000 W seen at t=1 still counts.
@@ -284,7 +291,7 @@ def test_the_unexplained_load_is_held_at_its_recent_maximum_and_a_rise_is_carrie
     expected_w = 9600.0 + (9600.0 - 3900.0) / 10.0 * 2.0
     assert meters.planned_unexplained_w("m", 28.1) == pytest.approx(expected_w)
     # Devices over-reporting (a negative excess) are never credited.
-    fresh = Meters([_Spec()], MeteringParams(10.0, 2.0, 900.0), Alarms())
+    fresh = Meters([SPEC], MeteringParams(10.0, 2.0, 900.0), Alarms())
     fresh.record("m", reading(9000.0), 10_000.0, 0.0)
     assert fresh.planned_unexplained_w("m", 0.0) == 0.0
 

@@ -14,18 +14,17 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from siteagent.agent.config import Config, cron_trigger
+from siteagent.agent.config import Config, MeterConfig, cron_trigger
 from siteagent.agent.control.alarms import Alarms, check_tick
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import Fleet
 from siteagent.agent.control.frequency import Event, FrequencyParams, FrequencyResponse
 from siteagent.agent.control.meter import (
     MeteringParams,
-    MeterReader,
     Meters,
     MeterState,
     MeterView,
@@ -51,6 +50,10 @@ from siteagent.domain.site import SITE, DomainTree
 from siteagent.policies import PolicyParams, PolicyState, get_policy
 from siteagent.policies.capping import CappingParams
 from siteagent.policies.prices import Prices
+
+if TYPE_CHECKING:
+    # Types only: the driver brings pymodbus, which only a site with a meter loads.
+    from siteagent.drivers.meter import MeterDriver, MeterReading
 
 log = logging.getLogger("siteagent.loop")
 
@@ -106,7 +109,7 @@ class TickRecord:
     meters: tuple[MeterView, ...] = ()
 
 
-def _meter_driver(spec: Any, clock: Callable[[], float]) -> MeterReader:
+def _meter_driver(spec: MeterConfig, clock: Callable[[], float]) -> MeterDriver:
     # Imported here: pymodbus is only for a site with a meter.
     from siteagent.drivers.meter import meter_driver
 
@@ -132,7 +135,7 @@ class Agent:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_tick: Callable[[TickRecord], None] | None = None,
         rescan: Callable[[], Awaitable[list[DeviceLink]]] | None = None,
-        meter_reader: Callable[[Any, Callable[[], float]], MeterReader] = _meter_driver,
+        meter_reader: Callable[[MeterConfig, Callable[[], float]], MeterDriver] = _meter_driver,
     ) -> None:
         self.config = config
         self.fleet = Fleet(links)
@@ -191,7 +194,9 @@ class Agent:
 
     # -- meters ------------------------------------------------------------------
 
-    def _init_meters(self, meter_reader: Callable[[Any, Callable[[], float]], MeterReader]) -> None:
+    def _init_meters(
+        self, meter_reader: Callable[[MeterConfig, Callable[[], float]], MeterDriver]
+    ) -> None:
         cfg = self.config
         m = cfg.metering
         self.meters = Meters(
@@ -202,7 +207,7 @@ class Agent:
             clock=self.clock,
         )
         self._meter_reader = meter_reader
-        self._meter_readers: dict[str, MeterReader] = {}
+        self._meter_readers: dict[str, MeterDriver] = {}
         self._meter_tasks: list[asyncio.Task[None]] = []
         fr = cfg.frequency_response
         self.frequency: FrequencyResponse | None = None
@@ -222,7 +227,7 @@ class Agent:
         self.shed_started_s: float | None = None
         self.shed_done_s: float | None = None
 
-    def on_meter_reading(self, meter_id: str, reading: Any) -> None:
+    def on_meter_reading(self, meter_id: str, reading: MeterReading) -> None:
         """Take one meter reading: its state, the fast guard, the frequency response."""
         now = self.clock()
         spec = self.meters.spec(meter_id)

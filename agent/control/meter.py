@@ -40,19 +40,27 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from siteagent.agent.config import MeterConfig
 from siteagent.agent.control.alarms import METER_FAULT, Alarms
 from siteagent.agent.control.fleet import Fleet
 from siteagent.domain.site import DomainTree, domain_loads_w
+
+if TYPE_CHECKING:
+    # Types only: the driver brings pymodbus, which only a site with a meter loads.
+    from siteagent.drivers.meter import MeterDriver, MeterReading
 
 log = logging.getLogger("siteagent.meter")
 
 # The driver's kinds of failure (drivers.meter.MeterErrorKind) that mark a meter bad at
 # once; any other failure (unreachable, timeout) makes it stale once its last good ages.
 BAD_KINDS = {"garbage": "garbage", "map": "garbage", "frozen": "frozen"}
+# A read (with SunSpec discovery: several requests, each under the driver's timeout) is
+# cut after this many timeouts.
+BACKSTOP_TIMEOUTS = 4
 
 
 class MeterState(enum.StrEnum):
@@ -62,43 +70,6 @@ class MeterState(enum.StrEnum):
     STALE = "stale"
     FROZEN = "frozen"
     GARBAGE = "garbage"
-
-
-class MeterSample(Protocol):
-    """What the loop needs of one meter reading (drivers.meter.MeterReading)."""
-
-    @property
-    def power_w(self) -> float: ...
-
-    @property
-    def frequency_hz(self) -> float | None: ...
-
-
-class MeterSpec(Protocol):
-    """What the loop needs of one meter's config (agent.config.MeterConfig)."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def domain(self) -> str: ...
-
-    @property
-    def interval_s(self) -> float: ...
-
-    @property
-    def timeout_s(self) -> float: ...
-
-    @property
-    def stale_after_s(self) -> float | None: ...  # None: 3 x interval_s
-
-
-class MeterReader(Protocol):
-    """A meter driver (drivers.meter.MeterDriver)."""
-
-    async def read(self) -> MeterSample: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +101,7 @@ class MeterView:
 class _Track:
     """One meter's state: its last good reading, its repeats, its unexplained history."""
 
-    def __init__(self, spec: MeterSpec) -> None:
+    def __init__(self, spec: MeterConfig) -> None:
         self.spec = spec
         self.good_s: float | None = None  # when the last good reading came (clock s)
         self.power_w: float | None = None
@@ -148,7 +119,7 @@ class Meters:
 
     def __init__(
         self,
-        specs: Iterable[MeterSpec],
+        specs: Iterable[MeterConfig],
         params: MeteringParams,
         alarms: Alarms,
         *,
@@ -170,7 +141,7 @@ class Meters:
         """The meters' ids, as configured."""
         return list(self._tracks)
 
-    def spec(self, meter_id: str) -> MeterSpec:
+    def spec(self, meter_id: str) -> MeterConfig:
         """One meter's config."""
         return self._tracks[meter_id].spec
 
@@ -181,7 +152,7 @@ class Meters:
     # -- what the meters say -----------------------------------------------------------
 
     def record(
-        self, meter_id: str, reading: MeterSample, device_sum_w: float, now_s: float
+        self, meter_id: str, reading: MeterReading, device_sum_w: float, now_s: float
     ) -> MeterState:
         """Take one reading and the devices' measured sum (W) below its domain at ``now_s``."""
         t = self._tracks[meter_id]
@@ -348,21 +319,24 @@ def measured_sums_w(fleet: Fleet, tree: DomainTree) -> dict[str, float]:
 
 async def read_forever(
     meter_id: str,
-    reader: MeterReader,
-    spec: MeterSpec,
-    on_reading: Callable[[str, MeterSample], None],
+    reader: MeterDriver,
+    spec: MeterConfig,
+    on_reading: Callable[[str, MeterReading], None],
     on_failure: Callable[[str, BaseException], None],
     *,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Read one meter at its interval, each read under its timeout, until cancelled.
+    """Read one meter at its interval until cancelled.
 
-    A failure is logged at debug level only: the meter alarm is its one line.
+    The driver keeps each read's timeout (and drops its connection when one passes,
+    so a late answer cannot be taken for the next one's); the bound here only stops a
+    read that hangs past it. A failure is logged at debug level only: the meter alarm
+    is its one line.
     """
     while True:
         started = clock()
         try:
-            async with asyncio.timeout(spec.timeout_s):
+            async with asyncio.timeout(BACKSTOP_TIMEOUTS * spec.timeout_s):
                 reading = await reader.read()
         except asyncio.CancelledError:
             raise
