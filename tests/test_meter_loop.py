@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fakesite import SLEEP_W, CommandLog, RecordingDriver, fake_trackers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from siteagent.agent.api.auth import Scope, TokenEntry, TokenStore, hash_token
+from siteagent.agent.api.http import create_app, make_services
 from siteagent.agent.config import Config, MeterConfig, parse_config
 from siteagent.agent.control.alarms import METER_FAULT
 from siteagent.agent.control.loop import Agent
@@ -34,6 +37,7 @@ from siteagent.sim.meter import SimMeter, energy_counter
 
 METER_HOST = "127.4.1.1"
 NAMEPLATE_W = 3000.0
+TOKEN = "tok-read-meter-loop-0123"
 
 
 def meter_config(
@@ -168,6 +172,33 @@ async def test_over_the_cap_with_devices_under_reporting_the_meter_sheds_the_tru
             await agent.sweep()
             await agent.tick()
         assert site.true_w() <= cap_w, f"true draw {site.true_w():.0f} W over the {cap_w:.0f} W cap"
+    finally:
+        await agent.stop()
+
+
+async def test_status_shows_each_meter_metered_and_estimated(
+    site_and_links: tuple[MeteredSite, list[Any]], tmp_path: Path
+) -> None:
+    site, links = site_and_links
+    agent = await started_agent(meter_config(tmp_path, 15020, cap_w=60_000), links)
+    tokens = TokenStore(None, [TokenEntry("reader", Scope.READ, hash_token(TOKEN))])
+    app = create_app(make_services(agent, agent.config, tokens=tokens))
+    transport = httpx.ASGITransport(app=app, client=("10.0.0.9", 5555))
+    try:
+        await until(lambda: agent.meters.samples >= 3, "three meter samples")
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://agent",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as http:
+            body = (await http.get("/v1/status")).json()
+        (meter,) = body["meters"]
+        assert meter["meter_id"] == "poi" and meter["state"] == "fresh"
+        assert meter["metered_w"] == pytest.approx(site.true_w(), rel=0.01)
+        # Estimated: the 30 kW the miners report plus the configured 500 W.
+        assert meter["estimated_w"] == pytest.approx(30_500.0)
+        assert meter["unexplained_w"] == pytest.approx(site.true_w() - 30_000.0, rel=0.02)
+        assert body["frequency_response"] is None
     finally:
         await agent.stop()
 
@@ -350,3 +381,40 @@ def test_with_a_meter_no_raise_lets_the_metered_worst_case_exceed_the_cap(
             )
 
     asyncio.run(run())
+
+
+async def test_a_feeder_meter_takes_its_unexplained_load_off_its_domain_and_the_site(
+    tmp_path: Path,
+) -> None:
+    def feeder(poi: bool) -> Config:
+        meters = [{"id": "feeder-a", "domain": "rack-a", "address": METER_HOST, "port": 15028}]
+        if poi:
+            meters.append({"id": "poi", "address": "127.4.1.2", "port": 15028})
+        return parse_config(
+            {
+                "site": {"cap_w": 60_000, "overhead_w": 500},
+                "domains": [{"id": "rack-a", "limit_w": 20_000}],
+                "state": {"dir": str(tmp_path)},
+                "meters": meters,
+            }
+        )
+
+    log = CommandLog()
+    # Five miners (15 kW reported) in rack-a, five at the site.
+    trackers = fake_trackers(10, log, domain=lambda i: "rack-a" if i < 5 else "site")
+    agent = Agent(feeder(poi=False), trackers)
+    await agent.sweep()
+    agent.on_meter_reading("feeder-a", MeterReading(0.0, 17_000.0, (), 60.0, None))
+    limits = agent.limits()
+    (rack,) = limits.domains
+    # The rack's 2 kW beyond its devices: off what its devices may draw, and on the site.
+    assert rack.limit_w == pytest.approx(18_000.0)
+    assert limits.overhead_w == pytest.approx(500.0 + 2_000.0)
+    # With a POI meter too, the site counts its own meter's excess (which holds the rack's).
+    agent = Agent(feeder(poi=True), trackers)
+    await agent.sweep()
+    agent.on_meter_reading("feeder-a", MeterReading(0.0, 17_000.0, (), 60.0, None))
+    agent.on_meter_reading("poi", MeterReading(0.0, 34_000.0, (), 60.0, None))
+    limits = agent.limits()
+    assert limits.domains[0].limit_w == pytest.approx(18_000.0)
+    assert limits.overhead_w == pytest.approx(4_000.0)
