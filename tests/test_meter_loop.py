@@ -418,3 +418,20 @@ async def test_a_feeder_meter_takes_its_unexplained_load_off_its_domain_and_the_
     limits = agent.limits()
     assert limits.domains[0].limit_w == pytest.approx(18_000.0)
     assert limits.overhead_w == pytest.approx(4_000.0)
+
+
+def test_a_meter_failing_its_first_reads_alarms_only_once_its_stale_time_has_passed() -> None:
+    from siteagent.agent.control.alarms import Alarms
+
+    now = [100.0]
+    alarms = Alarms()
+    meters = Meters([SPEC], MeteringParams(), alarms, clock=lambda: now[0])
+    meters.record_failure("m", "timeout", TimeoutError(), 100.5)
+    assert alarms.get(METER_FAULT) is None  # connecting: 0.5 s of its 3 s
+    meters.record_failure("m", "timeout", TimeoutError(), 103.5)
+    alarm = alarms.get(METER_FAULT)
+    assert alarm is not None and "never read" in alarm.reason
+    # Garbage is an alarm at once, start or not.
+    fresh = Meters([SPEC], MeteringParams(), Alarms(), clock=lambda: now[0])
+    fresh.record_failure("m", "garbage", ValueError("power nan W"), 100.1)
+    assert fresh.alarms.get(METER_FAULT) is not None

@@ -133,6 +133,9 @@ class Meters:
         self.overhead_w = dict(overhead_w or {})
         self.clock = clock
         self.samples = 0
+        # A meter never read is stale once it has had its stale_after_s since the start:
+        # a first read that fails (a connection still opening) is not yet an alarm.
+        self.started_s = clock()
 
     def __bool__(self) -> bool:
         return bool(self._tracks)
@@ -184,12 +187,16 @@ class Meters:
         t = self._tracks[meter_id]
         if t.bad is not None:
             return t.bad
-        stale_s = t.spec.stale_after_s or 3 * t.spec.interval_s
+        stale_s = self._stale_s(t)
         if t.good_s is None or now_s - t.good_s > stale_s:
             since = "never read" if t.good_s is None else f"{now_s - t.good_s:.1f} s"
             why = f"no good reading ({since}; stale after {stale_s:.1f} s)"
             return MeterState.STALE, why + (f": {t.error}" if t.error else "")
         return MeterState.FRESH, None
+
+    @staticmethod
+    def _stale_s(t: _Track) -> float:
+        return t.spec.stale_after_s or 3 * t.spec.interval_s
 
     def _judged(self, meter_id: str, now_s: float) -> MeterState:
         state, _ = self.state(meter_id, now_s)
@@ -199,9 +206,10 @@ class Meters:
     def check(self, now_s: float) -> None:
         """Raise, update or clear the meter alarm for every meter's state at ``now_s``."""
         faults = []
-        for m in self._tracks:
+        for m, t in self._tracks.items():
             state, why = self.state(m, now_s)
-            if state is not MeterState.FRESH:
+            starting = t.good_s is None and now_s - self.started_s <= self._stale_s(t)
+            if state is not MeterState.FRESH and not (starting and t.bad is None):
                 fallback_w = self.planned_unexplained_w(m, now_s)
                 faults.append(
                     f"meter {m} ({self._tracks[m].spec.domain}) {state.value}: {why}; "
