@@ -366,7 +366,7 @@ def test_with_a_meter_no_raise_lets_the_metered_worst_case_exceed_the_cap(
                 true_w += (SLEEP_W if asleep else level_w) / (1.0 - under)
             agent = Agent(cfg, trackers)
             await agent.sweep()
-            agent.on_meter_reading("poi", MeterReading(0.0, true_w, (), 60.0, None))
+            agent.metering.on_reading("poi", MeterReading(0.0, true_w, (), 60.0, None))
             record = await agent.tick()
             raised = [c for c in record.ordered.now if not c.is_decrease]
             if not raised:
@@ -404,7 +404,7 @@ async def test_a_feeder_meter_takes_its_unexplained_load_off_its_domain_and_the_
     trackers = fake_trackers(10, log, domain=lambda i: "rack-a" if i < 5 else "site")
     agent = Agent(feeder(poi=False), trackers)
     await agent.sweep()
-    agent.on_meter_reading("feeder-a", MeterReading(0.0, 17_000.0, (), 60.0, None))
+    agent.metering.on_reading("feeder-a", MeterReading(0.0, 17_000.0, (), 60.0, None))
     limits = agent.limits()
     (rack,) = limits.domains
     # The rack's 2 kW beyond its devices: off what its devices may draw, and on the site.
@@ -413,8 +413,8 @@ async def test_a_feeder_meter_takes_its_unexplained_load_off_its_domain_and_the_
     # With a POI meter too, the site counts its own meter's excess (which holds the rack's).
     agent = Agent(feeder(poi=True), trackers)
     await agent.sweep()
-    agent.on_meter_reading("feeder-a", MeterReading(0.0, 17_000.0, (), 60.0, None))
-    agent.on_meter_reading("poi", MeterReading(0.0, 34_000.0, (), 60.0, None))
+    agent.metering.on_reading("feeder-a", MeterReading(0.0, 17_000.0, (), 60.0, None))
+    agent.metering.on_reading("poi", MeterReading(0.0, 34_000.0, (), 60.0, None))
     limits = agent.limits()
     assert limits.domains[0].limit_w == pytest.approx(18_000.0)
     assert limits.overhead_w == pytest.approx(4_000.0)

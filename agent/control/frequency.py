@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,8 +180,3 @@ class FrequencyResponse:
             Pin(c.device_id, 0.0 if c.kind == SLEEP else c.new_w, source=SOURCE)
             for c in self.shed.changes
         )
-
-
-def block_ids(armed: Armed) -> Sequence[str]:
-    """The device ids of a block."""
-    return [c.device_id for c in armed.changes]

@@ -11,26 +11,22 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from siteagent.agent.config import Config, MeterConfig, cron_trigger
+from siteagent.agent.config import Config, cron_trigger
 from siteagent.agent.control.alarms import Alarms, check_tick
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import Fleet
-from siteagent.agent.control.frequency import Event, FrequencyParams, FrequencyResponse
-from siteagent.agent.control.meter import (
-    MeteringParams,
-    Meters,
-    MeterState,
-    MeterView,
-    domain_unexplained_w,
-    measured_sums_w,
-    read_forever,
+from siteagent.agent.control.meter import MeterView
+from siteagent.agent.control.metering import (
+    MeterReaderFactory,
+    SiteMetering,
+    default_meter_reader,
 )
 from siteagent.agent.control.prices import PriceFeed, economic_params, node_contract_floors
 from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
@@ -46,14 +42,10 @@ from siteagent.domain import (
     Plan,
     Snapshot,
 )
-from siteagent.domain.site import SITE, DomainTree
+from siteagent.domain.site import DomainTree
 from siteagent.policies import PolicyParams, PolicyState, get_policy
 from siteagent.policies.capping import CappingParams
 from siteagent.policies.prices import Prices
-
-if TYPE_CHECKING:
-    # Types only: the driver brings pymodbus, which only a site with a meter loads.
-    from siteagent.drivers.meter import MeterDriver, MeterReading
 
 log = logging.getLogger("siteagent.loop")
 
@@ -109,20 +101,6 @@ class TickRecord:
     meters: tuple[MeterView, ...] = ()
 
 
-def _meter_driver(spec: MeterConfig, clock: Callable[[], float]) -> MeterDriver:
-    # Imported here: pymodbus is only for a site with a meter.
-    from siteagent.drivers.meter import meter_driver
-
-    return meter_driver(spec, clock)
-
-
-def _failure_kind(error: BaseException) -> str:
-    """The driver's kind of a failed meter read (drivers.meter.MeterError), else a timeout's."""
-    from siteagent.drivers.meter import MeterError
-
-    return error.kind if isinstance(error, MeterError) else "timeout"
-
-
 class Agent:
     """Owns the fleet, the cap sources and the loop; the only place IO meets decisions."""
 
@@ -135,7 +113,7 @@ class Agent:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_tick: Callable[[TickRecord], None] | None = None,
         rescan: Callable[[], Awaitable[list[DeviceLink]]] | None = None,
-        meter_reader: Callable[[MeterConfig, Callable[[], float]], MeterDriver] = _meter_driver,
+        meter_reader: MeterReaderFactory = default_meter_reader,
     ) -> None:
         self.config = config
         self.fleet = Fleet(links)
@@ -190,110 +168,19 @@ class Agent:
         self.sweep_durations = Durations(SWEEP_BUCKETS_S)
         self.tick_durations = Durations(TICK_BUCKETS_S)
         self.last_sweep_s: float | None = None
-        self._init_meters(meter_reader)
-
-    # -- meters ------------------------------------------------------------------
-
-    def _init_meters(
-        self, meter_reader: Callable[[MeterConfig, Callable[[], float]], MeterDriver]
-    ) -> None:
-        cfg = self.config
-        m = cfg.metering
-        self.meters = Meters(
-            cfg.meters,
-            MeteringParams(m.unexplained_window_s, m.rise_horizon_s, m.fallback_window_s),
+        # The meters and the under-frequency response (agent/control/metering.py).
+        self.metering = SiteMetering(
+            config,
+            self.fleet,
             self.alarms,
-            overhead_w={SITE: cfg.site.overhead_w},
-            clock=self.clock,
+            clock=clock,
+            base_limits=self._limits,
+            request_tick=self.request_tick,
+            send=self._send_now,
+            meter_reader=meter_reader,
         )
-        self._meter_reader = meter_reader
-        self._meter_readers: dict[str, MeterDriver] = {}
-        self._meter_tasks: list[asyncio.Task[None]] = []
-        fr = cfg.frequency_response
-        self.frequency: FrequencyResponse | None = None
-        self._frequency_meter = fr.meter or self.meters.by_domain().get(SITE)
-        if fr.enabled:
-            params = FrequencyParams(
-                fr.trigger_hz,
-                fr.trigger_s,
-                fr.restore_after_s,
-                fr.block_w,
-                tuple(fr.devices),
-                fr.action,
-            )
-            self.frequency = FrequencyResponse(params, self.alarms)
-        # (perf_counter s) when the last guard sample and the last shed began and ended.
-        self.guard_requested_s: float | None = None
-        self.shed_started_s: float | None = None
-        self.shed_done_s: float | None = None
-
-    def on_meter_reading(self, meter_id: str, reading: MeterReading) -> None:
-        """Take one meter reading: its state, the fast guard, the frequency response."""
-        now = self.clock()
-        spec = self.meters.spec(meter_id)
-        base = self._limits()
-        tree = DomainTree(base)
-        sums = measured_sums_w(self.fleet, tree)
-        state = self.meters.record(meter_id, reading, sums[spec.domain], now)
-        if state is not MeterState.FRESH:
-            return
-        if self.frequency is not None and meter_id == self._frequency_meter:
-            event = self.frequency.observe(reading.frequency_hz, now)
-            if event is Event.TRIGGER:
-                self._shed_armed()
-            elif event is Event.RESTORE:
-                # The pins are gone: the plan restores the block (shed before restore, ramp).
-                self.request_tick()
-        if self.config.metering.fast_guard:
-            threshold = self.config.policy.capping_threshold * tree.limit_w[spec.domain]
-            if reading.power_w > threshold:
-                # Over the capping threshold: tick now, not at the next sweep or tick.
-                self.guard_requested_s = time.perf_counter()
-                self.request_tick()
-
-    def on_meter_failure(self, meter_id: str, error: BaseException) -> None:
-        """A meter read that failed: garbage and frozen at once, else stale as it ages."""
-        self.meters.record_failure(meter_id, _failure_kind(error), error, self.clock())
-
-    def _shed_armed(self) -> None:
-        """Send the armed block's commands now, together, outside the plan and the tick."""
-        assert self.frequency is not None and self.frequency.shed is not None
-        changes = self.frequency.shed.changes
-        self.shed_started_s = time.perf_counter()
-        log.warning("under-frequency: shedding %d device(s) now", len(changes))
-        task = asyncio.get_running_loop().create_task(self._send_block(changes))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _send_block(self, changes: tuple[Change, ...]) -> None:
-        deadline = asyncio.get_running_loop().time() + self.config.control.actuation_timeout_s
-        results = await asyncio.gather(*(self._apply_now(c, deadline) for c in changes))
-        self.shed_done_s = time.perf_counter()
-        failed = sum(not ok for ok in results)
-        if failed:
-            log.warning("under-frequency: %d of %d shed command(s) failed", failed, len(changes))
-        # The pins now hold the block: the next tick plans around it.
-        self.request_tick()
-
-    def _metered(self, limits: Limits) -> Limits:
-        """``limits`` with the meters' unexplained load in place of the constant overhead,
-        and the held under-frequency block pinned."""
-        pins = self.frequency.pins() if self.frequency is not None else ()
-        if not self.meters and not pins:
-            return limits
-        now = self.clock()
-        site_w, below = domain_unexplained_w(
-            self.meters.views(now),
-            {d.id: d.parent for d in self.config.domains},
-            SITE,
-            self.config.site.overhead_w,
-        )
-        # A feeder's unexplained load is taken off what its devices may draw.
-        domains = tuple(
-            replace(d, limit_w=max(0.0, d.limit_w - below.get(d.domain_id, 0.0)))
-            for d in limits.domains
-        )
-        return replace(limits, overhead_w=site_w, domains=domains, pins=limits.pins + pins)
+        self.meters = self.metering.meters
+        self.frequency = self.metering.frequency
 
     # -- limits ------------------------------------------------------------------
 
@@ -427,7 +314,7 @@ class Agent:
 
     def limits(self) -> Limits:
         """Every limit in force now, combined into the effective cap; the meters' load."""
-        return self._metered(self._limits())
+        return self.metering.limits(self._limits())
 
     def _limits(self) -> Limits:
         caps = {**self._caps, **self.scheduled_caps()}
@@ -494,11 +381,7 @@ class Agent:
     def snapshot(self) -> Snapshot:
         """Freeze every device's view at this instant (columns, devices made on demand)."""
         snap = self.fleet.snapshot(self.clock(), self.config.telemetry.stale_after_s)
-        if not self.meters:
-            return snap
-        site = self.meters.by_domain().get(SITE)
-        views = {v.meter_id: v for v in self.meters.views(snap.time_s)}
-        return replace(snap, meter_power_w=None if site is None else views[site].power_w)
+        return self.metering.snapshot(snap)
 
     def request_tick(self) -> None:
         """Run a control tick as soon as the current one (if any) ends."""
@@ -578,18 +461,9 @@ class Agent:
                 len(failed),
             )
         self._tick_line = line
-        if self.frequency is not None:
-            self.frequency.arm(snap)
+        meters = self.metering.after_tick(snap)
         record = TickRecord(
-            snap.time_s,
-            snap,
-            limits,
-            plan,
-            ordered,
-            applied,
-            failed,
-            plan_duration,
-            self.meters.views(snap.time_s),
+            snap.time_s, snap, limits, plan, ordered, applied, failed, plan_duration, meters
         )
         self.last_tick = record
         self.last_tick_done_s = self.clock()
@@ -625,6 +499,11 @@ class Agent:
         interval = self.config.control.interval_s
         since = interval if self.last_increase_s is None else now_s - self.last_increase_s
         return self.config.policy.restore_ramp_w_per_s * min(max(since, 0.0), interval)
+
+    async def _send_now(self, changes: Sequence[Change]) -> list[bool]:
+        """Send ``changes`` at once, together, outside a tick (the under-frequency block)."""
+        deadline = asyncio.get_running_loop().time() + self.config.control.actuation_timeout_s
+        return list(await asyncio.gather(*(self._apply_now(c, deadline) for c in changes)))
 
     async def _apply(self, c: Change, sem: asyncio.Semaphore, deadline: float) -> bool | None:
         """Send ``c`` in its turn: whether the device took it, None if not sent by the
@@ -744,22 +623,7 @@ class Agent:
             )
         sched.start()
         self._scheduler = sched
-        for meter_id in self.meters.ids():
-            spec = self.meters.spec(meter_id)
-            reader = self._meter_reader(spec, self.clock)
-            self._meter_readers[meter_id] = reader
-            self._meter_tasks.append(
-                asyncio.get_running_loop().create_task(
-                    read_forever(
-                        meter_id,
-                        reader,
-                        spec,
-                        self.on_meter_reading,
-                        self.on_meter_failure,
-                        clock=self.clock,
-                    )
-                )
-            )
+        self.metering.start()
 
     def adopt(self, found: Iterable[DeviceLink]) -> list[DeviceDriver]:
         """Take in what a scan found: new devices join; a known one at a new address moves.
@@ -843,9 +707,7 @@ class Agent:
         async with self._tick_lock:
             if sched is not None:
                 sched.shutdown(wait=False)
-        for task in list(self._background) + self._meter_tasks:
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._background, *self._meter_tasks, return_exceptions=True)
-        self._meter_tasks = []
-        await close_quietly(self._meter_readers.values(), "a meter's driver")
-        self._meter_readers = {}
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.metering.stop()
