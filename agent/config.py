@@ -448,14 +448,6 @@ class StateConfig(_Strict):
 
 RegisterType = Literal["int16", "uint16", "int32", "uint32", "float32"]
 _REGISTER_WORDS = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2}
-METER_QUANTITIES = (
-    "power_w",
-    "phase_a_w",
-    "phase_b_w",
-    "phase_c_w",
-    "frequency_hz",
-    "energy_import_wh",
-)
 
 
 class RegisterConfig(_Strict):
@@ -484,6 +476,10 @@ class MeterMapConfig(_Strict):
     phase_c_w: RegisterConfig | None = None
     frequency_hz: RegisterConfig | None = None
     energy_import_wh: RegisterConfig | None = None
+
+
+# The quantities a register map may name, in the map's order.
+METER_QUANTITIES = tuple(MeterMapConfig.model_fields)
 
 
 def _meter_kind_mismatch(kind: str, has_map: bool) -> str | None:

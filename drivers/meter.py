@@ -10,7 +10,9 @@ not add up to the total, the same answer ``frozen_after_reads`` times) is a
 ``MeterError`` naming what was wrong, never a number: the loop then falls back
 to the device sum, so a broken meter can never uncap the site.
 
-Only this module imports pymodbus on the agent's side.
+Only this module imports pymodbus on the agent's side. pymodbus logs a warning
+of its own (logger ``pymodbus.logging``) on each failed connect; the agent's
+logging setup decides whether those reach the journal.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "SUNSPEC_BASES",
     "MeterDriver",
     "MeterError",
+    "MeterErrorKind",
     "MeterReading",
     "meter_driver",
 ]
@@ -57,6 +60,7 @@ _MAX_MODELS = 64
 _NI_INT16 = 0x8000
 _NI_UINT16 = 0xFFFF
 _NI_ACC32 = 0
+_NOT_IMPLEMENTED_SHOWN = {"int16": "0x8000", "sunssf": "0x8000", "uint16": "0xFFFF", "acc32": "0"}
 # Modbus allows at most 125 registers per read.
 _MAX_READ_REGS = 125
 # Scale factors outside this range are not in SunSpec's meters (±10 is the spec's bound).
@@ -265,45 +269,32 @@ class _SunSpecLayout:
             return None
         return raw - 0x10000 if raw & 0x8000 else raw
 
-    def _sf(self, regs: Sequence[int], name: str) -> int:
-        sf = self._int(regs, name)
-        at = self.address + self.points[name].offset
-        if sf is None:
-            raise _Garbage("garbage", f"{name} (register {at}) is 0x8000, not implemented")
+    def _scaled(self, regs: Sequence[int], name: str, *, required: bool = False) -> float | None:
+        """A point times ten to its scale factor; None where not implemented, unless required."""
+        raw = self._int(regs, name)
+        sf_name = self.points[name].sf
+        sf = self._int(regs, sf_name) if sf_name is not None else 0
+        if raw is None or sf is None:
+            if not required:
+                return None  # not every meter measures frequency or energy
+            missing = name if raw is None else str(sf_name)
+            at = self.address + self.points[missing].offset
+            shown = _NOT_IMPLEMENTED_SHOWN[self.points[missing].type]
+            raise _Garbage("garbage", f"{missing} (register {at}) is {shown}, not implemented")
         if abs(sf) > _MAX_SF:
+            at = self.address + self.points[str(sf_name)].offset
             raise _Garbage(
-                "garbage", f"{name} (register {at}) is {sf}, expected a scale factor in -10..10"
+                "garbage", f"{sf_name} (register {at}) is {sf}, expected a scale factor in -10..10"
             )
-        return sf
+        return raw * 10.0**sf
 
     def _decode_int(self, regs: Sequence[int]) -> _Values:
-        w = self._int(regs, "W")
-        if w is None:
-            at = self.address + self.points["W"].offset
-            raise _Garbage("garbage", f"W (register {at}) is 0x8000, not implemented")
-        w_sf = 10.0 ** self._sf(regs, "W_SF")
+        w = self._scaled(regs, "W", required=True)
+        assert w is not None  # required: raised instead
         phases = tuple(
-            v * w_sf for n in ("WphA", "WphB", "WphC") if (v := self._int(regs, n)) is not None
+            v for n in ("WphA", "WphB", "WphC") if (v := self._scaled(regs, n)) is not None
         )
-        hz = self._int(regs, "Hz")
-        hz_sf = self._int(regs, "Hz_SF")
-        # No frequency is a valid meter (not every one measures it); a half-implemented one
-        # (value without scale factor) gives no frequency rather than a guess.
-        freq = None if hz is None or hz_sf is None else hz * 10.0 ** self._checked(hz_sf, "Hz_SF")
-        wh = self._int(regs, "TotWhImp")
-        wh_sf = self._int(regs, "TotWh_SF")
-        energy = (
-            None if wh is None or wh_sf is None else wh * 10.0 ** self._checked(wh_sf, "TotWh_SF")
-        )
-        return _Values(w * w_sf, phases, freq, energy)
-
-    def _checked(self, sf: int, name: str) -> int:
-        if abs(sf) > _MAX_SF:
-            at = self.address + self.points[name].offset
-            raise _Garbage(
-                "garbage", f"{name} (register {at}) is {sf}, expected a scale factor in -10..10"
-            )
-        return sf
+        return _Values(w, phases, self._scaled(regs, "Hz"), self._scaled(regs, "TotWhImp"))
 
     def _float(self, regs: Sequence[int], name: str) -> float:
         o = self.points[name].offset
@@ -421,6 +412,9 @@ class MeterDriver:
         )
         self._last_regs: tuple[int, ...] | None = None
         self._lost = asyncio.Event()  # set when the current connection closes
+        # One read at a time (the sweep and a fast guard may both ask): reads share
+        # one connection, the discovered layout and the frozen count.
+        self._lock = asyncio.Lock()
         self._same_reads = 0
 
     @property
@@ -433,6 +427,10 @@ class MeterDriver:
 
     async def read(self) -> MeterReading:
         """Read power and phases (W), frequency (Hz), imported energy (Wh); MeterError if not."""
+        async with self._lock:
+            return await self._read()
+
+    async def _read(self) -> MeterReading:
         if self._layout is None:
             self._layout = await self._discover()
         layout = self._layout

@@ -5,25 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import tomllib
-from pathlib import Path
 from typing import Any
 
 import pytest
+from rig import rig
 
 from siteagent.domain import DeviceState
 from siteagent.drivers.asic import AsicDriver
 
 
 def _rig() -> list[dict[str, Any]]:
-    path = os.environ.get("SITEAGENT_RIG")
-    if not path:
-        pytest.skip("no rig: set SITEAGENT_RIG to a rig file (see hil/README.md)")
-    data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    miners: list[dict[str, Any]] = data.get("miners", [])
-    if not miners:
-        pytest.skip(f"rig file {path} lists no [[miners]]")
-    return miners
+    return rig("miners")[2]
 
 
 def _control_allowed(entry: dict[str, Any]) -> None:

@@ -14,8 +14,9 @@ Faults, settable while it runs (``await meter.set_fault(name, **options)``):
 - ``frozen``: keeps serving the last values.
 - ``garbage``: ``what="not_implemented"`` (W = 0x8000, or NaN for a float
   model, the default), ``"nan"`` (NaN; 0x8000 on an integer model),
-  ``"scale"`` (a scale factor 1000 times too large), ``"negative"`` (import
-  served as export).
+  ``"scale"`` (a scale factor 1000 times too large), ``"scale_low"`` (1000
+  times too small: a plausible small load, which only a comparison with the
+  devices' own reports can tell), ``"negative"`` (import served as export).
 - ``frequency_dip``: ``hz`` (default 59.5) for ``duration_s`` (default 1 s).
 - ``clear``: all of the above off, the listener back if it was closed.
 """
@@ -41,7 +42,9 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 __all__ = ["METER_FAULTS", "SIM_MAP", "MeterTruth", "SimMeter", "energy_counter"]
 
 METER_FAULTS = ("unreachable", "frozen", "garbage", "frequency_dip", "clear")
-GARBAGE_KINDS = ("not_implemented", "nan", "scale", "negative")
+GARBAGE_KINDS = ("not_implemented", "nan", "scale", "scale_low", "negative")
+# How much a wrong scale factor skews the served power: 10 ** 3 up, or down.
+_SCALE_SHIFT = {"scale": 3, "scale_low": -3}
 SUNS = (0x5375, 0x6E53)  # "SunS"
 NOT_IMPLEMENTED_INT16 = 0x8000
 NAN_REGS = (0x7FC0, 0x0000)  # float32 quiet NaN, big-endian words
@@ -251,92 +254,78 @@ class SimMeter:
             self._dip = None
         return truth_hz
 
-    def _measured(self) -> tuple[float, tuple[float, ...], float, float]:
+    def _measured(self) -> _Measured:
         t = self.truth()
         n = self.noise_frac
         phases = tuple(p * (1.0 + self._rng.uniform(-n, n)) for p in t.phase_w)
         hz = self._frequency_hz(t.frequency_hz) + self._rng.uniform(-0.004, 0.004)
         power = sum(phases) if phases else t.power_w * (1.0 + self._rng.uniform(-n, n))
-        if self.fault == "garbage" and self.fault_options.get("what") == "negative":
-            power, phases = -power, tuple(-p for p in phases)
-        return power, phases, hz, t.energy_wh
-
-    def _fill(self, regs: list[int]) -> None:
-        power, phases, hz, energy = self._measured()
-        what = (
+        garbage = (
             self.fault_options.get("what", "not_implemented") if self.fault == "garbage" else None
         )
+        if garbage == "negative":
+            power, phases = -power, tuple(-p for p in phases)
+        return _Measured(power, phases, hz, t.energy_wh, garbage)
+
+    def _fill(self, regs: list[int]) -> None:
+        m = self._measured()
         if self.model == "map":
-            self._fill_map(regs, power, phases, hz, energy, what)
+            _fill_map(regs, m)
             return
         at = self.base + self.meter_offset - self._start
         offsets, _ = _offsets(int(self.model))
-        if self.model == 213:
-            self._fill_float(regs, at, offsets, power, phases, hz, energy, what)
-        else:
-            self._fill_int(regs, at, offsets, power, phases, hz, energy, what)
+        fill = _fill_float if self.model == 213 else _fill_int
+        fill(regs, at, offsets, m)
 
-    def _fill_int(
-        self,
-        regs: list[int],
-        at: int,
-        o: dict[str, int],
-        power: float,
-        phases: tuple[float, ...],
-        hz: float,
-        energy: float,
-        what: str | None,
-    ) -> None:
-        # The smallest power-of-ten scale that fits the largest value in an int16.
-        biggest = max([abs(power), *(abs(p) for p in phases), 1.0])
-        sf = max(-1, math.ceil(math.log10(biggest / 32000.0)))
-        scale = 10.0**sf
-        regs[at + o["W"]] = _s16(round(power / scale))
-        for name, p in zip(("WphA", "WphB", "WphC"), phases, strict=False):
-            regs[at + o[name]] = _s16(round(p / scale))
-        regs[at + o["W_SF"]] = _s16(sf + 3 if what == "scale" else sf)
-        if what in ("not_implemented", "nan"):
-            regs[at + o["W"]] = NOT_IMPLEMENTED_INT16
-        regs[at + o["Hz"]] = _s16(round(hz * 100))
-        regs[at + o["Hz_SF"]] = _s16(-2)
-        wh = round(energy)
-        regs[at + o["TotWhImp"]], regs[at + o["TotWhImp"] + 1] = wh >> 16 & 0xFFFF, wh & 0xFFFF
-        regs[at + o["TotWh_SF"]] = 0
 
-    def _fill_float(
-        self,
-        regs: list[int],
-        at: int,
-        o: dict[str, int],
-        power: float,
-        phases: tuple[float, ...],
-        hz: float,
-        energy: float,
-        what: str | None,
-    ) -> None:
-        if what == "scale":
-            power, phases = power * 1000.0, tuple(p * 1000.0 for p in phases)
-        w = _f32(power) if what not in ("not_implemented", "nan") else NAN_REGS
-        regs[at + o["W"]], regs[at + o["W"] + 1] = w
-        for name, p in zip(("WphA", "WphB", "WphC"), phases, strict=False):
-            regs[at + o[name]], regs[at + o[name] + 1] = _f32(p)
-        regs[at + o["Hz"]], regs[at + o["Hz"] + 1] = _f32(hz)
-        regs[at + o["TotWhImp"]], regs[at + o["TotWhImp"] + 1] = _f32(energy)
+@dataclass(frozen=True, slots=True)
+class _Measured:
+    """What the meter measured this request, and the garbage fault to serve it with."""
 
-    def _fill_map(
-        self,
-        regs: list[int],
-        power: float,
-        phases: tuple[float, ...],
-        hz: float,
-        energy: float,
-        what: str | None,
-    ) -> None:
-        k = 1000.0 if what == "scale" else 1.0
-        regs[0], regs[1] = _u32_little(round(power * k * 10))
-        if what in ("not_implemented", "nan"):
-            regs[0], regs[1] = 0x0000, 0x8000  # int32 minimum: the usual "no value"
-        for i, p in enumerate(phases[:3]):
-            regs[2 + 2 * i], regs[3 + 2 * i] = _u32_little(round(p * k * 10))
-        regs[8] = round(hz * 100) & 0xFFFF
-        regs[9], regs[10] = _u32_little(round(energy))
+    power_w: float
+    phase_w: tuple[float, ...]
+    frequency_hz: float
+    energy_wh: float
+    garbage: str | None
+
+
+def _fill_int(regs: list[int], at: int, o: dict[str, int], m: _Measured) -> None:
+    """Model 203: int16 values with scale factors; ``at`` is the model's ID register."""
+    # The smallest power-of-ten scale that fits the largest value in an int16.
+    biggest = max([abs(m.power_w), *(abs(p) for p in m.phase_w), 1.0])
+    sf = max(-1, math.ceil(math.log10(biggest / 32000.0)))
+    scale = 10.0**sf
+    regs[at + o["W"]] = _s16(round(m.power_w / scale))
+    for name, p in zip(("WphA", "WphB", "WphC"), m.phase_w, strict=False):
+        regs[at + o[name]] = _s16(round(p / scale))
+    regs[at + o["W_SF"]] = _s16(sf + _SCALE_SHIFT.get(m.garbage or "", 0))
+    if m.garbage in ("not_implemented", "nan"):
+        regs[at + o["W"]] = NOT_IMPLEMENTED_INT16
+    regs[at + o["Hz"]] = _s16(round(m.frequency_hz * 100))
+    regs[at + o["Hz_SF"]] = _s16(-2)
+    wh = round(m.energy_wh)
+    regs[at + o["TotWhImp"]], regs[at + o["TotWhImp"] + 1] = wh >> 16 & 0xFFFF, wh & 0xFFFF
+    regs[at + o["TotWh_SF"]] = 0
+
+
+def _fill_float(regs: list[int], at: int, o: dict[str, int], m: _Measured) -> None:
+    """Model 213: float32 values, NaN where not implemented."""
+    k = 10.0 ** _SCALE_SHIFT.get(m.garbage or "", 0)
+    nan = m.garbage in ("not_implemented", "nan")
+    regs[at + o["W"]], regs[at + o["W"] + 1] = NAN_REGS if nan else _f32(m.power_w * k)
+    for name, p in zip(("WphA", "WphB", "WphC"), m.phase_w, strict=False):
+        regs[at + o[name]], regs[at + o[name] + 1] = _f32(p * k)
+    regs[at + o["Hz"]], regs[at + o["Hz"] + 1] = _f32(m.frequency_hz)
+    regs[at + o["TotWhImp"]], regs[at + o["TotWhImp"] + 1] = _f32(m.energy_wh)
+
+
+def _fill_map(regs: list[int], m: _Measured) -> None:
+    """``SIM_MAP``: int32 deciwatts and uint32 Wh low word first, uint16 centihertz."""
+    k = 10.0 ** _SCALE_SHIFT.get(m.garbage or "", 0)
+    regs[0], regs[1] = _u32_little(round(m.power_w * k * 10))
+    if m.garbage in ("not_implemented", "nan"):
+        regs[0], regs[1] = 0x0000, 0x8000  # int32 minimum: the usual "no value"
+    for i, p in enumerate(m.phase_w[:3]):
+        regs[2 + 2 * i], regs[3 + 2 * i] = _u32_little(round(p * k * 10))
+    regs[8] = round(m.frequency_hz * 100) & 0xFFFF
+    regs[9], regs[10] = _u32_little(round(m.energy_wh))

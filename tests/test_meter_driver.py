@@ -5,6 +5,7 @@ Addresses: 127.3.0.0/16 (this module and test_sim_meter.py), port 502.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -323,3 +324,14 @@ def test_config_checks_timing_and_fills_bounds_from_the_domain_cap() -> None:
         }
     )
     assert cfg.meters[0].max_power_w == 80_000
+
+
+async def test_reads_at_once_share_one_connection_and_one_discovery(meters: list[Any]) -> None:
+    sim = await started("127.3.0.43")
+    drv = meter_driver(meter_cfg("127.3.0.43"))
+    meters += [sim, drv]
+    readings = await asyncio.gather(*(drv.read() for _ in range(5)))
+    assert all(r.power_w == pytest.approx(SITE_W, rel=2e-3) for r in readings)
+    # Discovery is three requests (marker, common model header, meter model header), then
+    # one block per read: a second discovery or connection would show here.
+    assert sim.requests == 3 + 5

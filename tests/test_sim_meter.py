@@ -15,6 +15,7 @@ import pytest
 from siteagent.agent.config import parse_config
 from siteagent.drivers.meter import MeterError, meter_driver
 from siteagent.sim.aux import AuxLoad
+from siteagent.sim.meter import SimMeter, energy_counter
 from siteagent.sim.serve import SimServer
 from siteagent.sim.site import SimSite
 
@@ -163,3 +164,23 @@ async def test_sim_refuses_a_bad_under_report_flag() -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     assert b"'stock=0.1': expected BACKEND=FRAC" in err
+
+
+@pytest.mark.parametrize("model", [203, 213])
+async def test_a_scale_factor_too_small_reads_as_a_light_load(model: int) -> None:
+    # Nothing in the meter's answer gives this one away: the loop must compare the
+    # reading with the devices' own reports (a negative unexplained load).
+    meter = SimMeter(
+        energy_counter(lambda _t: 90_000.0), f"127.3.12.{model - 200}", 502, model=model
+    )
+    await meter.start()
+    cfg = parse_config(
+        {"site": {"cap_w": 100_000}, "meters": [{"id": "poi", "address": meter.address}]}
+    )
+    drv = meter_driver(cfg.meters[0])
+    try:
+        await meter.set_fault("garbage", what="scale_low")
+        assert (await drv.read()).power_w == pytest.approx(90.0, rel=0.01)
+    finally:
+        await drv.close()
+        await meter.stop()
