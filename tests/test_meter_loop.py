@@ -259,6 +259,8 @@ async def test_a_silent_meter_goes_stale_alarms_once_and_falls_back_then_recover
         ("garbage", {"what": "nan"}, MeterState.GARBAGE),
         ("garbage", {"what": "scale"}, MeterState.GARBAGE),
         ("garbage", {"what": "negative"}, MeterState.GARBAGE),
+        # 1000 times too small: a light load, below what the miners report alone.
+        ("garbage", {"what": "scale_low"}, MeterState.GARBAGE),
         ("frozen", {}, MeterState.FROZEN),
     ],
 )

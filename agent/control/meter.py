@@ -61,6 +61,9 @@ BAD_KINDS = {"garbage": "garbage", "map": "garbage", "frozen": "frozen"}
 # A read (with SunSpec discovery: several requests, each under the driver's timeout) is
 # cut after this many timeouts.
 BACKSTOP_TIMEOUTS = 4
+# A meter reading this far below what its settled devices report is no measurement: the
+# devices misreport by a few per cent, not by a fifth.
+BELOW_DEVICES_FRAC = 0.2
 
 
 class MeterState(enum.StrEnum):
@@ -155,12 +158,27 @@ class Meters:
     # -- what the meters say -----------------------------------------------------------
 
     def record(
-        self, meter_id: str, reading: MeterReading, device_sum_w: float, now_s: float
+        self,
+        meter_id: str,
+        reading: MeterReading,
+        device_sum_w: float,
+        now_s: float,
+        settled_sum_w: float = 0.0,
     ) -> MeterState:
-        """Take one reading and the devices' measured sum (W) below its domain at ``now_s``."""
+        """Take one reading and the devices' measured sum (W) below its domain at
+        ``now_s``; garbage if it is well below what the settled devices report alone."""
         t = self._tracks[meter_id]
         self.samples += 1
         t.error, t.bad = None, None
+        if reading.power_w < (1.0 - BELOW_DEVICES_FRAC) * settled_sum_w:
+            # A scale factor too small or a map on the wrong registers reads as a light
+            # load, which only the devices' own reports give away.
+            t.bad = (
+                MeterState.GARBAGE,
+                f"reads {reading.power_w:.0f} W, below the {settled_sum_w:.0f} W its settled "
+                "devices report alone (a scale factor or map error?)",
+            )
+            return self._judged(meter_id, now_s)
         t.good_s, t.power_w, t.frequency_hz = now_s, reading.power_w, reading.frequency_hz
         t.device_sum_w = device_sum_w
         t.unexplained_w = reading.power_w - device_sum_w
@@ -317,12 +335,22 @@ def domain_unexplained_w(
     return site_w, {d: w for d, w in below.items() if w > 0}
 
 
-def measured_sums_w(fleet: Fleet, tree: DomainTree) -> dict[str, float]:
-    """Every domain's devices' measured sum (W) as last read; unread devices count zero."""
+def measured_sums_w(
+    fleet: Fleet, tree: DomainTree, now_s: float, stale_after_s: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Every domain's devices' measured sum (W) as last read (unread devices count zero),
+    and the same over the settled devices only: read within ``stale_after_s`` with no
+    command of ours in flight (a shed device's last reading is not yet its draw)."""
     st = fleet.statics()
     names, code = st.domain_codes
-    w = np.nan_to_num(fleet.reading_power_w[: len(fleet)], nan=0.0)
-    return domain_loads_w(tree, names, code, w)
+    n = len(fleet)
+    w = np.nan_to_num(fleet.reading_power_w[:n], nan=0.0)
+    with np.errstate(invalid="ignore"):
+        settled = ~fleet.has_pending[:n] & (now_s - fleet.last_ok_s[:n] <= stale_after_s)
+    return (
+        domain_loads_w(tree, names, code, w),
+        domain_loads_w(tree, names, code, np.where(settled, w, 0.0)),
+    )
 
 
 async def read_forever(

@@ -151,8 +151,8 @@ class SiteMetering:
         now = self.clock()
         spec = self.meters.spec(meter_id)
         tree = DomainTree(self._base_limits())
-        sums = measured_sums_w(self.fleet, tree)
-        state = self.meters.record(meter_id, reading, sums[spec.domain], now)
+        sums, settled = measured_sums_w(self.fleet, tree, now, self.config.telemetry.stale_after_s)
+        state = self.meters.record(meter_id, reading, sums[spec.domain], now, settled[spec.domain])
         if state is not MeterState.FRESH:
             return
         if self.frequency is not None and meter_id == self._frequency_meter:
