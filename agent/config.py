@@ -402,6 +402,47 @@ class ControlConfig(_Strict):
     concurrency: Annotated[int, Field(ge=1, le=10_000)] = 500
 
 
+class MeteringConfig(_Strict):
+    """How the loop uses the meters' readings (agent/control/meter.py)."""
+
+    # The unexplained load the plan counts: its maximum over this window.
+    unexplained_window_s: PositiveS = 10.0
+    # A rising unexplained load is carried on at its rate of rise for this long.
+    rise_horizon_s: Annotated[float, Field(ge=0, le=MAX_DURATION_S)] = 5.0
+    # A meter not fresh: the devices, the overhead, and the largest unexplained load
+    # seen over this window.
+    fallback_window_s: PositiveS = 900.0
+    # A meter sample over the capping threshold ticks at once.
+    fast_guard: bool = True
+
+
+def _block_unset(enabled: bool, block_w: float, devices: list[str]) -> str | None:
+    if not enabled or block_w > 0 or devices:
+        return None
+    return (
+        f"found enabled = true with block_w = {block_w:g} and no devices, expected "
+        "block_w = the power (W) to shed, or devices = [id patterns] of the block"
+    )
+
+
+class FrequencyResponseConfig(_Strict):
+    """Under-frequency response: a block of miners shed at once on a frequency dip."""
+
+    enabled: bool = False
+    meter: str | None = None  # the meter whose frequency counts; default the site's
+    trigger_hz: Annotated[float, Field(ge=40, le=70)] = 59.7
+    trigger_s: Annotated[float, Field(ge=0, le=60)] = 0.2
+    restore_after_s: PositiveS = 300.0
+    block_w: NonNegW = 0.0
+    devices: list[str] = []
+    action: Literal["sleep", "min_power"] = "sleep"
+
+    @model_validator(mode="after")
+    def _block_set(self) -> FrequencyResponseConfig:
+        _raise_if(_block_unset(self.enabled, self.block_w, self.devices))
+        return self
+
+
 class ListenConfig(_Strict):
     """A host:port to listen on; localhost unless configured otherwise."""
 
@@ -726,6 +767,8 @@ class Config(_Strict):
     policy: PolicyConfig = PolicyConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     control: ControlConfig = ControlConfig()
+    metering: MeteringConfig = MeteringConfig()
+    frequency_response: FrequencyResponseConfig = FrequencyResponseConfig()
     api: ApiConfig = ApiConfig()
     metrics: ListenConfig = ListenConfig(port=9800)
     state: StateConfig = StateConfig()
@@ -980,7 +1023,36 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
         cron = _values(CapWindowConfig, w, "cron", "timezone")
         if cron is not None:
             problems += _rule(f"schedule.windows[{i}]", _cron_unparsed(*cron))
+    block = _values(
+        FrequencyResponseConfig, _table(data, "frequency_response"), "enabled", "block_w", "devices"
+    )
+    if block is not None:
+        problems += _rule("frequency_response", _block_unset(*block))
+    problems += _frequency_meter_unknown(data)
     return problems
+
+
+def _frequency_meter_unknown(data: Mapping[str, Any]) -> list[ConfigProblem]:
+    """An enabled under-frequency response needs a meter whose frequency it reads."""
+    fr = _table(data, "frequency_response")
+    if _value(FrequencyResponseConfig, fr, "enabled") is not True:
+        return []
+    meters = _rows(data, "meters")
+    ids = [i for _, m in meters if isinstance(i := _text(m, "id"), str)]
+    named = _text(fr, "meter")
+    if named is not None:
+        if named in ids:
+            return []
+        return [ConfigProblem("frequency_response.meter", repr(named), f"one of {ids}")]
+    if any((_text(m, "domain") or SITE_DOMAIN_ID) == SITE_DOMAIN_ID for _, m in meters):
+        return []
+    return [
+        ConfigProblem(
+            "frequency_response.meter",
+            "no meter named and no meter at the site",
+            "a [[meters]] entry at the site (the POI meter), or meter = the id of one",
+        )
+    ]
 
 
 def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:

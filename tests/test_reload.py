@@ -530,3 +530,21 @@ async def test_a_domain_capped_since_the_check_is_not_dropped(tmp_path: Path) ->
     assert "domain 'rack-1' removed while a cap from ovr-1 use(s) it" in str(refused.value)
     assert agent.config.site.cap_w == 10_000  # nothing of it applied
     assert [(d.domain_id, d.limit_w) for d in agent.limits().domains] == [("rack-1", 3000)]
+
+
+def test_meter_frequency_and_openadr_changes_wait_for_a_restart() -> None:
+    # Their read tasks, the armed block and the VEN's registration are made at start: a
+    # reload that claimed them live would leave the old meter and the old trigger in force.
+    old = parse_config({"site": {"cap_w": 10000}})
+    new = parse_config(
+        {
+            "site": {"cap_w": 10000},
+            "meters": [{"id": "poi", "address": "127.9.9.1"}],
+            "frequency_response": {"enabled": True, "block_w": 1000},
+            "openadr": {"vtn_url": "http://127.9.9.2:8080/OpenADR2/Simple/2.0b", "ven_name": "v"},
+        }
+    )
+    plan = plan_reload(old, new, {})
+    assert plan.changed == ()
+    sections = {line.split(" ")[0].partition(".")[0] for line in plan.restart_only}
+    assert sections == {"meters", "frequency_response", "openadr"}

@@ -139,6 +139,30 @@ class AlarmView(BaseModel):
     since_unix_s: float
 
 
+class MeterStatusView(BaseModel):
+    """One meter: its state, what it reads and what the plan counts beside the devices (W)."""
+
+    meter_id: str
+    domain: str
+    state: str
+    reason: str | None
+    metered_w: float | None
+    estimated_w: float
+    unexplained_w: float | None
+    planned_unexplained_w: float
+    frequency_hz: float | None
+    age_s: float | None
+
+
+class FrequencyResponseView(BaseModel):
+    """The under-frequency block: armed (W, devices), and whether it is shed and held."""
+
+    armed_w: float
+    armed_devices: int
+    triggered: bool
+    triggers: int
+
+
 class StatusView(BaseModel):
     """The site at a glance."""
 
@@ -164,6 +188,8 @@ class StatusView(BaseModel):
     active_overrides: int
     domains: list[DomainView]
     alarms: list[AlarmView] = []
+    meters: list[MeterStatusView] = []
+    frequency_response: FrequencyResponseView | None = None
 
 
 class DeviceView(BaseModel):
@@ -776,6 +802,29 @@ def _status(s: Services) -> StatusView:
             AlarmView(name=a.name, reason=a.reason, since_unix_s=a.since_unix_s)
             for a in agent.alarms.active()
         ],
+        meters=[
+            MeterStatusView(
+                meter_id=m.meter_id,
+                domain=m.domain,
+                state=m.state.value,
+                reason=m.reason,
+                metered_w=m.power_w,
+                estimated_w=m.estimated_w,
+                unexplained_w=m.unexplained_w,
+                planned_unexplained_w=m.planned_unexplained_w,
+                frequency_hz=m.frequency_hz,
+                age_s=m.age_s,
+            )
+            for m in agent.meters.views(agent.clock())
+        ],
+        frequency_response=None
+        if agent.frequency is None
+        else FrequencyResponseView(
+            armed_w=agent.frequency.armed.power_w,
+            armed_devices=len(agent.frequency.armed.changes),
+            triggered=agent.frequency.triggered,
+            triggers=agent.frequency.triggers,
+        ),
     )
 
 

@@ -41,12 +41,16 @@ PRICES_STALE = "prices-stale"
 # The last reload (SIGHUP) was refused: the file on disk is not the config in force.
 CONFIG_RELOAD_FAILED = "config-reload-failed"
 VTN_UNREACHABLE = "vtn-unreachable"  # the OpenADR VTN has not answered well for a while
+METER_FAULT = "meter-fault"  # a meter stale, frozen or answering garbage: the fallback counts
+UNDER_FREQUENCY = "under-frequency"  # the armed block is shed and held
 ALARM_NAMES = (
     CAP_UNMEETABLE,
     CONTRACT_FLOOR_BROKEN,
     PRICES_STALE,
     CONFIG_RELOAD_FAILED,
     VTN_UNREACHABLE,
+    METER_FAULT,
+    UNDER_FREQUENCY,
 )
 # A plan this far (W) above the cap is one no plan could avoid, not a rounding.
 UNMEETABLE_TOLERANCE_W = 1.0

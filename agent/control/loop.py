@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -23,6 +23,12 @@ from siteagent.agent.control.alarms import Alarms, check_tick
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import Fleet
 from siteagent.agent.control.grid import GridCaps
+from siteagent.agent.control.meter import MeterView
+from siteagent.agent.control.metering import (
+    MeterReaderFactory,
+    SiteMetering,
+    default_meter_reader,
+)
 from siteagent.agent.control.prices import (
     PriceFeed,
     economic_params,
@@ -116,6 +122,7 @@ class TickRecord:
     applied: tuple[str, ...]
     failed: tuple[str, ...]
     plan_duration_s: float
+    meters: tuple[MeterView, ...] = ()
 
 
 class Agent:
@@ -130,6 +137,7 @@ class Agent:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_tick: Callable[[TickRecord], None] | None = None,
         rescan: Callable[[], Awaitable[list[DeviceLink]]] | None = None,
+        meter_reader: MeterReaderFactory = default_meter_reader,
     ) -> None:
         self.config = config
         self.fleet = Fleet(links)
@@ -191,6 +199,19 @@ class Agent:
         self.last_reload: tuple[bool, float] | None = None
         # The OpenADR VEN's state for the metrics, when one runs (agent/grid/openadr.py).
         self.ven_status: VenStatus | None = None
+        # The meters and the under-frequency response (agent/control/metering.py).
+        self.metering = SiteMetering(
+            config,
+            self.fleet,
+            self.alarms,
+            clock=clock,
+            base_limits=self._limits,
+            request_tick=self.request_tick,
+            send=self._send_now,
+            meter_reader=meter_reader,
+        )
+        self.meters = self.metering.meters
+        self.frequency = self.metering.frequency
 
     # -- limits ------------------------------------------------------------------
 
@@ -366,7 +387,10 @@ class Agent:
         return out
 
     def limits(self) -> Limits:
-        """Every limit in force now, combined into the effective cap."""
+        """Every limit in force now, combined into the effective cap; the meters' load."""
+        return self.metering.limits(self._limits())
+
+    def _limits(self) -> Limits:
         now = self.wall_clock()
         caps = {**self._caps, **self.scheduled_caps(now)}
         source, cap = min(caps.items(), key=lambda kv: (kv[1], kv[0]))
@@ -442,7 +466,8 @@ class Agent:
 
     def snapshot(self) -> Snapshot:
         """Freeze every device's view at this instant (columns, devices made on demand)."""
-        return self.fleet.snapshot(self.clock(), self.config.telemetry.stale_after_s)
+        snap = self.fleet.snapshot(self.clock(), self.config.telemetry.stale_after_s)
+        return self.metering.snapshot(snap)
 
     def request_tick(self) -> None:
         """Run a control tick as soon as the current one (if any) ends."""
@@ -522,8 +547,9 @@ class Agent:
                 len(failed),
             )
         self._tick_line = line
+        meters = self.metering.after_tick(snap)
         record = TickRecord(
-            snap.time_s, snap, limits, plan, ordered, applied, failed, plan_duration
+            snap.time_s, snap, limits, plan, ordered, applied, failed, plan_duration, meters
         )
         self.last_tick = record
         self.last_tick_done_s = self.clock()
@@ -559,6 +585,11 @@ class Agent:
         interval = self.config.control.interval_s
         since = interval if self.last_increase_s is None else now_s - self.last_increase_s
         return self.config.policy.restore_ramp_w_per_s * min(max(since, 0.0), interval)
+
+    async def _send_now(self, changes: Sequence[Change]) -> list[bool]:
+        """Send ``changes`` at once, together, outside a tick (the under-frequency block)."""
+        deadline = asyncio.get_running_loop().time() + self.config.control.actuation_timeout_s
+        return list(await asyncio.gather(*(self._apply_now(c, deadline) for c in changes)))
 
     async def _apply(self, c: Change, sem: asyncio.Semaphore, deadline: float) -> bool | None:
         """Send ``c`` in its turn: whether the device took it, None if not sent by the
@@ -673,6 +704,7 @@ class Agent:
         self._scheduler = sched
         for key in list(self._tick_times):
             self._schedule_tick_at(key)
+        self.metering.start()
 
     def _schedule_windows(self, sched: AsyncIOScheduler) -> None:
         # A window or event that lowers the cap ticks at its start, not up to a tick later.
@@ -859,3 +891,4 @@ class Agent:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.metering.stop()

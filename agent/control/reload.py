@@ -32,8 +32,18 @@ from siteagent.agent.control.devices import DeviceLink
 
 RESTART = "takes effect after a restart"
 # Sections a running agent has bound at start: its listening sockets (API, metrics),
-# the API's tokens, TLS files and limits, and the store's directory and backups.
-RESTART_SECTIONS = ("api", "metrics", "state")
+# the API's tokens, TLS files and limits, and the store's directory and backups; the
+# meters' read tasks and the under-frequency block (agent/control/metering.py) and the
+# OpenADR VEN's registration (agent/grid/openadr.py), made once at start.
+RESTART_SECTIONS = (
+    "api",
+    "metrics",
+    "state",
+    "meters",
+    "metering",
+    "frequency_response",
+    "openadr",
+)
 # Keys applied now but in part only: what a tracked device's link or driver holds
 # (made at its adoption) keeps the old value until a restart.
 FOR_NEW_DEVICES = "applies to devices adopted from now on; tracked ones keep theirs until a restart"

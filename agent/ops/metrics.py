@@ -37,6 +37,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import numpy as np
 
 from siteagent.agent.control.alarms import ALARM_NAMES
+from siteagent.agent.control.meter import MeterView
 from siteagent.agent.control.safety import table_of
 from siteagent.domain import (
     DeviceKind,
@@ -285,7 +286,8 @@ SITE_METRICS: tuple[SiteMetric, ...] = (
     ),
     SiteMetric(
         "overhead_power_watts",
-        "Configured non-device site load (cooling, auxiliaries).",
+        "Non-device site load the plan counts: the configured overhead, or with a site "
+        "meter the planned unexplained load.",
         lambda v: v.record.limits.overhead_w,
     ),
     SiteMetric(
@@ -475,8 +477,10 @@ def head_families(
         "When (Unix time) the last config reload was applied or refused; 0 before any.",
         at_unix_s,
     )
+    yield from _frequency_families(agent)
     if v is None:
         return
+    yield from _meter_families(v.record)
     record = v.record
     for m in SITE_METRICS:
         value = m.value(v)
@@ -544,6 +548,90 @@ def device_families(v: View) -> Iterator[Family]:
                 if value is not None:
                     dom_samples.append(((dom.domain_id,), value))
             yield Family(PREFIX + dom_m.name, "gauge", dom_m.help, ("domain",), dom_samples)
+
+
+# The states a meter can be in (agent/control/meter.py MeterState), each always present.
+METER_STATES = ("fresh", "stale", "frozen", "garbage")
+
+
+def _meter_families(record: TickRecord) -> Iterator[Family]:
+    """Per meter (one per domain): metered and estimated power, the unexplained load."""
+    views = record.meters
+    if not views:
+        return
+    per_domain: tuple[tuple[str, str, Callable[[MeterView], float | None]], ...] = (
+        (
+            "domain_metered_power_watts",
+            "Power the domain's meter reads (absent while the meter is not fresh).",
+            lambda m: m.power_w,
+        ),
+        (
+            "domain_estimated_power_watts",
+            "Power estimated without the meter: devices' measured sum, plus the configured "
+            "overhead at the site.",
+            lambda m: m.estimated_w,
+        ),
+        (
+            "unexplained_power_watts",
+            "Meter minus the devices' measured sum at the last sample (absent when not fresh).",
+            lambda m: m.unexplained_w,
+        ),
+        (
+            "planned_unexplained_power_watts",
+            "Load the plan counts beside the devices: the unexplained load's recent maximum "
+            "(or rise), or the fallback while the meter is not fresh.",
+            lambda m: m.planned_unexplained_w,
+        ),
+        (
+            "meter_frequency_hertz",
+            "Grid frequency the meter reads (absent when not fresh or not read).",
+            lambda m: m.frequency_hz,
+        ),
+    )
+    for name, help_text, value in per_domain:
+        samples = [((m.domain,), w) for m in views if (w := value(m)) is not None]
+        yield Family(PREFIX + name, "gauge", help_text, ("domain",), samples)
+    yield Family(
+        PREFIX + "meter_state",
+        "gauge",
+        f"1 for the meter's state ({', '.join(METER_STATES)}), 0 for the others.",
+        ("meter", "domain", "state"),
+        [
+            ((m.meter_id, m.domain, st), float(m.state.value == st))
+            for m in views
+            for st in METER_STATES
+        ],
+    )
+
+
+def _frequency_families(agent: Agent) -> Iterator[Family]:
+    fr = agent.frequency
+    if fr is None:
+        return
+    yield _one(
+        "frequency_response_armed_watts",
+        "gauge",
+        "Power the armed under-frequency block would shed (the held block's while triggered).",
+        fr.armed.power_w,
+    )
+    yield _one(
+        "frequency_response_armed_devices",
+        "gauge",
+        "Devices in the armed under-frequency block.",
+        float(len(fr.armed.changes)),
+    )
+    yield _one(
+        "frequency_response_triggered",
+        "gauge",
+        "1 while an under-frequency block is shed and held, else 0.",
+        float(fr.triggered),
+    )
+    yield _one(
+        "frequency_response_triggers_total",
+        "counter",
+        "Under-frequency triggers since the agent started.",
+        float(fr.triggers),
+    )
 
 
 def _alarm_families(agent: Agent) -> Iterator[Family]:

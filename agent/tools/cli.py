@@ -90,6 +90,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             gpu_base=args.gpu_base,
             time_scale=args.time_scale,
             out=out,
+            meter=args.meter,
+            meter_address=args.meter_address,
         )
     )
     print(summary(report), file=out)
@@ -450,6 +452,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--time-scale", type=float, default=1.0, help="stretch (>1) or shrink each demo phase"
     )
+    s.add_argument(
+        "--meter",
+        action="store_true",
+        help="a site meter (SunSpec over Modbus TCP) the agent reads, an auxiliary load "
+        "swinging ±30%% and miners under-reporting by 10%%",
+    )
+    s.add_argument("--meter-address", default="127.3.0.1", help="the simulated meter's address")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("check-config", help="validate a config file")

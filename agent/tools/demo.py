@@ -23,12 +23,21 @@ from typing import Any
 from siteagent.agent.config import Config, load_config
 from siteagent.agent.control.inventory import build_devices, close_drivers
 from siteagent.agent.control.loop import Agent, TickRecord
-from siteagent.domain import DeviceKind, DeviceState
+from siteagent.domain import DeviceKind, DeviceState, Snapshot
 
 log = logging.getLogger("siteagent.demo")
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "data" / "demo.toml"
 GRID = "grid-event"
+# With --meter: the simulated site's auxiliary load (cooling, a fraction of the IT load,
+# swinging ±30 % with the weather over a cycle the demo sees whole), its miners'
+# under-reporting, and how often the agent reads the meter.
+METER_SIM_ARGS = (
+    *("--aux-frac", "0.15", "--aux-drift-frac", "0.3", "--aux-period-s", "60"),
+    *("--under-report", "braiins=0.1"),
+)
+METER_PORT = 5020
+METER_INTERVAL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,18 @@ def demo_config(base: Config, sim_inventory: dict[str, Any], hard_cap_w: float) 
         }
         for i, n in enumerate(sim_inventory.get("gpu_nodes", []))
     ]
+    data["meters"] = [
+        {
+            "id": m["id"],
+            "domain": m["domain"],
+            "address": m["address"],
+            "port": m["port"],
+            "unit_id": m["unit_id"],
+            "interval_s": METER_INTERVAL_S,
+            "timeout_s": METER_INTERVAL_S,
+        }
+        for m in sim_inventory.get("meters", [])
+    ]
     return Config.model_validate(data)
 
 
@@ -165,9 +186,16 @@ async def run_demo(
     config_path: Path = DEMO_CONFIG,
     time_scale: float = 1.0,
     out: Any = sys.stdout,
+    meter: bool = False,
+    meter_address: str = "127.3.0.1",
 ) -> dict[str, Any]:
-    """Run the whole demo; print a status line per tick; return the report."""
+    """Run the whole demo; print a status line per tick; return the report.
+
+    With ``meter`` the site has an auxiliary load and under-reporting miners, and the
+    agent reads the simulated SunSpec meter at ``meter_address``.
+    """
     cfg0 = load_config(config_path)
+    metered = [*METER_SIM_ARGS, "--meter", *("--meter-address", meter_address)] if meter else []
     sim = await SimClient.start(
         miners,
         base,
@@ -175,12 +203,17 @@ async def run_demo(
             *("--settle-s", "4", "--pause-s", "2", "--wake-s", "5", "--sample-s", "0.25"),
             *("--gpu-nodes", str(gpu_nodes), "--gpus-per-node", str(gpus_per_node)),
             *("--gpu-base", gpu_base, "--gpu-port", "0"),
+            *metered,
+            *(("--meter-port", str(METER_PORT)) if meter else ()),
         ],
     )
     try:
-        return await _run(sim, cfg0, miners, time_scale, out)
+        report = await _run(sim, cfg0, miners, time_scale, out)
     finally:
         await sim.close()
+    if meter:
+        report["meter"] = True
+    return report
 
 
 async def _run(
@@ -205,6 +238,10 @@ async def _run(
     cap_now = {"w": full_w}
     sim_power = {"w": 0.0}
 
+    def site_w(snap: Snapshot) -> float:
+        # The meter when the site has one, else what the devices report.
+        return snap.measured_w if snap.meter_power_w is None else snap.meter_power_w
+
     def status(rec: TickRecord) -> None:
         snap = rec.snapshot
         miners_ = [d for d in snap.devices if d.kind is DeviceKind.MINER]
@@ -217,7 +254,7 @@ async def _run(
             if d.kind is not DeviceKind.MINER and d.reading is not None
         )
         print(
-            f"t={rec.time_s - t0:5.1f}s  site {snap.measured_w / 1000:6.1f} kW "
+            f"t={rec.time_s - t0:5.1f}s  site {site_w(snap) / 1000:6.1f} kW "
             f"(sim {sim_power['w'] / 1000:6.1f})  cap {cap_now['w'] / 1000:6.1f} kW  "
             f"effective {rec.limits.effective_cap_w / 1000:6.1f} kW  AI {ai_w / 1000:5.1f} kW  "
             f"mining {mining:3d}  asleep {asleep:3d}  other {other:2d}  "
