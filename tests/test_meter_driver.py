@@ -6,6 +6,7 @@ Addresses: 127.3.0.0/16 (this module and test_sim_meter.py), port 502.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -335,3 +336,20 @@ async def test_reads_at_once_share_one_connection_and_one_discovery(meters: list
     # Discovery is three requests (marker, common model header, meter model header), then
     # one block per read: a second discovery or connection would show here.
     assert sim.requests == 3 + 5
+
+
+async def test_the_daemon_hears_an_unreachable_meter_from_the_agent_not_per_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # pymodbus warns on every failed connect: at a 1 s interval, a line a second in the
+    # journal. The agent's meter state says it once (agent/control/meter.py).
+    from siteagent.agent.tools.cli import _setup_logging
+
+    _setup_logging("info")
+    drv = meter_driver(meter_cfg("127.3.0.12"))
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            with pytest.raises(MeterError):
+                await drv.read()
+    await drv.close()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("pymodbus")] == []

@@ -49,6 +49,9 @@ def _setup_logging(level: str) -> None:
     # One line per event, no timestamps: journald adds its own.
     # APScheduler warns on every coalesced run; sweep and tick durations tell the same story.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
+    # pymodbus warns on every failed connect (a line a second at a meter's interval); the
+    # agent's meter state logs a fault once and its recovery once (agent/control/meter.py).
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(levelname)s %(name)s: %(message)s",
