@@ -63,6 +63,7 @@ from siteagent.policies.economic_params import EconomicParams as EconomicParams
 from siteagent.policies.economic_params import GpuCurve as GpuCurve
 from siteagent.policies.economic_params import PriorityClass as PriorityClass
 from siteagent.policies.economic_params import PriorityClasses as PriorityClasses
+from siteagent.policies.economic_params import SwitchingCosts as SwitchingCosts
 from siteagent.policies.fill import (
     CUT,
     SKIPPED,
@@ -402,6 +403,19 @@ class _Static:
         self.ranked_ids = _pick(self.ids, self.order)
         self._layouts: dict[int, _MinerLayout] = {}
         self._classes: tuple[PriorityClasses, IntArr] | None = None
+        self._wake_s: tuple[SwitchingCosts, FloatArr] | None = None
+
+    def wake_s(self, sw: SwitchingCosts) -> FloatArr:
+        """Each device's wake time (s) under ``sw``; worked out once per ``sw``."""
+        kept = self._wake_s
+        if kept is not None and kept[0] is sw:
+            return kept[1]
+        if sw.wake_s_by_device:
+            wake = np.fromiter(map(sw.wake_s, self.ids), float, len(self.ids))
+        else:
+            wake = np.full(len(self.ids), sw.miner_wake_s)
+        self._wake_s = (sw, wake)
+        return wake
 
     def miner_layout(self, k: int) -> _MinerLayout:
         """The miners' segment bounds with ``k`` raises each (see ``_MinerLayout``)."""
@@ -651,6 +665,8 @@ def _segments(
     lay = cols.static.miner_layout(k)
     m = lay.rows
     v = lay.values(prices.hashprice_usd_per_th_day, elec)
+    if not params.switching.free:
+        v = _with_switching(cols, lay, v, params.switching, prices.hashprice_usd_per_th_day)
 
     # GPUs: at the floor, segments along the curve up to what demand needs, headroom above.
     # Built in the fixed merit order (GPUs, then miners, each in that order), a device's
@@ -669,6 +685,22 @@ def _segments(
     s.wake, s.value_q, s.level_w = out.wake[:end], out.value_q[:end], out.level_w[:end]
     s.reserve_w = np.where(cols.awake_true[s.device], 0.0, params.wake_reserve_w)
     return s
+
+
+def _with_switching(
+    cols: _Columns, lay: _MinerLayout, v: FloatArr, sw: SwitchingCosts, hashprice: float
+) -> FloatArr:
+    """The miners' segment values with switching costs on their wakes (a copy; rows: miners)."""
+    m = lay.rows
+    wake = lay.wake[:, 0]
+    rev_lo = hashprice / HOURS_PER_DAY * lay.ths_b[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        adjust = sw.wake_adjust_usd_per_kwh(
+            cols.static.wake_s(sw)[m], rev_lo, lay.b_w[:, 0] - lay.a_w[:, 0], cols.awake_true[m]
+        )
+    out = v.copy()
+    out[wake, 0] += adjust[wake]
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,10 +153,17 @@ def reference_plan(
                     step = (hi - lo) / k
                     bounds.extend((lo + j * step, lo + (j + 1) * step, False) for j in range(k))
             values = []
+            sw = params.switching
             for a, b, wake in bounds:
                 rev_a = 0.0 if wake else miner_revenue_usd_per_h(d, a, hp)
                 rev_b = miner_revenue_usd_per_h(d, b, hp)
-                values.append((rev_b - rev_a) / ((b - a) / 1000.0) - elec)
+                v = (rev_b - rev_a) / ((b - a) / 1000.0) - elec
+                if wake and not sw.free:
+                    # A wake pays a cycle (an awake miner keeps it): hysteresis by money.
+                    v += sw.wake_adjust_usd_per_kwh(
+                        sw.wake_s(d.device_id), rev_b, b - a, d.awake is True
+                    )
+                values.append(v)
         else:
             tdp = max_level_w(d)
             lo = min_level_w(d)

@@ -22,10 +22,15 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from siteagent.agent.config import Config, gpu_device_id
+from siteagent.agent.config import Config, PolicyConfig, gpu_device_id
 from siteagent.agent.control.alarms import PRICES_STALE, Alarms
 from siteagent.policies.capping import CappingParams
-from siteagent.policies.economic_params import EconomicParams, PriorityClass, PriorityClasses
+from siteagent.policies.economic_params import (
+    EconomicParams,
+    PriorityClass,
+    PriorityClasses,
+    SwitchingCosts,
+)
 from siteagent.policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
 
 log = logging.getLogger("siteagent.prices")
@@ -155,11 +160,26 @@ def economic_params(cfg: Config) -> EconomicParams:
         default_utilization_frac=pol.default_utilization_frac,
         keep_margin_usd_per_kwh=pol.keep_margin_usd_per_kwh,
         contract_floor_w=floors,
+        switching=switching_costs(pol),
         priority=PriorityClasses(
             PriorityClass(c.name, tuple(c.devices), tuple(c.domains)) for c in pol.priority_classes
         )
         if pol.priority_classes
         else None,
+    )
+
+
+def switching_costs(pol: PolicyConfig) -> SwitchingCosts:
+    """What a sleep/wake cycle, a GPU drain and running hardware cost, from ``[policy]``."""
+    return SwitchingCosts(
+        miner_wear_usd_per_cycle=pol.miner_wear_usd_per_cycle,
+        miner_restart_usd_per_cycle=pol.miner_restart_usd_per_cycle,
+        miner_wake_s=pol.miner_wake_s,
+        gpu_drain_usd=pol.gpu_drain_usd,
+        gpu_undrain_usd=pol.gpu_undrain_usd,
+        miner_depreciation_usd_per_h=pol.miner_depreciation_usd_per_h,
+        gpu_depreciation_usd_per_h=pol.gpu_depreciation_usd_per_h,
+        horizon_s=pol.switch_horizon_s,
     )
 
 
