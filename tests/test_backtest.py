@@ -22,9 +22,9 @@ from siteagent.agent.tools.backtest import (
     site_from_config,
     synthetic_site,
 )
+from siteagent.agent.tools.cli import main
 from siteagent.policies.economic_params import SwitchingCosts
 from siteagent.policies.prices import PricePoint
-from siteagent.agent.tools.cli import main
 
 
 def test_economic_beats_capping_and_stays_within_the_bound() -> None:
