@@ -237,6 +237,13 @@ def test_the_bound_is_above_every_policy_on_both_shipped_series(name: str) -> No
     _assert_bounded(run_backtest(synthetic_site(16, 8), series))
 
 
+def test_the_bound_is_above_the_economic_policy_where_the_former_lp_was_not() -> None:
+    # Low AI demand: the former LP's straight pieces undervalued the GPUs, and at 0.97
+    # of each limit it earned $0.73 here where the economic policy earned $0.88.
+    series = [PricePoint(1_717_200_000.0 + 300.0 * k, 0.05, 0.05, 2.0, 0.2) for k in range(3)]
+    _assert_bounded(run_backtest(synthetic_site(3, 8, 0.6), series))
+
+
 @st.composite
 def small_series(draw: st.DrawFn) -> list[PricePoint]:
     """A few hours of prices: negative to spiking electricity, any demand."""

@@ -105,3 +105,22 @@ def test_every_firmware_of_the_synthetic_site_has_a_wake_time() -> None:
     assert {sw.wake_s(m.device_id) for m in site.miners} == {
         FIRMWARE_WAKE_S[m.firmware] for m in site.miners
     }
+
+
+def test_the_backtest_charges_a_gpu_nodes_drain_and_undrain() -> None:
+    from siteagent.agent.tools.backtest import policies
+    from siteagent.policies.prices import PricePoint
+
+    # One step where serving loses money at every limit: the node's GPUs go to their
+    # minimum (the node drains), then come back (it undrains).
+    t0 = 1_717_200_000.0
+    series = [
+        PricePoint(t0, 0.05, 0.05, 2.0, 0.5),
+        PricePoint(t0 + 300.0, 0.05, 3.0, 0.5, 0.5),
+        PricePoint(t0 + 600.0, 0.05, 0.05, 2.0, 0.5),
+    ]
+    sw = SwitchingCosts(gpu_drain_usd=3.0, gpu_undrain_usd=4.0)
+    site = synthetic_site(0, 8)
+    r = run_policy(site, series, "economic", policies(None, sw)["economic"], switching=sw)
+    assert r.gpu_drains == 1
+    assert r.switching_usd == 7.0

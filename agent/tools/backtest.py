@@ -277,6 +277,7 @@ class PolicyResult:
 
     policy: str
     revenue_usd: float = 0.0
+    ai_revenue_usd: float = 0.0  # of the revenue, what the GPUs earned
     energy_kwh: float = 0.0
     cost_usd: float = 0.0
     seconds_over_cap: float = 0.0
@@ -304,6 +305,7 @@ class PolicyResult:
         return {
             "policy": self.policy,
             "revenue_usd": round(self.revenue_usd, 2),
+            "ai_revenue_usd": round(self.ai_revenue_usd, 2),
             "energy_kwh": round(self.energy_kwh, 1),
             "cost_usd": round(self.cost_usd, 2),
             "switching_usd": round(self.switching_usd, 2),
@@ -366,6 +368,11 @@ def run_policy(
     sw = switching if switching is not None else site_switching(site, SwitchingCosts())
     res = PolicyResult(name, step_s=step_s)
     woke: set[str] = set()
+    # A node drains when every GPU of it is at its minimum (agent/control/gpus.py).
+    nodes_gpus: dict[str, list[str]] = defaultdict(list)
+    for g in site.gpus:
+        nodes_gpus[g.device_id.split("/")[0]].append(g.device_id)
+    drained = dict.fromkeys(nodes_gpus, False)
     mcaps = {m.device_id: _miner_caps(m.model) for m in site.miners}
     level = {m.device_id: m.model.power_target_default_w for m in site.miners}
     awake = {m.device_id: True for m in site.miners}
@@ -457,7 +464,7 @@ def run_policy(
         # Account the step at settled power.
         draw_w: list[float] = []
         miner_w = gpu_w = 0.0
-        revenue_h = 0.0
+        revenue_h = ai_h = 0.0
         switching_usd = 0.0
         n_awake = 0
         for m in site.miners:
@@ -478,7 +485,13 @@ def run_policy(
             gpu_w += w
             draw_w.append(w)
             served = min(demand, capacity_frac(limit[i], H100_SXM.power_limit_max_w))
-            revenue_h += point.ai_usd_per_gpu_hour * served
+            ai_h += point.ai_usd_per_gpu_hour * served
+        for node, ids in nodes_gpus.items():
+            now_drained = all(limit[i] <= H100_SXM.power_limit_min_w for i in ids)
+            if now_drained != drained[node]:
+                res.gpu_drains += now_drained
+                switching_usd += sw.gpu_drain_usd if now_drained else sw.gpu_undrain_usd
+                drained[node] = now_drained
         load = domain_loads_w(tree, names, code, draw_w, site.overhead_w)
         total = miner_w + gpu_w + site.overhead_w
         if any(load[n] > tree.limit_w[n] + 1e-6 for n in tree.limit_w if n != SITE) or (
@@ -490,7 +503,9 @@ def run_policy(
             + len(site.gpus) * sw.gpu_depreciation_usd_per_h
         )
         cost = total / 1000.0 * step_h * point.electricity_usd_per_kwh
+        revenue_h += ai_h
         res.revenue_usd += revenue_h * step_h
+        res.ai_revenue_usd += ai_h * step_h
         res.energy_kwh += total / 1000.0 * step_h
         res.cost_usd += cost
         res.switching_usd += switching_usd
@@ -783,6 +798,7 @@ def _bound_window(
         mined_w = sol[o + 1 : o + 4 * nm : 4]
         wakes = sol[o + 3 : o + 4 * nm : 4]
         served_w = sol[o + 4 * nm : o + per : 2]
+        res.ai_revenue_usd += step_h * float(sol[o + 4 * nm + 1 : o + per : 2].sum())
         miner_w = float(mined_w.sum() + sleep_w * (n_miners - awake.sum()))
         gpu_w = float(served_w.sum())
         kwh = (miner_w + gpu_w + overhead_w) / 1000.0 * step_h
@@ -915,17 +931,24 @@ def plot(
         f"{len(site.miners)} miners, {len(site.gpus)} GPUs, cap {site.cap_w / 1000:.0f} kW: "
         f"margin per day (after switching costs) against the bound"
     )
-    kw = 1000.0
-    ax_p.stackplot(
-        when,
-        [m / kw for m, _, _ in res.power_w],
-        [g / kw for _, g, _ in res.power_w],
-        [o / kw for _, _, o in res.power_w],
-        labels=["mining", "AI (GPUs)", "overhead"],
-        colors=["#f2a33a", "#4c72b0", "#999999"],
-    )
-    ax_p.axhline(site.cap_w / kw, color="red", lw=1.2, label="site cap")
-    ax_p.set_ylabel("power kW")
+    # Hourly means: a month of 5-minute steps is too dense to read as a stack.
+    per_h = max(1, round(3600.0 / res.step_s))
+    power_kw = np.asarray(res.power_w, float).reshape(-1, 3) / 1000.0
+    hours = len(power_kw) // per_h
+    if hours:
+        hourly = power_kw[: hours * per_h].reshape(hours, per_h, 3).mean(axis=1)
+        ax_p.stackplot(
+            when[: hours * per_h : per_h],
+            hourly[:, 0],
+            hourly[:, 1],
+            hourly[:, 2],
+            labels=["mining", "AI (GPUs)", "overhead"],
+            colors=["#f2a33a", "#4c72b0", "#999999"],
+            step="post",
+        )
+    ax_p.axhline(site.cap_w / 1000.0, color="red", lw=1.2, label="site cap")
+    ax_p.set_ylim(0, 1.1 * site.cap_w / 1000.0)
+    ax_p.set_ylabel("power kW (hourly mean)")
     ax_p.set_title(f"{res.policy}: power by load ({res.sleep_wake_cycles:.0f} sleep/wake cycles)")
     ax_e.plot(
         when,
@@ -934,7 +957,14 @@ def plot(
         color="#c44e52",
         label="electricity",
     )
-    ax_e.set_yscale("log")
+    # Linear through zero (negative prices show), logarithmic above for the spikes.
+    ax_e.set_yscale("symlog", linthresh=0.2)
+    top_e = max(p.electricity_usd_per_kwh for p in series)
+    low_e = min(p.electricity_usd_per_kwh for p in series)
+    ticks = (-0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+    ax_e.set_yticks([t for t in ticks if low_e - 0.05 <= t <= max(0.2, top_e)])
+    ax_e.yaxis.set_major_formatter("{x:g}")
+    ax_e.axhline(0.0, color="k", lw=0.6)
     ax_e.set_ylabel("electricity $/kWh")
     ax_h.plot(
         when,
@@ -959,8 +989,10 @@ def plot(
         ax.legend(
             handles, labels, loc="upper left", bbox_to_anchor=(1.07, 1.0), fontsize=8, frameon=False
         )
-    ax_h.xaxis.set_major_locator(mdates.AutoDateLocator())  # type: ignore[no-untyped-call]
-    ax_h.xaxis.set_major_formatter(mdates.DateFormatter("%b %d"))  # type: ignore[no-untyped-call]
+    locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]
+    ax_h.xaxis.set_major_locator(locator)
+    concise = mdates.ConciseDateFormatter(locator)  # type: ignore[no-untyped-call]
+    ax_h.xaxis.set_major_formatter(concise)
     ax_h.set_xlabel("date (UTC)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
