@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from economic_reference import reference_plan
 from test_economic import NOW_S, limits, miner
 
@@ -124,3 +126,20 @@ def test_the_backtest_charges_a_gpu_nodes_drain_and_undrain() -> None:
     r = run_policy(site, series, "economic", policies(None, sw)["economic"], switching=sw)
     assert r.gpu_drains == 1
     assert r.switching_usd == 7.0
+
+
+def test_the_config_gives_the_policy_its_switching_costs_and_names_a_bad_one() -> None:
+    from siteagent.agent.config import ConfigError, parse_config
+    from siteagent.agent.control.prices import economic_params
+    from siteagent.policies.economic_params import DEFAULT_SWITCHING
+
+    site = {"site": {"cap_w": 500_000}}
+    assert economic_params(parse_config(site)).switching == DEFAULT_SWITCHING
+    policy = {"name": "economic", "miner_wear_usd_per_cycle": 0.5, "switch_horizon_s": 7200}
+    sw = economic_params(parse_config({**site, "policy": policy})).switching
+    assert (sw.miner_wear_usd_per_cycle, sw.horizon_s) == (0.5, 7200.0)
+    bad = {"miner_wear_usd_per_cycle": -1, "switch_horizon_s": 0}
+    with pytest.raises(ConfigError) as info:
+        parse_config({**site, "policy": bad})
+    paths = {p.path for p in info.value.problems}
+    assert paths == {"policy.miner_wear_usd_per_cycle", "policy.switch_horizon_s"}
