@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-
 from economic_reference import reference_plan
 from test_economic import NOW_S, limits, miner
 
