@@ -29,6 +29,7 @@ increase smaller than ``min_change_w`` is not made (decreases always are).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
@@ -64,6 +65,7 @@ from siteagent.policies.economic_params import GpuCurve as GpuCurve
 from siteagent.policies.economic_params import PriorityClass as PriorityClass
 from siteagent.policies.economic_params import PriorityClasses as PriorityClasses
 from siteagent.policies.economic_params import SwitchingCosts as SwitchingCosts
+from siteagent.policies.economic_params import gpu_node
 from siteagent.policies.fill import (
     CUT,
     SKIPPED,
@@ -347,6 +349,10 @@ class _Whole:
             self.eff = np.where(self.hashrate_ths > 0, self.nameplate_w / self.hashrate_ths, np.inf)
         self.by_id = np.empty(n, np.intp)
         self.by_id[sorted(range(n), key=statics.ids.__getitem__)] = np.arange(n)
+        # Per GPU: how many GPUs its node has (a drain is the node's); 0 for the rest.
+        nodes = [gpu_node(d) if g else "" for d, g in zip(statics.ids, self.is_gpu, strict=True)]
+        counts = Counter(nodes)
+        self.node_gpus = np.array([counts[k] if k else 0 for k in nodes], float).reshape(n)
         self._subset: _Static | None = None
 
     def rows_of(self, ids: Iterable[str]) -> list[int]:
@@ -396,6 +402,7 @@ class _Static:
         self.clamp = Clamp(self.cap_min, self.cap_max, whole.cap_step[r])
         self.nameplate_w, self.hashrate_ths = whole.nameplate_w[r], whole.hashrate_ths[r]
         self.sleep_w, self.lo_w, self.hi_w = whole.sleep_w[r], whole.lo_w[r], whole.hi_w[r]
+        self.node_gpus = whole.node_gpus[r]
         self.order = np.lexsort((whole.by_id[r], whole.eff[r], ~self.is_gpu))
         self.gpus_ranked = self.order[self.is_gpu[self.order]]
         self.pos = np.empty(n, np.intp)
@@ -675,7 +682,7 @@ def _segments(
     out = _SegBuffers(4 * len(g) + lay.a_w.size)
     end = 0
     if g.size:
-        ga, gb, gv = _gpu_segments(cols, s, g, limits, prices, params, room_w)
+        ga, gb, gv = _gpu_segments(cols, s, g, limits, prices, params, room_w, prev)
         c = cols.clamp
         gpus = _Rows(g, ga, gb, gv, np.zeros(ga.shape, bool), c.lo_w[g], c.hi_w[g], c.step_w[g])
         end = _block(s, cols, prev, params, gpus, np.ones(len(g), bool), out, end)
@@ -869,6 +876,7 @@ def _gpu_segments(
     prices: Prices,
     params: EconomicParams,
     room_w: FloatArr,
+    prev: _Previous,
 ) -> tuple[FloatArr, FloatArr, FloatArr]:
     """The GPUs' floors (into ``s``), and their segments' bounds and values (rows: ``g``).
 
@@ -926,6 +934,16 @@ def _gpu_segments(
     head = np.flatnonzero(need < tdp)
     at = n_cuts[head]
     a[head, at], b[head, at], v[head, at] = need[head], tdp[head], 0.0
+    sw = params.switching
+    if not sw.drains_free:
+        # A GPU at its own minimum (no contract above it) may leave its node drained.
+        current = np.where(prev.known[g], prev.planned_w[g], cols.expected_w[g])
+        own = floor <= lo
+        with np.errstate(divide="ignore", invalid="ignore"):
+            adjust = sw.drain_adjust_usd_per_kwh(
+                cols.static.node_gpus[g], b[:, 0] - a[:, 0], current > floor + 1e-6
+            )
+        v[own, 0] += adjust[own]
     # A GPU whose floor was cut has no room above it: nothing to offer.
     a[broken], b[broken], v[broken] = np.nan, np.nan, np.nan
     return a, b, v

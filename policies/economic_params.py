@@ -69,6 +69,11 @@ FIRMWARE_WAKE_S: Mapping[str, float] = {
 HOURS_PER_S = 1.0 / 3600.0
 
 
+def gpu_node(device_id: str) -> str:
+    """The node a GPU's device id names (``node/gpuN``, as ``agent.config.gpu_device_id``)."""
+    return device_id.rsplit("/", 1)[0]
+
+
 @dataclass(frozen=True, slots=True)
 class SwitchingCosts:
     """What moving hardware between states costs ($), and what running it wears ($/h).
@@ -116,6 +121,24 @@ class SwitchingCosts:
         cycle = self.cycle_usd(wake_s, revenue_usd_per_h)
         spread = cycle / (width_kw * (self.horizon_s * HOURS_PER_S))
         return (2.0 * awake - 1.0) * spread - self.miner_depreciation_usd_per_h / width_kw
+
+    def drain_adjust_usd_per_kwh(self, node_gpus: Any, width_w: Any, serving: Any) -> Any:
+        """What a node's drain and undrain add to a GPU's first segment ($/kWh); floats
+        or arrays.
+
+        A node drains when all its GPUs are at their minimum; each of its
+        ``node_gpus`` GPUs carries its share of a drain and undrain, spread over the
+        horizon's kWh of the segment: kept by a GPU above its minimum (``serving``),
+        paid by one at it.
+        """
+        share = (self.gpu_drain_usd + self.gpu_undrain_usd) / node_gpus
+        spread = share / (width_w / 1000.0 * (self.horizon_s * HOURS_PER_S))
+        return (2.0 * serving - 1.0) * spread
+
+    @property
+    def drains_free(self) -> bool:
+        """Whether draining and undraining a GPU node cost nothing."""
+        return self.gpu_drain_usd == 0.0 and self.gpu_undrain_usd == 0.0
 
     @property
     def free(self) -> bool:

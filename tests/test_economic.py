@@ -221,7 +221,7 @@ def sites(draw: st.DrawFn) -> tuple[Snapshot, Limits, Prices, EconomicParams, di
         dom = draw(st.sampled_from(domains))
         if draw(st.booleans()):
             util = draw(st.one_of(st.none(), st.floats(0.0, 1.0)))
-            devices.append(gpu(f"g{k}", util, domain=dom))
+            devices.append(gpu(f"n{k % 3}/g{k}", util, domain=dom))  # nodes of GPUs
         else:
             awake = draw(st.booleans())
             since = draw(st.one_of(st.none(), st.floats(0.0, 2 * min_off + 1)))
@@ -275,6 +275,8 @@ def switching(draw: st.DrawFn, devices: list[DeviceStatus]) -> SwitchingCosts:
             if d.kind is DeviceKind.MINER and draw(st.booleans())
         },
         miner_depreciation_usd_per_h=draw(st.sampled_from([0.0, 0.01, 0.2])),
+        gpu_drain_usd=draw(st.sampled_from([0.0, 1.0, 50.0])),
+        gpu_undrain_usd=draw(st.sampled_from([0.0, 2.0])),
         horizon_s=draw(st.sampled_from([300.0, 3600.0, 14_400.0])),
     )
 

@@ -122,9 +122,17 @@ def test_the_backtest_charges_a_gpu_nodes_drain_and_undrain() -> None:
     ]
     sw = SwitchingCosts(gpu_drain_usd=3.0, gpu_undrain_usd=4.0)
     site = synthetic_site(0, 8)
-    r = run_policy(site, series, "economic", policies(None, sw)["economic"], switching=sw)
+    # Planned as if draining were free, charged what it costs.
+    r = run_policy(site, series, "economic", policies(None, FREE)["economic"], switching=sw)
     assert r.gpu_drains == 1
     assert r.switching_usd == 7.0
+    # Planned with the cost: a five-minute loss does not pay for a drain and an undrain.
+    kept = run_policy(site, series, "economic", policies(None, sw)["economic"], switching=sw)
+    assert kept.gpu_drains == 0 and kept.switching_usd == 0.0
+    # A drain that pays: the same loss for the whole horizon of a cheap drain.
+    cheap = SwitchingCosts(gpu_drain_usd=0.01, gpu_undrain_usd=0.01)
+    run = run_policy(site, series, "economic", policies(None, cheap)["economic"], switching=cheap)
+    assert run.gpu_drains == 1
 
 
 def test_the_config_gives_the_policy_its_switching_costs_and_names_a_bad_one() -> None:
