@@ -787,6 +787,11 @@ def _bound_window(
     h.changeObjectiveSense(highspy.ObjSense.kMaximize)
     h.run()
     status = h.getModelStatus()
+    if status == highspy.HighsModelStatus.kInfeasible:
+        raise NoBound(
+            f"on {_utc_date(pts[0].timestamp_unix_s)} the limits cannot be kept even with "
+            "every miner asleep and every GPU at its lowest draw: no policy can stay under them"
+        )
     if status != highspy.HighsModelStatus.kOptimal:
         raise RuntimeError(f"the bound's LP: {h.modelStatusToString(status)}")
     sol = np.array(h.getSolution().col_value)
@@ -817,6 +822,10 @@ def _bound_window(
         res.step_cycles.append(float(wakes.sum()))
         res.step_margin_usd.append(margin)
         res.power_w.append((miner_w, gpu_w, overhead_w))
+
+
+class NoBound(Exception):
+    """The site's limits cannot be kept at all, so nothing bounds a policy that keeps them."""
 
 
 def _utc_date(unix_s: float) -> str:
@@ -1138,6 +1147,11 @@ def cmd_backtest(args: Any) -> int:
     line = ProgressLine(sys.stderr, len(policies()) + 1) if sys.stderr.isatty() else None
     try:
         out = run_backtest(site, series, cp, progress=line, switching=sw)
+    except NoBound as e:
+        if line is not None:
+            line.clear()
+        print(f"siteagent backtest: no bound: {e}", file=sys.stderr)
+        return 2
     finally:
         if line is not None:
             line.clear()
