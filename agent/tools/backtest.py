@@ -1,4 +1,4 @@
-"""Backtest: replay a price series against simulated devices under each policy, and an LP optimum.
+"""Backtest: replay a price series against simulated devices under each policy, and a bound.
 
 Each step (the series' 5 minutes) builds a snapshot from the devices' state,
 runs the policy, and lets the devices follow their setpoints at once (miners
@@ -6,13 +6,13 @@ settle in about 20 s, a GPU limit in about a second: small against a 300 s
 step, so each step is accounted at its settled power). Miners use the
 simulator's power model (``sim.power``: hashrate ~ power ** 0.85); GPUs draw
 ``min(limit, idle + (max - idle) x demand)`` and earn the AI price per GPU-hour
-x the tokens they serve, ``min(demand, capacity(limit))`` (``sim.gpu``).
+x the tokens they serve, ``min(demand, capacity(limit))`` (``sim.gpu``). Each
+wake, GPU node drain and undrain is charged (``SwitchingCosts``), and running
+hardware depreciates.
 
-The optimum is a linear program per step (HiGHS via highspy) over device
-classes (one miner model in one rack; one rack's GPUs), with the same per-domain
-planning targets but the miners' on/off choice relaxed to a fraction, each
-miner's hashrate curve cut into 8 linear pieces, no dwell times and perfect
-knowledge of demand: an upper bound no real policy reaches.
+The bound (``bound``) is one linear program per UTC day (HiGHS via highspy)
+under the backtest's own hard limits, relaxed only in directions that raise it:
+a true upper bound on every policy that keeps the limits (docs/economics.md).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ STEP_S = 300.0
 SEED = 20250105
 TIMING = PowerTiming()
 
-# Told before each step: (what runs: a policy or the optimum, steps done, steps in all).
+# Told before each step: (what runs: a policy or the bound, steps done, steps in all).
 Progress = Callable[[str, int, int], None]
 
 
