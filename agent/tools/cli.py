@@ -437,7 +437,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--miners", type=int, default=60, help="synthetic site: miners")
     s.add_argument("--gpus", type=int, default=16, help="synthetic site: GPUs (8 to a node)")
     s.add_argument("--days", type=float, default=None, help="replay only the first N days")
-    s.add_argument("--plot", default=None, help="write a PNG of power and prices here")
+    s.add_argument(
+        "--plot", default=None, help="write a PNG here: $ per day against the bound, power, prices"
+    )
     s.add_argument("--report", choices=["text", "json"], default="text")
     s.add_argument(
         "--switching",
