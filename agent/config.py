@@ -33,6 +33,7 @@ from pydantic import (
 
 from siteagent.domain.site import SITE
 from siteagent.policies import PolicyName
+from siteagent.policies.economic_params import DEFAULT_SWITCHING
 
 # Bounds that no real value reaches, so a slip of the keyboard (a cap of 1e15 W, a
 # timeout of a century) is refused instead of quietly switching a safeguard off.
@@ -364,6 +365,15 @@ class PolicyConfig(_Strict):
     # Economic policy only (policies/economic.py).
     default_utilization_frac: Fraction = 0.6
     keep_margin_usd_per_kwh: NonNegW = 0.01
+    # Switching in money (economic policy plans with them; the backtest charges them).
+    miner_wear_usd_per_cycle: NonNegW = DEFAULT_SWITCHING.miner_wear_usd_per_cycle
+    miner_restart_usd_per_cycle: NonNegW = DEFAULT_SWITCHING.miner_restart_usd_per_cycle
+    miner_wake_s: Annotated[float, Field(ge=0, le=MAX_DURATION_S)] = DEFAULT_SWITCHING.miner_wake_s
+    gpu_drain_usd: NonNegW = DEFAULT_SWITCHING.gpu_drain_usd
+    gpu_undrain_usd: NonNegW = DEFAULT_SWITCHING.gpu_undrain_usd
+    miner_depreciation_usd_per_h: NonNegW = DEFAULT_SWITCHING.miner_depreciation_usd_per_h
+    gpu_depreciation_usd_per_h: NonNegW = DEFAULT_SWITCHING.gpu_depreciation_usd_per_h
+    switch_horizon_s: PositiveS = DEFAULT_SWITCHING.horizon_s
     # Served first, in this order, before the merit order (e.g. contracted AI capacity).
     priority_classes: list[PriorityClassConfig] = []
 

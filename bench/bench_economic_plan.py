@@ -212,7 +212,16 @@ class Planner:
         self.state = PolicyState()
 
 
-PLANNER = Planner(EconomicParams())
+def _params() -> EconomicParams:
+    """As the agent plans: with the documented switching costs, where this checkout has them."""
+    try:
+        from siteagent.policies.economic_params import DEFAULT_SWITCHING
+    except ImportError:  # a checkout from before switching costs (a before/after run)
+        return EconomicParams()
+    return EconomicParams(switching=DEFAULT_SWITCHING)  # type: ignore[call-arg,unused-ignore]
+
+
+PLANNER = Planner(_params())
 
 
 def agent_tick(

@@ -29,6 +29,7 @@ increase smaller than ``min_change_w`` is not made (decreases always are).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
@@ -63,6 +64,8 @@ from siteagent.policies.economic_params import EconomicParams as EconomicParams
 from siteagent.policies.economic_params import GpuCurve as GpuCurve
 from siteagent.policies.economic_params import PriorityClass as PriorityClass
 from siteagent.policies.economic_params import PriorityClasses as PriorityClasses
+from siteagent.policies.economic_params import SwitchingCosts as SwitchingCosts
+from siteagent.policies.economic_params import gpu_node
 from siteagent.policies.fill import (
     CUT,
     SKIPPED,
@@ -346,6 +349,10 @@ class _Whole:
             self.eff = np.where(self.hashrate_ths > 0, self.nameplate_w / self.hashrate_ths, np.inf)
         self.by_id = np.empty(n, np.intp)
         self.by_id[sorted(range(n), key=statics.ids.__getitem__)] = np.arange(n)
+        # Per GPU: how many GPUs its node has (a drain is the node's); 0 for the rest.
+        nodes = [gpu_node(d) if g else "" for d, g in zip(statics.ids, self.is_gpu, strict=True)]
+        counts = Counter(nodes)
+        self.node_gpus = np.array([counts[k] if k else 0 for k in nodes], float).reshape(n)
         self._subset: _Static | None = None
 
     def rows_of(self, ids: Iterable[str]) -> list[int]:
@@ -395,6 +402,7 @@ class _Static:
         self.clamp = Clamp(self.cap_min, self.cap_max, whole.cap_step[r])
         self.nameplate_w, self.hashrate_ths = whole.nameplate_w[r], whole.hashrate_ths[r]
         self.sleep_w, self.lo_w, self.hi_w = whole.sleep_w[r], whole.lo_w[r], whole.hi_w[r]
+        self.node_gpus = whole.node_gpus[r]
         self.order = np.lexsort((whole.by_id[r], whole.eff[r], ~self.is_gpu))
         self.gpus_ranked = self.order[self.is_gpu[self.order]]
         self.pos = np.empty(n, np.intp)
@@ -402,6 +410,19 @@ class _Static:
         self.ranked_ids = _pick(self.ids, self.order)
         self._layouts: dict[int, _MinerLayout] = {}
         self._classes: tuple[PriorityClasses, IntArr] | None = None
+        self._wake_s: tuple[SwitchingCosts, FloatArr] | None = None
+
+    def wake_s(self, sw: SwitchingCosts) -> FloatArr:
+        """Each device's wake time (s) under ``sw``; worked out once per ``sw``."""
+        kept = self._wake_s
+        if kept is not None and kept[0] is sw:
+            return kept[1]
+        if sw.wake_s_by_device:
+            wake = np.fromiter(map(sw.wake_s, self.ids), float, len(self.ids))
+        else:
+            wake = np.full(len(self.ids), sw.miner_wake_s)
+        self._wake_s = (sw, wake)
+        return wake
 
     def miner_layout(self, k: int) -> _MinerLayout:
         """The miners' segment bounds with ``k`` raises each (see ``_MinerLayout``)."""
@@ -651,6 +672,8 @@ def _segments(
     lay = cols.static.miner_layout(k)
     m = lay.rows
     v = lay.values(prices.hashprice_usd_per_th_day, elec)
+    if not params.switching.free:
+        v = _with_switching(cols, lay, v, params.switching, prices.hashprice_usd_per_th_day)
 
     # GPUs: at the floor, segments along the curve up to what demand needs, headroom above.
     # Built in the fixed merit order (GPUs, then miners, each in that order), a device's
@@ -659,7 +682,7 @@ def _segments(
     out = _SegBuffers(4 * len(g) + lay.a_w.size)
     end = 0
     if g.size:
-        ga, gb, gv = _gpu_segments(cols, s, g, limits, prices, params, room_w)
+        ga, gb, gv = _gpu_segments(cols, s, g, limits, prices, params, room_w, prev)
         c = cols.clamp
         gpus = _Rows(g, ga, gb, gv, np.zeros(ga.shape, bool), c.lo_w[g], c.hi_w[g], c.step_w[g])
         end = _block(s, cols, prev, params, gpus, np.ones(len(g), bool), out, end)
@@ -669,6 +692,22 @@ def _segments(
     s.wake, s.value_q, s.level_w = out.wake[:end], out.value_q[:end], out.level_w[:end]
     s.reserve_w = np.where(cols.awake_true[s.device], 0.0, params.wake_reserve_w)
     return s
+
+
+def _with_switching(
+    cols: _Columns, lay: _MinerLayout, v: FloatArr, sw: SwitchingCosts, hashprice: float
+) -> FloatArr:
+    """The miners' segment values with switching costs on their wakes (a copy; rows: miners)."""
+    m = lay.rows
+    wake = lay.wake[:, 0]
+    rev_lo = hashprice / HOURS_PER_DAY * lay.ths_b[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        adjust = sw.wake_adjust_usd_per_kwh(
+            cols.static.wake_s(sw)[m], rev_lo, lay.b_w[:, 0] - lay.a_w[:, 0], cols.awake_true[m]
+        )
+    out = v.copy()
+    out[wake, 0] += adjust[wake]
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -837,6 +876,7 @@ def _gpu_segments(
     prices: Prices,
     params: EconomicParams,
     room_w: FloatArr,
+    prev: _Previous,
 ) -> tuple[FloatArr, FloatArr, FloatArr]:
     """The GPUs' floors (into ``s``), and their segments' bounds and values (rows: ``g``).
 
@@ -894,6 +934,16 @@ def _gpu_segments(
     head = np.flatnonzero(need < tdp)
     at = n_cuts[head]
     a[head, at], b[head, at], v[head, at] = need[head], tdp[head], 0.0
+    sw = params.switching
+    if not sw.drains_free:
+        # A GPU at its own minimum (no contract above it) may leave its node drained.
+        current = np.where(prev.known[g], prev.planned_w[g], cols.expected_w[g])
+        own = floor <= lo
+        with np.errstate(divide="ignore", invalid="ignore"):
+            adjust = sw.drain_adjust_usd_per_kwh(
+                cols.static.node_gpus[g], b[:, 0] - a[:, 0], current > floor + 1e-6
+            )
+        v[own, 0] += adjust[own]
     # A GPU whose floor was cut has no room above it: nothing to offer.
     a[broken], b[broken], v[broken] = np.nan, np.nan, np.nan
     return a, b, v

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 from siteagent.policies.capping import CappingParams
 
@@ -49,6 +50,123 @@ class GpuCurve:
         return max(0.0, r) * tdp_w
 
 
+# Seconds from a wake command to hashing again, by firmware (the backend's name in
+# ``drivers/backends``), for the hashing a wake loses. Sources, longest figure taken:
+# - luxos: "full power back in under 10 s" (LuxOS documentation, DOMAIN_FACTS.md);
+# - braiins: 10 s to a sleep's end in its Behaviour, but a target change ramps over
+#   minutes (user reports, DOMAIN_FACTS.md): 120 s counts part of that ramp;
+# - antminer (stock): 30 s (drivers/backends/antminer.py Behaviour.wake_s);
+# - vnish: 60 s (drivers/backends/vnish.py Behaviour.wake_s);
+# - whatsminer: a power change restarts the mining service, "about a minute or more,
+#   unverified" (DOMAIN_FACTS.md): 60 s.
+FIRMWARE_WAKE_S: Mapping[str, float] = {
+    "luxos": 10.0,
+    "braiins": 120.0,
+    "antminer": 30.0,
+    "vnish": 60.0,
+    "whatsminer": 60.0,
+}
+HOURS_PER_S = 1.0 / 3600.0
+
+
+def gpu_node(device_id: str) -> str:
+    """The node a GPU's device id names (``node/gpuN``, as ``agent.config.gpu_device_id``)."""
+    return device_id.rsplit("/", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchingCosts:
+    """What moving hardware between states costs ($), and what running it wears ($/h).
+
+    A miner's sleep/wake cycle costs ``miner_wear_usd_per_cycle`` (thermal cycling:
+    no published figure, DOMAIN_FACTS.md, so a configured one) plus
+    ``miner_restart_usd_per_cycle`` (a firmware restart: the share of restarts
+    that need a hand) plus the hashing lost while it wakes (its firmware's wake
+    time at the revenue of its minimum level). A GPU node's drain and undrain
+    each cost their figure. Depreciation is counted per hour a device runs
+    (a miner awake, a GPU serving). The economic policy takes a cycle only when
+    the spread pays for it over ``horizon_s``.
+    """
+
+    miner_wear_usd_per_cycle: float = 0.0
+    miner_restart_usd_per_cycle: float = 0.0
+    # Wake time (s) of a miner whose firmware is not in ``wake_s_by_device``.
+    miner_wake_s: float = 0.0
+    wake_s_by_device: Mapping[str, float] = field(default_factory=dict)
+    gpu_drain_usd: float = 0.0
+    gpu_undrain_usd: float = 0.0
+    miner_depreciation_usd_per_h: float = 0.0
+    gpu_depreciation_usd_per_h: float = 0.0
+    horizon_s: float = 3600.0
+
+    def wake_s(self, device_id: str) -> float:
+        """The device's wake time (s): its own, else the default."""
+        return self.wake_s_by_device.get(device_id, self.miner_wake_s)
+
+    def cycle_usd(self, wake_s: float, revenue_usd_per_h: float) -> float:
+        """One sleep/wake cycle ($): a miner waking in ``wake_s`` to earn ``revenue_usd_per_h``."""
+        fixed = self.miner_wear_usd_per_cycle + self.miner_restart_usd_per_cycle
+        return fixed + wake_s * HOURS_PER_S * revenue_usd_per_h
+
+    def wake_adjust_usd_per_kwh(
+        self, wake_s: Any, revenue_usd_per_h: Any, width_w: Any, awake: Any
+    ) -> Any:
+        """What switching adds to a wake segment's net value ($/kWh); floats or arrays.
+
+        Hysteresis by money: a sleeping miner's wake pays a cycle, spread over the
+        horizon's kWh of the segment; an awake miner keeps that much, since sleeping
+        it means paying the cycle to wake it again. Depreciation is a cost of running.
+        """
+        width_kw = width_w / 1000.0
+        cycle = self.cycle_usd(wake_s, revenue_usd_per_h)
+        spread = cycle / (width_kw * (self.horizon_s * HOURS_PER_S))
+        return (2.0 * awake - 1.0) * spread - self.miner_depreciation_usd_per_h / width_kw
+
+    def drain_adjust_usd_per_kwh(self, node_gpus: Any, width_w: Any, serving: Any) -> Any:
+        """What a node's drain and undrain add to a GPU's first segment ($/kWh); floats
+        or arrays.
+
+        A node drains when all its GPUs are at their minimum; each of its
+        ``node_gpus`` GPUs carries its share of a drain and undrain, spread over the
+        horizon's kWh of the segment: kept by a GPU above its minimum (``serving``),
+        paid by one at it.
+        """
+        share = (self.gpu_drain_usd + self.gpu_undrain_usd) / node_gpus
+        spread = share / (width_w / 1000.0 * (self.horizon_s * HOURS_PER_S))
+        return (2.0 * serving - 1.0) * spread
+
+    @property
+    def drains_free(self) -> bool:
+        """Whether draining and undraining a GPU node cost nothing."""
+        return self.gpu_drain_usd == 0.0 and self.gpu_undrain_usd == 0.0
+
+    @property
+    def free(self) -> bool:
+        """Whether no switching cost or depreciation is configured for miners."""
+        return (
+            self.miner_wear_usd_per_cycle == 0.0
+            and self.miner_restart_usd_per_cycle == 0.0
+            and self.miner_wake_s == 0.0
+            and not any(self.wake_s_by_device.values())
+            and self.miner_depreciation_usd_per_h == 0.0
+        )
+
+
+# The documented defaults (examples/site.toml [policy]); ``SwitchingCosts()`` is free.
+DEFAULT_SWITCHING = SwitchingCosts(
+    miner_wear_usd_per_cycle=0.10,
+    miner_restart_usd_per_cycle=0.02,
+    miner_wake_s=30.0,
+    gpu_drain_usd=1.0,
+    gpu_undrain_usd=1.0,
+    miner_depreciation_usd_per_h=0.0,
+    gpu_depreciation_usd_per_h=0.0,
+    # Tuned on the shipped sample series only (docs/economics.md): 1 h kept miners
+    # awake through whole afternoon peaks; 4 h lets a peak's spread pay for the cycle.
+    horizon_s=14_400.0,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class EconomicParams:
     """Tuning of the economic policy; ``capping`` holds the bands and the minimum off time."""
@@ -70,6 +188,7 @@ class EconomicParams:
     contract_floor_w: Mapping[str, float] = field(default_factory=dict)
     # Classes served in order before the merit order (the devices no class names).
     priority: PriorityClasses | None = None
+    switching: SwitchingCosts = field(default_factory=SwitchingCosts)
 
 
 @dataclass(frozen=True, slots=True)

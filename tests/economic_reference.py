@@ -15,6 +15,7 @@ from siteagent.domain import DeviceKind, DeviceStatus, Limits, Plan, Setpoint, S
 from siteagent.domain.site import DomainTree
 from siteagent.policies.capping import MOVABLE_KINDS, max_level_w, min_level_w, pinned_setpoint
 from siteagent.policies.economic import EconomicParams, gpu_demand_frac, miner_revenue_usd_per_h
+from siteagent.policies.economic_params import gpu_node
 from siteagent.policies.prices import Prices
 
 
@@ -153,10 +154,17 @@ def reference_plan(
                     step = (hi - lo) / k
                     bounds.extend((lo + j * step, lo + (j + 1) * step, False) for j in range(k))
             values = []
+            sw = params.switching
             for a, b, wake in bounds:
                 rev_a = 0.0 if wake else miner_revenue_usd_per_h(d, a, hp)
                 rev_b = miner_revenue_usd_per_h(d, b, hp)
-                values.append((rev_b - rev_a) / ((b - a) / 1000.0) - elec)
+                v = (rev_b - rev_a) / ((b - a) / 1000.0) - elec
+                if wake and not sw.free:
+                    # A wake pays a cycle (an awake miner keeps it): hysteresis by money.
+                    v += sw.wake_adjust_usd_per_kwh(
+                        sw.wake_s(d.device_id), rev_b, b - a, d.awake is True
+                    )
+                values.append(v)
         else:
             tdp = max_level_w(d)
             lo = min_level_w(d)
@@ -189,6 +197,19 @@ def reference_plan(
                     # Above what demand needs: no revenue and (the draw follows demand) no cost.
                     bounds.append((need, tdp, False))
                     values.append(0.0)
+                sw = params.switching
+                if bounds and floor <= lo and not sw.drains_free:
+                    # Its node drains once all its GPUs are at their minimum.
+                    node = gpu_node(d.device_id)
+                    n_node = sum(
+                        1
+                        for e in snapshot.devices
+                        if e.kind is DeviceKind.GPU and gpu_node(e.device_id) == node
+                    )
+                    a0, b0, _ = bounds[0]
+                    values[0] += sw.drain_adjust_usd_per_kwh(
+                        n_node, b0 - a0, current_w > floor + 1e-6
+                    )
         floor_w[i] = floor
         level_w[i] = floor
         on[i] = on_floor

@@ -26,6 +26,7 @@ from siteagent.policies.economic import (
     GpuCurve,
     PriorityClass,
     PriorityClasses,
+    SwitchingCosts,
     plan,
 )
 from siteagent.policies.prices import Prices
@@ -220,7 +221,7 @@ def sites(draw: st.DrawFn) -> tuple[Snapshot, Limits, Prices, EconomicParams, di
         dom = draw(st.sampled_from(domains))
         if draw(st.booleans()):
             util = draw(st.one_of(st.none(), st.floats(0.0, 1.0)))
-            devices.append(gpu(f"g{k}", util, domain=dom))
+            devices.append(gpu(f"n{k % 3}/g{k}", util, domain=dom))  # nodes of GPUs
         else:
             awake = draw(st.booleans())
             since = draw(st.one_of(st.none(), st.floats(0.0, 2 * min_off + 1)))
@@ -251,8 +252,33 @@ def sites(draw: st.DrawFn) -> tuple[Snapshot, Limits, Prices, EconomicParams, di
         for d in devices
         if d.kind is DeviceKind.GPU and draw(st.booleans())
     }
-    params = EconomicParams(capping=CappingParams(min_off_s=min_off), contract_floor_w=floors)
+    params = EconomicParams(
+        capping=CappingParams(min_off_s=min_off),
+        contract_floor_w=floors,
+        switching=draw(switching(devices)),
+    )
     return Snapshot(NOW_S, tuple(devices)), Limits(cap, cap, "t", 0.0, lims), prices, params, parent
+
+
+@st.composite
+def switching(draw: st.DrawFn, devices: list[DeviceStatus]) -> SwitchingCosts:
+    """Free switching, or costs of a cycle, wake times (some per device) and depreciation."""
+    if draw(st.booleans()):
+        return SwitchingCosts()
+    return SwitchingCosts(
+        miner_wear_usd_per_cycle=draw(st.floats(0.0, 2.0)),
+        miner_restart_usd_per_cycle=draw(st.floats(0.0, 0.5)),
+        miner_wake_s=draw(st.sampled_from([0.0, 10.0, 30.0, 120.0])),
+        wake_s_by_device={
+            d.device_id: draw(st.sampled_from([10.0, 60.0, 600.0]))
+            for d in devices
+            if d.kind is DeviceKind.MINER and draw(st.booleans())
+        },
+        miner_depreciation_usd_per_h=draw(st.sampled_from([0.0, 0.01, 0.2])),
+        gpu_drain_usd=draw(st.sampled_from([0.0, 1.0, 50.0])),
+        gpu_undrain_usd=draw(st.sampled_from([0.0, 2.0])),
+        horizon_s=draw(st.sampled_from([300.0, 3600.0, 14_400.0])),
+    )
 
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -624,4 +624,35 @@ def test_the_backtest_replays_the_series_the_loader_returns() -> None:
     report = run_backtest(synthetic_site(6, 2), list(load_backtest_series(cfg).points))
     assert report["steps"] == 25 * 12
     assert all(p["seconds_over_cap"] == 0 for p in report["policies"])
-    assert report["optimum"]["margin_usd"] > 0
+    assert report["bound"]["margin_usd"] > 0
+
+
+def test_the_backtest_command_replays_a_configs_sources_without_a_series_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from siteagent.agent.tools.cli import main
+
+    site = tmp_path / "site.toml"
+    site.write_text(
+        "[site]\ncap_w = 10000\n"
+        '[[inventory.miners]]\naddress = "127.11.9.1"\n'
+        '[[inventory.miners]]\naddress = "127.11.9.2"\n'
+        '[prices]\nsource = "sources"\n'
+        f'[prices.electricity]\nkind = "ercot"\nmarket = "rtm"\nsettlement_point = "HB_NORTH"\n'
+        f'path = "{RTM_FALL}"\n'
+        f'[prices.hashprice]\nkind = "hashrate-index"\npath = "{HASHPRICE}"\n'
+        '[prices.ai]\nkind = "contract"\nusd_per_gpu_hour = 2.0\n'
+    )
+    assert main(["backtest", "--config", str(site), "--report", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 25 * 12
+    # Without sources in the config, a series file is asked for by name.
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[site]\ncap_w = 10000\n[[inventory.miners]]\naddress = "127.11.9.1"\n')
+    assert main(["backtest", "--config", str(plain)]) == 2
+    assert "--prices: missing" in capsys.readouterr().err
+    # A config with nothing to replay says so, not the LP's "Empty".
+    empty = tmp_path / "empty.toml"
+    empty.write_text("[site]\ncap_w = 10000\n")
+    assert main(["backtest", "--config", str(empty), "--prices", str(RTM_FALL)]) == 2
+    assert "lists no miners" in capsys.readouterr().err

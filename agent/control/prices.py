@@ -23,10 +23,15 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from siteagent.agent.config import Config, gpu_device_id
+from siteagent.agent.config import Config, PolicyConfig, gpu_device_id
 from siteagent.agent.control.alarms import PRICES_STALE, Alarms
 from siteagent.policies.capping import CappingParams
-from siteagent.policies.economic_params import EconomicParams, PriorityClass, PriorityClasses
+from siteagent.policies.economic_params import (
+    EconomicParams,
+    PriorityClass,
+    PriorityClasses,
+    SwitchingCosts,
+)
 from siteagent.policies.prices import PriceFallback, PricePoint, Prices, PriceSeries, resolve
 
 if TYPE_CHECKING:
@@ -159,6 +164,7 @@ def economic_params(cfg: Config) -> EconomicParams:
         default_utilization_frac=pol.default_utilization_frac,
         keep_margin_usd_per_kwh=pol.keep_margin_usd_per_kwh,
         contract_floor_w=floors,
+        switching=switching_costs(pol),
         priority=PriorityClasses(
             PriorityClass(c.name, tuple(c.devices), tuple(c.domains)) for c in pol.priority_classes
         )
@@ -177,6 +183,20 @@ def read_outcome(name: str, last_error: str | None, error: Exception | None) -> 
     if last_error is not None:
         log.info("prices: %s readable again", name)
     return None
+
+
+def switching_costs(pol: PolicyConfig) -> SwitchingCosts:
+    """What a sleep/wake cycle, a GPU drain and running hardware cost, from ``[policy]``."""
+    return SwitchingCosts(
+        miner_wear_usd_per_cycle=pol.miner_wear_usd_per_cycle,
+        miner_restart_usd_per_cycle=pol.miner_restart_usd_per_cycle,
+        miner_wake_s=pol.miner_wake_s,
+        gpu_drain_usd=pol.gpu_drain_usd,
+        gpu_undrain_usd=pol.gpu_undrain_usd,
+        miner_depreciation_usd_per_h=pol.miner_depreciation_usd_per_h,
+        gpu_depreciation_usd_per_h=pol.gpu_depreciation_usd_per_h,
+        horizon_s=pol.switch_horizon_s,
+    )
 
 
 class PriceFeed:

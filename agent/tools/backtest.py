@@ -1,4 +1,4 @@
-"""Backtest: replay a price series against simulated devices under each policy, and an LP optimum.
+"""Backtest: replay a price series against simulated devices under each policy, and a bound.
 
 Each step (the series' 5 minutes) builds a snapshot from the devices' state,
 runs the policy, and lets the devices follow their setpoints at once (miners
@@ -6,19 +6,20 @@ settle in about 20 s, a GPU limit in about a second: small against a 300 s
 step, so each step is accounted at its settled power). Miners use the
 simulator's power model (``sim.power``: hashrate ~ power ** 0.85); GPUs draw
 ``min(limit, idle + (max - idle) x demand)`` and earn the AI price per GPU-hour
-x the tokens they serve, ``min(demand, capacity(limit))`` (``sim.gpu``).
+x the tokens they serve, ``min(demand, capacity(limit))`` (``sim.gpu``). Each
+wake, GPU node drain and undrain is charged (``SwitchingCosts``), and running
+hardware depreciates.
 
-The optimum is a linear program per step (HiGHS via highspy) over device
-classes (one miner model in one rack; one rack's GPUs), with the same per-domain
-planning targets but the miners' on/off choice relaxed to a fraction, each
-miner's hashrate curve cut into 8 linear pieces, no dwell times and perfect
-knowledge of demand: an upper bound no real policy reaches.
+The bound (``bound``) is one linear program per UTC day (HiGHS via highspy)
+under the backtest's own hard limits, relaxed only in directions that raise it:
+a true upper bound on every policy that keeps the limits (docs/economics.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import math
 import os
 import random
@@ -26,9 +27,12 @@ import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
+
+import numpy as np
 
 from siteagent.agent.config import Config, default_id, gpu_device_id
 from siteagent.domain import (
@@ -44,16 +48,27 @@ from siteagent.domain import (
 from siteagent.domain.site import SITE, DomainTree, domain_codes, domain_loads_w
 from siteagent.policies import POLICIES, Policy, PolicyParams, PolicyState, get_policy
 from siteagent.policies.capping import CappingParams
-from siteagent.policies.economic_params import EconomicParams
+from siteagent.policies.economic_params import (
+    DEFAULT_SWITCHING,
+    FIRMWARE_WAKE_S,
+    EconomicParams,
+    SwitchingCosts,
+)
 from siteagent.policies.prices import PricePoint, Prices
-from siteagent.sim.gpu import H100_SXM, capacity_frac
+from siteagent.sim.gpu import (
+    CAPACITY_AT_CLIFF,
+    CLIFF_FRAC,
+    H100_SXM,
+    KNEE_FRAC,
+    capacity_frac,
+)
 from siteagent.sim.power import HASHRATE_POWER_EXPONENT, SIM_MODELS, PowerTiming, SimModel
 
 STEP_S = 300.0
 SEED = 20250105
 TIMING = PowerTiming()
 
-# Told before each step: (what runs: a policy or the optimum, steps done, steps in all).
+# Told before each step: (what runs: a policy or the bound, steps done, steps in all).
 Progress = Callable[[str, int, int], None]
 
 
@@ -96,6 +111,78 @@ def make_prices(
     return out
 
 
+HELD_OUT_SEED = 7_140_331
+
+
+def make_prices_held_out(
+    days: int = 30,
+    step_s: float = STEP_S,
+    seed: int = HELD_OUT_SEED,
+    start_unix_s: float = 1_736_726_400,
+) -> list[PricePoint]:
+    """A second series made another way, kept apart from tuning (agent/data/prices_30d_b.csv).
+
+    Winter, from 2025-01-13 UTC. Electricity: an hourly two-state market (calm or
+    tight, a Markov chain) on a duck curve (morning and evening peaks, a solar trough
+    at midday, cheaper weekends), negative prices on windy nights, and Pareto-sized
+    spikes. Hashprice: a geometric random walk with drift. AI: a price per GPU-hour
+    set per week by contract; demand with two daily peaks, quieter weekends and
+    bursts (a Poisson arrival, decaying).
+    """
+    rng = random.Random(seed)
+    n = int(days * 86400 / step_s)
+    log_hp = math.log(0.055)
+    tight = False
+    wind = 0.0
+    burst = 0.0
+    weekly_ai = [round(rng.uniform(1.6, 2.6), 2) for _ in range(days // 7 + 1)]
+    spike_left, spike_price = 0, 0.0
+    out = []
+    for i in range(n):
+        t = start_unix_s + i * step_s
+        hour = (t % 86400) / 3600.0
+        weekday = int(t // 86400 + 3) % 7  # 1970-01-01 was a Thursday; 0 = Monday
+        weekend = weekday >= 5
+        if i % 12 == 0:  # the market's state and the wind move hourly
+            tight = rng.random() > 0.25 if tight else rng.random() < 0.04
+            wind = max(0.0, 0.8 * wind + rng.gauss(0.0, 0.5))
+        log_hp += rng.gauss(-0.00002, 0.003)
+        hashprice = math.exp(log_hp)
+        duck = (
+            0.045
+            + 0.05 * math.exp(-(((hour - 8.0) / 1.5) ** 2))
+            + 0.08 * math.exp(-(((hour - 19.0) / 2.0) ** 2))
+            - 0.02 * math.exp(-(((hour - 13.0) / 2.5) ** 2))
+        )
+        if weekend:
+            duck *= 0.8
+        if tight:
+            duck *= 1.9
+        night = hour < 6.0 or hour > 22.0
+        elec = duck - (0.035 * wind if night else 0.0) + rng.gauss(0.0, 0.004)
+        if spike_left == 0 and rng.random() < 0.0015:
+            spike_left = rng.randint(1, 6)
+            spike_price = min(5.0, 0.3 * rng.paretovariate(1.6))
+        if spike_left > 0:
+            elec, spike_left = spike_price, spike_left - 1
+        if rng.random() < 0.004:
+            burst += rng.uniform(0.15, 0.4)
+        burst *= 0.93
+        demand = (
+            (
+                0.25
+                + 0.35 * math.exp(-(((hour - 10.5) / 2.5) ** 2))
+                + 0.3 * math.exp(-(((hour - 20.5) / 2.0) ** 2))
+            )
+            * (0.6 if weekend else 1.0)
+            + burst
+            + rng.gauss(0.0, 0.03)
+        )
+        ai = weekly_ai[int((t - start_unix_s) // (7 * 86400))]
+        out.append(PricePoint(t, hashprice, elec, ai, min(1.0, max(0.02, demand))))
+    return out
+
+
 # -- the site ---------------------------------------------------------------------
 
 
@@ -106,6 +193,7 @@ class BtMiner:
     device_id: str
     domain: str
     model: SimModel
+    firmware: str = ""  # a backend's name (FIRMWARE_WAKE_S); "" not known
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +217,16 @@ class BtSite:
     safety_margin_w: float = 0.0
 
 
+RACK_FIRMWARE = ("braiins", "luxos", "antminer", "vnish")
+
+
 def synthetic_site(miners: int, gpus: int, cap_frac: float = 0.75) -> BtSite:
     """Miners of three models and 8-GPU nodes, two feeders of racks, cap at ``cap_frac``."""
     models = [SIM_MODELS[k] for k in ("S21", "S19 XP", "S19j Pro")]
+    # One firmware to a rack, so its wake time (the hashing a wake loses) differs by rack.
     ms = tuple(
-        BtMiner(f"m{i:05d}", f"rack-{i % 4}", models[i % len(models)]) for i in range(miners)
+        BtMiner(f"m{i:05d}", f"rack-{i % 4}", models[i % len(models)], RACK_FIRMWARE[i % 4])
+        for i in range(miners)
     )
     gs = tuple(BtGpu(f"node{i // 8}/gpu{i % 8}", f"rack-{4 + (i // 8) % 2}") for i in range(gpus))
     full: dict[str, float] = defaultdict(float)
@@ -184,28 +277,44 @@ class PolicyResult:
 
     policy: str
     revenue_usd: float = 0.0
+    ai_revenue_usd: float = 0.0  # of the revenue, what the GPUs earned
     energy_kwh: float = 0.0
     cost_usd: float = 0.0
     seconds_over_cap: float = 0.0
-    sleep_wake_cycles: int = 0
+    sleep_wake_cycles: float = 0.0
+    # Switching: the cycles' cost (wear, restarts, hashing lost while waking) and GPU
+    # drains/undrains; depreciation of the hardware while it runs ($).
+    switching_usd: float = 0.0
+    gpu_drains: int = 0
+    depreciation_usd: float = 0.0
+    step_s: float = STEP_S
     # Per step, for the plot: (miner W, GPU W, overhead W).
     power_w: list[tuple[float, float, float]] = field(default_factory=list)
+    # Per step: margin ($) and sleep/wake cycles, for the report per day.
+    step_margin_usd: list[float] = field(default_factory=list)
+    step_cycles: list[float] = field(default_factory=list)
 
     @property
     def margin_usd(self) -> float:
-        """Revenue minus electricity ($)."""
-        return self.revenue_usd - self.cost_usd
+        """Revenue minus electricity, switching and depreciation ($)."""
+        return self.revenue_usd - self.cost_usd - self.switching_usd - self.depreciation_usd
 
     def summary(self) -> dict[str, Any]:
         """The totals as a JSON-friendly dict."""
+        days = len(self.step_margin_usd) * self.step_s / 86400.0
         return {
             "policy": self.policy,
             "revenue_usd": round(self.revenue_usd, 2),
+            "ai_revenue_usd": round(self.ai_revenue_usd, 2),
             "energy_kwh": round(self.energy_kwh, 1),
             "cost_usd": round(self.cost_usd, 2),
+            "switching_usd": round(self.switching_usd, 2),
+            "depreciation_usd": round(self.depreciation_usd, 2),
             "margin_usd": round(self.margin_usd, 2),
             "seconds_over_cap": self.seconds_over_cap,
-            "sleep_wake_cycles": self.sleep_wake_cycles,
+            "sleep_wake_cycles": round(self.sleep_wake_cycles, 2),
+            "cycles_per_day": round(self.sleep_wake_cycles / days, 2) if days > 0 else None,
+            "gpu_drains": self.gpu_drains,
         }
 
 
@@ -249,9 +358,21 @@ def run_policy(
     step_s: float = STEP_S,
     timing: PowerTiming = TIMING,
     progress: Progress | None = None,
+    switching: SwitchingCosts | None = None,
 ) -> PolicyResult:
-    """Replay the series under one policy; devices follow each plan's setpoints."""
-    res = PolicyResult(name)
+    """Replay the series under one policy; devices follow each plan's setpoints.
+
+    A wake costs one cycle (``SwitchingCosts.cycle_usd``: the hashing lost at the
+    level it wakes to, for its firmware's wake time); running hardware depreciates.
+    """
+    sw = switching if switching is not None else site_switching(site, SwitchingCosts())
+    res = PolicyResult(name, step_s=step_s)
+    woke: set[str] = set()
+    # A node drains when every GPU of it is at its minimum (agent/control/gpus.py).
+    nodes_gpus: dict[str, list[str]] = defaultdict(list)
+    for g in site.gpus:
+        nodes_gpus[g.device_id.split("/")[0]].append(g.device_id)
+    drained = dict.fromkeys(nodes_gpus, False)
     mcaps = {m.device_id: _miner_caps(m.model) for m in site.miners}
     level = {m.device_id: m.model.power_target_default_w for m in site.miners}
     awake = {m.device_id: True for m in site.miners}
@@ -327,13 +448,14 @@ def run_policy(
             None,
         )
         p, state = policy.plan(Snapshot(now, tuple(devices)), limits, prices, state)
+        woke.clear()
         for sp in p.setpoints:
             i = sp.device_id
             if i in level:
                 if sp.awake != awake[i]:
                     since[i] = now
                     if sp.awake:
-                        res.sleep_wake_cycles += 1
+                        woke.add(i)
                 awake[i] = sp.awake
                 if sp.power_target_w is not None:
                     level[i] = sp.power_target_w
@@ -342,44 +464,77 @@ def run_policy(
         # Account the step at settled power.
         draw_w: list[float] = []
         miner_w = gpu_w = 0.0
-        revenue_h = 0.0
+        revenue_h = ai_h = 0.0
+        switching_usd = 0.0
+        n_awake = 0
         for m in site.miners:
             i = m.device_id
             w = level[i] if awake[i] else timing.sleep_power_w
             miner_w += w
             draw_w.append(w)
             if awake[i]:
+                n_awake += 1
                 ths = miner_hashrate_ths(m.model, w)
-                revenue_h += point.hashprice_usd_per_th_day / 24.0 * ths
+                earns_h = point.hashprice_usd_per_th_day / 24.0 * ths
+                revenue_h += earns_h
+                if i in woke:
+                    switching_usd += sw.cycle_usd(sw.wake_s(i), earns_h)
         for g in site.gpus:
             i = g.device_id
             w = gpu_draw_w(limit[i], demand)
             gpu_w += w
             draw_w.append(w)
             served = min(demand, capacity_frac(limit[i], H100_SXM.power_limit_max_w))
-            revenue_h += point.ai_usd_per_gpu_hour * served
+            ai_h += point.ai_usd_per_gpu_hour * served
+        for node, ids in nodes_gpus.items():
+            now_drained = all(limit[i] <= H100_SXM.power_limit_min_w for i in ids)
+            if now_drained != drained[node]:
+                res.gpu_drains += now_drained
+                switching_usd += sw.gpu_drain_usd if now_drained else sw.gpu_undrain_usd
+                drained[node] = now_drained
         load = domain_loads_w(tree, names, code, draw_w, site.overhead_w)
         total = miner_w + gpu_w + site.overhead_w
         if any(load[n] > tree.limit_w[n] + 1e-6 for n in tree.limit_w if n != SITE) or (
             total > site.cap_w + 1e-6
         ):
             res.seconds_over_cap += step_s
+        depreciation = step_h * (
+            n_awake * sw.miner_depreciation_usd_per_h
+            + len(site.gpus) * sw.gpu_depreciation_usd_per_h
+        )
+        cost = total / 1000.0 * step_h * point.electricity_usd_per_kwh
+        revenue_h += ai_h
         res.revenue_usd += revenue_h * step_h
+        res.ai_revenue_usd += ai_h * step_h
         res.energy_kwh += total / 1000.0 * step_h
-        res.cost_usd += total / 1000.0 * step_h * point.electricity_usd_per_kwh
+        res.cost_usd += cost
+        res.switching_usd += switching_usd
+        res.depreciation_usd += depreciation
+        res.sleep_wake_cycles += len(woke)
+        res.step_cycles.append(len(woke))
+        res.step_margin_usd.append(revenue_h * step_h - cost - switching_usd - depreciation)
         res.power_w.append((miner_w, gpu_w, site.overhead_w))
         last_demand = demand
     return res
 
 
-def policies(capping: CappingParams | None = None) -> dict[str, Policy]:
+def site_switching(site: BtSite, base: SwitchingCosts) -> SwitchingCosts:
+    """``base`` with each miner's wake time from its firmware (FIRMWARE_WAKE_S)."""
+    wake = {m.device_id: FIRMWARE_WAKE_S[m.firmware] for m in site.miners if m.firmware}
+    return replace(base, wake_s_by_device={**wake, **base.wake_s_by_device})
+
+
+def policies(
+    capping: CappingParams | None = None, switching: SwitchingCosts | None = None
+) -> dict[str, Policy]:
     """The policies a backtest compares: every registered one, by name."""
     cp = capping or CappingParams()
-    params = PolicyParams(cp, EconomicParams(capping=cp))
+    sw = switching if switching is not None else SwitchingCosts()
+    params = PolicyParams(cp, EconomicParams(capping=cp, switching=sw))
     return {name: get_policy(name, params) for name in POLICIES}
 
 
-# -- the offline optimum -------------------------------------------------------------
+# -- the bound ------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -400,172 +555,282 @@ def _c_stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-LP_PIECES = 8
+# sim.gpu.capacity_frac's slope below the cliff (tests/test_backtest.py checks the hull
+# against the function itself).
+CLIFF_SLOPE = 2.5
+# Tangent lines on each miner class's hashrate curve (an outer approximation: the LP
+# can only over-value hashing between them, never under-value it).
+TANGENTS = 8
 
 
-def optimum(
+@dataclass(frozen=True, slots=True)
+class _MinerClass:
+    """Miners of one model, domain and firmware: the LP's unit."""
+
+    model: SimModel
+    domain: str
+    wake_s: float
+    count: int
+
+
+def _gpu_hull(demand: float, ai_usd_per_h: float) -> tuple[float, float, list[tuple[float, float]]]:
+    """One simulated H100's (draw W, revenue $/h) over every limit, as its concave hull.
+
+    Returns the lowest and highest draw and the hull's lines ``(intercept, slope)``:
+    revenue <= intercept + slope * draw on every one. The draw is
+    ``min(limit, demand's draw)`` and the revenue ``min(demand, capacity(limit))``,
+    both linear between the breakpoints taken here, so the hull is exact.
+    """
+    m = H100_SXM
+    tdp, lo = m.power_limit_max_w, m.power_limit_min_w
+    p_demand = m.idle_w + (tdp - m.idle_w) * demand
+    mid_slope = (1.0 - CAPACITY_AT_CLIFF) / (KNEE_FRAC - CLIFF_FRAC)
+    # sim.gpu.capacity_frac's breakpoints, where it meets demand, and demand's own draw.
+    cuts = {
+        KNEE_FRAC,
+        CLIFF_FRAC,
+        CLIFF_FRAC - CAPACITY_AT_CLIFF / CLIFF_SLOPE,
+        KNEE_FRAC - (1.0 - demand) / mid_slope,
+        CLIFF_FRAC - (CAPACITY_AT_CLIFF - demand) / CLIFF_SLOPE,
+    }
+    cands = {lo, tdp, p_demand, *(r * tdp for r in cuts)}
+    pts: dict[float, float] = {}
+    for limit in sorted(c for c in cands if lo <= c <= tdp):
+        draw = min(limit, p_demand)
+        rev = ai_usd_per_h * min(demand, capacity_frac(limit, tdp))
+        pts[draw] = max(pts.get(draw, -math.inf), rev)
+    xs = sorted(pts)
+    hull: list[tuple[float, float]] = []
+    for x in xs:  # the upper hull, left to right (monotone chain)
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (x - x1) <= (pts[x] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append((x, pts[x]))
+    if len(hull) == 1:
+        return xs[0], hull[0][0], [(hull[0][1], 0.0)]
+    lines = []
+    for (x1, y1), (x2, y2) in itertools.pairwise(hull):
+        slope = (y2 - y1) / (x2 - x1)
+        lines.append((y1 - slope * x1, slope))
+    return xs[0], hull[-1][0], lines
+
+
+def bound(
     site: BtSite,
     series: Sequence[PricePoint],
-    capping_target: float = 0.97,
+    switching: SwitchingCosts | None = None,
     step_s: float = STEP_S,
     timing: PowerTiming = TIMING,
     progress: Progress | None = None,
 ) -> PolicyResult:
-    """Upper bound on margin: one small LP per step (HiGHS), classes relaxed to fractions."""
-    import highspy
-    import numpy as np
+    """A strict upper bound on every policy's margin: one LP (HiGHS) per UTC day.
 
+    The hard limits are the backtest's own (every domain at its full limit, the
+    site at its cap: what "over the cap" counts), not a planning target. Devices
+    of one class are relaxed to a count awake and a power (a fraction of a miner
+    may wake); hashing is bounded by tangents of its concave curve, a GPU class by
+    the concave hull of what one GPU can earn at each draw. A cycle costs at least
+    wear, restart and the hashing lost at the miner's lowest level, counted per
+    increase of a class's count awake; each day starts from a free state (so a
+    cycle across midnight is free to the bound). Every relaxation only raises it.
+    Depreciation is counted as the policies count it.
+    """
+    import highspy
+
+    sw = switching if switching is not None else site_switching(site, SwitchingCosts())
     eff = max(0.0, site.cap_w - site.safety_margin_w)
     limits = Limits(site.cap_w, eff, "site", site.overhead_w, site.domains)
     tree = DomainTree(limits)
     nodes = list(tree.limit_w)
-    row_of = {n: k for k, n in enumerate(nodes)}
-    mclasses: dict[tuple[str, str], list[BtMiner]] = defaultdict(list)
+    hard = {n: (site.cap_w if n == SITE else tree.limit_w[n]) for n in nodes}
+    groups: dict[tuple[str, str, float], list[BtMiner]] = defaultdict(list)
     for m in site.miners:
-        mclasses[(m.model.key, m.domain)].append(m)
-    gclasses: dict[str, int] = defaultdict(int)
+        groups[(m.model.key, m.domain, sw.wake_s(m.device_id))].append(m)
+    mcls = [_MinerClass(ms[0].model, k[1], k[2], len(ms)) for k, ms in groups.items()]
+    gcount: dict[str, int] = defaultdict(int)
     for g in site.gpus:
-        gclasses[g.domain] += 1
-    tdp = H100_SXM.power_limit_max_w
-    gcuts = [H100_SXM.power_limit_min_w, 0.5 * tdp, 0.8 * tdp, tdp]
-
-    # Columns: per miner class a wake fraction count x, then LP_PIECES raise chunks (W);
-    # per GPU class 3 chunks of draw (W) above the floor.
-    # HiGHS prints its banner from C++ as the object is built, before any option can
-    # be set: silence the process's stdout around that one call (a JSON report must
-    # be nothing but JSON).
-    with _c_stdout_silenced():
-        h = highspy.Highs()  # type: ignore[no-untyped-call]
-    h.setOptionValue("output_flag", False)
-    col = 0
-    cols: list[tuple[str, Any, int]] = []  # (kind, class key, piece)
-    a_rows: list[int] = []
-    a_cols: list[int] = []
-    a_vals: list[float] = []
-    link_rows: list[tuple[int, int, float]] = []  # (x col, y col, chunk W)
-    for key, ms in mclasses.items():
-        model = ms[0].model
-        lo, hi = model.power_target_min_w, model.power_target_max_w
-        xc = col
-        cols.append(("wake", key, 0))
-        for n in tree.chain(key[1]):
-            a_rows.append(row_of[n])
-            a_cols.append(xc)
-            a_vals.append(lo - timing.sleep_power_w)
-        col += 1
-        for k in range(LP_PIECES):
-            cols.append(("raise", key, k))
-            for n in tree.chain(key[1]):
-                a_rows.append(row_of[n])
-                a_cols.append(col)
-                a_vals.append(1.0)
-            link_rows.append((xc, col, (hi - lo) / LP_PIECES))
-            col += 1
-    for gkey in gclasses:
-        for k in range(3):
-            cols.append(("gpu", gkey, k))
-            for n in tree.chain(gkey):
-                a_rows.append(row_of[n])
-                a_cols.append(col)
-                a_vals.append(1.0)
-            col += 1
-    n_cols = col
-    inf = highspy.kHighsInf
-    h.addVars(n_cols, np.zeros(n_cols), np.zeros(n_cols))
-    # Domain rows: sum of power above floors <= target - floors.
-    floor: dict[str, float] = defaultdict(float)
-    for m in site.miners:
-        for n in tree.chain(m.domain):
-            floor[n] += timing.sleep_power_w
-    floor[SITE] += site.overhead_w
-    n_dom = len(nodes)
-    order = np.lexsort((np.array(a_cols), np.array(a_rows)))
-    ar, ac, av = np.array(a_rows)[order], np.array(a_cols)[order], np.array(a_vals)[order]
-    starts = np.searchsorted(ar, np.arange(n_dom)).astype(np.int32)
-    h.addRows(
-        n_dom,
-        np.full(n_dom, -inf),
-        np.zeros(n_dom),
-        len(ac),
-        starts,
-        ac.astype(np.int32),
-        av.astype(np.float64),
-    )
-    for xc, yc, chunk in link_rows:
-        h.addRow(-inf, 0.0, 2, np.array([yc, xc], dtype=np.int32), np.array([1.0, -chunk]))
-    h.changeObjectiveSense(highspy.ObjSense.kMaximize)
-    idx = np.arange(n_cols, dtype=np.int32)
-    dom_idx = np.arange(n_dom, dtype=np.int32)
-
-    res = PolicyResult("lp-optimum")
+        gcount[g.domain] += 1
+    gcls = list(gcount.items())
+    chains_m = [[nodes.index(n) for n in tree.chain(c.domain)] for c in mcls]
+    chains_g = [[nodes.index(n) for n in tree.chain(d)] for d, _ in gcls]
+    # Fixed per node: every miner's sleep draw (a wake adds above it) and the overhead.
+    base_w = [0.0] * len(nodes)
+    for c, chain in zip(mcls, chains_m, strict=True):
+        for n in chain:
+            base_w[n] += c.count * timing.sleep_power_w
+    base_w[nodes.index(SITE)] += site.overhead_w
+    res = PolicyResult("bound", step_s=step_s)
     step_h = step_s / 3600.0
-    for k, point in enumerate(series):
+    days: dict[str, list[int]] = defaultdict(list)
+    for k, p in enumerate(series):
+        days[_utc_date(p.timestamp_unix_s)].append(k)
+    done = 0
+    for steps in days.values():
         if progress is not None:
-            progress(res.policy, k, len(series))
-        elec_w = point.electricity_usd_per_kwh / 1000.0  # $/h per W
-        hp = point.hashprice_usd_per_th_day / 24.0
-        demand = point.ai_demand_frac if point.ai_demand_frac is not None else 0.6
-        p_demand = H100_SXM.idle_w + (tdp - H100_SXM.idle_w) * demand
-        cost = np.zeros(n_cols)
-        upper = np.zeros(n_cols)
-        const_h = -elec_w * (floor[SITE])
-        gfloor: dict[str, float] = {}
-        for c, (kind, key, k) in enumerate(cols):
-            if kind == "wake":
-                model = mclasses[key][0].model
-                lo = model.power_target_min_w
-                n_m = len(mclasses[key])
-                cost[c] = hp * miner_hashrate_ths(model, lo) - elec_w * (lo - timing.sleep_power_w)
-                upper[c] = n_m
-            elif kind == "raise":
-                model = mclasses[key][0].model
-                lo, hi = model.power_target_min_w, model.power_target_max_w
-                a = lo + k * (hi - lo) / LP_PIECES
-                b = a + (hi - lo) / LP_PIECES
-                slope = hp * (miner_hashrate_ths(model, b) - miner_hashrate_ths(model, a)) / (b - a)
-                cost[c] = slope - elec_w
-                upper[c] = len(mclasses[key]) * (b - a)
-            else:
-                n_g = gclasses[key]
-                f_draw = min(gcuts[0], p_demand)
-                gfloor[key] = n_g * f_draw
-                a, b = gcuts[k], gcuts[k + 1]
-                top = min(b, p_demand)
-                width = max(0.0, top - a)
-                if width > 0:
-                    gain = min(demand, capacity_frac(top, tdp)) - min(demand, capacity_frac(a, tdp))
-                    cost[c] = point.ai_usd_per_gpu_hour * gain / width - elec_w
-                upper[c] = n_g * width
-        for gkey, w in gfloor.items():
-            served = min(demand, capacity_frac(gcuts[0], tdp))
-            const_h += gclasses[gkey] * point.ai_usd_per_gpu_hour * served - elec_w * w
-        rhs = np.array([capping_target * tree.limit_w[n] - floor[n] for n in nodes])
-        for gkey, w in gfloor.items():
-            for n in tree.chain(gkey):
-                rhs[row_of[n]] -= w
-        h.changeColsCost(n_cols, idx, cost)
-        h.changeColsBounds(n_cols, idx, np.zeros(n_cols), upper)
-        h.changeRowsBounds(  # type: ignore[attr-defined]
-            n_dom, dom_idx, np.full(n_dom, -inf), np.maximum(rhs, 0.0)
+            progress(res.policy, done, len(series))
+        done += len(steps)
+        _bound_window(
+            highspy,
+            res,
+            [series[k] for k in steps],
+            mcls,
+            gcls,
+            chains_m,
+            chains_g,
+            [hard[n] - base_w[k] for k, n in enumerate(nodes)],
+            sw,
+            step_h,
+            timing,
+            len(site.gpus),
+            site.overhead_w + len(site.miners) * timing.sleep_power_w,
         )
-        h.run()
-        sol = np.array(h.getSolution().col_value)
-        obj = float(np.dot(cost, sol)) + const_h
-        # Split into revenue and energy for the report.
-        power_w = floor[SITE] + sum(gfloor.values())
-        for c, (kind, key, _) in enumerate(cols):
-            if kind == "wake":
-                power_w += sol[c] * (
-                    mclasses[key][0].model.power_target_min_w - timing.sleep_power_w
-                )
-            else:
-                power_w += sol[c]
-        kwh = power_w / 1000.0 * step_h
-        res.energy_kwh += kwh
-        res.cost_usd += kwh * point.electricity_usd_per_kwh
-        res.revenue_usd += (obj + elec_w * power_w) * step_h
-        res.power_w.append((0.0, 0.0, power_w))
     return res
+
+
+def _bound_window(
+    highspy: Any,
+    res: PolicyResult,
+    pts: Sequence[PricePoint],
+    mcls: Sequence[_MinerClass],
+    gcls: Sequence[tuple[str, int]],
+    chains_m: Sequence[Sequence[int]],
+    chains_g: Sequence[Sequence[int]],
+    room_w: Sequence[float],
+    sw: SwitchingCosts,
+    step_h: float,
+    timing: PowerTiming,
+    n_gpus: int,
+    base_w: float,
+) -> None:
+    """One window's LP, solved; its steps' margins, energy and power appended to ``res``.
+
+    Columns per step: per miner class its count awake ``x``, their power ``P`` (W),
+    revenue ``R`` ($/h) and wakes ``u``; per GPU class its draw ``W`` and revenue ``G``.
+    """
+    inf = highspy.kHighsInf
+    nm, ng, n_steps = len(mcls), len(gcls), len(pts)
+    per = 4 * nm + 2 * ng
+    n_cols = per * n_steps
+    cost = [0.0] * n_cols
+    lower = [0.0] * n_cols
+    upper = [inf] * n_cols
+    rows: list[tuple[float, float, list[int], list[float]]] = []  # lo, hi, cols, values
+    sleep_w = timing.sleep_power_w
+    const = [0.0] * n_steps  # per step ($): what no column decides
+    for t, p in enumerate(pts):
+        o = per * t
+        e_w = p.electricity_usd_per_kwh / 1000.0  # $/h per W
+        hp24 = p.hashprice_usd_per_th_day / 24.0
+        demand = p.ai_demand_frac if p.ai_demand_frac is not None else 0.6
+        const[t] = step_h * (-e_w * base_w - n_gpus * sw.gpu_depreciation_usd_per_h)
+        node_cols: list[list[int]] = [[] for _ in room_w]
+        node_vals: list[list[float]] = [[] for _ in room_w]
+        for j, c in enumerate(mcls):
+            x, pw, r, u = o + 4 * j, o + 4 * j + 1, o + 4 * j + 2, o + 4 * j + 3
+            lo, hi = c.model.power_target_min_w, c.model.power_target_max_w
+            upper[x] = c.count
+            cost[x] = step_h * (e_w * sleep_w - sw.miner_depreciation_usd_per_h)
+            cost[pw] = -step_h * e_w
+            cost[r] = step_h
+            lower[r] = -inf
+            # Waking costs at least this: the hashing is lost at no less than the lowest level.
+            cost[u] = -sw.cycle_usd(c.wake_s, hp24 * miner_hashrate_ths(c.model, lo))
+            rows.append((0.0, inf, [pw, x], [1.0, -lo]))
+            rows.append((-inf, 0.0, [pw, x], [1.0, -hi]))
+            for q in range(TANGENTS):
+                at = lo + (hi - lo) * q / (TANGENTS - 1)
+                f = hp24 * miner_hashrate_ths(c.model, at)
+                df = HASHRATE_POWER_EXPONENT * f / at
+                rows.append((-inf, 0.0, [r, x, pw], [1.0, -(f - df * at), -df]))
+            if t > 0:
+                rows.append((0.0, inf, [u, x, x - per], [1.0, -1.0, 1.0]))
+            else:
+                upper[u] = 0.0  # a free start: the day may begin in any state
+            for n in chains_m[j]:
+                node_cols[n] += [pw, x]
+                node_vals[n] += [1.0, -sleep_w]
+        for j, (_, count) in enumerate(gcls):
+            w, g = o + 4 * nm + 2 * j, o + 4 * nm + 2 * j + 1
+            lo_w, hi_w, lines = _gpu_hull(demand, p.ai_usd_per_gpu_hour)
+            lower[w], upper[w] = count * lo_w, count * hi_w
+            cost[w] = -step_h * e_w
+            cost[g] = step_h
+            lower[g] = -inf
+            for a, b in lines:
+                rows.append((-inf, count * a, [g, w], [1.0, -b]))
+            for n in chains_g[j]:
+                node_cols[n].append(w)
+                node_vals[n].append(1.0)
+        for n, room in enumerate(room_w):
+            if node_cols[n]:
+                rows.append((-inf, room, node_cols[n], node_vals[n]))
+    with _c_stdout_silenced():
+        h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.addVars(n_cols, np.array(lower), np.array(upper))
+    h.changeColsCost(n_cols, np.arange(n_cols, dtype=np.int32), np.array(cost))
+    starts = np.cumsum([0] + [len(r[2]) for r in rows[:-1]]).astype(np.int32)
+    index = np.array([i for r in rows for i in r[2]], dtype=np.int32)
+    value = np.array([v for r in rows for v in r[3]], dtype=np.float64)
+    h.addRows(
+        len(rows),
+        np.array([r[0] for r in rows]),
+        np.array([r[1] for r in rows]),
+        len(index),
+        starts,
+        index,
+        value,
+    )
+    h.changeObjectiveSense(highspy.ObjSense.kMaximize)
+    h.run()
+    status = h.getModelStatus()
+    if status == highspy.HighsModelStatus.kInfeasible:
+        raise NoBound(
+            f"on {_utc_date(pts[0].timestamp_unix_s)} the limits cannot be kept even with "
+            "every miner asleep and every GPU at its lowest draw: no policy can stay under them"
+        )
+    if status != highspy.HighsModelStatus.kOptimal:
+        raise RuntimeError(f"the bound's LP: {h.modelStatusToString(status)}")
+    sol = np.array(h.getSolution().col_value)
+    n_miners = sum(c.count for c in mcls)
+    overhead_w = base_w - sleep_w * n_miners
+    for t, p in enumerate(pts):
+        o = per * t
+        awake = sol[o : o + 4 * nm : 4]
+        mined_w = sol[o + 1 : o + 4 * nm : 4]
+        wakes = sol[o + 3 : o + 4 * nm : 4]
+        served_w = sol[o + 4 * nm : o + per : 2]
+        res.ai_revenue_usd += step_h * float(sol[o + 4 * nm + 1 : o + per : 2].sum())
+        miner_w = float(mined_w.sum() + sleep_w * (n_miners - awake.sum()))
+        gpu_w = float(served_w.sum())
+        kwh = (miner_w + gpu_w + overhead_w) / 1000.0 * step_h
+        margin = const[t] + float(np.dot(cost[o : o + per], sol[o : o + per]))
+        switching = -float(np.dot(cost[o + 3 : o + 4 * nm : 4], wakes))
+        depreciation = step_h * (
+            float(awake.sum()) * sw.miner_depreciation_usd_per_h
+            + n_gpus * sw.gpu_depreciation_usd_per_h
+        )
+        res.energy_kwh += kwh
+        res.cost_usd += kwh * p.electricity_usd_per_kwh
+        res.switching_usd += switching
+        res.depreciation_usd += depreciation
+        res.revenue_usd += margin + kwh * p.electricity_usd_per_kwh + switching + depreciation
+        res.sleep_wake_cycles += float(wakes.sum())
+        res.step_cycles.append(float(wakes.sum()))
+        res.step_margin_usd.append(margin)
+        res.power_w.append((miner_w, gpu_w, overhead_w))
+
+
+class NoBound(Exception):
+    """The site's limits cannot be kept at all, so nothing bounds a policy that keeps them."""
+
+
+def _utc_date(unix_s: float) -> str:
+    """The UTC date of a moment, as YYYY-MM-DD."""
+    return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%d")
 
 
 # -- report and plot -----------------------------------------------------------------
@@ -576,77 +841,184 @@ def run_backtest(
     series: Sequence[PricePoint],
     capping: CappingParams | None = None,
     progress: Progress | None = None,
+    switching: SwitchingCosts | None = None,
 ) -> dict[str, Any]:
-    """Every policy and the optimum over the series; JSON-friendly results.
+    """Every policy and the bound over the series; JSON-friendly results, per day too.
 
-    A ratio to the optimum is None when the optimum's margin is not positive (a
-    site that loses money at its best has no meaningful ratio); ``ratio_note`` says so.
+    ``switching`` (default: the documented defaults, ``DEFAULT_SWITCHING``) is what
+    the policies plan with and what every result is charged; each miner's wake time
+    comes from its firmware. A ratio to the bound is None when the bound's margin is
+    not positive (a site that loses money at its best has no meaningful ratio);
+    ``ratio_note`` says so.
     """
     cp = capping or CappingParams()
+    sw = site_switching(site, DEFAULT_SWITCHING if switching is None else switching)
     results = [
-        run_policy(site, series, name, fn, progress=progress) for name, fn in policies(cp).items()
+        run_policy(site, series, name, fn, progress=progress, switching=sw)
+        for name, fn in policies(cp, sw).items()
     ]
-    best = optimum(site, series, cp.capping_target, progress=progress)
+    best = bound(site, series, sw, progress=progress)
     out: dict[str, Any] = {
         "steps": len(series),
         "miners": len(site.miners),
         "gpus": len(site.gpus),
         "cap_w": site.cap_w,
         "policies": [r.summary() for r in results],
-        "optimum": best.summary(),
+        "bound": best.summary(),
     }
     for r in results:
         ratio = round(r.margin_usd / best.margin_usd, 4) if best.margin_usd > 0 else None
-        out[f"{r.policy}_ratio_to_optimum"] = ratio
+        out[f"{r.policy}_ratio_to_bound"] = ratio
     if best.margin_usd <= 0:
         out["ratio_note"] = (
-            f"the optimum's margin is ${best.margin_usd:.2f}, not positive: electricity "
+            f"the bound's margin is ${best.margin_usd:.2f}, not positive: electricity "
             "costs at least what the site earns over this series, so no ratio to it"
         )
+    out["days"] = per_day(series, results, best)
     out["_results"] = results
+    out["_bound"] = best
+    return out
+
+
+def per_day(
+    series: Sequence[PricePoint], results: Sequence[PolicyResult], best: PolicyResult
+) -> list[dict[str, Any]]:
+    """Per UTC day: the bound's margin, each policy's margin, its share of the bound, cycles."""
+    days: dict[str, list[int]] = defaultdict(list)
+    for k, p in enumerate(series):
+        days[_utc_date(p.timestamp_unix_s)].append(k)
+    out = []
+    for date, steps in days.items():
+        top = sum(best.step_margin_usd[k] for k in steps)
+        row: dict[str, Any] = {"date": date, "bound_margin_usd": round(top, 2)}
+        for r in results:
+            m = sum(r.step_margin_usd[k] for k in steps)
+            row[f"{r.policy}_margin_usd"] = round(m, 2)
+            row[f"{r.policy}_ratio_to_bound"] = round(m / top, 4) if top > 0 else None
+            row[f"{r.policy}_cycles"] = round(sum(r.step_cycles[k] for k in steps), 2)
+        out.append(row)
     return out
 
 
 def plot(
-    site: BtSite, series: Sequence[PricePoint], result: PolicyResult, path: str | Path
+    site: BtSite,
+    series: Sequence[PricePoint],
+    results: Sequence[PolicyResult],
+    best: PolicyResult,
+    path: str | Path,
+    shown: str = "economic",
 ) -> None:
-    """PNG: power by load type against the cap (top) and prices (bottom) over time."""
+    """PNG, dates along x: $ per day per policy against the bound; ``shown``'s power by
+    load against the cap; electricity; hashprice and the AI price (each its own axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
-    days = [(p.timestamp_unix_s - series[0].timestamp_unix_s) / 86400.0 for p in series]
-    miner = [m / 1000.0 for m, _, _ in result.power_w]
-    gpu = [g / 1000.0 for _, g, _ in result.power_w]
-    over = [o / 1000.0 for _, _, o in result.power_w]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
-    ax1.stackplot(days, over, gpu, miner, labels=["overhead", "AI (GPUs)", "mining"])
-    ax1.axhline(site.cap_w / 1000.0, color="red", lw=1, label="site cap")
-    ax1.set_ylabel("power (kW)")
-    ax1.set_title(f"{result.policy}: power by load type")
-    ax1.legend(loc="lower left", fontsize=8)
-    ax2.plot(days, [p.electricity_usd_per_kwh for p in series], lw=0.7, label="electricity $/kWh")
-    ax2.plot(days, [p.hashprice_usd_per_th_day for p in series], lw=0.7, label="hashprice $/TH/d")
-    ax2.set_ylabel("price")
-    ax2.set_yscale("log")
-    ax3 = ax2.twinx()
-    ax3.plot(days, [p.ai_usd_per_gpu_hour for p in series], lw=0.7, color="k", label="AI $/GPU-h")
-    ax3.set_ylabel("AI $/GPU-h")
-    ax2.set_xlabel("day")
-    ax2.legend(loc="upper left", fontsize=8)
+    when = [datetime.fromtimestamp(p.timestamp_unix_s, UTC) for p in series]
+    daily = per_day(series, results, best)
+    noon = [datetime.fromisoformat(d["date"]).replace(hour=12, tzinfo=UTC) for d in daily]
+    res = next((r for r in results if r.policy == shown), results[0])
+    fig, axes = plt.subplots(
+        4, 1, figsize=(13, 11), sharex=True, gridspec_kw={"height_ratios": [3, 3, 2, 2]}
+    )
+    ax_m, ax_p, ax_e, ax_h = axes
+    ax_m.plot(noon, [d["bound_margin_usd"] for d in daily], "k--", lw=1.5, label="bound (LP)")
+    for r in results:
+        total = sum(d[f"{r.policy}_margin_usd"] for d in daily)
+        ratio = f"{r.margin_usd / best.margin_usd:.1%}" if best.margin_usd > 0 else "n/a"
+        ax_m.plot(
+            noon,
+            [d[f"{r.policy}_margin_usd"] for d in daily],
+            marker="o",
+            ms=3,
+            label=f"{r.policy}: ${total:,.0f}, {ratio} of bound",
+        )
+    ax_m.set_ylabel("margin $ per day")
+    ax_m.set_title(
+        f"{len(site.miners)} miners, {len(site.gpus)} GPUs, cap {site.cap_w / 1000:.0f} kW: "
+        f"margin per day (after switching costs) against the bound"
+    )
+    # Hourly means: a month of 5-minute steps is too dense to read as a stack.
+    per_h = max(1, round(3600.0 / res.step_s))
+    power_kw = np.asarray(res.power_w, float).reshape(-1, 3) / 1000.0
+    hours = len(power_kw) // per_h
+    if hours:
+        hourly = power_kw[: hours * per_h].reshape(hours, per_h, 3).mean(axis=1)
+        ax_p.stackplot(
+            when[: hours * per_h : per_h],
+            hourly[:, 0],
+            hourly[:, 1],
+            hourly[:, 2],
+            labels=["mining", "AI (GPUs)", "overhead"],
+            colors=["#f2a33a", "#4c72b0", "#999999"],
+            step="post",
+        )
+    ax_p.axhline(site.cap_w / 1000.0, color="red", lw=1.2, label="site cap")
+    ax_p.set_ylim(0, 1.1 * site.cap_w / 1000.0)
+    ax_p.set_ylabel("power kW (hourly mean)")
+    ax_p.set_title(f"{res.policy}: power by load ({res.sleep_wake_cycles:.0f} sleep/wake cycles)")
+    ax_e.plot(
+        when,
+        [p.electricity_usd_per_kwh for p in series],
+        lw=0.7,
+        color="#c44e52",
+        label="electricity",
+    )
+    # Linear through zero (negative prices show), logarithmic above for the spikes.
+    ax_e.set_yscale("symlog", linthresh=0.2)
+    top_e = max(p.electricity_usd_per_kwh for p in series)
+    low_e = min(p.electricity_usd_per_kwh for p in series)
+    ticks = (-0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+    ax_e.set_yticks([t for t in ticks if low_e - 0.05 <= t <= max(0.2, top_e)])
+    ax_e.yaxis.set_major_formatter("{x:g}")
+    ax_e.axhline(0.0, color="k", lw=0.6)
+    ax_e.set_ylabel("electricity $/kWh")
+    ax_h.plot(
+        when,
+        [p.hashprice_usd_per_th_day for p in series],
+        lw=0.9,
+        color="#dd8452",
+        label="hashprice",
+    )
+    ax_h.set_ylabel("hashprice $/TH/day")
+    ax_a = ax_h.twinx()
+    ax_a.plot(
+        when, [p.ai_usd_per_gpu_hour for p in series], lw=0.9, color="#55a868", label="AI price"
+    )
+    ax_a.set_ylabel("AI $/GPU-hour")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    for ax, extra in ((ax_m, None), (ax_p, None), (ax_e, None), (ax_h, ax_a)):
+        handles, labels = ax.get_legend_handles_labels()
+        if extra is not None:
+            h2, l2 = extra.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(
+            handles, labels, loc="upper left", bbox_to_anchor=(1.07, 1.0), fontsize=8, frameon=False
+        )
+    locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]
+    ax_h.xaxis.set_major_locator(locator)
+    concise = mdates.ConciseDateFormatter(locator)  # type: ignore[no-untyped-call]
+    ax_h.xaxis.set_major_formatter(concise)
+    ax_h.set_xlabel("date (UTC)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def main() -> None:
-    """Regenerate the shipped sample series: python -m agent.backtest."""
+    """Regenerate the shipped series (the sample and the held-out one): python -m agent.backtest."""
     from siteagent.agent.control.prices import write_csv
 
-    out = Path(__file__).parent.parent / "data" / "prices_30d.csv"
-    write_csv(make_prices(), out)
-    print(f"wrote {out}")
+    data = Path(__file__).parent.parent / "data"
+    for name, series in (
+        ("prices_30d.csv", make_prices()),
+        ("prices_30d_b.csv", make_prices_held_out()),
+    ):
+        write_csv(series, data / name)
+        print(f"wrote {data / name}")
 
 
 if __name__ == "__main__":
@@ -657,13 +1029,16 @@ class BacktestInputError(Exception):
     """An input of ``siteagent backtest`` that cannot be used; the message names it."""
 
 
-def check_inputs(args: Any) -> tuple[BtSite, CappingParams, list[PricePoint]]:
-    """The site, capping parameters and price series the arguments name, or BacktestInputError.
+def check_inputs(
+    args: Any,
+) -> tuple[BtSite, CappingParams, list[PricePoint], SwitchingCosts]:
+    """The site, capping parameters, price series and switching costs the arguments name,
+    or BacktestInputError.
 
     Everything the run needs is checked here, before the replay: the plot folder too.
     """
     from siteagent.agent.config import ConfigError, load_config
-    from siteagent.agent.control.prices import PriceFormatError, load_series
+    from siteagent.agent.control.prices import PriceFormatError, switching_costs
 
     if args.days is not None and not args.days > 0:
         raise BacktestInputError(f"--days {args.days:g}: expected a number of days above 0")
@@ -675,29 +1050,46 @@ def check_inputs(args: Any) -> tuple[BtSite, CappingParams, list[PricePoint]]:
         except OSError as e:
             raise BacktestInputError(f"--config {args.config}: {e.strerror or e}") from None
         site = site_from_config(cfg)
+        if not site.miners and not site.gpus:
+            raise BacktestInputError(
+                f"--config {args.config}: lists no miners (inventory.miners) and no GPU "
+                "nodes (gpu_nodes); expected the devices to replay, or leave --config out "
+                "for a synthetic site (--miners, --gpus)"
+            )
         cp = CappingParams(
             cfg.policy.capping_threshold,
             cfg.policy.capping_target,
             cfg.policy.uncapping_threshold,
             cfg.policy.min_off_s,
         )
+        sw = switching_costs(cfg.policy)
     else:
-        site, cp = synthetic_site(args.miners, args.gpus), CappingParams()
-    try:
-        series = list(load_series(args.prices).points)
-    except OSError as e:
-        raise BacktestInputError(f"--prices {args.prices}: {e.strerror or e}") from None
-    except PriceFormatError as e:
-        raise BacktestInputError(f"--prices {args.prices}: {e}") from None
-    except (ValueError, csv.Error) as e:  # not JSON, not UTF-8, a broken CSV quote
-        raise BacktestInputError(f"--prices {args.prices}: cannot be read: {e}") from None
+        site, cp, sw = synthetic_site(args.miners, args.gpus), CappingParams(), DEFAULT_SWITCHING
+    if getattr(args, "switching", "on") == "off":
+        sw = SwitchingCosts()
+    if args.prices is None:
+        if args.config is None or cfg.prices.source != "sources":
+            raise BacktestInputError(
+                "--prices: missing; expected a price series (.csv or .json), or a --config "
+                "whose prices.source is 'sources' (docs/prices.md)"
+            )
+        from siteagent.agent.control.price_sources import load_backtest_series
+
+        try:
+            series = list(load_backtest_series(cfg, step_s=STEP_S).points)
+        except OSError as e:
+            raise BacktestInputError(f"--config {args.config}: {e.strerror or e}") from None
+        except PriceFormatError as e:
+            raise BacktestInputError(f"--config {args.config}: {e}") from None
+    else:
+        series = _series_file(args.prices)
     if not series:
         raise BacktestInputError(f"--prices {args.prices}: no price rows")
     if args.days is not None:
         series = series[: max(1, int(args.days * 86400 / STEP_S))]
     if args.plot:
         _check_writable(Path(args.plot))
-    return site, cp, series
+    return site, cp, series, sw
 
 
 def _check_writable(target: Path) -> None:
@@ -757,46 +1149,77 @@ class ProgressLine:
 
 
 def cmd_backtest(args: Any) -> int:
-    """``siteagent backtest``: print per-policy totals, the optimum, and the ratio to it."""
+    """``siteagent backtest``: per-policy totals, the bound, the ratio to it, per day too."""
     import json
 
     try:
-        site, cp, series = check_inputs(args)
+        site, cp, series, sw = check_inputs(args)
     except BacktestInputError as e:
         print(f"siteagent backtest: {e}", file=sys.stderr)
         return 2
     # Progress only for a person watching: a pipe or a log gets the report alone.
     line = ProgressLine(sys.stderr, len(policies()) + 1) if sys.stderr.isatty() else None
     try:
-        out = run_backtest(site, series, cp, progress=line)
+        out = run_backtest(site, series, cp, progress=line, switching=sw)
+    except NoBound as e:
+        if line is not None:
+            line.clear()
+        print(f"siteagent backtest: no bound: {e}", file=sys.stderr)
+        return 2
     finally:
         if line is not None:
             line.clear()
     results: list[PolicyResult] = out.pop("_results")
+    best: PolicyResult = out.pop("_bound")
     if args.plot:
-        econ = next(r for r in results if r.policy == "economic")
-        plot(site, series, econ, args.plot)
+        plot(site, series, results, best, args.plot)
     if args.report == "json":
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2, allow_nan=False))
         return 0
     print(
         f"{out['steps']} steps, {out['miners']} miners, {out['gpus']} GPUs, "
         f"cap {site.cap_w / 1000:.0f} kW"
     )
     print(
-        f"{'policy':20} {'revenue $':>11} {'energy kWh':>11} {'cost $':>10} {'margin $':>10} "
-        f"{'s over cap':>10} {'cycles':>7}"
+        f"{'policy':20} {'revenue $':>11} {'energy kWh':>11} {'cost $':>10} {'switch $':>9} "
+        f"{'margin $':>10} {'s over cap':>10} {'cycles':>8} {'/day':>6}"
     )
-    for s in [*out["policies"], out["optimum"]]:
+    for s in [*out["policies"], out["bound"]]:
+        per = s["cycles_per_day"]
         print(
             f"{s['policy']:20} {s['revenue_usd']:11.2f} {s['energy_kwh']:11.1f} "
-            f"{s['cost_usd']:10.2f} {s['margin_usd']:10.2f} {s['seconds_over_cap']:10.0f} "
-            f"{s['sleep_wake_cycles']:7d}"
+            f"{s['cost_usd']:10.2f} {s['switching_usd']:9.2f} {s['margin_usd']:10.2f} "
+            f"{s['seconds_over_cap']:10.0f} {s['sleep_wake_cycles']:8.1f} "
+            f"{'n/a' if per is None else f'{per:.1f}':>6}"
         )
     for r in results:
-        ratio = out[f"{r.policy}_ratio_to_optimum"]
+        ratio = out[f"{r.policy}_ratio_to_bound"]
         shown = "n/a" if ratio is None else f"{ratio:.2%}"
-        print(f"{r.policy} / optimum margin: {shown}")
+        print(f"{r.policy} / bound margin: {shown}")
     if "ratio_note" in out:
         print(f"(n/a: {out['ratio_note']})")
+    names = [r.policy for r in results]
+    print("per day (margin $, share of the bound, cycles):")
+    print(f"{'date':10} {'bound':>9} " + " ".join(f"{n:>34}" for n in names))
+    for d in out["days"]:
+        cells = []
+        for n in names:
+            ratio = d[f"{n}_ratio_to_bound"]
+            shown = "n/a" if ratio is None else f"{ratio:.1%}"
+            cells.append(f"{d[f'{n}_margin_usd']:>12.2f} {shown:>8} {d[f'{n}_cycles']:>11.1f}")
+        print(f"{d['date']:10} {d['bound_margin_usd']:9.2f} " + " ".join(f"{c:>34}" for c in cells))
     return 0
+
+
+def _series_file(path: str) -> list[PricePoint]:
+    """A price series file (the project's CSV or JSON), or BacktestInputError."""
+    from siteagent.agent.control.prices import PriceFormatError, load_series
+
+    try:
+        return list(load_series(path).points)
+    except OSError as e:
+        raise BacktestInputError(f"--prices {path}: {e.strerror or e}") from None
+    except PriceFormatError as e:
+        raise BacktestInputError(f"--prices {path}: {e}") from None
+    except (ValueError, csv.Error) as e:  # not JSON, not UTF-8, a broken CSV quote
+        raise BacktestInputError(f"--prices {path}: cannot be read: {e}") from None

@@ -473,14 +473,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print only; send nothing")
     s.set_defaults(func=cmd_plan)
 
-    s = sub.add_parser("backtest", help="replay a price series under each policy vs an LP optimum")
+    s = sub.add_parser("backtest", help="replay a price series under each policy vs an LP bound")
     s.add_argument("--config", "-c", default=None, help="site config (default: a synthetic site)")
-    s.add_argument("--prices", required=True, help="price series (.csv or .json)")
+    s.add_argument(
+        "--prices",
+        default=None,
+        help="price series (.csv or .json); leave out with a --config whose prices.source "
+        "is 'sources' to replay those (ERCOT, hashprice index, AI contract)",
+    )
     s.add_argument("--miners", type=int, default=60, help="synthetic site: miners")
     s.add_argument("--gpus", type=int, default=16, help="synthetic site: GPUs (8 to a node)")
     s.add_argument("--days", type=float, default=None, help="replay only the first N days")
-    s.add_argument("--plot", default=None, help="write a PNG of power and prices here")
+    s.add_argument(
+        "--plot", default=None, help="write a PNG here: $ per day against the bound, power, prices"
+    )
     s.add_argument("--report", choices=["text", "json"], default="text")
+    s.add_argument(
+        "--switching",
+        choices=["on", "off"],
+        default="on",
+        help="charge sleep/wake cycles and depreciation (off: free switching, to compare)",
+    )
     s.set_defaults(func=_cmd_backtest)
 
     s = sub.add_parser(
