@@ -38,7 +38,9 @@ log = logging.getLogger("siteagent.alarms")
 CONTRACT_FLOOR_BROKEN = "contract-floor-broken"
 CAP_UNMEETABLE = "cap-unmeetable"
 PRICES_STALE = "prices-stale"
-ALARM_NAMES = (CAP_UNMEETABLE, CONTRACT_FLOOR_BROKEN, PRICES_STALE)
+# A GPU node's inference endpoint said nothing fresh: its demand comes from busy %.
+AI_DEMAND_FALLBACK = "ai-demand-fallback"
+ALARM_NAMES = (AI_DEMAND_FALLBACK, CAP_UNMEETABLE, CONTRACT_FLOOR_BROKEN, PRICES_STALE)
 # A plan this far (W) above the cap is one no plan could avoid, not a rounding.
 UNMEETABLE_TOLERANCE_W = 1.0
 
