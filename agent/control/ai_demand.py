@@ -75,8 +75,10 @@ def need_frac(demand: float, latency_margin: float) -> float:
 
 
 def need_w(need: float, tdp_w: float, curve: GpuCurve) -> float:
-    """The lowest power limit (W) of a GPU of ``tdp_w`` whose capacity reaches ``need``."""
-    return min(tdp_w, curve.limit_for_w(need, tdp_w))
+    """The lowest power limit (W) of a GPU of ``tdp_w`` whose capacity reaches ``need``, up
+    to whole watts: limits are set in whole watts, and a floor rounded down would serve a
+    little less than the need."""
+    return float(min(tdp_w, math.ceil(curve.limit_for_w(need, tdp_w) - 1e-6)))
 
 
 class NodeDemandReader:
