@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -209,6 +210,10 @@ class PriorityClassConfig(_Strict):
     name: Annotated[str, Field(min_length=1)]
     devices: list[Annotated[str, Field(min_length=1)]] = []  # id patterns (fnmatch: *, ?, [])
     domains: list[Annotated[str, Field(min_length=1)]] = []  # every device in these domains
+    # A contract for every GPU node whose GPUs the class holds (as gpu_nodes[].contract_*):
+    # GPU power kept per GPU, and a service level (requests waiting) kept at demand's power.
+    contract_floor_w_per_gpu: NonNegW = 0.0
+    contract_max_queue: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
 
     @model_validator(mode="after")
     def _names_something(self) -> PriorityClassConfig:
@@ -607,6 +612,7 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
                 'policy.name = "economic", or no [[policy.priority_classes]]',
             )
         )
+    problems += _class_contract_problems(classes, _rows(data, "gpu_nodes"))
     tls = _values(ApiConfig, _table(data, "api"), "tls_cert", "tls_key", "tls_client_ca")
     if tls is not None:
         problems += _rule("api", _tls_unpaired(*tls))
@@ -632,6 +638,37 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
         cron = _values(CapWindowConfig, w, "cron", "timezone")
         if cron is not None:
             problems += _rule(f"schedule.windows[{i}]", _cron_unparsed(*cron))
+    return problems
+
+
+def _class_contract_problems(
+    classes: list[tuple[int, Mapping[str, Any]]], nodes: list[tuple[int, Mapping[str, Any]]]
+) -> list[ConfigProblem]:
+    """A class's service level needs every GPU node it holds to name its demand endpoint."""
+    problems: list[ConfigProblem] = []
+    for i, c in classes:
+        queue = c.get("contract_max_queue")
+        if queue is None:
+            continue
+        patterns, domains = c.get("devices") or [], c.get("domains") or []
+        blind = [
+            str(n.get("id"))
+            for _, n in nodes
+            if n.get("demand_endpoint") is None
+            and isinstance(n.get("id"), str)
+            and (
+                n.get("domain") in domains
+                or any(fnmatchcase(f"{n['id']}/gpu0", str(p)) for p in patterns)
+            )
+        ]
+        if blind:
+            problems.append(
+                ConfigProblem(
+                    f"policy.priority_classes[{i}].contract_max_queue",
+                    f"{queue!r} for GPU node(s) {', '.join(blind)} without a demand_endpoint",
+                    "a demand_endpoint on every GPU node the class holds, or no contract_max_queue",
+                )
+            )
     return problems
 
 

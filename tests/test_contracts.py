@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from siteagent.agent.api.runtime import alarm_auditor
 from siteagent.agent.api.store import Store
 from siteagent.agent.config import ConfigError, parse_config
-from siteagent.agent.control.ai_demand import need_w
+from siteagent.agent.control.ai_demand import Contracts, need_w
 from siteagent.agent.control.alarms import CONTRACT_FLOOR_BROKEN, AlarmEvent
 from siteagent.agent.control.inventory import build_devices, close_drivers
 from siteagent.agent.control.loop import Agent
@@ -376,3 +376,43 @@ def test_vllms_metric_names_are_the_default_and_another_servers_can_be_named() -
             {"site": {"cap_w": 10_000}, "gpu_nodes": [{**node, "demand_metrics": {"queue": ["x"]}}]}
         )
     assert [p.path for p in info.value.problems] == ["gpu_nodes[0].demand_metrics.queue"]
+
+
+def class_config(**node: object) -> dict[str, object]:
+    return {
+        "site": {"cap_w": 100_000},
+        "gpu_nodes": [
+            {"id": "gpu-a", "gpus": 2, **node},
+            {"id": "gpu-b", "gpus": 2, "demand_endpoint": "http://10.0.0.6/metrics"},
+        ],
+        "policy": {
+            "name": "economic",
+            "priority_classes": [
+                {
+                    "name": "contracted-ai",
+                    "devices": ["gpu-a/*"],
+                    "contract_floor_w_per_gpu": 300,
+                    "contract_max_queue": 8,
+                }
+            ],
+        },
+    }
+
+
+def test_a_priority_class_contracts_every_node_it_holds() -> None:
+    cfg = parse_config(class_config(demand_endpoint="http://10.0.0.5/metrics"))
+    (c,) = Contracts(cfg).contracts
+    assert (c.node_id, c.floor_w, c.max_queue, c.gpu_ids) == (
+        "gpu-a",
+        600.0,
+        8,
+        ("gpu-a/gpu0", "gpu-a/gpu1"),
+    )
+
+
+def test_a_class_service_level_over_a_node_without_an_endpoint_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(class_config())
+    (p,) = info.value.problems
+    assert p.path == "policy.priority_classes[0].contract_max_queue"
+    assert p.found == "8 for GPU node(s) gpu-a without a demand_endpoint"

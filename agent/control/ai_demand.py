@@ -41,8 +41,9 @@ from dataclasses import dataclass
 
 from siteagent.agent.config import Config, GpuNodeConfig, gpu_device_id
 from siteagent.domain import DeviceError, DeviceFaulted, Floor, Limits, Snapshot
+from siteagent.domain.site import SITE
 from siteagent.drivers.inference import MetricsEndpoint, MetricsSample
-from siteagent.policies.economic_params import GpuCurve
+from siteagent.policies.economic_params import GpuCurve, PriorityClass, PriorityClasses
 
 # The one line a GPU reading carries when its node's demand came from busy % instead.
 FALLBACK_PREFIX = "inference endpoint: "
@@ -158,18 +159,7 @@ class Contracts:
     def __init__(self, cfg: Config, curve: GpuCurve | None = None) -> None:
         self.curve = curve or GpuCurve()
         self.stale_after_s = cfg.telemetry.stale_after_s
-        self.contracts = tuple(
-            Contract(
-                n.id,
-                tuple(gpu_device_id(n.id, i) for i in range(n.gpus)),
-                n.contract_floor_w,
-                n.contract_max_queue,
-                n.gpu_max_power_w,
-                n.demand_endpoint is not None,
-            )
-            for n in cfg.gpu_nodes
-            if n.contracted
-        )
+        self.contracts = tuple(c for n in cfg.gpu_nodes if (c := _contract(cfg, n)) is not None)
         self.readers = {
             n.id: tuple(gpu_device_id(n.id, i) for i in range(n.gpus))
             for n in cfg.gpu_nodes
@@ -235,6 +225,33 @@ class Contracts:
         if not parts:
             return None
         return f"AI demand from busy % instead of the inference server: {', '.join(parts)}"
+
+
+def _contract(cfg: Config, n: GpuNodeConfig) -> Contract | None:
+    """The node's contract: its own terms, and those of the priority class holding its GPUs
+    (the first class that names them, as the economic policy serves them); None if neither."""
+    floor_w, max_queue = n.contract_floor_w, n.contract_max_queue
+    classes = cfg.policy.priority_classes
+    gpu_ids = tuple(gpu_device_id(n.id, i) for i in range(n.gpus))
+    if classes:
+        ranks = PriorityClasses(
+            PriorityClass(c.name, tuple(c.devices), tuple(c.domains)) for c in classes
+        )
+        k = ranks.class_of(gpu_ids[0], n.domain or SITE)
+        if k < len(classes):
+            c = classes[k]
+            floor_w = max(floor_w, c.contract_floor_w_per_gpu * n.gpus)
+            if c.contract_max_queue is not None:
+                max_queue = (
+                    c.contract_max_queue
+                    if max_queue is None
+                    else min(max_queue, c.contract_max_queue)
+                )
+    if floor_w <= 0 and max_queue is None:
+        return None
+    return Contract(
+        n.id, gpu_ids, floor_w, max_queue, n.gpu_max_power_w, n.demand_endpoint is not None
+    )
 
 
 def _fallback(snap: Snapshot, gpus: Iterable[str], stale_after_s: float) -> str | None:
