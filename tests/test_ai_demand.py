@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
+from ai_site import Clock, node_config, node_site
 
 from siteagent.agent.config import parse_config
 from siteagent.agent.control.ai_demand import (
@@ -42,47 +42,16 @@ from siteagent.sim.inference import InferenceLoad, InferenceService
 GPU_BASE = "127.8.1.1"
 
 
-class Clock:
-    """A clock the test moves: the simulator's demand and queue follow it."""
-
-    def __init__(self, t: float = 14 * 3600.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
-async def node_site() -> AsyncIterator[tuple[SimGpuSite, Clock]]:
-    clock = Clock()
-    site = SimGpuSite(1, 2, base_address=GPU_BASE, seed=3, inference=True, clock=clock)
-    await site.start()
-    try:
-        yield site, clock
-    finally:
-        await site.stop()
-
-
-def node_config(site: SimGpuSite, **extra: Any) -> dict[str, Any]:
-    n = site.inventory()[0]
-    return {
-        "id": "gpu-a",
-        "host": n["address"],
-        "port": n["port"],
-        "username": n["username"],
-        "client_key": n["client_key"],
-        "known_hosts": n["known_hosts"],
-        "gpus": n["gpus"],
-        "overhead_w": n["overhead_w"],
-        "demand_endpoint": site.nodes[0].metrics_url,
-        **extra,
-    }
+async def site_and_clock() -> AsyncIterator[tuple[SimGpuSite, Clock]]:
+    async with node_site(GPU_BASE, seed=3) as pair:
+        yield pair
 
 
 async def test_the_sim_nodes_vllm_metrics_are_scraped_over_http_and_mean_demand(
-    node_site: tuple[SimGpuSite, Clock],
+    site_and_clock: tuple[SimGpuSite, Clock],
 ) -> None:
-    site, clock = node_site
+    site, clock = site_and_clock
     node = site.nodes[0]
     assert node.service is not None
     # Half the node's power: the afternoon's demand no longer fits, a queue builds.
@@ -211,9 +180,9 @@ def test_the_economic_plan_serves_the_inference_servers_demand_before_busy_perce
 
 
 async def test_an_endpoint_down_or_garbage_falls_back_to_busy_percent_with_one_alarm(
-    node_site: tuple[SimGpuSite, Clock], caplog: pytest.LogCaptureFixture
+    site_and_clock: tuple[SimGpuSite, Clock], caplog: pytest.LogCaptureFixture
 ) -> None:
-    site, clock = node_site
+    site, clock = site_and_clock
     node = site.nodes[0]
     assert node.service is not None
     cfg = parse_config(
@@ -271,9 +240,9 @@ async def test_an_endpoint_down_or_garbage_falls_back_to_busy_percent_with_one_a
 
 
 async def test_the_endpoint_reader_says_why_it_has_no_demand(
-    node_site: tuple[SimGpuSite, Clock],
+    site_and_clock: tuple[SimGpuSite, Clock],
 ) -> None:
-    site, clock = node_site
+    site, clock = site_and_clock
     node = site.nodes[0]
     assert node.service is not None
     cfg = parse_config({"site": {"cap_w": 10_000}, "gpu_nodes": [node_config(site)]})

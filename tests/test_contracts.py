@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from ai_site import Clock, node_config, node_site
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -231,50 +231,21 @@ def test_no_plan_puts_a_contract_below_what_the_caps_allow_nor_a_floor_over_a_ca
 # -- on the simulated site: alarm and audit ------------------------------------------------
 
 
-class Clock:
-    def __init__(self, t: float = 14 * 3600.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def wall(self) -> datetime:
-        return datetime.fromtimestamp(1.7e9 + self.t, UTC)
-
-
 @pytest.fixture
-async def node_site() -> AsyncIterator[tuple[SimGpuSite, Clock]]:
-    clock = Clock()
-    site = SimGpuSite(1, 2, base_address=GPU_BASE, seed=11, inference=True, clock=clock)
-    await site.start()
-    try:
-        yield site, clock
-    finally:
-        await site.stop()
+async def site_and_clock() -> AsyncIterator[tuple[SimGpuSite, Clock]]:
+    async with node_site(GPU_BASE, seed=11) as pair:
+        yield pair
 
 
 async def test_a_cap_below_the_contract_wins_with_an_alarm_and_an_audit_naming_it(
-    node_site: tuple[SimGpuSite, Clock], tmp_path: Path
+    site_and_clock: tuple[SimGpuSite, Clock], tmp_path: Path
 ) -> None:
-    site, clock = node_site
+    site, clock = site_and_clock
     n = site.inventory()[0]
     cfg = parse_config(
         {
             "site": {"cap_w": 100_000, "safety_margin_w": 0},
-            "gpu_nodes": [
-                {
-                    "id": "gpu-a",
-                    "host": n["address"],
-                    "port": n["port"],
-                    "username": n["username"],
-                    "client_key": n["client_key"],
-                    "known_hosts": n["known_hosts"],
-                    "gpus": n["gpus"],
-                    "overhead_w": n["overhead_w"],
-                    "demand_endpoint": site.nodes[0].metrics_url,
-                    "contract_max_queue": 16,
-                }
-            ],
+            "gpu_nodes": [node_config(site, contract_max_queue=16)],
             # The default policy: efficiency capping keeps floors too.
             "policy": {"min_off_s": 0, "restore_ramp_w_per_s": 1_000_000},
             "telemetry": {"interval_s": 0.1, "timeout_s": 3.0},
