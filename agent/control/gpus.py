@@ -140,6 +140,12 @@ class GpuNode:
             self.demand_now, self.demand_error = await self.demand.read(), None
         except DeviceError as e:
             self.demand_now, self.demand_error = None, str(e)
+        except Exception as e:
+            # A bug in reading demand must not fail the GPUs' read: logged once (with its
+            # traceback) when it starts, then the alarm carries it.
+            if self.demand_error is None:
+                log.exception("%s: reading AI demand failed", self.driver.node_id)
+            self.demand_now, self.demand_error = None, f"{type(e).__name__}: {e}"
 
     def _all_at_minimum(self, limits_w: dict[int, float]) -> bool:
         infos = self.infos or {}
