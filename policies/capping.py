@@ -10,11 +10,12 @@ bands on every domain, as fractions of its limit:
 A re-plan fills the budget in merit order. Contract floors (``Limits.floors``)
 come first, kept within every domain's limit by the rule every policy shares
 (``policies/floors.py``): the caps win, and a floor cut short is named in
-``Plan.broken_floors``. A plan that would hold a contracted GPU below its floor is
-made again. Every miner that may sleep starts asleep; miners are woken at their minimum power target best-first (lowest J/TH)
-while every domain above them has room; then awake miners are raised towards
-their maximum best-first. So a shrinking budget first lowers the targets of the
-least efficient miners, then sleeps them; a growing one wakes the most
+``Plan.broken_floors``. A plan that would hold a contracted GPU below its floor
+is made again. Every miner that may sleep starts asleep; miners are woken at
+their minimum power target best-first (lowest J/TH) while every domain above
+them has room; then awake devices are raised towards their maximum best-first
+(a floored GPU from its floor). So a shrinking budget first lowers the targets
+of the least efficient miners, then sleeps them; a growing one wakes the most
 efficient first. Devices the agent cannot control count at their worst case.
 
 The plan works on the snapshot's columns (``snapshot.table``) with numpy alone:
