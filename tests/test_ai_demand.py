@@ -77,6 +77,33 @@ async def test_the_sim_nodes_vllm_metrics_are_scraped_over_http_and_mean_demand(
         await endpoint.close()
 
 
+async def test_a_queue_over_the_service_level_asks_for_the_nodes_full_capacity(
+    site_and_clock: tuple[SimGpuSite, Clock],
+) -> None:
+    site, clock = site_and_clock
+    node = site.nodes[0]
+    svc = node.service
+    assert svc is not None
+    cfg = parse_config(
+        {"site": {"cap_w": 10_000}, "gpu_nodes": [node_config(site, contract_max_queue=16)]}
+    )
+    endpoint = MetricsEndpoint(node.metrics_url, timeout_s=2.0, clock=clock)
+    try:
+        # The server holds 100 sequences and queues 20 (read at this very instant).
+        svc.advance(clock.t)
+        svc.running, svc.waiting = 100.0, 20.0
+        plain = await NodeDemandReader(cfg.gpu_nodes[0], endpoint).read()
+        contracted = await NodeDemandReader(cfg.gpu_nodes[0], endpoint, max_queue=16).read()
+        # The margin alone asks for 120 / 256 / 0.8 of peak; over the service level, all.
+        assert plain.need_frac == pytest.approx(120 / 256 / 0.8)
+        assert contracted.need_frac == 1.0
+        svc.waiting = 16.0
+        at_limit = await NodeDemandReader(cfg.gpu_nodes[0], endpoint, max_queue=16).read()
+        assert at_limit.need_frac == pytest.approx(116 / 256 / 0.8)
+    finally:
+        await endpoint.close()
+
+
 def test_demand_becomes_the_limit_that_serves_it_with_the_margin() -> None:
     curve = GpuCurve()
     # Requests in the system over full-power capacity, at least the KV cache in use.

@@ -17,7 +17,8 @@ The model, and why:
   second is read (a rate of its counter) but does not set demand: served tokens are
   capped by the power limit itself and cannot show demand above it; the queue can.
 - *need* = min(1, demand / (1 - latency_margin)): the capacity kept spare so that
-  a burst waits no longer than the margin allows.
+  a burst waits no longer than the margin allows; the node's full capacity while
+  more requests wait than its contract's service level allows (drain, then settle).
 - the power that serves it is the lowest GPU power limit whose capacity reaches the
   need, on the same throughput-vs-limit curve the economic policy plans with
   (``GpuCurve.limit_for_w``). Not idle + (max - idle) x load: that is what a GPU
@@ -85,9 +86,13 @@ def need_w(need: float, tdp_w: float, curve: GpuCurve) -> float:
 class NodeDemandReader:
     """A node's endpoint, read with each GPU read: the demand, and the tokens counter's rate."""
 
-    def __init__(self, node: GpuNodeConfig, endpoint: MetricsEndpoint) -> None:
+    def __init__(
+        self, node: GpuNodeConfig, endpoint: MetricsEndpoint, max_queue: int | None = None
+    ) -> None:
         self.node = node
         self.endpoint = endpoint
+        # The contract's service level: a longer queue asks for the node's full capacity.
+        self.max_queue = max_queue
         m = node.demand_metrics
         self._roles = {
             "waiting": tuple(m.waiting),
@@ -136,9 +141,11 @@ class NodeDemandReader:
             self._tokens = (sample.timestamp_s, counter)
         n = self.node
         d = demand_frac(waiting, running, kv, n.demand_capacity_requests)
-        return NodeDemand(
-            sample.timestamp_s, waiting, running, kv, rate, d, need_frac(d, n.latency_margin)
-        )
+        need = need_frac(d, n.latency_margin)
+        if self.max_queue is not None and waiting > self.max_queue:
+            # The service level is broken now: drain at full capacity, not at the margin.
+            need = 1.0
+        return NodeDemand(sample.timestamp_s, waiting, running, kv, rate, d, need)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +166,7 @@ class Contracts:
     def __init__(self, cfg: Config, curve: GpuCurve | None = None) -> None:
         self.curve = curve or GpuCurve()
         self.stale_after_s = cfg.telemetry.stale_after_s
-        self.contracts = tuple(c for n in cfg.gpu_nodes if (c := _contract(cfg, n)) is not None)
+        self.contracts = tuple(c for n in cfg.gpu_nodes if (c := node_contract(cfg, n)) is not None)
         self.readers = {
             n.id: tuple(gpu_device_id(n.id, i) for i in range(n.gpus))
             for n in cfg.gpu_nodes
@@ -227,7 +234,7 @@ class Contracts:
         return f"AI demand from busy % instead of the inference server: {', '.join(parts)}"
 
 
-def _contract(cfg: Config, n: GpuNodeConfig) -> Contract | None:
+def node_contract(cfg: Config, n: GpuNodeConfig) -> Contract | None:
     """The node's contract: its own terms, and those of the priority class holding its GPUs
     (the first class that names them, as the economic policy serves them); None if neither."""
     floor_w, max_queue = n.contract_floor_w, n.contract_max_queue

@@ -16,7 +16,7 @@ from siteagent.agent.config import (
     overhead_device_id,
     parse_address_range,
 )
-from siteagent.agent.control.ai_demand import NodeDemandReader
+from siteagent.agent.control.ai_demand import NodeDemandReader, node_contract
 from siteagent.agent.control.devices import Connector, DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import DuplicateDeviceError, clash_message
 from siteagent.agent.control.gpus import FixedLoad, GpuDevice, GpuNode
@@ -430,7 +430,8 @@ def gpu_links(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[Devi
     if n.demand_endpoint is not None:
         # Half the read's timeout: the GPUs are read in the same time, alongside.
         endpoint = MetricsEndpoint(n.demand_endpoint, timeout_s=cfg.telemetry.timeout_s / 2)
-        demand = NodeDemandReader(n, endpoint)
+        contract = node_contract(cfg, n)
+        demand = NodeDemandReader(n, endpoint, None if contract is None else contract.max_queue)
     node = GpuNode(driver, max_age_s=min(0.5, cfg.telemetry.interval_s / 2), demand=demand)
     domain = n.domain or SITE
 
