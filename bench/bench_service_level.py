@@ -10,7 +10,9 @@ the simulator's inference server (sim/inference.py: a daily cycle plus seeded
 bursts, a queue that grows while the node's power limits are below what demand
 needs). Every tick, in simulated time: each node's vLLM metrics page is rendered
 and parsed by prometheus-client's parser (``drivers.inference.parse_metrics``),
-turned into demand and floors as the agent does (``agent.control.ai_demand``),
+turned into demand and floors by the agent's own reader and contracts
+(``agent.control.ai_demand``: the latency margin, and full capacity while a
+contracted node's queue is over its service level),
 planned by the policy, and the GPUs' limits set on the simulated nodes. No
 sockets: the HTTP path is tested in tests/test_ai_demand.py; here the sim runs
 faster than real time. Changes are applied at once (the loop's safe ordering
@@ -34,7 +36,7 @@ import asyncssh
 from benchlib import mining_status
 
 from siteagent.agent.config import Config, parse_config
-from siteagent.agent.control.ai_demand import Contracts, demand_frac, need_frac
+from siteagent.agent.control.ai_demand import Contracts, NodeDemandReader, node_contract
 from siteagent.domain import (
     DeviceControls,
     DeviceKind,
@@ -47,7 +49,7 @@ from siteagent.domain import (
     Snapshot,
 )
 from siteagent.domain.table import DeviceTable
-from siteagent.drivers.inference import parse_metrics
+from siteagent.drivers.inference import MetricsEndpoint, MetricsSample, parse_metrics
 from siteagent.policies import PolicyParams, PolicyState, get_policy
 from siteagent.policies.capping import CappingParams
 from siteagent.policies.economic import EconomicParams
@@ -56,11 +58,6 @@ from siteagent.sim.gpu import SimGpuNode
 from siteagent.sim.inference import InferenceLoad
 
 HALL = "ai-hall"
-NAMES = {
-    "waiting": "vllm:num_requests_waiting",
-    "running": "vllm:num_requests_running",
-    "kv": "vllm:kv_cache_usage_perc",
-}
 PRICES = Prices(0.06, 0.04, 2.0)
 CAPACITY_REQUESTS = 256
 START_S = 0.0  # simulated midnight
@@ -162,6 +159,17 @@ def simulate(
     key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
     cfg = nodes_config(n_nodes, gpus, max_queue, contracts)
     book = Contracts(cfg)
+    readers = []
+    for n in cfg.gpu_nodes:
+        assert n.demand_endpoint is not None
+        contract = node_contract(cfg, n)
+        readers.append(
+            NodeDemandReader(
+                n,
+                MetricsEndpoint(n.demand_endpoint),  # never read: the pages come from the sim
+                None if contract is None else contract.max_queue,
+            )
+        )
     nodes = [
         SimGpuNode(
             f"127.8.9.{i + 1}",
@@ -210,14 +218,10 @@ def simulate(
         devices: list[DeviceStatus] = []
         for i, node in enumerate(nodes):
             assert node.service is not None
-            values = parse_metrics(node.service.exposition(t), NAMES.values())
-            d = demand_frac(
-                values[NAMES["waiting"]],
-                values[NAMES["running"]],
-                values.get(NAMES["kv"]),
-                CAPACITY_REQUESTS,
-            )
-            need = need_frac(d, 0.2)
+            # The agent's reader, fed the page its endpoint would serve now.
+            reader = readers[i]
+            sample = MetricsSample(t, parse_metrics(node.service.exposition(t), reader.names))
+            need = reader.meaning(sample).need_frac
             devices += [
                 gpu_status(f"{node_id(i, n_nodes)}/gpu{j}", node, j, need, t) for j in range(gpus)
             ]

@@ -100,7 +100,7 @@ class NodeDemandReader:
             "kv_cache_frac": tuple(m.kv_cache_frac),
             "tokens_per_s": tuple(m.tokens_per_s),
         }
-        self._names = {n for names in self._roles.values() for n in names}
+        self.names = frozenset(n for names in self._roles.values() for n in names)
         self._tokens: tuple[float, float] | None = None  # (time s, counter) last read
         self.last: NodeDemand | None = None
         self.error: str | None = None
@@ -115,15 +115,17 @@ class NodeDemandReader:
     async def read(self) -> NodeDemand:
         """Read the endpoint; DeviceError (kept in ``error``) when it cannot say the demand."""
         try:
-            sample = await self.endpoint.read(self._names)
-            demand = self._meaning(sample)
+            sample = await self.endpoint.read(self.names)
+            demand = self.meaning(sample)
         except DeviceError as e:
             self.error = str(e)
             raise
         self.last, self.error = demand, None
         return demand
 
-    def _meaning(self, sample: MetricsSample) -> NodeDemand:
+    def meaning(self, sample: MetricsSample) -> NodeDemand:
+        """What a sample of the endpoint's metrics says of demand; DeviceFaulted without
+        the requests waiting and running."""
         waiting, running = self._role(sample, "waiting"), self._role(sample, "running")
         if waiting is None or running is None:
             missing = [r for r, v in (("waiting", waiting), ("running", running)) if v is None]
