@@ -13,6 +13,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -344,6 +345,10 @@ class PriorityClassConfig(_Strict):
     name: Annotated[str, Field(min_length=1)]
     devices: list[Annotated[str, Field(min_length=1)]] = []  # id patterns (fnmatch: *, ?, [])
     domains: list[Annotated[str, Field(min_length=1)]] = []  # every device in these domains
+    # A contract for every GPU node whose GPUs the class holds (as gpu_nodes[].contract_*):
+    # GPU power kept per GPU, and a service level (requests waiting) kept at demand's power.
+    contract_floor_w_per_gpu: NonNegW = 0.0
+    contract_max_queue: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
 
     @model_validator(mode="after")
     def _names_something(self) -> PriorityClassConfig:
@@ -483,6 +488,21 @@ class ApiConfig(ListenConfig):
         return self
 
 
+MetricNames = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class DemandMetricsConfig(_Strict):
+    """Which metrics of a node's Prometheus endpoint measure its AI demand (vLLM's names by
+    default; TGI, Triton, Dynamo or any exporter by naming theirs). Each role lists names
+    tried in order: the first the endpoint exposes is read (vLLM renamed its KV-cache
+    gauge)."""
+
+    waiting: MetricNames = ["vllm:num_requests_waiting"]
+    running: MetricNames = ["vllm:num_requests_running"]
+    kv_cache_frac: MetricNames = ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]
+    tokens_per_s: MetricNames = ["vllm:generation_tokens_total"]  # a counter, read as a rate
+
+
 class GpuNodeConfig(_Strict):
     """A GPU node: the agent's own host through NVML (``host = "local"``) or one over SSH."""
 
@@ -497,8 +517,18 @@ class GpuNodeConfig(_Strict):
     domain: str | None = None
     overhead_w: NonNegW = 0.0
     drain_command: str | None = None
-    # GPU power (W, whole node) kept for a customer; the economic policy never plans below it.
+    # GPU power (W, whole node) kept for a customer; no policy plans below it (caps win).
     contract_floor_w: NonNegW = 0.0
+    # AI demand from the inference server (agent/control/ai_demand.py): its Prometheus
+    # endpoint, the metrics read there, the concurrent requests the node runs at full
+    # power, and the fraction of capacity kept spare for latency.
+    demand_endpoint: str | None = None
+    demand_metrics: DemandMetricsConfig = DemandMetricsConfig()
+    demand_capacity_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    latency_margin: Annotated[float, Field(ge=0, le=0.9)] = 0.2
+    # The contract's service level: at most this many requests waiting. A node with a
+    # service level is kept at the power its demand needs (caps win).
+    contract_max_queue: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     undrain_command: str | None = None
     restore_limits_on_exit: bool = False
 
@@ -506,6 +536,11 @@ class GpuNodeConfig(_Strict):
     def _ssh_needs_a_key(self) -> GpuNodeConfig:
         _raise_if(_ssh_without_key(self.host, self.client_key))
         return self
+
+    @property
+    def contracted(self) -> bool:
+        """Whether a customer's contract holds this node up (a floor or a service level)."""
+        return self.contract_floor_w > 0 or self.contract_max_queue is not None
 
 
 _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -968,7 +1003,8 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
         if named is not None:
             problems += _rule(f"policy.priority_classes[{i}]", _class_names_nothing(*named))
     # The efficiency-capping policy plans with its band alone (policies/capping.py):
-    # floors and classes written for it would be promises nobody keeps.
+    # classes written for it would be promises nobody keeps. (Contract floors it keeps,
+    # by the rule every policy shares: policies/floors.py.)
     capping = _value(PolicyConfig, policy, "name") == "efficiency-capping"
     if capping and classes:
         problems.append(
@@ -998,6 +1034,7 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
     places = _values(HashpricePricesConfig, _table(prices, "hashprice"), "path", "url")
     if "hashprice" in prices and places is not None:
         problems += _rule("prices.hashprice", _one_place("hashprice", *places))
+    problems += _class_contract_problems(classes, _rows(data, "gpu_nodes"))
     tls = _values(ApiConfig, _table(data, "api"), "tls_cert", "tls_key", "tls_client_ca")
     if tls is not None:
         problems += _rule("api", _tls_unpaired(*tls))
@@ -1005,6 +1042,7 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
         ssh = _values(GpuNodeConfig, n, "host", "client_key")
         if ssh is not None:
             problems += _rule(f"gpu_nodes[{i}]", _ssh_without_key(*ssh))
+        problems += _demand_problems(i, n)
         floor = _values(GpuNodeConfig, n, "contract_floor_w", "gpus", "gpu_max_power_w")
         if floor is None:
             continue
@@ -1016,14 +1054,6 @@ def _rules(data: Mapping[str, Any]) -> list[ConfigProblem]:
                     f"{floor_w:g} W, above the node's maximum of {gpus} GPU(s) x "
                     f"{max_w:g} W = {gpus * max_w:g} W",
                     "a floor the node can deliver (at most gpus x gpu_max_power_w)",
-                )
-            )
-        if capping and floor_w > 0:
-            problems.append(
-                ConfigProblem(
-                    f"gpu_nodes[{i}].contract_floor_w",
-                    f"{floor_w:g} W under policy.name = 'efficiency-capping', which ignores it",
-                    'policy.name = "economic" (which keeps the floor), or no floor',
                 )
             )
     vtn = _values(OpenAdrConfig, _table(data, "openadr"), "vtn_url", "cert", "key", "ca_file")
@@ -1063,6 +1093,63 @@ def _frequency_meter_unknown(data: Mapping[str, Any]) -> list[ConfigProblem]:
             "a [[meters]] entry at the site (the POI meter), or meter = the id of one",
         )
     ]
+
+
+def _class_contract_problems(
+    classes: list[tuple[int, Mapping[str, Any]]], nodes: list[tuple[int, Mapping[str, Any]]]
+) -> list[ConfigProblem]:
+    """A class's service level needs every GPU node it holds to name its demand endpoint."""
+    problems: list[ConfigProblem] = []
+    for i, c in classes:
+        queue = c.get("contract_max_queue")
+        if queue is None:
+            continue
+        patterns, domains = c.get("devices") or [], c.get("domains") or []
+        blind = [
+            str(n.get("id"))
+            for _, n in nodes
+            if n.get("demand_endpoint") is None
+            and isinstance(n.get("id"), str)
+            and (
+                n.get("domain") in domains
+                or any(fnmatchcase(f"{n['id']}/gpu0", str(p)) for p in patterns)
+            )
+        ]
+        if blind:
+            problems.append(
+                ConfigProblem(
+                    f"policy.priority_classes[{i}].contract_max_queue",
+                    f"{queue!r} for GPU node(s) {', '.join(blind)} without a demand_endpoint",
+                    "a demand_endpoint on every GPU node the class holds, or no contract_max_queue",
+                )
+            )
+    return problems
+
+
+def _demand_problems(i: int, node: Mapping[str, Any]) -> list[ConfigProblem]:
+    """A node's demand endpoint must be an http(s) URL; a service level needs one to be
+    measured (busy % says nothing of a queue)."""
+    problems: list[ConfigProblem] = []
+    url = node.get("demand_endpoint")
+    if isinstance(url, str) and urlsplit(url).scheme not in ("http", "https"):
+        problems.append(
+            ConfigProblem(
+                f"gpu_nodes[{i}].demand_endpoint",
+                repr(url),
+                "an http:// or https:// URL of the node's Prometheus metrics "
+                '(vLLM: "http://HOST:8000/metrics")',
+            )
+        )
+    queue = node.get("contract_max_queue")
+    if queue is not None and url is None:
+        problems.append(
+            ConfigProblem(
+                f"gpu_nodes[{i}].contract_max_queue",
+                f"{queue!r} without gpu_nodes[{i}].demand_endpoint",
+                "a demand_endpoint to read the queue from, or no contract_max_queue",
+            )
+        )
+    return problems
 
 
 def _cross_check(data: Mapping[str, Any]) -> list[ConfigProblem]:

@@ -33,6 +33,7 @@ from siteagent.domain import (
     DeviceState,
     DeviceStatus,
     DomainLimit,
+    Floor,
     Limits,
     Plan,
     SetpointTable,
@@ -249,8 +250,14 @@ def main() -> None:
     ap.add_argument("--miners", type=int, default=45_000)
     ap.add_argument("--gpus", type=int, default=5_000)
     ap.add_argument("--runs", type=int, default=5)
+    # Contract floors on this many GPUs (450 W each), as the agent puts them in the limits.
+    ap.add_argument("--floors", type=int, default=0)
     args = ap.parse_args()
     snap, limits = site(args.miners, args.gpus)
+    if args.floors:
+        gpu_ids = [d.device_id for d in snap.devices if d.kind is DeviceKind.GPU]
+        floors = tuple(Floor(g, 450.0, "bench") for g in gpu_ids[: args.floors])
+        limits = replace(limits, floors=floors)
     params = PLANNER.policy.params
     rng = random.Random(2)
     base = median_s(

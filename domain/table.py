@@ -187,6 +187,9 @@ class DeviceTable:
     utilization_frac: FloatArr  # from the last good reading
     reading_age_s: FloatArr
     power_w: FloatArr  # the last good reading's draw (W)
+    # The inference server's demand (fraction of peak) with the last good reading; None:
+    # no column (every row unread).
+    demand_frac: FloatArr | None = None
 
     def __len__(self) -> int:
         return len(self.statics)
@@ -208,6 +211,7 @@ class DeviceTable:
             utilization_frac=floats([None if r is None else r.utilization_frac for r in readings]),
             reading_age_s=floats(list(map(_AGE, devices))),
             power_w=floats([None if r is None else r.power_w for r in readings]),
+            demand_frac=floats([None if r is None else r.demand_frac for r in readings]),
         )
 
 

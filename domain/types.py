@@ -140,6 +140,9 @@ class DeviceReading:
     power_estimated: bool = False
     utilization_frac: float | None = None
     errors: tuple[str, ...] = ()
+    # What the inference server asks for, as a fraction of the GPU's peak capacity (its
+    # node's endpoint: queue, running requests, KV cache); None where none was read.
+    demand_frac: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,18 @@ class Pin:
 
 
 @dataclass(frozen=True, slots=True)
+class Floor:
+    """Power (W) one device must keep for a customer's contract, as far as the caps allow.
+
+    ``contract`` names the contract (its GPU node or priority class) for alarms and audit.
+    """
+
+    device_id: str
+    power_w: float
+    contract: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Every limit the plan must respect, already combined.
 
@@ -216,6 +231,8 @@ class Limits:
     pins: tuple[Pin, ...] = ()
     mining_off: bool = False
     ai_min: bool = False
+    # Contract floors in force this tick: every policy keeps them within the caps.
+    floors: tuple[Floor, ...] = ()
 
     @property
     def directives_key(self) -> str:

@@ -7,11 +7,15 @@ bands on every domain, as fractions of its limit:
 - below the *uncapping threshold* at the site: re-plan up to the capping target;
 - in between: hold the previous plan, so noise never moves a miner.
 
-A re-plan fills the budget in merit order. Every miner that may sleep starts
-asleep; miners are woken at their minimum power target best-first (lowest J/TH)
-while every domain above them has room; then awake miners are raised towards
-their maximum best-first. So a shrinking budget first lowers the targets of the
-least efficient miners, then sleeps them; a growing one wakes the most
+A re-plan fills the budget in merit order. Contract floors (``Limits.floors``)
+come first, kept within every domain's limit by the rule every policy shares
+(``policies/floors.py``): the caps win, and a floor cut short is named in
+``Plan.broken_floors``. A plan that would hold a contracted GPU below its floor
+is made again. Every miner that may sleep starts asleep; miners are woken at
+their minimum power target best-first (lowest J/TH) while every domain above
+them has room; then awake devices are raised towards their maximum best-first
+(a floored GPU from its floor). So a shrinking budget first lowers the targets
+of the least efficient miners, then sleeps them; a growing one wakes the most
 efficient first. Devices the agent cannot control count at their worst case.
 
 The plan works on the snapshot's columns (``snapshot.table``) with numpy alone:
@@ -52,6 +56,7 @@ from siteagent.domain.site import SITE, DomainTree, by_depth, domain_loads_w
 from siteagent.domain.table import KIND_CODE, DeviceStatics, DeviceTable
 from siteagent.domain.types import clamp_power_w, clamp_power_w_array
 from siteagent.policies import PolicyState
+from siteagent.policies.floors import floor_map_w, floors_within, wanted_floor_w
 from siteagent.policies.prices import Prices
 
 FloatArr = npt.NDArray[np.float64]
@@ -148,7 +153,8 @@ def plan(
     _HELD_MIN,
     _AT_MAX,
     _BOUND,
-) = range(10)
+    _FLOOR_BROKEN,
+) = range(11)
 
 _MINER = KIND_CODE[DeviceKind.MINER]
 _GPU = KIND_CODE[DeviceKind.GPU]
@@ -216,6 +222,9 @@ def _plan(
         return _fill(ctx, PlanMode.CAP, why), layout
     if previous is not None and previous.directives_key != key:
         return _fill(ctx, PlanMode.OVERRIDE, f"operator directives changed ({key})"), layout
+    short = _floor_short(ctx)
+    if short is not None:
+        return _fill(ctx, PlanMode.RESTORE, short), layout
     if load[SITE] < params.uncapping_threshold * site_cap:
         why = (
             f"site heading for {load[SITE]:.0f} W, below its uncapping threshold "
@@ -655,6 +664,9 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
     awake = ~can_sleep
     level = np.where(can_sleep, sleep_w, lo)
     why_code[~can_sleep] = _CANNOT_SLEEP
+    # Contract floors above that, within every domain's limit: caps win over floors.
+    floor_rows, kept, broken, floor_want = _floors(ctx, limit, counted, level)
+    level[floor_rows] = kept
     _, _, avail = lay.ledger.run(avail, level)
 
     # Wake limits (no flapping): the minimum time off, and the wakes an hour.
@@ -665,8 +677,9 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
         min_off = (tab.awake[m] == 0) & ~np.isnan(since) & (now_s - since < params.min_off_s)
     too_many = ~min_off & bool(params.max_wakes_per_hour) & (wakes >= params.max_wakes_per_hour)
     cost = lo - sleep_w
-    raise_lo = lo.copy()
-    span = hi - lo
+    raise_lo = level.copy() if floor_rows.size else lo.copy()
+    raise_lo[can_sleep] = lo[can_sleep]
+    span = hi - raise_lo
     clamp_args = (lay.cap_min, lay.cap_max, lay.cap_step)
 
     def wake_take(room: FloatArr, idx: IntArr) -> FloatArr:
@@ -680,7 +693,7 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
         return c if c <= room else 0.0
 
     def raise_one(room: float, i: int) -> float:
-        lo_i = float(lo[i])
+        lo_i = float(raise_lo[i])
         wanted = clamp_power_w(
             lo_i + min(max(room, 0.0), float(span[i])),
             float(lay.cap_min[i]),
@@ -744,13 +757,71 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
             mask[bound] = True
             node_at[bound] = _node(lay, room, before, mask)
 
+    broken_rows = floor_rows[broken]
+    why_code[broken_rows] = _FLOOR_BROKEN
     target = np.where(awake & power_target, level, tab.power_target_w[m])
     planned = limits.overhead_w + sum(fixed_w.tolist() + pinned_w.tolist()) + sum(level.tolist())
     texts = _Reasons(
         mode, lay, awake, level, why_code, room_at, node_at, since, wakes, params, now_s
     )
+    texts.floor_w = floor_want
     table = SetpointTable([sp for _, sp in ctx.pinned], lay.ids, awake, target, level, texts, m)
-    return Plan(snapshot.time_s, mode, limits.effective_cap_w, planned, why, table, ctx.key)
+    gone = tuple(sorted(lay.ids[i] for i in broken_rows.tolist()))
+    return Plan(snapshot.time_s, mode, limits.effective_cap_w, planned, why, table, ctx.key, gone)
+
+
+def _floor_want(ctx: _Ctx) -> tuple[IntArr, FloatArr]:
+    """The GPUs with a floor above their minimum (merit order), and per device its floor
+    (W; its minimum where it has none), clamped onto its range and step."""
+    lay = ctx.layout
+    floors = floor_map_w(ctx.limits)
+    if not floors or not lay.n:
+        return np.zeros(0, np.intp), lay.lo_w
+    gpus = np.flatnonzero(~lay.is_miner)
+    clamp = (lay.cap_min, lay.cap_max, lay.cap_step)
+    want = lay.lo_w.copy()
+    want[gpus] = wanted_floor_w(lay.ids, gpus, lay.lo_w, clamp, floors)
+    rows = gpus[want[gpus] > lay.lo_w[gpus]]
+    return rows, want
+
+
+def _floors(
+    ctx: _Ctx, limit: FloatArr, counted: dict[str, float], level: FloatArr
+) -> tuple[IntArr, FloatArr, BoolArr, FloatArr]:
+    """The floored GPUs (merit order), their floors kept within every domain's limit (W)
+    after every movable device's own minimum (``level``), which were cut, and every
+    device's floor (``_floor_want``)."""
+    rows, want = _floor_want(ctx)
+    if not rows.size:
+        return rows, np.zeros(0), np.zeros(0, bool), want
+    lay = ctx.layout
+    room = limit - np.array([counted[k] for k in lay.names]) - _node_sums(lay, level)
+    clamp = (lay.cap_min, lay.cap_max, lay.cap_step)
+    kept, broken = floors_within(rows, lay.lo_w[rows], want[rows], clamp, lay.nodes, room)
+    return rows, kept, broken, want
+
+
+def _node_sums(lay: _Layout, w: FloatArr) -> FloatArr:
+    """Per node: the sum of ``w`` (W, merit order) over the movable devices below it."""
+    out = np.zeros(len(lay.names) + 1)
+    for k in range(lay.nodes.shape[1]):
+        out += np.bincount(lay.nodes[:, k], weights=w, minlength=len(lay.names) + 1)
+    return out[: len(lay.names)]
+
+
+def _floor_short(ctx: _Ctx) -> str | None:
+    """Why the previous plan must not be held: a floored GPU planned below its floor
+    (None when every one was planned at or above it)."""
+    rows, want = _floor_want(ctx)
+    prev = ctx.prev
+    short = rows[~prev.known[rows] | (prev.planned_w[rows] < want[rows] - 1e-6)]
+    if not short.size:
+        return None
+    i = int(short[0])
+    return (
+        f"contract floor of {ctx.layout.ids[i]} needs {float(want[i]):.0f} W "
+        f"({short.size} device(s) planned below their floor)"
+    )
 
 
 def _fill_at(n: int, idx: IntArr, values: FloatArr) -> FloatArr:
@@ -802,6 +873,7 @@ class _Reasons:
         self.mode, self.lay, self.awake, self.level, self.why = mode, lay, awake, level, why
         self.room, self.node, self.since, self.wakes = room, node, since, wakes
         self.params, self.now_s = params, now_s
+        self.floor_w: FloatArr = np.zeros(0)  # per device: its contract floor (W), if any
 
     def __call__(self, i: int) -> str:
         lay = self.lay
@@ -834,4 +906,7 @@ class _Reasons:
             return "held at its minimum by override"
         if code == _AT_MAX:
             return "at its maximum"
+        if code == _FLOOR_BROKEN:
+            w = float(self.floor_w[i])
+            return f"contract floor {w:.0f} W broken: the limits leave no room for it"
         return f"bound by {self.lay.names[int(self.node[i])]} budget"

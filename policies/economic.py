@@ -51,7 +51,6 @@ from siteagent.domain import (
 )
 from siteagent.domain.site import DomainTree, by_depth, node_loads
 from siteagent.domain.table import DeviceStatics, DeviceTable
-from siteagent.domain.types import clamp_power_w
 from siteagent.policies import PolicyState
 from siteagent.policies.capping import (
     MOVABLE_KINDS,
@@ -79,6 +78,7 @@ from siteagent.policies.fill import (
     fill,
     jit,
 )
+from siteagent.policies.floors import floor_map_w, floors_within, wanted_floor_w
 from siteagent.policies.prices import Prices
 
 # Hashrate ~ power ** 0.85 (the simulator's model and field reports of tuned-down miners).
@@ -98,8 +98,16 @@ def miner_revenue_usd_per_h(d: DeviceStatus, level_w: float, hashprice: float) -
 
 
 def gpu_demand_frac(d: DeviceStatus, prices: Prices, params: EconomicParams) -> float:
-    """Expected GPU demand (fraction of peak): a fresh utilization reading, else the default."""
+    """Expected GPU demand (fraction of peak): the inference server's, else a fresh
+    utilization reading, else the price feed's, else the default."""
     r = d.reading
+    if (
+        r is not None
+        and r.demand_frac is not None
+        and d.reading_age_s is not None
+        and d.reading_age_s <= params.utilization_fresh_s
+    ):
+        return r.demand_frac
     if (
         r is not None
         and r.utilization_frac is not None
@@ -537,6 +545,10 @@ class _Columns:
         both = st.is_gpu & ~np.isnan(util) & ~np.isnan(age)
         self.util = np.where(both, util, np.nan)
         self.age_s = np.where(both, age, np.nan)
+        # What the inference server asks for, where its endpoint was read (NaN: not).
+        served = np.full(len(r), np.nan) if tab.demand_frac is None else tab.demand_frac[r]
+        self.demand = np.where(st.is_gpu & ~np.isnan(age), served, np.nan)
+        self.demand_age_s = np.where(np.isnan(self.demand), np.nan, age)
 
     def node_loads(self, w: FloatArr) -> FloatArr:
         """Per node: the sum of ``w`` (per device) over the devices below it."""
@@ -889,15 +901,14 @@ def _gpu_segments(
     tdp, lo = cols.hi_w[g], cols.lo_w[g]
     floor = lo.copy()
     broken = np.zeros(len(g), bool)
-    if params.contract_floor_w:
-        for k, i in enumerate(g.tolist()):
-            contract = params.contract_floor_w.get(cols.ids[i], 0.0)
-            if contract > lo[k]:
-                c = cols.clamp
-                clamped = clamp_power_w(contract, c.lo_w[i], c.hi_w[i], c.step_w[i])
-                floor[k] = max(float(clamped), lo[k])
-        contract_w = floor
-        floor, broken = _floors_within(cols, s, g, contract_w, room_w)
+    floors_w = floor_map_w(limits, params.contract_floor_w)
+    if floors_w:
+        c = cols.clamp
+        clamp = (c.lo_w, c.hi_w, c.step_w)
+        contract_w = wanted_floor_w(cols.ids, g, cols.lo_w, clamp, floors_w)
+        # Caps win over floors: every movable device's own minimum is counted first.
+        avail = room_w - cols.node_loads(s.floor_w)
+        floor, broken = floors_within(g, lo, contract_w, clamp, cols.nodes, avail)
         s.why_aux[g[broken]] = contract_w[broken]
     s.floor_w[g] = floor
     s.on_floor[g] = True
@@ -949,38 +960,6 @@ def _gpu_segments(
     return a, b, v
 
 
-def _floors_within(
-    cols: _Columns, s: _Segs, g: IntArr, contract_w: FloatArr, room_w: FloatArr
-) -> tuple[FloatArr, BoolArr]:
-    """The GPUs' contract floors (W; rows: ``g``) cut to fit every node's room, and which
-    were cut.
-
-    Every movable device's own minimum (``s.floor_w``; a GPU's lowest limit) is
-    counted first; then each GPU's contract above its minimum is a segment taken in
-    the fixed order (by id), cut to the room left as any segment is.
-    """
-    lo = s.floor_w[g]
-    extra = np.flatnonzero(contract_w > lo)
-    if not extra.size:
-        return contract_w, np.zeros(len(g), bool)
-    avail = room_w - cols.node_loads(s.floor_w)
-    dev = g[extra]
-    width = contract_w[extra] - lo[extra]
-    seg = Segments(
-        device=dev,
-        width_w=width,
-        level_w=contract_w[extra],
-        added_w=width,
-        reserve_w=np.zeros(len(dev)),
-        all_or_nothing=np.zeros(len(dev), bool),
-        pred=np.full(len(dev), -1, np.intp),
-    )
-    filled = fill(seg, cols.chains, avail, s.floor_w, cols.clamp, cols.nodes)
-    floor = contract_w.copy()
-    floor[extra] = filled.level_w[dev]
-    return floor, floor < contract_w - 1e-6
-
-
 def _capacity(curve: GpuCurve, limit_w: FloatArr, tdp_w: FloatArr) -> FloatArr:
     """``GpuCurve.capacity_frac``, vectorised."""
     r = limit_w / tdp_w
@@ -1002,7 +981,7 @@ def _limit_for(curve: GpuCurve, capacity: FloatArr, tdp_w: FloatArr) -> FloatArr
 
 def _gpu_demand(cols: _Columns, g: IntArr, prices: Prices, params: EconomicParams) -> FloatArr:
     """``gpu_demand_frac`` for the GPUs ``g``, vectorised."""
-    util, age = cols.util[g], cols.age_s[g]
+    util, age, served = cols.util[g], cols.age_s[g], cols.demand[g]
     fresh = ~np.isnan(util) & ~np.isnan(age) & (age <= params.utilization_fresh_s)
     tdp = cols.hi_w[g]
     limit = np.where(np.isnan(cols.target_now_w[g]), tdp, cols.target_now_w[g])
@@ -1016,7 +995,11 @@ def _gpu_demand(cols: _Columns, g: IntArr, prices: Prices, params: EconomicParam
         default = prices.ai_demand_frac
     else:
         default = params.default_utilization_frac
-    return np.where(fresh, measured, default)
+    busy = np.where(fresh, measured, default)
+    # The inference server's own demand, where freshly read, before busy % (its fallback).
+    served_age = cols.demand_age_s[g]
+    use = ~np.isnan(served) & (served_age <= params.utilization_fresh_s)
+    return np.where(use, served, busy)
 
 
 class _Reasons:

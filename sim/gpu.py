@@ -16,6 +16,10 @@ second). Inference capacity as a fraction of peak falls with the power limit as
 DOMAIN_FACTS.md describes (flat to about 80% of TDP, then roughly proportional,
 a cliff below 50%); served throughput is min(demand, capacity).
 
+With ``inference``, a node also runs a simulated inference server
+(``sim/inference.py``): its GPUs serve that server's queue, and its vLLM metrics
+are served over HTTP on the node's address (``metrics_url``).
+
 Faults (per node): hang (commands never answer), disconnect (connections
 dropped, listener closed), sudo_refused, gpu_lost (one GPU fell off the bus),
 host_key_changed (the node comes back with a new host key).
@@ -39,11 +43,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 
 from siteagent.sim.group import DeviceGroup
+from siteagent.sim.inference import InferenceLoad, InferenceService
 
 DEFAULT_USERNAME = "siteagent"
 DRAW_TAU_S = 0.2  # draw settles within about a second (99% in 0.92 s)
@@ -113,11 +118,30 @@ class Demand:
         return min(1.0, max(0.05, u))
 
 
+class DemandModel(Protocol):
+    """What a GPU is asked to serve at a time (fraction of peak)."""
+
+    def at(self, t_s: float) -> float:
+        """Demand (fraction of peak) at ``t_s``."""
+        ...
+
+
+class _Served:
+    """A GPU's work on a node with an inference server: the sequences it runs."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+
+    def at(self, t_s: float) -> float:
+        """What the GPU serves at ``t_s`` (fraction of peak)."""
+        return self.service.busy_frac(t_s)
+
+
 class SimGpu:
     """Ground truth of one GPU: draw, energy, utilization, temperature, throughput."""
 
     def __init__(
-        self, index: int, model: SimGpuModel, demand: Demand, seed: int, now_s: float
+        self, index: int, model: SimGpuModel, demand: DemandModel, seed: int, now_s: float
     ) -> None:
         self.index = index
         self.model = model
@@ -259,15 +283,31 @@ class SimGpuNode:
         client_public_key: str,
         overhead_w: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        inference: InferenceLoad | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.address = address
         self.port = port
+        self.metrics_port = metrics_port
         self.username = username
         self.clock = clock
         self.overhead_w = overhead_w if overhead_w is not None else 300.0 + 150.0 * gpus
         now = clock()
+        # With an inference server, the GPUs serve its queue (sim/inference.py); without
+        # one, each follows its own seeded demand.
+        self.service: InferenceService | None = None
+        if inference is not None:
+            self.service = InferenceService(inference, self.capacity_frac, now)
+            served = _Served(self.service)
         self.gpus = [
-            SimGpu(i, model, Demand(seed * 1000 + i), seed * 1000 + i + 7, now) for i in range(gpus)
+            SimGpu(
+                i,
+                model,
+                served if inference is not None else Demand(seed * 1000 + i),
+                seed * 1000 + i + 7,
+                now,
+            )
+            for i in range(gpus)
         ]
         self.fault = GpuFault.NONE
         self.unknown_fields: set[str] = set()  # e.g. LEGACY_UNKNOWN_FIELDS
@@ -306,6 +346,34 @@ class SimGpuNode:
         """Whether the inference service is stopped."""
         return all(g.drained for g in self.gpus)
 
+    def capacity_frac(self) -> float:
+        """The node's serving capacity (fraction of peak): its GPUs' mean under their limits."""
+        up = [0.0 if g.drained or g.lost else g.capacity_frac() for g in self.gpus]
+        return sum(up) / len(up) if up else 0.0
+
+    def set_power_limit(self, index: int, power_w: float, now_s: float | None = None) -> None:
+        """Set one GPU's limit (W) at ``now_s``, the queue moved up to then first."""
+        t = self.clock() if now_s is None else now_s
+        if self.service is not None:
+            self.service.advance(t)
+        self.gpus[index].set_power_limit(power_w, t)
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the inference server's metrics are served."""
+        return f"http://{self.address}:{self.metrics_port}/metrics"
+
+    async def start_metrics(self) -> None:
+        """Open the inference server's metrics endpoint (a node with one)."""
+        if self.service is not None:
+            await self.service.serve(self.address, self.metrics_port, self.clock)
+            self.metrics_port = self.service.port
+
+    async def stop_metrics(self) -> None:
+        """Close the metrics endpoint (the server's queue goes on)."""
+        if self.service is not None:
+            await self.service.stop()
+
     # -- listener ------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -337,11 +405,13 @@ class SimGpuNode:
             line_editor=False,
         )
         self.port = self._listener.get_port()
+        await self.start_metrics()
 
     async def stop(self) -> None:
-        """Close the listener and every connection."""
+        """Close the listener, every connection and the metrics endpoint."""
         await self._close_listener()
         self._drop_connections()
+        await self.stop_metrics()
 
     async def _close_listener(self) -> None:
         if self._listener is not None:
@@ -427,6 +497,8 @@ class SimGpuNode:
                     stderr=f"Failed to {argv[1]} {argv[2]}.service: Access denied\n",
                     exit_status=1,
                 )
+            if self.service is not None:
+                self.service.advance(self.clock())
             for g in self.gpus:
                 g.set_power_limit(g.power_limit_w, self.clock())
                 g.drained = argv[1] == "stop"
@@ -531,7 +603,7 @@ class SimGpuNode:
                     exit_status=2,
                 )
             old = g.power_limit_w
-            g.set_power_limit(power_w, self.clock())
+            self.set_power_limit(g.index, power_w)
             out += f"Power limit for GPU {g.bus_id} was set to {power_w:.2f} W from {old:.2f} W.\n"
         return _Result(stdout=out + "All done.\n")
 
@@ -556,6 +628,8 @@ class SimGpuSite(DeviceGroup):
         key_dir: Path | None = None,
         model: SimGpuModel = H100_SXM,
         clock: Callable[[], float] = time.monotonic,
+        inference: bool = False,
+        metrics_port: int = 0,
     ) -> None:
         base = ipaddress.IPv4Address(base_address)
         last = base + max(0, n_nodes - 1)
@@ -584,6 +658,9 @@ class SimGpuSite(DeviceGroup):
                 username=username,
                 client_public_key=pub,
                 clock=clock,
+                # Each node's inference server: a daily cycle and its own bursts.
+                inference=InferenceLoad(seed * 100_003 + i) if inference else None,
+                metrics_port=metrics_port,
             )
             for i in range(n_nodes)
         ]

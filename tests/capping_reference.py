@@ -3,7 +3,7 @@
 Kept as the specification the columnar ``policies.capping.plan`` must match
 setpoint for setpoint, reasons included (tests/test_capping_fast.py); not used
 by the agent. The rule (three bands, merit-order fill domain by domain, pins,
-wake limits) is described in policies/capping.py.
+wake limits, contract floors) is described in policies/capping.py.
 """
 
 from __future__ import annotations
@@ -95,6 +95,21 @@ def reference_plan(
         return _fill(ctx, PlanMode.CAP, why)
     if previous is not None and previous.directives_key != key:
         return _fill(ctx, PlanMode.OVERRIDE, f"operator directives changed ({key})")
+    # A contracted GPU planned below its floor last time (or not at all): plan again.
+    wants = _floor_wants(ctx)
+    short = [
+        d
+        for d in sorted(ctx.movable, key=_merit)
+        if d.device_id in wants
+        and (d.device_id not in prev or prev[d.device_id].planned_w < wants[d.device_id] - 1e-6)
+    ]
+    if short:
+        d = short[0]
+        why = (
+            f"contract floor of {d.device_id} needs {wants[d.device_id]:.0f} W "
+            f"({len(short)} device(s) planned below their floor)"
+        )
+        return _fill(ctx, PlanMode.RESTORE, why)
     if load[SITE] < params.uncapping_threshold * site_cap:
         why = (
             f"site heading for {load[SITE]:.0f} W, below its uncapping threshold "
@@ -160,6 +175,22 @@ def _hold(ctx: _Ctx, prev: Mapping[str, Setpoint], heading_w: float, why: str) -
     )
 
 
+def _floor_wants(ctx: _Ctx) -> dict[str, float]:
+    """Per movable GPU with a floor above its minimum: the floor (W), onto its step."""
+    floors: dict[str, float] = {}
+    for f in ctx.limits.floors:
+        floors[f.device_id] = max(floors.get(f.device_id, 0.0), f.power_w)
+    out = {}
+    for d in ctx.movable:
+        w = floors.get(d.device_id, 0.0)
+        lo = min_level_w(d)
+        if d.kind is DeviceKind.GPU and w > lo:
+            want = max(d.capabilities.clamp_power_target_w(w), lo)
+            if want > lo:
+                out[d.device_id] = want
+    return out
+
+
 def _merit(d: DeviceStatus) -> tuple[int, float, str]:
     # Nameplate J/TH, not measured: measured efficiency moves with the target and
     # with noise, and a ranking that moves would churn miners for nothing.
@@ -171,7 +202,8 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
     frac = params.capping_target
     avail = {node: frac * limit for node, limit in tree.limit_w.items()}
     counted = [(d, d.budget_w) for d in ctx.fixed] + [(d, sp.planned_w) for d, sp in ctx.pinned]
-    for node, w in _loads_w(tree, counted, limits.overhead_w).items():
+    counted_w = _loads_w(tree, counted, limits.overhead_w)
+    for node, w in counted_w.items():
         avail[node] -= w
     # Operator modes: no miner wakes or rises with mining off; no GPU rises with AI at minimum.
     held_down = {DeviceKind.MINER} if limits.mining_off else set()
@@ -199,6 +231,34 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
         else:
             awake[d.device_id], level[d.device_id] = True, min_level_w(d)
             reason[d.device_id] = "cannot sleep, kept at its minimum"
+    # Contract floors above that, in merit order, each only as far as every domain above
+    # it has room under its limit (not the target) after every device's own minimum.
+    wants = _floor_wants(ctx)
+    broken: list[str] = []
+    if wants:
+        own = {node: 0.0 for node in tree.limit_w}
+        for d in order:
+            for node in tree.chain(d.domain):
+                own[node] += level[d.device_id]
+        hard = {node: limit - counted_w[node] - own[node] for node, limit in tree.limit_w.items()}
+        for d in order:
+            want = wants.get(d.device_id)
+            if want is None:
+                continue
+            lo = level[d.device_id]
+            space = min(hard[k] for k in tree.chain(d.domain))
+            kept = (
+                want
+                if want - lo <= space
+                else d.capabilities.clamp_power_target_w(lo + max(space, 0.0))
+            )
+            kept = max(kept, lo)
+            for k in tree.chain(d.domain):
+                hard[k] -= kept - lo
+            level[d.device_id] = kept
+            if kept < want - 1e-6:
+                broken.append(d.device_id)
+    for d in order:
         take(d, level[d.device_id])
 
     # Kind by kind (GPUs, then miners), wake best-first at the minimum level while
@@ -234,7 +294,8 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
             if d.kind in held_down:
                 reason[d.device_id] = "held at its minimum by override"
                 continue
-            lo, hi = min_level_w(d), max_level_w(d)
+            # From its floor where it has one (GPUs cannot sleep: its level is its floor).
+            lo, hi = level[d.device_id], max_level_w(d)
             free, node = room(d)
             wanted = d.capabilities.clamp_power_target_w(lo + min(max(free, 0.0), hi - lo))
             take(d, wanted - lo)
@@ -244,6 +305,9 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
             else:
                 reason[d.device_id] = f"bound by {node} budget"
 
+    for device_id in broken:
+        floor = wants[device_id]
+        reason[device_id] = f"contract floor {floor:.0f} W broken: the limits leave no room for it"
     setpoints = []
     for d in order:
         on = awake[d.device_id]
@@ -274,4 +338,5 @@ def _fill(ctx: _Ctx, mode: PlanMode, why: str) -> Plan:
         why,
         tuple(sp for _, sp in ctx.pinned) + tuple(setpoints),
         ctx.key,
+        tuple(sorted(broken)),
     )

@@ -27,6 +27,7 @@ from siteagent.domain import (
     DeviceState,
     DeviceStatus,
     DomainLimit,
+    Floor,
     Limits,
     Pin,
     Plan,
@@ -137,6 +138,12 @@ def cases(draw: st.DrawFn) -> Case:
             pins.append(Pin(d.device_id, level, exclude=draw(st.integers(0, 3)) == 0, source="op"))
     if draw(st.booleans()) and len(pins) > 0:
         pins.append(Pin("not-on-this-site", 1000.0, source="op"))
+    # Contract floors on some GPUs: below their minimum, between, at and above their maximum.
+    floors = tuple(
+        Floor(d.device_id, draw(st.sampled_from([0.0, 150.0, 333.3, 450.0, 700.0, 900.0])), "c")
+        for d in devices
+        if d.kind is DeviceKind.GPU and draw(st.integers(0, 2)) == 0
+    )
     limits = Limits(
         cap,
         cap,
@@ -146,6 +153,7 @@ def cases(draw: st.DrawFn) -> Case:
         tuple(pins),
         mining_off=draw(st.integers(0, 5)) == 0,
         ai_min=draw(st.integers(0, 5)) == 0,
+        floors=floors,
     )
     snap = Snapshot(NOW_S, tuple(devices))
     previous: tuple[Plan | None, Plan | None] = (None, None)
@@ -172,6 +180,7 @@ def assert_same_plan(got: Plan, want: Plan) -> None:
         want.directives_key,
     )
     assert list(got.setpoints) == list(want.setpoints)  # reasons included
+    assert got.broken_floors == want.broken_floors
 
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

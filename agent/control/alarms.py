@@ -43,7 +43,10 @@ CONFIG_RELOAD_FAILED = "config-reload-failed"
 VTN_UNREACHABLE = "vtn-unreachable"  # the OpenADR VTN has not answered well for a while
 METER_FAULT = "meter-fault"  # a meter stale, frozen or answering garbage: the fallback counts
 UNDER_FREQUENCY = "under-frequency"  # the armed block is shed and held
+# A GPU node's inference endpoint said nothing fresh: its demand comes from busy %.
+AI_DEMAND_FALLBACK = "ai-demand-fallback"
 ALARM_NAMES = (
+    AI_DEMAND_FALLBACK,
     CAP_UNMEETABLE,
     CONTRACT_FLOOR_BROKEN,
     PRICES_STALE,

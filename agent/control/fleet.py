@@ -75,6 +75,7 @@ _COLUMNS: tuple[tuple[str, Any, float], ...] = (
     ("reading_state", np.int8, NO_READING),
     ("reading_power_w", np.float64, math.nan),  # NaN: no reading, or none in it
     ("utilization_frac", np.float64, math.nan),
+    ("demand_frac", np.float64, math.nan),
     ("has_pending", np.bool_, False),
     ("pending_old_w", np.float64, 0.0),
 )
@@ -162,6 +163,7 @@ class Fleet:
     reading_state: np.ndarray[Any, np.dtype[np.int8]]
     reading_power_w: np.ndarray[Any, np.dtype[np.float64]]
     utilization_frac: np.ndarray[Any, np.dtype[np.float64]]
+    demand_frac: np.ndarray[Any, np.dtype[np.float64]]
     has_pending: np.ndarray[Any, np.dtype[np.bool_]]
     pending_old_w: np.ndarray[Any, np.dtype[np.float64]]
 
@@ -358,6 +360,8 @@ class Fleet:
         power, util = reading.power_w, reading.utilization_frac
         self.reading_power_w[row] = math.nan if power is None else power
         self.utilization_frac[row] = math.nan if util is None else util
+        demand = reading.demand_frac
+        self.demand_frac[row] = math.nan if demand is None else demand
         self._failures[row] = 0
         self._last_error[row] = None
         self._errors[row] = self._read_only[row]
@@ -556,6 +560,7 @@ class Fleet:
             self.utilization_frac[rows].copy(),
             now_s - self.last_ok_s[rows],
             self.reading_power_w[rows].copy(),
+            self.demand_frac[rows].copy(),
         ]
         for c in cols:
             c.flags.writeable = False

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from siteagent.agent.control.ai_demand import FALLBACK_PREFIX, NodeDemand, NodeDemandReader
 from siteagent.domain import (
     DeviceControls,
     DeviceError,
@@ -49,8 +50,14 @@ class GpuNode:
         *,
         max_age_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        demand: NodeDemandReader | None = None,
     ) -> None:
         self.driver = driver
+        # The node's inference server, read alongside its GPUs (None: busy % alone).
+        self.demand = demand
+        # This read's demand, or why there is none (the GPUs' readings carry either).
+        self.demand_now: NodeDemand | None = None
+        self.demand_error: str | None = None
         self.max_age_s = max_age_s
         self.clock = clock
         self.infos: dict[int, GpuInfo] | None = None
@@ -113,12 +120,32 @@ class GpuNode:
         return await self._wait(self._reading)
 
     async def _read(self) -> dict[int, GpuReading]:
-        result = {r.index: r for r in await self.driver.read()}
+        if self.demand is None:
+            readings = await self.driver.read()
+        else:
+            # Concurrently: a slow endpoint costs the GPU read no more than its own timeout.
+            readings, _ = await asyncio.gather(self.driver.read(), self._read_demand())
+        result = {r.index: r for r in readings}
         self._last = (self.clock(), result)
         for r in result.values():
             if r.power_limit_w is not None:
                 self._limits_w.setdefault(r.index, r.power_limit_w)
         return result
+
+    async def _read_demand(self) -> None:
+        """Read the inference server; a failure leaves busy % as the demand (the GPUs'
+        readings say why), never fails the GPU read."""
+        assert self.demand is not None
+        try:
+            self.demand_now, self.demand_error = await self.demand.read(), None
+        except DeviceError as e:
+            self.demand_now, self.demand_error = None, str(e)
+        except Exception as e:
+            # A bug in reading demand must not fail the GPUs' read: logged once (with its
+            # traceback) when it starts, then the alarm carries it.
+            if self.demand_error is None:
+                log.exception("%s: reading AI demand failed", self.driver.node_id)
+            self.demand_now, self.demand_error = None, f"{type(e).__name__}: {e}"
 
     def _all_at_minimum(self, limits_w: dict[int, float]) -> bool:
         infos = self.infos or {}
@@ -188,6 +215,7 @@ class GpuDevice:
             raise DeviceLost(f"{self.node.driver.node_id}: GPU {self.index} missing from the read")
         if r.power_w is None:
             raise DeviceFaulted(f"{self.node.driver.node_id}: GPU {self.index} reported no power")
+        demand, error = self.node.demand_now, self.node.demand_error
         limit = r.power_limit_w
         if r.enforced_power_limit_w is not None:
             # The limit in force is what bounds the draw (a BMC can hold it lower).
@@ -202,6 +230,8 @@ class GpuDevice:
             temperature_c=r.temperature_c,
             power_target_w=limit,
             utilization_frac=r.utilization_frac,
+            demand_frac=None if demand is None else demand.need_frac,
+            errors=() if error is None else (FALLBACK_PREFIX + error,),
         )
 
     async def set_power_target(self, power_w: float) -> float:

@@ -16,6 +16,7 @@ from siteagent.agent.config import (
     overhead_device_id,
     parse_address_range,
 )
+from siteagent.agent.control.ai_demand import NodeDemandReader, node_contract
 from siteagent.agent.control.devices import Connector, DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import DuplicateDeviceError, clash_message
 from siteagent.agent.control.gpus import FixedLoad, GpuDevice, GpuNode
@@ -37,6 +38,7 @@ from siteagent.domain.credentials import Login
 from siteagent.domain.site import SITE
 from siteagent.drivers.asic import AsicDriver
 from siteagent.drivers.gpu import GpuNodeDriver
+from siteagent.drivers.inference import MetricsEndpoint
 from siteagent.drivers.nvml import NvmlNodeDriver
 from siteagent.drivers.ssh import SshNodeDriver
 
@@ -424,7 +426,13 @@ def node_driver(cfg: Config, n: GpuNodeConfig) -> GpuNodeDriver:
 
 def gpu_links(cfg: Config, n: GpuNodeConfig, driver: GpuNodeDriver) -> list[DeviceLink]:
     """One link per GPU of a node (connected on first read), plus its fixed overhead."""
-    node = GpuNode(driver, max_age_s=min(0.5, cfg.telemetry.interval_s / 2))
+    demand = None
+    if n.demand_endpoint is not None:
+        # Half the read's timeout: the GPUs are read in the same time, alongside.
+        endpoint = MetricsEndpoint(n.demand_endpoint, timeout_s=cfg.telemetry.timeout_s / 2)
+        contract = node_contract(cfg, n)
+        demand = NodeDemandReader(n, endpoint, None if contract is None else contract.max_queue)
+    node = GpuNode(driver, max_age_s=min(0.5, cfg.telemetry.interval_s / 2), demand=demand)
     domain = n.domain or SITE
 
     def gpu_connector(device_id: str, index: int) -> Connector:

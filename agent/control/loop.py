@@ -12,14 +12,15 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from siteagent.agent.config import SITE_DOMAIN_ID, Config, ConfigError, cron_trigger
-from siteagent.agent.control.alarms import Alarms, check_tick
+from siteagent.agent.control.ai_demand import Contracts
+from siteagent.agent.control.alarms import AI_DEMAND_FALLBACK, Alarms, check_tick
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import Fleet
 from siteagent.agent.control.grid import GridCaps
@@ -29,12 +30,7 @@ from siteagent.agent.control.metering import (
     SiteMetering,
     default_meter_reader,
 )
-from siteagent.agent.control.prices import (
-    PriceFeed,
-    economic_params,
-    node_contract_floors,
-    static_prices,
-)
+from siteagent.agent.control.prices import PriceFeed, economic_params, static_prices
 from siteagent.agent.control.reload import reload_problems
 from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
 from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations, VenStatus
@@ -155,7 +151,8 @@ class Agent:
         )
         # Conditions an operator must hear about once (a broken floor, stale prices, ...).
         self.alarms = Alarms(wall_clock=lambda: self.wall_clock().timestamp())
-        self._node_floors = node_contract_floors(config)
+        # Contracts on GPU nodes: each tick's floors from the inference servers' demand.
+        self.contracts = Contracts(config)
         self._tick_line: tuple[str, int] | None = None
         # Prices for the economic policy: static, or a file/HTTP series refreshed on a schedule.
         self.price_feed = PriceFeed(config, alarms=self.alarms)
@@ -497,7 +494,7 @@ class Agent:
     async def _tick(self) -> TickRecord:
         started = time.perf_counter()
         snap = self.snapshot()
-        limits = self.limits()
+        limits = self.floored(self.limits(), snap)
         plan = self.plan(snap, limits)
         ordered = order_changes(
             plan, snap, limits, max_increase_w=self._ramp_allowance(snap.time_s)
@@ -534,7 +531,8 @@ class Agent:
             self.last_increase_s = snap.time_s
         self.last_plan = plan
         self.ticks += 1
-        check_tick(self.alarms, snap, limits, plan, self._node_floors)
+        check_tick(self.alarms, snap, limits, plan, self.contracts.node_floors_w(limits))
+        self.alarms.update(AI_DEMAND_FALLBACK, self.contracts.fallback_reason(snap))
         # The tick line when something was sent or the plan's state moved, not every tick.
         line = (plan.mode, len(ordered.deferred))
         if ordered.now or (plan.mode != "hold" and line != self._tick_line):
@@ -572,8 +570,15 @@ class Agent:
         now = tuple(c for c in ordered.now if c.device_id not in waiting)
         return ordered.holding(now, held)
 
+    def floored(self, limits: Limits, snap: Snapshot) -> Limits:
+        """``limits`` with this snapshot's contract floors (``ai_demand.Contracts``)."""
+        if not self.contracts.contracts:
+            return limits
+        return replace(limits, floors=self.contracts.floors(snap))
+
     def plan(self, snap: Snapshot, limits: Limits) -> Plan:
         """The configured policy's plan for this snapshot, against the last plan adopted."""
+        limits = self.floored(limits, snap)
         state = PolicyState(self.last_plan, self.policy_state.derived)
         prices = self.prices() if self.policy.reads_prices else None
         plan, self.policy_state = self.policy.plan(snap, limits, prices, state)
@@ -757,7 +762,7 @@ class Agent:
             self._caps[SITE_CAP_SOURCE] = config.site.cap_w
             self.economic_params = econ
             self.params = econ.capping
-            self._node_floors = node_contract_floors(config)
+            self.contracts = Contracts(config, self.contracts.curve)
             if policy is not None:
                 # Policies are pure between ticks: the plan adopted last (kept) is all a new
                 # one needs; what the old one derived is its own, so it starts afresh.
