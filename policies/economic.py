@@ -11,8 +11,8 @@ value per kWh (revenue per kWh of that segment minus the electricity price):
   segment is worth more per kWh than any raise segment above it;
 - a GPU sits at its floor (its minimum power limit, or a contract floor), then
   has segments along the throughput-vs-power curve up to the limit that covers
-  its expected demand (plus a headroom), valued at AI revenue per GPU-hour x the
-  capacity each watt adds; the rest up to its maximum is zero-value headroom.
+  its expected demand plus a headroom (a share of peak), valued at AI revenue per
+  GPU-hour x the capacity each watt adds; the rest up to its maximum is zero-value headroom.
 
 Segments with a negative net value are never taken, so a load that loses money
 stays at its minimum (miners asleep, GPUs at their floor). The rest are taken
@@ -919,7 +919,8 @@ def _gpu_segments(
     if limits.ai_min:
         return a, b, v
     demand = _gpu_demand(cols, g, prices, params)
-    want = np.minimum(1.0, demand * (1.0 + params.gpu_headroom_frac))
+    # Headroom in fractions of peak, not of demand: see EconomicParams.gpu_headroom_frac.
+    want = np.minimum(1.0, demand + params.gpu_headroom_frac)
     need = np.minimum(tdp, np.maximum(floor, _limit_for(curve, want, tdp)))
     cliff, knee = curve.cliff_frac * tdp, curve.knee_frac * tdp
     pts = np.stack(

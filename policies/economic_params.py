@@ -175,6 +175,11 @@ class EconomicParams:
     gpu_curve: GpuCurve = field(default_factory=GpuCurve)
     default_utilization_frac: float = 0.6
     utilization_fresh_s: float = 60.0
+    # Demand a GPU is sized for beyond its last reading, as a share of its PEAK (added,
+    # not a multiple of demand): what a reading misses (noise, a burst before the next
+    # plan) does not shrink with demand, and an unserved request loses the AI price
+    # (about $3 a kWh) while an unused watt of limit costs only the marginal miner's
+    # few cents of cap room for one plan. 0.15 is the former default, now of peak.
     gpu_headroom_frac: float = 0.15
     gpu_probe_factor: float = 1.5
     value_quantum_usd_per_kwh: float = 0.002

@@ -178,7 +178,7 @@ def reference_plan(
                 why[i] = f"contract floor {contract:.0f} W broken: the limits leave no room for it"
             elif not limits.ai_min:
                 demand = gpu_demand_frac(d, prices, params)
-                want = min(1.0, demand * (1.0 + params.gpu_headroom_frac))
+                want = min(1.0, demand + params.gpu_headroom_frac)  # a share of peak
                 need = min(tdp, max(floor, curve.limit_for_w(want, tdp)))
                 cuts = sorted(
                     {floor, need}

@@ -134,10 +134,20 @@ def test_cap_fills_by_value_gpus_first_then_efficient_miners() -> None:
 def test_gpu_limit_follows_demand_and_leaves_the_rest_to_mining() -> None:
     # A GPU at 30% demand needs far less than 700 W: the room goes to the miner.
     devices = [gpu("g", util=0.3), miner("m", 17.5)]
-    cap = (GpuCurve().limit_for_w(0.3 * 1.15, 700.0) + 3000.0) / 0.97 + 1.0
+    cap = (GpuCurve().limit_for_w(0.3 + PARAMS.gpu_headroom_frac, 700.0) + 3000.0) / 0.97 + 1.0
     p = run(devices, limits(cap))
     assert level(p, "m") == 3000.0
     assert level(p, "g") < 700.0
+
+
+def test_low_demand_gpu_is_sized_for_a_burst_before_the_next_plan() -> None:
+    # A GPU reading 10 % of peak, and more profitable mining than room: the headroom is a
+    # share of peak (0.15), not of demand (which left 1.5 % of peak), so a burst of 12 %
+    # of peak before the next plan is served, worth ~$3/kWh against the miner's cents.
+    devices = [gpu("g", util=0.1), miner("a", 17.5), miner("b", 17.5)]
+    p = run(devices, limits(5000.0 / 0.97))
+    assert GpuCurve().capacity_frac(level(p, "g"), 700.0) >= 0.1 + 0.12
+    assert level(p, "g") < 700.0  # and no more than that: the rest goes to mining
 
 
 def test_stale_utilization_uses_the_default() -> None:
