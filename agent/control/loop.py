@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -40,6 +40,9 @@ from siteagent.domain.site import DomainTree
 from siteagent.policies import PolicyParams, PolicyState, get_policy
 from siteagent.policies.capping import CappingParams
 from siteagent.policies.prices import Prices
+
+if TYPE_CHECKING:
+    from siteagent.agent.control.workers import WorkerTelemetry
 
 log = logging.getLogger("siteagent.loop")
 
@@ -160,6 +163,8 @@ class Agent:
         self.sweep_durations = Durations(SWEEP_BUCKETS_S)
         self.tick_durations = Durations(TICK_BUCKETS_S)
         self.last_sweep_s: float | None = None
+        # Miners read and commanded in worker processes (telemetry.workers); None: all here.
+        self.telemetry: WorkerTelemetry | None = None
 
     # -- limits ------------------------------------------------------------------
 
@@ -322,7 +327,10 @@ class Agent:
             sem = asyncio.Semaphore(self.config.telemetry.concurrency)
             links = self.fleet.links()
             due = [row for row, link in enumerate(links) if link.next_read_s <= now]
-            await asyncio.gather(*(self._read_one(row, sem) for row in due))
+            remote: list[Awaitable[None]] = []
+            if self.telemetry is not None:
+                due, remote = self.telemetry.split(due)
+            await asyncio.gather(*(self._read_one(row, sem) for row in due), *remote)
             self.sweeps += 1
             self.last_sweep_s = self.clock()
             self.sweep_durations.observe(time.perf_counter() - started)

@@ -111,6 +111,7 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     )
     from siteagent.agent.control.inventory_store import InventoryStore
     from siteagent.agent.control.loop import Agent
+    from siteagent.agent.control.workers import start_workers
     from siteagent.agent.ops.metrics import loop_healthy, serve_metrics, site_summary
     from siteagent.agent.ops.sdnotify import (
         Notifier,
@@ -157,6 +158,10 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         )
         log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
         agent = Agent(cfg, trackers, rescan=lambda: scan(cfg, store))
+        telemetry = await start_workers(cfg, agent.fleet, agent.clock)
+        if telemetry is not None:
+            agent.telemetry = telemetry
+            opened.append(telemetry.close)
         metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
         opened.append(_closing(metrics.close))
         log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
