@@ -13,8 +13,8 @@ A command (power target, sleep, wake) goes to the owning worker as a tuple,
 and its outcome (the target taken, or the error's class and text) comes back.
 Only a connect sends an object: the identity the miner gave, once.
 
-Safety across workers: a worker that dies, or misses a sweep's deadline, has
-its miners left unread (a late batch is dropped), so the fleet's staleness
+Safety across workers: a worker that dies, or answers a sweep later than
+``stale_after_s``, has its miners left unread (a late batch is dropped), so the fleet's staleness
 rule (``telemetry.stale_after_s``) counts them at their worst case until it is
 back; a command to a dead worker fails as unreachable (no outcome known: the
 loop counts both levels until a reading says). A dead worker is restarted
@@ -67,9 +67,6 @@ _ERRORS: dict[str, type[Exception]] = {
         TimeoutError,
     )
 }
-# A worker's sweep answered later than two intervals (or read timeouts) and this is
-# dropped: it is late, and its miners go stale as an unread one does.
-SWEEP_SLACK_S = 2.0
 _SETTLE_KINDS = ("wake", "sleep", "lower", "raise")
 
 
@@ -471,6 +468,7 @@ class WorkerTelemetry:
         concurrency: int,
         confirm_timeout_s: float,
         interval_s: float,
+        stale_after_s: float,
         max_backoff_s: float,
         credentials_file: str | None,
         clock: Callable[[], float],
@@ -481,6 +479,7 @@ class WorkerTelemetry:
         self.concurrency = concurrency
         self.confirm_timeout_s = confirm_timeout_s
         self.interval_s = interval_s
+        self.stale_after_s = stale_after_s
         self.max_backoff_s = max_backoff_s
         self.credentials_file = credentials_file
         self.clock = clock
@@ -544,7 +543,9 @@ class WorkerTelemetry:
                 local.append(row)
             else:
                 by_shard.setdefault(drv.shard.spec.index, []).append(drv.position)
-        deadline_s = 2 * max(self.timeout_s, self.interval_s) + SWEEP_SLACK_S
+        # Readings count from when they were asked for, so a batch later than
+        # stale_after_s would be stale on arrival: the worker is late, and dropped.
+        deadline_s = self.stale_after_s
         sweeps: list[Awaitable[None]] = [
             self.shards[k].sweep(pos, deadline_s) for k, pos in by_shard.items()
         ]
@@ -651,6 +652,7 @@ async def start_workers(cfg: Any, fleet: Any, clock: Callable[[], float]) -> Wor
         concurrency=t.concurrency,
         confirm_timeout_s=cfg.control.confirm_timeout_s,
         interval_s=t.interval_s,
+        stale_after_s=t.stale_after_s,
         max_backoff_s=t.max_backoff_s,
         credentials_file=cfg.inventory.credentials_file,
         clock=clock,
