@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import signal
+import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,7 @@ from siteagent.agent.control.workers import (
     start_workers,
     worker_count,
 )
+from siteagent.agent.tools.cli import _run_agent
 from siteagent.domain import DeviceError, DeviceState, DeviceStatus
 from siteagent.sim.site import SimSite
 
@@ -191,3 +195,45 @@ async def test_a_killed_worker_leaves_its_miners_at_worst_case_until_restarted(
     lines = [r.getMessage() for r in caplog.records if r.name == "siteagent.workers"]
     assert len([t for t in lines if "exited" in t]) == 1, lines
     assert len([t for t in lines if " back:" in t]) == 1, lines
+
+
+async def test_the_daemon_runs_its_miners_in_workers_and_stops_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``siteagent run`` with ``telemetry.workers = 2``: READY with every miner read
+    through the workers, and on SIGTERM the workers end with the agent."""
+    caplog.set_level(logging.INFO, logger="siteagent")
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+        async with SimSite(4, base_address="127.12.3.1", backends=BACKENDS) as site:
+            listed = "".join(
+                f'[[inventory.miners]]\naddress = "{m.address}"\n' for m in site.miners
+            )
+            cfg = tmp_path / "siteagent.toml"
+            cfg.write_text(
+                "[site]\ncap_w = 1000000\n[control]\ninterval_s = 1\n"
+                "[telemetry]\ninterval_s = 1\ntimeout_s = 3\nworkers = 2\n"
+                f"[inventory]\n{listed}"
+                '[metrics]\nhost = "127.0.0.1"\nport = 0\n[api]\nhost = "127.0.0.1"\nport = 0\n'
+                f'[state]\ndir = "{tmp_path / "state"}"\n'
+            )
+            run = asyncio.create_task(_run_agent(str(cfg)))
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(GUARD_S):
+                    while True:
+                        fields = (await loop.sock_recv(s, 4096)).decode().split("\n")
+                        if fields[0] == "READY=1":
+                            break
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # the agent's own stop, as systemd's
+                assert await asyncio.wait_for(run, GUARD_S) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("siteagent")]
+    assert "telemetry: 4 miner(s) in 2 worker process(es)" in lines, lines
+    assert "first sweep of 4 device(s)" in " ".join(lines), lines
+    assert not [t for t in lines if "exited" in t], lines  # stopped, not died
+    assert multiprocessing.active_children() == []

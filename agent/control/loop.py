@@ -23,7 +23,15 @@ from siteagent.agent.control.alarms import Alarms, check_tick
 from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import Fleet
 from siteagent.agent.control.prices import PriceFeed, economic_params, node_contract_floors
-from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
+from siteagent.agent.control.safety import (
+    Ordered,
+    Picked,
+    Send,
+    WithReason,
+    order_changes,
+    sends,
+    worst_case_loads_w,
+)
 from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations
 from siteagent.domain import (
     DeviceError,
@@ -401,9 +409,10 @@ class Agent:
         )
         if self.monitor_only:
             ordered = ordered.hold_all("monitor-only override: nothing is sent")
-        # The changes to send, made once: rows made on demand are made anew at each read.
-        ordered = Ordered(tuple(ordered.now), ordered.deferred)
-        ordered = self._hold_refused(ordered, snap.time_s)
+        # What each change sends, from the ordering's columns: a Change, with its
+        # setpoint's words, is made only where read (a change held back, a decision log).
+        send = sends(ordered.now)
+        ordered, send = self._hold_refused(ordered, send, snap.time_s)
         plan_duration = time.perf_counter() - started
         # At most control.concurrency at once, in the tick's order: a cap drop at a
         # 10,000-miner site changes thousands, and each call in flight holds its own
@@ -413,21 +422,22 @@ class Agent:
         # counted at its worst case, so sending part of them is safe.)
         sem = asyncio.Semaphore(self.config.control.concurrency)
         deadline = asyncio.get_running_loop().time() + self.config.control.actuation_timeout_s
-        results = await asyncio.gather(*(self._apply(c, sem, deadline) for c in ordered.now))
-        outcome = list(zip(ordered.now, results, strict=True))
+        results = await asyncio.gather(*(self._apply(c, sem, deadline) for c in send))
+        outcome = list(zip(send, results, strict=True))
         applied = tuple(c.device_id for c, ok in outcome if ok)
         failed = tuple(c.device_id for c, ok in outcome if ok is False)
-        late = tuple((c, NOT_SENT_IN_TIME) for c, ok in outcome if ok is None)
+        late = [k for k, ok in enumerate(results) if ok is None]
         if late:
             log.warning(
                 "tick: %d of %d change(s) not sent within %.0f s; the next tick plans them again",
                 len(late),
-                len(ordered.now),
+                len(send),
                 self.config.control.actuation_timeout_s,
             )
-            sent = tuple(c for c, ok in outcome if ok is not None)
-            ordered = ordered.holding(sent, late)
-        if any(not c.is_decrease for c in ordered.now):
+            sent = [k for k, ok in enumerate(results) if ok is not None]
+            held = WithReason(Picked(ordered.now, late), NOT_SENT_IN_TIME)
+            ordered = ordered.holding(Picked(ordered.now, sent), held)
+        if any(not c.is_decrease for c, ok in outcome if ok is not None):
             self.last_increase_s = snap.time_s
         self.last_plan = plan
         self.ticks += 1
@@ -454,19 +464,19 @@ class Agent:
             self.on_tick(record)
         return record
 
-    def _hold_refused(self, ordered: Ordered, now_s: float) -> Ordered:
+    def _hold_refused(
+        self, ordered: Ordered, send: list[Send], now_s: float
+    ) -> tuple[Ordered, list[Send]]:
         """Hold changes for devices that refused one, until their back-off ends: a device
         that refuses is not asked again every tick (holding a change sends less, never more)."""
         waiting = {d for d, (_, retry_s) in self._refused.items() if retry_s > now_s}
-        if not waiting or not any(c.device_id in waiting for c in ordered.now):
-            return ordered
-        held = tuple(
-            (c, "refused its last command; asked again after its back-off")
-            for c in ordered.now
-            if c.device_id in waiting
-        )
-        now = tuple(c for c in ordered.now if c.device_id not in waiting)
-        return ordered.holding(now, held)
+        if not waiting or not any(c.device_id in waiting for c in send):
+            return ordered, send
+        held = [k for k, c in enumerate(send) if c.device_id in waiting]
+        now = [k for k, c in enumerate(send) if c.device_id not in waiting]
+        why = "refused its last command; asked again after its back-off"
+        held_back = WithReason(Picked(ordered.now, held), why)
+        return ordered.holding(Picked(ordered.now, now), held_back), [send[k] for k in now]
 
     def plan(self, snap: Snapshot, limits: Limits) -> Plan:
         """The configured policy's plan for this snapshot, against the last plan adopted."""
@@ -482,7 +492,7 @@ class Agent:
         since = interval if self.last_increase_s is None else now_s - self.last_increase_s
         return self.config.policy.restore_ramp_w_per_s * min(max(since, 0.0), interval)
 
-    async def _apply(self, c: Change, sem: asyncio.Semaphore, deadline: float) -> bool | None:
+    async def _apply(self, c: Send, sem: asyncio.Semaphore, deadline: float) -> bool | None:
         """Send ``c`` in its turn: whether the device took it, None if not sent by the
         deadline (``loop.time()``)."""
         try:
@@ -495,7 +505,7 @@ class Agent:
         finally:
             sem.release()
 
-    async def _apply_now(self, c: Change, deadline: float) -> bool:
+    async def _apply_now(self, c: Send, deadline: float) -> bool:
         fleet = self.fleet
         row = fleet.row(c.device_id)
         driver = fleet.link(row).driver
@@ -509,7 +519,7 @@ class Agent:
                     if c.set_target_w is not None:
                         applied = await driver.set_power_target(c.set_target_w)
                         self.actuations["set_power_target"] += 1
-                        c = Change(c.device_id, c.kind, c.setpoint, c.old_w, c.new_w, applied)
+                        c = Send(c.device_id, c.kind, c.old_w, c.new_w, applied)
                     if c.kind == "wake":
                         await driver.wake()
         except DevicePermissionError as e:
