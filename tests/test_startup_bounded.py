@@ -160,17 +160,23 @@ async def test_ready_comes_without_waiting_out_miners_that_never_answer(
             '[metrics]\nhost = "127.0.0.1"\nport = 0\n[api]\nhost = "127.0.0.1"\nport = 0\n'
             f'[state]\ndir = "{state_dir}"\n'
         )
-        run = asyncio.create_task(_run_agent(str(cfg)))
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(GUARD_S):
-                while True:
-                    fields = (await loop.sock_recv(s, 4096)).decode().split("\n")
-                    if fields[0] == "READY=1":
-                        break
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # the agent's own stop, as systemd's
-            assert await asyncio.wait_for(run, GUARD_S) == 0
+        await run_until_ready(cfg, s)
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("siteagent")]
     assert any(t.startswith("identified 5 device(s) in 5 address(es)") for t in lines), lines
     assert any(t.startswith("first sweep") for t in lines), lines
+
+
+async def run_until_ready(config: Path, notify: socket.socket) -> None:
+    """``siteagent run`` in this process until READY on ``notify``, then stopped by its
+    SIGTERM as systemd stops it; it must exit 0."""
+    run = asyncio.create_task(_run_agent(str(config)))
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(GUARD_S):
+            while True:
+                fields = (await loop.sock_recv(notify, 4096)).decode().split("\n")
+                if fields[0] == "READY=1":
+                    break
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(run, GUARD_S) == 0

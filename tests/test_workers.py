@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_startup_bounded import run_until_ready
 
 from siteagent.agent.config import Config, parse_config
 from siteagent.agent.control.inventory import build_devices
@@ -26,7 +27,6 @@ from siteagent.agent.control.workers import (
     start_workers,
     worker_count,
 )
-from siteagent.agent.tools.cli import _run_agent
 from siteagent.domain import DeviceError, DeviceState, DeviceStatus
 from siteagent.sim.site import SimSite
 
@@ -204,36 +204,29 @@ async def test_the_daemon_runs_its_miners_in_workers_and_stops_them(
     through the workers, and on SIGTERM the workers end with the agent."""
     caplog.set_level(logging.INFO, logger="siteagent")
     path = tmp_path / "notify.sock"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(str(path))
         s.setblocking(False)
-        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-        async with SimSite(4, base_address="127.12.3.1", backends=BACKENDS) as site:
-            listed = "".join(
-                f'[[inventory.miners]]\naddress = "{m.address}"\n' for m in site.miners
-            )
-            cfg = tmp_path / "siteagent.toml"
-            cfg.write_text(
-                "[site]\ncap_w = 1000000\n[control]\ninterval_s = 1\n"
-                "[telemetry]\ninterval_s = 1\ntimeout_s = 3\nworkers = 2\n"
-                f"[inventory]\n{listed}"
-                '[metrics]\nhost = "127.0.0.1"\nport = 0\n[api]\nhost = "127.0.0.1"\nport = 0\n'
-                f'[state]\ndir = "{tmp_path / "state"}"\n'
-            )
-            run = asyncio.create_task(_run_agent(str(cfg)))
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(GUARD_S):
-                    while True:
-                        fields = (await loop.sock_recv(s, 4096)).decode().split("\n")
-                        if fields[0] == "READY=1":
-                            break
-            finally:
-                os.kill(os.getpid(), signal.SIGTERM)  # the agent's own stop, as systemd's
-                assert await asyncio.wait_for(run, GUARD_S) == 0
+        await _ready_in_workers(s, tmp_path)
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("siteagent")]
     assert "telemetry: 4 miner(s) in 2 worker process(es)" in lines, lines
     assert "first sweep of 4 device(s)" in " ".join(lines), lines
     assert not [t for t in lines if "exited" in t], lines  # stopped, not died
     assert multiprocessing.active_children() == []
+
+
+async def _ready_in_workers(s: socket.socket, tmp_path: Path) -> None:
+    """The daemon on four simulated miners in two workers, to READY and stopped."""
+    async with SimSite(4, base_address="127.12.3.1", backends=BACKENDS) as site:
+        listed = "".join(f'[[inventory.miners]]\naddress = "{m.address}"\n' for m in site.miners)
+        cfg = tmp_path / "siteagent.toml"
+        cfg.write_text(
+            "[site]\ncap_w = 1000000\n[control]\ninterval_s = 1\n"
+            "[telemetry]\ninterval_s = 1\ntimeout_s = 3\nworkers = 2\n"
+            f"[inventory]\n{listed}"
+            '[metrics]\nhost = "127.0.0.1"\nport = 0\n[api]\nhost = "127.0.0.1"\nport = 0\n'
+            f'[state]\ndir = "{tmp_path / "state"}"\n'
+        )
+        await run_until_ready(cfg, s)

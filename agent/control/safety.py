@@ -44,6 +44,11 @@ _SLEEPING = STATE_CODE[DeviceState.SLEEPING]
 DECREASES = frozenset({SLEEP, LOWER})
 
 
+def lowers(kind: str) -> bool:
+    """Whether a change of ``kind`` lowers power: a sleep or a lowered target."""
+    return kind in DECREASES
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One actuation: what to send to one device, and its power before and after (W)."""
@@ -58,7 +63,7 @@ class Change:
     @property
     def is_decrease(self) -> bool:
         """True for changes that lower power."""
-        return self.kind in DECREASES
+        return lowers(self.kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,18 +90,18 @@ class Ordered:
 class Send(NamedTuple):
     """What one change sends: a ``Change`` without its setpoint, whose words cost most
     of making one (41,000 of them at a cap drop of 50,000 miners: 280-380 ms). A named
-    tuple, not a frozen dataclass: made 4x faster, and 41,000 are made at once."""
+    tuple, not a frozen dataclass, as 41,000 are made at once (89 -> 70 ms of it here)."""
+
+    @property
+    def is_decrease(self) -> bool:
+        """True for a sleep or a lowered target (``lowers``)."""
+        return lowers(self.kind)
 
     device_id: str
     kind: str
     old_w: float
     new_w: float
     set_target_w: float | None
-
-    @property
-    def is_decrease(self) -> bool:
-        """True for changes that lower power."""
-        return self.kind in DECREASES
 
 
 def sends(now: Sequence[Change]) -> list[Send]:

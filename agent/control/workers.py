@@ -296,7 +296,7 @@ class Shard:
         self.process: BaseProcess | None = None
         self.conn: Connection | None = None
         self.alive = False
-        self.down_since: bool = False  # said it is down; says once it is back
+        self.said_down = False  # said it is down (or late); says once it is back
         self.restarts = 0
         self._seq = 0
         # The sweep in flight: its number, when it was sent (clock s), its answer.
@@ -341,8 +341,8 @@ class Shard:
             seq = msg[1]
             if self._sweep is not None and self._sweep[0] == seq:
                 self.owner.record_batch(self, self._sweep[1], msg[2], msg[3], msg[4])
-                if self.down_since:
-                    self.down_since = False
+                if self.said_down:
+                    self.said_down = False
                     log.info(
                         "telemetry worker %d (pid %s) back: its %d miner(s) read again",
                         self.spec.index,
@@ -391,7 +391,7 @@ class Shard:
             proc.exitcode,
             len(self.rows),
         )
-        self.down_since = True
+        self.said_down = True
         self._fail_all(DeviceUnreachable(f"telemetry worker {self.spec.index} exited"))
         self.restarts += 1
         delay_s = min(2.0 ** (self.restarts - 1) * 0.5, self.owner.max_backoff_s)
@@ -422,8 +422,8 @@ class Shard:
         try:
             await asyncio.wait_for(fut, deadline_s)
         except TimeoutError:
-            if not self.down_since:
-                self.down_since = True
+            if not self.said_down:
+                self.said_down = True
                 log.warning(
                     "telemetry worker %d (pid %s) did not answer within %.0f s: its %d miner(s) "
                     "count at their worst case until it answers in time",
@@ -642,14 +642,16 @@ async def start_workers(cfg: Any, fleet: Any, clock: Callable[[], float]) -> Wor
     """The worker processes ``telemetry.workers`` asks for at this fleet's size, started
     (None for none: the agent reads every device itself)."""
     t = cfg.telemetry
-    n = worker_count(t.workers, len(fleet), os.cpu_count())
+    # The cores this process may run on (systemd's CPUAffinity, a container), not the host's.
+    n = worker_count(t.workers, len(fleet), len(os.sched_getaffinity(0)))
     if n == 0:
         return None
     telemetry = WorkerTelemetry(
         fleet,
         workers=n,
         timeout_s=t.timeout_s,
-        concurrency=t.concurrency,
+        # telemetry.concurrency stays the site's bound on reads in flight, shared out.
+        concurrency=max(1, -(-t.concurrency // n)),
         confirm_timeout_s=cfg.control.confirm_timeout_s,
         interval_s=t.interval_s,
         stale_after_s=t.stale_after_s,
