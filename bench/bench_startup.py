@@ -36,13 +36,13 @@ _SWEPT = re.compile(r"first sweep: (\d+) of (\d+) device\(s\) read in ([\d.]+) s
 _FULL_SWEEP = re.compile(r"first sweep of (\d+) device\(s\) in ([\d.]+) s")
 
 
-def write_config(path: Path, miners: list[dict[str, Any]], state: Path) -> None:
+def write_config(path: Path, miners: list[dict[str, Any]], state: Path, workers: str) -> None:
     """A site config that scans the simulators' address range, as a site would."""
     addrs = sorted(ipaddress.IPv4Address(m["address"]) for m in miners)
     cap_w = int(sum(float(m["nameplate_power_w"]) for m in miners) * 0.8)
     path.write_text(
         f"[site]\ncap_w = {cap_w}\n"
-        "[telemetry]\ninterval_s = 5\ntimeout_s = 10\nconcurrency = 500\nworkers = 0\n"
+        f"[telemetry]\ninterval_s = 5\ntimeout_s = 10\nconcurrency = 500\nworkers = {workers}\n"
         "[control]\ninterval_s = 5\n"
         f'[inventory]\nscan = ["{addrs[0]}-{addrs[-1]}"]\n'
         '[metrics]\nhost = "127.0.0.1"\nport = 0\n[api]\nhost = "127.0.0.1"\nport = 0\n'
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="127.13.0.1")
     p.add_argument("--per-process", type=int, default=0)
     p.add_argument("--warm", action="store_true", help="start again on the inventory kept")
+    p.add_argument("--workers", default="0", help='telemetry.workers: 0, N or "auto"')
     p.add_argument("--ready-s", type=float, default=900.0)
     args = p.parse_args(argv)
     if args.mix == "all":
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as tmp_name:
                 tmp = Path(tmp_name)
                 cfg = tmp / "siteagent.toml"
-                write_config(cfg, miners[:n], tmp / "state")
+                workers = '"auto"' if args.workers == "auto" else args.workers
+                write_config(cfg, miners[:n], tmp / "state", workers)
                 r = start_once(cfg, tmp, args.ready_s)
                 if args.warm:
                     r = start_once(cfg, tmp, args.ready_s)
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait()
     print(
         f"siteagent run to READY on simulated miners ({args.mix}), "
-        f"{'known inventory' if args.warm else 'fresh state (probes)'}, {os.cpu_count()} cores, "
+        f"{'known inventory' if args.warm else 'fresh state (probes)'}, telemetry.workers "
+        f"{args.workers}, {os.cpu_count()} cores, "
         f"load average before {load0:.2f} after {os.getloadavg()[0]:.2f}"
     )
     print(f"{'miners':>7} {'READY':>9} {'identify':>9} {'first sweep':>12} {'read at READY':>14}")
