@@ -197,6 +197,52 @@ async def test_a_killed_worker_leaves_its_miners_at_worst_case_until_restarted(
     assert len([t for t in lines if " back:" in t]) == 1, lines
 
 
+async def test_a_late_worker_leaves_its_miners_at_worst_case_until_it_answers_in_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="siteagent")
+    async with SimSite(4, base_address="127.12.4.1", backends=BACKENDS) as site:
+        addrs = [m.address for m in site.miners]
+        clock = Clock()
+        cfg = parse_config(
+            {
+                "site": {"cap_w": 1_000_000},
+                "telemetry": {"timeout_s": 3.0, "stale_after_s": 6.0, "workers": 2},
+                "inventory": {"miners": [{"address": a} for a in addrs]},
+            }
+        )
+        agent = await _agent(cfg, clock)
+        telemetry = agent.telemetry
+        assert telemetry is not None
+        late = telemetry.shards[0]
+        pid = telemetry.pids()[0]
+        assert pid is not None
+        try:
+            await agent.sweep()
+            os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
+            clock.now_s += 10.0
+            await agent.sweep()  # gives up on it after stale_after_s
+            assert late.alive
+            for d in agent.snapshot().devices:
+                row = agent.fleet.row(d.device_id)
+                if row in late.rows:
+                    assert d.state is DeviceState.UNREACHABLE
+                    assert d.budget_w >= d.nameplate_power_w
+                else:
+                    assert d.state is DeviceState.MINING
+            os.kill(pid, signal.SIGCONT)  # its late batch is dropped; the next one counts
+            clock.now_s += 10.0
+            await agent.sweep()
+            assert all(d.state is DeviceState.MINING for d in agent.snapshot().devices)
+            assert telemetry.pids()[0] == pid  # the same process: late, not dead
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await telemetry.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "siteagent.workers"]
+    assert len([t for t in lines if "did not answer within" in t]) == 1, lines
+    assert len([t for t in lines if " back:" in t]) == 1, lines
+
+
 async def test_the_daemon_runs_its_miners_in_workers_and_stops_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -132,6 +132,7 @@ class _Worker:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
+        """Take requests from the pipe until told to stop (or the agent is gone)."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -229,6 +230,8 @@ class _Worker:
 
     async def _command(self, cmd_id: int, i: int, kind: str, value: float) -> None:
         try:
+            # At most a connect (identify), a re-read of an uncertain state and the
+            # write, each under the timeout: never left hanging.
             async with asyncio.timeout(self.spec.timeout_s * 4):
                 drv = await self._driver(i)
                 if kind == "target":
