@@ -89,7 +89,13 @@ async def child(args: argparse.Namespace, miners: list[dict[str, Any]]) -> dict[
         fleet = agent.fleet
         return int((fleet.last_ok_s[: len(fleet)] == now[0]).sum())
 
-    connected = await sweep()  # drivers connect on their first read (identification aside)
+    # Drivers connect on their first read (identification aside); a worker that answers
+    # a sweep late is given no other until it has, so sweep until every miner was read.
+    connected = 0
+    for _ in range(args.connect_tries):
+        connected = max(connected, await sweep())
+        if connected == len(miners):
+            break
     main0, workers0 = cpu_s()
     t0 = time.perf_counter()
     readings = 0
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-s", type=float, default=15.0)
     p.add_argument("--timeout-s", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=500)
+    p.add_argument("--connect-tries", type=int, default=10, help="untimed sweeps to connect")
     p.add_argument("--sim-cpus", default="", help="cores for the simulators, e.g. 1 or 8-15")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--inventory", default="", help=argparse.SUPPRESS)
@@ -162,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--steady-sweeps", str(args.steady_sweeps)]
                 cmd += ["--interval-s", str(args.interval_s), "--timeout-s", str(args.timeout_s)]
                 cmd += ["--concurrency", str(args.concurrency)]
+                cmd += ["--connect-tries", str(args.connect_tries)]
                 out = subprocess.run(
                     cmd,
                     cwd=ROOT,

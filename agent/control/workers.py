@@ -304,6 +304,11 @@ class Shard:
         self._seq = 0
         # The sweep in flight: its number, when it was sent (clock s), its answer.
         self._sweep: tuple[int, float, asyncio.Future[None]] | None = None
+        # A sweep the worker was given and has not answered (in time or late): no other
+        # is sent until it does, or a slow worker's work would pile up sweep on sweep.
+        self._outstanding: int | None = None
+        self.idle = asyncio.Event()  # set while no sweep is outstanding
+        self.idle.set()
         self._next_cmd = 0
         self._commands: dict[int, asyncio.Future[float]] = {}
         self.started: asyncio.Future[None] | None = None
@@ -342,6 +347,9 @@ class Shard:
         what = msg[0]
         if what == "readings":
             seq = msg[1]
+            if seq == self._outstanding:
+                self._outstanding = None
+                self.idle.set()
             if self._sweep is not None and self._sweep[0] == seq:
                 self.owner.record_batch(self, self._sweep[1], msg[2], msg[3], msg[4])
                 if self.said_down:
@@ -375,6 +383,8 @@ class Shard:
         if not self.alive:
             return
         self.alive = False
+        self._outstanding = None
+        self.idle.set()
         self.up.clear()
         self.down.set()
         loop = asyncio.get_running_loop()
@@ -416,9 +426,11 @@ class Shard:
 
     async def sweep(self, positions: list[int], deadline_s: float) -> None:
         """Have the worker read ``positions``; give up on it after ``deadline_s``."""
-        if not self.alive or self.conn is None or not positions:
+        if not self.alive or self.conn is None or not positions or self._outstanding is not None:
             return  # not read: stale in time, so counted at its worst case
         self._seq += 1
+        self._outstanding = self._seq
+        self.idle.clear()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sweep = (self._seq, self.owner.clock(), fut)
         self.conn.send(("read", self._seq, np.asarray(positions, np.int32)))
