@@ -14,10 +14,11 @@ and its outcome (the target taken, or the error's class and text) comes back.
 Only a connect sends an object: the identity the miner gave, once.
 
 Safety across workers: a worker that dies, or answers a sweep later than
-``stale_after_s``, has its miners left unread (a late batch is dropped), so the fleet's staleness
-rule (``telemetry.stale_after_s``) counts them at their worst case until it is
-back; a command to a dead worker fails as unreachable (no outcome known: the
-loop counts both levels until a reading says). A dead worker is restarted
+``telemetry.stale_after_s``, has its miners left unread (a late batch is
+dropped), so the fleet's staleness rule counts them at their worst case until it
+is back; a worker is sent no sweep while it owes one, so a slow one's work does
+not pile up. A command to a dead worker fails as unreachable (no outcome known:
+the loop counts both levels until a reading says). A dead worker is restarted
 with back-off: one warning when it goes, one line when it reads again.
 """
 
