@@ -96,6 +96,8 @@ async def child(args: argparse.Namespace, miners: list[dict[str, Any]]) -> dict[
         connected = max(connected, await sweep())
         if connected == len(miners):
             break
+        for shard in telemetry.shards if telemetry else []:
+            await shard.idle.wait()
     main0, workers0 = cpu_s()
     t0 = time.perf_counter()
     readings = 0

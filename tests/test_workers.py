@@ -233,7 +233,7 @@ async def test_a_late_worker_leaves_its_miners_at_worst_case_until_it_answers_in
             # Still stopped: no second sweep is sent to it on top of the one it owes.
             await agent.sweep()
             assert not late.idle.is_set()
-            os.kill(pid, signal.SIGCONT)  # its late batch is dropped; the next one counts
+            os.kill(pid, signal.SIGCONT)  # its late batch counts from when asked
             await asyncio.wait_for(late.idle.wait(), GUARD_S)
             clock.now_s += 10.0
             await agent.sweep()

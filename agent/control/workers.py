@@ -14,11 +14,12 @@ and its outcome (the target taken, or the error's class and text) comes back.
 Only a connect sends an object: the identity the miner gave, once.
 
 Safety across workers: a worker that dies, or answers a sweep later than
-``telemetry.stale_after_s``, has its miners left unread (a late batch is
-dropped), so the fleet's staleness rule counts them at their worst case until it
-is back; a worker is sent no sweep while it owes one, so a slow one's work does
-not pile up. A command to a dead worker fails as unreachable (no outcome known:
-the loop counts both levels until a reading says). A dead worker is restarted
+``telemetry.stale_after_s``, has its miners unread in time (a late batch counts
+from when it was asked for, so stale on arrival), so the fleet's staleness rule
+counts them at their worst case until it is back; a worker is sent no sweep
+while it owes one, so a slow one's work does not pile up. A command to a dead
+worker fails as unreachable (no outcome known: the loop counts both levels until
+a reading says). A dead worker is restarted
 with back-off: one warning when it goes, one line when it reads again.
 """
 
@@ -307,7 +308,8 @@ class Shard:
         self._sweep: tuple[int, float, asyncio.Future[None]] | None = None
         # A sweep the worker was given and has not answered (in time or late): no other
         # is sent until it does, or a slow worker's work would pile up sweep on sweep.
-        self._outstanding: int | None = None
+        # (Its number, when it was asked for: its readings count from then.)
+        self._outstanding: tuple[int, float] | None = None
         self.idle = asyncio.Event()  # set while no sweep is outstanding
         self.idle.set()
         self._next_cmd = 0
@@ -348,11 +350,14 @@ class Shard:
         what = msg[0]
         if what == "readings":
             seq = msg[1]
-            if seq == self._outstanding:
+            owed = self._outstanding
+            if owed is not None and owed[0] == seq:
                 self._outstanding = None
                 self.idle.set()
+                # Late or not, its readings count from when they were asked for: a late
+                # batch is stale on arrival (worst case) but says what the miners are.
+                self.owner.record_batch(self, owed[1], msg[2], msg[3], msg[4])
             if self._sweep is not None and self._sweep[0] == seq:
-                self.owner.record_batch(self, self._sweep[1], msg[2], msg[3], msg[4])
                 if self.said_down:
                     self.said_down = False
                     log.info(
@@ -364,7 +369,6 @@ class Shard:
                 fut = self._sweep[2]
                 if not fut.done():
                     fut.set_result(None)
-            # else: the answer to a sweep that gave up on it; too old to count as fresh.
         elif what == "identity":
             self.owner.record_identity(self, msg[1], msg[2], msg[3])
         elif what == "done":
@@ -430,7 +434,7 @@ class Shard:
         if not self.alive or self.conn is None or not positions or self._outstanding is not None:
             return  # not read: stale in time, so counted at its worst case
         self._seq += 1
-        self._outstanding = self._seq
+        self._outstanding = (self._seq, self.owner.clock())
         self.idle.clear()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sweep = (self._seq, self.owner.clock(), fut)
