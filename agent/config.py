@@ -403,6 +403,9 @@ class TelemetryConfig(_Strict):
     stale_after_s: PositiveS = 30.0
     concurrency: Annotated[int, Field(ge=1, le=10_000)] = 500
     max_backoff_s: PositiveS = 60.0
+    # Miners read and commanded in this many worker processes (0: in the agent's own);
+    # "auto": none below agent.control.workers.AUTO_MIN_DEVICES, else one per core less one.
+    workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = "auto"
 
 
 class ControlConfig(_Strict):

@@ -26,6 +26,7 @@ from siteagent.agent.control.inventory_store import (
     backend_of,
     identity_key,
 )
+from siteagent.agent.control.startup import settle_tasks, straggler_quiet_s
 from siteagent.agent.credentials import NO_CREDENTIALS, MinerCredentials, load_credentials
 from siteagent.domain import (
     DeviceError,
@@ -204,6 +205,7 @@ async def identify(
     on_done: Callable[[], object] | None = None,
     creds: MinerCredentials = NO_CREDENTIALS,
     ids: Mapping[str, str] | None = None,
+    quiet_s: float | None = None,
 ) -> dict[str, AsicDriver]:
     """Identify the miners at ``addresses``, ``concurrency`` at a time: connected drivers
     by address for those that answered. ``on_done`` is called as each address finishes.
@@ -213,6 +215,10 @@ async def identify(
     Bounded because an unbounded get_miner() fan-out fails wholesale (1,000 at once
     identified none), and because each identification's deadline runs while it
     waits for the CPU: 500 at once on two cores timed most of 10,000 out at 3 s.
+
+    With ``quiet_s``, listed miners (in ``ids``) still unanswered once every other
+    address is done and none has finished for ``quiet_s`` are given up on: they
+    count at their worst case and connect on a later read (agent/control/startup.py).
     """
     sem = asyncio.Semaphore(max(1, concurrency))
 
@@ -228,7 +234,12 @@ async def identify(
                 if on_done is not None:
                     on_done()
 
-    drivers = await asyncio.gather(*(one(a) for a in addresses))
+    tasks = [asyncio.ensure_future(one(a)) for a in addresses]
+    listed = ids or {}
+    await settle_tasks(
+        tasks, quiet_s, [t for a, t in zip(addresses, tasks, strict=True) if a not in listed]
+    )
+    drivers = [None if t.cancelled() else t.result() for t in tasks]
     return {a: d for a, d in zip(addresses, drivers, strict=True) if d is not None}
 
 
@@ -238,6 +249,7 @@ async def _survey(
     addresses: Sequence[str],
     on_done: Callable[[], object] | None,
     creds: MinerCredentials,
+    quiet_s: float | None = None,
 ) -> dict[str, AsicDriver]:
     """Identify ``addresses``; record what answered (new, moved, missing) in the store."""
     if not addresses:
@@ -251,6 +263,7 @@ async def _survey(
         on_done=on_done,
         creds=creds,
         ids={m.address: m.id or default_id(m.address) for m in cfg.inventory.miners},
+        quiet_s=quiet_s,
     )
     found = [(a, d.identity) for a, d in drivers.items() if d.identity is not None]
     log.info("discovery: %d miner(s) answered in %d address(es)", len(found), len(addresses))
@@ -308,7 +321,8 @@ async def build_devices(
     ``inventory.discovery_concurrency``; each link keeps the driver its
     identification connected, so the first sweep only reads. A listed miner
     that did not answer connects on a later read. ``on_identified`` is called as
-    each address (``startup_addresses``) finishes.
+    each address (``startup_addresses``) finishes. Listed miners that hang are not
+    waited out (``identify``'s ``quiet_s``): they count at their worst case until read.
     """
     creds = credentials(cfg)
     listed = [miner_link(cfg, m, creds) for m in cfg.inventory.miners]
@@ -319,7 +333,9 @@ async def build_devices(
     for t in [*listed, *gpus]:
         _take(taken, t)
     scanned = scan_addresses(cfg)
-    drivers = await _survey(cfg, store, [t.address for t in listed] + scanned, on_identified, creds)
+    addresses = [t.address for t in listed] + scanned
+    quiet_s = straggler_quiet_s(cfg.telemetry.timeout_s)
+    drivers = await _survey(cfg, store, addresses, on_identified, creds, quiet_s)
     for t in listed:
         drv = drivers.get(t.address)
         if drv is not None:

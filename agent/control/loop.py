@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -32,7 +32,16 @@ from siteagent.agent.control.metering import (
 )
 from siteagent.agent.control.prices import PriceFeed, economic_params, static_prices
 from siteagent.agent.control.reload import reload_problems
-from siteagent.agent.control.safety import Change, Ordered, order_changes, worst_case_loads_w
+from siteagent.agent.control.safety import (
+    Change,
+    Ordered,
+    Picked,
+    Send,
+    WithReason,
+    order_changes,
+    sends,
+    worst_case_loads_w,
+)
 from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Durations, VenStatus
 from siteagent.domain import (
     DeviceError,
@@ -49,6 +58,9 @@ from siteagent.domain.site import DomainTree
 from siteagent.policies import Policy, PolicyParams, PolicyState, get_policy
 from siteagent.policies.capping import CappingParams
 from siteagent.policies.prices import Prices
+
+if TYPE_CHECKING:
+    from siteagent.agent.control.workers import WorkerTelemetry
 
 log = logging.getLogger("siteagent.loop")
 
@@ -209,6 +221,8 @@ class Agent:
         )
         self.meters = self.metering.meters
         self.frequency = self.metering.frequency
+        # Miners read and commanded in worker processes (telemetry.workers); None: all here.
+        self.telemetry: WorkerTelemetry | None = None
 
     # -- limits ------------------------------------------------------------------
 
@@ -429,7 +443,10 @@ class Agent:
             sem = asyncio.Semaphore(self.config.telemetry.concurrency)
             links = self.fleet.links()
             due = [row for row, link in enumerate(links) if link.next_read_s <= now]
-            await asyncio.gather(*(self._read_one(row, sem) for row in due))
+            remote: list[Awaitable[None]] = []
+            if self.telemetry is not None:
+                due, remote = self.telemetry.split(due)
+            await asyncio.gather(*(self._read_one(row, sem) for row in due), *remote)
             self.sweeps += 1
             self.last_sweep_s = self.clock()
             self.sweep_durations.observe(time.perf_counter() - started)
@@ -501,9 +518,10 @@ class Agent:
         )
         if self.monitor_only:
             ordered = ordered.hold_all("monitor-only override: nothing is sent")
-        # The changes to send, made once: rows made on demand are made anew at each read.
-        ordered = Ordered(tuple(ordered.now), ordered.deferred)
-        ordered = self._hold_refused(ordered, snap.time_s)
+        # What each change sends, from the ordering's columns: a Change, with its
+        # setpoint's words, is made only where read (a change held back, a decision log).
+        send = sends(ordered.now)
+        ordered, send = self._hold_refused(ordered, send, snap.time_s)
         plan_duration = time.perf_counter() - started
         # At most control.concurrency at once, in the tick's order: a cap drop at a
         # 10,000-miner site changes thousands, and each call in flight holds its own
@@ -513,21 +531,22 @@ class Agent:
         # counted at its worst case, so sending part of them is safe.)
         sem = asyncio.Semaphore(self.config.control.concurrency)
         deadline = asyncio.get_running_loop().time() + self.config.control.actuation_timeout_s
-        results = await asyncio.gather(*(self._apply(c, sem, deadline) for c in ordered.now))
-        outcome = list(zip(ordered.now, results, strict=True))
+        results = await asyncio.gather(*(self._apply(c, sem, deadline) for c in send))
+        outcome = list(zip(send, results, strict=True))
         applied = tuple(c.device_id for c, ok in outcome if ok)
         failed = tuple(c.device_id for c, ok in outcome if ok is False)
-        late = tuple((c, NOT_SENT_IN_TIME) for c, ok in outcome if ok is None)
+        late = [k for k, ok in enumerate(results) if ok is None]
         if late:
             log.warning(
                 "tick: %d of %d change(s) not sent within %.0f s; the next tick plans them again",
                 len(late),
-                len(ordered.now),
+                len(send),
                 self.config.control.actuation_timeout_s,
             )
-            sent = tuple(c for c, ok in outcome if ok is not None)
-            ordered = ordered.holding(sent, late)
-        if any(not c.is_decrease for c in ordered.now):
+            sent = [k for k, ok in enumerate(results) if ok is not None]
+            held = WithReason(Picked(ordered.now, late), NOT_SENT_IN_TIME)
+            ordered = ordered.holding(Picked(ordered.now, sent), held)
+        if any(not c.is_decrease for c, ok in outcome if ok is not None):
             self.last_increase_s = snap.time_s
         self.last_plan = plan
         self.ticks += 1
@@ -556,19 +575,19 @@ class Agent:
             self.on_tick(record)
         return record
 
-    def _hold_refused(self, ordered: Ordered, now_s: float) -> Ordered:
+    def _hold_refused(
+        self, ordered: Ordered, send: list[Send], now_s: float
+    ) -> tuple[Ordered, list[Send]]:
         """Hold changes for devices that refused one, until their back-off ends: a device
         that refuses is not asked again every tick (holding a change sends less, never more)."""
         waiting = {d for d, (_, retry_s) in self._refused.items() if retry_s > now_s}
-        if not waiting or not any(c.device_id in waiting for c in ordered.now):
-            return ordered
-        held = tuple(
-            (c, "refused its last command; asked again after its back-off")
-            for c in ordered.now
-            if c.device_id in waiting
-        )
-        now = tuple(c for c in ordered.now if c.device_id not in waiting)
-        return ordered.holding(now, held)
+        if not waiting or not any(c.device_id in waiting for c in send):
+            return ordered, send
+        held = [k for k, c in enumerate(send) if c.device_id in waiting]
+        now = [k for k, c in enumerate(send) if c.device_id not in waiting]
+        why = "refused its last command; asked again after its back-off"
+        held_back = WithReason(Picked(ordered.now, held), why)
+        return ordered.holding(Picked(ordered.now, now), held_back), [send[k] for k in now]
 
     def floored(self, limits: Limits, snap: Snapshot) -> Limits:
         """``limits`` with this snapshot's contract floors (``ai_demand.Contracts``)."""
@@ -594,9 +613,9 @@ class Agent:
     async def _send_now(self, changes: Sequence[Change]) -> list[bool]:
         """Send ``changes`` at once, together, outside a tick (the under-frequency block)."""
         deadline = asyncio.get_running_loop().time() + self.config.control.actuation_timeout_s
-        return list(await asyncio.gather(*(self._apply_now(c, deadline) for c in changes)))
+        return list(await asyncio.gather(*(self._apply_now(c, deadline) for c in sends(changes))))
 
-    async def _apply(self, c: Change, sem: asyncio.Semaphore, deadline: float) -> bool | None:
+    async def _apply(self, c: Send, sem: asyncio.Semaphore, deadline: float) -> bool | None:
         """Send ``c`` in its turn: whether the device took it, None if not sent by the
         deadline (``loop.time()``)."""
         try:
@@ -609,7 +628,7 @@ class Agent:
         finally:
             sem.release()
 
-    async def _apply_now(self, c: Change, deadline: float) -> bool:
+    async def _apply_now(self, c: Send, deadline: float) -> bool:
         fleet = self.fleet
         row = fleet.row(c.device_id)
         driver = fleet.link(row).driver
@@ -623,7 +642,7 @@ class Agent:
                     if c.set_target_w is not None:
                         applied = await driver.set_power_target(c.set_target_w)
                         self.actuations["set_power_target"] += 1
-                        c = Change(c.device_id, c.kind, c.setpoint, c.old_w, c.new_w, applied)
+                        c = Send(c.device_id, c.kind, c.old_w, c.new_w, applied)
                     if c.kind == "wake":
                         await driver.wake()
         except DevicePermissionError as e:

@@ -17,7 +17,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +44,11 @@ _SLEEPING = STATE_CODE[DeviceState.SLEEPING]
 DECREASES = frozenset({SLEEP, LOWER})
 
 
+def lowers(kind: str) -> bool:
+    """Whether a change of ``kind`` lowers power: a sleep or a lowered target."""
+    return kind in DECREASES
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One actuation: what to send to one device, and its power before and after (W)."""
@@ -58,7 +63,7 @@ class Change:
     @property
     def is_decrease(self) -> bool:
         """True for changes that lower power."""
-        return self.kind in DECREASES
+        return lowers(self.kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,46 @@ class Ordered:
     def hold_all(self, why: str) -> Ordered:
         """Nothing now: every change that would have gone out waits, for one reason."""
         return self.holding((), WithReason(self.now, why))
+
+
+class Send(NamedTuple):
+    """What one change sends: a ``Change`` without its setpoint, whose words cost most
+    of making one (41,000 of them at a cap drop of 50,000 miners: 280-380 ms). A named
+    tuple, not a frozen dataclass, as 41,000 are made at once (89 -> 70 ms of it here)."""
+
+    @property
+    def is_decrease(self) -> bool:
+        """True for a sleep or a lowered target (``lowers``)."""
+        return lowers(self.kind)
+
+    device_id: str
+    kind: str
+    old_w: float
+    new_w: float
+    set_target_w: float | None
+
+
+def sends(now: Sequence[Change]) -> list[Send]:
+    """What each change of ``now`` sends, in its order: from the columns where ``now``
+    is made on demand (no ``Change`` or ``Setpoint`` made), else from each change."""
+    if isinstance(now, ChangeRows):
+        return now.sends()
+    return [Send(c.device_id, c.kind, c.old_w, c.new_w, c.set_target_w) for c in now]
+
+
+class Picked(RowsOnDemand[T]):
+    """The items of ``rows`` at ``which`` (in that order), none made until read."""
+
+    __slots__ = ("_rows", "_which")
+
+    def __init__(self, rows: Sequence[T], which: Sequence[int]) -> None:
+        self._rows, self._which = rows, which
+
+    def __len__(self) -> int:
+        return len(self._which)
+
+    def _at(self, i: int) -> T:
+        return self._rows[self._which[i]]
 
 
 class Joined(RowsOnDemand[T]):
@@ -166,6 +211,24 @@ class ChangeRows(RowsOnDemand[Change]):
 
     def _at(self, i: int) -> Change:
         return self._cols.change(int(self._which[i]))
+
+    def sends(self) -> list[Send]:
+        """What each of these changes sends, in order, from the columns."""
+        cols, which = self._cols, self._which
+        ids = cols.ids
+        device_ids = [ids[i] for i in cols.at[which].tolist()]
+        kinds = [KINDS[k] for k in cols.kind[which].tolist()]
+        targets = [None if t != t else t for t in cols.set_target_w[which].tolist()]
+        return list(
+            map(
+                Send,
+                device_ids,
+                kinds,
+                cols.old_w[which].tolist(),
+                cols.new_w[which].tolist(),
+                targets,
+            )
+        )
 
 
 class DeferredRows(RowsOnDemand[tuple[Change, str]]):

@@ -116,6 +116,8 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     )
     from siteagent.agent.control.inventory_store import InventoryStore
     from siteagent.agent.control.loop import Agent
+    from siteagent.agent.control.startup import straggler_quiet_s, until_quiet
+    from siteagent.agent.control.workers import start_workers
     from siteagent.agent.ops.metrics import loop_healthy, serve_metrics, site_summary
     from siteagent.agent.ops.sdnotify import (
         Notifier,
@@ -167,6 +169,10 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
         # The config in force, not the one read at start: a reload may change the ranges.
         agent = Agent(cfg, trackers, rescan=lambda: scan(agent.config, store))
+        telemetry = await start_workers(cfg, agent.fleet, agent.clock)
+        if telemetry is not None:
+            agent.telemetry = telemetry
+            opened.append(telemetry.close)
         metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
         opened.append(_closing(metrics.close))
         log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
@@ -187,12 +193,27 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         )
         close_api = api.close  # one object: the stop path closes it first, then the rest
         opened.append(close_api)
-        # READY only once every device has been read once: the agent must know its
-        # site before it controls, and what starts after it may rely on the API's view.
+        # READY once every device has been read once, or once only devices that do not
+        # answer are left (nothing read for quiet_s): those count at their worst case
+        # (never read: unknown) until read, so the site is safe to control.
         startup.phase("first sweep", len(agent.fleet), count=lambda: _read_once(agent))
         t = time.perf_counter()
-        await agent.sweep()
-        log.info("first sweep of %d device(s) in %.1f s", len(agent.fleet), time.perf_counter() - t)
+        first = loop.create_task(agent.sweep())
+        opened.append(lambda: _cancelled(first))  # closed first: it reads through the drivers
+        n, quiet_s = len(agent.fleet), straggler_quiet_s(cfg.telemetry.timeout_s)
+        if await until_quiet(lambda: _read_once(agent), first.done, quiet_s):
+            await first
+            log.info("first sweep of %d device(s) in %.1f s", n, time.perf_counter() - t)
+        else:
+            read = _read_once(agent)
+            log.info(
+                "first sweep: %d of %d device(s) read in %.1f s; the %d left count at their "
+                "worst case until read",
+                read,
+                n,
+                time.perf_counter() - t,
+                n - read,
+            )
         if cfg.openadr is not None:
             # Once the site is read: the VEN answers events by what the site can shed. Its
             # events go into the runtime's book; it stops before the store closes.
@@ -260,6 +281,12 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         if close is not close_api:
             await close()
     return EXIT_OK
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` (a sweep still running) and wait for it to end."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _closing(close: Callable[[], object]) -> Callable[[], Awaitable[object]]:

@@ -1,0 +1,688 @@
+"""Telemetry and actuation in worker processes (issue 20 item 1).
+
+At 10,000 miners a sweep costs more CPU than one core has in a telemetry
+interval, so the miners are sharded over N worker processes ('spawn' context).
+Each worker runs its own event loop and owns its miners' drivers and
+connections, built from what the identification found (firmware, model); the
+control loop keeps the fleet state, the plan and the safety ordering.
+
+Transport: one multiprocessing pipe per worker. A sweep sends each worker the
+positions (in its shard) of the miners due; the worker answers with one batch
+of numpy columns (readings) and one of failures, never an object per reading.
+A command (power target, sleep, wake) goes to the owning worker as a tuple,
+and its outcome (the target taken, or the error's class and text) comes back.
+Only a connect sends an object: the identity the miner gave, once.
+
+Safety across workers: a worker that dies, or answers a sweep later than
+``telemetry.stale_after_s``, has its miners unread in time (a late batch counts
+from when it was asked for, so stale on arrival), so the fleet's staleness rule
+counts them at their worst case until it is back; a worker is sent no sweep
+while it owes one, so a slow one's work does not pile up. A command to a dead
+worker fails as unreachable (no outcome known: the loop counts both levels until
+a reading says). A dead worker is restarted
+with back-off: one warning when it goes, one line when it reads again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import multiprocessing
+import os
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, Literal
+
+import numpy as np
+
+from siteagent.domain import (
+    DeviceError,
+    DeviceFaulted,
+    DeviceIdentity,
+    DeviceKind,
+    DevicePermissionError,
+    DeviceReading,
+    DeviceRefused,
+    DeviceUnreachable,
+)
+from siteagent.domain.table import STATE_CODE, STATES
+
+log = logging.getLogger("siteagent.workers")
+
+# Below this many devices one process reads them all within an interval: workers would
+# cost a process start and a pipe hop for nothing. Above it, a sweep outgrows one core.
+AUTO_MIN_DEVICES = 2_000
+# The errors a worker names by class; any other is faulted, as the single process has it.
+_ERRORS: dict[str, type[Exception]] = {
+    e.__name__: e
+    for e in (
+        DeviceError,
+        DeviceUnreachable,
+        DeviceFaulted,
+        DeviceRefused,
+        DevicePermissionError,
+        TimeoutError,
+    )
+}
+_SETTLE_KINDS = ("wake", "sleep", "lower", "raise")
+
+
+def worker_count(setting: int | Literal["auto"], n_devices: int, cpus: int | None) -> int:
+    """How many worker processes to run: the setting, or for "auto" none below
+    ``AUTO_MIN_DEVICES`` devices and one per core less one (at least one) above."""
+    if setting != "auto":
+        return setting
+    if n_devices < AUTO_MIN_DEVICES:
+        return 0
+    return max(1, (cpus or 1) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker process is started with: its miners and how to reach them."""
+
+    index: int
+    # Per miner: (device id, address, firmware backend or None to probe, model or None).
+    miners: tuple[tuple[str, str, str | None, str | None], ...]
+    timeout_s: float
+    concurrency: int
+    credentials_file: str | None
+    log_level: int
+
+
+def _error_of(kind: str, text: str) -> Exception:
+    cls = _ERRORS.get(kind)
+    return RuntimeError(f"{kind}: {text}") if cls is None else cls(text)
+
+
+def _named(e: BaseException) -> tuple[str, str]:
+    return type(e).__name__, str(e)
+
+
+# -- the worker process ---------------------------------------------------------------
+
+
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """A worker process's entry point: serve reads and commands until told to stop."""
+    # As the agent's own: asyncssh's import names DSA, which cryptography deprecates.
+    from cryptography.utils import CryptographyDeprecationWarning
+
+    warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"asyncssh\.")
+    logging.basicConfig(level=spec.log_level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("siteagent").setLevel(spec.log_level)
+    # The agent's own SIGINT reaches its workers too; the agent stops them.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_Worker(conn, spec).serve())
+
+
+class _Worker:
+    """One worker's loop: its shard's drivers, reads in batches, commands one by one."""
+
+    def __init__(self, conn: Connection, spec: WorkerSpec) -> None:
+        from siteagent.agent.credentials import load_credentials
+
+        self.conn = conn
+        self.spec = spec
+        self.creds = load_credentials(spec.credentials_file)
+        self.drivers: list[Any] = [None] * len(spec.miners)
+        self.sem = asyncio.Semaphore(spec.concurrency)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        """Take requests from the pipe until told to stop (or the agent is gone)."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+
+        def readable() -> None:
+            try:
+                while self.conn.poll():
+                    inbox.put_nowait(self.conn.recv())
+            except (EOFError, OSError):
+                inbox.put_nowait(("stop",))  # the agent is gone: so is its worker
+
+        loop.add_reader(self.conn.fileno(), readable)
+        self.conn.send(("ready", os.getpid()))
+        while True:
+            msg = await inbox.get()
+            if msg[0] == "stop":
+                break
+            if msg[0] == "read":
+                self._spawn(self._sweep(msg[1], msg[2]))
+            elif msg[0] == "cmd":
+                self._spawn(self._command(*msg[1:]))
+        loop.remove_reader(self.conn.fileno())
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        from siteagent.agent.control.devices import close_quietly
+
+        await close_quietly([d for d in self.drivers if d is not None], "a worker's driver")
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _driver(self, i: int) -> Any:
+        from siteagent.drivers.asic import AsicDriver
+
+        drv = self.drivers[i]
+        if drv is not None:
+            return drv
+        device_id, address, backend, model = self.spec.miners[i]
+        logins = self.creds.for_miner(device_id, address)
+        timeout_s = self.spec.timeout_s
+        if backend is None:
+            drv = await AsicDriver.connect(device_id, address, timeout_s=timeout_s, logins=logins)
+        else:
+            drv = await AsicDriver.from_inventory(
+                device_id, address, backend=backend, model=model, timeout_s=timeout_s, logins=logins
+            )
+        self.drivers[i] = drv
+        settle = tuple(drv.settle_s(k) for k in _SETTLE_KINDS)
+        self.conn.send(("identity", i, drv.identity, settle))
+        return drv
+
+    async def _read(self, i: int) -> Any:
+        async with self.sem:
+            try:
+                async with asyncio.timeout(self.spec.timeout_s):
+                    drv = await self._driver(i)
+                    return await drv.read(), drv.login_ok
+            except TimeoutError:
+                return DeviceUnreachable(f"no answer within {self.spec.timeout_s:.1f} s")
+            except Exception as e:
+                if not isinstance(e, DeviceError):
+                    log.exception("%s: unexpected error while reading", self.spec.miners[i][0])
+                return e
+
+    async def _sweep(self, seq: int, positions: np.ndarray[Any, np.dtype[np.int32]]) -> None:
+        results = await asyncio.gather(*(self._read(int(i)) for i in positions))
+        ok = [(int(i), r) for i, r in zip(positions, results, strict=True) if isinstance(r, tuple)]
+        bad = [
+            (int(i), r) for i, r in zip(positions, results, strict=True) if isinstance(r, Exception)
+        ]
+        readings = [r for _, (r, _) in ok]
+        cols = {
+            "pos": np.fromiter((i for i, _ in ok), np.int32, len(ok)),
+            "time_s": np.fromiter((r.timestamp_s for r in readings), np.float64, len(ok)),
+            "state": np.fromiter((STATE_CODE[r.state] for r in readings), np.int8, len(ok)),
+            "power_w": _floats([r.power_w for r in readings]),
+            "hashrate_ths": _floats([r.hashrate_ths for r in readings]),
+            "temperature_c": _floats([r.temperature_c for r in readings]),
+            "power_target_w": _floats([r.power_target_w for r in readings]),
+            "utilization_frac": _floats([r.utilization_frac for r in readings]),
+            "estimated": np.fromiter((r.power_estimated for r in readings), np.bool_, len(ok)),
+            "login_ok": np.fromiter(
+                (-1 if lo is None else int(lo) for _, (_, lo) in ok), np.int8, len(ok)
+            ),
+        }
+        # Firmware error texts are rare: only the rows that have any.
+        errors = [(k, r.errors) for k, r in enumerate(readings) if r.errors]
+        failed = (
+            np.fromiter((i for i, _ in bad), np.int32, len(bad)),
+            [_named(e) for _, e in bad],
+        )
+        self.conn.send(("readings", seq, cols, errors, failed))
+
+    async def _command(self, cmd_id: int, i: int, kind: str, value: float) -> None:
+        try:
+            # At most a connect (identify), a re-read of an uncertain state and the
+            # write, each under the timeout: never left hanging.
+            async with asyncio.timeout(self.spec.timeout_s * 4):
+                drv = await self._driver(i)
+                if kind == "target":
+                    value = await drv.set_power_target(value)
+                elif kind == "sleep":
+                    await drv.sleep()
+                else:
+                    await drv.wake()
+        except Exception as e:
+            self.conn.send(("done", cmd_id, *_named(e), value))
+            return
+        self.conn.send(("done", cmd_id, "", "", value))
+
+
+def _floats(values: Sequence[float | None]) -> np.ndarray[Any, np.dtype[np.float64]]:
+    return np.fromiter((math.nan if v is None else v for v in values), np.float64, len(values))
+
+
+def _none(x: float) -> float | None:
+    return None if x != x else float(x)
+
+
+# -- the agent's side ----------------------------------------------------------------
+
+
+class RemoteDriver:
+    """A miner driven by a worker process: what the loop calls on a driver, sent there."""
+
+    def __init__(self, shard: Shard, position: int, identity: DeviceIdentity | None) -> None:
+        self.shard = shard
+        self.position = position
+        self.identity = identity
+        self.settle: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+        # Whether the miner took our credentials, as the worker's driver last said.
+        self.login_ok: bool | None = None
+
+    def settle_s(self, kind: str) -> float:
+        """How long (s) the firmware takes to show a change of ``kind`` (the worker's word)."""
+        return self.settle[_SETTLE_KINDS.index(kind)] if kind in _SETTLE_KINDS else 0.0
+
+    async def read(self) -> DeviceReading:
+        """Never called: the worker reads its miners in batches."""
+        raise DeviceUnreachable("read by its worker process")
+
+    async def set_power_target(self, power_w: float) -> float:
+        """Sent to the owning worker; the target the miner took."""
+        return await self.shard.command(self.position, "target", power_w)
+
+    async def sleep(self) -> None:
+        """Sent to the owning worker."""
+        await self.shard.command(self.position, "sleep", 0.0)
+
+    async def wake(self) -> None:
+        """Sent to the owning worker."""
+        await self.shard.command(self.position, "wake", 0.0)
+
+
+class Shard:
+    """The agent's end of one worker process: its rows, its pipe, its liveness."""
+
+    def __init__(self, owner: WorkerTelemetry, spec: WorkerSpec, rows: list[int]) -> None:
+        self.owner = owner
+        self.spec = spec
+        self.rows = rows
+        self.process: BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.alive = False
+        self.said_down = False  # said it is down (or late); says once it is back
+        self.restarts = 0
+        self._seq = 0
+        # The sweep in flight: its number, when it was sent (clock s), its answer.
+        self._sweep: tuple[int, float, asyncio.Future[None]] | None = None
+        # A sweep the worker was given and has not answered (in time or late): no other
+        # is sent until it does, or a slow worker's work would pile up sweep on sweep.
+        # (Its number, when it was asked for: its readings count from then.)
+        self._outstanding: tuple[int, float] | None = None
+        self.idle = asyncio.Event()  # set while no sweep is outstanding
+        self.idle.set()
+        self._next_cmd = 0
+        self._commands: dict[int, asyncio.Future[float]] = {}
+        self.started: asyncio.Future[None] | None = None
+        # Set while the worker is up (it said ready) and while it is down (exited).
+        self.up = asyncio.Event()
+        self.down = asyncio.Event()
+
+    def start(self) -> None:
+        """Spawn the worker process and listen to its pipe and its exit."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = self.owner.ctx.Pipe(duplex=True)
+        proc = self.owner.ctx.Process(
+            target=worker_main,
+            args=(theirs, self.spec),
+            name=f"siteagent-worker-{self.spec.index}",
+            daemon=True,
+        )
+        proc.start()
+        theirs.close()
+        self.process, self.conn, self.alive = proc, ours, True
+        self.down.clear()
+        self.started = loop.create_future()
+        loop.add_reader(ours.fileno(), self._readable)
+        loop.add_reader(proc.sentinel, self._exited)
+
+    def _readable(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            while conn.poll():
+                self._take(conn.recv())
+        except (EOFError, OSError):
+            self._exited()
+
+    def _take(self, msg: tuple[Any, ...]) -> None:
+        what = msg[0]
+        if what == "readings":
+            seq = msg[1]
+            owed = self._outstanding
+            if owed is not None and owed[0] == seq:
+                self._outstanding = None
+                self.idle.set()
+                # Late or not, its readings count from when they were asked for: a late
+                # batch is stale on arrival (worst case) but says what the miners are.
+                self.owner.record_batch(self, owed[1], msg[2], msg[3], msg[4])
+            if self._sweep is not None and self._sweep[0] == seq:
+                if self.said_down:
+                    self.said_down = False
+                    log.info(
+                        "telemetry worker %d (pid %s) back: its %d miner(s) read again",
+                        self.spec.index,
+                        self.process.pid if self.process else "?",
+                        len(self.rows),
+                    )
+                fut = self._sweep[2]
+                if not fut.done():
+                    fut.set_result(None)
+        elif what == "identity":
+            self.owner.record_identity(self, msg[1], msg[2], msg[3])
+        elif what == "done":
+            done = self._commands.pop(msg[1], None)
+            if done is not None and not done.done():
+                kind, text, value = msg[2], msg[3], msg[4]
+                if kind:
+                    done.set_exception(_error_of(kind, text))
+                else:
+                    done.set_result(value)
+        elif what == "ready":
+            self.up.set()
+            if self.started is not None and not self.started.done():
+                self.started.set_result(None)
+
+    def _exited(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self._outstanding = None
+        self.idle.set()
+        self.up.clear()
+        self.down.set()
+        loop = asyncio.get_running_loop()
+        proc, conn = self.process, self.conn
+        assert proc is not None and conn is not None
+        loop.remove_reader(conn.fileno())
+        loop.remove_reader(proc.sentinel)
+        conn.close()
+        proc.join(timeout=0)
+        if self.owner.stopping:
+            return
+        log.warning(
+            "telemetry worker %d (pid %s) exited (code %s): its %d miner(s) are not read and "
+            "count at their worst case until it is back; restarting it",
+            self.spec.index,
+            proc.pid,
+            proc.exitcode,
+            len(self.rows),
+        )
+        self.said_down = True
+        self._fail_all(DeviceUnreachable(f"telemetry worker {self.spec.index} exited"))
+        self.restarts += 1
+        delay_s = min(2.0 ** (self.restarts - 1) * 0.5, self.owner.max_backoff_s)
+        loop.call_later(delay_s, self._restart)
+
+    def _restart(self) -> None:
+        if not self.owner.stopping and not self.alive:
+            self.start()
+
+    def _fail_all(self, error: Exception) -> None:
+        for fut in self._commands.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._commands.clear()
+        if self._sweep is not None and not self._sweep[2].done():
+            self._sweep[2].set_result(None)
+        if self.started is not None and not self.started.done():
+            self.started.set_result(None)
+
+    async def sweep(self, positions: list[int], deadline_s: float) -> None:
+        """Have the worker read ``positions``; give up on it after ``deadline_s``."""
+        if not self.alive or self.conn is None or not positions or self._outstanding is not None:
+            return  # not read: stale in time, so counted at its worst case
+        self._seq += 1
+        self._outstanding = (self._seq, self.owner.clock())
+        self.idle.clear()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sweep = (self._seq, self.owner.clock(), fut)
+        self.conn.send(("read", self._seq, np.asarray(positions, np.int32)))
+        try:
+            await asyncio.wait_for(fut, deadline_s)
+        except TimeoutError:
+            if not self.said_down:
+                self.said_down = True
+                log.warning(
+                    "telemetry worker %d (pid %s) did not answer within %.0f s: its %d miner(s) "
+                    "count at their worst case until it answers in time",
+                    self.spec.index,
+                    self.process.pid if self.process else "?",
+                    deadline_s,
+                    len(self.rows),
+                )
+        finally:
+            self._sweep = None
+
+    async def command(self, position: int, kind: str, value: float) -> float:
+        """Send one command to the worker; its outcome (the target taken) or its error."""
+        if not self.alive or self.conn is None:
+            raise DeviceUnreachable(f"telemetry worker {self.spec.index} is down")
+        self._next_cmd += 1
+        cmd_id = self._next_cmd
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._commands[cmd_id] = fut
+        try:
+            self.conn.send(("cmd", cmd_id, position, kind, value))
+            return await fut
+        finally:
+            self._commands.pop(cmd_id, None)
+
+    def stop(self) -> None:
+        """Ask the worker to close its drivers and end."""
+        if self.alive and self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.send(("stop",))
+
+
+class WorkerTelemetry:
+    """The miners read and commanded in worker processes; the fleet written here only."""
+
+    def __init__(
+        self,
+        fleet: Any,
+        *,
+        workers: int,
+        timeout_s: float,
+        concurrency: int,
+        confirm_timeout_s: float,
+        interval_s: float,
+        stale_after_s: float,
+        max_backoff_s: float,
+        credentials_file: str | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.fleet = fleet
+        self.n = workers
+        self.timeout_s = timeout_s
+        self.concurrency = concurrency
+        self.confirm_timeout_s = confirm_timeout_s
+        self.interval_s = interval_s
+        self.stale_after_s = stale_after_s
+        self.max_backoff_s = max_backoff_s
+        self.credentials_file = credentials_file
+        self.clock = clock
+        self.ctx = multiprocessing.get_context("spawn")
+        self.shards: list[Shard] = []
+        self.stopping = False
+
+    async def start(self) -> None:
+        """Shard the fleet's miners over the workers, hand each its miners, start them."""
+        fleet = self.fleet
+        rows = [
+            r
+            for r, link in enumerate(fleet.links())
+            if link.kind is DeviceKind.MINER and math.isfinite(link.next_read_s)
+        ]
+        level = logging.getLogger("siteagent").getEffectiveLevel()
+        parts = [rows[k :: self.n] for k in range(self.n)]
+        old_drivers = []
+        for k, part in enumerate(parts):
+            miners = []
+            for row in part:
+                link = fleet.link(row)
+                drv = link.driver
+                ident = getattr(drv, "identity", None)
+                backend = getattr(drv, "backend_name", None) if ident is not None else None
+                model = ident.model if ident is not None else None
+                miners.append((link.device_id, link.address, backend, model))
+            spec = WorkerSpec(
+                k, tuple(miners), self.timeout_s, self.concurrency, self.credentials_file, level
+            )
+            shard = Shard(self, spec, part)
+            for pos, row in enumerate(part):
+                link = fleet.link(row)
+                drv = link.driver
+                remote = RemoteDriver(shard, pos, getattr(drv, "identity", None))
+                if drv is not None and hasattr(drv, "settle_s"):
+                    remote.settle = tuple(drv.settle_s(k) for k in _SETTLE_KINDS)
+                    old_drivers.append(drv)
+                fleet.attach(row, remote)
+            self.shards.append(shard)
+        from siteagent.agent.control.devices import close_quietly
+
+        # The identification's connections: each worker opens its own.
+        await close_quietly(old_drivers, "an identification driver")
+        for shard in self.shards:
+            shard.start()
+        await asyncio.gather(*(s.started for s in self.shards if s.started is not None))
+
+    def owner(self, row: int) -> RemoteDriver | None:
+        """The remote driver of ``row`` if a worker reads it."""
+        drv = self.fleet.link(row).driver
+        return drv if isinstance(drv, RemoteDriver) else None
+
+    def split(self, due: Sequence[int]) -> tuple[list[int], list[Awaitable[None]]]:
+        """The due rows the agent reads itself, and the workers' sweeps of the others."""
+        local: list[int] = []
+        by_shard: dict[int, list[int]] = {}
+        for row in due:
+            drv = self.owner(row)
+            if drv is None:
+                local.append(row)
+            else:
+                by_shard.setdefault(drv.shard.spec.index, []).append(drv.position)
+        # Readings count from when they were asked for, so a batch later than
+        # stale_after_s would be stale on arrival: the worker is late, and dropped.
+        deadline_s = self.stale_after_s
+        sweeps: list[Awaitable[None]] = [
+            self.shards[k].sweep(pos, deadline_s) for k, pos in by_shard.items()
+        ]
+        return local, sweeps
+
+    def record_identity(
+        self, shard: Shard, pos: int, ident: DeviceIdentity | None, settle: tuple[float, ...]
+    ) -> None:
+        """A worker connected a miner: adopt what it identified."""
+        row = shard.rows[pos]
+        drv = self.fleet.link(row).driver
+        if not isinstance(drv, RemoteDriver) or drv.shard is not shard:
+            return  # moved away since
+        drv.identity = ident
+        drv.settle = (settle + (0.0,) * 4)[:4]
+        self.fleet.attach(row, drv)
+
+    def record_batch(
+        self,
+        shard: Shard,
+        sent_s: float,
+        cols: dict[str, np.ndarray[Any, Any]],
+        errors: list[tuple[int, tuple[str, ...]]],
+        failed: tuple[np.ndarray[Any, Any], list[tuple[str, str]]],
+    ) -> None:
+        """A worker's sweep: each reading and failure into the fleet, as the agent's own,
+        timed when the sweep was asked for (no reading is older: none counts fresher
+        than it is)."""
+        fleet, rows, now = self.fleet, shard.rows, sent_s
+        errs = dict(errors)
+        pos = cols["pos"].tolist()
+        time_s = cols["time_s"].tolist()
+        state = cols["state"].tolist()
+        power = cols["power_w"].tolist()
+        hashrate = cols["hashrate_ths"].tolist()
+        temp = cols["temperature_c"].tolist()
+        target = cols["power_target_w"].tolist()
+        util = cols["utilization_frac"].tolist()
+        estimated = cols["estimated"].tolist()
+        login_ok = cols["login_ok"].tolist()
+        for k, p in enumerate(pos):
+            row = rows[p]
+            link = fleet.link(row)
+            drv = link.driver
+            if not isinstance(drv, RemoteDriver) or drv.shard is not shard:
+                continue
+            drv.login_ok = None if login_ok[k] < 0 else bool(login_ok[k])
+            reading = DeviceReading(
+                device_id=link.device_id,
+                timestamp_s=time_s[k],
+                power_w=_none(power[k]),
+                state=STATES[state[k]],
+                hashrate_ths=_none(hashrate[k]),
+                temperature_c=_none(temp[k]),
+                power_target_w=_none(target[k]),
+                power_estimated=estimated[k],
+                utilization_frac=_none(util[k]),
+                errors=errs.get(k, ()),
+            )
+            fleet.record_reading(row, reading, now, self.confirm_timeout_s)
+        for p, (kind, text) in zip(failed[0].tolist(), failed[1], strict=True):
+            row = rows[p]
+            drv = fleet.link(row).driver
+            if isinstance(drv, RemoteDriver) and drv.shard is shard:
+                fleet.record_failure(
+                    row, _error_of(kind, text), now, self.interval_s, self.max_backoff_s
+                )
+
+    def pids(self) -> list[int | None]:
+        """Each worker's process id (None while it is down)."""
+        return [s.process.pid if s.alive and s.process else None for s in self.shards]
+
+    async def close(self) -> None:
+        """Stop every worker (each closes its drivers) and wait for them to end."""
+        self.stopping = True
+        for s in self.shards:
+            s.stop()
+        for s in self.shards:
+            proc = s.process
+            if proc is not None:
+                await asyncio.to_thread(proc.join, 10.0)
+                if proc.is_alive():
+                    proc.kill()
+            if s.alive and s.conn is not None:
+                s.alive = False
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(s.conn.fileno())
+                if proc is not None:
+                    loop.remove_reader(proc.sentinel)
+                s.conn.close()
+
+
+async def start_workers(cfg: Any, fleet: Any, clock: Callable[[], float]) -> WorkerTelemetry | None:
+    """The worker processes ``telemetry.workers`` asks for at this fleet's size, started
+    (None for none: the agent reads every device itself)."""
+    t = cfg.telemetry
+    # The cores this process may run on (systemd's CPUAffinity, a container), not the host's.
+    n = worker_count(t.workers, len(fleet), len(os.sched_getaffinity(0)))
+    if n == 0:
+        return None
+    telemetry = WorkerTelemetry(
+        fleet,
+        workers=n,
+        timeout_s=t.timeout_s,
+        # telemetry.concurrency stays the site's bound on reads in flight, shared out.
+        concurrency=max(1, -(-t.concurrency // n)),
+        confirm_timeout_s=cfg.control.confirm_timeout_s,
+        interval_s=t.interval_s,
+        stale_after_s=t.stale_after_s,
+        max_backoff_s=t.max_backoff_s,
+        credentials_file=cfg.inventory.credentials_file,
+        clock=clock,
+    )
+    await telemetry.start()
+    log.info(
+        "telemetry: %d miner(s) in %d worker process(es)",
+        sum(len(s.rows) for s in telemetry.shards),
+        n,
+    )
+    return telemetry

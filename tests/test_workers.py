@@ -1,0 +1,282 @@
+"""Telemetry and actuation in worker processes (issue 20 item 1), against simulated
+miners on loopback: readings land in the fleet as the agent's own, a command goes to
+the worker owning the miner and its outcome comes back, and a worker killed mid-run
+leaves its miners at their worst case until it is restarted (one line each way)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_startup_bounded import run_until_ready
+
+from siteagent.agent.config import Config, parse_config
+from siteagent.agent.control.inventory import build_devices
+from siteagent.agent.control.loop import Agent
+from siteagent.agent.control.workers import (
+    AUTO_MIN_DEVICES,
+    RemoteDriver,
+    WorkerTelemetry,
+    start_workers,
+    worker_count,
+)
+from siteagent.domain import DeviceError, DeviceState, DeviceStatus
+from siteagent.sim.site import SimSite
+
+BASE = "127.12.0.1"  # this module's own loopback range (127.12.0.0/16)
+BACKENDS = ["braiins", "whatsminer", "luxos"]
+GUARD_S = 60.0  # a wait that never ends fails the test instead of hanging it
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def _config(addresses: list[str], workers: int | str = 0) -> Config:
+    return parse_config(
+        {
+            "site": {"cap_w": 1_000_000},
+            "telemetry": {"timeout_s": 3.0, "stale_after_s": 30.0, "workers": workers},
+            "inventory": {"miners": [{"address": a} for a in addresses]},
+        }
+    )
+
+
+async def _agent(cfg: Config, clock: Clock) -> Agent:
+    agent = Agent(cfg, await build_devices(cfg), clock=clock)
+    agent.telemetry = await start_workers(cfg, agent.fleet, clock)
+    return agent
+
+
+def _view(agent: Agent) -> list[DeviceStatus]:
+    """What a snapshot says of each device, the reading's own timestamp aside."""
+    return [
+        replace(d, reading=None if d.reading is None else replace(d.reading, timestamp_s=0.0))
+        for d in agent.snapshot().devices
+    ]
+
+
+def test_auto_runs_workers_only_at_scale() -> None:
+    assert worker_count("auto", AUTO_MIN_DEVICES - 1, 16) == 0
+    assert worker_count("auto", AUTO_MIN_DEVICES, 16) == 15
+    assert worker_count("auto", AUTO_MIN_DEVICES, 1) == 1
+    assert worker_count(0, 50_000, 16) == 0
+    assert worker_count(3, 10, 16) == 3
+    # The default: a small site (every other test's) keeps the single process.
+    assert _config(["127.12.0.1"], "auto").telemetry.workers == "auto"
+    assert parse_config({"site": {"cap_w": 1}}).telemetry.workers == "auto"
+
+
+def test_a_bad_worker_count_names_the_key() -> None:
+    from siteagent.agent.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _config(["127.12.0.1"], "many")
+    assert "telemetry.workers" in str(e.value)
+
+
+async def test_readings_from_workers_land_in_the_fleet_as_the_agents_own() -> None:
+    async with SimSite(6, base_address=BASE, backends=BACKENDS) as site:
+        addrs = [m.address for m in site.miners]
+        clock = Clock()
+        single = await _agent(_config(addrs, 0), clock)
+        assert single.telemetry is None
+        split = await _agent(_config(addrs, 2), clock)
+        assert isinstance(split.telemetry, WorkerTelemetry)
+        try:
+            assert len(split.telemetry.shards) == 2
+            pids = split.telemetry.pids()
+            assert None not in pids and os.getpid() not in pids
+            await single.sweep()
+            await split.sweep()
+            assert all(isinstance(split.fleet.link(r).driver, RemoteDriver) for r in range(6))
+            assert _view(split) == _view(single)
+            assert all(d.state is DeviceState.MINING for d in split.snapshot().devices)
+            assert all(d.controllable for d in split.snapshot().devices)
+        finally:
+            await split.telemetry.close()
+
+
+async def test_a_command_goes_to_the_owning_worker_and_its_outcome_comes_back() -> None:
+    async with SimSite(4, base_address="127.12.1.1", backends=["braiins"]) as site:
+        addrs = [m.address for m in site.miners]
+        clock = Clock()
+        agent = await _agent(_config(addrs, 2), clock)
+        assert agent.telemetry is not None
+        try:
+            await agent.sweep()
+            fleet = agent.fleet
+            # Each miner's driver sends to the worker that reads it (rows dealt in turn).
+            owners = [fleet.link(r).driver for r in range(4)]
+            assert [d.shard.spec.index for d in owners if isinstance(d, RemoteDriver)] == [
+                0,
+                1,
+                0,
+                1,
+            ]
+            row = 1
+            target = site.miner(fleet.link(row).address)
+            low_w = target.model.power_target_min_w + 100
+            driver = fleet.link(row).driver
+            assert driver is not None
+            took_w = await driver.set_power_target(low_w)
+            assert took_w == low_w
+            assert target.power.target_w == low_w
+            # Others untouched: only the owning worker's miner was told.
+            for r in (0, 2, 3):
+                m = site.miner(fleet.link(r).address)
+                assert m.power.target_w == m.model.power_target_default_w
+            assert not target.power.paused
+            await driver.sleep()
+            assert target.power.paused
+            # An error comes back as the same class the worker's driver raised.
+            site.set_fault(fleet.link(row).address, "refuse")
+            await site.ready()
+            with pytest.raises(DeviceError):
+                await driver.wake()
+            assert target.power.paused
+        finally:
+            await agent.telemetry.close()
+
+
+async def test_a_killed_worker_leaves_its_miners_at_worst_case_until_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="siteagent")
+    async with SimSite(6, base_address="127.12.2.1", backends=BACKENDS) as site:
+        addrs = [m.address for m in site.miners]
+        clock = Clock()
+        agent = await _agent(_config(addrs, 2), clock)
+        telemetry = agent.telemetry
+        assert telemetry is not None
+        try:
+            await agent.sweep()
+            assert all(d.state is DeviceState.MINING for d in agent.snapshot().devices)
+            victim = telemetry.shards[0]
+            pid = telemetry.pids()[0]
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.wait_for(victim.down.wait(), GUARD_S)
+            # Past stale_after_s: the dead worker's miners were not read, the other's were.
+            clock.now_s += 31.0
+            await agent.sweep()
+            snap = agent.snapshot()
+            dead = {agent.fleet.link(r).device_id for r in victim.rows}
+            assert dead and len(dead) < 6
+            for d in snap.devices:
+                if d.device_id in dead:
+                    assert d.state is DeviceState.UNREACHABLE
+                    assert not d.controllable
+                    assert d.budget_w >= d.nameplate_power_w
+                else:
+                    assert d.state is DeviceState.MINING
+                    assert d.controllable
+            # Restarted: read again, fresh.
+            await asyncio.wait_for(victim.up.wait(), GUARD_S)
+            assert telemetry.pids()[0] not in (None, pid)
+            await agent.sweep()
+            assert all(d.state is DeviceState.MINING for d in agent.snapshot().devices)
+            await agent.sweep()
+        finally:
+            await telemetry.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "siteagent.workers"]
+    assert len([t for t in lines if "exited" in t]) == 1, lines
+    assert len([t for t in lines if " back:" in t]) == 1, lines
+
+
+async def test_a_late_worker_leaves_its_miners_at_worst_case_until_it_answers_in_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="siteagent")
+    async with SimSite(4, base_address="127.12.4.1", backends=BACKENDS) as site:
+        addrs = [m.address for m in site.miners]
+        clock = Clock()
+        cfg = parse_config(
+            {
+                "site": {"cap_w": 1_000_000},
+                "telemetry": {"timeout_s": 3.0, "stale_after_s": 6.0, "workers": 2},
+                "inventory": {"miners": [{"address": a} for a in addrs]},
+            }
+        )
+        agent = await _agent(cfg, clock)
+        telemetry = agent.telemetry
+        assert telemetry is not None
+        late = telemetry.shards[0]
+        pid = telemetry.pids()[0]
+        assert pid is not None
+        try:
+            await agent.sweep()
+            os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
+            clock.now_s += 10.0
+            await agent.sweep()  # gives up on it after stale_after_s
+            assert late.alive
+            for d in agent.snapshot().devices:
+                row = agent.fleet.row(d.device_id)
+                if row in late.rows:
+                    assert d.state is DeviceState.UNREACHABLE
+                    assert d.budget_w >= d.nameplate_power_w
+                else:
+                    assert d.state is DeviceState.MINING
+            # Still stopped: no second sweep is sent to it on top of the one it owes.
+            await agent.sweep()
+            assert not late.idle.is_set()
+            os.kill(pid, signal.SIGCONT)  # its late batch counts from when asked
+            await asyncio.wait_for(late.idle.wait(), GUARD_S)
+            clock.now_s += 10.0
+            await agent.sweep()
+            assert all(d.state is DeviceState.MINING for d in agent.snapshot().devices)
+            assert telemetry.pids()[0] == pid  # the same process: late, not dead
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await telemetry.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "siteagent.workers"]
+    assert len([t for t in lines if "did not answer within" in t]) == 1, lines
+    assert len([t for t in lines if " back:" in t]) == 1, lines
+
+
+async def test_the_daemon_runs_its_miners_in_workers_and_stops_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``siteagent run`` with ``telemetry.workers = 2``: READY with every miner read
+    through the workers, and on SIGTERM the workers end with the agent."""
+    caplog.set_level(logging.INFO, logger="siteagent")
+    path = tmp_path / "notify.sock"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.setblocking(False)
+        await _ready_in_workers(s, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("siteagent")]
+    assert "telemetry: 4 miner(s) in 2 worker process(es)" in lines, lines
+    assert "first sweep of 4 device(s)" in " ".join(lines), lines
+    assert not [t for t in lines if "exited" in t], lines  # stopped, not died
+    assert multiprocessing.active_children() == []
+
+
+async def _ready_in_workers(s: socket.socket, tmp_path: Path) -> None:
+    """The daemon on four simulated miners in two workers, to READY and stopped."""
+    async with SimSite(4, base_address="127.12.3.1", backends=BACKENDS) as site:
+        listed = "".join(f'[[inventory.miners]]\naddress = "{m.address}"\n' for m in site.miners)
+        cfg = tmp_path / "siteagent.toml"
+        cfg.write_text(
+            "[site]\ncap_w = 1000000\n[control]\ninterval_s = 1\n"
+            "[telemetry]\ninterval_s = 1\ntimeout_s = 3\nworkers = 2\n"
+            f"[inventory]\n{listed}"
+            '[metrics]\nhost = "127.0.0.1"\nport = 0\n[api]\nhost = "127.0.0.1"\nport = 0\n'
+            f'[state]\ndir = "{tmp_path / "state"}"\n'
+        )
+        await run_until_ready(cfg, s)
