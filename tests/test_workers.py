@@ -75,9 +75,9 @@ def test_auto_runs_workers_only_at_scale() -> None:
     assert worker_count("auto", AUTO_MIN_DEVICES, 1) == 1
     assert worker_count(0, 50_000, 16) == 0
     assert worker_count(3, 10, 16) == 3
-    # The default: a small site (every other test's) keeps the single process.
     assert _config(["127.12.0.1"], "auto").telemetry.workers == "auto"
-    assert parse_config({"site": {"cap_w": 1}}).telemetry.workers == "auto"
+    # The default is the single process: workers are opted into (bench_keeps_up.py).
+    assert parse_config({"site": {"cap_w": 1}}).telemetry.workers == 0
 
 
 def test_a_bad_worker_count_names_the_key() -> None:
