@@ -48,6 +48,14 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK_S
 
 
+def _rss_mb(pid: int) -> float:
+    """Resident memory (MB) of process ``pid`` now."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _self_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -80,8 +88,13 @@ async def child(args: argparse.Namespace, miners: list[dict[str, Any]]) -> dict[
     agent.telemetry = telemetry
     pids = [p for p in (telemetry.pids() if telemetry else []) if p is not None]
 
+    sim_pids = [int(p) for p in filter(None, args.sim_pids.split(","))]
+
     def cpu_s() -> tuple[float, float]:
         return _self_cpu_s(), sum(_proc_cpu_s(p) for p in pids)
+
+    def sims_cpu_s() -> float:
+        return sum(_proc_cpu_s(p) for p in sim_pids)
 
     async def sweep() -> int:
         now[0] += 1000.0  # every miner due; a reading now is one taken in this sweep
@@ -92,19 +105,23 @@ async def child(args: argparse.Namespace, miners: list[dict[str, Any]]) -> dict[
     # Drivers connect on their first read (identification aside); a worker that answers
     # a sweep late is given no other until it has, so sweep until every miner was read.
     connected = 0
+    tc = time.perf_counter()
     for _ in range(args.connect_tries):
         connected = max(connected, await sweep())
         if connected == len(miners):
             break
         for shard in telemetry.shards if telemetry else []:
             await shard.idle.wait()
+    connect_wall_s = time.perf_counter() - tc
     main0, workers0 = cpu_s()
+    sims0 = sims_cpu_s()
     t0 = time.perf_counter()
     readings = 0
     for _ in range(args.sweeps):
         readings += await sweep()
     wall_s = time.perf_counter() - t0
     main1, workers1 = cpu_s()
+    sims1 = sims_cpu_s()
     steady: dict[str, float] = {}
     if args.steady_sweeps:
         t1 = time.perf_counter()
@@ -115,16 +132,20 @@ async def child(args: argparse.Namespace, miners: list[dict[str, Any]]) -> dict[
                 await asyncio.sleep(rest_s)
         main2, _ = cpu_s()
         steady = {"steady_wall_s": time.perf_counter() - t1, "steady_main_cpu_s": main2 - main1}
+    rss_mb = [_rss_mb(os.getpid())] + [_rss_mb(p) for p in pids]
     if telemetry is not None:
         await telemetry.close()
     return {
         "workers": args.workers,
         "miners": len(miners),
         "connected": connected,
+        "connect_wall_s": connect_wall_s,
         "readings": readings,
         "wall_s": wall_s,
         "main_cpu_s": main1 - main0,
         "workers_cpu_s": workers1 - workers0,
+        "sims_cpu_s": sims1 - sims0,
+        "rss_mb": rss_mb,
         **steady,
     }
 
@@ -145,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sim-cpus", default="", help="cores for the simulators, e.g. 1 or 8-15")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--inventory", default="", help=argparse.SUPPRESS)
+    p.add_argument("--sim-pids", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         args.workers = int(args.workers)
@@ -172,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--interval-s", str(args.interval_s), "--timeout-s", str(args.timeout_s)]
                 cmd += ["--concurrency", str(args.concurrency)]
                 cmd += ["--connect-tries", str(args.connect_tries)]
+                cmd += ["--sim-pids", ",".join(str(p.pid) for p in procs)]
                 out = subprocess.run(
                     cmd,
                     cwd=ROOT,
@@ -196,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'workers':>7} {'read':>7} {'wall':>8} {'readings/s':>11} {'/base':>6} "
-        f"{'CPU/reading':>12} {'/base':>6} {'main CPU':>9} {'workers CPU':>12}  main share steady"
+        f"{'CPU/reading':>12} {'/base':>6} {'main CPU':>9} {'workers CPU':>12} {'sims CPU':>9}  "
+        f"{'RSS main + workers':<22} main share steady"
     )
     base = results[0]
     base_rate = base["readings"] / base["wall_s"]
@@ -212,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['workers']:>7} {r['readings']:>7} {r['wall_s']:>6.2f} s {rate:>11.0f} "
             f"{rate / base_rate:>5.2f}x {1e6 * cpu:>9.0f} us {cpu / base_cpu:>5.2f}x "
-            f"{r['main_cpu_s']:>7.2f} s {r['workers_cpu_s']:>10.2f} s  {share}"
+            f"{r['main_cpu_s']:>7.2f} s {r['workers_cpu_s']:>10.2f} s {r['sims_cpu_s']:>7.2f} s  "
+            f"{' + '.join(f'{m:.0f}' for m in r['rss_mb']) + ' MB':<22} {share}"
         )
     print(json.dumps({"miners": len(miners), "mix": args.mix, "results": results}))
     return 0

@@ -120,14 +120,20 @@ class AsicDriver:
         model: str | None,
         timeout_s: float = 5.0,
         logins: Mapping[str, Login] | None = None,
+        identity: DeviceIdentity | None = None,
     ) -> AsicDriver:
-        """Connect to a miner the inventory already knows (firmware, model): no probes."""
+        """Connect to a miner the inventory already knows (firmware, model): no probes.
+        With ``identity`` (what this miner said when it was just identified, e.g. by the
+        agent before handing the miner to a worker process) it is not asked again."""
         b = known_backend(address, backend, model, logins)
         if b is None:
             raise DeviceFaulted(f"{address}: unknown backend {backend!r}")
         login = (logins or {}).get(backend)
         drv = cls(device_id, address, b, timeout_s=timeout_s, login=login)
-        await drv.identify()
+        if identity is None or b.behaviour.identify_keeps_state:
+            await drv.identify()
+        else:
+            drv.identity = identity
         return drv
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]], *, control: bool) -> T:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import gc
 import logging
 import math
 import multiprocessing
@@ -87,8 +89,10 @@ class WorkerSpec:
     """What a worker process is started with: its miners and how to reach them."""
 
     index: int
-    # Per miner: (device id, address, firmware backend or None to probe, model or None).
-    miners: tuple[tuple[str, str, str | None, str | None], ...]
+    # Per miner: (device id, address, firmware backend or None to probe, model or None,
+    # the identity the agent last had of it or None): a miner just identified by the
+    # agent is not asked again (drivers/asic.py from_inventory).
+    miners: tuple[tuple[str, str, str | None, str | None, DeviceIdentity | None], ...]
     timeout_s: float
     concurrency: int
     credentials_file: str | None
@@ -132,6 +136,7 @@ class _Worker:
         self.drivers: list[Any] = [None] * len(spec.miners)
         self.sem = asyncio.Semaphore(spec.concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.connected = 0  # drivers made since the collector last froze the heap
 
     async def serve(self) -> None:
         """Take requests from the pipe until told to stop (or the agent is gone)."""
@@ -174,18 +179,26 @@ class _Worker:
         drv = self.drivers[i]
         if drv is not None:
             return drv
-        device_id, address, backend, model = self.spec.miners[i]
+        device_id, address, backend, model, known = self.spec.miners[i]
         logins = self.creds.for_miner(device_id, address)
         timeout_s = self.spec.timeout_s
         if backend is None:
             drv = await AsicDriver.connect(device_id, address, timeout_s=timeout_s, logins=logins)
         else:
             drv = await AsicDriver.from_inventory(
-                device_id, address, backend=backend, model=model, timeout_s=timeout_s, logins=logins
+                device_id,
+                address,
+                backend=backend,
+                model=model,
+                timeout_s=timeout_s,
+                logins=logins,
+                identity=known,
             )
         self.drivers[i] = drv
-        settle = tuple(drv.settle_s(k) for k in _SETTLE_KINDS)
-        self.conn.send(("identity", i, drv.identity, settle))
+        self.connected += 1
+        if drv.identity != known:  # identified here: the agent learns what it said
+            settle = tuple(drv.settle_s(k) for k in _SETTLE_KINDS)
+            self.conn.send(("identity", i, drv.identity, settle))
         return drv
 
     async def _read(self, i: int) -> Any:
@@ -229,6 +242,12 @@ class _Worker:
             [_named(e) for _, e in bad],
         )
         self.conn.send(("readings", seq, cols, errors, failed))
+        if self.connected:
+            # As the agent does once its drivers are made (cli): what a driver holds lives
+            # as long as the worker, so keep it out of the collector's passes.
+            self.connected = 0
+            gc.collect()
+            gc.freeze()
 
     async def _command(self, cmd_id: int, i: int, kind: str, value: float) -> None:
         try:
@@ -322,6 +341,9 @@ class Shard:
     def start(self) -> None:
         """Spawn the worker process and listen to its pipe and its exit."""
         loop = asyncio.get_running_loop()
+        if self.restarts:
+            # A restarted worker connects with what its miners said last, not at start.
+            self.spec = self.owner.respec(self)
         ours, theirs = self.owner.ctx.Pipe(duplex=True)
         proc = self.owner.ctx.Process(
             target=worker_main,
@@ -526,7 +548,7 @@ class WorkerTelemetry:
                 ident = getattr(drv, "identity", None)
                 backend = getattr(drv, "backend_name", None) if ident is not None else None
                 model = ident.model if ident is not None else None
-                miners.append((link.device_id, link.address, backend, model))
+                miners.append((link.device_id, link.address, backend, model, ident))
             spec = WorkerSpec(
                 k, tuple(miners), self.timeout_s, self.concurrency, self.credentials_file, level
             )
@@ -547,6 +569,16 @@ class WorkerTelemetry:
         for shard in self.shards:
             shard.start()
         await asyncio.gather(*(s.started for s in self.shards if s.started is not None))
+
+    def respec(self, shard: Shard) -> WorkerSpec:
+        """``shard``'s spec with the identities the agent has now of its miners."""
+        miners = list(shard.spec.miners)
+        for pos, row in enumerate(shard.rows):
+            drv = self.fleet.link(row).driver
+            if isinstance(drv, RemoteDriver) and drv.shard is shard and drv.identity is not None:
+                device_id, address, backend, model, _ = miners[pos]
+                miners[pos] = (device_id, address, backend, model, drv.identity)
+        return dataclasses.replace(shard.spec, miners=tuple(miners))
 
     def owner(self, row: int) -> RemoteDriver | None:
         """The remote driver of ``row`` if a worker reads it."""

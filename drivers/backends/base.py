@@ -66,6 +66,9 @@ class Behaviour:
     # Every reading logs in with the configured credentials (Braiins OS gRPC, VNish
     # web), so a good reading proves they are accepted.
     reads_log_in: bool = False
+    # Identification reads what control needs besides the identity (LuxOS profiles,
+    # VNish presets and units), so an identity handed over does not replace it.
+    identify_keeps_state: bool = False
 
 
 class Backend(Protocol):

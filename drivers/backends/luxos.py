@@ -58,7 +58,9 @@ class LuxOSBackend:
 
     name = "luxos"
     # LuxOS documents ~25 W in under 5 s (sleep) and full power in under 10 s.
-    behaviour = Behaviour(target_change_restarts=False, settle_s=10.0, wake_s=10.0)
+    behaviour = Behaviour(
+        target_change_restarts=False, settle_s=10.0, wake_s=10.0, identify_keeps_state=True
+    )
 
     def __init__(self, miner: LUXMiner) -> None:
         self.miner = miner

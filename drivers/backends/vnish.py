@@ -320,7 +320,12 @@ class VNishBackend:
     # re-initialise) before the tuner ramps to the new level; start is a cold
     # chain initialisation too.
     behaviour = Behaviour(
-        target_change_restarts=True, restart_s=20.0, settle_s=60.0, wake_s=60.0, reads_log_in=True
+        target_change_restarts=True,
+        restart_s=20.0,
+        settle_s=60.0,
+        wake_s=60.0,
+        reads_log_in=True,
+        identify_keeps_state=True,
     )
 
     def __init__(self, miner: VNish) -> None:
