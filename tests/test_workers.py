@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from test_startup_bounded import run_until_ready
 
-from siteagent.agent.config import Config, parse_config
+from siteagent.agent.config import Config, default_id, parse_config
 from siteagent.agent.control.inventory import build_devices
+from siteagent.agent.control.inventory_store import InventoryStore
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.control.workers import (
     AUTO_MIN_DEVICES,
@@ -108,6 +109,35 @@ async def test_readings_from_workers_land_in_the_fleet_as_the_agents_own() -> No
             assert all(d.controllable for d in split.snapshot().devices)
         finally:
             await split.telemetry.close()
+
+
+async def test_a_workers_readings_land_as_they_come_not_when_its_sweep_ends() -> None:
+    """A miner that hangs holds back its own reading only: the others' reach the fleet
+    in a part of the worker's answer while the hanging one waits out its timeout."""
+    async with SimSite(4, base_address="127.12.4.1", backends=["whatsminer"]) as site:
+        addrs = [m.address for m in site.miners]
+        clock = Clock()
+        agent = await _agent(_config(addrs, 1), clock)
+        assert agent.telemetry is not None
+        try:
+            await agent.sweep()  # connects every miner
+            site.set_fault(addrs[0], "no_answer")
+            await site.ready()
+            clock.now_s += 100.0
+            sweep = asyncio.create_task(agent.sweep())
+            fleet = agent.fleet
+            rows = [fleet.row(default_id(a)) for a in addrs]
+            async with asyncio.timeout(GUARD_S):
+                while not all(fleet.last_ok_s[r] == clock.now_s for r in rows[1:]):
+                    assert not sweep.done(), "the others were read only as the sweep ended"
+                    await asyncio.sleep(0.05)
+            # Read, while the hanging miner's read (3 s timeout) is still in flight.
+            assert not sweep.done()
+            assert fleet.last_ok_s[rows[0]] < clock.now_s
+            await sweep
+            assert fleet.last_ok_s[rows[0]] < clock.now_s
+        finally:
+            await agent.telemetry.close()
 
 
 async def test_a_command_goes_to_the_owning_worker_and_its_outcome_comes_back() -> None:
@@ -280,3 +310,16 @@ async def _ready_in_workers(s: socket.socket, tmp_path: Path) -> None:
             f'[state]\ndir = "{tmp_path / "state"}"\n'
         )
         await run_until_ready(cfg, s)
+        # Each miner identified and connected once, by the worker that reads it: not by
+        # the agent's start-up as well (which then had the worker connect again).
+        bos = [m for m in site.miners if hasattr(m, "grpc_connections")]
+        assert bos
+        assert [m.grpc_connections for m in bos] == [1] * len(bos)
+        assert [m.grpc_calls["GetConstraints"] for m in bos] == [1] * len(bos)
+    # What the workers identified is in the inventory, for the next start.
+    store = InventoryStore(tmp_path / "state" / "inventory.sqlite")
+    try:
+        known = {m.address for m in store.miners(include_missing=False)}
+    finally:
+        store.close()
+    assert known == {m.address for m in site.miners}

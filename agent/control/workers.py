@@ -34,7 +34,7 @@ import math
 import multiprocessing
 import os
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from siteagent.agent.control.identify import KnownFirmware
 from siteagent.domain import (
     DeviceError,
     DeviceFaulted,
@@ -72,6 +73,9 @@ _ERRORS: dict[str, type[Exception]] = {
     )
 }
 _SETTLE_KINDS = ("wake", "sleep", "lower", "raise")
+# A worker answers a sweep in parts, one at least this often (s): the agent takes
+# readings as they come, as it does its own, and a start-up sees its progress.
+PART_S = 1.0
 
 
 def worker_count(setting: int | Literal["auto"], n_devices: int, cpus: int | None) -> int:
@@ -89,10 +93,11 @@ class WorkerSpec:
     """What a worker process is started with: its miners and how to reach them."""
 
     index: int
-    # Per miner: (device id, address, firmware backend or None to probe, model or None,
-    # the identity the agent last had of it or None): a miner just identified by the
-    # agent is not asked again (drivers/asic.py from_inventory).
-    miners: tuple[tuple[str, str, str | None, str | None, DeviceIdentity | None], ...]
+    # Per miner: (device id, address, what the inventory knows of it or None, the
+    # identity the agent has of it or None). A miner with an identity is not asked
+    # again (drivers/asic.py from_inventory); one without is identified here, as the
+    # agent's start-up would (its known firmware first, then pyasic's probes).
+    miners: tuple[tuple[str, str, KnownFirmware | None, DeviceIdentity | None], ...]
     timeout_s: float
     concurrency: int
     credentials_file: str | None
@@ -174,52 +179,76 @@ class _Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def _driver(self, i: int) -> Any:
+        from siteagent.agent.control.identify import connect_known
         from siteagent.drivers.asic import AsicDriver
 
         drv = self.drivers[i]
         if drv is not None:
             return drv
-        device_id, address, backend, model, known = self.spec.miners[i]
+        device_id, address, known, identity = self.spec.miners[i]
         logins = self.creds.for_miner(device_id, address)
         timeout_s = self.spec.timeout_s
-        if backend is None:
-            drv = await AsicDriver.connect(device_id, address, timeout_s=timeout_s, logins=logins)
-        else:
+        if known is not None and identity is not None:
             drv = await AsicDriver.from_inventory(
                 device_id,
                 address,
-                backend=backend,
-                model=model,
+                backend=known.backend,
+                model=known.model,
                 timeout_s=timeout_s,
                 logins=logins,
-                identity=known,
+                identity=identity,
             )
+        else:
+            drv = await connect_known(address, known, timeout_s, logins)
+            drv.device_id = device_id  # readings carry the device's id, not the address
         self.drivers[i] = drv
         self.connected += 1
-        if drv.identity != known:  # identified here: the agent learns what it said
+        if drv.identity != identity:  # identified here: the agent learns what it said
             settle = tuple(drv.settle_s(k) for k in _SETTLE_KINDS)
             self.conn.send(("identity", i, drv.identity, settle))
         return drv
 
-    async def _read(self, i: int) -> Any:
+    async def _read(self, i: int) -> tuple[int, Any]:
+        from siteagent.agent.control.identify import identify_deadline_s
+
         async with self.sem:
+            # A miner not yet connected is identified first, under identification's deadline.
+            timeout_s = self.spec.timeout_s
+            if self.drivers[i] is None:
+                timeout_s += identify_deadline_s(timeout_s)
             try:
-                async with asyncio.timeout(self.spec.timeout_s):
+                async with asyncio.timeout(timeout_s):
                     drv = await self._driver(i)
-                    return await drv.read(), drv.login_ok
+                    return i, (await drv.read(), drv.login_ok)
             except TimeoutError:
-                return DeviceUnreachable(f"no answer within {self.spec.timeout_s:.1f} s")
+                return i, DeviceUnreachable(f"no answer within {timeout_s:.1f} s")
             except Exception as e:
                 if not isinstance(e, DeviceError):
                     log.exception("%s: unexpected error while reading", self.spec.miners[i][0])
-                return e
+                return i, e
 
     async def _sweep(self, seq: int, positions: np.ndarray[Any, np.dtype[np.int32]]) -> None:
-        results = await asyncio.gather(*(self._read(int(i)) for i in positions))
-        ok = [(int(i), r) for i, r in zip(positions, results, strict=True) if isinstance(r, tuple)]
-        bad = [
-            (int(i), r) for i, r in zip(positions, results, strict=True) if isinstance(r, Exception)
-        ]
+        done: list[tuple[int, Any]] = []
+        left = {asyncio.ensure_future(self._read(int(i))) for i in positions}
+        for task in left:
+            task.add_done_callback(lambda t: done.append(t.result()))
+        while left:
+            _, left = await asyncio.wait(left, timeout=PART_S)
+            if left and done:
+                self._answer(seq, done, final=False)
+                done = []
+        self._answer(seq, done, final=True)
+        if self.connected:
+            # As the agent does once its drivers are made (cli): what a driver holds lives
+            # as long as the worker, so keep it out of the collector's passes.
+            self.connected = 0
+            gc.collect()
+            gc.freeze()
+
+    def _answer(self, seq: int, results: list[tuple[int, Any]], *, final: bool) -> None:
+        """Send one part of sweep ``seq``: its readings as columns, its failures."""
+        ok = [(i, r) for i, r in results if isinstance(r, tuple)]
+        bad = [(i, r) for i, r in results if isinstance(r, Exception)]
         readings = [r for _, (r, _) in ok]
         cols = {
             "pos": np.fromiter((i for i, _ in ok), np.int32, len(ok)),
@@ -241,13 +270,7 @@ class _Worker:
             np.fromiter((i for i, _ in bad), np.int32, len(bad)),
             [_named(e) for _, e in bad],
         )
-        self.conn.send(("readings", seq, cols, errors, failed))
-        if self.connected:
-            # As the agent does once its drivers are made (cli): what a driver holds lives
-            # as long as the worker, so keep it out of the collector's passes.
-            self.connected = 0
-            gc.collect()
-            gc.freeze()
+        self.conn.send(("readings", seq, cols, errors, failed, final))
 
     async def _command(self, cmd_id: int, i: int, kind: str, value: float) -> None:
         try:
@@ -371,15 +394,16 @@ class Shard:
     def _take(self, msg: tuple[Any, ...]) -> None:
         what = msg[0]
         if what == "readings":
-            seq = msg[1]
+            seq, final = msg[1], msg[5]
             owed = self._outstanding
             if owed is not None and owed[0] == seq:
-                self._outstanding = None
-                self.idle.set()
                 # Late or not, its readings count from when they were asked for: a late
-                # batch is stale on arrival (worst case) but says what the miners are.
+                # part is stale on arrival (worst case) but says what the miners are.
                 self.owner.record_batch(self, owed[1], msg[2], msg[3], msg[4])
-            if self._sweep is not None and self._sweep[0] == seq:
+                if final:
+                    self._outstanding = None
+                    self.idle.set()
+            if final and self._sweep is not None and self._sweep[0] == seq:
                 if self.said_down:
                     self.said_down = False
                     log.info(
@@ -528,6 +552,12 @@ class WorkerTelemetry:
         self.ctx = multiprocessing.get_context("spawn")
         self.shards: list[Shard] = []
         self.stopping = False
+        # What the inventory knows of the miners the agent has not identified (by
+        # address): their workers identify them, their known firmware first.
+        self.known: Mapping[str, KnownFirmware] = {}
+        # Told of each miner a worker identified (address, identity): the inventory
+        # records it as start-up's identification would have.
+        self.on_identified: Callable[[str, DeviceIdentity], object] | None = None
 
     async def start(self) -> None:
         """Shard the fleet's miners over the workers, hand each its miners, start them."""
@@ -546,9 +576,12 @@ class WorkerTelemetry:
                 link = fleet.link(row)
                 drv = link.driver
                 ident = getattr(drv, "identity", None)
-                backend = getattr(drv, "backend_name", None) if ident is not None else None
-                model = ident.model if ident is not None else None
-                miners.append((link.device_id, link.address, backend, model, ident))
+                known = (
+                    self.known.get(link.address)
+                    if ident is None
+                    else KnownFirmware.identified(ident, link.address)
+                )
+                miners.append((link.device_id, link.address, known, ident))
             spec = WorkerSpec(
                 k, tuple(miners), self.timeout_s, self.concurrency, self.credentials_file, level
             )
@@ -576,8 +609,9 @@ class WorkerTelemetry:
         for pos, row in enumerate(shard.rows):
             drv = self.fleet.link(row).driver
             if isinstance(drv, RemoteDriver) and drv.shard is shard and drv.identity is not None:
-                device_id, address, backend, model, _ = miners[pos]
-                miners[pos] = (device_id, address, backend, model, drv.identity)
+                device_id, address, _, _ = miners[pos]
+                known = KnownFirmware.identified(drv.identity, address)
+                miners[pos] = (device_id, address, known, drv.identity)
         return dataclasses.replace(shard.spec, miners=tuple(miners))
 
     def owner(self, row: int) -> RemoteDriver | None:
@@ -614,6 +648,8 @@ class WorkerTelemetry:
         drv.identity = ident
         drv.settle = (settle + (0.0,) * 4)[:4]
         self.fleet.attach(row, drv)
+        if ident is not None and self.on_identified is not None:
+            self.on_identified(shard.spec.miners[pos][1], ident)
 
     def record_batch(
         self,
@@ -690,12 +726,26 @@ class WorkerTelemetry:
                 s.conn.close()
 
 
-async def start_workers(cfg: Any, fleet: Any, clock: Callable[[], float]) -> WorkerTelemetry | None:
+def workers_for(cfg: Any, n_devices: int) -> int:
+    """How many worker processes ``telemetry.workers`` asks for at ``n_devices``, on the
+    cores this process may run on (systemd's CPUAffinity, a container), not the host's."""
+    return worker_count(cfg.telemetry.workers, n_devices, len(os.sched_getaffinity(0)))
+
+
+async def start_workers(
+    cfg: Any,
+    fleet: Any,
+    clock: Callable[[], float],
+    *,
+    known: Mapping[str, KnownFirmware] | None = None,
+    on_identified: Callable[[str, DeviceIdentity], object] | None = None,
+) -> WorkerTelemetry | None:
     """The worker processes ``telemetry.workers`` asks for at this fleet's size, started
-    (None for none: the agent reads every device itself)."""
+    (None for none: the agent reads every device itself). Miners the agent has not
+    identified are identified by their worker, as ``known`` (by address) first, and
+    each is told to ``on_identified``."""
     t = cfg.telemetry
-    # The cores this process may run on (systemd's CPUAffinity, a container), not the host's.
-    n = worker_count(t.workers, len(fleet), len(os.sched_getaffinity(0)))
+    n = workers_for(cfg, len(fleet))
     if n == 0:
         return None
     telemetry = WorkerTelemetry(
@@ -711,6 +761,8 @@ async def start_workers(cfg: Any, fleet: Any, clock: Callable[[], float]) -> Wor
         credentials_file=cfg.inventory.credentials_file,
         clock=clock,
     )
+    telemetry.known = known or {}
+    telemetry.on_identified = on_identified
     await telemetry.start()
     log.info(
         "telemetry: %d miner(s) in %d worker process(es)",
