@@ -21,10 +21,10 @@ import pytest
 from siteagent.agent.config import parse_config
 from siteagent.agent.control import inventory
 from siteagent.agent.control.devices import DeviceLink
+from siteagent.agent.control.identify import identify_deadline_s
 from siteagent.agent.control.inventory import (
     build_devices,
     identify,
-    identify_deadline_s,
     known_by_address,
 )
 from siteagent.agent.control.inventory_store import InventoryStore
@@ -204,7 +204,7 @@ async def test_a_stalled_startup_stops_extending(
     stuck = asyncio.Event()
 
     async def stalls(
-        cfg: object, store: object, *, on_identified: object = None
+        cfg: object, store: object, *, on_identified: object = None, **_: object
     ) -> list[DeviceLink]:
         assert callable(on_identified)
         on_identified()
@@ -302,14 +302,14 @@ async def test_known_miners_skip_the_probes_unless_another_miner_answers(
 async def test_identification_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     in_flight, most = 0, 0
 
-    async def one(address: str, known: object, timeout_s: float, *_: object) -> None:
+    async def one(address: str, known: object, timeout_s: float, *_: object, **__: object) -> None:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
         await asyncio.sleep(0.01)
         in_flight -= 1
 
-    monkeypatch.setattr(inventory, "_identify_one", one)
+    monkeypatch.setattr(inventory, "identify_one", one)
     finished: list[int] = []
     out = await identify(
         [f"10.0.0.{i}" for i in range(50)],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from siteagent.agent.config import parse_config
-from siteagent.agent.control.inventory import identify_deadline_s
+from siteagent.agent.control.identify import identify_deadline_s
 from siteagent.agent.tools.cli import (
     EXIT_FAIL,
     EXIT_NEEDS_OPERATOR,

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from test_startup_bounded import run_until_ready
 
-from siteagent.agent.config import Config, parse_config
+from siteagent.agent.config import Config, default_id, parse_config
 from siteagent.agent.control.inventory import build_devices
+from siteagent.agent.control.inventory_store import InventoryStore
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.control.workers import (
     AUTO_MIN_DEVICES,
@@ -28,6 +29,7 @@ from siteagent.agent.control.workers import (
     worker_count,
 )
 from siteagent.domain import DeviceError, DeviceState, DeviceStatus
+from siteagent.sim.braiins import SimBraiinsMiner
 from siteagent.sim.site import SimSite
 
 BASE = "127.12.0.1"  # this module's own loopback range (127.12.0.0/16)
@@ -108,6 +110,62 @@ async def test_readings_from_workers_land_in_the_fleet_as_the_agents_own() -> No
             assert all(d.controllable for d in split.snapshot().devices)
         finally:
             await split.telemetry.close()
+
+
+async def test_a_workers_readings_land_as_they_come_not_when_its_sweep_ends() -> None:
+    """A miner that hangs holds back its own reading only: the others' reach the fleet
+    in a part of the worker's answer while the hanging one waits out its timeout."""
+    async with SimSite(4, base_address="127.12.6.1", backends=["whatsminer"]) as site:
+        addrs = [m.address for m in site.miners]
+        clock = Clock()
+        agent = await _agent(_config(addrs, 1), clock)
+        assert agent.telemetry is not None
+        try:
+            await agent.sweep()  # connects every miner
+            site.set_fault(addrs[0], "no_answer")
+            await site.ready()
+            clock.now_s += 100.0
+            sweep = asyncio.create_task(agent.sweep())
+            fleet = agent.fleet
+            rows = [fleet.row(default_id(a)) for a in addrs]
+            async with asyncio.timeout(GUARD_S):
+                while not all(fleet.last_ok_s[r] == clock.now_s for r in rows[1:]):
+                    assert not sweep.done(), "the others were read only as the sweep ended"
+                    await asyncio.sleep(0.05)
+            # Read, while the hanging miner's read (3 s timeout) is still in flight.
+            assert not sweep.done()
+            assert fleet.last_ok_s[rows[0]] < clock.now_s
+            await sweep
+            assert fleet.last_ok_s[rows[0]] < clock.now_s
+        finally:
+            await agent.telemetry.close()
+
+
+async def test_a_workers_reading_counts_from_when_it_was_taken_at_the_latest() -> None:
+    """A reading taken seconds into a sweep counts from then (the worker's delay after
+    the ask, added to when the agent asked), not from the ask, nor from its arrival."""
+    async with SimSite(2, base_address="127.12.7.1", backends=["whatsminer"]) as site:
+        addrs = [m.address for m in site.miners]
+        cfg = _config(addrs, 1)
+        agent = Agent(cfg, await build_devices(cfg))  # the agent's own clock
+        agent.telemetry = await start_workers(cfg, agent.fleet, agent.clock)
+        assert agent.telemetry is not None
+        try:
+            await agent.sweep()  # connects every miner
+            site.set_fault(addrs[0], "slow", delay_s=1.5)
+            await site.ready()
+            fleet = agent.fleet
+            rows = [fleet.row(default_id(a)) for a in addrs]
+            for r in rows:
+                fleet.link(r).next_read_s = 0.0  # due now
+            asked_s = agent.clock()
+            await agent.sweep()
+            done_s = agent.clock()
+            slow, quick = (float(fleet.last_ok_s[r]) for r in rows)
+            assert asked_s + 1.4 <= slow <= done_s
+            assert asked_s <= quick < asked_s + 1.4
+        finally:
+            await agent.telemetry.close()
 
 
 async def test_a_command_goes_to_the_owning_worker_and_its_outcome_comes_back() -> None:
@@ -280,3 +338,16 @@ async def _ready_in_workers(s: socket.socket, tmp_path: Path) -> None:
             f'[state]\ndir = "{tmp_path / "state"}"\n'
         )
         await run_until_ready(cfg, s)
+        # Each miner identified and connected once, by the worker that reads it: not by
+        # the agent's start-up as well (which then had the worker connect again).
+        bos = [m for m in site.miners if isinstance(m, SimBraiinsMiner)]
+        assert bos
+        assert [m.grpc_connections for m in bos] == [1] * len(bos)
+        assert [m.grpc_calls["GetConstraints"] for m in bos] == [1] * len(bos)
+    # What the workers identified is in the inventory, for the next start.
+    store = InventoryStore(tmp_path / "state" / "inventory.sqlite")
+    try:
+        known = {m.address for m in store.miners(include_missing=False)}
+    finally:
+        store.close()
+    assert known == {m.address for m in site.miners}

@@ -20,6 +20,7 @@ from siteagent.agent.control.ai_demand import NodeDemandReader, node_contract
 from siteagent.agent.control.devices import Connector, DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import DuplicateDeviceError, clash_message
 from siteagent.agent.control.gpus import FixedLoad, GpuDevice, GpuNode
+from siteagent.agent.control.identify import KnownFirmware, identify_one
 from siteagent.agent.control.inventory_store import (
     InventoryStore,
     KnownMiner,
@@ -29,13 +30,10 @@ from siteagent.agent.control.inventory_store import (
 from siteagent.agent.control.startup import settle_tasks, straggler_quiet_s
 from siteagent.agent.credentials import NO_CREDENTIALS, MinerCredentials, load_credentials
 from siteagent.domain import (
-    DeviceError,
     DeviceIdentity,
     DeviceKind,
-    DevicePermissionError,
     DeviceRefused,
 )
-from siteagent.domain.credentials import Login
 from siteagent.domain.site import SITE
 from siteagent.drivers.asic import AsicDriver
 from siteagent.drivers.gpu import GpuNodeDriver
@@ -135,13 +133,6 @@ def scan_addresses(cfg: Config) -> list[str]:
     return [a for item in cfg.inventory.scan for a in parse_address_range(item) if a not in listed]
 
 
-def identify_deadline_s(timeout_s: float) -> float:
-    """The longest (s) one address's identification takes: its known firmware asked
-    first, then pyasic's probes (get_miner, a 1 s port probe to say why it failed),
-    then the firmware's identify, each under ``timeout_s``."""
-    return 3 * timeout_s + 1.0
-
-
 def known_by_address(store: InventoryStore | None) -> dict[str, KnownMiner]:
     """The miner last seen at each address, of those that answered their last scan."""
     if store is None:
@@ -152,48 +143,6 @@ def known_by_address(store: InventoryStore | None) -> dict[str, KnownMiner]:
         if old is None or m.last_seen_unix_s > old.last_seen_unix_s:
             out[m.address] = m
     return out
-
-
-async def _identify_one(
-    address: str,
-    known: KnownMiner | None,
-    timeout_s: float,
-    logins: Mapping[str, Login],
-    listed: bool,
-) -> AsicDriver | None:
-    if known is not None:
-        # Known firmware and model: one identify, without pyasic's probes (about a
-        # quarter of their cost); it must still be the same miner (MAC, serial).
-        try:
-            drv = await AsicDriver.from_inventory(
-                address,
-                address,
-                backend=known.backend,
-                model=known.model,
-                timeout_s=timeout_s,
-                logins=logins,
-            )
-        except Exception as e:
-            log.debug("identify: %s: as known %s: %s", address, known.backend, e)
-        else:
-            if drv.identity is not None and identity_key(drv.identity, address) == known.key:
-                return drv
-            await close_quietly([drv], "an identification driver")
-    try:
-        drv = await AsicDriver.connect(address, address, timeout_s=timeout_s, logins=logins)
-    except DevicePermissionError as e:
-        if not listed:
-            # A miner is there but refuses our credentials: say so (once per scan). A
-            # listed one says it as it becomes read-only.
-            log.warning("identify: %s: %s", address, e)
-        return None
-    except DeviceError as e:
-        log.debug("identify: %s: %s", address, e)
-        return None
-    if drv.identity is None:
-        await close_quietly([drv], "an identification driver")
-        return None
-    return drv
 
 
 async def identify(
@@ -227,8 +176,12 @@ async def identify(
             try:
                 device_id = (ids or {}).get(address)
                 logins = creds.for_miner(device_id, address)
-                return await _identify_one(
-                    address, known.get(address), timeout_s, logins, device_id is not None
+                return await identify_one(
+                    address,
+                    KnownFirmware.of(known.get(address)),
+                    timeout_s,
+                    logins,
+                    listed=device_id is not None,
                 )
             finally:
                 if on_done is not None:
@@ -267,18 +220,58 @@ async def _survey(
     )
     found = [(a, d.identity) for a, d in drivers.items() if d.identity is not None]
     log.info("discovery: %d miner(s) answered in %d address(es)", len(found), len(addresses))
-    if store is not None:
-        # Off the event loop: a write can wait on the disk or on a lock (issue 20).
-        report = await asyncio.to_thread(store.record_scan, found, addresses)
-        for m in report.new:
-            log.info("inventory: new miner %s %s at %s", m.make, m.model, m.address)
-        for mv in report.moved:
-            log.warning(
-                "inventory: %s moved from %s to %s", mv.miner.key, mv.old_address, mv.miner.address
-            )
-        for m in report.missing:
-            log.warning("inventory: %s (%s) did not answer this scan", m.key, m.address)
+    await record_found(store, found, addresses)
     return drivers
+
+
+async def record_found(
+    store: InventoryStore | None, found: list[tuple[str, DeviceIdentity]], scanned: Sequence[str]
+) -> None:
+    """Record in ``store`` the miners ``found`` among ``scanned`` addresses (new, moved,
+    missing), one line for each change."""
+    if store is None:
+        return
+    # Off the event loop: a write can wait on the disk or on a lock (issue 20).
+    report = await asyncio.to_thread(store.record_scan, found, scanned)
+    for m in report.new:
+        log.info("inventory: new miner %s %s at %s", m.make, m.model, m.address)
+    for mv in report.moved:
+        log.warning(
+            "inventory: %s moved from %s to %s", mv.miner.key, mv.old_address, mv.miner.address
+        )
+    for m in report.missing:
+        log.warning("inventory: %s (%s) did not answer this scan", m.key, m.address)
+
+
+class FoundLater:
+    """Listed miners identified after start-up (by the telemetry workers), recorded in
+    the inventory as start-up's identification would have: in batches, off the loop."""
+
+    def __init__(self, store: InventoryStore | None, delay_s: float = 1.0) -> None:
+        self.store = store
+        self.delay_s = delay_s
+        self.found: list[tuple[str, DeviceIdentity]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def __call__(self, address: str, identity: DeviceIdentity) -> None:
+        """One miner identified at ``address``: recorded with the others within delay_s."""
+        self.found.append((address, identity))
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(self.delay_s)
+        found, self.found = self.found, []
+        await record_found(self.store, found, [a for a, _ in found])
+
+    async def close(self) -> None:
+        """Record what is left now."""
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        found, self.found = self.found, []
+        if found:
+            await record_found(self.store, found, [a for a, _ in found])
 
 
 def _discovered(
@@ -314,6 +307,7 @@ async def build_devices(
     store: InventoryStore | None = None,
     *,
     on_identified: Callable[[], object] | None = None,
+    identify_listed: bool = True,
 ) -> list[DeviceLink]:
     """Trackers for every listed miner, every miner found in the scan ranges, every GPU node.
 
@@ -323,6 +317,9 @@ async def build_devices(
     that did not answer connects on a later read. ``on_identified`` is called as
     each address (``startup_addresses``) finishes. Listed miners that hang are not
     waited out (``identify``'s ``quiet_s``): they count at their worst case until read.
+    Without ``identify_listed``, listed miners are not identified here: the telemetry
+    workers that will read them identify them (agent/control/workers.py), so that no
+    miner is connected twice; they count at their worst case until read.
     """
     creds = credentials(cfg)
     listed = [miner_link(cfg, m, creds) for m in cfg.inventory.miners]
@@ -333,7 +330,7 @@ async def build_devices(
     for t in [*listed, *gpus]:
         _take(taken, t)
     scanned = scan_addresses(cfg)
-    addresses = [t.address for t in listed] + scanned
+    addresses = ([t.address for t in listed] if identify_listed else []) + scanned
     quiet_s = straggler_quiet_s(cfg.telemetry.timeout_s)
     drivers = await _survey(cfg, store, addresses, on_identified, creds, quiet_s)
     for t in listed:

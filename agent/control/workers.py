@@ -3,24 +3,28 @@
 At 10,000 miners a sweep costs more CPU than one core has in a telemetry
 interval, so the miners are sharded over N worker processes ('spawn' context).
 Each worker runs its own event loop and owns its miners' drivers and
-connections, built from what the identification found (firmware, model); the
-control loop keeps the fleet state, the plan and the safety ordering.
+connections; the control loop keeps the fleet state, the plan and the safety
+ordering. A miner is connected once: one the agent identified is handed over
+with its identity (not asked again); a listed one it did not is identified by
+its worker (agent/control/identify.py), and what the worker found comes back
+once, for the fleet and the inventory.
 
 Transport: one multiprocessing pipe per worker. A sweep sends each worker the
-positions (in its shard) of the miners due; the worker answers with one batch
-of numpy columns (readings) and one of failures, never an object per reading.
-A command (power target, sleep, wake) goes to the owning worker as a tuple,
-and its outcome (the target taken, or the error's class and text) comes back.
-Only a connect sends an object: the identity the miner gave, once.
+positions (in its shard) of the miners due and not still being read; the
+worker answers in parts, at least every ``PART_S``, each one batch of numpy
+columns (readings) and one of failures, never an object per reading. A command
+(power target, sleep, wake) goes to the owning worker as a tuple, and its
+outcome (the target taken, or the error's class and text) comes back.
 
-Safety across workers: a worker that dies, or answers a sweep later than
-``telemetry.stale_after_s``, has its miners unread in time (a late batch counts
-from when it was asked for, so stale on arrival), so the fleet's staleness rule
-counts them at their worst case until it is back; a worker is sent no sweep
-while it owes one, so a slow one's work does not pile up. A command to a dead
-worker fails as unreachable (no outcome known: the loop counts both levels until
-a reading says). A dead worker is restarted
-with back-off: one warning when it goes, one line when it reads again.
+Safety across workers: a reading counts from when it was taken at the latest
+(the worker's delay after the ask, added to when the agent asked: the pipe's
+time makes it older, never fresher). A worker that dies, or says nothing for
+``telemetry.stale_after_s``, leaves its miners unread, so the fleet's staleness
+rule counts them at their worst case until it is back; a miner still being read
+is not asked for again, so a slow worker's work does not pile up. A command to a
+dead worker fails as unreachable (no outcome known: the loop counts both levels
+until a reading says). A dead worker is restarted with back-off: one warning
+when it goes, one line when it reads again.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import logging
 import math
 import multiprocessing
 import os
+import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -42,6 +47,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from siteagent.agent.control.identify import KnownFirmware
 from siteagent.domain import (
     DeviceError,
     DeviceFaulted,
@@ -72,6 +78,9 @@ _ERRORS: dict[str, type[Exception]] = {
     )
 }
 _SETTLE_KINDS = ("wake", "sleep", "lower", "raise")
+# A worker answers a sweep in parts, one at least this often (s): the agent takes
+# readings as they come, as it does its own, and a start-up sees its progress.
+PART_S = 1.0
 
 
 def worker_count(setting: int | Literal["auto"], n_devices: int, cpus: int | None) -> int:
@@ -89,10 +98,11 @@ class WorkerSpec:
     """What a worker process is started with: its miners and how to reach them."""
 
     index: int
-    # Per miner: (device id, address, firmware backend or None to probe, model or None,
-    # the identity the agent last had of it or None): a miner just identified by the
-    # agent is not asked again (drivers/asic.py from_inventory).
-    miners: tuple[tuple[str, str, str | None, str | None, DeviceIdentity | None], ...]
+    # Per miner: (device id, address, what the inventory knows of it or None, the
+    # identity the agent has of it or None). A miner with an identity is not asked
+    # again (drivers/asic.py from_inventory); one without is identified here, as the
+    # agent's start-up would (its known firmware first, then pyasic's probes).
+    miners: tuple[tuple[str, str, KnownFirmware | None, DeviceIdentity | None], ...]
     timeout_s: float
     concurrency: int
     credentials_file: str | None
@@ -157,7 +167,7 @@ class _Worker:
             if msg[0] == "stop":
                 break
             if msg[0] == "read":
-                self._spawn(self._sweep(msg[1], msg[2]))
+                self._spawn(self._sweep(msg[1], msg[2], time.monotonic()))
             elif msg[0] == "cmd":
                 self._spawn(self._command(*msg[1:]))
         loop.remove_reader(self.conn.fileno())
@@ -174,52 +184,81 @@ class _Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def _driver(self, i: int) -> Any:
+        from siteagent.agent.control.identify import connect_known
         from siteagent.drivers.asic import AsicDriver
 
         drv = self.drivers[i]
         if drv is not None:
             return drv
-        device_id, address, backend, model, known = self.spec.miners[i]
+        device_id, address, known, identity = self.spec.miners[i]
         logins = self.creds.for_miner(device_id, address)
         timeout_s = self.spec.timeout_s
-        if backend is None:
-            drv = await AsicDriver.connect(device_id, address, timeout_s=timeout_s, logins=logins)
-        else:
+        if known is not None and identity is not None:
             drv = await AsicDriver.from_inventory(
                 device_id,
                 address,
-                backend=backend,
-                model=model,
+                backend=known.backend,
+                model=known.model,
                 timeout_s=timeout_s,
                 logins=logins,
-                identity=known,
+                identity=identity,
             )
+        else:
+            drv = await connect_known(address, known, timeout_s, logins)
+            drv.device_id = device_id  # readings carry the device's id, not the address
         self.drivers[i] = drv
         self.connected += 1
-        if drv.identity != known:  # identified here: the agent learns what it said
+        if drv.identity != identity:  # identified here: the agent learns what it said
             settle = tuple(drv.settle_s(k) for k in _SETTLE_KINDS)
             self.conn.send(("identity", i, drv.identity, settle))
         return drv
 
-    async def _read(self, i: int) -> Any:
+    async def _read(self, i: int) -> tuple[int, Any]:
+        from siteagent.agent.control.identify import identify_deadline_s
+
         async with self.sem:
+            # A miner not yet connected is identified first, under identification's deadline.
+            timeout_s = self.spec.timeout_s
+            if self.drivers[i] is None:
+                timeout_s += identify_deadline_s(timeout_s)
             try:
-                async with asyncio.timeout(self.spec.timeout_s):
+                async with asyncio.timeout(timeout_s):
                     drv = await self._driver(i)
-                    return await drv.read(), drv.login_ok
+                    return i, (await drv.read(), drv.login_ok)
             except TimeoutError:
-                return DeviceUnreachable(f"no answer within {self.spec.timeout_s:.1f} s")
+                return i, DeviceUnreachable(f"no answer within {timeout_s:.1f} s")
             except Exception as e:
                 if not isinstance(e, DeviceError):
                     log.exception("%s: unexpected error while reading", self.spec.miners[i][0])
-                return e
+                return i, e
 
-    async def _sweep(self, seq: int, positions: np.ndarray[Any, np.dtype[np.int32]]) -> None:
-        results = await asyncio.gather(*(self._read(int(i)) for i in positions))
-        ok = [(int(i), r) for i, r in zip(positions, results, strict=True) if isinstance(r, tuple)]
-        bad = [
-            (int(i), r) for i, r in zip(positions, results, strict=True) if isinstance(r, Exception)
-        ]
+    async def _sweep(
+        self, seq: int, positions: np.ndarray[Any, np.dtype[np.int32]], asked_s: float
+    ) -> None:
+        done: list[tuple[int, Any]] = []
+        left = {asyncio.ensure_future(self._read(int(i))) for i in positions}
+        for task in left:
+            task.add_done_callback(lambda t: done.append(t.result()))
+        while left:
+            _, left = await asyncio.wait(left, timeout=PART_S)
+            if left and done:
+                self._answer(seq, asked_s, done, final=False)
+                done = []
+        self._answer(seq, asked_s, done, final=True)
+        if self.connected:
+            # As the agent does once its drivers are made (cli): what a driver holds lives
+            # as long as the worker, so keep it out of the collector's passes.
+            self.connected = 0
+            gc.collect()
+            gc.freeze()
+
+    def _answer(
+        self, seq: int, asked_s: float, results: list[tuple[int, Any]], *, final: bool
+    ) -> None:
+        """Send one part of sweep ``seq`` (asked for at ``asked_s`` on this process's
+        monotonic clock, as the readings' times): its readings as columns, its failures."""
+        ok = [(i, r) for i, r in results if isinstance(r, tuple)]
+        bad = [(i, r) for i, r in results if isinstance(r, Exception)]
         readings = [r for _, (r, _) in ok]
         cols = {
             "pos": np.fromiter((i for i, _ in ok), np.int32, len(ok)),
@@ -241,13 +280,7 @@ class _Worker:
             np.fromiter((i for i, _ in bad), np.int32, len(bad)),
             [_named(e) for _, e in bad],
         )
-        self.conn.send(("readings", seq, cols, errors, failed))
-        if self.connected:
-            # As the agent does once its drivers are made (cli): what a driver holds lives
-            # as long as the worker, so keep it out of the collector's passes.
-            self.connected = 0
-            gc.collect()
-            gc.freeze()
+        self.conn.send(("readings", seq, cols, errors, failed, final, asked_s))
 
     async def _command(self, cmd_id: int, i: int, kind: str, value: float) -> None:
         try:
@@ -323,12 +356,12 @@ class Shard:
         self.said_down = False  # said it is down (or late); says once it is back
         self.restarts = 0
         self._seq = 0
-        # The sweep in flight: its number, when it was sent (clock s), its answer.
-        self._sweep: tuple[int, float, asyncio.Future[None]] | None = None
-        # A sweep the worker was given and has not answered (in time or late): no other
-        # is sent until it does, or a slow worker's work would pile up sweep on sweep.
-        # (Its number, when it was asked for: its readings count from then.)
-        self._outstanding: tuple[int, float] | None = None
+        # The sweeps asked for and not fully answered: number -> when asked (clock s;
+        # their readings count from then on), its end. A miner still being read is not
+        # asked for again, so a slow worker's work does not pile up sweep on sweep.
+        self._asked: dict[int, tuple[float, asyncio.Future[None]]] = {}
+        self.in_flight: set[int] = set()  # positions asked for and not yet answered
+        self.heard_s = -math.inf  # when the worker last answered (event loop's clock, s)
         self.idle = asyncio.Event()  # set while no sweep is outstanding
         self.idle.set()
         self._next_cmd = 0
@@ -371,26 +404,30 @@ class Shard:
     def _take(self, msg: tuple[Any, ...]) -> None:
         what = msg[0]
         if what == "readings":
-            seq = msg[1]
-            owed = self._outstanding
-            if owed is not None and owed[0] == seq:
-                self._outstanding = None
-                self.idle.set()
-                # Late or not, its readings count from when they were asked for: a late
-                # batch is stale on arrival (worst case) but says what the miners are.
-                self.owner.record_batch(self, owed[1], msg[2], msg[3], msg[4])
-            if self._sweep is not None and self._sweep[0] == seq:
-                if self.said_down:
-                    self.said_down = False
-                    log.info(
-                        "telemetry worker %d (pid %s) back: its %d miner(s) read again",
-                        self.spec.index,
-                        self.process.pid if self.process else "?",
-                        len(self.rows),
-                    )
-                fut = self._sweep[2]
-                if not fut.done():
-                    fut.set_result(None)
+            seq, cols, errors, failed, final, asked_w = msg[1:7]
+            asked = self._asked.get(seq)
+            if asked is None:
+                return  # a sweep from before the worker was restarted
+            self.heard_s = asyncio.get_running_loop().time()
+            self.in_flight.difference_update(cols["pos"].tolist())
+            self.in_flight.difference_update(failed[0].tolist())
+            # Late or not, each reading counts from when it was taken at the latest:
+            # a late one is stale on arrival (worst case) but says what the miner is.
+            self.owner.record_batch(self, asked[0], asked_w, cols, errors, failed)
+            if self.said_down:
+                self.said_down = False
+                log.info(
+                    "telemetry worker %d (pid %s) back: its %d miner(s) read again",
+                    self.spec.index,
+                    self.process.pid if self.process else "?",
+                    len(self.rows),
+                )
+            if final:
+                del self._asked[seq]
+                if not asked[1].done():
+                    asked[1].set_result(None)
+                if not self._asked:
+                    self.idle.set()
         elif what == "identity":
             self.owner.record_identity(self, msg[1], msg[2], msg[3])
         elif what == "done":
@@ -410,8 +447,7 @@ class Shard:
         if not self.alive:
             return
         self.alive = False
-        self._outstanding = None
-        self.idle.set()
+        self.in_flight.clear()
         self.up.clear()
         self.down.set()
         loop = asyncio.get_running_loop()
@@ -446,36 +482,44 @@ class Shard:
             if not fut.done():
                 fut.set_exception(error)
         self._commands.clear()
-        if self._sweep is not None and not self._sweep[2].done():
-            self._sweep[2].set_result(None)
+        for _, end in self._asked.values():
+            if not end.done():
+                end.set_result(None)
+        self._asked.clear()
+        self.idle.set()
         if self.started is not None and not self.started.done():
             self.started.set_result(None)
 
     async def sweep(self, positions: list[int], deadline_s: float) -> None:
-        """Have the worker read ``positions``; give up on it after ``deadline_s``."""
-        if not self.alive or self.conn is None or not positions or self._outstanding is not None:
+        """Have the worker read ``positions`` (those not being read already); wait for its
+        answer up to ``deadline_s``, and say once that it is late if it said nothing
+        in that time (its miners go stale: counted at their worst case)."""
+        if not self.alive or self.conn is None:
             return  # not read: stale in time, so counted at its worst case
+        ask = [p for p in positions if p not in self.in_flight]
+        if not ask:
+            return
+        self.in_flight.update(ask)
         self._seq += 1
-        self._outstanding = (self._seq, self.owner.clock())
+        asked_s = self.owner.clock()
+        end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asked[self._seq] = (asked_s, end)
         self.idle.clear()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sweep = (self._seq, self.owner.clock(), fut)
-        self.conn.send(("read", self._seq, np.asarray(positions, np.int32)))
-        try:
-            await asyncio.wait_for(fut, deadline_s)
-        except TimeoutError:
-            if not self.said_down:
-                self.said_down = True
-                log.warning(
-                    "telemetry worker %d (pid %s) did not answer within %.0f s: its %d miner(s) "
-                    "count at their worst case until it answers in time",
-                    self.spec.index,
-                    self.process.pid if self.process else "?",
-                    deadline_s,
-                    len(self.rows),
-                )
-        finally:
-            self._sweep = None
+        self.conn.send(("read", self._seq, np.asarray(ask, np.int32)))
+        loop = asyncio.get_running_loop()
+        sent_s = loop.time()  # whether it is silent is a matter of real time
+        await asyncio.wait({end}, timeout=deadline_s)
+        silent = loop.time() - max(self.heard_s, sent_s) >= deadline_s
+        if not end.done() and silent and self.alive and not self.said_down:
+            self.said_down = True
+            log.warning(
+                "telemetry worker %d (pid %s) did not answer within %.0f s: its %d miner(s) "
+                "count at their worst case until it answers in time",
+                self.spec.index,
+                self.process.pid if self.process else "?",
+                deadline_s,
+                len(self.rows),
+            )
 
     async def command(self, position: int, kind: str, value: float) -> float:
         """Send one command to the worker; its outcome (the target taken) or its error."""
@@ -528,6 +572,12 @@ class WorkerTelemetry:
         self.ctx = multiprocessing.get_context("spawn")
         self.shards: list[Shard] = []
         self.stopping = False
+        # What the inventory knows of the miners the agent has not identified (by
+        # address): their workers identify them, their known firmware first.
+        self.known: Mapping[str, KnownFirmware] = {}
+        # Told of each miner a worker identified (address, identity): the inventory
+        # records it as start-up's identification would have.
+        self.on_identified: Callable[[str, DeviceIdentity], object] | None = None
 
     async def start(self) -> None:
         """Shard the fleet's miners over the workers, hand each its miners, start them."""
@@ -546,9 +596,12 @@ class WorkerTelemetry:
                 link = fleet.link(row)
                 drv = link.driver
                 ident = getattr(drv, "identity", None)
-                backend = getattr(drv, "backend_name", None) if ident is not None else None
-                model = ident.model if ident is not None else None
-                miners.append((link.device_id, link.address, backend, model, ident))
+                known = (
+                    self.known.get(link.address)
+                    if ident is None
+                    else KnownFirmware.identified(ident, link.address)
+                )
+                miners.append((link.device_id, link.address, known, ident))
             spec = WorkerSpec(
                 k, tuple(miners), self.timeout_s, self.concurrency, self.credentials_file, level
             )
@@ -576,8 +629,9 @@ class WorkerTelemetry:
         for pos, row in enumerate(shard.rows):
             drv = self.fleet.link(row).driver
             if isinstance(drv, RemoteDriver) and drv.shard is shard and drv.identity is not None:
-                device_id, address, backend, model, _ = miners[pos]
-                miners[pos] = (device_id, address, backend, model, drv.identity)
+                device_id, address, _, _ = miners[pos]
+                known = KnownFirmware.identified(drv.identity, address)
+                miners[pos] = (device_id, address, known, drv.identity)
         return dataclasses.replace(shard.spec, miners=tuple(miners))
 
     def owner(self, row: int) -> RemoteDriver | None:
@@ -614,19 +668,25 @@ class WorkerTelemetry:
         drv.identity = ident
         drv.settle = (settle + (0.0,) * 4)[:4]
         self.fleet.attach(row, drv)
+        if ident is not None and self.on_identified is not None:
+            self.on_identified(shard.spec.miners[pos][1], ident)
 
     def record_batch(
         self,
         shard: Shard,
         sent_s: float,
+        asked_w: float,
         cols: dict[str, np.ndarray[Any, Any]],
         errors: list[tuple[int, tuple[str, ...]]],
         failed: tuple[np.ndarray[Any, Any], list[tuple[str, str]]],
     ) -> None:
-        """A worker's sweep: each reading and failure into the fleet, as the agent's own,
-        timed when the sweep was asked for (no reading is older: none counts fresher
-        than it is)."""
-        fleet, rows, now = self.fleet, shard.rows, sent_s
+        """A part of a worker's sweep: each reading and failure into the fleet, as the
+        agent's own. The sweep was asked for at ``sent_s`` (this clock) and reached the
+        worker at ``asked_w`` (its clock, the readings' own): a reading taken ``d`` s
+        after that is timed ``sent_s + d``, which is no later than it was taken (the
+        pipe took time), so none counts fresher than it is; never later than now."""
+        fleet, rows = self.fleet, shard.rows
+        now = self.clock()
         errs = dict(errors)
         pos = cols["pos"].tolist()
         time_s = cols["time_s"].tolist()
@@ -640,6 +700,7 @@ class WorkerTelemetry:
         login_ok = cols["login_ok"].tolist()
         for k, p in enumerate(pos):
             row = rows[p]
+            taken_s = min(now, sent_s + max(0.0, time_s[k] - asked_w))
             link = fleet.link(row)
             drv = link.driver
             if not isinstance(drv, RemoteDriver) or drv.shard is not shard:
@@ -657,7 +718,7 @@ class WorkerTelemetry:
                 utilization_frac=_none(util[k]),
                 errors=errs.get(k, ()),
             )
-            fleet.record_reading(row, reading, now, self.confirm_timeout_s)
+            fleet.record_reading(row, reading, taken_s, self.confirm_timeout_s)
         for p, (kind, text) in zip(failed[0].tolist(), failed[1], strict=True):
             row = rows[p]
             drv = fleet.link(row).driver
@@ -690,12 +751,26 @@ class WorkerTelemetry:
                 s.conn.close()
 
 
-async def start_workers(cfg: Any, fleet: Any, clock: Callable[[], float]) -> WorkerTelemetry | None:
+def workers_for(cfg: Any, n_devices: int) -> int:
+    """How many worker processes ``telemetry.workers`` asks for at ``n_devices``, on the
+    cores this process may run on (systemd's CPUAffinity, a container), not the host's."""
+    return worker_count(cfg.telemetry.workers, n_devices, len(os.sched_getaffinity(0)))
+
+
+async def start_workers(
+    cfg: Any,
+    fleet: Any,
+    clock: Callable[[], float],
+    *,
+    known: Mapping[str, KnownFirmware] | None = None,
+    on_identified: Callable[[str, DeviceIdentity], object] | None = None,
+) -> WorkerTelemetry | None:
     """The worker processes ``telemetry.workers`` asks for at this fleet's size, started
-    (None for none: the agent reads every device itself)."""
+    (None for none: the agent reads every device itself). Miners the agent has not
+    identified are identified by their worker, as ``known`` (by address) first, and
+    each is told to ``on_identified``."""
     t = cfg.telemetry
-    # The cores this process may run on (systemd's CPUAffinity, a container), not the host's.
-    n = worker_count(t.workers, len(fleet), len(os.sched_getaffinity(0)))
+    n = workers_for(cfg, len(fleet))
     if n == 0:
         return None
     telemetry = WorkerTelemetry(
@@ -711,6 +786,8 @@ async def start_workers(cfg: Any, fleet: Any, clock: Callable[[], float]) -> Wor
         credentials_file=cfg.inventory.credentials_file,
         clock=clock,
     )
+    telemetry.known = known or {}
+    telemetry.on_identified = on_identified
     await telemetry.start()
     log.info(
         "telemetry: %d miner(s) in %d worker process(es)",

@@ -107,17 +107,19 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     from siteagent.agent.api.http import serve_api
     from siteagent.agent.api.runtime import OverrideRuntime
     from siteagent.agent.api.store import prepare_store
+    from siteagent.agent.control.identify import KnownFirmware, identify_deadline_s
     from siteagent.agent.control.inventory import (
+        FoundLater,
         build_devices,
         close_drivers,
-        identify_deadline_s,
+        known_by_address,
         scan,
         startup_addresses,
     )
     from siteagent.agent.control.inventory_store import InventoryStore
     from siteagent.agent.control.loop import Agent
     from siteagent.agent.control.startup import straggler_quiet_s, until_quiet
-    from siteagent.agent.control.workers import start_workers
+    from siteagent.agent.control.workers import start_workers, workers_for
     from siteagent.agent.ops.metrics import loop_healthy, serve_metrics, site_summary
     from siteagent.agent.ops.sdnotify import (
         Notifier,
@@ -156,9 +158,16 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         store = InventoryStore(Path(cfg.state.dir) / "inventory.sqlite")
         opened.append(_closing(store.close))
         n_addresses = startup_addresses(cfg)
+        # Listed miners read by telemetry workers are identified there, once, not here
+        # and again there (issue 20): here only the scan ranges, which name no miner yet.
+        in_workers = workers_for(cfg, n_addresses + len(cfg.gpu_nodes)) > 0
+        if in_workers:
+            n_addresses -= len(cfg.inventory.miners)
         startup.phase("identifying miners", n_addresses)
         t = time.perf_counter()
-        trackers = await build_devices(cfg, store, on_identified=startup.step)
+        trackers = await build_devices(
+            cfg, store, on_identified=startup.step, identify_listed=not in_workers
+        )
         opened.append(lambda: close_drivers(trackers))
         log.info(
             "identified %d device(s) in %d address(es) in %.1f s",
@@ -169,10 +178,22 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
         # The config in force, not the one read at start: a reload may change the ranges.
         agent = Agent(cfg, trackers, rescan=lambda: scan(agent.config, store))
-        telemetry = await start_workers(cfg, agent.fleet, agent.clock)
+        found_later = FoundLater(store)
+        telemetry = await start_workers(
+            cfg,
+            agent.fleet,
+            agent.clock,
+            known={
+                a: k
+                for a, m in (await asyncio.to_thread(known_by_address, store)).items()
+                if (k := KnownFirmware.of(m)) is not None
+            },
+            on_identified=found_later,
+        )
         if telemetry is not None:
             agent.telemetry = telemetry
             opened.append(telemetry.close)
+            opened.append(found_later.close)
         metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
         opened.append(_closing(metrics.close))
         log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
