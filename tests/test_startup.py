@@ -19,14 +19,11 @@ from typing import Any
 import pytest
 
 from siteagent.agent.config import parse_config
+from siteagent.agent.control import identify as identification
 from siteagent.agent.control import inventory
 from siteagent.agent.control.devices import DeviceLink
-from siteagent.agent.control.identify import identify_deadline_s
-from siteagent.agent.control.inventory import (
-    build_devices,
-    identify,
-    known_by_address,
-)
+from siteagent.agent.control.identify import KnownFirmware, identify, identify_deadline_s
+from siteagent.agent.control.inventory import build_devices, known_by_address
 from siteagent.agent.control.inventory_store import InventoryStore
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.ops.sdnotify import Notifier, StartupProgress, watch_startup
@@ -290,7 +287,8 @@ async def test_known_miners_skip_the_probes_unless_another_miner_answers(
             return await real_connect(device_id, address, timeout_s=timeout_s, **kw)
 
         monkeypatch.setattr(AsicDriver, "connect", counting_connect)
-        again = await identify(addrs, known, concurrency=3, timeout_s=2.0)
+        firmware = {a: k for a, m in known.items() if (k := KnownFirmware.of(m)) is not None}
+        again = await identify(addrs, firmware, concurrency=3, timeout_s=2.0)
         assert sorted(again) == sorted(addrs)
         assert sorted(probed) == sorted(addrs[:2])  # the third was known and the same
         macs = {a: d.identity.mac for a, d in again.items() if d.identity is not None}
@@ -309,7 +307,7 @@ async def test_identification_is_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
         await asyncio.sleep(0.01)
         in_flight -= 1
 
-    monkeypatch.setattr(inventory, "identify_one", one)
+    monkeypatch.setattr(identification, "identify_one", one)
     finished: list[int] = []
     out = await identify(
         [f"10.0.0.{i}" for i in range(50)],

@@ -328,12 +328,17 @@ async def test_the_daemon_runs_its_miners_in_workers_and_stops_them(
 async def _ready_in_workers(s: socket.socket, tmp_path: Path) -> None:
     """The daemon on four simulated miners in two workers, to READY and stopped."""
     async with SimSite(4, base_address="127.12.3.1", backends=BACKENDS) as site:
-        listed = "".join(f'[[inventory.miners]]\naddress = "{m.address}"\n' for m in site.miners)
+        # Two listed, two found by a scan range: both kinds identified in the workers.
+        listed = "".join(
+            f'[[inventory.miners]]\naddress = "{m.address}"\n' for m in site.miners[:2]
+        )
+        scan = f'scan = ["{site.miners[2].address}-{site.miners[3].address}"]\n'
+
         cfg = tmp_path / "siteagent.toml"
         cfg.write_text(
             "[site]\ncap_w = 1000000\n[control]\ninterval_s = 1\n"
             "[telemetry]\ninterval_s = 1\ntimeout_s = 3\nworkers = 2\n"
-            f"[inventory]\n{listed}"
+            f"[inventory]\n{scan}{listed}"
             '[metrics]\nhost = "127.0.0.1"\nport = 0\n[api]\nhost = "127.0.0.1"\nport = 0\n'
             f'[state]\ndir = "{tmp_path / "state"}"\n'
         )

@@ -20,15 +20,15 @@ from siteagent.agent.control.ai_demand import NodeDemandReader, node_contract
 from siteagent.agent.control.devices import Connector, DeviceDriver, DeviceLink, close_quietly
 from siteagent.agent.control.fleet import DuplicateDeviceError, clash_message
 from siteagent.agent.control.gpus import FixedLoad, GpuDevice, GpuNode
-from siteagent.agent.control.identify import KnownFirmware, identify_one
+from siteagent.agent.control.identify import Identified, Identifier, KnownFirmware, identify
 from siteagent.agent.control.inventory_store import (
     InventoryStore,
     KnownMiner,
     backend_of,
     identity_key,
 )
-from siteagent.agent.control.startup import settle_tasks, straggler_quiet_s
-from siteagent.agent.credentials import NO_CREDENTIALS, MinerCredentials, load_credentials
+from siteagent.agent.control.startup import straggler_quiet_s
+from siteagent.agent.credentials import MinerCredentials, load_credentials
 from siteagent.domain import (
     DeviceIdentity,
     DeviceKind,
@@ -145,57 +145,6 @@ def known_by_address(store: InventoryStore | None) -> dict[str, KnownMiner]:
     return out
 
 
-async def identify(
-    addresses: Sequence[str],
-    known: Mapping[str, KnownMiner],
-    *,
-    concurrency: int,
-    timeout_s: float,
-    on_done: Callable[[], object] | None = None,
-    creds: MinerCredentials = NO_CREDENTIALS,
-    ids: Mapping[str, str] | None = None,
-    quiet_s: float | None = None,
-) -> dict[str, AsicDriver]:
-    """Identify the miners at ``addresses``, ``concurrency`` at a time: connected drivers
-    by address for those that answered. ``on_done`` is called as each address finishes.
-    Each logs in with its credentials in ``creds``, by its device id in ``ids`` (address
-    -> id, for listed miners) or else by its address.
-
-    Bounded because an unbounded get_miner() fan-out fails wholesale (1,000 at once
-    identified none), and because each identification's deadline runs while it
-    waits for the CPU: 500 at once on two cores timed most of 10,000 out at 3 s.
-
-    With ``quiet_s``, listed miners (in ``ids``) still unanswered once every other
-    address is done and none has finished for ``quiet_s`` are given up on: they
-    count at their worst case and connect on a later read (agent/control/startup.py).
-    """
-    sem = asyncio.Semaphore(max(1, concurrency))
-
-    async def one(address: str) -> AsicDriver | None:
-        async with sem:
-            try:
-                device_id = (ids or {}).get(address)
-                logins = creds.for_miner(device_id, address)
-                return await identify_one(
-                    address,
-                    KnownFirmware.of(known.get(address)),
-                    timeout_s,
-                    logins,
-                    listed=device_id is not None,
-                )
-            finally:
-                if on_done is not None:
-                    on_done()
-
-    tasks = [asyncio.ensure_future(one(a)) for a in addresses]
-    listed = ids or {}
-    await settle_tasks(
-        tasks, quiet_s, [t for a, t in zip(addresses, tasks, strict=True) if a not in listed]
-    )
-    drivers = [None if t.cancelled() else t.result() for t in tasks]
-    return {a: d for a, d in zip(addresses, drivers, strict=True) if d is not None}
-
-
 async def _survey(
     cfg: Config,
     store: InventoryStore | None,
@@ -203,14 +152,16 @@ async def _survey(
     on_done: Callable[[], object] | None,
     creds: MinerCredentials,
     quiet_s: float | None = None,
-) -> dict[str, AsicDriver]:
+    identifier: Identifier = identify,
+) -> Mapping[str, Identified]:
     """Identify ``addresses``; record what answered (new, moved, missing) in the store."""
     if not addresses:
         return {}
-    drivers = await identify(
+    # Off the event loop: 70 ms at 10,000 miners, more on a slow disk.
+    by_address = await asyncio.to_thread(known_by_address, store)
+    drivers = await identifier(
         addresses,
-        # Off the event loop: 70 ms at 10,000 miners, more on a slow disk.
-        await asyncio.to_thread(known_by_address, store),
+        {a: k for a, m in by_address.items() if (k := KnownFirmware.of(m)) is not None},
         concurrency=cfg.inventory.discovery_concurrency,
         timeout_s=cfg.telemetry.timeout_s,
         on_done=on_done,
@@ -243,39 +194,8 @@ async def record_found(
         log.warning("inventory: %s (%s) did not answer this scan", m.key, m.address)
 
 
-class FoundLater:
-    """Listed miners identified after start-up (by the telemetry workers), recorded in
-    the inventory as start-up's identification would have: in batches, off the loop."""
-
-    def __init__(self, store: InventoryStore | None, delay_s: float = 1.0) -> None:
-        self.store = store
-        self.delay_s = delay_s
-        self.found: list[tuple[str, DeviceIdentity]] = []
-        self.task: asyncio.Task[None] | None = None
-
-    def __call__(self, address: str, identity: DeviceIdentity) -> None:
-        """One miner identified at ``address``: recorded with the others within delay_s."""
-        self.found.append((address, identity))
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._flush())
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(self.delay_s)
-        found, self.found = self.found, []
-        await record_found(self.store, found, [a for a, _ in found])
-
-    async def close(self) -> None:
-        """Record what is left now."""
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        found, self.found = self.found, []
-        if found:
-            await record_found(self.store, found, [a for a, _ in found])
-
-
 def _discovered(
-    cfg: Config, drivers: Mapping[str, AsicDriver], creds: MinerCredentials
+    cfg: Config, drivers: Mapping[str, Identified], creds: MinerCredentials
 ) -> list[DeviceLink]:
     return [
         discovered_link(cfg, a, d.identity, creds)
@@ -297,9 +217,10 @@ async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceL
     return links
 
 
-def _adopt_driver(t: DeviceLink, drv: AsicDriver) -> None:
-    drv.device_id = t.device_id  # readings carry the device's id, not the address
-    t.driver = drv  # the fleet adopts what it identified as it takes the link in
+def _adopt_driver(t: DeviceLink, drv: Identified) -> None:
+    if isinstance(drv, AsicDriver):  # else held by a telemetry worker, adopted there
+        drv.device_id = t.device_id  # readings carry the device's id, not the address
+        t.driver = drv  # the fleet adopts what it identified as it takes the link in
 
 
 async def build_devices(
@@ -307,7 +228,7 @@ async def build_devices(
     store: InventoryStore | None = None,
     *,
     on_identified: Callable[[], object] | None = None,
-    identify_listed: bool = True,
+    identifier: Identifier = identify,
 ) -> list[DeviceLink]:
     """Trackers for every listed miner, every miner found in the scan ranges, every GPU node.
 
@@ -317,9 +238,8 @@ async def build_devices(
     that did not answer connects on a later read. ``on_identified`` is called as
     each address (``startup_addresses``) finishes. Listed miners that hang are not
     waited out (``identify``'s ``quiet_s``): they count at their worst case until read.
-    Without ``identify_listed``, listed miners are not identified here: the telemetry
-    workers that will read them identify them (agent/control/workers.py), so that no
-    miner is connected twice; they count at their worst case until read.
+    ``identifier`` identifies them: by default here, or in the telemetry workers that
+    will read them (agent/control/workers.py), which keep them connected.
     """
     creds = credentials(cfg)
     listed = [miner_link(cfg, m, creds) for m in cfg.inventory.miners]
@@ -330,9 +250,9 @@ async def build_devices(
     for t in [*listed, *gpus]:
         _take(taken, t)
     scanned = scan_addresses(cfg)
-    addresses = ([t.address for t in listed] if identify_listed else []) + scanned
+    addresses = [t.address for t in listed] + scanned
     quiet_s = straggler_quiet_s(cfg.telemetry.timeout_s)
-    drivers = await _survey(cfg, store, addresses, on_identified, creds, quiet_s)
+    drivers = await _survey(cfg, store, addresses, on_identified, creds, quiet_s, identifier)
     for t in listed:
         drv = drivers.get(t.address)
         if drv is not None:

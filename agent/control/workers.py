@@ -4,10 +4,11 @@ At 10,000 miners a sweep costs more CPU than one core has in a telemetry
 interval, so the miners are sharded over N worker processes ('spawn' context).
 Each worker runs its own event loop and owns its miners' drivers and
 connections; the control loop keeps the fleet state, the plan and the safety
-ordering. A miner is connected once: one the agent identified is handed over
-with its identity (not asked again); a listed one it did not is identified by
-its worker (agent/control/identify.py), and what the worker found comes back
-once, for the fleet and the inventory.
+ordering. A miner is connected once: start-up's identification (listed miners
+and scan ranges) runs in the workers, which keep what they find connected and
+send back its identity once, for the fleet and the inventory (``launch``,
+``identify``, ``adopt``); a miner the agent identified itself is handed over
+with its identity, and its worker does not ask it again.
 
 Transport: one multiprocessing pipe per worker. A sweep sends each worker the
 positions (in its shard) of the miners due and not still being read; the
@@ -144,6 +145,8 @@ class _Worker:
         self.spec = spec
         self.creds = load_credentials(spec.credentials_file)
         self.drivers: list[Any] = [None] * len(spec.miners)
+        # Identified at the agent's start-up and not yet assigned (by address).
+        self.found: dict[str, Any] = {}
         self.sem = asyncio.Semaphore(spec.concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
         self.connected = 0  # drivers made since the collector last froze the heap
@@ -170,6 +173,10 @@ class _Worker:
                 self._spawn(self._sweep(msg[1], msg[2], time.monotonic()))
             elif msg[0] == "cmd":
                 self._spawn(self._command(*msg[1:]))
+            elif msg[0] == "identify":
+                self._spawn(self._identify(*msg[1:]))
+            elif msg[0] == "assign":
+                await self._assign(msg[1])
         loop.remove_reader(self.conn.fileno())
         for task in list(self.tasks):
             task.cancel()
@@ -177,6 +184,66 @@ class _Worker:
         from siteagent.agent.control.devices import close_quietly
 
         await close_quietly([d for d in self.drivers if d is not None], "a worker's driver")
+
+    async def _identify(
+        self,
+        req: int,
+        addresses: list[str],
+        known: dict[str, KnownFirmware],
+        ids: dict[str, str],
+        concurrency: int,
+        quiet_s: float | None,
+    ) -> None:
+        """Identify ``addresses`` as the agent's start-up does (agent/control/identify.py)
+        and keep the miners found connected; say how many are done as they finish."""
+        from siteagent.agent.control.identify import identify
+
+        done = 0
+
+        def one_done() -> None:
+            nonlocal done
+            done += 1
+
+        task = asyncio.ensure_future(
+            identify(
+                addresses,
+                known,
+                concurrency=concurrency,
+                timeout_s=self.spec.timeout_s,
+                on_done=one_done,
+                creds=self.creds,
+                ids=ids,
+                quiet_s=quiet_s,
+            )
+        )
+        told = 0
+        while not task.done():
+            await asyncio.wait({task}, timeout=PART_S)
+            if done > told:
+                self.conn.send(("progress", req, done - told))
+                told = done
+        found = task.result()
+        self.found.update(found)
+        self.connected += len(found)
+        answer = [
+            (a, d.identity, tuple(d.settle_s(k) for k in _SETTLE_KINDS)) for a, d in found.items()
+        ]
+        self.conn.send(("identified", req, answer, done - told))
+
+    async def _assign(
+        self, miners: tuple[tuple[str, str, KnownFirmware | None, DeviceIdentity | None], ...]
+    ) -> None:
+        """Take ``miners`` as this worker's, with the drivers identification left here;
+        close those not among them (the agent took another way to them)."""
+        from siteagent.agent.control.devices import close_quietly
+
+        self.spec = dataclasses.replace(self.spec, miners=miners)
+        self.drivers = [self.found.pop(m[1], None) for m in miners]
+        for (device_id, *_), drv in zip(miners, self.drivers, strict=True):
+            if drv is not None:
+                drv.device_id = device_id  # readings carry the device's id, not the address
+        left, self.found = list(self.found.values()), {}
+        await close_quietly(left, "an identification driver")
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -311,6 +378,20 @@ def _none(x: float) -> float | None:
 # -- the agent's side ----------------------------------------------------------------
 
 
+@dataclass(eq=False, slots=True)
+class Held:
+    """A miner a telemetry worker identified at start-up and keeps connected."""
+
+    identity: DeviceIdentity | None
+    shard: int  # the worker's index
+    settle: tuple[float, ...]  # its firmware's settle times (``_SETTLE_KINDS``)
+    dropped: bool = False  # start-up took another way to it (closed by its worker)
+
+    async def close(self) -> None:
+        """Not to be adopted: its worker closes it when the miners are assigned."""
+        self.dropped = True
+
+
 class RemoteDriver:
     """A miner driven by a worker process: what the loop calls on a driver, sent there."""
 
@@ -366,6 +447,10 @@ class Shard:
         self.idle.set()
         self._next_cmd = 0
         self._commands: dict[int, asyncio.Future[float]] = {}
+        # Identifications asked of it: number -> (what it found, told of each one done).
+        self._identifying: dict[
+            int, tuple[asyncio.Future[list[tuple[Any, ...]]], Callable[[], object] | None]
+        ] = {}
         self.started: asyncio.Future[None] | None = None
         # Set while the worker is up (it said ready) and while it is down (exited).
         self.up = asyncio.Event()
@@ -430,6 +515,17 @@ class Shard:
                     self.idle.set()
         elif what == "identity":
             self.owner.record_identity(self, msg[1], msg[2], msg[3])
+        elif what in ("progress", "identified"):
+            asking = self._identifying.get(msg[1])
+            if asking is None:
+                return
+            for _ in range(msg[2] if what == "progress" else msg[3]):
+                if asking[1] is not None:
+                    asking[1]()
+            if what == "identified":
+                del self._identifying[msg[1]]
+                if not asking[0].done():
+                    asking[0].set_result(msg[2])
         elif what == "done":
             done = self._commands.pop(msg[1], None)
             if done is not None and not done.done():
@@ -487,8 +583,43 @@ class Shard:
                 end.set_result(None)
         self._asked.clear()
         self.idle.set()
+        for found, _ in self._identifying.values():
+            if not found.done():
+                found.set_result([])  # nothing it identified is connected any more
+        self._identifying.clear()
         if self.started is not None and not self.started.done():
             self.started.set_result(None)
+
+    async def identify(
+        self,
+        addresses: list[str],
+        known: dict[str, KnownFirmware],
+        ids: dict[str, str],
+        concurrency: int,
+        quiet_s: float | None,
+        on_done: Callable[[], object] | None,
+    ) -> list[tuple[str, DeviceIdentity | None, tuple[float, ...]]]:
+        """Have the worker identify ``addresses`` and keep what it finds connected: each
+        found (address, identity, settle times); nothing if it dies meanwhile."""
+        if not self.alive or self.conn is None or not addresses:
+            return []
+        self._next_cmd += 1
+        req = self._next_cmd
+        found: asyncio.Future[list[tuple[Any, ...]]] = asyncio.get_running_loop().create_future()
+        self._identifying[req] = (found, on_done)
+        self.conn.send(("identify", req, addresses, known, ids, concurrency, quiet_s))
+        return await found
+
+    def assign(
+        self,
+        rows: list[int],
+        miners: tuple[tuple[str, str, KnownFirmware | None, DeviceIdentity | None], ...],
+    ) -> None:
+        """Make ``rows`` (fleet rows, its ``miners``) this worker's to read and command."""
+        self.rows = rows
+        self.spec = dataclasses.replace(self.spec, miners=miners)
+        if self.alive and self.conn is not None:
+            self.conn.send(("assign", miners))
 
     async def sweep(self, positions: list[int], deadline_s: float) -> None:
         """Have the worker read ``positions`` (those not being read already); wait for its
@@ -572,56 +703,118 @@ class WorkerTelemetry:
         self.ctx = multiprocessing.get_context("spawn")
         self.shards: list[Shard] = []
         self.stopping = False
-        # What the inventory knows of the miners the agent has not identified (by
-        # address): their workers identify them, their known firmware first.
+        # What the inventory knows of the miners not identified yet (by address):
+        # their workers identify them, their known firmware first.
         self.known: Mapping[str, KnownFirmware] = {}
-        # Told of each miner a worker identified (address, identity): the inventory
-        # records it as start-up's identification would have.
-        self.on_identified: Callable[[str, DeviceIdentity], object] | None = None
+        # The miners the workers identified at start-up and keep connected (by address).
+        self.held: dict[str, Held] = {}
 
     async def start(self) -> None:
-        """Shard the fleet's miners over the workers, hand each its miners, start them."""
+        """Start the workers and hand each its share of the fleet's miners."""
+        await self.launch()
+        await self.adopt()
+
+    async def launch(self) -> None:
+        """Start the worker processes, with no miners yet (``identify``, then ``adopt``)."""
+        level = logging.getLogger("siteagent").getEffectiveLevel()
+        for k in range(self.n):
+            spec = WorkerSpec(k, (), self.timeout_s, self.concurrency, self.credentials_file, level)
+            self.shards.append(Shard(self, spec, []))
+        for shard in self.shards:
+            shard.start()
+        await asyncio.gather(*(s.started for s in self.shards if s.started is not None))
+
+    async def identify(
+        self,
+        addresses: Sequence[str],
+        known: Mapping[str, KnownFirmware],
+        *,
+        concurrency: int,
+        timeout_s: float,
+        on_done: Callable[[], object] | None = None,
+        creds: object = None,
+        ids: Mapping[str, str] | None = None,
+        quiet_s: float | None = None,
+    ) -> dict[str, Held]:
+        """Start-up's identification (agent/control/identify.py ``identify``, whose
+        signature this has), shared over the workers, which keep what they find
+        connected for ``adopt``: by address, each miner found. ``timeout_s`` and
+        ``creds`` are the workers' own (the config's, as here)."""
+        self.known = known
+        ids = ids or {}
+        n = len(self.shards)
+        parts = [list(addresses[k::n]) for k in range(n)]
+        answers = await asyncio.gather(
+            *(
+                shard.identify(
+                    part,
+                    {a: known[a] for a in part if a in known},
+                    {a: ids[a] for a in part if a in ids},
+                    max(1, -(-concurrency // n)),
+                    quiet_s,
+                    on_done,
+                )
+                for shard, part in zip(self.shards, parts, strict=True)
+            )
+        )
+        for shard, found in zip(self.shards, answers, strict=True):
+            for address, identity, settle in found:
+                self.held[address] = Held(identity, shard.spec.index, settle)
+        return dict(self.held)
+
+    async def adopt(self) -> None:
+        """Hand each worker its share of the fleet's miners: those it identified at
+        start-up, then the rest to even the shares. A driver the agent made is closed
+        (its worker opens its own, without asking the miner who it is again)."""
         fleet = self.fleet
         rows = [
             r
             for r, link in enumerate(fleet.links())
             if link.kind is DeviceKind.MINER and math.isfinite(link.next_read_s)
         ]
-        level = logging.getLogger("siteagent").getEffectiveLevel()
-        parts = [rows[k :: self.n] for k in range(self.n)]
+        parts: list[list[int]] = [[] for _ in self.shards]
+        rest: list[int] = []
+        for row in rows:
+            held = self.held.get(fleet.link(row).address)
+            if held is not None and not held.dropped:
+                parts[held.shard].append(row)
+            else:
+                rest.append(row)
+        for row in rest:
+            min(parts, key=len).append(row)
         old_drivers = []
-        for k, part in enumerate(parts):
+        for shard, part in zip(self.shards, parts, strict=True):
             miners = []
-            for row in part:
+            remotes = []
+            for pos, row in enumerate(part):
                 link = fleet.link(row)
                 drv = link.driver
-                ident = getattr(drv, "identity", None)
+                held = self.held.get(link.address)
+                if held is not None and held.dropped:
+                    held = None
+                ident = getattr(drv, "identity", None) or (held.identity if held else None)
                 known = (
                     self.known.get(link.address)
                     if ident is None
                     else KnownFirmware.identified(ident, link.address)
                 )
                 miners.append((link.device_id, link.address, known, ident))
-            spec = WorkerSpec(
-                k, tuple(miners), self.timeout_s, self.concurrency, self.credentials_file, level
-            )
-            shard = Shard(self, spec, part)
-            for pos, row in enumerate(part):
-                link = fleet.link(row)
-                drv = link.driver
-                remote = RemoteDriver(shard, pos, getattr(drv, "identity", None))
+                remote = RemoteDriver(shard, pos, ident)
                 if drv is not None and hasattr(drv, "settle_s"):
                     remote.settle = tuple(drv.settle_s(k) for k in _SETTLE_KINDS)
                     old_drivers.append(drv)
+                elif held is not None:
+                    remote.settle = held.settle
+                remotes.append((row, remote))
+            shard.assign(part, tuple(miners))
+            for row, remote in remotes:
                 fleet.attach(row, remote)
-            self.shards.append(shard)
+        self.held = {}
         from siteagent.agent.control.devices import close_quietly
 
         # The identification's connections: each worker opens its own.
         await close_quietly(old_drivers, "an identification driver")
-        for shard in self.shards:
-            shard.start()
-        await asyncio.gather(*(s.started for s in self.shards if s.started is not None))
+        log.info("telemetry: %d miner(s) in %d worker process(es)", len(rows), len(self.shards))
 
     def respec(self, shard: Shard) -> WorkerSpec:
         """``shard``'s spec with the identities the agent has now of its miners."""
@@ -668,8 +861,6 @@ class WorkerTelemetry:
         drv.identity = ident
         drv.settle = (settle + (0.0,) * 4)[:4]
         self.fleet.attach(row, drv)
-        if ident is not None and self.on_identified is not None:
-            self.on_identified(shard.spec.miners[pos][1], ident)
 
     def record_batch(
         self,
@@ -757,23 +948,13 @@ def workers_for(cfg: Any, n_devices: int) -> int:
     return worker_count(cfg.telemetry.workers, n_devices, len(os.sched_getaffinity(0)))
 
 
-async def start_workers(
-    cfg: Any,
-    fleet: Any,
-    clock: Callable[[], float],
-    *,
-    known: Mapping[str, KnownFirmware] | None = None,
-    on_identified: Callable[[str, DeviceIdentity], object] | None = None,
-) -> WorkerTelemetry | None:
-    """The worker processes ``telemetry.workers`` asks for at this fleet's size, started
-    (None for none: the agent reads every device itself). Miners the agent has not
-    identified are identified by their worker, as ``known`` (by address) first, and
-    each is told to ``on_identified``."""
+def make_workers(
+    cfg: Any, n: int, fleet: Any = None, clock: Callable[[], float] = time.monotonic
+) -> WorkerTelemetry:
+    """``n`` telemetry workers as ``cfg`` says, not started (``fleet`` and ``clock``:
+    the agent's, which may be set once it is built)."""
     t = cfg.telemetry
-    n = workers_for(cfg, len(fleet))
-    if n == 0:
-        return None
-    telemetry = WorkerTelemetry(
+    return WorkerTelemetry(
         fleet,
         workers=n,
         timeout_s=t.timeout_s,
@@ -786,12 +967,15 @@ async def start_workers(
         credentials_file=cfg.inventory.credentials_file,
         clock=clock,
     )
-    telemetry.known = known or {}
-    telemetry.on_identified = on_identified
+
+
+async def start_workers(cfg: Any, fleet: Any, clock: Callable[[], float]) -> WorkerTelemetry | None:
+    """The worker processes ``telemetry.workers`` asks for at this fleet's size, started
+    with its miners (None for none: the agent reads every device itself). The start-up
+    that identifies in the workers (cli) uses ``launch``, ``identify`` and ``adopt``."""
+    n = workers_for(cfg, len(fleet))
+    if n == 0:
+        return None
+    telemetry = make_workers(cfg, n, fleet, clock)
     await telemetry.start()
-    log.info(
-        "telemetry: %d miner(s) in %d worker process(es)",
-        sum(len(s.rows) for s in telemetry.shards),
-        n,
-    )
     return telemetry

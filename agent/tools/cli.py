@@ -107,19 +107,17 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
     from siteagent.agent.api.http import serve_api
     from siteagent.agent.api.runtime import OverrideRuntime
     from siteagent.agent.api.store import prepare_store
-    from siteagent.agent.control.identify import KnownFirmware, identify_deadline_s
+    from siteagent.agent.control.identify import identify, identify_deadline_s
     from siteagent.agent.control.inventory import (
-        FoundLater,
         build_devices,
         close_drivers,
-        known_by_address,
         scan,
         startup_addresses,
     )
     from siteagent.agent.control.inventory_store import InventoryStore
     from siteagent.agent.control.loop import Agent
     from siteagent.agent.control.startup import straggler_quiet_s, until_quiet
-    from siteagent.agent.control.workers import start_workers, workers_for
+    from siteagent.agent.control.workers import make_workers, workers_for
     from siteagent.agent.ops.metrics import loop_healthy, serve_metrics, site_summary
     from siteagent.agent.ops.sdnotify import (
         Notifier,
@@ -158,15 +156,22 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         store = InventoryStore(Path(cfg.state.dir) / "inventory.sqlite")
         opened.append(_closing(store.close))
         n_addresses = startup_addresses(cfg)
-        # Listed miners read by telemetry workers are identified there, once, not here
-        # and again there (issue 20): here only the scan ranges, which name no miner yet.
-        in_workers = workers_for(cfg, n_addresses + len(cfg.gpu_nodes)) > 0
-        if in_workers:
-            n_addresses -= len(cfg.inventory.miners)
+        # Telemetry workers identify the miners they will read and keep them connected:
+        # start-up's identification is shared over the cores, each miner connected once.
+        n_workers = workers_for(cfg, n_addresses + len(cfg.gpu_nodes))
+        telemetry = None
+        if n_workers:
+            startup.phase("starting telemetry workers")
+            telemetry = make_workers(cfg, n_workers)
+            opened.append(telemetry.close)
+            await telemetry.launch()
         startup.phase("identifying miners", n_addresses)
         t = time.perf_counter()
         trackers = await build_devices(
-            cfg, store, on_identified=startup.step, identify_listed=not in_workers
+            cfg,
+            store,
+            on_identified=startup.step,
+            identifier=identify if telemetry is None else telemetry.identify,
         )
         opened.append(lambda: close_drivers(trackers))
         log.info(
@@ -178,22 +183,10 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
         # The config in force, not the one read at start: a reload may change the ranges.
         agent = Agent(cfg, trackers, rescan=lambda: scan(agent.config, store))
-        found_later = FoundLater(store)
-        telemetry = await start_workers(
-            cfg,
-            agent.fleet,
-            agent.clock,
-            known={
-                a: k
-                for a, m in (await asyncio.to_thread(known_by_address, store)).items()
-                if (k := KnownFirmware.of(m)) is not None
-            },
-            on_identified=found_later,
-        )
         if telemetry is not None:
+            telemetry.fleet, telemetry.clock = agent.fleet, agent.clock
+            await telemetry.adopt()
             agent.telemetry = telemetry
-            opened.append(telemetry.close)
-            opened.append(found_later.close)
         metrics = serve_metrics(agent, cfg.metrics.host, cfg.metrics.port, version=_version())
         opened.append(_closing(metrics.close))
         log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
