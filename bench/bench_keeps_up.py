@@ -9,7 +9,8 @@ and samples its own ``/metrics`` every few seconds for ``--run-s`` seconds after
 - **the oldest reading** seen (``siteagent_telemetry_max_age_seconds``; goal: never
   past 2 intervals);
 - **the main process's share of a core** (its own CPU over the run; goal ≤ 25 %);
-- **the whole agent's RSS**: the main process and its worker processes, summed.
+- **the whole agent's RSS**: the main process and its worker processes, summed (and
+  their PSS, which counts a page shared between them, a library's, once).
 
 Each ``--workers`` value runs in turn against the same simulators; 0 (the single
 process) first, as the baseline.
@@ -54,6 +55,15 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def pss_kb(pid: int) -> int:
+    """A process's proportional set size (kB): its private pages, and its share of the
+    pages it shares (libraries, with the other processes of the agent)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
 def free_port() -> int:
     """A TCP port free on loopback now."""
     with socket.socket() as s:
@@ -75,12 +85,17 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def run_agent(
-    miners: list[dict[str, Any]], workers: int, interval_s: float, run_s: float, ready_s: float
+    miners: list[dict[str, Any]],
+    workers: int,
+    interval_s: float,
+    run_s: float,
+    ready_s: float,
+    policy: str = "efficiency-capping",
 ) -> dict[str, Any]:
     """One daemon from start to READY plus run_s seconds, sampled every few seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "siteagent.toml"
-        write_config(cfg, miners, "efficiency-capping", Path(tmp) / "state", 500)
+        write_config(cfg, miners, policy, Path(tmp) / "state", 500)
         port = free_port()
         text = cfg.read_text()
         text = text.replace(
@@ -121,14 +136,15 @@ def run_agent(
                 ready_after_s = time.monotonic() - t0
                 first = scrape(port)
                 cpu0, t1 = cpu_s(proc.pid), time.monotonic()
-                max_age_s, peak_mb = 0.0, 0.0
+                max_age_s, peak_mb, peak_pss_mb = 0.0, 0.0, 0.0
                 while time.monotonic() - t1 < run_s:
                     time.sleep(5.0)
                     m = scrape(port)
                     max_age_s = max(max_age_s, m.get("siteagent_telemetry_max_age_seconds", 0.0))
-                    rss = memory_kb(proc.pid)["VmRSS"]
-                    rss += sum(memory_kb(c)["VmRSS"] for c in children(proc.pid))
+                    pids = [proc.pid, *children(proc.pid)]
+                    rss = sum(memory_kb(p)["VmRSS"] for p in pids)
                     peak_mb = max(peak_mb, rss / 1024)
+                    peak_pss_mb = max(peak_pss_mb, sum(pss_kb(p) for p in pids) / 1024)
                 wall_s = time.monotonic() - t1
                 main_share = (cpu_s(proc.pid) - cpu0) / wall_s
                 last = scrape(port)
@@ -151,6 +167,7 @@ def run_agent(
         "max_age_intervals": max_age_s / interval_s,
         "main_core_share": main_share,
         "peak_rss_mb": peak_mb,
+        "peak_pss_mb": peak_pss_mb,
     }
 
 
@@ -164,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-s", type=float, default=15.0)
     p.add_argument("--run-s", type=float, default=300.0, help="seconds sampled after READY")
     p.add_argument("--ready-s", type=float, default=900.0, help="give up without READY after")
+    p.add_argument("--policy", default="efficiency-capping", help="or economic")
     args = p.parse_args(argv)
     if args.mix == "all":
         args.mix = ",".join(ALL_BACKENDS)
@@ -173,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for w in (int(x) for x in args.workers.split(",")):
-            results.append(run_agent(miners, w, args.interval_s, args.run_s, args.ready_s))
+            results.append(
+                run_agent(miners, w, args.interval_s, args.run_s, args.ready_s, args.policy)
+            )
     finally:
         for proc in procs:
             proc.terminate()
@@ -181,20 +201,22 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait()
     print(
         f"siteagent run on {len(miners)} simulated miners ({args.mix}), telemetry every "
-        f"{args.interval_s:g} s, {args.run_s:.0f} s sampled after READY, {os.cpu_count()} cores "
+        f"{args.interval_s:g} s, policy {args.policy}, {args.run_s:.0f} s sampled after READY, "
+        f"{os.cpu_count()} cores "
         f"shared with the simulators, load average before {load0:.2f} after "
         f"{os.getloadavg()[0]:.2f}"
     )
     print(
         f"{'workers':>7} {'READY':>8} {'sweeps done/expected':>21} {'oldest reading':>22} "
-        f"{'main process':>13} {'whole agent RSS':>16}"
+        f"{'main process':>13} {'whole agent RSS':>16} {'PSS':>8}"
     )
     for r in results:
         print(
             f"{r['workers']:>7} {r['ready_after_s']:>6.0f} s "
             f"{r['sweeps_done']:>6.0f}/{r['sweeps_expected']:<5.1f} ({r['sweeps_share']:>4.0%}) "
             f"{r['max_age_s']:>7.1f} s ({r['max_age_intervals']:.2f} intervals) "
-            f"{r['main_core_share']:>11.0%} {r['peak_rss_mb']:>13.0f} MB"
+            f"{r['main_core_share']:>11.0%} {r['peak_rss_mb']:>13.0f} MB "
+            f"{r['peak_pss_mb']:>5.0f} MB"
         )
     print(json.dumps({"miners": len(miners), "mix": args.mix, "results": results}))
     return 0

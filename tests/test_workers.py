@@ -25,6 +25,7 @@ from siteagent.agent.control.workers import (
     AUTO_MIN_DEVICES,
     RemoteDriver,
     WorkerTelemetry,
+    make_workers,
     start_workers,
     worker_count,
 )
@@ -166,6 +167,41 @@ async def test_a_workers_reading_counts_from_when_it_was_taken_at_the_latest() -
             assert asked_s <= quick < asked_s + 1.4
         finally:
             await agent.telemetry.close()
+
+
+async def test_start_up_goes_on_without_a_worker_lost_while_identifying() -> None:
+    """A worker gone when start-up identifies: the others' finds are theirs, the miners
+    it would have identified are shared out unidentified (counted at their worst case),
+    and they are read once its restart connects them."""
+    async with SimSite(4, base_address="127.12.8.1", backends=["whatsminer"]) as site:
+        addrs = [m.address for m in site.miners]
+        cfg = _config(addrs, 2)
+        clock = Clock()
+        telemetry = make_workers(cfg, 2, clock=clock)
+        await telemetry.launch()
+        try:
+            lost = telemetry.shards[0]
+            assert lost.process is not None and lost.process.pid is not None
+            os.kill(lost.process.pid, signal.SIGKILL)
+            await asyncio.wait_for(lost.down.wait(), GUARD_S)
+            links = await build_devices(cfg, identifier=telemetry.identify)
+            assert len(links) == 4  # listed: in the fleet, found or not
+            agent = Agent(cfg, links, clock=clock)
+            telemetry.fleet = agent.fleet
+            await telemetry.adopt()
+            agent.telemetry = telemetry
+            assert sorted(len(s.rows) for s in telemetry.shards) == [2, 2]
+            before = {d.device_id: d for d in agent.snapshot().devices}
+            assert all(d.budget_w >= d.nameplate_power_w for d in before.values())
+            await asyncio.wait_for(lost.up.wait(), GUARD_S)  # restarted
+            async with asyncio.timeout(GUARD_S):
+                while not all(d.state is DeviceState.MINING for d in agent.snapshot().devices):
+                    clock.now_s += 100.0
+                    await agent.sweep()
+                    for shard in telemetry.shards:
+                        await shard.idle.wait()
+        finally:
+            await telemetry.close()
 
 
 async def test_a_command_goes_to_the_owning_worker_and_its_outcome_comes_back() -> None:
