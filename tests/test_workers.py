@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,6 +65,15 @@ async def _agent(cfg: Config, clock: Clock) -> Agent:
     return agent
 
 
+async def _until(check: Callable[[], bool]) -> None:
+    """Wait until ``check()`` holds (failing the test after GUARD_S)."""
+    async with asyncio.timeout(GUARD_S):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.02)
+
+
 def _view(agent: Agent) -> list[DeviceStatus]:
     """What a snapshot says of each device, the reading's own timestamp aside."""
     return [
@@ -79,8 +89,8 @@ def test_auto_runs_workers_only_at_scale() -> None:
     assert worker_count(0, 50_000, 16) == 0
     assert worker_count(3, 10, 16) == 3
     assert _config(["127.12.0.1"], "auto").telemetry.workers == "auto"
-    # The default is the single process: workers are opted into (bench_keeps_up.py).
-    assert parse_config({"site": {"cap_w": 1}}).telemetry.workers == 0
+    # By default a large site's miners are read in workers, a small one's in one process.
+    assert parse_config({"site": {"cap_w": 1}}).telemetry.workers == "auto"
 
 
 def test_a_bad_worker_count_names_the_key() -> None:
@@ -200,6 +210,38 @@ async def test_start_up_goes_on_without_a_worker_lost_while_identifying() -> Non
                     await agent.sweep()
                     for shard in telemetry.shards:
                         await shard.idle.wait()
+        finally:
+            await telemetry.close()
+
+
+async def test_a_scheduled_sweep_does_not_wait_out_a_slow_worker() -> None:
+    """The scheduler's sweep returns once the workers are asked, so the next one is not
+    skipped while a slow miner is read; it asks only for the miners not still being
+    read, and each sweep counts as done once all its answers are in."""
+    async with SimSite(2, base_address="127.12.9.1", backends=["whatsminer"]) as site:
+        addrs = [m.address for m in site.miners]
+        cfg = _config(addrs, 1)
+        agent = Agent(cfg, await build_devices(cfg))
+        agent.telemetry = telemetry = await start_workers(cfg, agent.fleet, agent.clock)
+        assert telemetry is not None
+        try:
+            await agent.sweep()  # connects every miner
+            site.set_fault(addrs[0], "slow", delay_s=2.0)
+            await site.ready()
+            fleet, shard, done = agent.fleet, telemetry.shards[0], agent.sweeps
+            slow, quick = (fleet.row(default_id(a)) for a in addrs)
+            read_s = float(fleet.last_ok_s[quick])
+            for row in (slow, quick):
+                fleet.link(row).next_read_s = 0.0  # due now
+            await agent.sweep(wait_for_workers=False)
+            assert agent.sweeps == done and not shard.idle.is_set()  # asked, not answered
+            await _until(lambda: fleet.last_ok_s[quick] != read_s)
+            assert shard.in_flight == {shard.rows.index(slow)}  # the slow one, still
+            for row in (slow, quick):
+                fleet.link(row).next_read_s = 0.0
+            await agent.sweep(wait_for_workers=False)  # asks for the quick one only
+            await _until(lambda: shard.idle.is_set() and agent.sweeps == done + 2)
+            assert not shard.in_flight
         finally:
             await telemetry.close()
 

@@ -435,8 +435,12 @@ class Agent:
 
     # -- telemetry ---------------------------------------------------------------
 
-    async def sweep(self) -> None:
-        """Read every device concurrently, each under its own timeout."""
+    async def sweep(self, *, wait_for_workers: bool = True) -> None:
+        """Read every device concurrently, each under its own timeout. Without
+        ``wait_for_workers`` it returns once the worker processes are asked (the sweep
+        counts as done when they have answered): the scheduler's next sweep is then
+        not skipped while a slow worker answers, and asks only for the miners that
+        worker is not still reading (agent/control/workers.py)."""
         async with self._sweep_lock:
             started = time.perf_counter()
             now = self.clock()
@@ -446,10 +450,23 @@ class Agent:
             remote: list[Awaitable[None]] = []
             if self.telemetry is not None:
                 due, remote = self.telemetry.split(due)
-            await asyncio.gather(*(self._read_one(row, sem) for row in due), *remote)
-            self.sweeps += 1
-            self.last_sweep_s = self.clock()
-            self.sweep_durations.observe(time.perf_counter() - started)
+            local = asyncio.gather(*(self._read_one(row, sem) for row in due))
+            answered = asyncio.ensure_future(self._answered(local, remote, started))
+            await local
+        if wait_for_workers:
+            await answered
+        else:
+            self._background.add(answered)
+            answered.add_done_callback(self._background.discard)
+
+    async def _answered(
+        self, local: Awaitable[list[None]], remote: list[Awaitable[None]], started: float
+    ) -> None:
+        """Wait for both parts of a sweep, the agent's and the workers', then count it."""
+        await asyncio.gather(local, *remote)
+        self.sweeps += 1
+        self.last_sweep_s = self.clock()
+        self.sweep_durations.observe(time.perf_counter() - started)
 
     async def _read_one(self, row: int, sem: asyncio.Semaphore) -> None:
         tcfg = self.config.telemetry
@@ -886,7 +903,7 @@ class Agent:
 
     async def _sweep_job(self) -> None:
         try:
-            await self.sweep()
+            await self.sweep(wait_for_workers=False)
         except asyncio.CancelledError:
             # Only the scheduler's shutdown (``stop``) cancels it: not an error.
             log.info("telemetry sweep cut short: the agent is stopping")

@@ -622,25 +622,35 @@ class Shard:
             self.conn.send(("assign", miners))
 
     async def sweep(self, positions: list[int], deadline_s: float) -> None:
-        """Have the worker read ``positions`` (those not being read already); wait for its
-        answer up to ``deadline_s``, and say once that it is late if it said nothing
-        in that time (its miners go stale: counted at their worst case)."""
+        """Have the worker read ``positions`` and wait for its answer (``ask``)."""
+        answer = self.ask(positions, deadline_s)
+        if answer is not None:
+            await answer
+
+    def ask(self, positions: list[int], deadline_s: float) -> Awaitable[None] | None:
+        """Ask the worker now to read ``positions`` (those it is not reading already):
+        what waits for its answer up to ``deadline_s`` and says once that it is late if
+        it said nothing in that time (its miners go stale: counted at their worst
+        case); None if nothing was asked."""
         if not self.alive or self.conn is None:
-            return  # not read: stale in time, so counted at its worst case
+            return None  # not read: stale in time, so counted at its worst case
         ask = [p for p in positions if p not in self.in_flight]
         if not ask:
-            return
+            return None
         self.in_flight.update(ask)
         self._seq += 1
         asked_s = self.owner.clock()
-        end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        end: asyncio.Future[None] = loop.create_future()
         self._asked[self._seq] = (asked_s, end)
         self.idle.clear()
         self.conn.send(("read", self._seq, np.asarray(ask, np.int32)))
-        loop = asyncio.get_running_loop()
-        sent_s = loop.time()  # whether it is silent is a matter of real time
+        return self._answer(end, loop.time(), deadline_s)
+
+    async def _answer(self, end: asyncio.Future[None], sent_s: float, deadline_s: float) -> None:
         await asyncio.wait({end}, timeout=deadline_s)
-        silent = loop.time() - max(self.heard_s, sent_s) >= deadline_s
+        # Whether it is silent is a matter of real time (the loop's clock), not the agent's.
+        silent = asyncio.get_running_loop().time() - max(self.heard_s, sent_s) >= deadline_s
         if not end.done() and silent and self.alive and not self.said_down:
             self.said_down = True
             log.warning(
@@ -833,7 +843,8 @@ class WorkerTelemetry:
         return drv if isinstance(drv, RemoteDriver) else None
 
     def split(self, due: Sequence[int]) -> tuple[list[int], list[Awaitable[None]]]:
-        """The due rows the agent reads itself, and the workers' sweeps of the others."""
+        """The due rows the agent reads itself; the workers asked (now) to read the
+        others, and what waits for their answers."""
         local: list[int] = []
         by_shard: dict[int, list[int]] = {}
         for row in due:
@@ -842,13 +853,10 @@ class WorkerTelemetry:
                 local.append(row)
             else:
                 by_shard.setdefault(drv.shard.spec.index, []).append(drv.position)
-        # Readings count from when they were asked for, so a batch later than
-        # stale_after_s would be stale on arrival: the worker is late, and dropped.
+        # A worker that says nothing for stale_after_s leaves its miners stale: late.
         deadline_s = self.stale_after_s
-        sweeps: list[Awaitable[None]] = [
-            self.shards[k].sweep(pos, deadline_s) for k, pos in by_shard.items()
-        ]
-        return local, sweeps
+        asked = (self.shards[k].ask(pos, deadline_s) for k, pos in by_shard.items())
+        return local, [a for a in asked if a is not None]
 
     def record_identity(
         self, shard: Shard, pos: int, ident: DeviceIdentity | None, settle: tuple[float, ...]
