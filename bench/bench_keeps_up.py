@@ -79,7 +79,11 @@ def scrape(port: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in ("siteagent_sweeps_total", "siteagent_telemetry_max_age_seconds"):
+        if name in (
+            "siteagent_sweeps_total",
+            "siteagent_telemetry_max_age_seconds",
+            "siteagent_last_tick_age_seconds",
+        ):
             out[name] = float(value)
     return out
 
@@ -136,11 +140,12 @@ def run_agent(
                 ready_after_s = time.monotonic() - t0
                 first = scrape(port)
                 cpu0, t1 = cpu_s(proc.pid), time.monotonic()
-                max_age_s, peak_mb, peak_pss_mb = 0.0, 0.0, 0.0
+                max_age_s, peak_mb, peak_pss_mb, max_lag_s = 0.0, 0.0, 0.0, 0.0
                 while time.monotonic() - t1 < run_s:
                     time.sleep(5.0)
                     m = scrape(port)
                     max_age_s = max(max_age_s, m.get("siteagent_telemetry_max_age_seconds", 0.0))
+                    max_lag_s = max(max_lag_s, m.get("siteagent_last_tick_age_seconds", 0.0))
                     pids = [proc.pid, *children(proc.pid)]
                     rss = sum(memory_kb(p)["VmRSS"] for p in pids)
                     peak_mb = max(peak_mb, rss / 1024)
@@ -168,6 +173,7 @@ def run_agent(
         "main_core_share": main_share,
         "peak_rss_mb": peak_mb,
         "peak_pss_mb": peak_pss_mb,
+        "max_tick_age_s": max_lag_s,
     }
 
 

@@ -303,9 +303,14 @@ class _Worker:
         self, seq: int, positions: np.ndarray[Any, np.dtype[np.int32]], asked_s: float
     ) -> None:
         done: list[tuple[int, Any]] = []
+
+        def one_done(task: asyncio.Task[tuple[int, Any]]) -> None:
+            if not task.cancelled():  # cancelled: the worker is stopping
+                done.append(task.result())
+
         left = {asyncio.ensure_future(self._read(int(i))) for i in positions}
         for task in left:
-            task.add_done_callback(lambda t: done.append(t.result()))
+            task.add_done_callback(one_done)
         while left:
             _, left = await asyncio.wait(left, timeout=PART_S)
             if left and done:
