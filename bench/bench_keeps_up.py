@@ -78,14 +78,34 @@ def scrape(port: int) -> dict[str, float]:
         text = r.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
+        name, _, value = line.rpartition(" ")
         if name in (
             "siteagent_sweeps_total",
             "siteagent_telemetry_max_age_seconds",
             "siteagent_last_tick_age_seconds",
         ):
             out[name] = float(value)
+        elif name.startswith("siteagent_telemetry_worker_reads_in_flight{"):
+            out["in_flight"] = out.get("in_flight", 0.0) + float(value)
+        elif name.startswith("siteagent_devices{"):
+            state = name.split('state="', 1)[1].split('"', 1)[0]
+            out[f"state:{state}"] = out.get(f"state:{state}", 0.0) + float(value)
     return out
+
+
+def timeline_line(t_s: float, m: dict[str, float]) -> str:
+    """One sample of the run, as --timeline prints it."""
+    states = " ".join(
+        f"{k.removeprefix('state:')}={v:.0f}"
+        for k, v in sorted(m.items())
+        if k.startswith("state:")
+    )
+    return (
+        f"{t_s:6.0f} s sweeps {m.get('siteagent_sweeps_total', 0):5.0f} oldest "
+        f"{m.get('siteagent_telemetry_max_age_seconds', 0):6.1f} s tick age "
+        f"{m.get('siteagent_last_tick_age_seconds', 0):5.1f} s in flight "
+        f"{m.get('in_flight', 0):6.0f}  {states}"
+    )
 
 
 def run_agent(
@@ -95,6 +115,7 @@ def run_agent(
     run_s: float,
     ready_s: float,
     policy: str = "efficiency-capping",
+    timeline: bool = False,
 ) -> dict[str, Any]:
     """One daemon from start to READY plus run_s seconds, sampled every few seconds."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,6 +165,8 @@ def run_agent(
                 while time.monotonic() - t1 < run_s:
                     time.sleep(5.0)
                     m = scrape(port)
+                    if timeline:
+                        print(timeline_line(time.monotonic() - t1, m), flush=True)
                     max_age_s = max(max_age_s, m.get("siteagent_telemetry_max_age_seconds", 0.0))
                     max_lag_s = max(max_lag_s, m.get("siteagent_last_tick_age_seconds", 0.0))
                     pids = [proc.pid, *children(proc.pid)]
@@ -188,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-s", type=float, default=300.0, help="seconds sampled after READY")
     p.add_argument("--ready-s", type=float, default=900.0, help="give up without READY after")
     p.add_argument("--policy", default="efficiency-capping", help="or economic")
+    p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="print each sample: sweeps, oldest reading, reads in flight, devices by state",
+    )
     args = p.parse_args(argv)
     if args.mix == "all":
         args.mix = ",".join(ALL_BACKENDS)
@@ -198,7 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for w in (int(x) for x in args.workers.split(",")):
             results.append(
-                run_agent(miners, w, args.interval_s, args.run_s, args.ready_s, args.policy)
+                run_agent(
+                    miners,
+                    w,
+                    args.interval_s,
+                    args.run_s,
+                    args.ready_s,
+                    args.policy,
+                    args.timeline,
+                )
             )
     finally:
         for proc in procs:

@@ -30,6 +30,7 @@ from siteagent.agent.control.workers import (
     start_workers,
     worker_count,
 )
+from siteagent.agent.ops.metrics import Family, head_families
 from siteagent.domain import DeviceError, DeviceState, DeviceStatus
 from siteagent.sim.braiins import SimBraiinsMiner
 from siteagent.sim.site import SimSite
@@ -72,6 +73,14 @@ async def _until(check: Callable[[], bool]) -> None:
             if check():
                 return
             await asyncio.sleep(0.02)
+
+
+def _worker_metric(agent: Agent, name: str) -> dict[str, float]:
+    """One of the agent's per-worker metric families as served: worker index -> value."""
+    for fam in head_families(agent, None, agent.clock()):
+        if isinstance(fam, Family) and fam.name == f"siteagent_telemetry_worker_{name}":
+            return {labels[0]: value for labels, value in fam.samples}
+    raise AssertionError(f"no siteagent_telemetry_worker_{name} family")
 
 
 def _view(agent: Agent) -> list[DeviceStatus]:
@@ -304,8 +313,11 @@ async def test_a_killed_worker_leaves_its_miners_at_worst_case_until_restarted(
             victim = telemetry.shards[0]
             pid = telemetry.pids()[0]
             assert pid is not None
+            assert _worker_metric(agent, "up") == {"0": 1.0, "1": 1.0}
+            assert sum(_worker_metric(agent, "devices").values()) == 6
             os.kill(pid, signal.SIGKILL)
             await asyncio.wait_for(victim.down.wait(), GUARD_S)
+            assert _worker_metric(agent, "up") == {"0": 0.0, "1": 1.0}
             # Past stale_after_s: the dead worker's miners were not read, the other's were.
             clock.now_s += 31.0
             await agent.sweep()
@@ -323,6 +335,8 @@ async def test_a_killed_worker_leaves_its_miners_at_worst_case_until_restarted(
             # Restarted: read again, fresh.
             await asyncio.wait_for(victim.up.wait(), GUARD_S)
             assert telemetry.pids()[0] not in (None, pid)
+            assert _worker_metric(agent, "restarts_total") == {"0": 1.0, "1": 0.0}
+            assert _worker_metric(agent, "up") == {"0": 1.0, "1": 1.0}
             await agent.sweep()
             assert all(d.state is DeviceState.MINING for d in agent.snapshot().devices)
             await agent.sweep()
@@ -369,8 +383,12 @@ async def test_a_late_worker_leaves_its_miners_at_worst_case_until_it_answers_in
             # Still stopped: no second sweep is sent to it on top of the one it owes.
             await agent.sweep()
             assert not late.idle.is_set()
+            # Its backlog shows: every miner it owns is asked for and not answered.
+            in_flight = _worker_metric(agent, "reads_in_flight")
+            assert in_flight == {"0": float(len(late.rows)), "1": 0.0}
             os.kill(pid, signal.SIGCONT)  # its late batch counts from when asked
             await asyncio.wait_for(late.idle.wait(), GUARD_S)
+            assert _worker_metric(agent, "reads_in_flight") == {"0": 0.0, "1": 0.0}
             clock.now_s += 10.0
             await agent.sweep()
             assert all(d.state is DeviceState.MINING for d in agent.snapshot().devices)

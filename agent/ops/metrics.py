@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication as WSGIApp
 
     from siteagent.agent.control.loop import Agent, TickRecord
+    from siteagent.agent.control.workers import Shard, WorkerTelemetry
 
 PREFIX = "siteagent_"
 HASHES_PER_TH = 1e12
@@ -461,6 +462,8 @@ def head_families(
         age_s = max(0.0, now_s - agent.last_sweep_s)
         yield _one("last_sweep_age_seconds", "gauge", "Time since the last telemetry sweep.", age_s)
     yield from _alarm_families(agent)
+    if agent.telemetry is not None:
+        yield from _worker_families(agent.telemetry)
     if agent.ven_status is not None:
         yield from _ven_families(agent.ven_status)
     yield from grid_event_families(agent)
@@ -548,6 +551,43 @@ def device_families(v: View) -> Iterator[Family]:
                 if value is not None:
                     dom_samples.append(((dom.domain_id,), value))
             yield Family(PREFIX + dom_m.name, "gauge", dom_m.help, ("domain",), dom_samples)
+
+
+# Per telemetry worker process (agent/control/workers.py Shard): name, type, help, value.
+WORKER_METRICS: tuple[tuple[str, str, str, Callable[[Shard], float]], ...] = (
+    (
+        "telemetry_worker_up",
+        "gauge",
+        "1 while the telemetry worker process is running.",
+        lambda s: float(s.alive),
+    ),
+    (
+        "telemetry_worker_devices",
+        "gauge",
+        "Devices the telemetry worker reads and commands.",
+        lambda s: float(len(s.rows)),
+    ),
+    (
+        # A backlog shows here before the readings age.
+        "telemetry_worker_reads_in_flight",
+        "gauge",
+        "Readings asked of the telemetry worker and not yet answered.",
+        lambda s: float(len(s.in_flight)),
+    ),
+    (
+        "telemetry_worker_restarts_total",
+        "counter",
+        "Times the telemetry worker was restarted after it exited.",
+        lambda s: float(s.restarts),
+    ),
+)
+
+
+def _worker_families(telemetry: WorkerTelemetry) -> Iterator[Family]:
+    shards = list(telemetry.shards)
+    for name, type_, help_text, value in WORKER_METRICS:
+        samples = [((str(s.spec.index),), value(s)) for s in shards]
+        yield Family(PREFIX + name, type_, help_text, ("worker",), samples)
 
 
 # The states a meter can be in (agent/control/meter.py MeterState), each always present.
