@@ -19,11 +19,12 @@ import pytest
 from test_startup_bounded import run_until_ready
 
 from siteagent.agent.config import Config, default_id, parse_config
-from siteagent.agent.control.inventory import build_devices
+from siteagent.agent.control.inventory import build_devices, scan
 from siteagent.agent.control.inventory_store import InventoryStore
 from siteagent.agent.control.loop import Agent
 from siteagent.agent.control.workers import (
     AUTO_MIN_DEVICES,
+    GONE,
     RemoteDriver,
     WorkerTelemetry,
     make_workers,
@@ -33,6 +34,7 @@ from siteagent.agent.control.workers import (
 from siteagent.agent.ops.metrics import Family, head_families
 from siteagent.domain import DeviceError, DeviceState, DeviceStatus
 from siteagent.sim.braiins import SimBraiinsMiner
+from siteagent.sim.power import SIM_MODELS, PowerTiming
 from siteagent.sim.site import SimSite
 
 BASE = "127.12.0.1"  # this module's own loopback range (127.12.0.0/16)
@@ -452,3 +454,79 @@ async def _ready_in_workers(s: socket.socket, tmp_path: Path) -> None:
     finally:
         store.close()
     assert known == {m.address for m in site.miners}
+
+
+async def test_a_scan_hands_new_and_moved_miners_to_the_workers(tmp_path: Path) -> None:
+    """A later scan identifies in the workers as start-up does: a new miner is read by
+    the worker that found it, on the connection its identification opened; a moved one
+    by a worker at its new address, its old worker letting go; the scan's second
+    connections to the miners already read are closed once the agent has taken in what
+    it found."""
+    cfg = parse_config(
+        {
+            "site": {"cap_w": 1_000_000},
+            "telemetry": {"timeout_s": 3.0, "stale_after_s": 30.0, "workers": 2},
+            "inventory": {"scan": ["127.12.10.1-127.12.10.8"]},
+        }
+    )
+    store = InventoryStore(tmp_path / "inventory.sqlite")
+    site = SimSite(3, base_address="127.12.10.1")
+    await site.start()
+    arrivals: list[SimBraiinsMiner] = []
+    telemetry = make_workers(cfg, 2)
+    try:
+        await telemetry.launch()
+        trackers = await build_devices(cfg, store, identifier=telemetry.identify)
+        clock = Clock()
+        agent = Agent(
+            cfg,
+            trackers,
+            clock=clock,
+            rescan=lambda: scan(cfg, store, identifier=telemetry.identify),
+        )
+        telemetry.fleet, telemetry.clock = agent.fleet, agent.clock
+        await telemetry.adopt()
+        agent.telemetry = telemetry
+        await agent.sweep()
+        leaving = site.miners[1]
+        moved_id = next(
+            link.device_id for link in agent.fleet.links() if link.address == leaving.address
+        )
+        was = agent.fleet[moved_id].driver
+        assert isinstance(was, RemoteDriver)
+        await leaving.stop()
+        model = SIM_MODELS[leaving.model.key]
+        index = int(leaving.serial.removeprefix("SIMBOS"))
+        arrivals += [
+            SimBraiinsMiner("127.12.10.6", model, PowerTiming(), index=index),  # moved
+            SimBraiinsMiner("127.12.10.4", model, PowerTiming(), index=index + 100),  # new
+        ]
+        for m in arrivals:
+            await m.start()
+        await agent._scan_job()
+
+        fleet = agent.fleet
+        assert len(fleet) == 4
+        assert fleet[moved_id].address == "127.12.10.6"
+        now = fleet[moved_id].driver
+        assert isinstance(now, RemoteDriver) and now is not was
+        assert was.shard.rows[was.position] == GONE  # its old worker let go of it
+        new_row = next(r for r, link in enumerate(fleet.links()) if link.address == "127.12.10.4")
+        assert isinstance(fleet.link(new_row).driver, RemoteDriver)
+        assert sum(s.n_devices for s in telemetry.shards) == 4
+        clock.now_s += 100.0
+        await agent.sweep()
+        for r in range(len(fleet)):
+            assert fleet.last_ok_s[r] == clock.now_s, fleet.link(r).address
+        assert all(d.state is DeviceState.MINING for d in agent.snapshot().devices)
+        # Read on the connection the worker's identification opened: not connected again.
+        assert arrivals[1].grpc_connections == 1
+        # The miners read all along: the scan's own connections to them are closed.
+        await _until(lambda: all(m.grpc_open_connections == 1 for m in site.miners[::2]))
+        await _until(lambda: arrivals[0].grpc_open_connections == 1)
+    finally:
+        await telemetry.close()
+        for m in arrivals:
+            await m.stop()
+        await site.stop()
+        store.close()

@@ -204,14 +204,18 @@ def _discovered(
     ]
 
 
-async def scan(cfg: Config, store: InventoryStore | None = None) -> list[DeviceLink]:
+async def scan(
+    cfg: Config, store: InventoryStore | None = None, *, identifier: Identifier = identify
+) -> list[DeviceLink]:
     """Identify the miners in the scan ranges; record new, moved and missing ones in the store.
 
     The links connect on their first read: the agent keeps the links it
-    has, so identification's drivers are closed here rather than left open.
+    has, so identification's drivers are closed here rather than left open
+    (``identifier``: the telemetry workers', which keep theirs until the agent
+    has taken in what it found, ``WorkerTelemetry.take``).
     """
     creds = credentials(cfg)  # read again: a fixed password is taken at the next scan
-    drivers = await _survey(cfg, store, scan_addresses(cfg), None, creds)
+    drivers = await _survey(cfg, store, scan_addresses(cfg), None, creds, identifier=identifier)
     links = _discovered(cfg, drivers, creds)
     await close_quietly(drivers.values(), "an identification driver")
     return links

@@ -854,11 +854,13 @@ class Agent:
         caller closes them: ``close_dropped``).
         """
         dropped: list[DeviceDriver] = []
+        rows: list[int] = []  # new or moved: the telemetry workers take them
         for t in found:
             old = self.fleet.get_link(t.device_id)
             if old is None:
                 log.info("%s (%s): new device, now tracked", t.device_id, t.address)
                 self.fleet.add(t)
+                rows.append(self.fleet.row(t.device_id))
             elif old.address != t.address and not _same_device(old, t):
                 # Another device under a taken id: counted (once), never controlled.
                 if f"{t.device_id}@{t.address}" not in self.fleet:
@@ -867,9 +869,15 @@ class Agent:
                     self.fleet.add(counted_only(t, old))
             elif old.address != t.address:
                 log.warning("%s: moved from %s to %s", t.device_id, old.address, t.address)
-                driver = self.fleet.move(self.fleet.row(t.device_id), t)
+                row = self.fleet.row(t.device_id)
+                driver = self.fleet.move(row, t)
+                rows.append(row)
                 if driver is not None:
                     dropped.append(driver)
+        if self.telemetry is not None:
+            # Read where the others are, not here: a large site grows by whole racks.
+            # Told even of none: each closes what the scan's identification left it.
+            dropped += self.telemetry.take(rows)
         return dropped
 
     async def close_dropped(self, drivers: list[DeviceDriver]) -> None:

@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -60,6 +60,9 @@ from siteagent.domain import (
     DeviceUnreachable,
 )
 from siteagent.domain.table import STATE_CODE, STATES
+
+if TYPE_CHECKING:
+    from siteagent.agent.control.devices import DeviceDriver
 
 log = logging.getLogger("siteagent.workers")
 
@@ -82,6 +85,8 @@ _SETTLE_KINDS = ("wake", "sleep", "lower", "raise")
 # A worker answers a sweep in parts, one at least this often (s): the agent takes
 # readings as they come, as it does its own, and a start-up sees its progress.
 PART_S = 1.0
+# A position a worker no longer reads (its miner moved: ``Shard.let_go``).
+GONE = -1
 
 
 def worker_count(setting: int | Literal["auto"], n_devices: int, cpus: int | None) -> int:
@@ -177,6 +182,10 @@ class _Worker:
                 self._spawn(self._identify(*msg[1:]))
             elif msg[0] == "assign":
                 await self._assign(msg[1])
+            elif msg[0] == "add":
+                await self._add(msg[1])
+            elif msg[0] == "drop":
+                self._drop(msg[1])
         loop.remove_reader(self.conn.fileno())
         for task in list(self.tasks):
             task.cancel()
@@ -197,7 +206,12 @@ class _Worker:
         """Identify ``addresses`` as the agent's start-up does (agent/control/identify.py)
         and keep the miners found connected; say how many are done as they finish."""
         from siteagent.agent.control.identify import identify
+        from siteagent.agent.credentials import CredentialsError, load_credentials
 
+        # Read again, as the agent's own scans do: a fixed password is taken at the next
+        # (the agent read the file just before it asked: a broken one stops it there).
+        with contextlib.suppress(CredentialsError):
+            self.creds = load_credentials(self.spec.credentials_file)
         done = 0
 
         def one_done() -> None:
@@ -244,6 +258,32 @@ class _Worker:
                 drv.device_id = device_id  # readings carry the device's id, not the address
         left, self.found = list(self.found.values()), {}
         await close_quietly(left, "an identification driver")
+
+    async def _add(
+        self, miners: tuple[tuple[str, str, KnownFirmware | None, DeviceIdentity | None], ...]
+    ) -> None:
+        """Take ``miners`` as this worker's too (after its own), with the drivers a scan's
+        identification left here; close the rest of those (the agent reads them as it
+        did, or another worker took them)."""
+        from siteagent.agent.control.devices import close_quietly
+
+        self.spec = dataclasses.replace(self.spec, miners=self.spec.miners + miners)
+        for device_id, address, _, _ in miners:
+            drv = self.found.pop(address, None)
+            if drv is not None:
+                drv.device_id = device_id
+            self.drivers.append(drv)
+        left, self.found = list(self.found.values()), {}
+        await close_quietly(left, "an identification driver")
+
+    def _drop(self, i: int) -> None:
+        """Let go of the miner at position ``i`` (it moved): close its driver; it is not
+        asked for again."""
+        from siteagent.agent.control.devices import close_quietly
+
+        drv, self.drivers[i] = self.drivers[i], None
+        if drv is not None:
+            self._spawn(close_quietly([drv], "a moved miner's old driver"))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -447,6 +487,8 @@ class Shard:
         # asked for again, so a slow worker's work does not pile up sweep on sweep.
         self._asked: dict[int, tuple[float, asyncio.Future[None]]] = {}
         self.in_flight: set[int] = set()  # positions asked for and not yet answered
+        # Miners given it since the worker was last told (``add``, ``send_added``).
+        self._added: list[tuple[str, str, KnownFirmware | None, DeviceIdentity | None]] = []
         self.heard_s = -math.inf  # when the worker last answered (event loop's clock, s)
         self.idle = asyncio.Event()  # set while no sweep is outstanding
         self.idle.set()
@@ -510,7 +552,7 @@ class Shard:
                     "telemetry worker %d (pid %s) back: its %d miner(s) read again",
                     self.spec.index,
                     self.process.pid if self.process else "?",
-                    len(self.rows),
+                    self.n_devices,
                 )
             if final:
                 del self._asked[seq]
@@ -566,7 +608,7 @@ class Shard:
             self.spec.index,
             proc.pid,
             proc.exitcode,
-            len(self.rows),
+            self.n_devices,
         )
         self.said_down = True
         self._fail_all(DeviceUnreachable(f"telemetry worker {self.spec.index} exited"))
@@ -615,16 +657,47 @@ class Shard:
         self.conn.send(("identify", req, addresses, known, ids, concurrency, quiet_s))
         return await found
 
-    def assign(
-        self,
-        rows: list[int],
-        miners: tuple[tuple[str, str, KnownFirmware | None, DeviceIdentity | None], ...],
-    ) -> None:
-        """Make ``rows`` (fleet rows, its ``miners``) this worker's to read and command."""
-        self.rows = rows
-        self.spec = dataclasses.replace(self.spec, miners=miners)
+    def clear(self) -> None:
+        """No miners yet (``add`` gives it them, ``assign`` tells the worker)."""
+        self.rows = []
+        self.spec = dataclasses.replace(self.spec, miners=())
+        self._added = []
+
+    def assign(self) -> None:
+        """Tell the worker that its miners are those ``add`` gave it since ``clear``, with
+        the drivers its identification left it; it closes the others."""
+        self._added = []
         if self.alive and self.conn is not None:
-            self.conn.send(("assign", miners))
+            self.conn.send(("assign", self.spec.miners))
+
+    def add(
+        self, row: int, miner: tuple[str, str, KnownFirmware | None, DeviceIdentity | None]
+    ) -> int:
+        """Make fleet ``row`` (``miner``) this worker's too; its position. The worker is
+        told at the next ``send_added``."""
+        self.rows.append(row)
+        self.spec = dataclasses.replace(self.spec, miners=(*self.spec.miners, miner))
+        self._added.append(miner)
+        return len(self.rows) - 1
+
+    def send_added(self) -> None:
+        """Tell the worker of the miners ``add`` gave it (none: it closes what a scan's
+        identification left it). A worker that is down has them in its spec."""
+        added, self._added = tuple(self._added), []
+        if self.alive and self.conn is not None:
+            self.conn.send(("add", added))
+
+    def let_go(self, position: int) -> None:
+        """The miner at ``position`` moved (another worker reads it at its new address):
+        the worker closes its driver, and it is not asked for again."""
+        self.rows[position] = GONE
+        if self.alive and self.conn is not None:
+            self.conn.send(("drop", position))
+
+    @property
+    def n_devices(self) -> int:
+        """The miners this worker reads and commands."""
+        return sum(1 for r in self.rows if r != GONE)
 
     async def sweep(self, positions: list[int], deadline_s: float) -> None:
         """Have the worker read ``positions`` and wait for its answer (``ask``)."""
@@ -664,7 +737,7 @@ class Shard:
                 self.spec.index,
                 self.process.pid if self.process else "?",
                 deadline_s,
-                len(self.rows),
+                self.n_devices,
             )
 
     async def command(self, position: int, kind: str, value: float) -> float:
@@ -723,6 +796,8 @@ class WorkerTelemetry:
         self.known: Mapping[str, KnownFirmware] = {}
         # The miners the workers identified at start-up and keep connected (by address).
         self.held: dict[str, Held] = {}
+        # Each miner's driver in its worker, by fleet row (the one it had if it moved).
+        self.remotes: dict[int, RemoteDriver] = {}
 
     async def start(self) -> None:
         """Start the workers and hand each its share of the fleet's miners."""
@@ -797,33 +872,13 @@ class WorkerTelemetry:
                 rest.append(row)
         for row in rest:
             min(parts, key=len).append(row)
-        old_drivers = []
+        old_drivers: list[DeviceDriver] = []
         for shard, part in zip(self.shards, parts, strict=True):
-            miners = []
-            remotes = []
-            for pos, row in enumerate(part):
-                link = fleet.link(row)
-                drv = link.driver
-                held = self.held.get(link.address)
-                if held is not None and held.dropped:
-                    held = None
-                ident = getattr(drv, "identity", None) or (held.identity if held else None)
-                known = (
-                    self.known.get(link.address)
-                    if ident is None
-                    else KnownFirmware.identified(ident, link.address)
-                )
-                miners.append((link.device_id, link.address, known, ident))
-                remote = RemoteDriver(shard, pos, ident)
-                if drv is not None and hasattr(drv, "settle_s"):
-                    remote.settle = tuple(drv.settle_s(k) for k in _SETTLE_KINDS)
-                    old_drivers.append(drv)
-                elif held is not None:
-                    remote.settle = held.settle
-                remotes.append((row, remote))
-            shard.assign(part, tuple(miners))
-            for row, remote in remotes:
-                fleet.attach(row, remote)
+            shard.clear()
+            for row in part:
+                held = self.held.get(fleet.link(row).address)
+                self._hand(shard, row, None if held is None or held.dropped else held, old_drivers)
+            shard.assign()
         self.held = {}
         from siteagent.agent.control.devices import close_quietly
 
@@ -831,10 +886,67 @@ class WorkerTelemetry:
         await close_quietly(old_drivers, "an identification driver")
         log.info("telemetry: %d miner(s) in %d worker process(es)", len(rows), len(self.shards))
 
+    def _hand(
+        self, shard: Shard, row: int, held: Held | None, old_drivers: list[DeviceDriver]
+    ) -> None:
+        """Make fleet ``row`` ``shard``'s (told at its ``send_added``), with what the
+        agent knows of it: the identity its driver or its worker found (``held``), or
+        the inventory's word. A driver the agent made goes to ``old_drivers`` (to close:
+        its worker opens its own, without asking the miner who it is again)."""
+        link = self.fleet.link(row)
+        drv = link.driver
+        ident = getattr(drv, "identity", None) or (held.identity if held else None)
+        known = (
+            self.known.get(link.address)
+            if ident is None
+            else KnownFirmware.identified(ident, link.address)
+        )
+        pos = shard.add(row, (link.device_id, link.address, known, ident))
+        remote = RemoteDriver(shard, pos, ident)
+        if drv is not None and hasattr(drv, "settle_s"):
+            remote.settle = tuple(drv.settle_s(k) for k in _SETTLE_KINDS)
+            old_drivers.append(drv)
+        elif held is not None:
+            remote.settle = held.settle
+        self.fleet.attach(row, remote)
+        self.remotes[row] = remote
+
+    def take(self, rows: Sequence[int]) -> list[DeviceDriver]:
+        """Have the workers read and command ``rows`` too: miners a scan or a reload
+        added, or that moved (``Agent.adopt``). Each goes to the worker that identified
+        it if it did (its connection kept), else to the one with the fewest miners; a
+        moved one's old worker lets go of it. Returns the drivers the agent made for
+        them, for the caller to close. Every worker is told, so each closes what a
+        scan's identification left it and no one took."""
+        fleet = self.fleet
+        held, self.held = self.held, {}
+        old_drivers: list[DeviceDriver] = []
+        for row in rows:
+            link = fleet.link(row)
+            if link.kind is not DeviceKind.MINER or not math.isfinite(link.next_read_s):
+                continue  # not read at all (an id taken twice: counted at its nameplate)
+            if isinstance(link.driver, RemoteDriver):
+                continue
+            old = self.remotes.pop(row, None)
+            if old is not None:
+                old.shard.let_go(old.position)
+            h = held.get(link.address)
+            shard = (
+                self.shards[h.shard]
+                if h is not None and self.shards[h.shard].alive
+                else min(self.shards, key=lambda s: s.n_devices)
+            )
+            self._hand(shard, row, h, old_drivers)
+        for shard in self.shards:
+            shard.send_added()
+        return old_drivers
+
     def respec(self, shard: Shard) -> WorkerSpec:
         """``shard``'s spec with the identities the agent has now of its miners."""
         miners = list(shard.spec.miners)
         for pos, row in enumerate(shard.rows):
+            if row == GONE:
+                continue
             drv = self.fleet.link(row).driver
             if isinstance(drv, RemoteDriver) and drv.shard is shard and drv.identity is not None:
                 device_id, address, _, _ = miners[pos]
@@ -868,8 +980,10 @@ class WorkerTelemetry:
     ) -> None:
         """A worker connected a miner: adopt what it identified."""
         row = shard.rows[pos]
+        if row == GONE:
+            return  # moved away since
         drv = self.fleet.link(row).driver
-        if not isinstance(drv, RemoteDriver) or drv.shard is not shard:
+        if not isinstance(drv, RemoteDriver) or drv.shard is not shard or drv.position != pos:
             return  # moved away since
         drv.identity = ident
         drv.settle = (settle + (0.0,) * 4)[:4]
@@ -904,10 +1018,12 @@ class WorkerTelemetry:
         login_ok = cols["login_ok"].tolist()
         for k, p in enumerate(pos):
             row = rows[p]
+            if row == GONE:
+                continue  # read at the address it moved from
             taken_s = min(now, sent_s + max(0.0, time_s[k] - asked_w))
             link = fleet.link(row)
             drv = link.driver
-            if not isinstance(drv, RemoteDriver) or drv.shard is not shard:
+            if not isinstance(drv, RemoteDriver) or drv.shard is not shard or drv.position != p:
                 continue
             drv.login_ok = None if login_ok[k] < 0 else bool(login_ok[k])
             reading = DeviceReading(
@@ -925,8 +1041,10 @@ class WorkerTelemetry:
             fleet.record_reading(row, reading, taken_s, self.confirm_timeout_s)
         for p, (kind, text) in zip(failed[0].tolist(), failed[1], strict=True):
             row = rows[p]
+            if row == GONE:
+                continue
             drv = fleet.link(row).driver
-            if isinstance(drv, RemoteDriver) and drv.shard is shard:
+            if isinstance(drv, RemoteDriver) and drv.shard is shard and drv.position == p:
                 fleet.record_failure(
                     row, _error_of(kind, text), now, self.interval_s, self.max_backoff_s
                 )

@@ -565,7 +565,7 @@ WORKER_METRICS: tuple[tuple[str, str, str, Callable[[Shard], float]], ...] = (
         "telemetry_worker_devices",
         "gauge",
         "Devices the telemetry worker reads and commands.",
-        lambda s: float(len(s.rows)),
+        lambda s: float(s.n_devices),
     ),
     (
         # A backlog shows here before the readings age.

@@ -182,7 +182,12 @@ async def _run_agent(config_path: str, restore_backup: bool = False) -> int:
         )
         log.info("starting with %d device(s), cap %.0f W", len(trackers), cfg.site.cap_w)
         # The config in force, not the one read at start: a reload may change the ranges.
-        agent = Agent(cfg, trackers, rescan=lambda: scan(agent.config, store))
+        # Later scans identify in the workers too, off the loop's core, and the workers
+        # then read what they found (``Agent.adopt``).
+        identifier = identify if telemetry is None else telemetry.identify
+        agent = Agent(
+            cfg, trackers, rescan=lambda: scan(agent.config, store, identifier=identifier)
+        )
         if telemetry is not None:
             telemetry.fleet, telemetry.clock = agent.fleet, agent.clock
             await telemetry.adopt()
