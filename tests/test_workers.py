@@ -522,7 +522,9 @@ async def test_a_scan_hands_new_and_moved_miners_to_the_workers(tmp_path: Path) 
         # Read on the connection the worker's identification opened: not connected again.
         assert arrivals[1].grpc_connections == 1
         # The miners read all along: the scan's own connections to them are closed.
-        await _until(lambda: all(m.grpc_open_connections == 1 for m in site.miners[::2]))
+        stayed = [m for m in site.miners[::2] if isinstance(m, SimBraiinsMiner)]
+        assert len(stayed) == 2
+        await _until(lambda: all(m.grpc_open_connections == 1 for m in stayed))
         await _until(lambda: arrivals[0].grpc_open_connections == 1)
     finally:
         await telemetry.close()
