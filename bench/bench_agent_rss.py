@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_miner_sweep import ALL_BACKENDS, start_sims
+from bench_miner_sweep import ALL_BACKENDS, start_sims, stop_sims
 
 GOAL_MB = 1000.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_agent(miners, policy, args.run_s, args.ready_s, args.control_concurrency)
             )
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+        stop_sims(procs)
     print(
         f"siteagent run on {len(miners)} simulated miners ({args.mix}) in {len(procs)} simulator "
         f"processes, {args.run_s:.0f} s after READY, control.concurrency "

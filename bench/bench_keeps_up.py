@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_agent_rss import ROOT, memory_kb, write_config
-from bench_miner_sweep import ALL_BACKENDS, start_sims
+from bench_miner_sweep import ALL_BACKENDS, start_sims, stop_sims
 
 TICKS_S = os.sysconf("SC_CLK_TCK")
 
@@ -237,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+        stop_sims(procs)
     print(
         f"siteagent run on {len(miners)} simulated miners ({args.mix}), telemetry every "
         f"{args.interval_s:g} s, policy {args.policy}, {args.run_s:.0f} s sampled after READY, "

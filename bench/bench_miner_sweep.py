@@ -635,6 +635,14 @@ def start_sims(
     return procs, miners
 
 
+def stop_sims(procs: list[subprocess.Popen[str]]) -> None:
+    """End the simulator processes ``start_sims`` started, and wait for each."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parent mode: start the simulator, run (a), (b), (c) each in a child, print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -720,10 +728,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.update(wall_s=r["wall_s"] * k, cpu_s=r["cpu_s"] * k, scaled_from=r["n"])
             results[s] = r
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+        stop_sims(procs)
     names = {"a": "agent driver", "b": "naive pyasic", "c": "floor (bare)"}
     print(
         f"sweep of {len(miners)} simulated miners ({args.mix}) in {len(procs)} simulator "

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_miner_sweep import ALL_BACKENDS, start_sims
+from bench_miner_sweep import ALL_BACKENDS, start_sims, stop_sims
 from bench_workers import _proc_cpu_s, _self_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
             r = json.loads(run.stdout.strip().splitlines()[-1])
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+        stop_sims(procs)
     print(
         f"{r['miners']} simulated miners ({args.mix}) found by a scan range, "
         f"{args.workers} telemetry workers, {os.cpu_count()} cores shared with the "

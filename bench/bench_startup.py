@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_miner_sweep import ALL_BACKENDS, start_sims
+from bench_miner_sweep import ALL_BACKENDS, start_sims, stop_sims
 
 ROOT = Path(__file__).resolve().parent.parent
 _IDENTIFIED = re.compile(r"identified (\d+) device\(s\) in \d+ address\(es\) in ([\d.]+) s")
@@ -127,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = start_once(cfg, tmp, args.ready_s)
                 results.append({"miners": n, **r})
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+        stop_sims(procs)
     print(
         f"siteagent run to READY on simulated miners ({args.mix}), "
         f"{'known inventory' if args.warm else 'fresh state (probes)'}, telemetry.workers "

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_miner_sweep import ALL_BACKENDS, start_sims
+from bench_miner_sweep import ALL_BACKENDS, start_sims, stop_sims
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK_S = os.sysconf("SC_CLK_TCK")
@@ -207,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+        stop_sims(procs)
     pinned = f"simulators pinned to cores {sorted(sim_cpus)}" if sim_cpus else "nothing pinned"
     print(
         f"{len(miners)} simulated miners ({args.mix}) in {len(procs)} simulator process(es), "
