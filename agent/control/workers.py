@@ -914,7 +914,7 @@ class WorkerTelemetry:
     def take(self, rows: Sequence[int]) -> list[DeviceDriver]:
         """Have the workers read and command ``rows`` too: miners a scan or a reload
         added, or that moved (``Agent.adopt``). Each goes to the worker that identified
-        it if it did (its connection kept), else to the one with the fewest miners; a
+        it if it did (its connection kept), else to the running one with the fewest; a
         moved one's old worker lets go of it. Returns the drivers the agent made for
         them, for the caller to close. Every worker is told, so each closes what a
         scan's identification left it and no one took."""
@@ -934,7 +934,7 @@ class WorkerTelemetry:
             shard = (
                 self.shards[h.shard]
                 if h is not None and self.shards[h.shard].alive
-                else min(self.shards, key=lambda s: s.n_devices)
+                else min(self.shards, key=lambda s: (not s.alive, s.n_devices))
             )
             self._hand(shard, row, h, old_drivers)
         for shard in self.shards:
