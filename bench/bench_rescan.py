@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -75,9 +77,19 @@ async def child(args: argparse.Namespace, miners: list[dict[str, Any]]) -> dict[
         agent.telemetry = telemetry
         await agent.sweep()
         startup_s = time.perf_counter() - t0
+        gc.collect()  # as `siteagent run` does once started (cli)
+        gc.freeze()
         pids = [p for p in telemetry.pids() if p is not None]
         out: dict[str, Any] = {"miners": len(links), "startup_s": startup_s}
-        for name, identifier in (("agent", identify), ("workers", telemetry.identify)):
+        if args.slow_ms:
+            # asyncio's debug mode logs each callback that holds the loop this long.
+            logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+            loop = asyncio.get_running_loop()
+            loop.set_debug(True)
+            loop.slow_callback_duration = args.slow_ms / 1000
+        ways = {"agent": identify, "workers": telemetry.identify}
+        for name in args.ways.split(","):
+            identifier = ways[name]
             agent.rescan = lambda identifier=identifier: scan(cfg, store, identifier=identifier)
             late = [0.0]
             done = asyncio.Event()
@@ -111,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--scans", type=int, default=1)
     p.add_argument("--timeout-s", type=float, default=10.0)
+    p.add_argument("--ways", default="agent,workers", help="where to identify: agent, workers")
+    p.add_argument(
+        "--slow-ms",
+        type=float,
+        default=0.0,
+        help="log each callback that holds the event loop this long (asyncio debug mode)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--inventory", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -129,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             inv.flush()
             cmd = [sys.executable, __file__, "--child", "--inventory", inv.name]
             cmd += ["--workers", str(args.workers), "--scans", str(args.scans)]
-            cmd += ["--timeout-s", str(args.timeout_s)]
+            cmd += ["--timeout-s", str(args.timeout_s), "--ways", args.ways]
+            cmd += ["--slow-ms", str(args.slow_ms)]
             run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+            if args.slow_ms:
+                print("\n".join(x for x in run.stderr.splitlines() if "Executing" in x))
             r = json.loads(run.stdout.strip().splitlines()[-1])
     finally:
         stop_sims(procs)
@@ -144,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{'identified in':<14} {'wall':>8} {'agent CPU':>10} {'/base':>6} "
         f"{'workers CPU':>12} {'loop late (max)':>16} {'devices':>8}"
     )
-    base = r["agent"]["main_cpu_s"]
-    for name in ("agent", "workers"):
+    ways = args.ways.split(",")
+    base = r[ways[0]]["main_cpu_s"]
+    for name in ways:
         x = r[name]
         print(
             f"{name:<14} {x['wall_s']:>6.1f} s {x['main_cpu_s']:>8.2f} s "

@@ -215,8 +215,11 @@ async def scan(
     has taken in what it found, ``WorkerTelemetry.take``).
     """
     creds = credentials(cfg)  # read again: a fixed password is taken at the next scan
-    drivers = await _survey(cfg, store, scan_addresses(cfg), None, creds, identifier=identifier)
-    links = _discovered(cfg, drivers, creds)
+    # The ranges' addresses and the links found, off the event loop: each is one piece
+    # of work (62 and 88 ms under a profiler at 10,000 miners) while ticks are due.
+    addresses = await asyncio.to_thread(scan_addresses, cfg)
+    drivers = await _survey(cfg, store, addresses, None, creds, identifier=identifier)
+    links = await asyncio.to_thread(_discovered, cfg, drivers, creds)
     await close_quietly(drivers.values(), "an identification driver")
     return links
 

@@ -38,6 +38,8 @@ import logging
 import math
 import multiprocessing
 import os
+import queue
+import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -469,6 +471,67 @@ class RemoteDriver:
         await self.shard.command(self.position, "wake", 0.0)
 
 
+class _Pipe:
+    """The agent's end of one worker's pipe, kept off the event loop: one thread sends
+    (in order; a send that finds the pipe full, 10,000 addresses to identify while the
+    worker is busy, waits there and not on the loop), one receives (and unpickles) and
+    hands each message to the loop. Both end when the worker does (its end closes);
+    the receiver then closes the pipe."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        on_message: Callable[[_Pipe, tuple[Any, ...]], None],
+        name: str,
+    ) -> None:
+        self.conn = conn
+        self._out: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        loop = asyncio.get_running_loop()
+        self._sender = threading.Thread(target=self._send_all, name=f"{name}-send", daemon=True)
+        self._receiver = threading.Thread(
+            target=self._receive_all, args=(loop, on_message), name=f"{name}-recv", daemon=True
+        )
+        self._sender.start()
+        self._receiver.start()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        """Send ``msg`` to the worker after those sent before it; never blocks."""
+        self._out.put(msg)
+
+    async def ended(self) -> None:
+        """Wait until both threads have ended and the pipe is closed."""
+        await asyncio.to_thread(self._receiver.join)
+
+    def _send_all(self) -> None:
+        while (msg := self._out.get()) is not None:
+            try:
+                self.conn.send(msg)
+            except (OSError, ValueError):
+                return  # the worker is gone: the receiver sees its end close
+
+    def _receive_all(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[_Pipe, tuple[Any, ...]], None],
+    ) -> None:
+        try:
+            while True:
+                try:
+                    msg = self.conn.recv()
+                except (EOFError, OSError):
+                    return
+                except Exception:  # one message that does not unpickle: the next may
+                    log.exception("telemetry worker: a message could not be read")
+                    continue
+                loop.call_soon_threadsafe(on_message, self, msg)
+        except RuntimeError:
+            return  # the loop is closed: the agent has stopped
+        finally:
+            self._out.put(None)
+            self._sender.join()
+            self.conn.close()
+
+
 class Shard:
     """The agent's end of one worker process: its rows, its pipe, its liveness."""
 
@@ -477,7 +540,7 @@ class Shard:
         self.spec = spec
         self.rows = rows
         self.process: BaseProcess | None = None
-        self.conn: Connection | None = None
+        self.pipe: _Pipe | None = None
         self.alive = False
         self.said_down = False  # said it is down (or late); says once it is back
         self.restarts = 0
@@ -518,22 +581,15 @@ class Shard:
         )
         proc.start()
         theirs.close()
-        self.process, self.conn, self.alive = proc, ours, True
+        self.pipe = _Pipe(ours, self._take, f"siteagent-worker-{self.spec.index}")
+        self.process, self.alive = proc, True
         self.down.clear()
         self.started = loop.create_future()
-        loop.add_reader(ours.fileno(), self._readable)
         loop.add_reader(proc.sentinel, self._exited)
 
-    def _readable(self) -> None:
-        conn = self.conn
-        assert conn is not None
-        try:
-            while conn.poll():
-                self._take(conn.recv())
-        except (EOFError, OSError):
-            self._exited()
-
-    def _take(self, msg: tuple[Any, ...]) -> None:
+    def _take(self, pipe: _Pipe, msg: tuple[Any, ...]) -> None:
+        if pipe is not self.pipe:
+            return  # from a worker that has exited since
         what = msg[0]
         if what == "readings":
             seq, cols, errors, failed, final, asked_w = msg[1:7]
@@ -594,11 +650,10 @@ class Shard:
         self.up.clear()
         self.down.set()
         loop = asyncio.get_running_loop()
-        proc, conn = self.process, self.conn
-        assert proc is not None and conn is not None
-        loop.remove_reader(conn.fileno())
+        proc = self.process
+        assert proc is not None
         loop.remove_reader(proc.sentinel)
-        conn.close()
+        self.pipe = None  # it closes as the worker's end has (_Pipe)
         proc.join(timeout=0)
         if self.owner.stopping:
             return
@@ -648,13 +703,13 @@ class Shard:
     ) -> list[tuple[str, DeviceIdentity | None, tuple[float, ...]]]:
         """Have the worker identify ``addresses`` and keep what it finds connected: each
         found (address, identity, settle times); nothing if it dies meanwhile."""
-        if not self.alive or self.conn is None or not addresses:
+        if not self.alive or self.pipe is None or not addresses:
             return []
         self._next_cmd += 1
         req = self._next_cmd
         found: asyncio.Future[list[tuple[Any, ...]]] = asyncio.get_running_loop().create_future()
         self._identifying[req] = (found, on_done)
-        self.conn.send(("identify", req, addresses, known, ids, concurrency, quiet_s))
+        self.pipe.send(("identify", req, addresses, known, ids, concurrency, quiet_s))
         return await found
 
     def clear(self) -> None:
@@ -667,8 +722,8 @@ class Shard:
         """Tell the worker that its miners are those ``add`` gave it since ``clear``, with
         the drivers its identification left it; it closes the others."""
         self._added = []
-        if self.alive and self.conn is not None:
-            self.conn.send(("assign", self.spec.miners))
+        if self.alive and self.pipe is not None:
+            self.pipe.send(("assign", self.spec.miners))
 
     def add(
         self, row: int, miner: tuple[str, str, KnownFirmware | None, DeviceIdentity | None]
@@ -684,15 +739,15 @@ class Shard:
         """Tell the worker of the miners ``add`` gave it (none: it closes what a scan's
         identification left it). A worker that is down has them in its spec."""
         added, self._added = tuple(self._added), []
-        if self.alive and self.conn is not None:
-            self.conn.send(("add", added))
+        if self.alive and self.pipe is not None:
+            self.pipe.send(("add", added))
 
     def let_go(self, position: int) -> None:
         """The miner at ``position`` moved (another worker reads it at its new address):
         the worker closes its driver, and it is not asked for again."""
         self.rows[position] = GONE
-        if self.alive and self.conn is not None:
-            self.conn.send(("drop", position))
+        if self.alive and self.pipe is not None:
+            self.pipe.send(("drop", position))
 
     @property
     def n_devices(self) -> int:
@@ -710,7 +765,7 @@ class Shard:
         what waits for its answer up to ``deadline_s`` and says once that it is late if
         it said nothing in that time (its miners go stale: counted at their worst
         case); None if nothing was asked."""
-        if not self.alive or self.conn is None:
+        if not self.alive or self.pipe is None:
             return None  # not read: stale in time, so counted at its worst case
         ask = [p for p in positions if p not in self.in_flight]
         if not ask:
@@ -722,7 +777,7 @@ class Shard:
         end: asyncio.Future[None] = loop.create_future()
         self._asked[self._seq] = (asked_s, end)
         self.idle.clear()
-        self.conn.send(("read", self._seq, np.asarray(ask, np.int32)))
+        self.pipe.send(("read", self._seq, np.asarray(ask, np.int32)))
         return self._answer(end, loop.time(), deadline_s)
 
     async def _answer(self, end: asyncio.Future[None], sent_s: float, deadline_s: float) -> None:
@@ -742,23 +797,23 @@ class Shard:
 
     async def command(self, position: int, kind: str, value: float) -> float:
         """Send one command to the worker; its outcome (the target taken) or its error."""
-        if not self.alive or self.conn is None:
+        if not self.alive or self.pipe is None:
             raise DeviceUnreachable(f"telemetry worker {self.spec.index} is down")
         self._next_cmd += 1
         cmd_id = self._next_cmd
         fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._commands[cmd_id] = fut
         try:
-            self.conn.send(("cmd", cmd_id, position, kind, value))
+            self.pipe.send(("cmd", cmd_id, position, kind, value))
             return await fut
         finally:
             self._commands.pop(cmd_id, None)
 
     def stop(self) -> None:
         """Ask the worker to close its drivers and end."""
-        if self.alive and self.conn is not None:
+        if self.alive and self.pipe is not None:
             with contextlib.suppress(OSError):
-                self.conn.send(("stop",))
+                self.pipe.send(("stop",))
 
 
 class WorkerTelemetry:
@@ -1064,13 +1119,16 @@ class WorkerTelemetry:
                 await asyncio.to_thread(proc.join, 10.0)
                 if proc.is_alive():
                     proc.kill()
-            if s.alive and s.conn is not None:
+                    await asyncio.to_thread(proc.join, 10.0)
+            pipe = s.pipe
+            if s.alive and pipe is not None:
                 s.alive = False
-                loop = asyncio.get_running_loop()
-                loop.remove_reader(s.conn.fileno())
+                s.pipe = None
                 if proc is not None:
-                    loop.remove_reader(proc.sentinel)
-                s.conn.close()
+                    asyncio.get_running_loop().remove_reader(proc.sentinel)
+                # The worker has ended, so has its end of the pipe: ours closes.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(pipe.ended(), 10.0)
 
 
 def workers_for(cfg: Any, n_devices: int) -> int:
