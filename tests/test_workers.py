@@ -11,6 +11,8 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -532,3 +534,34 @@ async def test_a_scan_hands_new_and_moved_miners_to_the_workers(tmp_path: Path) 
             await m.stop()
         await site.stop()
         store.close()
+
+
+async def test_a_full_pipe_to_a_stopped_worker_does_not_hold_the_loop() -> None:
+    """The agent sends a worker that reads nothing (stopped) more than its pipe holds
+    (20,000 miners to take): the send waits in the pipe's own thread and the loop runs
+    on. Sent on the loop's thread, it held the loop until the worker read again."""
+    async with SimSite(2, base_address="127.12.11.1", backends=["whatsminer"]) as site:
+        addrs = [m.address for m in site.miners]
+        agent = await _agent(_config(addrs, 1), Clock())
+        telemetry = agent.telemetry
+        assert telemetry is not None
+        shard = telemetry.shards[0]
+        pid = telemetry.pids()[0]
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(5.0, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+        try:
+            t0 = time.monotonic()
+            for i in range(20_000):
+                # Never asked for: no fleet row, and no connection made.
+                shard.add(GONE, (f"extra-{i}", f"127.12.11.{100 + i % 100}", None, None))
+            shard.send_added()
+            for _ in range(10):
+                await asyncio.sleep(0.01)
+            assert time.monotonic() - t0 < 3.0
+            assert telemetry.pids()[0] == pid  # stopped, not dead
+        finally:
+            resume.cancel()
+            os.kill(pid, signal.SIGCONT)
+            await telemetry.close()
