@@ -196,7 +196,7 @@ async def test_stop_lets_a_scheduled_tick_in_flight_finish(
 
 
 async def test_a_tick_sends_at_most_control_concurrency_changes_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A cap drop that changes many miners sends ``control.concurrency`` at a time, in
     the tick's order, all under one deadline: what has not started by then is not sent
@@ -257,3 +257,7 @@ async def test_a_tick_sends_at_most_control_concurrency_changes_at_once(
     cut = agent.fleet[planned[3]]
     assert cut.pending is not None
     assert agent.fleet[planned[6]].pending is None
+    # Each cut one says why (a timeout's own text is empty).
+    why = [r.getMessage() for r in caplog.records if " failed: " in r.getMessage()]
+    assert len(why) == 3, why
+    assert all(t.endswith("not done within control.actuation_timeout_s (1 s)") for t in why)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,7 +24,7 @@ from siteagent.domain.errors import DeviceError
 from siteagent.drivers.asic import AsicDriver
 from siteagent.drivers.backends.antminer import AntminerBackend
 from siteagent.drivers.transport.http import KeptSession
-from siteagent.drivers.transport.rules import KeepBudget
+from siteagent.drivers.transport.rules import KeepBudget, all_of
 from siteagent.sim.antminer import SimAntminer
 from siteagent.sim.braiins import SimBraiinsMiner
 from siteagent.sim.site import SimSite
@@ -238,3 +239,50 @@ async def test_the_slow_fields_are_read_on_each_miners_own_phase(site: SimSite) 
     assert sum(per_sweep) == n
     for d in drivers:
         await d.close()
+
+
+async def test_an_exchanges_requests_each_end_and_no_error_goes_unseen() -> None:
+    """``all_of``: when one request fails, the others run to their end before its error
+    is raised; when the caller is cancelled (a worker stopping), each request ends and
+    an error one raises as it ends is taken in, not left for asyncio to log."""
+    loop = asyncio.get_running_loop()
+    unseen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unseen.append(context))
+    ended: list[str] = []
+
+    async def fails_at_once() -> int:
+        ended.append("first")
+        raise DeviceError("no answer")
+
+    async def fails_later() -> str:
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            ended.append("second")
+        raise DeviceError("the connection closed")
+
+    with pytest.raises(DeviceError, match="no answer"):
+        await all_of(fails_at_once(), fails_later())
+    assert ended == ["first", "second"]  # the second ran to its end first
+
+    async def closed_on_cancel() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            # As grpclib's stream does when its channel closes under it.
+            raise DeviceError("connection closed") from None
+        return "never"
+
+    async def slow() -> str:
+        await asyncio.sleep(10)
+        return "never"
+
+    caller = asyncio.ensure_future(all_of(closed_on_cancel(), slow()))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    for _ in range(3):
+        await asyncio.sleep(0)
+    gc.collect()  # a task's unretrieved error is reported as it is collected
+    assert unseen == []

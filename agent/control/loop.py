@@ -684,7 +684,13 @@ class Agent:
             return False
         except (TimeoutError, DeviceError) as e:
             self.actuation_errors[c.kind] += 1
-            log.warning("%s: %s failed: %s", c.device_id, c.kind, e or type(e).__name__)
+            why = str(e) or (
+                "not done within control.actuation_timeout_s "
+                f"({self.config.control.actuation_timeout_s:g} s)"
+                if isinstance(e, TimeoutError)
+                else type(e).__name__
+            )
+            log.warning("%s: %s failed: %s", c.device_id, c.kind, why)
             # We do not know what the device did. Count both outcomes: recorded as
             # sent but unconfirmed, it counts at the higher of its old and new level
             # until a fresh reading says which; no retry before that reading

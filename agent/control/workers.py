@@ -408,6 +408,10 @@ class _Worker:
                     await drv.sleep()
                 else:
                     await drv.wake()
+        except TimeoutError:
+            e = DeviceUnreachable(f"no answer within {self.spec.timeout_s * 4:.0f} s")
+            self.conn.send(("done", cmd_id, *_named(e), value))
+            return
         except Exception as e:
             self.conn.send(("done", cmd_id, *_named(e), value))
             return

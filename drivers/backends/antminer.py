@@ -22,7 +22,6 @@ or a connection closed without an answer -> faulted; any status other than
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +40,7 @@ from siteagent.drivers.backends.base import Behaviour, Field, FieldReader, Field
 from siteagent.drivers.backends.nameplate import lookup
 from siteagent.drivers.transport.http import KeptDigest
 from siteagent.drivers.transport.rpc import rpc_call, translate_rpc
+from siteagent.drivers.transport.rules import all_of
 
 MODE_NORMAL, MODE_SLEEP, MODE_LOW = 0, 1, 3
 # The miner mode is read again at least this often (readings), and whenever the
@@ -189,7 +189,7 @@ class AntminerBackend:
 
     async def identify(self) -> DeviceIdentity:
         """MAC and serial (web get_system_info), firmware (version), power report (stats)."""
-        info, version, stats = await asyncio.gather(
+        info, version, stats = await all_of(
             self._web("get_system_info", self._read_web.get("get_system_info")),
             self._rpc("version", self.miner.rpc.version()),
             self._rpc("stats", self.miner.rpc.stats()),

@@ -49,6 +49,7 @@ from siteagent.drivers.transport.grpc import (
     translate_grpc,
     unary_calls,
 )
+from siteagent.drivers.transport.rules import all_of
 
 __all__ = [
     "FIELDS",
@@ -353,7 +354,7 @@ class BraiinsBackend:
     async def identify(self) -> DeviceIdentity:
         """Identity and power-target constraints (W) from GetMinerDetails / GetConstraints."""
         async with self._wire.shared():
-            details, constraints = await asyncio.gather(
+            details, constraints = await all_of(
                 self._wire.miner_details(), self._wire.constraints()
             )
         try:
@@ -392,7 +393,7 @@ class BraiinsBackend:
         and cooling state together."""
         w = self._wire
         if sources == FIELDS.slow_sources:
-            mode, cooling = await asyncio.gather(w.performance_mode_msg(), w.cooling_state_msg())
+            mode, cooling = await all_of(w.performance_mode_msg(), w.cooling_state_msg())
             return {"mode": mode, "cooling": cooling}
         stats, details = await w.reading_msgs()
         return {"stats": stats, "details": details}

@@ -55,7 +55,6 @@ pyasic quirks worked around (pyasic 0.79.0):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
@@ -84,6 +83,7 @@ from siteagent.drivers.backends.base import (
 from siteagent.drivers.backends.nameplate import lookup
 from siteagent.drivers.transport.http import KEEPALIVE_EXPIRY_S, KeptSession, translate_http
 from siteagent.drivers.transport.rpc import no_answer
+from siteagent.drivers.transport.rules import all_of
 
 __all__ = [
     "FIELDS",
@@ -400,7 +400,7 @@ class VNishBackend:
         """MAC, serial, version (``info``), presets, modded PSU (``settings``): 3 web calls."""
         web = self.miner.web
         await self._login("identify")
-        info, presets, settings = await asyncio.gather(
+        info, presets, settings = await all_of(
             self._web_dict("info", web.info),
             self._web("autotune/presets", web.autotune_presets, control=False),
             self._web_dict("settings", web.settings),

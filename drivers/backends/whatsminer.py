@@ -13,7 +13,6 @@ the driver reports together with this range.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
@@ -24,6 +23,7 @@ from siteagent.domain.types import DeviceControls, DeviceIdentity, DeviceState
 from siteagent.drivers.backends.base import Behaviour, Field, FieldReader, Fields, Sample
 from siteagent.drivers.backends.nameplate import lookup
 from siteagent.drivers.transport.rpc import no_answer, rpc_call, translate_rpc
+from siteagent.drivers.transport.rules import all_of
 
 # Share of the ceiling assumed as the lowest accepted power limit.
 MIN_LIMIT_FRAC = 0.5
@@ -87,7 +87,7 @@ class WhatsminerBackend:
     async def identify(self) -> DeviceIdentity:
         """MAC and serial (get_miner_info), firmware (get_version), limit (summary)."""
         rpc = self.miner.rpc
-        info, version, summary = await asyncio.gather(
+        info, version, summary = await all_of(
             self._rpc("get_miner_info", rpc.get_miner_info()),
             self._rpc("get_version", rpc.get_version()),
             self._rpc("summary", rpc.summary()),

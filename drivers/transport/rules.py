@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
+C = TypeVar("C")
+
+
+@overload
+async def all_of(a: Awaitable[A], b: Awaitable[B], /) -> tuple[A, B]: ...
+@overload
+async def all_of(a: Awaitable[A], b: Awaitable[B], c: Awaitable[C], /) -> tuple[A, B, C]: ...
+async def all_of(*aws: Awaitable[Any]) -> tuple[Any, ...]:
+    """The requests of one exchange sent together, as ``asyncio.gather``, but each to
+    its end: the first error is raised once all have ended. With gather, the others
+    ran on after one failed or the caller was cancelled (a worker stopping), and each
+    that failed then was logged as an error nobody retrieved: 171 at one stop."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return tuple(results)
 
 
 class KeepBudget:
