@@ -42,7 +42,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -233,11 +233,15 @@ class _Worker:
             )
         )
         told = 0
-        while not task.done():
-            await asyncio.wait({task}, timeout=PART_S)
-            if done > told:
-                self.conn.send(("progress", req, done - told))
-                told = done
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=PART_S)
+                if done > told:
+                    self.conn.send(("progress", req, done - told))
+                    told = done
+        except asyncio.CancelledError:
+            await _cancelled({task})
+            raise
         found = task.result()
         self.found.update(found)
         self.connected += len(found)
@@ -353,11 +357,15 @@ class _Worker:
         left = {asyncio.ensure_future(self._read(int(i))) for i in positions}
         for task in left:
             task.add_done_callback(one_done)
-        while left:
-            _, left = await asyncio.wait(left, timeout=PART_S)
-            if left and done:
-                self._answer(seq, asked_s, done, final=False)
-                done = []
+        try:
+            while left:
+                _, left = await asyncio.wait(left, timeout=PART_S)
+                if left and done:
+                    self._answer(seq, asked_s, done, final=False)
+                    done = []
+        except asyncio.CancelledError:
+            await _cancelled(left)  # the worker is stopping: its reads end before its drivers
+            raise
         self._answer(seq, asked_s, done, final=True)
         if self.connected:
             # As the agent does once its drivers are made (cli): what a driver holds lives
@@ -416,6 +424,16 @@ class _Worker:
             self.conn.send(("done", cmd_id, *_named(e), value))
             return
         self.conn.send(("done", cmd_id, "", "", value))
+
+
+async def _cancelled(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and wait for each to end (as the worker stops): none is left
+    running into its driver's close, to fail there and be logged as an error nobody
+    took in (171 tracebacks at one stop)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _floats(values: Sequence[float | None]) -> np.ndarray[Any, np.dtype[np.float64]]:
