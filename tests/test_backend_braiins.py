@@ -8,15 +8,17 @@ connections and calls it takes, and ends connections the way a miner does
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
 from grpclib import Status
 from pyasic.web.braiins_os.proto.braiins.bos import v1 as bos
 
-from siteagent.domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
+from siteagent.domain.errors import DeviceError, DeviceFaulted, DeviceRefused, DeviceUnreachable
 from siteagent.domain.types import DeviceState
 from siteagent.drivers.asic import AsicDriver
 from siteagent.drivers.backends import braiins_wire as wire
@@ -140,6 +142,76 @@ async def test_a_goaway_mid_reading_is_recovered_on_a_fresh_connection(
     assert (await reading).state is DeviceState.MINING
     assert m.grpc_calls["GetMinerStats"] == 3  # first reading, the one cut, its retry
     assert m.grpc_connections == 2
+
+
+async def test_a_connection_lost_under_a_reading_leaves_its_tasks_deadline_whole(
+    site: SimSite,
+) -> None:
+    # grpclib ends a call whose connection went away by cancelling the task that waits
+    # on it, and never takes that cancel back. On the reading's own task, a deadline
+    # around the reading then ended in a CancelledError instead of a TimeoutError: a
+    # worker's reading ended so had no outcome, and its miner was never read again.
+    m = sim(site)
+    drv = await driver(site)
+    await drv.read()
+    m.set_fault("slow", delay_s=0.15)  # holds the calls in flight
+
+    async def read_under_a_deadline() -> str:
+        try:
+            async with asyncio.timeout(0.8):
+                await drv.read()  # cut by the GOAWAY, sent once more: about 0.2 s
+                await asyncio.sleep(5)  # past the deadline
+        except TimeoutError:
+            return "timed out"
+        return "no deadline"
+
+    task = asyncio.create_task(read_under_a_deadline())
+    await asyncio.sleep(0.05)
+    m.goaway()
+    assert await task == "timed out"
+    assert m.grpc_calls["GetMinerStats"] == 3  # first reading, the one cut, its retry
+
+
+async def test_calls_cut_at_every_point_of_a_connect_leave_no_channel_unclosed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Calls of one miner at once (readings, and a command the tick's deadline cuts):
+    # the one cut drops the channel while another is connecting it, and grpclib
+    # finishes that connect on the closed channel all the same: a connection nothing
+    # closes, which grpclib logs as an error ("Unclosed connection") once collected.
+    # Cuts at many points of the connect, on a busy loop, as a tick's are.
+    cuts_s = (0.0005, 0.002, 0.005, 0.01, 0.03, 0.1, 1.0)
+    async with SimSite(30, base_address="127.1.182.1", settle_s=0.4) as site:
+        drivers = [await driver(site, i) for i in range(len(site.miners))]
+        low_w = sim(site).model.power_target_min_w
+        for d in drivers:
+            await d.set_power_target(low_w)  # logged in
+
+        async def cut(k: int, call: Awaitable[object]) -> None:
+            with contextlib.suppress(TimeoutError, DeviceError):
+                async with asyncio.timeout(cuts_s[k % len(cuts_s)]):
+                    await call
+
+        for n in range(5):
+            for i in range(len(site.miners)):
+                sim(site, i).drop_connections()  # every call connects again
+            await asyncio.sleep(0.05)
+            calls = []
+            for i, d in enumerate(drivers):
+                target = low_w + 100 * n
+                calls += [
+                    cut(3 * i + n, d.read()),
+                    cut(3 * i + n + 1, d.read()),
+                    cut(3 * i + n + 2, d.set_power_target(target)),
+                ]
+            await asyncio.gather(*calls)
+        for d in drivers:
+            await d.close()
+        del drivers, calls
+        gc.collect()  # grpclib logs a channel collected with its connection open
+        await asyncio.sleep(0.1)  # let the simulators see the closes
+        assert [sim(site, i).grpc_open_connections for i in range(30)] == [0] * 30
+    assert not [r for r in caplog.records if "Unclosed connection" in r.getMessage()]
 
 
 async def test_a_pause_cut_by_goaway_is_not_sent_again(
