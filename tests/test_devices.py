@@ -3,13 +3,14 @@ and backoff."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from siteagent.agent.control.devices import DeviceDriver, DeviceLink
+from siteagent.agent.control.devices import UNASKED_CANCEL, DeviceDriver, DeviceLink, within
 from siteagent.agent.control.fleet import Fleet
 from siteagent.domain import (
     DeviceControls,
@@ -533,3 +534,48 @@ def test_a_nodes_gpus_failing_with_the_nodes_error_warn_once_and_recover_once(
     infos = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     # One line as each failure's last device is back.
     assert infos == ["n1 (10.0.0.9): recovered, running"] * 2
+
+
+# -- a call under its deadline (``within``) -------------------------------------------
+
+
+async def test_within_gives_the_calls_outcome() -> None:
+    async def answer() -> int:
+        return 7
+
+    assert await within(1.0, answer) == 7
+
+
+async def test_within_a_call_past_its_deadline_is_unreachable() -> None:
+    async def silent() -> None:
+        await asyncio.sleep(5)
+
+    with pytest.raises(DeviceUnreachable, match=r"no answer within 0\.1 s"):
+        await within(0.1, silent)
+
+
+async def test_within_a_cancel_nobody_asked_for_is_a_failed_call() -> None:
+    # A library that cancels the task waiting on it (grpclib, when a connection goes
+    # away) can leave a CancelledError nobody asked for: a reading ended so had no
+    # outcome at all, and its miner was never asked again.
+    async def cancelled_inside() -> None:
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError()
+
+    with pytest.raises(DeviceUnreachable, match=UNASKED_CANCEL):
+        await within(1.0, cancelled_inside)
+
+
+async def test_within_a_cancel_asked_of_the_task_is_raised_as_it_came() -> None:
+    started = asyncio.Event()
+
+    async def long_call() -> None:
+        started.set()
+        await asyncio.sleep(5)
+
+    task = asyncio.create_task(within(10.0, long_call))
+    await started.wait()
+    task.cancel()  # the agent stopping
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()

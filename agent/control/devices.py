@@ -11,9 +11,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from siteagent.domain import DeviceIdentity, DeviceKind, DeviceReading
+from siteagent.domain import DeviceIdentity, DeviceKind, DeviceReading, DeviceUnreachable
 
 log = logging.getLogger("siteagent.devices")
 
@@ -35,6 +35,42 @@ class DeviceDriver(Protocol):
 
 
 Connector = Callable[[], Awaitable[DeviceDriver]]
+
+T = TypeVar("T")
+
+
+async def within(timeout_s: float, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()`` (a reading, a command) under its deadline; past it, or ended by a
+    cancel nobody asked of this task, it failed as ``DeviceUnreachable``.
+
+    The second is a library's cancel that escaped it (grpclib cancels the task that
+    waits on a call whose connection went away, drivers/transport/grpc.py): left as
+    a ``CancelledError``, the reading or command ended with no outcome at all, and
+    its miner was not asked again (a worker's reads, agent/control/workers.py). A
+    cancel that was asked (the agent stopping, a tick's deadline) is raised as it
+    came.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await call()
+    except TimeoutError:
+        raise DeviceUnreachable(f"no answer within {timeout_s:.1f} s") from None
+    except asyncio.CancelledError:
+        if cancel_asked():
+            raise
+        log.debug("a cancel nobody asked for ended a call", exc_info=True)
+        raise DeviceUnreachable(UNASKED_CANCEL) from None
+
+
+UNASKED_CANCEL = "no answer: the call was cancelled inside its driver"
+
+
+def cancel_asked() -> bool:
+    """In an ``except asyncio.CancelledError``: whether the cancel was asked of this
+    task (the agent stopping, a deadline), not a library's own that escaped it
+    (``within``)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 # Closes started per pass of the event loop. All at once, 10,000 of them (a scan's

@@ -21,7 +21,14 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from siteagent.agent.config import SITE_DOMAIN_ID, Config, ConfigError, cron_trigger
 from siteagent.agent.control.ai_demand import Contracts
 from siteagent.agent.control.alarms import AI_DEMAND_FALLBACK, Alarms, check_tick
-from siteagent.agent.control.devices import DeviceDriver, DeviceLink, close_quietly
+from siteagent.agent.control.devices import (
+    UNASKED_CANCEL,
+    DeviceDriver,
+    DeviceLink,
+    cancel_asked,
+    close_quietly,
+    within,
+)
 from siteagent.agent.control.fleet import Fleet
 from siteagent.agent.control.grid import GridCaps
 from siteagent.agent.control.meter import MeterView
@@ -46,6 +53,7 @@ from siteagent.agent.ops.metrics import SWEEP_BUCKETS_S, TICK_BUCKETS_S, Duratio
 from siteagent.domain import (
     DeviceError,
     DevicePermissionError,
+    DeviceReading,
     DeviceRefused,
     DeviceUnreachable,
     DomainLimit,
@@ -472,17 +480,16 @@ class Agent:
         tcfg = self.config.telemetry
         fleet = self.fleet
         t = fleet.link(row)
+
+        async def read() -> DeviceReading:
+            if t.driver is None:
+                fleet.attach(row, await t.connect())
+            assert t.driver is not None
+            return await t.driver.read()
+
         async with sem:
             try:
-                async with asyncio.timeout(tcfg.timeout_s):
-                    if t.driver is None:
-                        fleet.attach(row, await t.connect())
-                    assert t.driver is not None
-                    reading = await t.driver.read()
-            except TimeoutError:
-                err = DeviceUnreachable(f"no answer within {tcfg.timeout_s:.1f} s")
-                fleet.record_failure(row, err, self.clock(), tcfg.interval_s, tcfg.max_backoff_s)
-                return
+                reading = await within(tcfg.timeout_s, read)
             except DeviceError as e:
                 fleet.record_failure(row, e, self.clock(), tcfg.interval_s, tcfg.max_backoff_s)
                 return
@@ -682,22 +689,12 @@ class Agent:
             self._refused[c.device_id] = (refusals + 1, self.clock() + delay_s)
             fleet.read_soon(row)
             return False
+        except asyncio.CancelledError:
+            if cancel_asked():
+                raise
+            return self._failed_change(c, row, DeviceUnreachable(UNASKED_CANCEL))
         except (TimeoutError, DeviceError) as e:
-            self.actuation_errors[c.kind] += 1
-            why = str(e) or (
-                "not done within control.actuation_timeout_s "
-                f"({self.config.control.actuation_timeout_s:g} s)"
-                if isinstance(e, TimeoutError)
-                else type(e).__name__
-            )
-            log.warning("%s: %s failed: %s", c.device_id, c.kind, why)
-            # We do not know what the device did. Count both outcomes: recorded as
-            # sent but unconfirmed, it counts at the higher of its old and new level
-            # until a fresh reading says which; no retry before that reading
-            # (these APIs have no idempotency key).
-            fleet.record_command(row, c.kind, c.old_w, c.new_w, c.set_target_w, self.clock())
-            fleet.read_soon(row)
-            return False
+            return self._failed_change(c, row, e)
         if c.kind in ("sleep", "wake"):
             self.actuations[c.kind] += 1
         refused = self._refused.pop(c.device_id, None)
@@ -705,6 +702,26 @@ class Agent:
             log.info("%s: %s accepted again after %d refusal(s)", c.device_id, c.kind, refused[0])
         fleet.record_command(row, c.kind, c.old_w, c.new_w, c.set_target_w, self.clock())
         return True
+
+    def _failed_change(self, c: Send, row: int, e: Exception) -> bool:
+        """A change sent with no outcome known (timed out, cut, unreachable): logged,
+        and counted at both its levels until a reading says which."""
+        fleet = self.fleet
+        self.actuation_errors[c.kind] += 1
+        why = str(e) or (
+            "not done within control.actuation_timeout_s "
+            f"({self.config.control.actuation_timeout_s:g} s)"
+            if isinstance(e, TimeoutError)
+            else type(e).__name__
+        )
+        log.warning("%s: %s failed: %s", c.device_id, c.kind, why)
+        # We do not know what the device did. Count both outcomes: recorded as
+        # sent but unconfirmed, it counts at the higher of its old and new level
+        # until a fresh reading says which; no retry before that reading
+        # (these APIs have no idempotency key).
+        fleet.record_command(row, c.kind, c.old_w, c.new_w, c.set_target_w, self.clock())
+        fleet.read_soon(row)
+        return False
 
     # -- scheduling --------------------------------------------------------------
 
