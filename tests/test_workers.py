@@ -609,3 +609,62 @@ async def test_a_stopping_worker_ends_its_reads_before_it_closes_their_drivers()
         finally:
             serving.cancel()
             ours.close()
+
+
+async def test_miners_a_worker_left_unanswered_are_asked_again_at_the_next_sweep(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A sweep's last part came, without some of its miners (a reading that ended with
+    # no outcome: a library's cancel that escaped the driver). Still counted as being
+    # read, they were never asked again: 30 miners of 10,000 stayed unread for good.
+    caplog.set_level(logging.INFO, logger="siteagent")
+    async with SimSite(2, base_address="127.12.14.1", backends=["whatsminer"]) as site:
+        clock = Clock()
+        agent = await _agent(_config([m.address for m in site.miners], 1), clock)
+        telemetry = agent.telemetry
+        assert telemetry is not None
+        shard = telemetry.shards[0]
+        pid = telemetry.pids()[0]
+        assert pid is not None
+        try:
+            await agent.sweep()
+            os.kill(pid, signal.SIGSTOP)  # its real answer comes after the one below
+            clock.now_s += 10.0
+            await agent.sweep(wait_for_workers=False)
+            assert shard.in_flight == {0, 1}
+            # The sweep's last part, as a worker that lost both readings would send it.
+            none_f = np.empty(0, np.float64)
+            cols = {
+                "pos": np.empty(0, np.int32),
+                "time_s": none_f,
+                "state": np.empty(0, np.int8),
+                **dict.fromkeys(
+                    (
+                        "power_w",
+                        "hashrate_ths",
+                        "temperature_c",
+                        "power_target_w",
+                        "utilization_frac",
+                    ),
+                    none_f,
+                ),
+                "estimated": np.empty(0, np.bool_),
+                "login_ok": np.empty(0, np.int8),
+            }
+            failed: tuple[np.ndarray, list[tuple[str, str]]] = (np.empty(0, np.int32), [])
+            assert shard.pipe is not None
+            shard._take(shard.pipe, ("readings", shard._seq, cols, [], failed, True, 0.0))
+            assert shard.in_flight == set()
+            assert shard.idle.is_set()
+            os.kill(pid, signal.SIGCONT)  # that sweep's real answer: taken as from before
+            clock.now_s += 10.0
+            await agent.sweep()  # both asked again, and read
+            assert shard.in_flight == set()
+            assert all(d.state is DeviceState.MINING for d in agent.snapshot().devices)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await telemetry.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "siteagent.workers"]
+    unanswered = [t for t in lines if "without answering" in t]
+    assert len(unanswered) == 1, lines
+    assert "2 of its miner(s)" in unanswered[0]

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from siteagent.agent.control.devices import within
 from siteagent.agent.control.identify import KnownFirmware
 from siteagent.domain import (
     DeviceError,
@@ -329,17 +330,17 @@ class _Worker:
     async def _read(self, i: int) -> tuple[int, Any]:
         from siteagent.agent.control.identify import identify_deadline_s
 
+        async def read() -> tuple[DeviceReading, bool | None]:
+            drv = await self._driver(i)
+            return await drv.read(), drv.login_ok
+
         async with self.sem:
             # A miner not yet connected is identified first, under identification's deadline.
             timeout_s = self.spec.timeout_s
             if self.drivers[i] is None:
                 timeout_s += identify_deadline_s(timeout_s)
             try:
-                async with asyncio.timeout(timeout_s):
-                    drv = await self._driver(i)
-                    return i, (await drv.read(), drv.login_ok)
-            except TimeoutError:
-                return i, DeviceUnreachable(f"no answer within {timeout_s:.1f} s")
+                return i, await within(timeout_s, read)
             except Exception as e:
                 if not isinstance(e, DeviceError):
                     log.exception("%s: unexpected error while reading", self.spec.miners[i][0])
@@ -405,21 +406,20 @@ class _Worker:
         self.conn.send(("readings", seq, cols, errors, failed, final, asked_s))
 
     async def _command(self, cmd_id: int, i: int, kind: str, value: float) -> None:
+        async def send() -> float:
+            drv = await self._driver(i)
+            if kind == "target":
+                return float(await drv.set_power_target(value))
+            if kind == "sleep":
+                await drv.sleep()
+            else:
+                await drv.wake()
+            return value
+
         try:
             # At most a connect (identify), a re-read of an uncertain state and the
             # write, each under the timeout: never left hanging.
-            async with asyncio.timeout(self.spec.timeout_s * 4):
-                drv = await self._driver(i)
-                if kind == "target":
-                    value = await drv.set_power_target(value)
-                elif kind == "sleep":
-                    await drv.sleep()
-                else:
-                    await drv.wake()
-        except TimeoutError:
-            e = DeviceUnreachable(f"no answer within {self.spec.timeout_s * 4:.0f} s")
-            self.conn.send(("done", cmd_id, *_named(e), value))
-            return
+            value = await within(self.spec.timeout_s * 4, send)
         except Exception as e:
             self.conn.send(("done", cmd_id, *_named(e), value))
             return
@@ -568,9 +568,11 @@ class Shard:
         self.restarts = 0
         self._seq = 0
         # The sweeps asked for and not fully answered: number -> when asked (clock s;
-        # their readings count from then on), its end. A miner still being read is not
-        # asked for again, so a slow worker's work does not pile up sweep on sweep.
-        self._asked: dict[int, tuple[float, asyncio.Future[None]]] = {}
+        # their readings count from then on), its end, the positions asked. A miner
+        # still being read is not asked for again, so a slow worker's work does not
+        # pile up sweep on sweep.
+        self._asked: dict[int, tuple[float, asyncio.Future[None], list[int]]] = {}
+        self.said_unanswered = False  # said once that a sweep left miners unanswered
         self.in_flight: set[int] = set()  # positions asked for and not yet answered
         # Miners given it since the worker was last told (``add``, ``send_added``).
         self._added: list[tuple[str, str, KnownFirmware | None, DeviceIdentity | None]] = []
@@ -634,6 +636,7 @@ class Shard:
                 )
             if final:
                 del self._asked[seq]
+                self._unanswered(asked[2])
                 if not asked[1].done():
                     asked[1].set_result(None)
                 if not self._asked:
@@ -663,6 +666,24 @@ class Shard:
             self.up.set()
             if self.started is not None and not self.started.done():
                 self.started.set_result(None)
+
+    def _unanswered(self, asked: list[int]) -> None:
+        """A sweep's last part came: any miner of it still unanswered will never be (a
+        reading ended with no outcome at all), so it is asked again at the next
+        sweep, rather than never: said once, as a fault of the worker's."""
+        left = [p for p in asked if p in self.in_flight]
+        if not left:
+            return
+        self.in_flight.difference_update(left)
+        if not self.said_unanswered:
+            self.said_unanswered = True
+            log.warning(
+                "telemetry worker %d ended a sweep without answering %d of its miner(s) "
+                "(first: %s): asked again at the next sweep; said once",
+                self.spec.index,
+                len(left),
+                self.spec.miners[left[0]][0],
+            )
 
     def _exited(self) -> None:
         if not self.alive:
@@ -702,7 +723,7 @@ class Shard:
             if not fut.done():
                 fut.set_exception(error)
         self._commands.clear()
-        for _, end in self._asked.values():
+        for _, end, _ in self._asked.values():
             if not end.done():
                 end.set_result(None)
         self._asked.clear()
@@ -797,7 +818,7 @@ class Shard:
         asked_s = self.owner.clock()
         loop = asyncio.get_running_loop()
         end: asyncio.Future[None] = loop.create_future()
-        self._asked[self._seq] = (asked_s, end)
+        self._asked[self._seq] = (asked_s, end, ask)
         self.idle.clear()
         self.pipe.send(("read", self._seq, np.asarray(ask, np.int32)))
         return self._answer(end, loop.time(), deadline_s)
