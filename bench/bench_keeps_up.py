@@ -87,14 +87,16 @@ def scrape(port: int) -> dict[str, float]:
             out[name] = float(value)
         elif name.startswith("siteagent_telemetry_worker_reads_in_flight{"):
             out["in_flight"] = out.get("in_flight", 0.0) + float(value)
+        elif name.startswith("siteagent_actuations_total{"):
+            out["actuations"] = out.get("actuations", 0.0) + float(value)
         elif name.startswith("siteagent_devices{"):
             state = name.split('state="', 1)[1].split('"', 1)[0]
             out[f"state:{state}"] = out.get(f"state:{state}", 0.0) + float(value)
     return out
 
 
-def timeline_line(t_s: float, m: dict[str, float]) -> str:
-    """One sample of the run, as --timeline prints it."""
+def timeline_line(t_s: float, m: dict[str, float], before: dict[str, float]) -> str:
+    """One sample of the run, as --timeline prints it (commands: since ``before``)."""
     states = " ".join(
         f"{k.removeprefix('state:')}={v:.0f}"
         for k, v in sorted(m.items())
@@ -104,7 +106,8 @@ def timeline_line(t_s: float, m: dict[str, float]) -> str:
         f"{t_s:6.0f} s sweeps {m.get('siteagent_sweeps_total', 0):5.0f} oldest "
         f"{m.get('siteagent_telemetry_max_age_seconds', 0):6.1f} s tick age "
         f"{m.get('siteagent_last_tick_age_seconds', 0):5.1f} s in flight "
-        f"{m.get('in_flight', 0):6.0f}  {states}"
+        f"{m.get('in_flight', 0):6.0f} commands "
+        f"{m.get('actuations', 0) - before.get('actuations', 0):5.0f}  {states}"
     )
 
 
@@ -162,11 +165,13 @@ def run_agent(
                 first = scrape(port)
                 cpu0, t1 = cpu_s(proc.pid), time.monotonic()
                 max_age_s, peak_mb, peak_pss_mb, max_lag_s = 0.0, 0.0, 0.0, 0.0
+                before = first
                 while time.monotonic() - t1 < run_s:
                     time.sleep(5.0)
                     m = scrape(port)
                     if timeline:
-                        print(timeline_line(time.monotonic() - t1, m), flush=True)
+                        print(timeline_line(time.monotonic() - t1, m, before), flush=True)
+                    before = m
                     max_age_s = max(max_age_s, m.get("siteagent_telemetry_max_age_seconds", 0.0))
                     max_lag_s = max(max_lag_s, m.get("siteagent_last_tick_age_seconds", 0.0))
                     pids = [proc.pid, *children(proc.pid)]
@@ -214,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--timeline",
         action="store_true",
-        help="print each sample: sweeps, oldest reading, reads in flight, devices by state",
+        help="print each sample: sweeps, oldest reading, reads in flight, commands accepted "
+        "since the last sample, devices by state",
     )
     args = p.parse_args(argv)
     if args.mix == "all":
