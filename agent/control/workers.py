@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import itertools
 import logging
 import math
 import multiprocessing
@@ -573,7 +574,8 @@ class Shard:
         # pile up sweep on sweep.
         self._asked: dict[int, tuple[float, asyncio.Future[None], list[int]]] = {}
         self.said_unanswered = False  # said once that a sweep left miners unanswered
-        self.in_flight: set[int] = set()  # positions asked for and not yet answered
+        # Positions asked for and not yet answered -> the sweep that asked.
+        self.in_flight: dict[int, int] = {}
         # Miners given it since the worker was last told (``add``, ``send_added``).
         self._added: list[tuple[str, str, KnownFirmware | None, DeviceIdentity | None]] = []
         self.heard_s = -math.inf  # when the worker last answered (event loop's clock, s)
@@ -621,8 +623,10 @@ class Shard:
             if asked is None:
                 return  # a sweep from before the worker was restarted
             self.heard_s = asyncio.get_running_loop().time()
-            self.in_flight.difference_update(cols["pos"].tolist())
-            self.in_flight.difference_update(failed[0].tolist())
+            flight = self.in_flight
+            for p in itertools.chain(cols["pos"].tolist(), failed[0].tolist()):
+                if flight.get(p) == seq:
+                    del flight[p]
             # Late or not, each reading counts from when it was taken at the latest:
             # a late one is stale on arrival (worst case) but says what the miner is.
             self.owner.record_batch(self, asked[0], asked_w, cols, errors, failed)
@@ -636,7 +640,7 @@ class Shard:
                 )
             if final:
                 del self._asked[seq]
-                self._unanswered(asked[2])
+                self._unanswered(seq, asked[2])
                 if not asked[1].done():
                     asked[1].set_result(None)
                 if not self._asked:
@@ -667,14 +671,17 @@ class Shard:
             if self.started is not None and not self.started.done():
                 self.started.set_result(None)
 
-    def _unanswered(self, asked: list[int]) -> None:
-        """A sweep's last part came: any miner of it still unanswered will never be (a
-        reading ended with no outcome at all), so it is asked again at the next
-        sweep, rather than never: said once, as a fault of the worker's."""
-        left = [p for p in asked if p in self.in_flight]
+    def _unanswered(self, seq: int, asked: list[int]) -> None:
+        """Sweep ``seq``'s last part came: any miner it asked and left unanswered will
+        never be (a reading ended with no outcome at all), so it is asked again at the
+        next sweep, rather than never: said once, as a fault of the worker's. (One it
+        answered may be asked by a later sweep already: that one is its own.)"""
+        flight = self.in_flight
+        left = [p for p in asked if flight.get(p) == seq]
         if not left:
             return
-        self.in_flight.difference_update(left)
+        for p in left:
+            del flight[p]
         if not self.said_unanswered:
             self.said_unanswered = True
             log.warning(
@@ -813,8 +820,8 @@ class Shard:
         ask = [p for p in positions if p not in self.in_flight]
         if not ask:
             return None
-        self.in_flight.update(ask)
         self._seq += 1
+        self.in_flight.update(dict.fromkeys(ask, self._seq))
         asked_s = self.owner.clock()
         loop = asyncio.get_running_loop()
         end: asyncio.Future[None] = loop.create_future()
