@@ -7,13 +7,14 @@
 (c) the floor: a bare asyncio client sending only the requests a reading
     strictly needs, and parsing only the fields it needs:
     Whatsminer ``summary``; LuxOS ``summary+power+config+temps``;
-    Braiins OS ``GetMinerStats`` (power, hashrate) + ``GetMinerDetails``
-    (paused or mining) as two gRPC calls on one HTTP/2 connection (h2, no
-    grpclib, protobuf fields decoded by hand; the login token is fetched in
-    setup, as the agent's driver has its token from identification), kept per
-    miner from setup as the agent's driver keeps its channel
-    (``--braiins-floor per-reading``: a new connection per reading, the floor
-    before it);
+    Braiins OS ``GetMinerStats`` (power, hashrate) as one gRPC call on an
+    HTTP/2 connection (h2, no grpclib, protobuf fields decoded by hand; the
+    login token is fetched in setup, as the agent's driver has its token from
+    identification; the status, ``GetMinerDetails``, is needed only when the
+    hashrate or power says it may have moved, so a steady reading needs
+    ``GetMinerStats`` alone), kept per miner from setup as the agent's driver
+    keeps its channel (``--braiins-floor per-reading``: a new connection per
+    reading, the floor before it);
     stock Antminer ``stats`` on 4028 (hashrate, power where published; the miner
     mode, a web page behind digest auth, is needed only when the hashrate or
     power says it may have moved, so a steady reading needs ``stats`` alone);
@@ -25,7 +26,7 @@
 
 The agent's reading carries more than the floor's where its loop uses more:
 the Braiins OS one decodes through pyasic's generated messages and grpclib. The
-Braiins OS (performance mode, cooling), stock Antminer (miner mode) and VNish
+Braiins OS (status, performance mode, cooling), stock Antminer (miner mode) and VNish
 (running preset) ones read their slow-moving values again only when they may
 have moved (after a write, a restart or status change, a move in hashrate or
 power, and every 12th reading), so a steady reading asks what the floor asks.
@@ -74,6 +75,10 @@ VNISH_FLOOR = "kept"
 # agent's driver keeps one gRPC channel) or "per-reading" (as pyasic, which opens one
 # per call, and the agent's driver before it, which shared one per reading).
 BRAIINS_FLOOR = "kept"
+# Steady sweeps timed back to back in (a) and (c); the figures are their mean. One
+# sweep carries only the slow reads of the miners whose phase it is: 12 (a whole
+# cycle of SLOW_REFRESH_READS) carry each miner's once.
+TIMED = 1
 
 
 def _after_setup() -> None:
@@ -157,17 +162,18 @@ async def sweep_agent(miners: list[dict[str, Any]], conc: int, timeout_s: float)
     sys0 = _sys_cpu_s()
     sim0 = _sim_cpu_s()
     t0 = time.perf_counter()
-    res = await _bounded(conc, ok_drivers, lambda d: d.read())
+    for _ in range(TIMED):
+        res = await _bounded(conc, ok_drivers, lambda d: d.read())
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
     sim_cpu = _sim_cpu_s() - sim0
     sys_cpu = _sys_cpu_s() - sys0
     ok = sum(1 for r in res if not isinstance(r, BaseException))
     out: dict[str, Any] = {
-        "wall_s": wall,
-        "cpu_s": cpu1 - cpu0,
-        "sim_cpu_s": sim_cpu,
-        "sys_cpu_s": sys_cpu,
+        "wall_s": wall / TIMED,
+        "cpu_s": (cpu1 - cpu0) / TIMED,
+        "sim_cpu_s": sim_cpu / TIMED,
+        "sys_cpu_s": sys_cpu / TIMED,
         "rss_mb": rss,
         "ok": ok,
         "setup_s": setup_s,
@@ -492,17 +498,11 @@ async def floor_read(m: dict[str, Any]) -> float:
         d = await _rpc_json(address, FLOOR_REQUEST["luxos"])
         return float(d["power"][0]["POWER"][0]["Watts"])
     if backend == "braiins":
-        (stats, _), (details, _) = await _braiins_grpc(
-            m,
-            [
-                (BOS + "MinerService/GetMinerStats", b""),
-                (BOS + "MinerService/GetMinerDetails", b""),
-            ],
-            m["token"],
+        ((stats, _),) = await _braiins_grpc(
+            m, [(BOS + "MinerService/GetMinerStats", b"")], m["token"]
         )
         ghs = _pb_path(stats, 2, 1, 1, 1)  # miner_stats.real_hashrate.last_5s.gigahash_per_s
         _ = struct.unpack("<d", ghs)[0] if ghs is not None else 0.0
-        _ = _pb_path(details, 12) or 0  # status (PAUSED / NORMAL)
         return float(_pb_path(stats, 3, 1, 1) or 0)  # power_stats.approx_consumption.watt
     if backend == "antminer":
         stats = await _rpc_json(address, FLOOR_REQUEST["antminer"])
@@ -535,17 +535,18 @@ async def sweep_floor(miners: list[dict[str, Any]], conc: int, timeout_s: float)
     sys0 = _sys_cpu_s()
     sim0 = _sim_cpu_s()
     t0 = time.perf_counter()
-    res = await _bounded(conc, miners, one)
+    for _ in range(TIMED):
+        res = await _bounded(conc, miners, one)
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
     sim_cpu = _sim_cpu_s() - sim0
     sys_cpu = _sys_cpu_s() - sys0
     ok = sum(1 for r in res if isinstance(r, float))
     out: dict[str, Any] = {
-        "wall_s": wall,
-        "cpu_s": cpu1 - cpu0,
-        "sim_cpu_s": sim_cpu,
-        "sys_cpu_s": sys_cpu,
+        "wall_s": wall / TIMED,
+        "cpu_s": (cpu1 - cpu0) / TIMED,
+        "sim_cpu_s": sim_cpu / TIMED,
+        "sys_cpu_s": sys_cpu / TIMED,
         "rss_mb": rss,
         "ok": ok,
         "setup_s": setup_s,
@@ -568,7 +569,8 @@ def run_child(args: argparse.Namespace) -> int:
     miners = json.loads(Path(args.inventory).read_text())
     if args.sample:
         miners = miners[: args.sample]
-    global GC_FREEZE, VNISH_FLOOR, BRAIINS_FLOOR
+    global GC_FREEZE, VNISH_FLOOR, BRAIINS_FLOOR, TIMED
+    TIMED = args.timed
     SIM_PIDS[:] = [int(pid) for pid in args.sim_pids.split(",") if pid]
     GC_FREEZE = args.gc_freeze
     VNISH_FLOOR = args.vnish_floor
@@ -664,6 +666,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run (b) on the first N miners only and scale up (0: all)",
     )
     p.add_argument("--sweeps", default="cab")
+    p.add_argument(
+        "--timed",
+        type=int,
+        default=1,
+        help="steady sweeps timed back to back in (a) and (c), reported as their mean "
+        "(12: a whole cycle of the slow fields' refresh)",
+    )
     p.add_argument("--child", choices=sorted(SWEEPS), help=argparse.SUPPRESS)
     p.add_argument("--inventory", help=argparse.SUPPRESS)
     p.add_argument("--sample", type=int, default=0, help=argparse.SUPPRESS)
@@ -717,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd.append("--gc-freeze" if args.gc_freeze else "--no-gc-freeze")
             cmd += ["--vnish-floor", args.vnish_floor]
             cmd += ["--braiins-floor", args.braiins_floor]
+            cmd += ["--timed", str(args.timed)]
             cmd += ["--sim-pids", ",".join(str(proc.pid) for proc in procs)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
@@ -734,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sweep of {len(miners)} simulated miners ({args.mix}) in {len(procs)} simulator "
         f"processes, concurrency {args.concurrency}{', gc frozen after setup' * args.gc_freeze}, "
         f"{os.cpu_count()} cores, load average before {load0:.2f} after {os.getloadavg()[0]:.2f}"
+        + (f", (a) and (c): the mean of {args.timed} steady sweeps" if args.timed > 1 else "")
         + (f", VNish floor connections {args.vnish_floor}" if "vnish" in args.mix else "")
         + (f", Braiins OS floor connections {args.braiins_floor}" if "braiins" in args.mix else "")
     )

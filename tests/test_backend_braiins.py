@@ -330,7 +330,7 @@ async def test_a_kept_connection_is_renewed_between_readings_after_its_streams(
     # carried STREAMS_PER_CONNECTION streams, so it does not grow with every reading.
     m = sim(site)
     drv = await driver(site)
-    readings = 2 * STREAMS_PER_CONNECTION  # two streams each, and a few more now and then
+    readings = 4 * STREAMS_PER_CONNECTION  # one stream each, and three more now and then
     for _ in range(readings):
         assert (await drv.read()).state is DeviceState.MINING  # none lost to a renewal
     streams = m.grpc_calls.total()  # every stream the miner was asked on
@@ -399,18 +399,14 @@ def _replying(backend: BraiinsBackend, **replies: Any) -> None:
         **replies,
     }
 
-    async def reading() -> list[Any]:
-        return [_slim_decoded(r["miner_stats"]), _slim_decoded(r["miner_details"])]
+    async def stats() -> Any:
+        return _slim_decoded(r["miner_stats"])
 
-    async def mode() -> Any:
-        return _slim_decoded(r["performance_mode"])
+    async def slow() -> list[Any]:
+        return [_slim_decoded(r[k]) for k in ("miner_details", "performance_mode", "cooling_state")]
 
-    async def cooling() -> Any:
-        return _slim_decoded(r["cooling_state"])
-
-    wire.reading_msgs = reading  # type: ignore[method-assign]
-    wire.performance_mode_msg = mode  # type: ignore[method-assign]
-    wire.cooling_state_msg = cooling  # type: ignore[method-assign]
+    wire.stats_msg = stats  # type: ignore[method-assign]
+    wire.slow_msgs = slow  # type: ignore[method-assign]
 
 
 async def test_a_reading_from_slim_replies() -> None:
@@ -486,7 +482,7 @@ async def test_a_reading_from_replies_with_parts_left_off(
         assert getattr(r, k) == v
 
 
-# -- a reading's two calls sent together from one task (``send_reads``) ----------------
+# -- a reading's calls: the stats alone, or the slow ones sent together (``send_reads``) --
 
 
 def _open_streams(drv: AsicDriver) -> int:
@@ -500,45 +496,66 @@ def _open_streams(drv: AsicDriver) -> int:
     return len(protocol.processor.streams)
 
 
-def _asked(m: SimBraiinsMiner) -> tuple[int, int]:
-    return m.grpc_calls["GetMinerStats"], m.grpc_calls["GetMinerDetails"]
+SLOW_CALLS = ("GetMinerDetails", "GetActivePerformanceMode", "GetCoolingState")
 
 
-async def test_a_readings_two_calls_are_in_flight_together(site: SimSite) -> None:
+def _asked(m: SimBraiinsMiner) -> tuple[int, ...]:
+    return tuple(m.grpc_calls[c] for c in ("GetMinerStats", *SLOW_CALLS))
+
+
+def _plus(asked: tuple[int, ...], stats: int, slow: int) -> tuple[int, ...]:
+    return (asked[0] + stats, *(n + slow for n in asked[1:]))
+
+
+def _slow_next(drv: AsicDriver) -> None:
+    """Have the driver's next reading ask for the slow fields too (as after a write)."""
+    drv.backend.fields.forget()
+
+
+async def test_a_steady_reading_is_one_call_and_the_slow_ones_are_in_flight_together(
+    site: SimSite,
+) -> None:
     m = sim(site)
     drv = await driver(site)
     await drv.read()
+    asked = _asked(m)
+    await drv.read()
+    assert _asked(m) == _plus(asked, stats=1, slow=0)
     m.set_fault("slow", delay_s=0.15)  # each call held this long by the miner
+    _slow_next(drv)
     asked = _asked(m)
     t0 = time.monotonic()
     await drv.read()
-    assert time.monotonic() - t0 < 0.28  # not one after the other
-    assert _asked(m) == (asked[0] + 1, asked[1] + 1)
+    assert time.monotonic() - t0 < 0.43  # the stats, then the three slow calls at once
+    assert _asked(m) == _plus(asked, stats=1, slow=1)
     assert m.grpc_connections == 1
 
 
-@pytest.mark.parametrize("method", ["GetMinerStats", "GetMinerDetails"])
+@pytest.mark.parametrize("method", ["GetMinerStats", *SLOW_CALLS])
 @pytest.mark.parametrize(
     ("status", "error"),
     [(Status.INTERNAL, DeviceFaulted), (Status.FAILED_PRECONDITION, DeviceRefused)],
 )
-async def test_a_status_on_either_call_fails_the_reading_and_keeps_the_connection(
+async def test_a_status_on_any_call_fails_the_reading_and_keeps_the_connection(
     site: SimSite, method: str, status: Status, error: type[Exception]
 ) -> None:
     m = sim(site)
     drv = await driver(site)
     await drv.read()
     m.fail_next_call(method, status)
+    slow = method != "GetMinerStats"
+    if slow:
+        _slow_next(drv)
     asked = _asked(m)
     with pytest.raises(error, match=status.name):
         await drv.read()
-    assert _asked(m) == (asked[0] + 1, asked[1] + 1)  # an answer: not sent again
-    assert _open_streams(drv) == 0  # the other call's stream ended too
+    assert _asked(m) == _plus(asked, stats=1, slow=int(slow))  # an answer: not sent again
+    assert _open_streams(drv) == 0  # the other calls' streams ended too
     assert (await drv.read()).state is DeviceState.MINING
     assert m.grpc_connections == 1
 
 
-async def test_a_forgotten_token_sends_both_calls_again_after_one_login(site: SimSite) -> None:
+async def test_a_forgotten_token_sends_the_call_again_after_one_login(site: SimSite) -> None:
     m = sim(site)
     drv = await driver(site)
     await drv.read()
@@ -546,7 +563,7 @@ async def test_a_forgotten_token_sends_both_calls_again_after_one_login(site: Si
     asked = _asked(m)
     assert (await drv.read()).state is DeviceState.MINING
     assert m.grpc_calls["Login"] == 2
-    assert _asked(m) == (asked[0] + 2, asked[1] + 2)
+    assert _asked(m) == _plus(asked, stats=2, slow=0)
     assert _open_streams(drv) == 0
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
 from siteagent.domain.errors import DeviceFaulted, DeviceRefused, DeviceUnreachable
 from siteagent.domain.types import DeviceState
 from siteagent.drivers.asic import AsicDriver, discover
-from siteagent.drivers.backends.braiins import SLOW_REFRESH_READS, BraiinsBackend
+from siteagent.drivers.backends.braiins import SLOW_REFRESH_READS
+from siteagent.sim.braiins import SimBraiinsMiner
 from siteagent.sim.site import SimSite
 
 BASE = "127.1.11.1"  # this module's own loopback range
@@ -181,30 +182,63 @@ async def test_discover_finds_the_sims_and_skips_empty_addresses(site: SimSite) 
     assert [ident.model for _, ident in found] == [m.model.key for m in site.miners]
 
 
-async def test_target_and_cooling_are_asked_for_only_when_they_may_have_moved(
+def _grpc_calls(site: SimSite) -> collections.Counter[str]:
+    """The gRPC calls the first simulated miner (Braiins OS) was asked, by method."""
+    m = site.miners[0]
+    assert isinstance(m, SimBraiinsMiner)
+    return m.grpc_calls
+
+
+def _slow_asked(site: SimSite) -> tuple[int, int, int]:
+    """How often the first simulated miner was asked for each of a reading's slow
+    sources: its details (the status), its performance mode (the target), its cooling."""
+    calls = _grpc_calls(site)
+    return (
+        calls["GetMinerDetails"],
+        calls["GetActivePerformanceMode"],
+        calls["GetCoolingState"],
+    )
+
+
+async def test_status_target_and_cooling_are_asked_for_only_when_they_may_have_moved(
     site: SimSite,
 ) -> None:
     drv = await connect(site)
-    backend = drv.backend
-    assert isinstance(backend, BraiinsBackend)
-    asked: list[int] = []
-    ask = backend._wire.performance_mode_msg
-
-    async def counting() -> Any:
-        asked.append(1)
-        return await ask()
-
-    backend._wire.performance_mode_msg = counting  # type: ignore[method-assign]
+    calls = _grpc_calls(site)
+    before = _slow_asked(site)
     first = await drv.read()
-    assert len(asked) == 1 and first.power_target_w is not None  # the first reading
+    assert first.power_target_w is not None  # the first reading asks for all three
+    assert _slow_asked(site) == tuple(n + 1 for n in before)
+    stats = calls["GetMinerStats"]
     await drv.read()
-    assert len(asked) == 1  # steady: stats and details only
+    assert _slow_asked(site) == tuple(n + 1 for n in before)  # steady: the stats only
+    assert calls["GetMinerStats"] == stats + 1
     await drv.set_power_target(first.power_target_w - 300)
     r = await drv.read()  # after the agent's own write
-    assert len(asked) == 2 and r.power_target_w == first.power_target_w - 300
+    assert _slow_asked(site) == tuple(n + 2 for n in before)
+    assert r.power_target_w == first.power_target_w - 300
     await asyncio.sleep(0.6)  # settled at the new target: power moved, asked again
     await drv.read()
-    settled = len(asked)
+    settled = _slow_asked(site)
+    assert settled == tuple(n + 3 for n in before)
     for _ in range(SLOW_REFRESH_READS):
         await drv.read()
-    assert len(asked) == settled + 1  # and at least every SLOW_REFRESH_READS readings
+    # ... and at least every SLOW_REFRESH_READS readings
+    assert _slow_asked(site) == tuple(n + 1 for n in settled)
+
+
+async def test_a_pause_and_a_resume_by_hand_show_in_the_next_reading(site: SimSite) -> None:
+    # The status is a slow field: a pause or resume the agent did not send shows as
+    # the hashrate stopping or starting, and the status is asked again then.
+    drv = await connect(site)
+    await drv.read()
+    assert (await drv.read()).state is DeviceState.MINING
+    m = site.miners[0]
+    m.power.pause(m.clock())  # as an operator's pause in the miner's own web page
+    r = await drv.read()
+    assert r.state is DeviceState.SLEEPING and r.hashrate_ths == 0.0
+    assert (await drv.read()).state is DeviceState.SLEEPING
+    m.power.resume(m.clock())
+    await asyncio.sleep(0.3)  # hashing again
+    r = await drv.read()
+    assert r.state is DeviceState.MINING and r.hashrate_ths is not None and r.hashrate_ths > 0

@@ -215,9 +215,8 @@ class _BoserClient:
         return await self._on_channel("login", login, read=True)
 
 
-_READING = (wire.MINER_STATS, wire.MINER_DETAILS)
-_MODE = (wire.PERFORMANCE_MODE,)
-_COOLING = (wire.COOLING_STATE,)
+_READING = (wire.MINER_STATS,)
+_SLOW = (wire.MINER_DETAILS, wire.PERFORMANCE_MODE, wire.COOLING_STATE)
 
 
 class _BoserWire:
@@ -243,17 +242,15 @@ class _BoserWire:
     async def miner_details(self) -> dict[str, Any]:
         return await self._dict("get_miner_details", bos.GetMinerDetailsRequest())
 
-    async def reading_msgs(self) -> list[Any]:
-        """GetMinerStats and GetMinerDetails replies, both asked at once (every reading)."""
-        return await self.client.send_reads(_READING)
+    async def stats_msg(self) -> wire.MinerStats:
+        """The GetMinerStats reply (every reading)."""
+        (reply,) = await self.client.send_reads(_READING)
+        return typing.cast(wire.MinerStats, reply)
 
-    async def performance_mode_msg(self) -> wire.PerformanceMode:
-        (reply,) = await self.client.send_reads(_MODE)
-        return typing.cast(wire.PerformanceMode, reply)
-
-    async def cooling_state_msg(self) -> wire.CoolingState:
-        (reply,) = await self.client.send_reads(_COOLING)
-        return typing.cast(wire.CoolingState, reply)
+    async def slow_msgs(self) -> list[Any]:
+        """GetMinerDetails, the performance mode and the cooling state, asked at once
+        (when the slow fields are due)."""
+        return await self.client.send_reads(_SLOW)
 
     async def constraints(self) -> dict[str, Any]:
         return await self._dict("get_constraints", bos.GetConstraintsRequest())
@@ -283,10 +280,12 @@ def _watt(d: Mapping[str, Any], *path: str) -> float:
     return float(node.get("watt", 0))
 
 
-# The target and cooling state are read again at least this often (readings), and
-# whenever power moves by more than this fraction since they were read.
+# The status, target and cooling state are read again at least this often (readings),
+# and whenever power, or the hashrate, moves by more than its fraction since they were
+# read (as the Antminer driver's miner mode).
 SLOW_REFRESH_READS = 12
 SLOW_POWER_FRAC = 0.05
+SLOW_HASHRATE_FRAC = 0.10
 
 
 def _power_w(stats: wire.MinerStats) -> float:
@@ -313,20 +312,28 @@ def _temperature_c(cooling: wire.CoolingState) -> float | None:
     return cooling.degree_c if cooling.degree_c != 0.0 else None
 
 
-# What a reading carries and where it comes from: GetMinerStats and GetMinerDetails
-# every reading (sent together), the performance mode (the target) and the cooling
-# state (temperature) when they may have moved: after any write, when the status
-# changes, when power moves by more than SLOW_POWER_FRAC since they were read, and
-# once every SLOW_REFRESH_READS readings (the temperature is never older than that).
+# What a reading carries and where it comes from: GetMinerStats every reading; the
+# status (GetMinerDetails: paused or mining), the performance mode (the target) and
+# the cooling state (temperature), sent together, when they may have moved. The
+# status moves by a write (the agent's: read again after it) or by hand, and a pause,
+# a resume or a stop shows in the hashrate, which stops or starts: the slow fields
+# are read again after any write, when the hashrate starts or stops or moves by more
+# than SLOW_HASHRATE_FRAC, when power moves by more than SLOW_POWER_FRAC since they
+# were read, and once every SLOW_REFRESH_READS readings (on the miner's own phase), so
+# a steady reading is one call, and nothing of the status or the temperature is older
+# than that.
 FIELDS = Fields(
     (
         Field("power_w", "stats", _power_w),
         Field("hashrate_ths", "stats", _hashrate_ths),
-        Field("status", "details", attrgetter("status")),
+        Field("status", "details", attrgetter("status"), slow=True),
         Field("power_target_w", "mode", _target_w, slow=True),
         Field("temperature_c", "cooling", _temperature_c, slow=True),
     ),
-    watch=(Moved("status"), Moved("power_w", frac=SLOW_POWER_FRAC)),
+    watch=(
+        Moved("hashrate_ths", frac=SLOW_HASHRATE_FRAC, floor=0.0, zero=True),
+        Moved("power_w", frac=SLOW_POWER_FRAC),
+    ),
     every=SLOW_REFRESH_READS,
 )
 
@@ -389,14 +396,13 @@ class BraiinsBackend:
         )
 
     async def _fetch(self, sources: tuple[str, ...]) -> dict[str, Any]:
-        """The replies of ``FIELDS``' sources: stats and details in one exchange, the mode
-        and cooling state together."""
+        """The replies of ``FIELDS``' sources: the stats alone, or the details, mode and
+        cooling state in one exchange."""
         w = self._wire
         if sources == FIELDS.slow_sources:
-            mode, cooling = await all_of(w.performance_mode_msg(), w.cooling_state_msg())
-            return {"mode": mode, "cooling": cooling}
-        stats, details = await w.reading_msgs()
-        return {"stats": stats, "details": details}
+            details, mode, cooling = await w.slow_msgs()
+            return {"details": details, "mode": mode, "cooling": cooling}
+        return {"stats": await w.stats_msg()}
 
     async def read(self) -> Sample:
         """Power W, hashrate TH/s, hottest temperature degC, state, target W (``FIELDS``)."""

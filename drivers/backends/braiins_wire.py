@@ -1,7 +1,7 @@
 """The Braiins OS driver's copy of pyasic's BOSer proto, fenced: routes and field numbers.
 
-A steady reading needs four scalars of two replies (GetMinerStats, GetMinerDetails),
-and now and then two more of two others (GetActivePerformanceMode, GetCoolingState).
+A steady reading needs two scalars of one reply (GetMinerStats), and now and then
+three more of three others (GetMinerDetails, GetActivePerformanceMode, GetCoolingState).
 pyasic's generated betterproto messages decode every field of a reply and hook every
 attribute read in Python (GetMinerStats: ~170 us, most of a reading's own CPU), so a
 reading reads only those scalars from the protobuf wire format here, by the field
