@@ -10,7 +10,9 @@ and samples its own ``/metrics`` every few seconds for ``--run-s`` seconds after
   past 2 intervals);
 - **the main process's share of a core** (its own CPU over the run; goal ≤ 25 %);
 - **the whole agent's RSS**: the main process and its worker processes, summed (and
-  their PSS, which counts a page shared between them, a library's, once).
+  their PSS, which counts a page shared between them, a library's, once);
+- **the cores used** over the run by the whole agent (main process and workers) and,
+  apart, by the simulators, which share the machine's cores with it.
 
 Each ``--workers`` value runs in turn against the same simulators; 0 (the single
 process) first, as the baseline.
@@ -119,8 +121,10 @@ def run_agent(
     ready_s: float,
     policy: str = "efficiency-capping",
     timeline: bool = False,
+    sim_pids: tuple[int, ...] = (),
 ) -> dict[str, Any]:
-    """One daemon from start to READY plus run_s seconds, sampled every few seconds."""
+    """One daemon from start to READY plus run_s seconds, sampled every few seconds
+    (``sim_pids``: the simulators, whose CPU over the run is reported beside the agent's)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "siteagent.toml"
         write_config(cfg, miners, policy, Path(tmp) / "state", 500)
@@ -164,6 +168,10 @@ def run_agent(
                 ready_after_s = time.monotonic() - t0
                 first = scrape(port)
                 cpu0, t1 = cpu_s(proc.pid), time.monotonic()
+                sims0 = sum(cpu_s(p) for p in sim_pids)
+                # Each process of the agent's CPU when first and last seen over the run
+                # (a worker restarted meanwhile counts from its start).
+                agent_cpu = {p: (cpu_s(p), cpu_s(p)) for p in [proc.pid, *children(proc.pid)]}
                 max_age_s, peak_mb, peak_pss_mb, max_lag_s = 0.0, 0.0, 0.0, 0.0
                 before = first
                 while time.monotonic() - t1 < run_s:
@@ -175,11 +183,16 @@ def run_agent(
                     max_age_s = max(max_age_s, m.get("siteagent_telemetry_max_age_seconds", 0.0))
                     max_lag_s = max(max_lag_s, m.get("siteagent_last_tick_age_seconds", 0.0))
                     pids = [proc.pid, *children(proc.pid)]
+                    for p in pids:
+                        now_cpu = cpu_s(p)
+                        agent_cpu[p] = (agent_cpu.get(p, (0.0, 0.0))[0], now_cpu)
                     rss = sum(memory_kb(p)["VmRSS"] for p in pids)
                     peak_mb = max(peak_mb, rss / 1024)
                     peak_pss_mb = max(peak_pss_mb, sum(pss_kb(p) for p in pids) / 1024)
                 wall_s = time.monotonic() - t1
                 main_share = (cpu_s(proc.pid) - cpu0) / wall_s
+                sims_share = (sum(cpu_s(p) for p in sim_pids) - sims0) / wall_s
+                agent_share = sum(b - a for a, b in agent_cpu.values()) / wall_s
                 last = scrape(port)
             finally:
                 proc.send_signal(signal.SIGTERM)
@@ -199,6 +212,8 @@ def run_agent(
         "max_age_s": max_age_s,
         "max_age_intervals": max_age_s / interval_s,
         "main_core_share": main_share,
+        "agent_cores": agent_share,
+        "sim_cores": sims_share,
         "peak_rss_mb": peak_mb,
         "peak_pss_mb": peak_pss_mb,
         "max_tick_age_s": max_lag_s,
@@ -240,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.ready_s,
                     args.policy,
                     args.timeline,
+                    tuple(p.pid for p in procs),
                 )
             )
     finally:
@@ -253,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'workers':>7} {'READY':>8} {'sweeps done/expected':>21} {'oldest reading':>22} "
-        f"{'main process':>13} {'whole agent RSS':>16} {'PSS':>8}"
+        f"{'main process':>13} {'whole agent RSS':>16} {'PSS':>8} {'cores: agent':>13} "
+        f"{'simulators':>10}"
     )
     for r in results:
         print(
@@ -261,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['sweeps_done']:>6.0f}/{r['sweeps_expected']:<5.1f} ({r['sweeps_share']:>4.0%}) "
             f"{r['max_age_s']:>7.1f} s ({r['max_age_intervals']:.2f} intervals) "
             f"{r['main_core_share']:>11.0%} {r['peak_rss_mb']:>13.0f} MB "
-            f"{r['peak_pss_mb']:>5.0f} MB"
+            f"{r['peak_pss_mb']:>5.0f} MB {r['agent_cores']:>13.2f} {r['sim_cores']:>10.2f}"
         )
     print(json.dumps({"miners": len(miners), "mix": args.mix, "results": results}))
     return 0
