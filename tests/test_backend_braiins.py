@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 import pytest
@@ -399,14 +399,13 @@ def _replying(backend: BraiinsBackend, **replies: Any) -> None:
         **replies,
     }
 
-    async def stats() -> Any:
-        return _slim_decoded(r["miner_stats"])
+    replied = {"stats": "miner_stats", "details": "miner_details"}
+    replied |= {"mode": "performance_mode", "cooling": "cooling_state"}
 
-    async def slow() -> list[Any]:
-        return [_slim_decoded(r[k]) for k in ("miner_details", "performance_mode", "cooling_state")]
+    async def reads(sources: Sequence[str]) -> dict[str, Any]:
+        return {s: _slim_decoded(r[replied[s]]) for s in sources}
 
-    wire.stats_msg = stats  # type: ignore[method-assign]
-    wire.slow_msgs = slow  # type: ignore[method-assign]
+    wire.reads = reads  # type: ignore[method-assign]
 
 
 async def test_a_reading_from_slim_replies() -> None:

@@ -214,13 +214,13 @@ async def test_status_target_and_cooling_are_asked_for_only_when_they_may_have_m
     assert _slow_asked(site) == tuple(n + 1 for n in before)  # steady: the stats only
     assert calls["GetMinerStats"] == stats + 1
     await drv.set_power_target(first.power_target_w - 300)
-    r = await drv.read()  # after the agent's own write
-    assert _slow_asked(site) == tuple(n + 2 for n in before)
+    r = await drv.read()  # after the agent's own write: what it can move, the target
+    assert _slow_asked(site) == (before[0] + 1, before[1] + 2, before[2] + 1)
     assert r.power_target_w == first.power_target_w - 300
-    await asyncio.sleep(0.6)  # settled at the new target: power moved, asked again
+    await asyncio.sleep(0.6)  # settled at the new target: power moved, all asked again
     await drv.read()
     settled = _slow_asked(site)
-    assert settled == tuple(n + 3 for n in before)
+    assert settled == (before[0] + 2, before[1] + 3, before[2] + 2)
     for _ in range(SLOW_REFRESH_READS):
         await drv.read()
     # ... and at least every SLOW_REFRESH_READS readings

@@ -190,10 +190,12 @@ class FieldReader:
     Slow fields are read on the first reading, after ``forget`` (a write), when
     ``also`` says so (a restart the adapter saw), when a watched fast value moved
     since they were read, and on reading ``k`` where ``k % every == phase``: once
-    in every ``every`` readings, never older than that.
+    in every ``every`` readings, never older than that. A write that can move only
+    some of them (a target, not the status) forgets only their sources: the next
+    reading asks for those alone, unless all are due anyway.
     """
 
-    __slots__ = ("_reads", "_seen", "_slow", "address", "phase", "table")
+    __slots__ = ("_forgot", "_reads", "_seen", "_slow", "address", "phase", "table")
 
     def __init__(self, table: Fields, address: str, phase: int | None = None) -> None:
         self.table = table
@@ -202,10 +204,18 @@ class FieldReader:
         self._reads = 0  # readings made so far
         self._slow: dict[str, Any] | None = None  # the slow fields as last read
         self._seen: tuple[Any, ...] = ()  # the watched fast values then
+        self._forgot: tuple[str, ...] = ()  # slow sources to read again, the others kept
 
-    def forget(self) -> None:
-        """The slow fields may have changed (a write): read them with the next reading."""
-        self._slow = None
+    def forget(self, *sources: str) -> None:
+        """The slow fields may have changed (a write): read them with the next reading;
+        with ``sources``, only the fields of those (what the write can move)."""
+        unknown = set(sources) - set(self.table.slow_sources)
+        if unknown:
+            raise ValueError(f"not a slow source of this table: {sorted(unknown)}")
+        if not sources:
+            self._slow = None
+        elif self._slow is not None:
+            self._forgot = tuple(dict.fromkeys((*self._forgot, *sources)))
 
     def _parse(self, fields: tuple[Field, ...], replies: Mapping[str, Any]) -> dict[str, Any]:
         try:
@@ -231,6 +241,12 @@ class FieldReader:
         if table.slow and ((also is not None and also(values)) or self._stale(values)):
             self._slow = self._parse(table.slow, await fetch(table.slow_sources))
             self._seen = tuple(values[w.name] for w in table.watch)
+            self._forgot = ()
+        elif self._forgot and self._slow is not None:
+            forgot = self._forgot
+            fields = tuple(f for f in table.slow if f.source in forgot)
+            self._slow = {**self._slow, **self._parse(fields, await fetch(forgot))}
+            self._forgot = ()
         self._reads += 1
         if self._slow:
             values.update(self._slow)

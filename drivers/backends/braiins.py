@@ -215,8 +215,13 @@ class _BoserClient:
         return await self._on_channel("login", login, read=True)
 
 
-_READING = (wire.MINER_STATS,)
-_SLOW = (wire.MINER_DETAILS, wire.PERFORMANCE_MODE, wire.COOLING_STATE)
+# Where each of ``FIELDS``' sources comes from.
+_ROUTES = {
+    "stats": wire.MINER_STATS,
+    "details": wire.MINER_DETAILS,
+    "mode": wire.PERFORMANCE_MODE,
+    "cooling": wire.COOLING_STATE,
+}
 
 
 class _BoserWire:
@@ -242,15 +247,11 @@ class _BoserWire:
     async def miner_details(self) -> dict[str, Any]:
         return await self._dict("get_miner_details", bos.GetMinerDetailsRequest())
 
-    async def stats_msg(self) -> wire.MinerStats:
-        """The GetMinerStats reply (every reading)."""
-        (reply,) = await self.client.send_reads(_READING)
-        return typing.cast(wire.MinerStats, reply)
-
-    async def slow_msgs(self) -> list[Any]:
-        """GetMinerDetails, the performance mode and the cooling state, asked at once
-        (when the slow fields are due)."""
-        return await self.client.send_reads(_SLOW)
+    async def reads(self, sources: Sequence[str]) -> dict[str, Any]:
+        """The replies of ``FIELDS``' ``sources`` (GetMinerStats every reading; the
+        details, mode and cooling state when due), asked at once, by source."""
+        replies = await self.client.send_reads([_ROUTES[s] for s in sources])
+        return dict(zip(sources, replies, strict=True))
 
     async def constraints(self) -> dict[str, Any]:
         return await self._dict("get_constraints", bos.GetConstraintsRequest())
@@ -317,11 +318,12 @@ def _temperature_c(cooling: wire.CoolingState) -> float | None:
 # the cooling state (temperature), sent together, when they may have moved. The
 # status moves by a write (the agent's: read again after it) or by hand, and a pause,
 # a resume or a stop shows in the hashrate, which stops or starts: the slow fields
-# are read again after any write, when the hashrate starts or stops or moves by more
-# than SLOW_HASHRATE_FRAC, when power moves by more than SLOW_POWER_FRAC since they
-# were read, and once every SLOW_REFRESH_READS readings (on the miner's own phase), so
-# a steady reading is one call, and nothing of the status or the temperature is older
-# than that.
+# are read again when the hashrate starts or stops or moves by more than
+# SLOW_HASHRATE_FRAC, when power moves by more than SLOW_POWER_FRAC since they were
+# read, and once every SLOW_REFRESH_READS readings (on the miner's own phase), so a
+# steady reading is one call, and nothing of the status or the temperature is older
+# than that. After the agent's own write, the next reading asks again for what that
+# write can move: the target after a target, the status after a pause or a resume.
 FIELDS = Fields(
     (
         Field("power_w", "stats", _power_w),
@@ -395,19 +397,10 @@ class BraiinsBackend:
             nameplate_hashrate_ths=plate.hashrate_ths if plate else None,
         )
 
-    async def _fetch(self, sources: tuple[str, ...]) -> dict[str, Any]:
-        """The replies of ``FIELDS``' sources: the stats alone, or the details, mode and
-        cooling state in one exchange."""
-        w = self._wire
-        if sources == FIELDS.slow_sources:
-            details, mode, cooling = await w.slow_msgs()
-            return {"details": details, "mode": mode, "cooling": cooling}
-        return {"stats": await w.stats_msg()}
-
     async def read(self) -> Sample:
         """Power W, hashrate TH/s, hottest temperature degC, state, target W (``FIELDS``)."""
         async with self._wire.shared():
-            v = await self.fields.read(self._fetch)
+            v = await self.fields.read(self._wire.reads)
         status = v["status"]
         if status == MinerStatus.PAUSED:
             state = DeviceState.SLEEPING
@@ -425,7 +418,7 @@ class BraiinsBackend:
 
     async def set_power_target(self, watt: int) -> float:
         """SetPowerTarget (saved and applied); returns the target the miner echoes (W)."""
-        self.fields.forget()  # whatever happens, read the target again
+        self.fields.forget("mode")  # whatever happens, read the target again
         reply = await self._wire.set_power_target(watt)
         try:
             return _watt(reply, "powerTarget")
@@ -434,12 +427,12 @@ class BraiinsBackend:
 
     async def sleep(self) -> None:
         """PauseMining (idempotent: an already paused miner says so)."""
-        self.fields.forget()
+        self.fields.forget("details")  # the status: paused
         await self._wire.pause()
 
     async def wake(self) -> None:
         """ResumeMining (idempotent)."""
-        self.fields.forget()
+        self.fields.forget("details")
         await self._wire.resume()
 
     async def close(self) -> None:
